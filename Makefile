@@ -1,0 +1,35 @@
+# Build the environment (idempotent) and run things in it.
+#   make venv      the full stack (torch, AllenNLP 2.10.1, test tools) in .venv, this package editable
+#   make example   analyze the bundled AllenNLP archive with `allennlp analyze`
+#   make test      the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.stamp-$(shell cat requirements/*.txt setup.py | cksum | cut -d' ' -f1)
+WHEEL09 := .cache/wheels/allennlp-0.9.0-py3-none-any.whl
+
+.PHONY: venv example test bench
+venv: $(STAMP) $(WHEEL09)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements/torch.txt
+	$(PIP) install --no-deps allennlp==2.10.1
+	$(PIP) install -r requirements/allennlp-runtime.txt -r requirements/test.txt
+	$(PIP) install --no-deps -r requirements/models.txt
+	$(PIP) install --no-deps -e .
+	rm -f $(VENV)/.stamp-*; touch $@
+
+# Real AllenNLP 0.9 model archives (test fixtures inside the wheel; read from it, never installed).
+$(WHEEL09):
+	$(PYTHON) -m pip download --disable-pip-version-check -q --no-deps allennlp==0.9.0 -d .cache/wheels
+
+example: venv
+	$(VENV)/bin/allennlp analyze fixtures/archives/tagger_lstm.tar.gz
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) benchmarks/run.py

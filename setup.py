@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="allennlp-analyze",
+    version="0.1.0",
+    description="Rank collapse and power-law (heavy-tailed) spectral analysis of trained weight matrices",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["allennlp_analyze", "allennlp_analyze.*"]),
+    python_requires=">=3.9",
+    # The core and the standalone CLI need numpy only; torch is imported lazily for pickled
+    # state dicts and nn.Modules, safetensors for .safetensors files.
+    install_requires=["numpy>=1.21"],
+    extras_require={
+        "torch": ["torch"],
+        "safetensors": ["safetensors"],
+        "plots": ["matplotlib"],
+        "progress": ["tqdm"],
+        "allennlp": ["allennlp==2.10.1"],
+    },
+    entry_points={"console_scripts": ["allennlp-analyze=allennlp_analyze.cli:main"]},
+)
