@@ -1,0 +1,217 @@
+"""safetensors files, single or sharded, read with numpy alone (no torch, no safetensors package).
+
+Format: an 8-byte little-endian header length ``n``, ``n`` bytes of JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the
+data, offsets relative to its start. Each :meth:`load` reads one tensor's bytes with one read.
+safetensors keeps no model order, so names are listed in natural order (``layer.2`` before
+``layer.10``).
+"""
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import AnalyzeError
+from ..tensors import TensorInfo
+from ._common import natural_key, one_line, read_index
+
+#: The safetensors library refuses headers above 100 MB; so do we.
+MAX_HEADER = 100_000_000
+
+
+def _float8_table(exp_bits: int, man_bits: int, bias: int, ieee: bool) -> np.ndarray:
+    """float32 value of each of the 256 float8 bit patterns (E4M3FN: no infinities,
+    S.1111.111 is NaN; E5M2: IEEE-like)."""
+    codes = np.arange(256, dtype=np.int64)
+    sign = np.where(codes >> 7, -1.0, 1.0)
+    exp = (codes >> man_bits) & ((1 << exp_bits) - 1)
+    man = codes & ((1 << man_bits) - 1)
+    normal = (1.0 + man / 2.0**man_bits) * np.exp2(exp.astype(np.float64) - bias)
+    subnormal = (man / 2.0**man_bits) * 2.0 ** (1 - bias)
+    values = sign * np.where(exp == 0, subnormal, normal)
+    top = (1 << exp_bits) - 1
+    if ieee:
+        values = np.where((exp == top) & (man == 0), sign * np.inf, values)
+        values = np.where((exp == top) & (man != 0), np.nan, values)
+    else:
+        values = np.where((exp == top) & (man == (1 << man_bits) - 1), np.nan, values)
+    return values.astype(np.float32)
+
+
+# safetensors dtype -> (numpy storage dtype, reported dtype name)
+_DTYPES = {
+    "F64": (np.dtype("<f8"), "float64"),
+    "F32": (np.dtype("<f4"), "float32"),
+    "F16": (np.dtype("<f2"), "float16"),
+    "BF16": (np.dtype("<u2"), "bfloat16"),
+    "F8_E4M3": (np.dtype("u1"), "float8_e4m3fn"),
+    "F8_E5M2": (np.dtype("u1"), "float8_e5m2"),
+    "I64": (np.dtype("<i8"), "int64"),
+    "I32": (np.dtype("<i4"), "int32"),
+    "I16": (np.dtype("<i2"), "int16"),
+    "I8": (np.dtype("i1"), "int8"),
+    "U64": (np.dtype("<u8"), "uint64"),
+    "U32": (np.dtype("<u4"), "uint32"),
+    "U16": (np.dtype("<u2"), "uint16"),
+    "U8": (np.dtype("u1"), "uint8"),
+    "BOOL": (np.dtype("?"), "bool"),
+}
+_FLOAT8 = {}
+
+
+def _widen(raw: np.ndarray, st_dtype: str) -> np.ndarray:
+    """Stored bits -> numpy array of the stored precision (bfloat16/float8 -> float32, exactly)."""
+    if st_dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    if st_dtype in ("F8_E4M3", "F8_E5M2"):
+        if st_dtype not in _FLOAT8:
+            _FLOAT8[st_dtype] = (_float8_table(4, 3, 7, False) if st_dtype == "F8_E4M3"
+                                 else _float8_table(5, 2, 15, True))
+        return _FLOAT8[st_dtype][raw]
+    return raw
+
+
+class _Entry:
+    __slots__ = ("info", "st_dtype", "begin", "end")
+
+    def __init__(self, info: TensorInfo, st_dtype: str, begin: int, end: int):
+        self.info, self.st_dtype, self.begin, self.end = info, st_dtype, begin, end
+
+
+def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
+    """Parse and validate the header: ``(data start offset, {name: entry})``."""
+    def corrupt(why: str) -> AnalyzeError:
+        return AnalyzeError(f"{path} has a corrupt safetensors header ({why})")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise AnalyzeError(f"{path} is truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise corrupt(f"header length {n} is implausible")
+            if 8 + n > size:
+                raise AnalyzeError(f"{path} is truncated or has a corrupt safetensors header "
+                                   f"(header length {n} exceeds the file size {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise corrupt(f"invalid JSON: {one_line(e)}") from None
+    if not isinstance(header, dict):
+        raise corrupt("not a JSON object")
+    data_size = size - 8 - n
+    entries: Dict[str, _Entry] = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(spec, dict):
+            raise corrupt(f"entry {name!r} is not an object")
+        st_dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        if st_dtype not in _DTYPES:
+            raise corrupt(f"tensor {name!r} has unknown dtype {st_dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise corrupt(f"tensor {name!r} has a bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise corrupt(f"tensor {name!r} has bad data offsets {offsets!r}")
+        storage, dtype_name = _DTYPES[st_dtype]
+        begin, end = offsets
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * storage.itemsize:
+            raise corrupt(f"tensor {name!r}: data offsets {offsets} do not match shape {shape} and dtype {st_dtype}")
+        if end > data_size:
+            raise AnalyzeError(f"{path} is truncated (tensor {name!r} ends at data byte {end}, "
+                               f"the file holds {data_size})")
+        entries[name] = _Entry(TensorInfo(name, tuple(shape), dtype_name, None), st_dtype, 8 + n + begin, 8 + n + end)
+    return 8 + n, entries
+
+
+def read_tensor(path: Path, entry: _Entry) -> np.ndarray:
+    storage = _DTYPES[entry.st_dtype][0]
+    raw = np.empty(entry.info.shape, dtype=storage)
+    nbytes = entry.end - entry.begin
+    try:
+        with open(path, "rb") as f:
+            f.seek(entry.begin)
+            got = f.readinto(memoryview(raw.reshape(-1)).cast("B")) if nbytes else 0
+    except OSError as e:
+        raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
+    if got != nbytes:
+        raise AnalyzeError(f"{path} is truncated (tensor {entry.info.name!r})")
+    return _widen(raw, entry.st_dtype)
+
+
+class SafetensorsSource:
+    """One ``.safetensors`` file."""
+
+    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None):
+        self.path = Path(path)
+        self.label = label or self.path.name
+        _, self._entries = read_header(self.path)
+
+    def tensors(self) -> Sequence[TensorInfo]:
+        return [self._entries[n].info for n in sorted(self._entries, key=natural_key)]
+
+    def load(self, name: str) -> np.ndarray:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise AnalyzeError(f"{self.path} has no tensor named {name!r}")
+        return read_tensor(self.path, entry)
+
+    def __repr__(self) -> str:
+        return f"<SafetensorsSource {self.label!r}>"
+
+
+class ShardedSafetensorsSource:
+    """``model.safetensors.index.json`` and the shards it names (all headers read up front)."""
+
+    def __init__(self, index_path: Union[str, os.PathLike], label: Optional[str] = None):
+        self.index_path = Path(index_path)
+        self.label = label or self.index_path.name
+        weight_map = read_index(self.index_path)
+        headers: Dict[str, Dict[str, _Entry]] = {}
+        self._where: Dict[str, Tuple[Path, _Entry]] = {}
+        for name, shard in weight_map.items():
+            if shard not in headers:
+                path = self.index_path.parent / shard
+                if not path.is_file():
+                    raise AnalyzeError(f"{path} (a shard named in {self.index_path}) does not exist")
+                headers[shard] = read_header(path)[1]
+            entry = headers[shard].get(name)
+            if entry is None:
+                raise AnalyzeError(f"{self.index_path.parent / shard} lacks {name!r}, which {self.index_path} places there")
+            self._where[name] = (self.index_path.parent / shard, entry)
+
+    def tensors(self) -> Sequence[TensorInfo]:
+        return [self._where[n][1].info for n in sorted(self._where, key=natural_key)]
+
+    def load(self, name: str) -> np.ndarray:
+        found = self._where.get(name)
+        if found is None:
+            raise AnalyzeError(f"{self.index_path} has no tensor named {name!r}")
+        return read_tensor(*found)
+
+    def __repr__(self) -> str:
+        return f"<ShardedSafetensorsSource {self.label!r}>"
+
+
+def looks_like_safetensors(path: Path) -> bool:
+    """Sniff: a plausible header length followed by ``{``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= min(MAX_HEADER, size - 8) and head[8:9] == b"{"
