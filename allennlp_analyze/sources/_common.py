@@ -88,7 +88,7 @@ def as_state_dict(obj: Any, origin: str) -> Mapping:
         current = inner[0]
     if not isinstance(current, Mapping):
         raise AnalyzeError(
-            f"{origin} is not a plain tensor state dict (it holds a {type(current).__name__}, not a dict of tensors)"
+            f"{origin} is not a plain tensor state dict (it holds {type(current).__name__}, not a dict of tensors)"
         )
     if len(current) == 0:
         raise AnalyzeError(f"{origin} holds no tensors")
@@ -97,7 +97,7 @@ def as_state_dict(obj: Any, origin: str) -> Mapping:
             raise AnalyzeError(f"{origin} is not a plain tensor state dict (key {key!r} is not a string)")
         if not _is_tensor(value):
             raise AnalyzeError(
-                f"{origin} is not a plain tensor state dict (value of {key!r} is a {type(value).__name__}, not a tensor)"
+                f"{origin} is not a plain tensor state dict ({key!r} holds {type(value).__name__}, not a tensor)"
             )
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -8,9 +8,10 @@ import io
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -35,12 +36,25 @@ def load_state_dict(source: Union[str, os.PathLike, bytes], origin: str):
     torch = _import_torch(origin)
     if isinstance(source, (bytes, bytearray, memoryview)):
         f = io.BytesIO(source)
-        mmap = False
+        head, is_zip, mmap = bytes(source[:4]), zipfile.is_zipfile(f), False
+        f.seek(0)
     else:
         f = os.fspath(source)
-        mmap = zipfile.is_zipfile(f)  # only the zip format can be memory-mapped
+        try:
+            with open(f, "rb") as handle:
+                head = handle.read(4)
+        except OSError as e:
+            raise AnalyzeError(f"cannot read {origin}: {e.strerror or one_line(e)}") from None
+        is_zip = zipfile.is_zipfile(f)
+        mmap = is_zip  # only the zip format can be memory-mapped
+    if head == b"PK\x03\x04" and not is_zip:
+        # torch's own zip reader fails obscurely (EINVAL, negative seeks) on these
+        raise AnalyzeError(f"{origin} is truncated (its zip directory is missing)")
     try:
-        obj = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # e.g. "Detected pickle protocol 4": every failure is reported below instead
+            warnings.simplefilter("ignore")
+            obj = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         message = str(e)
         if "weights only load failed" in message.lower() or "weights_only" in message:
