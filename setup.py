@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.9",
     # The core and the standalone CLI need numpy only; torch is imported lazily for pickled
     # state dicts and nn.Modules, safetensors for .safetensors files.
-    install_requires=["numpy>=1.21"],
+    install_requires=["numpy>=1.21", "tqdm"],
     extras_require={
         "torch": ["torch"],
         "safetensors": ["safetensors"],

@@ -1,0 +1,211 @@
+"""The analysis: one matrix to one record, one source to its records, and the Python API.
+
+    >>> from allennlp_analyze import analyze
+    >>> result = analyze("model.tar.gz", min_q=1.1)
+    >>> result.summary.collapsed["loose"], result.to_dicts()[0]["alpha"]
+"""
+import sys
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
+
+import numpy as np
+
+from .errors import AnalyzeError
+from .options import AnalysisOptions
+from .powerlaw_fit import fit_power_law
+from .records import MatrixRecord, Summary, summarize
+from .selection import MatrixPlan, extract, plan
+from .spectrum import singular_values
+from .tensors import DTYPE_EPS, WeightSource
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Analysis:
+    """Records of every analyzed matrix (all models, in order) and their summary."""
+
+    records: List[MatrixRecord]
+    summary: Summary
+    options: AnalysisOptions
+    #: Singular values (descending) per record, aligned with ``records``, when asked for.
+    spectra: Optional[List[np.ndarray]] = None
+
+    def to_dicts(self) -> List[Dict[str, object]]:
+        """The records as a list of dicts (``pandas.DataFrame(result.to_dicts())``)."""
+        return [r.to_dict() for r in self.records]
+
+
+def analyze_matrix(W: np.ndarray, options: AnalysisOptions = AnalysisOptions(), *,
+                   name: str = "W", dtype: Optional[str] = None, model: str = "",
+                   module_type: Optional[str] = None, part: Optional[str] = None
+                   ) -> MatrixRecord:
+    """Analyze one 2-D matrix ``W``. ``dtype`` is its storage dtype name (default: W's own),
+    whose machine epsilon sets the numpy / Numerical-Recipes rank tolerances."""
+    return _analyze(W, options, name, dtype, model, module_type, part)[0]
+
+
+def _analyze(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
+             model: str, module_type: Optional[str], part: Optional[str]
+             ) -> Tuple[MatrixRecord, np.ndarray]:
+    """The record of W and its singular values (empty where none were computed)."""
+    W = np.asarray(W)
+    if W.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D matrix, got shape {W.shape}")
+    dtype = dtype or W.dtype.name
+    if dtype not in DTYPE_EPS:
+        raise ValueError(f"{name}: unsupported dtype {dtype}")
+    N, M = max(W.shape), min(W.shape)
+    rec = MatrixRecord(model=model, name=name, module_type=module_type, shape=tuple(W.shape),
+                       dtype=dtype, N=N, M=M, Q=N / M if M else float("inf"), slice=part)
+    if not np.isfinite(W).all():
+        rec.status = "nonfinite"
+        return rec, np.zeros(0)
+    spec = singular_values(W, eps=DTYPE_EPS[dtype], loose_tol=options.loose_tol,
+                           method=options.method, device=options.device)
+    sv, tol = spec.sv, spec.tolerances
+    rec.method = spec.method
+    rec.sv_max, rec.sv_min = float(sv[0]), float(sv[-1])
+    rec.log10_sv_min = float(np.log10(sv[-1])) if sv[-1] > 0 else float("-inf")
+    rec.rank_loose, rec.rank_numpy, rec.rank_nr = (spec.rank(tol.loose), spec.rank(tol.numpy),
+                                                   spec.rank(tol.nr))
+    rec.rank_loss = M - rec.rank(options.rank_criterion)
+    if sv[0] == 0.0:
+        rec.status = "all_zero"
+        return rec, sv
+    evals = sv ** 2
+    lam_max, lam_sum = float(evals[0]), float(evals.sum())
+    rec.stable_rank = lam_sum / lam_max
+    rec.log_norm = float(np.log10(lam_sum))
+    rec.log_spectral_norm = float(np.log10(lam_max))
+    fitted = evals[(sv > tol.numpy) & (evals > 0)]
+    rec.num_evals = int(fitted.size)
+    if M == 1:
+        rec.status = "single_row"
+        return rec, sv
+    fit = fit_power_law(fitted, xmax=lam_max if options.fit_xmax == "max" else None)
+    if fit is None:
+        rec.status = "too_few_eigenvalues"
+        return rec, sv
+    rec.alpha, rec.xmin, rec.xmax, rec.D = fit.alpha, fit.xmin, fit.xmax, fit.D
+    rec.num_tail = fit.num_tail
+    rec.alpha_weighted = fit.alpha * rec.log_spectral_norm
+    return rec, sv
+
+
+def analyze_source(source: WeightSource, options: AnalysisOptions,
+                   progress: Optional[bool] = None
+                   ) -> Tuple[List[MatrixRecord], List[np.ndarray], Counter]:
+    """Records of every selected matrix of one source, their singular values, and the skip
+    counts.
+
+    Each parameter is read once; ``progress`` True/False forces the progress bar (stderr) on or
+    off, None shows it only when stderr is a terminal."""
+    tensors = source.tensors()
+    selection = plan(tensors, options)
+    if options.match and selection.skipped.get("not matched by --match") == len(tensors):
+        patterns = " ".join(repr(p) for p in options.match)
+        raise AnalyzeError(f"no parameter of {source.label} matches --match {patterns}")
+
+    def by_param() -> Iterator[Tuple[MatrixPlan, np.ndarray]]:
+        loaded_name, loaded = None, None
+        for p in selection.plans:
+            if p.param != loaded_name:
+                loaded_name, loaded = p.param, source.load(p.param)
+            yield p, extract(p, loaded)
+
+    def one(item: Tuple[MatrixPlan, np.ndarray]) -> Tuple[MatrixRecord, np.ndarray]:
+        p, W = item
+        return _analyze(W, options, p.name, p.dtype, source.label, p.module_type, p.part)
+
+    records, spectra = [], []
+    with _progress_bar(len(selection.plans), source.label, progress) as bar:
+        for rec, sv in _bounded_map(one, by_param(), options.workers):
+            records.append(rec)
+            spectra.append(sv)
+            bar.update(1)
+    return records, spectra, selection.skipped
+
+
+def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optional[bool] = False,
+            on_error: str = "raise", cache_dir: Optional[str] = None,
+            keep_spectra: bool = False, **option_kwargs) -> Analysis:
+    """Analyze one or more models. Each source is a path or URL (AllenNLP archive or
+    serialization directory, state-dict file, safetensors file or folder, Hugging Face folder),
+    a ``torch.nn.Module``, a state dict, or a :class:`~allennlp_analyze.tensors.WeightSource`.
+
+    Options come as an :class:`AnalysisOptions` or as its field names (``min_q=1.0``).
+    ``on_error="raise"`` raises the first source's :class:`AnalyzeError`; ``"collect"`` records
+    it in ``summary.errors`` (the run is then incomplete) and goes on with the other sources.
+    ``keep_spectra`` keeps every matrix's singular values in ``Analysis.spectra`` (for plots).
+    """
+    from .sources import open_source
+
+    if options is None:
+        options = AnalysisOptions(**option_kwargs)
+    elif option_kwargs:
+        raise TypeError("pass either options= or option keywords, not both")
+    if on_error not in ("raise", "collect"):
+        raise ValueError("on_error must be 'raise' or 'collect'")
+    records: List[MatrixRecord] = []
+    spectra: List[np.ndarray] = []
+    skipped: Counter = Counter()
+    labels, errors = [], []
+    for spec in sources:
+        try:
+            source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
+                open_source(spec, cache_dir=cache_dir, progress=progress)
+            recs, svs, skips = analyze_source(source, options, progress=progress)
+        except AnalyzeError as e:
+            if on_error == "raise":
+                raise
+            errors.append(str(e))
+            continue
+        labels.append(source.label)
+        records.extend(recs)
+        spectra.extend(svs)
+        skipped.update(skips)
+    return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
+                    options=options, spectra=spectra if keep_spectra else None)
+
+
+def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``map(fn, items)`` in order, ``workers`` at a time, holding at most ``workers`` items."""
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _progress_bar(total: int, label: str, progress: Optional[bool]):
+    """A tqdm bar over matrices on stderr: shown when ``progress`` is True, or when it is None
+    and stderr is a terminal; a no-op when tqdm is not installed."""
+    show = sys.stderr.isatty() if progress is None else progress
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        show = False
+    if not show:
+        return _NoBar()
+    return tqdm(total=total, desc=label, unit="matrix", file=sys.stderr, leave=False)

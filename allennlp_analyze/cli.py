@@ -1,0 +1,144 @@
+"""The standalone command ``allennlp-analyze`` (also ``python -m allennlp_analyze``).
+
+Exit codes: 0 analyzed; 1 analyzed and found rank collapse, with ``--fail-on-collapse``;
+2 a problem with the input or the options (one line on stderr, no traceback), including a model
+of several that could not be read (the others are still analyzed and reported).
+"""
+import argparse
+import glob
+import os
+import sys
+from typing import Callable, List, Optional, Sequence
+
+from . import options as analysis_options
+from .analysis import Analysis, analyze
+from .errors import AnalyzeError
+from .report import FORMATS, write
+
+DESCRIPTION = ("Rank collapse and heavy-tailed spectra of a trained model's weight matrices: "
+               "ranks, smallest singular values and power-law fits of X = W^T W, per matrix.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sources, analysis options and output options: shared by this command and the AllenNLP
+    ``analyze`` subcommand."""
+    parser.add_argument("sources", nargs="*", metavar="SOURCE",
+                        help="model archive (.tar.gz), serialization directory, state-dict file "
+                             "(.th/.pt/.bin), safetensors file or folder, Hugging Face folder, "
+                             "http(s) URL, or a glob of these")
+    parser.add_argument("--sources-from", metavar="FILE",
+                        help="read further sources from FILE, one per line (# comments)")
+    analysis_options.add_arguments(parser)
+    g = parser.add_argument_group("output")
+    g.add_argument("--format", choices=FORMATS, default="table",
+                   help="table (with summary), json or csv (default %(default)s)")
+    g.add_argument("--output-file", "-o", metavar="PATH",
+                   help="write there instead of stdout")
+    g.add_argument("--plot-dir", metavar="DIR",
+                   help="also write figures and an index.html there")
+    g.add_argument("--fail-on-collapse", action="store_true",
+                   help="exit with status 1 when any matrix lost rank under --rank-criterion")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="where downloaded archives are kept (default ~/.cache/allennlp_analyze "
+                        "or $ALLENNLP_ANALYZE_CACHE)")
+    bar = g.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_const", const=True,
+                     help="always show progress bars (stderr)")
+    bar.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                     help="never show progress bars (default: only on a terminal)")
+
+
+def expand_sources(args: argparse.Namespace) -> List[str]:
+    """The sources named on the command line, globs expanded, plus those of --sources-from."""
+    specs = list(args.sources)
+    if args.sources_from:
+        try:
+            with open(args.sources_from, encoding="utf-8") as f:
+                specs += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        except OSError as e:
+            raise AnalyzeError(f"cannot read --sources-from {args.sources_from}: "
+                               f"{e.strerror}") from None
+    expanded = []
+    for spec in specs:
+        is_pattern = "://" not in spec and any(c in spec for c in "*?[")
+        matches = sorted(glob.glob(spec)) if is_pattern else [spec]
+        if not matches:
+            raise AnalyzeError(f"no file matches {spec}")
+        expanded += matches
+    if not expanded:
+        raise AnalyzeError("no source given: name a model archive, weights file, folder or URL")
+    return expanded
+
+
+def run(args: argparse.Namespace,
+        analyze_fn: Callable[..., Analysis] = analyze) -> int:
+    """Analyze, write the report (and figures), and return the exit code. ``analyze_fn`` lets
+    the AllenNLP subcommand substitute its own loader."""
+    opts = analysis_options.from_namespace(args)
+    sources = expand_sources(args)
+    several = len(sources) > 1
+    result = analyze_fn(*sources, options=opts, progress=args.progress,
+                        on_error="collect" if several else "raise", cache_dir=args.cache_dir,
+                        keep_spectra=bool(args.plot_dir))
+    _write_report(result, args)
+    for err in result.summary.errors:
+        print(f"allennlp-analyze: error: {err}", file=sys.stderr)
+    if result.summary.errors:
+        return 2
+    if args.fail_on_collapse and result.summary.collapsed[opts.rank_criterion]:
+        return 1
+    return 0
+
+
+def _write_report(result: Analysis, args: argparse.Namespace) -> None:
+    if args.output_file:
+        try:
+            with open(args.output_file, "w", encoding="utf-8", newline="") as f:
+                write(result, args.format, f)
+        except OSError as e:
+            raise AnalyzeError(f"cannot write {args.output_file}: {e.strerror}") from None
+    else:
+        write(result, args.format, sys.stdout)
+    if args.plot_dir:
+        from .plots import write_figures
+
+        write_figures(result, args.plot_dir)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="allennlp-analyze", description=DESCRIPTION)
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``allennlp-analyze``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    return guarded(lambda: run(args), "allennlp-analyze")
+
+
+def guarded(fn: Callable[[], int], prog: str) -> int:
+    """Run ``fn``; an :class:`AnalyzeError` becomes one stderr line and exit code 2, and a
+    closed stdout pipe (``| head``) ends quietly."""
+    try:
+        return fn()
+    except AnalyzeError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The analysis options, defined once for the standalone CLI, the AllenNLP subcommand and the
+training callback (which takes the same names as constructor arguments)."""
+import argparse
+import re
+from dataclasses import dataclass, field, fields
+from typing import Optional, Tuple
+
+from .errors import AnalyzeError
+from .records import RANK_CRITERIA
+
+KINDS = ("conv", "embeddings")
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """What to analyze and how.
+
+    Selection: keep matrices with ``Q = N / M >= min_q`` and ``M >= min_dim``, names matching
+    any ``match`` regex (all if empty) and no ``exclude`` regex; ``include`` adds kinds that are
+    left out by default: "embeddings" (embedding tables) and "conv" (each spatial position of a
+    convolution kernel as an out x in matrix, kept when its smaller side is >= ``conv_min_dim``).
+    ``split_fused`` analyzes fused matrices by part (attention ``in_proj_weight`` as q, k, v;
+    LSTM/GRU gate stacks by gate) instead of whole.
+
+    Numerics: ``loose_tol`` is the absolute singular-value bound of the loose rank;
+    ``rank_criterion`` picks the rank behind ``rank_loss`` and "collapsed"; ``fit_xmax`` "none"
+    fits an unbounded power law (the original analysis), "max" bounds it at lambda_max;
+    ``method`` "auto" | "svd" | "gram" (see :mod:`allennlp_analyze.spectrum`); ``device`` None
+    (numpy, CPU) or a torch device; ``log10_threshold``: nu_min below 10**this counts as
+    collapsed in multi-model aggregates (the study's "generous" -8).
+    """
+
+    min_q: float = 1.1
+    min_dim: int = 1
+    match: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    include: Tuple[str, ...] = ()
+    conv_min_dim: int = 50
+    split_fused: bool = False
+    loose_tol: float = 1e-3
+    rank_criterion: str = "loose"
+    fit_xmax: str = "none"
+    method: str = "auto"
+    device: Optional[str] = None
+    log10_threshold: float = -8.0
+    workers: int = field(default=1)
+
+    def __post_init__(self):
+        for name in ("match", "exclude", "include"):
+            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        if self.device in ("", "cpu"):
+            object.__setattr__(self, "device", None)
+        for pattern in self.match + self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AnalyzeError(f"invalid name pattern {pattern!r}: {e}") from None
+        checks = [
+            (self.min_q >= 1.0, f"--min-q must be >= 1 (got {self.min_q})"),
+            (self.min_dim >= 1, f"--min-dim must be >= 1 (got {self.min_dim})"),
+            (self.conv_min_dim >= 1, f"--conv-min-dim must be >= 1 (got {self.conv_min_dim})"),
+            (self.loose_tol >= 0.0, f"--loose-tol must be >= 0 (got {self.loose_tol})"),
+            (self.rank_criterion in RANK_CRITERIA,
+             f"--rank-criterion must be one of {', '.join(RANK_CRITERIA)}"),
+            (self.fit_xmax in ("none", "max"), "--fit-xmax must be 'none' or 'max'"),
+            (self.method in ("auto", "svd", "gram"), "--method must be auto, svd or gram"),
+            (set(self.include) <= set(KINDS), f"--include takes {' / '.join(KINDS)}"),
+            (self.workers >= 1, "--workers must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AnalyzeError(message)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the analysis options (as ``--min-q`` etc.) to an argparse parser."""
+    d = AnalysisOptions()
+    g = parser.add_argument_group("selection")
+    g.add_argument("--min-q", type=float, default=d.min_q,
+                   help="keep matrices with aspect ratio Q = N/M >= this (default %(default)s; "
+                        "1 keeps square matrices)")
+    g.add_argument("--min-dim", type=int, default=d.min_dim,
+                   help="keep matrices whose smaller side M >= this (default %(default)s)")
+    g.add_argument("--match", action="append", default=[], metavar="REGEX",
+                   help="analyze only parameters whose name matches (repeatable)")
+    g.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="leave out parameters whose name matches (repeatable)")
+    g.add_argument("--include", action="append", default=[], choices=KINDS,
+                   help="also analyze embedding tables / convolution slices (repeatable)")
+    g.add_argument("--conv-min-dim", type=int, default=d.conv_min_dim,
+                   help="keep convolution slices whose smaller side >= this "
+                        "(default %(default)s)")
+    g.add_argument("--split-fused", action="store_true",
+                   help="analyze fused matrices by part: attention in_proj as q/k/v, "
+                        "LSTM/GRU weights by gate")
+    g = parser.add_argument_group("numerics")
+    g.add_argument("--loose-tol", type=float, default=d.loose_tol,
+                   help="absolute singular-value bound of the loose rank (default %(default)s)")
+    g.add_argument("--rank-criterion", choices=RANK_CRITERIA, default=d.rank_criterion,
+                   help="rank behind rank_loss and 'collapsed' (default %(default)s)")
+    g.add_argument("--fit-xmax", choices=("none", "max"), default=d.fit_xmax,
+                   help="power-law fit without upper bound, or bounded at lambda_max "
+                        "(default %(default)s)")
+    g.add_argument("--method", choices=("auto", "svd", "gram"), default=d.method,
+                   help="singular values by Gram eigenvalues with SVD fallback (auto), "
+                        "SVD only, or Gram only (default %(default)s)")
+    g.add_argument("--exact", dest="method", action="store_const", const="svd",
+                   help="same as --method svd")
+    g.add_argument("--device", default=None,
+                   help="torch device for the spectra, e.g. cuda (default: numpy on the CPU)")
+    g.add_argument("--log10-threshold", type=float, default=d.log10_threshold,
+                   help="nu_min < 10**this counts as collapsed in aggregates "
+                        "(default %(default)s)")
+    g.add_argument("--workers", type=int, default=d.workers,
+                   help="matrices analyzed in parallel (default %(default)s)")
+
+
+def from_namespace(args: argparse.Namespace) -> AnalysisOptions:
+    """Options from parsed arguments (unknown attributes ignored)."""
+    names = {f.name for f in fields(AnalysisOptions)}
+    return AnalysisOptions(**{k: v for k, v in vars(args).items() if k in names})
+

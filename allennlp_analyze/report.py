@@ -1,0 +1,105 @@
+"""Writers: an aligned table with a summary for people, JSON and CSV for programs."""
+import csv
+import json
+import math
+from typing import IO, List, Optional
+
+from .analysis import Analysis
+from .records import RECORD_FIELDS, STATUS_TEXT, MatrixRecord, Summary
+
+FORMATS = ("table", "json", "csv")
+
+
+def write(analysis: Analysis, fmt: str, out: IO[str]) -> None:
+    """Write ``analysis`` to ``out`` as "table", "json" or "csv"."""
+    {"table": write_table, "json": write_json, "csv": write_csv}[fmt](analysis, out)
+
+
+def write_json(analysis: Analysis, out: IO[str]) -> None:
+    """``{"records": [...], "summary": {...}, "options": {...}}``; non-finite numbers are null."""
+    doc = {"records": analysis.to_dicts(), "summary": analysis.summary.to_dict(),
+           "options": vars(analysis.options)}
+    json.dump(doc, out, indent=1, allow_nan=False, default=list)
+    out.write("\n")
+
+
+def write_csv(analysis: Analysis, out: IO[str]) -> None:
+    """One row per record, columns :data:`~allennlp_analyze.records.RECORD_FIELDS`; shape as
+    ``NxM``, missing values empty."""
+    writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for d in analysis.to_dicts():
+        d["shape"] = "x".join(map(str, d["shape"]))
+        writer.writerow({k: ("" if v is None else v) for k, v in d.items()})
+
+
+def write_table(analysis: Analysis, out: IO[str]) -> None:
+    """The records as an aligned table, then the summary."""
+    multi = len(analysis.summary.models) > 1
+    header = (["model"] if multi else []) + [
+        "name", "type", "N x M", "Q", "sv_max", "sv_min", "log10 sv_min",
+        "rank loose/numpy/nr", "alpha", "D", "xmin", "tail", "status"]
+    rows = [(([r.model] if multi else []) + _table_row(r)) for r in analysis.records]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
+    left = {"model", "name", "type", "status"}
+
+    def line(cells: List[str]) -> str:
+        return "  ".join(c.ljust(w) if h in left else c.rjust(w)
+                         for c, w, h in zip(cells, widths, header)).rstrip()
+
+    if rows:
+        out.write(line(header) + "\n")
+        out.write("  ".join("-" * w for w in widths) + "\n")
+        for row in rows:
+            out.write(line(row) + "\n")
+        out.write("\n")
+    out.write(summary_text(analysis.summary, analysis.options.rank_criterion,
+                           analysis.options.loose_tol))
+
+
+def summary_text(s: Summary, criterion: str, loose_tol: float) -> str:
+    """The run's summary as a few lines of text."""
+    lines = []
+    models = f"{len(s.models)} model{'s' if len(s.models) != 1 else ''}"
+    skipped = sum(s.skipped.values())
+    lines.append(f"Summary: {s.analyzed} matrices analyzed in {models}; "
+                 f"{skipped} parameters or parts skipped")
+    for reason, n in s.skipped.items():
+        lines.append(f"  {n:6d}  skipped: {reason}")
+    for status, n in s.status.items():
+        if status != "ok":
+            lines.append(f"  {n:6d}  {STATUS_TEXT[status]}")
+    lines.append(f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {s.collapsed['loose']}"
+                 f", numpy tolerance: {s.collapsed['numpy']}"
+                 f", Numerical Recipes tolerance: {s.collapsed['nr']}"
+                 f"  [--rank-criterion {criterion}]")
+    for name in s.collapsed_names[criterion][:10]:
+        lines.append(f"          collapsed: {name}")
+    if len(s.collapsed_names[criterion]) > 10:
+        lines.append(f"          ... and {len(s.collapsed_names[criterion]) - 10} more")
+    if s.sv_min is not None:
+        lines.append(f"  smallest sv_min: {_num(s.sv_min)} ({s.sv_min_name})")
+    if s.fitted:
+        lines.append(f"  alpha: mean {s.alpha_mean:.3f}, median {s.alpha_median:.3f} "
+                     f"({s.fitted} fitted)")
+    for err in s.errors:
+        lines.append(f"  ERROR: {err}")
+    if not s.complete:
+        lines.append("  INCOMPLETE: some sources or matrices could not be analyzed (see above)")
+    return "\n".join(lines) + "\n"
+
+
+def _table_row(r: MatrixRecord) -> List[str]:
+    ranks = "-" if r.rank_loose is None else f"{r.rank_loose}/{r.rank_numpy}/{r.rank_nr}"
+    return [r.name, r.module_type or "-", f"{r.N} x {r.M}", f"{r.Q:.2f}", _num(r.sv_max),
+            _num(r.sv_min), _num(r.log10_sv_min, fixed=True), ranks, _num(r.alpha, fixed=True),
+            _num(r.D, fixed=True), _num(r.xmin), "-" if r.num_tail is None else str(r.num_tail),
+            r.status]
+
+
+def _num(v: Optional[float], fixed: bool = False) -> str:
+    if v is None:
+        return "-"
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:.3f}" if fixed else f"{v:.4g}"

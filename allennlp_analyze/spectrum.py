@@ -1,0 +1,139 @@
+"""Singular values of one weight matrix, in float64, and its numerical ranks.
+
+Shapes: a weight W is oriented N x M with N >= M (transposed if needed; singular values do not
+change), ``Q = N / M``. Its M singular values ``nu`` (descending) give the M eigenvalues
+``lambda = nu**2`` of X = W^T W.
+
+Two ways to the singular values, never computing singular vectors:
+
+* ``"svd"``: LAPACK's divide-and-conquer SVD of W in float64 (values only). Absolute error
+  about ``eps64 * nu_max`` per value: the reference.
+* ``"gram"``: eigenvalues of the float64 Gram matrix G = W^T W (M x M), 3-4x cheaper. Forming G
+  and the symmetric eigensolver are backward stable, so each eigenvalue carries an absolute error
+  of at most about ``(N + M) * eps64 * lambda_max``; for ``nu_i = sqrt(lambda_i)`` that is a
+  relative error of ``(N + M) * eps64 * lambda_max / (2 * lambda_i)``. Below
+  ``lambda_i ~ 1e-16 * lambda_max`` (``nu ~ 1e-8 nu_max``) the Gram path sees nothing at all.
+
+``"auto"`` (the default) takes the Gram path and keeps it only where that bound guarantees a
+relative error of at most ``GRAM_RTOL`` (1e-8) on *every* singular value, i.e. where
+``lambda_min >= (N + M) * eps64 * lambda_max / (2 * GRAM_RTOL)`` (about ``nu_min >= 2e-4 nu_max``
+for N + M = 4000), and where no singular value lies so close to a rank tolerance that this error
+could flip the rank. Otherwise it recomputes the matrix with the float64 SVD. Ranks and nu_min
+from "auto" are therefore those of the SVD path.
+
+Numerical ranks (all count ``nu > tol``, as ``numpy.linalg.matrix_rank`` does):
+
+* ``rank_loose``: tol = ``loose_tol`` (absolute, default 1e-3: the original study's bound);
+* ``rank_numpy``: tol = ``nu_max * max(N, M) * eps`` (numpy's default);
+* ``rank_nr``: tol = ``nu_max / 2 * sqrt(N + M + 1) * eps`` (Numerical Recipes);
+
+where ``eps`` is the machine epsilon of the dtype the weights were *stored* in (float32:
+1.19e-7), not float64's: round-off in stored float32 weights lifts zero singular values to about
+1e-7 nu_max, and a float64 eps would count them as rank.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+#: Guaranteed relative accuracy of every singular value that the Gram path is allowed to report.
+GRAM_RTOL = 1e-8
+_EPS64 = float(np.finfo(np.float64).eps)
+
+
+@dataclass(frozen=True)
+class RankTolerances:
+    """Absolute singular-value thresholds of the three rank criteria (same units as W)."""
+
+    loose: float
+    numpy: float
+    nr: float
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Singular values ``sv`` (float64, descending, length M) of an N x M matrix (N >= M), the
+    path that produced them (``"svd"``, ``"gram"``, or ``"gram>svd"`` for a Gram attempt that
+    fell back), and the rank tolerances for the stored dtype's ``eps``."""
+
+    sv: np.ndarray
+    N: int
+    M: int
+    method: str
+    tolerances: RankTolerances
+
+    def rank(self, tol: float) -> int:
+        """Number of singular values strictly above ``tol``."""
+        return int(np.count_nonzero(self.sv > tol))
+
+
+def orient(W: np.ndarray) -> np.ndarray:
+    """W as float64 with at least as many rows as columns (N x M, N >= M)."""
+    W = np.asarray(W, dtype=np.float64)
+    return W.T if W.shape[0] < W.shape[1] else W
+
+
+def rank_tolerances(sv_max: float, N: int, M: int, eps: float, loose_tol: float) -> RankTolerances:
+    """The three criteria's thresholds for a matrix with largest singular value ``sv_max``."""
+    return RankTolerances(loose=float(loose_tol),
+                          numpy=float(sv_max * max(N, M) * eps),
+                          nr=float(sv_max / 2.0 * np.sqrt(N + M + 1.0) * eps))
+
+
+def singular_values(W: np.ndarray, eps: float, loose_tol: float = 1e-3, method: str = "auto",
+                    device: Optional[str] = None) -> Spectrum:
+    """Spectrum of a finite 2-D matrix ``W`` (any orientation, any float dtype).
+
+    ``eps``: machine epsilon of W's storage dtype (sets the rank tolerances); ``method``: "auto",
+    "svd" or "gram" (module docstring); ``device``: None for numpy on the CPU, or a torch device
+    such as "cuda" (float64 there too; results equal the CPU path's to round-off).
+    """
+    if method not in ("auto", "svd", "gram"):
+        raise ValueError(f"unknown spectral method {method!r}")
+    W = orient(W)
+    N, M = W.shape
+    if method == "svd":
+        sv = _svd_values(W, device)
+    else:
+        sv = _gram_values(W, device)
+        if method == "auto" and not _gram_trustworthy(sv, N, M, eps, loose_tol):
+            sv, method = _svd_values(W, device), "gram>svd"
+    tolerances = rank_tolerances(sv[0] if sv.size else 0.0, N, M, eps, loose_tol)
+    return Spectrum(sv=sv, N=N, M=M, method=method, tolerances=tolerances)
+
+
+def _gram_trustworthy(sv: np.ndarray, N: int, M: int, eps: float, loose_tol: float) -> bool:
+    """Whether Gram-path singular values all carry relative error <= GRAM_RTOL and none sits
+    within that error of a rank tolerance."""
+    if sv.size == 0 or sv[0] == 0.0:
+        return False
+    lam_max = sv[0] ** 2
+    abs_err_lambda = (N + M) * _EPS64 * lam_max
+    if sv[-1] ** 2 < abs_err_lambda / (2.0 * GRAM_RTOL):
+        return False
+    tol = rank_tolerances(sv[0], N, M, eps, loose_tol)
+    band = 2.0 * GRAM_RTOL
+    for t in (tol.loose, tol.numpy, tol.nr):
+        if np.any(np.abs(sv - t) <= band * t):
+            return False
+    return True
+
+
+def _svd_values(W: np.ndarray, device: Optional[str]) -> np.ndarray:
+    if device is None:
+        return np.linalg.svd(W, compute_uv=False)
+    import torch
+
+    return torch.linalg.svdvals(torch.from_numpy(W).to(device)).cpu().numpy()
+
+
+def _gram_values(W: np.ndarray, device: Optional[str]) -> np.ndarray:
+    """sqrt of the Gram matrix's eigenvalues, descending; negative round-off clipped to 0."""
+    if device is None:
+        lam = np.linalg.eigvalsh(W.T @ W)
+    else:
+        import torch
+
+        t = torch.from_numpy(W).to(device)
+        lam = torch.linalg.eigvalsh(t.T @ t).cpu().numpy()
+    return np.sqrt(np.clip(lam[::-1], 0.0, None))
