@@ -1,0 +1,65 @@
+"""`pip install .` alone (no torch, no AllenNLP, no safetensors) gives a working core and CLI."""
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bare_venv(tmp_path_factory):
+    """A fresh virtual environment holding only this package and what setup.py requires."""
+    root = tmp_path_factory.mktemp("bare-venv")
+    venv.create(root / "env", with_pip=True)
+    py = root / "env" / "bin" / "python"
+    src = root / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".venv", ".cache", ".git", "*.egg-info", "__pycache__", "fixtures", "examples", "tests"))
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    str(src)], check=True, cwd=root)
+    return py
+
+
+def test_bare_install_has_no_heavy_dependencies(bare_venv):
+    out = subprocess.run([str(bare_venv), "-m", "pip", "list", "--format", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    names = {p["name"].lower() for p in json.loads(out)}
+    assert "numpy" in names and "allennlp-analyze" in names
+    assert not names & {"torch", "allennlp", "safetensors", "matplotlib"}
+
+
+def test_bare_install_analyzes_safetensors(bare_venv, minilm_path):
+    cli = bare_venv.parent / "allennlp-analyze"
+    proc = subprocess.run([str(cli), str(minilm_path), "--format", "json"],
+                          capture_output=True, text=True, cwd=bare_venv.parent)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)["records"]
+    assert len(records) == 12
+    assert {(r["N"], r["M"], r["Q"]) for r in records} == {(1536, 384, 4.0)}
+    # Values equal an independent float64 SVD of the same tensor, read with numpy here.
+    from safetensors.numpy import load_file
+
+    name = "encoder.layer.0.intermediate.dense.weight"
+    W = load_file(str(minilm_path))[name].astype(np.float64)
+    sv = np.linalg.svd(W, compute_uv=False)
+    rec = next(r for r in records if r["name"] == name)
+    assert rec["sv_min"] == pytest.approx(sv[-1], rel=1e-8)
+    assert rec["sv_max"] == pytest.approx(sv[0], rel=1e-8)
+
+
+def test_bare_install_refuses_pickles_clearly(bare_venv, tmp_path):
+    """Without torch a pickled state dict cannot be read: one clear line, exit 2."""
+    f = tmp_path / "weights.th"
+    f.write_bytes(b"\x80\x02}q\x00.")  # an (empty) protocol-2 pickle
+    cli = bare_venv.parent / "allennlp-analyze"
+    proc = subprocess.run([str(cli), str(f)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
