@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="write there instead of stdout")
     g.add_argument("--plot-dir", metavar="DIR",
                    help="also write figures and an index.html there")
+    g.add_argument("--plot-max", type=int, default=100, metavar="K",
+                   help="per-matrix figures (about 0.15 s each) for at most the first K "
+                        "matrices; -1: all (default %(default)s)")
+    g.add_argument("--plot-match", action="append", default=[], metavar="REGEX",
+                   help="per-matrix figures only for matrices whose MODEL:NAME matches "
+                        "(repeatable)")
     g.add_argument("--fail-on-collapse", action="store_true",
                    help="exit with status 1 when any matrix lost rank under --rank-criterion")
     g.add_argument("--cache-dir", metavar="DIR",
@@ -100,9 +106,13 @@ def _write_report(result: Analysis, args: argparse.Namespace) -> None:
     else:
         write(result, args.format, sys.stdout)
     if args.plot_dir:
-        from .plots import write_figures
-
-        write_figures(result, args.plot_dir)
+        try:
+            from .plots import write_figures
+        except ImportError as e:
+            raise AnalyzeError(f"--plot-dir needs matplotlib ({e}); "
+                               "pip install 'allennlp-analyze[plots]'") from None
+        write_figures(result, args.plot_dir, max_matrices=getattr(args, "plot_max", 100),
+                      match=getattr(args, "plot_match", None) or ())
 
 
 class _Parser(argparse.ArgumentParser):

@@ -4,6 +4,7 @@ import json
 import math
 from typing import IO, List, Optional
 
+from .aggregate import Aggregate, aggregate, aggregate_text
 from .analysis import Analysis
 from .records import RECORD_FIELDS, STATUS_TEXT, MatrixRecord, Summary
 
@@ -15,9 +16,17 @@ def write(analysis: Analysis, fmt: str, out: IO[str]) -> None:
     {"table": write_table, "json": write_json, "csv": write_csv}[fmt](analysis, out)
 
 
+def run_aggregate(analysis: Analysis) -> Aggregate:
+    """The per-model aggregate of ``analysis`` (see :mod:`allennlp_analyze.aggregate`)."""
+    return aggregate(analysis.records, analysis.summary.models, analysis.options.log10_threshold)
+
+
 def write_json(analysis: Analysis, out: IO[str]) -> None:
-    """``{"records": [...], "summary": {...}, "options": {...}}``; non-finite numbers are null."""
-    doc = {"records": analysis.to_dicts(), "summary": analysis.summary.to_dict(),
+    """``{"records": [...], "summary": {..., "aggregate": {...}}, "options": {...}}``;
+    non-finite numbers are null."""
+    summary = analysis.summary.to_dict()
+    summary["aggregate"] = run_aggregate(analysis).to_dict()
+    doc = {"records": analysis.to_dicts(), "summary": summary,
            "options": vars(analysis.options)}
     json.dump(doc, out, indent=1, allow_nan=False, default=list)
     out.write("\n")
@@ -54,11 +63,14 @@ def write_table(analysis: Analysis, out: IO[str]) -> None:
             out.write(line(row) + "\n")
         out.write("\n")
     out.write(summary_text(analysis.summary, analysis.options.rank_criterion,
-                           analysis.options.loose_tol))
+                           analysis.options.loose_tol, aggregate=run_aggregate(analysis)))
 
 
-def summary_text(s: Summary, criterion: str, loose_tol: float) -> str:
-    """The run's summary as a few lines of text."""
+def summary_text(s: Summary, criterion: str, loose_tol: float,
+                 aggregate: Optional[Aggregate] = None) -> str:
+    """The run's summary as a few lines of text; with ``aggregate``, a table per model (when
+    the run has several models) or one line (one model) of the fraction of matrices with
+    log10 nu_min under the threshold and the alpha quartiles."""
     lines = []
     models = f"{len(s.models)} model{'s' if len(s.models) != 1 else ''}"
     skipped = sum(s.skipped.values())
@@ -82,6 +94,15 @@ def summary_text(s: Summary, criterion: str, loose_tol: float) -> str:
     if s.fitted:
         lines.append(f"  alpha: mean {s.alpha_mean:.3f}, median {s.alpha_median:.3f} "
                      f"({s.fitted} fitted)")
+    if aggregate is not None and aggregate.total.matrices:
+        if len(aggregate.models) > 1:
+            lines.append(aggregate_text(aggregate).rstrip("\n"))
+        else:
+            t = aggregate.total
+            quartiles = "" if t.alpha_q1 is None else \
+                f"; alpha quartiles {t.alpha_q1:.3f} / {t.alpha_median:.3f} / {t.alpha_q3:.3f}"
+            lines.append(f"  log10 sv_min < {aggregate.log10_threshold:g}: {t.below_threshold} "
+                         f"of {t.with_spectrum} matrices{quartiles}")
     for err in s.errors:
         lines.append(f"  ERROR: {err}")
     if not s.complete:

@@ -91,6 +91,9 @@ def _parameter_skip_reason(t: TensorInfo, o: AnalysisOptions) -> Optional[str]:
     if len(t.shape) < 2:
         return "not a matrix (0-D/1-D: biases, norms, scalars)"
     if len(t.shape) > 2:
+        if t.module_type is not None and "conv" not in t.module_type.lower():
+            # e.g. nn.Bilinear's (out, in1, in2): not a stack of spatial positions
+            return f"not a matrix or convolution kernel ({len(t.shape)}-D, {t.module_type})"
         if "conv" not in o.include:
             return "convolution kernel (add --include conv)"
         return None
