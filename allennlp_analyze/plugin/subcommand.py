@@ -1,0 +1,103 @@
+"""``allennlp analyze ARCHIVE [ARCHIVE ...]``: the standalone command's options and report, with
+the models built by AllenNLP (module types per matrix) and AllenNLP's ``--weights-file``,
+``--overrides``, ``--cuda-device`` and ``--include-package``."""
+import argparse
+import logging
+import os
+import sys
+from collections import Counter
+from typing import List, Optional
+
+from allennlp.commands.subcommand import Subcommand
+
+from .. import cli
+from ..analysis import Analysis, analyze_source
+from ..errors import AnalyzeError
+from ..options import AnalysisOptions
+from ..records import summarize
+from .loading import open_model_source
+
+PROG = "allennlp analyze"
+
+
+@Subcommand.register("analyze")
+class Analyze(Subcommand):
+    def add_subparser(self, parser: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        description = (cli.DESCRIPTION + " ARCHIVE is a model archive, a serialization directory "
+                       "or an http(s) URL (downloaded once into AllenNLP's cache). The model is "
+                       "built where possible, so each matrix is reported with its module type; "
+                       "otherwise the raw weights are analyzed, with a note on stderr.")
+        subparser = parser.add_parser(self.name, description=description,
+                                      help="Rank collapse and power-law spectra of a model's "
+                                           "weight matrices.")
+        cli.add_arguments(subparser)
+        for action in subparser._actions:  # the shared options, told in this command's terms
+            if action.dest == "sources":
+                action.metavar = "ARCHIVE"
+                action.help = ("model archive (.tar.gz), serialization directory or http(s) URL; "
+                               "also any other source allennlp-analyze reads, or a glob")
+            elif action.dest == "cache_dir":
+                action.help = ("where downloaded archives are kept (default: AllenNLP's cache, "
+                               "$ALLENNLP_CACHE_ROOT/cache, else ~/.allennlp/cache)")
+        g = subparser.add_argument_group("AllenNLP")
+        g.add_argument("--weights-file", type=str,
+                       help="a path that overrides which weights file to use")
+        g.add_argument("--overrides", type=str, default="",
+                       help="a JSON structure used to override the model's configuration")
+        g.add_argument("--cuda-device", type=int, default=-1,
+                       help="id of the GPU to build the model on (-1: CPU)")
+        subparser.set_defaults(func=_run)
+        return subparser
+
+
+def _run(args: argparse.Namespace) -> None:
+    _quiet_logging()
+
+    def analyze_fn(*specs, **kwargs) -> Analysis:
+        return analyze_archives(*specs, weights_file=args.weights_file,
+                                overrides=args.overrides, cuda_device=args.cuda_device, **kwargs)
+
+    sys.exit(cli.guarded(lambda: cli.run(args, analyze_fn=analyze_fn), PROG))
+
+
+def analyze_archives(*specs: str, options: AnalysisOptions, progress: Optional[bool] = False,
+                     on_error: str = "raise", cache_dir: Optional[str] = None,
+                     keep_spectra: bool = False, weights_file: Optional[str] = None,
+                     overrides: str = "", cuda_device: int = -1) -> Analysis:
+    """:func:`allennlp_analyze.analyze` with each source opened by AllenNLP
+    (:func:`~.loading.open_model_source`); one model is held in memory at a time."""
+    records, spectra, labels, errors = [], [], [], []
+    skipped: Counter = Counter()
+    for spec in specs:
+        try:
+            source = open_model_source(spec, weights_file=weights_file, overrides=overrides,
+                                       cuda_device=cuda_device, cache_dir=cache_dir,
+                                       progress=progress)
+            recs, svs, skips = analyze_source(source, options, progress=progress)
+        except AnalyzeError as e:
+            if on_error == "raise":
+                raise
+            errors.append(str(e))
+            continue
+        labels.append(source.label)
+        records.extend(recs)
+        spectra.extend(svs)
+        skipped.update(skips)
+        del source
+    return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
+                    options=options, spectra=spectra if keep_spectra else None)
+
+
+def _quiet_logging() -> None:
+    """AllenNLP logs at INFO by default; a report keeps stderr for notes, warnings and errors,
+    unless ``ALLENNLP_LOG_LEVEL`` / ``ALLENNLP_DEBUG`` ask for more."""
+    if not (os.environ.get("ALLENNLP_LOG_LEVEL") or os.environ.get("ALLENNLP_DEBUG")):
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+__all__: List[str] = ["Analyze", "analyze_archives"]
+
+# AllenNLP imports plugins (this module) before it runs a plugin's subcommand, and logs
+# "Plugin ... available" at INFO right after: in an `allennlp analyze` process, quiet it too.
+if sys.argv[1:2] == ["analyze"]:
+    _quiet_logging()
