@@ -178,7 +178,8 @@ def _raw(local: Path, label: str, weights_file: Optional[str], url: Optional[str
         if url is None:
             raise
         _evict(local)
-        raise AnalyzeError(f"the download of {url} is not usable ({e}); "
+        detail = str(e).replace(str(local), "it")  # the cache file's name means nothing
+        raise AnalyzeError(f"the download of {url} is not usable: {detail}; "
                            "it was removed from the cache") from None
 
 

@@ -57,7 +57,7 @@ def _run(args: argparse.Namespace) -> None:
         return analyze_archives(*specs, weights_file=args.weights_file,
                                 overrides=args.overrides, cuda_device=args.cuda_device, **kwargs)
 
-    sys.exit(cli.guarded(lambda: cli.run(args, analyze_fn=analyze_fn), PROG))
+    sys.exit(cli.guarded(lambda: cli.run(args, analyze_fn=analyze_fn, prog=PROG), PROG))
 
 
 def analyze_archives(*specs: str, options: AnalysisOptions, progress: Optional[bool] = False,
