@@ -77,9 +77,10 @@ def expand_sources(args: argparse.Namespace) -> List[str]:
 
 
 def run(args: argparse.Namespace,
-        analyze_fn: Callable[..., Analysis] = analyze) -> int:
+        analyze_fn: Callable[..., Analysis] = analyze, prog: str = "allennlp-analyze") -> int:
     """Analyze, write the report (and figures), and return the exit code. ``analyze_fn`` lets
-    the AllenNLP subcommand substitute its own loader."""
+    the AllenNLP subcommand substitute its own loader; ``prog`` names the command in error
+    lines."""
     opts = analysis_options.from_namespace(args)
     sources = expand_sources(args)
     several = len(sources) > 1
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace,
                         keep_spectra=bool(args.plot_dir))
     _write_report(result, args)
     for err in result.summary.errors:
-        print(f"allennlp-analyze: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
     if result.summary.errors:
         return 2
     if args.fail_on_collapse and result.summary.collapsed[opts.rank_criterion]:
