@@ -277,5 +277,6 @@ def _constructor_signature() -> inspect.Signature:
     return inspect.Signature(own + extra)
 
 
-WeightAnalysisCallback.__init__.__signature__ = _constructor_signature()  # type: ignore[attr-defined]
+WeightAnalysisCallback.__init__.__signature__ = (  # type: ignore[attr-defined]
+    _constructor_signature())
 TrainerCallback.register("weight_analysis")(WeightAnalysisCallback)
