@@ -11,7 +11,9 @@ moving average, or an epoch the schedule skipped), it:
 
 * writes one JSON line per analyzed matrix to ``<serialization_dir>/weight_analysis.jsonl``:
   the record (the same fields as ``allennlp-analyze --format json``) plus ``"epoch"`` (0-based,
-  as in ``metrics_epoch_N.json``) and ``"final"`` (true for the end-of-training analysis);
+  as in ``metrics_epoch_N.json``), ``"final"`` (true for the end-of-training analysis) and
+  ``"weights_epoch"`` (the epoch whose weights were analyzed: the best epoch's where the trainer
+  reloaded them at the end, null for a moving average);
 * adds ``weight_analysis_sv_min`` (smallest nu_min), ``weight_analysis_collapsed`` (matrices
   with rank < M under ``rank_criterion``), ``weight_analysis_alpha_mean`` and
   ``weight_analysis_epoch`` to the epoch's metrics (``metrics_epoch_N.json``; ``metrics.json``
@@ -133,7 +135,7 @@ class WeightAnalysisCallback(TrainerCallback):
         self._metrics = metrics
         self._collect(wait=True)  # the previous epoch's analysis, if still running
         if (epoch + 1) % self.every == 0:
-            self._start(trainer, epoch, final=False)
+            self._start(trainer, epoch, final=False, weights_epoch=epoch)
             if not self.background:
                 self._collect(wait=True)
 
@@ -147,10 +149,11 @@ class WeightAnalysisCallback(TrainerCallback):
             self._metrics = metrics
             self._collect(wait=True)
             if self._last_analyzed != epoch or _final_weights_changed(trainer):
-                self._start(trainer, epoch, final=True)
+                self._start(trainer, epoch, final=True, weights_epoch=_final_weights_epoch(
+                    trainer, epoch))
                 self._collect(wait=True)
         finally:
-            for future, _, _ in self._pending:
+            for future, *_ in self._pending:
                 future.cancel()
             self._pending.clear()
             if self._executor is not None:
@@ -159,7 +162,10 @@ class WeightAnalysisCallback(TrainerCallback):
 
     # -- analysis ------------------------------------------------------------------------------
 
-    def _start(self, trainer, epoch: int, final: bool) -> None:
+    def _start(self, trainer, epoch: int, final: bool, weights_epoch: Optional[int]) -> None:
+        """Analyze the model's weights as of now; ``weights_epoch``: the epoch those weights
+        come from (the best epoch's where the trainer reloaded it at the end; None for a
+        moving average)."""
         in_background = self.background and not final
         snap = snapshot(trainer.model, self.options, copy=in_background)
         self._last_analyzed = epoch
@@ -173,28 +179,30 @@ class WeightAnalysisCallback(TrainerCallback):
                 future.set_result(analyze_source(snap, self.options, False))
             except Exception as e:
                 future.set_exception(e)
-        self._pending.append((future, epoch, final))
+        self._pending.append((future, epoch, final, weights_epoch))
 
     def _collect(self, wait: bool) -> None:
         """Report finished analyses, oldest first (``wait``: all of them). An analysis that
         fails is logged as an error; it does not stop training."""
         while self._pending and (wait or self._pending[0][0].done()):
-            future, epoch, final = self._pending.pop(0)
+            future, epoch, final, weights_epoch = self._pending.pop(0)
             try:
                 records, _, _ = future.result()
             except Exception as e:
                 logger.error("weight_analysis: epoch %d: the analysis failed: %s: %s",
                              epoch, type(e).__name__, e)
                 continue
-            self._report(records, epoch, final)
+            self._report(records, epoch, final, weights_epoch)
 
-    def _report(self, records: List[MatrixRecord], epoch: int, final: bool) -> None:
+    def _report(self, records: List[MatrixRecord], epoch: int, final: bool,
+                weights_epoch: Optional[int]) -> None:
         self.history.append((epoch, final, records))
         criterion = self.options.rank_criterion
         if self.path:
             with open(self.path, "a", encoding="utf-8") as f:
                 for rec in records:
-                    line = dict(rec.to_dict(), epoch=epoch, final=final)
+                    line = dict(rec.to_dict(), epoch=epoch, final=final,
+                                weights_epoch=weights_epoch)
                     f.write(json.dumps(line, allow_nan=False) + "\n")
         summary = summarize(records, Counter(), [records[0].model] if records else [], [])
         figures = {
@@ -258,6 +266,18 @@ def _final_weights_changed(trainer) -> bool:
         return False
     tracker = getattr(trainer, "_metric_tracker", None)
     return tracker is None or not tracker.is_best_so_far()
+
+
+def _final_weights_epoch(trainer, epoch: int) -> Optional[int]:
+    """The epoch whose weights the model holds after training: the best epoch where the trainer
+    reloaded it, ``epoch`` where it kept the last weights, None for a moving average."""
+    if getattr(trainer, "_moving_average", None) is not None:
+        return None
+    tracker = getattr(trainer, "_metric_tracker", None)
+    if getattr(trainer, "_best_model_filename", None) is None or tracker is None:
+        return epoch
+    best = getattr(tracker, "best_epoch", None)
+    return epoch if best is None else int(best)
 
 
 def _constructor_signature() -> inspect.Signature:
