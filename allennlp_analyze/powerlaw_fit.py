@@ -72,27 +72,52 @@ def fit_power_law(values: np.ndarray, xmax: Optional[float] = None) -> Optional[
         return None
     n = x.size
     cand_first = first[:-1]
-    alphas = _candidate_alphas(x, cand_first)
-    lu = np.log(u)
-    log_xmax = None if xmax is None else np.log(xmax)
+    # Logs relative to the largest value, accurate to a few ulps of themselves (see _log_ratio):
+    # every log difference below then carries an error small against the tail's own spread.
+    y = _log_ratio(x, x[-1])
+    alphas = _candidate_alphas(y, cand_first)
+    lu = y[first]
+    log_xmax = None if xmax is None else float(_log_ratio(np.array([xmax]), x[-1])[0])
     best = _argmin_ks(lu, first, n, alphas, log_xmax)
     xmin = float(u[best])
     tail = x[cand_first[best]:]
-    # The winner's alpha and D once more, directly (no cumulative sums), for full precision.
+    # The winner's alpha and D once more, directly (no cumulative sums), in powerlaw's own
+    # arithmetic (logs and powers of ratios to xmin), so that they agree with it to round-off
+    # even where a tail spans only a few ulps and that arithmetic is itself inexact.
     alpha = 1.0 + tail.size / np.sum(np.log(tail / xmin))
-    D = _ks_exact(lu, first, n, alpha, best, log_xmax)
+    D = _ks_direct(u[best:], first[best:], n, alpha, xmax)
     return PowerLawFit(alpha=float(alpha), xmin=xmin, xmax=xmax, D=D,
                        num_tail=int(tail.size + n_above), num_candidates=int(u.size - 1))
 
 
-def _candidate_alphas(x: np.ndarray, cand_first: np.ndarray) -> np.ndarray:
-    """MLE alpha of the tail starting at each candidate's first index in the sorted sample ``x``.
+def _log_ratio(x: np.ndarray, ref: float) -> np.ndarray:
+    """``log(x / ref)`` for positive ``x`` and ``ref``, with a relative error of a few ulps even
+    where x is within rounding of ref. (``log(x) - log(ref)`` has an absolute error of about
+    ``eps * |log x|``, which for x ~ 1e6 exceeds the whole log-spread of a tail whose values
+    agree to 1e-15, and makes alpha infinite or D wrong there; ``powerlaw`` takes logs of
+    ratios, which are exact for neighbouring values.)"""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(under="ignore", over="ignore"):
+        d = (x - ref) / ref  # x - ref is exact for ref / 2 <= x <= 2 ref (Sterbenz)
+        near = np.abs(d) <= 0.5
+        far = x[~near]
+        q = far / ref
+    out = np.empty_like(x)
+    out[near] = np.log1p(d[near])
+    # ratio representable: one rounding, then the log; else the difference of logs
+    ok = (q >= np.finfo(np.float64).tiny) & (q <= np.finfo(np.float64).max)
+    out[~near] = np.where(ok, np.log(np.where(ok, q, 1.0)), np.log(far) - np.log(ref))
+    return out
 
-    Logs are taken relative to the largest value so the tail sums near the top, where they are
-    small, carry no cancellation from large offsets."""
-    y = np.log(x) - np.log(x[-1])
+
+def _candidate_alphas(y: np.ndarray, cand_first: np.ndarray) -> np.ndarray:
+    """MLE alpha of the tail starting at each candidate's first index, from ``y``, the logs of
+    the sorted sample relative to its largest value (:func:`_log_ratio`).
+
+    Every tail holds the largest value (y = 0), so its log-ratio sum is at least ``|y_k|``,
+    while each term's error is a few ulps of ``|y_k|``: the cumulative sums lose nothing."""
     tail_sums = np.cumsum(y[::-1])[::-1]  # tail_sums[i] = sum of y[i:]
-    n_tail = x.size - cand_first
+    n_tail = y.size - cand_first
     log_ratio_sums = tail_sums[cand_first] - n_tail * y[cand_first]
     return 1.0 + n_tail / log_ratio_sums
 
@@ -118,6 +143,19 @@ def _ks_exact(lu: np.ndarray, first: np.ndarray, n: int, alpha: float, row: int,
     """KS distance of one candidate's tail: the largest deviation over every point of it."""
     theory, empirical = _deviations(lu, first, n, np.array([alpha]), np.array([row]),
                                     np.arange(row, lu.size), log_xmax)
+    return float(np.abs(theory - empirical).max())
+
+
+def _ks_direct(u: np.ndarray, first: np.ndarray, n: int, alpha: float,
+               xmax: Optional[float]) -> float:
+    """KS distance of the tail whose distinct values are ``u`` (``u[0]`` = xmin; ``first``: points
+    below each), with the fitted CDF written as ``powerlaw`` 1.5 evaluates it."""
+    with np.errstate(over="ignore", under="ignore"):  # (huge ratio) ** (negative) -> 0
+        theory = 1.0 - (u / u[0]) ** (1.0 - alpha)
+        if xmax is not None:
+            theory /= 1.0 - (1.0 - (1.0 - (xmax / u[0]) ** (1.0 - alpha)))
+    f = first / float(n)
+    empirical = (f - f[0]) / (1.0 - f[0])
     return float(np.abs(theory - empirical).max())
 
 
@@ -152,12 +190,14 @@ def _grid_lower_bounds(lu: np.ndarray, first: np.ndarray, n: int, alphas: np.nda
     spread evenly over its tail: a lower bound on its KS distance, equal to it where the tail
     has at most ``points`` + 1 distinct values (the grid then holds all of them)."""
     span = lu.size - 1 - rows
-    frac = np.linspace(0.0, 1.0, points + 1)
+    # Integer arithmetic: floor(i * span / points) in floats can land one below an integer
+    # (14 * 5 / 14 -> 4.999...), skip a tail point, and leave the "exact" last pass short.
+    steps = np.arange(points + 1, dtype=np.int64)
     lower = np.empty(rows.size)
     step = max(1, _BLOCK // (points + 1))
     for s in range(0, rows.size, step):
         r = rows[s:s + step]
-        grid = r[:, None] + np.floor(frac * span[s:s + step, None]).astype(np.intp)
+        grid = r[:, None] + (steps * span[s:s + step, None]) // points
         theory, empirical = _deviations(lu, first, n, alphas[s:s + step], r, grid, log_xmax)
         lower[s:s + step] = np.abs(theory - empirical).max(axis=1)
     return lower

@@ -98,6 +98,8 @@ def singular_values(W: np.ndarray, eps: float, loose_tol: float = 1e-3, method: 
         sv = _gram_values(W, device)
         if method == "auto" and not _gram_trustworthy(sv, N, M, eps, loose_tol):
             sv, method = _svd_values(W, device), "gram>svd"
+        else:
+            method = "gram"
     tolerances = rank_tolerances(sv[0] if sv.size else 0.0, N, M, eps, loose_tol)
     return Spectrum(sv=sv, N=N, M=M, method=method, tolerances=tolerances)
 
