@@ -249,3 +249,34 @@ def test_property_record_equals_numpy_svd(W, method):
     assert rec.D == pytest.approx(ref.D, rel=1e-6, abs=1e-12)
     assert rec.num_tail == ref.n_tail
     assert rec.alpha_weighted == pytest.approx(ref.alpha * np.log10(lam[0]), rel=1e-8, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch path (``device``): the same values as numpy's, on the CPU here and on CUDA if present
+
+
+def _devices():
+    torch = pytest.importorskip("torch")
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("method", ["auto", "svd", "gram"])
+@pytest.mark.parametrize("name", ["gaussian_tall", "gaussian_wide", "ill_conditioned"])
+def test_torch_device_path_equals_numpy(name, method):
+    W = MATRICES[name]
+    S = np.linalg.svd(W, compute_uv=False)
+    ref = singular_values(W, EPS32, method=method)
+    for device in _devices():
+        spec = singular_values(W, EPS32, method=method, device=device)
+        assert spec.method == ref.method
+        if method == "gram":  # forced: only values well above lambda_max round-off are right
+            big = S >= 1e-3 * S[0]
+            assert spec.sv[big] == pytest.approx(S[big], rel=1e-6)
+        elif spec.method == "gram":  # kept by "auto": all of them to 1e-8
+            assert spec.sv == pytest.approx(S, rel=1e-8)
+        else:
+            assert spec.sv == pytest.approx(S, rel=1e-8, abs=64 * EPS64 * S[0])
+        for crit in RANK_CRITERIA:  # (forced Gram ranks count round-off noise: not compared)
+            tol = getattr(spec.tolerances, crit)
+            if method != "gram" and not np.any(np.abs(S - tol) <= 1e-6 * tol):
+                assert spec.rank(tol) == ref.rank(getattr(ref.tolerances, crit))
