@@ -97,18 +97,20 @@ def _analyze(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
 
 
 def analyze_source(source: WeightSource, options: AnalysisOptions,
-                   progress: Optional[bool] = None
+                   progress: Optional[bool] = None, label: Optional[str] = None
                    ) -> Tuple[List[MatrixRecord], List[np.ndarray], Counter]:
     """Records of every selected matrix of one source, their singular values, and the skip
     counts.
 
     Each parameter is read once; ``progress`` True/False forces the progress bar (stderr) on or
-    off, None shows it only when stderr is a terminal."""
+    off, None shows it only when stderr is a terminal. ``label`` names the model in the records
+    (default: the source's own label)."""
+    label = label or source.label
     tensors = source.tensors()
     selection = plan(tensors, options)
     if options.match and selection.skipped.get("not matched by --match") == len(tensors):
         patterns = " ".join(repr(p) for p in options.match)
-        raise AnalyzeError(f"no parameter of {source.label} matches --match {patterns}")
+        raise AnalyzeError(f"no parameter of {label} matches --match {patterns}")
 
     def by_param() -> Iterator[Tuple[MatrixPlan, np.ndarray]]:
         loaded_name, loaded = None, None
@@ -119,10 +121,10 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
 
     def one(item: Tuple[MatrixPlan, np.ndarray]) -> Tuple[MatrixRecord, np.ndarray]:
         p, W = item
-        return _analyze(W, options, p.name, p.dtype, source.label, p.module_type, p.part)
+        return _analyze(W, options, p.name, p.dtype, label, p.module_type, p.part)
 
     records, spectra = [], []
-    with _progress_bar(len(selection.plans), source.label, progress) as bar:
+    with _progress_bar(len(selection.plans), label, progress) as bar:
         for rec, sv in _bounded_map(one, by_param(), options.workers):
             records.append(rec)
             spectra.append(sv)
@@ -132,7 +134,8 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
 
 def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optional[bool] = False,
             on_error: str = "raise", cache_dir: Optional[str] = None,
-            keep_spectra: bool = False, **option_kwargs) -> Analysis:
+            keep_spectra: bool = False, opener: Optional[Callable[..., WeightSource]] = None,
+            **option_kwargs) -> Analysis:
     """Analyze one or more models. Each source is a path or URL (AllenNLP archive or
     serialization directory, state-dict file, safetensors file or folder, Hugging Face folder),
     a ``torch.nn.Module``, a state dict, or a :class:`~allennlp_analyze.tensors.WeightSource`.
@@ -141,8 +144,13 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     ``on_error="raise"`` raises the first source's :class:`AnalyzeError`; ``"collect"`` records
     it in ``summary.errors`` (the run is then incomplete) and goes on with the other sources.
     ``keep_spectra`` keeps every matrix's singular values in ``Analysis.spectra`` (for plots).
+    Models are labelled by their sources' labels, made unique with a suffix " #2", " #3"...
+    where two sources share one (two ``model.safetensors`` from different folders).
+    ``opener(spec, cache_dir=, progress=)`` turns a source into a WeightSource (default
+    :func:`allennlp_analyze.sources.open_source`); one model is held in memory at a time.
     """
-    from .sources import open_source
+    if opener is None:
+        from .sources import open_source as opener
 
     if options is None:
         options = AnalysisOptions(**option_kwargs)
@@ -157,19 +165,30 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     for spec in sources:
         try:
             source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
-                open_source(spec, cache_dir=cache_dir, progress=progress)
-            recs, svs, skips = analyze_source(source, options, progress=progress)
+                opener(spec, cache_dir=cache_dir, progress=progress)
+            label = _unique(source.label, labels)
+            recs, svs, skips = analyze_source(source, options, progress=progress, label=label)
         except AnalyzeError as e:
             if on_error == "raise":
                 raise
             errors.append(str(e))
             continue
-        labels.append(source.label)
+        labels.append(label)
         records.extend(recs)
         spectra.extend(svs)
         skipped.update(skips)
+        del source
     return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
                     options=options, spectra=spectra if keep_spectra else None)
+
+
+def _unique(label: str, taken: List[str]) -> str:
+    """``label``, or ``label #k`` with the smallest k >= 2 not in ``taken``."""
+    k, unique = 1, label
+    while unique in taken:
+        k += 1
+        unique = f"{label} #{k}"
+    return unique
 
 
 def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:

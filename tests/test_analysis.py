@@ -203,3 +203,20 @@ def test_allennlp09_archives(allennlp09_archives, index):
         assert rec.sv_min == pytest.approx(S[-1], rel=1e-8, abs=1e-6 * S[0] * EPS32)
         N = max(W.shape)
         assert rec.rank_numpy == np.linalg.matrix_rank(W, tol=S.max() * N * EPS32)
+
+
+def test_models_sharing_a_label_are_told_apart():
+    """Two sources with the same label (two in-memory state dicts) get distinct model labels,
+    and each model's records keep their own values."""
+    rng = np.random.default_rng(7)
+    a = {"fc.weight": rng.standard_normal((40, 20)).astype(np.float32)}
+    b = {"fc.weight": 3.0 * rng.standard_normal((40, 20)).astype(np.float32)}
+    result = analyze(a, b, a)
+    models = [r.model for r in result.records]
+    assert len(set(models)) == 3 and result.summary.models == models
+    assert models[1] == models[0] + " #2" and models[2] == models[0] + " #3"
+    sv_a = np.linalg.svd(a["fc.weight"].astype(np.float64), compute_uv=False)
+    sv_b = np.linalg.svd(b["fc.weight"].astype(np.float64), compute_uv=False)
+    assert result.records[0].sv_max == pytest.approx(sv_a[0], rel=1e-10)
+    assert result.records[1].sv_max == pytest.approx(sv_b[0], rel=1e-10)
+    assert result.records[2].sv_max == pytest.approx(sv_a[0], rel=1e-10)

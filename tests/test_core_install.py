@@ -1,9 +1,7 @@
 """`pip install .` alone (no torch, no AllenNLP, no safetensors) gives a working core and CLI."""
-import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

@@ -5,16 +5,12 @@ import argparse
 import logging
 import os
 import sys
-from collections import Counter
 from typing import List, Optional
 
 from allennlp.commands.subcommand import Subcommand
 
 from .. import cli
-from ..analysis import Analysis, analyze_source
-from ..errors import AnalyzeError
-from ..options import AnalysisOptions
-from ..records import summarize
+from ..analysis import Analysis, analyze
 from .loading import open_model_source
 
 PROG = "allennlp analyze"
@@ -60,32 +56,15 @@ def _run(args: argparse.Namespace) -> None:
     sys.exit(cli.guarded(lambda: cli.run(args, analyze_fn=analyze_fn, prog=PROG), PROG))
 
 
-def analyze_archives(*specs: str, options: AnalysisOptions, progress: Optional[bool] = False,
-                     on_error: str = "raise", cache_dir: Optional[str] = None,
-                     keep_spectra: bool = False, weights_file: Optional[str] = None,
-                     overrides: str = "", cuda_device: int = -1) -> Analysis:
+def analyze_archives(*specs: str, weights_file: Optional[str] = None, overrides: str = "",
+                     cuda_device: int = -1, **kwargs) -> Analysis:
     """:func:`allennlp_analyze.analyze` with each source opened by AllenNLP
-    (:func:`~.loading.open_model_source`); one model is held in memory at a time."""
-    records, spectra, labels, errors = [], [], [], []
-    skipped: Counter = Counter()
-    for spec in specs:
-        try:
-            source = open_model_source(spec, weights_file=weights_file, overrides=overrides,
-                                       cuda_device=cuda_device, cache_dir=cache_dir,
-                                       progress=progress)
-            recs, svs, skips = analyze_source(source, options, progress=progress)
-        except AnalyzeError as e:
-            if on_error == "raise":
-                raise
-            errors.append(str(e))
-            continue
-        labels.append(source.label)
-        records.extend(recs)
-        spectra.extend(svs)
-        skipped.update(skips)
-        del source
-    return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
-                    options=options, spectra=spectra if keep_spectra else None)
+    (:func:`~.loading.open_model_source`): models built where they can be, module types known."""
+    def opener(spec, cache_dir: Optional[str], progress: Optional[bool]):
+        return open_model_source(spec, weights_file=weights_file, overrides=overrides,
+                                 cuda_device=cuda_device, cache_dir=cache_dir, progress=progress)
+
+    return analyze(*specs, opener=opener, **kwargs)
 
 
 def _quiet_logging() -> None:
