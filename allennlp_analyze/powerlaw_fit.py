@@ -15,7 +15,9 @@ The fit is the candidate with the smallest D (the first one on ties). These are 
 semantics of ``powerlaw==1.5``'s ``Fit(data, xmax=...)`` for continuous, positive data. With
 ``xmax`` that package maximizes its likelihood by Nelder–Mead started at the closed form; its
 likelihood keeps the untruncated normalizer, whose exact maximizer *is* the closed form, so it
-returns the closed form too, and so do we. (``powerlaw`` 2.x differs: it caps alpha at 3.)
+mostly returns the closed form too; where its float arithmetic overflows or rounds (typically
+a few top candidates with large alpha) it does not, and :mod:`._bounded_fit` reproduces its
+Nelder–Mead for exactly those. (``powerlaw`` 2.x differs: it caps alpha at 3.)
 
 Cost: alphas for all candidates come from one reverse cumulative sum of logs; D for all candidates
 from broadcasting on a grid of tail points, which bounds every D_k from below; candidates whose
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+from ._bounded_fit import bounded_alphas
 
 #: Entries of one broadcast block (rows x columns) in the exact KS pass: 2**20 float64 = 8 MiB.
 _BLOCK = 1 << 20
@@ -76,15 +80,26 @@ def fit_power_law(values: np.ndarray, xmax: Optional[float] = None) -> Optional[
     # every log difference below then carries an error small against the tail's own spread.
     y = _log_ratio(x, x[-1])
     alphas = _candidate_alphas(y, cand_first)
+    exact = {}
+    rows = None
+    if xmax is not None:
+        # powerlaw 1.5 fits bounded tails by Nelder-Mead from the closed form, which leaves it
+        # where the likelihood overflows or rounds; those candidates get its result (exactly).
+        alphas, exact = bounded_alphas(x, u, cand_first, alphas)
+        valid = alphas > 1.0  # powerlaw's in_range(); it ignores the others if any is valid
+        if exact and valid.any() and not valid.all():
+            rows = np.flatnonzero(valid)
     lu = y[first]
     log_xmax = None if xmax is None else float(_log_ratio(np.array([xmax]), x[-1])[0])
-    best = _argmin_ks(lu, first, n, alphas, log_xmax)
+    best = _argmin_ks(lu, first, n, alphas, log_xmax, rows)
     xmin = float(u[best])
     tail = x[cand_first[best]:]
     # The winner's alpha and D once more, directly (no cumulative sums), in powerlaw's own
     # arithmetic (logs and powers of ratios to xmin), so that they agree with it to round-off
     # even where a tail spans only a few ulps and that arithmetic is itself inexact.
-    alpha = 1.0 + tail.size / np.sum(np.log(tail / xmin))
+    alpha = exact.get(best)
+    if alpha is None:
+        alpha = 1.0 + tail.size / np.sum(np.log(tail / xmin))
     D = _ks_direct(u[best:], first[best:], n, alpha, xmax)
     return PowerLawFit(alpha=float(alpha), xmin=xmin, xmax=xmax, D=D,
                        num_tail=int(tail.size + n_above), num_candidates=int(u.size - 1))
@@ -160,7 +175,7 @@ def _ks_direct(u: np.ndarray, first: np.ndarray, n: int, alpha: float,
 
 
 def _argmin_ks(lu: np.ndarray, first: np.ndarray, n: int, alphas: np.ndarray,
-               log_xmax: Optional[float]) -> int:
+               log_xmax: Optional[float], rows: Optional[np.ndarray] = None) -> int:
     """Index of the candidate with the smallest KS distance (first on ties), exactly.
 
     A candidate's largest deviation on a grid of its tail points is a lower bound on its D.
@@ -169,7 +184,7 @@ def _argmin_ks(lu: np.ndarray, first: np.ndarray, n: int, alphas: np.ndarray,
     (8x) for the survivors until it holds every point of their tails, where the bound is D.
     """
     m = lu.size
-    rows = np.arange(m - 1)
+    rows = np.arange(m - 1) if rows is None else rows  # candidates considered (ascending)
     points, best_d = _GRID, np.inf
     while True:
         points = min(points, m - 1)
