@@ -4,6 +4,8 @@
     >>> result = analyze("model.tar.gz", min_q=1.1)
     >>> result.summary.collapsed["loose"], result.to_dicts()[0]["alpha"]
 """
+import contextlib
+import os
 import sys
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,7 @@ from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
 from .records import MatrixRecord, Summary, summarize
 from .selection import MatrixPlan, extract, plan
-from .spectrum import singular_values
+from .spectrum import Spectrum, batch_size, singular_values, singular_values_many
 from .tensors import DTYPE_EPS, WeightSource
 
 T = TypeVar("T")
@@ -52,6 +54,36 @@ def _analyze(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
              model: str, module_type: Optional[str], part: Optional[str]
              ) -> Tuple[MatrixRecord, np.ndarray]:
     """The record of W and its singular values (empty where none were computed)."""
+    rec, W = _prepare(W, options, name, dtype, model, module_type, part)
+    if W is None:
+        return rec, np.zeros(0)
+    spec = singular_values(W, eps=DTYPE_EPS[rec.dtype], loose_tol=options.loose_tol,
+                           method=options.method, device=options.device)
+    return _finish(rec, spec, options)
+
+
+def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optional[str],
+                                    Optional[str]]], options: AnalysisOptions
+                  ) -> List[Tuple[MatrixRecord, np.ndarray]]:
+    """:func:`_analyze` of several matrices (``(W, name, dtype, model, module_type, part)``) of
+    one oriented shape, their spectra computed by stacked calls (same results)."""
+    prepared = [_prepare(W, options, *rest) for W, *rest in items]
+    todo = [i for i, (_, W) in enumerate(prepared) if W is not None]
+    specs = singular_values_many([prepared[i][1] for i in todo],
+                                 [DTYPE_EPS[prepared[i][0].dtype] for i in todo],
+                                 loose_tol=options.loose_tol, method=options.method,
+                                 device=options.device)
+    results = [(rec, np.zeros(0)) for rec, _ in prepared]
+    for i, spec in zip(todo, specs):
+        results[i] = _finish(prepared[i][0], spec, options)
+    return results
+
+
+def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
+             model: str, module_type: Optional[str], part: Optional[str]
+             ) -> Tuple[MatrixRecord, Optional[np.ndarray]]:
+    """The record's identity fields, and W where its spectrum is to be computed (None where
+    it is not finite)."""
     W = np.asarray(W)
     if W.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D matrix, got shape {W.shape}")
@@ -63,9 +95,14 @@ def _analyze(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
                        dtype=dtype, N=N, M=M, Q=N / M if M else float("inf"), slice=part)
     if not np.isfinite(W).all():
         rec.status = "nonfinite"
-        return rec, np.zeros(0)
-    spec = singular_values(W, eps=DTYPE_EPS[dtype], loose_tol=options.loose_tol,
-                           method=options.method, device=options.device)
+        return rec, None
+    return rec, W
+
+
+def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
+            ) -> Tuple[MatrixRecord, np.ndarray]:
+    """Fill the record from the spectrum: ranks, norms, the power-law fit."""
+    M = rec.M
     sv, tol = spec.sv, spec.tolerances
     rec.method = spec.method
     rec.sv_max, rec.sv_min = float(sv[0]), float(sv[-1])
@@ -119,16 +156,40 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
                 loaded_name, loaded = p.param, source.load(p.param)
             yield p, extract(p, loaded)
 
-    def one(item: Tuple[MatrixPlan, np.ndarray]) -> Tuple[MatrixRecord, np.ndarray]:
-        p, W = item
-        return _analyze(W, options, p.name, p.dtype, label, p.module_type, p.part)
+    def batches() -> Iterator[List[Tuple[MatrixPlan, np.ndarray]]]:
+        """Consecutive matrices of one oriented shape, as many as numpy needs to release the
+        GIL in their stacked LAPACK call (one each for M > 500)."""
+        batch: List[Tuple[MatrixPlan, np.ndarray]] = []
+        key = None
+        for p, W in by_param():
+            shape = (max(W.shape), min(W.shape)) if W.ndim == 2 else None
+            if batch and shape != key:
+                yield batch
+                batch = []
+            batch.append((p, W))
+            key = shape
+            if shape is None or len(batch) >= batch_size(shape[1], options.device):
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def one(batch: List[Tuple[MatrixPlan, np.ndarray]]) -> List[Tuple[MatrixRecord, np.ndarray]]:
+        if len(batch) == 1:
+            p, W = batch[0]
+            return [_analyze(W, options, p.name, p.dtype, label, p.module_type, p.part)]
+        return _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
+                              for p, W in batch], options)
 
     records, spectra = [], []
-    with _progress_bar(len(selection.plans), label, progress) as bar:
-        for rec, sv in _bounded_map(one, by_param(), options.workers):
-            records.append(rec)
-            spectra.append(sv)
-            bar.update(1)
+    workers = min(resolve_workers(options), max(1, len(selection.plans)))
+    with _progress_bar(len(selection.plans), label, progress) as bar, \
+            _blas_threads(max(1, _cpu_count() // workers) if workers > 1 else None):
+        for results in _bounded_map(one, batches(), workers):
+            for rec, sv in results:
+                records.append(rec)
+                spectra.append(sv)
+                bar.update(1)
     return records, spectra, selection.skipped
 
 
@@ -189,6 +250,41 @@ def _unique(label: str, taken: List[str]) -> str:
         k += 1
         unique = f"{label} #{k}"
     return unique
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_workers(options: AnalysisOptions) -> int:
+    """Matrices analyzed at once: ``options.workers``, or for 0 one per CPU core (at most 8)
+    when threadpoolctl can keep BLAS at one thread per worker, else 1 (BLAS's own threads).
+    Torch devices get 1."""
+    if options.workers:
+        return options.workers
+    if options.device is not None:
+        return 1
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return 1
+    return max(1, min(_cpu_count(), 8))
+
+
+def _blas_threads(limit: Optional[int]):
+    """Limit BLAS/LAPACK to ``limit`` threads (each) while active, via threadpoolctl; no-op for
+    None or without threadpoolctl (explicit ``workers`` > 1 then shares the cores with BLAS's own
+    threads)."""
+    if limit is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=limit, user_api="blas")
 
 
 def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:

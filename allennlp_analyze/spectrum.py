@@ -34,12 +34,16 @@ where ``eps`` is the machine epsilon of the dtype the weights were *stored* in (
 1e-7 nu_max, and a float64 eps would count them as rank.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 
 #: Guaranteed relative accuracy of every singular value that the Gram path is allowed to report.
 GRAM_RTOL = 1e-8
+#: numpy's linear-algebra gufuncs release the GIL only for calls whose output holds more than
+#: 500 values (``NPY_BEGIN_THREADS_THRESHOLDED``): ``eigvalsh`` of a 384 x 384 matrix holds it
+#: throughout, so threads cannot overlap it. Stacking matrices lifts a call over that size.
+GIL_FREE_OUTPUT = 501
 _EPS64 = float(np.finfo(np.float64).eps)
 
 
@@ -104,6 +108,48 @@ def singular_values(W: np.ndarray, eps: float, loose_tol: float = 1e-3, method: 
             method = "gram"
     tolerances = rank_tolerances(sv[0] if sv.size else 0.0, N, M, eps, loose_tol)
     return Spectrum(sv=sv, N=N, M=M, method=method, tolerances=tolerances)
+
+
+def batch_size(M: int, device: Optional[str] = None) -> int:
+    """How many matrices with M columns (after orienting) :func:`singular_values_many` should
+    take at once so that numpy releases the GIL during the LAPACK call (1 where it does)."""
+    if device is not None or M >= GIL_FREE_OUTPUT or M < 1:
+        return 1
+    return -(-GIL_FREE_OUTPUT // M)
+
+
+def singular_values_many(Ws: Sequence[np.ndarray], eps: Sequence[float], loose_tol: float = 1e-3,
+                         method: str = "auto", device: Optional[str] = None) -> List[Spectrum]:
+    """:func:`singular_values` of several matrices of one oriented shape (N x M), each with its
+    storage ``eps``, computed by stacked LAPACK calls. The results are those of one call per
+    matrix, bit for bit (the gufunc runs the same LAPACK routine on each); the point is that a
+    stacked call over more than 500 values in all releases the GIL (see ``GIL_FREE_OUTPUT``),
+    so that worker threads overlap."""
+    if method not in ("auto", "svd", "gram"):
+        raise ValueError(f"unknown spectral method {method!r}")
+    if len(Ws) == 1 or device is not None:
+        return [singular_values(W, e, loose_tol, method, device) for W, e in zip(Ws, eps)]
+    oriented = [orient(W) for W in Ws]
+    N, M = oriented[0].shape
+    if any(W.shape != (N, M) for W in oriented):
+        raise ValueError("singular_values_many needs matrices of one shape")
+    if method == "svd":
+        svs = list(np.linalg.svd(np.stack(oriented), compute_uv=False))
+        methods = ["svd"] * len(svs)
+    else:
+        lam = np.linalg.eigvalsh(np.stack([W.T @ W for W in oriented]))
+        svs = [np.sqrt(np.clip(row[::-1], 0.0, None)) for row in lam]
+        methods = ["gram"] * len(svs)
+        if method == "auto":
+            redo = [i for i, sv in enumerate(svs)
+                    if not _gram_trustworthy(sv, N, M, eps[i], loose_tol)]
+            if redo:
+                exact = np.linalg.svd(np.stack([oriented[i] for i in redo]), compute_uv=False)
+                for i, sv in zip(redo, exact):
+                    svs[i], methods[i] = sv, "gram>svd"
+    return [Spectrum(sv=sv, N=N, M=M, method=m,
+                     tolerances=rank_tolerances(sv[0] if sv.size else 0.0, N, M, e, loose_tol))
+            for sv, m, e in zip(svs, methods, eps)]
 
 
 def _gram_trustworthy(sv: np.ndarray, N: int, M: int, eps: float, loose_tol: float) -> bool:

@@ -149,3 +149,38 @@ def test_cuda_path_matches_cpu():
             np.testing.assert_allclose(gpu.sv, cpu.sv, rtol=1e-8, atol=64 * EPS64 * cpu.sv[0])
             for t in ("loose", "numpy", "nr"):
                 assert gpu.rank(getattr(gpu.tolerances, t)) == cpu.rank(getattr(cpu.tolerances, t))
+
+
+@pytest.mark.parametrize("method", ["auto", "svd", "gram"])
+def test_stacked_calls_equal_single_calls(method):
+    """singular_values_many (stacked LAPACK calls, so that numpy releases the GIL for small
+    matrices) gives the single-call results bit for bit, fallbacks included."""
+    from allennlp_analyze.spectrum import batch_size, singular_values_many
+
+    assert batch_size(384) == 2 and batch_size(100) == 6 and batch_size(768) == 1
+    assert batch_size(384, device="cuda") == 1
+    rng = np.random.default_rng(5)
+    Ws = [engineered(rng, 240, 96, s) for s in (1e-1, 1e-9, 3e-2)]
+    Ws[1] = Ws[1].T.astype(np.float32)  # other orientation, other dtype
+    eps = [EPS64, EPS32, EPS64]
+    many = singular_values_many(Ws, eps, method=method)
+    for W, e, spec in zip(Ws, eps, many):
+        one = singular_values(W, e, method=method)
+        assert (spec.method, spec.N, spec.M, spec.tolerances) == \
+            (one.method, one.N, one.M, one.tolerances)
+        np.testing.assert_array_equal(spec.sv, one.sv)
+    if method == "auto":
+        assert [s.method for s in many] == ["gram", "gram>svd", "gram"]
+
+
+def test_workers_do_not_change_records(tmp_path):
+    """Worker threads (with stacked small matrices) and a single thread give equal records."""
+    from allennlp_analyze import analyze
+
+    rng = np.random.default_rng(6)
+    weights = {f"layer{i}.weight": (rng.standard_normal((300 + 100 * (i % 2), 120)) * 0.05)
+               for i in range(5)}
+    weights["odd.weight"] = rng.standard_normal((50, 700))
+    one = analyze(weights, workers=1)
+    two = analyze(weights, workers=2)
+    assert [r.to_dict() for r in one.records] == [r.to_dict() for r in two.records]
