@@ -8,14 +8,13 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["allennlp_analyze", "allennlp_analyze.*"]),
     python_requires=">=3.9",
-    # The core and the standalone CLI need numpy only; torch is imported lazily for pickled
-    # state dicts and nn.Modules, safetensors for .safetensors files.
-    install_requires=["numpy>=1.21", "tqdm"],
+    # The core and the standalone CLI need numpy (tqdm: progress bars; threadpoolctl: one BLAS
+    # thread per worker). safetensors files are read without the safetensors package; torch is
+    # imported lazily, only for pickled state dicts and nn.Modules.
+    install_requires=["numpy>=1.21", "tqdm", "threadpoolctl"],
     extras_require={
         "torch": ["torch"],
-        "safetensors": ["safetensors"],
         "plots": ["matplotlib"],
-        "progress": ["tqdm"],
         "allennlp": ["allennlp==2.10.1"],
     },
     entry_points={"console_scripts": ["allennlp-analyze=allennlp_analyze.cli:main"]},
