@@ -56,6 +56,8 @@ class AnalysisOptions:
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
         if self.device in ("", "cpu"):
             object.__setattr__(self, "device", None)
+        if self.device is not None:
+            _check_device(self.device)
         for pattern in self.match + self.exclude:
             try:
                 re.compile(pattern)
@@ -128,3 +130,21 @@ def from_namespace(args: argparse.Namespace) -> AnalysisOptions:
     names = {f.name for f in fields(AnalysisOptions)}
     return AnalysisOptions(**{k: v for k, v in vars(args).items() if k in names})
 
+
+
+def _check_device(device: str) -> None:
+    """A torch device string that names an available device (imports torch, only then)."""
+    try:
+        import torch
+    except ImportError:
+        raise AnalyzeError(f"--device {device} needs PyTorch; install torch") from None
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise AnalyzeError(f"--device {device!r} is not a torch device (e.g. cuda, cuda:1)"
+                           ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AnalyzeError(f"--device {device}: no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise AnalyzeError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                           "device(s) present")
