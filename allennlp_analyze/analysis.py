@@ -19,7 +19,8 @@ from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
 from .records import MatrixRecord, Summary, summarize
 from .selection import MatrixPlan, extract, plan
-from .spectrum import Spectrum, batch_size, singular_values, singular_values_many
+from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch, singular_values,
+                       singular_values_many)
 from .tensors import DTYPE_EPS, WeightSource
 
 T = TypeVar("T")
@@ -149,11 +150,14 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         patterns = " ".join(repr(p) for p in options.match)
         raise AnalyzeError(f"no parameter of {label} matches --match {patterns}")
 
+    # a source may offer a copy-free read-only view for transient use (safetensors: mapped)
+    load = getattr(source, "load_mapped", source.load)
+
     def by_param() -> Iterator[Tuple[MatrixPlan, np.ndarray]]:
         loaded_name, loaded = None, None
         for p in selection.plans:
             if p.param != loaded_name:
-                loaded_name, loaded = p.param, source.load(p.param)
+                loaded_name, loaded = p.param, load(p.param)
             yield p, extract(p, loaded)
 
     def batches() -> Iterator[List[Tuple[MatrixPlan, np.ndarray]]]:
@@ -190,6 +194,8 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
                 records.append(rec)
                 spectra.append(sv)
                 bar.update(1)
+    if workers == 1:
+        release_scratch()
     return records, spectra, selection.skipped
 
 
@@ -288,11 +294,14 @@ def _blas_threads(limit: Optional[int]):
 
 
 def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """``map(fn, items)`` in order, ``workers`` at a time, holding at most ``workers`` items."""
+    """``map(fn, items)`` in order, ``workers`` at a time, holding at most ``workers`` items.
+    Each thread reuses its spectral working buffers (``spectrum.enable_scratch``); worker
+    threads drop theirs when they end, the caller's thread must ``release_scratch()``."""
     if workers == 1:
+        enable_scratch()
         yield from map(fn, items)
         return
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers, initializer=enable_scratch) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, item))

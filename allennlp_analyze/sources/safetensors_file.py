@@ -7,6 +7,7 @@ safetensors keeps no model order, so names are listed in natural order (``layer.
 ``layer.10``).
 """
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -135,18 +136,30 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
 
 
 def read_tensor(path: Path, entry: _Entry) -> np.ndarray:
+    """One tensor, memory-mapped read-only (no copy: its pages are read where it is used, in
+    the worker that analyzes it); bfloat16/float8 are widened to float32 here. For transient
+    use only (the mapping follows the file): ``load`` copies it."""
     storage = _DTYPES[entry.st_dtype][0]
-    raw = np.empty(entry.info.shape, dtype=storage)
     nbytes = entry.end - entry.begin
+    if nbytes == 0:
+        return _widen(np.empty(entry.info.shape, dtype=storage), entry.st_dtype)
+    start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
     try:
         with open(path, "rb") as f:
-            f.seek(entry.begin)
-            got = f.readinto(memoryview(raw.reshape(-1)).cast("B")) if nbytes else 0
+            if os.fstat(f.fileno()).st_size < entry.end:
+                raise AnalyzeError(f"{path} is truncated (tensor {entry.info.name!r})")
+            mapped = mmap.mmap(f.fileno(), entry.end - start, access=mmap.ACCESS_READ,
+                               offset=start)
     except OSError as e:
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
-    if got != nbytes:
-        raise AnalyzeError(f"{path} is truncated (tensor {entry.info.name!r})")
+    raw = np.frombuffer(mapped, dtype=storage, count=nbytes // storage.itemsize,
+                        offset=entry.begin - start).reshape(entry.info.shape)
     return _widen(raw, entry.st_dtype)
+
+
+def _owned(array: np.ndarray) -> np.ndarray:
+    """A fresh writable array: the caller's to keep, whatever later happens to the file."""
+    return array if array.flags.writeable else array.copy()
 
 
 class SafetensorsSource:
@@ -161,6 +174,14 @@ class SafetensorsSource:
         return [self._entries[n].info for n in sorted(self._entries, key=natural_key)]
 
     def load(self, name: str) -> np.ndarray:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise AnalyzeError(f"{self.path} has no tensor named {name!r}")
+        return _owned(read_tensor(self.path, entry))
+
+    def load_mapped(self, name: str) -> np.ndarray:
+        """:meth:`load` without the copy: a read-only view of the file's pages, valid while the
+        file is unchanged (the analysis holds each one only while analyzing it)."""
         entry = self._entries.get(name)
         if entry is None:
             raise AnalyzeError(f"{self.path} has no tensor named {name!r}")
@@ -194,6 +215,13 @@ class ShardedSafetensorsSource:
         return [self._where[n][1].info for n in sorted(self._where, key=natural_key)]
 
     def load(self, name: str) -> np.ndarray:
+        found = self._where.get(name)
+        if found is None:
+            raise AnalyzeError(f"{self.index_path} has no tensor named {name!r}")
+        return _owned(read_tensor(*found))
+
+    def load_mapped(self, name: str) -> np.ndarray:
+        """:meth:`load` without the copy (see :meth:`SafetensorsSource.load_mapped`)."""
         found = self._where.get(name)
         if found is None:
             raise AnalyzeError(f"{self.index_path} has no tensor named {name!r}")
