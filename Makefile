@@ -1,5 +1,6 @@
 # Build the environment (idempotent) and run things in it.
-#   make venv      the full stack (torch, AllenNLP 2.10.1, test tools) in .venv, this package editable
+#   make venv      the full stack (torch, AllenNLP 2.10.1, test tools) in .venv, this package editable,
+#                  and the AllenNLP plugin registered in ~/.allennlp/plugins (any directory)
 #   make example   analyze the bundled AllenNLP archive with `allennlp analyze`
 #   make test      the whole test suite
 PYTHON ?= python3
@@ -19,6 +20,7 @@ $(STAMP):
 	$(PIP) install -r requirements/allennlp-runtime.txt -r requirements/test.txt
 	$(PIP) install --no-deps -r requirements/models.txt
 	$(PIP) install --no-deps -e .
+	$(PY) -m allennlp_analyze.plugin.register
 	rm -f $(VENV)/.stamp-*; touch $@
 
 # Real AllenNLP 0.9 model archives (test fixtures inside the wheel; read from it, never installed).
