@@ -84,10 +84,16 @@ def run(args: argparse.Namespace,
     opts = analysis_options.from_namespace(args)
     sources = expand_sources(args)
     several = len(sources) > 1
+    plots = _plots_module() if args.plot_dir else None
+    if plots is not None:
+        plots.prepare_plot_dir(args.plot_dir)
     result = analyze_fn(*sources, options=opts, progress=args.progress,
                         on_error="collect" if several else "raise", cache_dir=args.cache_dir,
                         keep_spectra=bool(args.plot_dir))
     _write_report(result, args)
+    if plots is not None:
+        plots.write_figures(result, args.plot_dir, max_matrices=getattr(args, "plot_max", 100),
+                            match=getattr(args, "plot_match", None) or ())
     for err in result.summary.errors:
         print(f"{prog}: error: {err}", file=sys.stderr)
     if result.summary.errors:
@@ -106,14 +112,16 @@ def _write_report(result: Analysis, args: argparse.Namespace) -> None:
             raise AnalyzeError(f"cannot write {args.output_file}: {e.strerror}") from None
     else:
         write(result, args.format, sys.stdout)
-    if args.plot_dir:
-        try:
-            from .plots import write_figures
-        except ImportError as e:
-            raise AnalyzeError(f"--plot-dir needs matplotlib ({e}); "
-                               "pip install 'allennlp-analyze[plots]'") from None
-        write_figures(result, args.plot_dir, max_matrices=getattr(args, "plot_max", 100),
-                      match=getattr(args, "plot_match", None) or ())
+
+
+def _plots_module():
+    """:mod:`allennlp_analyze.plots`, or a clear error where matplotlib is missing."""
+    try:
+        from . import plots
+    except ImportError as e:
+        raise AnalyzeError(f"--plot-dir needs matplotlib ({e}); "
+                           "pip install 'allennlp-analyze[plots]'") from None
+    return plots
 
 
 class _Parser(argparse.ArgumentParser):

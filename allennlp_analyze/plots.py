@@ -379,6 +379,15 @@ def depth_figure(records: Sequence[MatrixRecord], options: AnalysisOptions = Ana
 # Writing
 
 
+def prepare_plot_dir(plot_dir: str) -> None:
+    """Create ``plot_dir`` and its ``matrices/`` folder (before a long analysis, so that an
+    unusable folder is reported before any work)."""
+    try:
+        os.makedirs(os.path.join(plot_dir, "matrices"), exist_ok=True)
+    except OSError as e:
+        raise AnalyzeError(f"cannot create --plot-dir {plot_dir}: {e.strerror or e}") from None
+
+
 def write_figures(result: Analysis, plot_dir: str, *,
                   max_matrices: Optional[int] = DEFAULT_MAX_MATRIX_FIGURES,
                   match: Sequence[str] = ()) -> WrittenFigures:
@@ -387,10 +396,7 @@ def write_figures(result: Analysis, plot_dir: str, *,
     Per-matrix figures are drawn for the records whose ``model:name`` matches any regex of
     ``match`` (all when empty), the first ``max_matrices`` of them (None or negative: all).
     ``result.spectra`` is needed for them (``analyze(..., keep_spectra=True)``)."""
-    try:
-        os.makedirs(os.path.join(plot_dir, "matrices"), exist_ok=True)
-    except OSError as e:
-        raise AnalyzeError(f"cannot create --plot-dir {plot_dir}: {e.strerror or e}") from None
+    prepare_plot_dir(plot_dir)
     patterns = []
     for p in match:
         try:

@@ -246,3 +246,16 @@ def test_minilm_figures(tmp_path):
     drawn = esd_figure(result.records[0], result.spectra[0])
     assert drawn.counts["linear"].sum() == 384
     assert drawn.extra["n_tail"] == result.records[0].num_tail
+
+
+def test_unusable_plot_dir_fails_before_any_output(tmp_path, capsys):
+    """An unusable --plot-dir is one error line and exit 2 before anything is analyzed or
+    printed (no report followed by a failure)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    archive = Path(__file__).resolve().parents[1] / "fixtures" / "archives" / "tagger_lstm.tar.gz"
+    code = main([str(archive), "--plot-dir", str(blocker / "figs")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.strip().startswith("allennlp-analyze: error: cannot create --plot-dir")
+    assert len(err.strip().splitlines()) == 1
