@@ -19,7 +19,7 @@ from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
 from .records import MatrixRecord, Summary, summarize
 from .selection import MatrixPlan, extract, plan
-from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch, singular_values,
+from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch,
                        singular_values_many)
 from .tensors import DTYPE_EPS, WeightSource
 
@@ -55,19 +55,14 @@ def _analyze(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
              model: str, module_type: Optional[str], part: Optional[str]
              ) -> Tuple[MatrixRecord, np.ndarray]:
     """The record of W and its singular values (empty where none were computed)."""
-    rec, W = _prepare(W, options, name, dtype, model, module_type, part)
-    if W is None:
-        return rec, np.zeros(0)
-    spec = singular_values(W, eps=DTYPE_EPS[rec.dtype], loose_tol=options.loose_tol,
-                           method=options.method, device=options.device)
-    return _finish(rec, spec, options)
+    return _analyze_many([(W, name, dtype, model, module_type, part)], options)[0]
 
 
 def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optional[str],
                                     Optional[str]]], options: AnalysisOptions
                   ) -> List[Tuple[MatrixRecord, np.ndarray]]:
-    """:func:`_analyze` of several matrices (``(W, name, dtype, model, module_type, part)``) of
-    one oriented shape, their spectra computed by stacked calls (same results)."""
+    """:func:`_analyze` of matrices (``(W, name, dtype, model, module_type, part)``) of one
+    oriented shape, their spectra computed by stacked calls (same results as one by one)."""
     prepared = [_prepare(W, options, *rest) for W, *rest in items]
     todo = [i for i, (_, W) in enumerate(prepared) if W is not None]
     specs = singular_values_many([prepared[i][1] for i in todo],
@@ -179,9 +174,6 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
             yield batch
 
     def one(batch: List[Tuple[MatrixPlan, np.ndarray]]) -> List[Tuple[MatrixRecord, np.ndarray]]:
-        if len(batch) == 1:
-            p, W = batch[0]
-            return [_analyze(W, options, p.name, p.dtype, label, p.module_type, p.part)]
         return _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
                               for p, W in batch], options)
 

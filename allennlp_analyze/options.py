@@ -2,7 +2,7 @@
 training callback (which takes the same names as constructor arguments)."""
 import argparse
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
 from .errors import AnalyzeError
@@ -49,7 +49,7 @@ class AnalysisOptions:
     method: str = "auto"
     device: Optional[str] = None
     log10_threshold: float = -8.0
-    workers: int = field(default=0)
+    workers: int = 0
 
     def __post_init__(self):
         for name in ("match", "exclude", "include"):

@@ -174,7 +174,7 @@ def singular_values_many(Ws: Sequence[np.ndarray], eps: Sequence[float], loose_t
     so that worker threads overlap."""
     if method not in ("auto", "svd", "gram"):
         raise ValueError(f"unknown spectral method {method!r}")
-    if len(Ws) == 1 or device is not None:
+    if len(Ws) <= 1 or device is not None:
         return [singular_values(W, e, loose_tol, method, device) for W, e in zip(Ws, eps)]
     N, M = max(Ws[0].shape), min(Ws[0].shape)
     if any(W.ndim != 2 or (max(W.shape), min(W.shape)) != (N, M) for W in Ws):

@@ -220,3 +220,18 @@ def test_models_sharing_a_label_are_told_apart():
     assert result.records[0].sv_max == pytest.approx(sv_a[0], rel=1e-10)
     assert result.records[1].sv_max == pytest.approx(sv_b[0], rel=1e-10)
     assert result.records[2].sv_max == pytest.approx(sv_a[0], rel=1e-10)
+
+
+def test_batch_of_same_shape_nonfinite_matrices_is_reported_not_fatal():
+    """Small matrices of one shape are analyzed in stacked batches; a batch in which every
+    matrix has NaN/Inf yields 'nonfinite' records (it crashed with an IndexError before),
+    and the finite matrix after it still equals numpy's SVD."""
+    rng = np.random.default_rng(3)
+    bad = np.full((100, 50), np.nan, dtype=np.float32)
+    good = rng.standard_normal((120, 50)).astype(np.float32)  # another shape: its own batch
+    result = analyze({"a.weight": bad, "b.weight": bad.copy(), "c.weight": good},
+                     workers=1)
+    assert [r.status for r in result.records] == ["nonfinite", "nonfinite", "ok"]
+    sv = np.linalg.svd(good.astype(np.float64), compute_uv=False)
+    assert result.records[2].sv_min == pytest.approx(sv[-1], rel=1e-8)
+    assert not result.summary.complete
