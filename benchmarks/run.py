@@ -263,6 +263,28 @@ def floor_seconds(path: Path, records) -> dict:
     return {"sequential": seq, "parallel": par}
 
 
+def per_step_ms(path: Path, records) -> str:
+    """One-thread milliseconds of each spectral step on the model's most common matrix shape:
+    the float64 Gram (``syrk``), its ``eigvalsh``, and the float64 SVD's values (best of 5)."""
+    from threadpoolctl import threadpool_limits
+
+    from allennlp_analyze.sources import open_source
+    from allennlp_analyze.spectrum import orient
+
+    shapes = [(r.N, r.M) for r in records]
+    shape = max(set(shapes), key=shapes.count)
+    rec = next(r for r in records if (r.N, r.M) == shape)
+    W = np.array(orient(open_source(str(path)).load(rec.name)))
+    G = W.T @ W
+    with threadpool_limits(1):
+        gram = best_of(lambda: W.T @ W, 5)
+        eig = best_of(lambda: np.linalg.eigvalsh(G), 5)
+        svd = best_of(lambda: np.linalg.svd(W, compute_uv=False), 5)
+    return (f"  per {shape[0]} x {shape[1]} matrix, 1 thread: Gram (syrk) {gram * 1e3:.1f} ms, "
+            f"eigvalsh {eig * 1e3:.1f} ms, SVD values {svd * 1e3:.1f} ms -> "
+            f"SVD / (Gram + eigvalsh) = {svd / (gram + eig):.2f}")
+
+
 def whole_model_section(models_, rounds: int) -> dict:
     from allennlp_analyze import analyze
     from allennlp_analyze.analysis import resolve_workers
@@ -295,6 +317,7 @@ def whole_model_section(models_, rounds: int) -> dict:
             f"BLAS) -> analyze = {t / floor['sequential']:.2f}x; {floor['parallel']:.3f} s in {cpus()} "
             f"threads (1-thread BLAS each) [{', '.join(f'{x:.3f}' for x in par)}] -> "
             f"{t / floor['parallel']:.2f}x")
+        say(per_step_ms(path, result.records))
         results[name] = {"path": path, "seconds": t, "records": result.records,
                          "floor": floor["parallel"]}
     say()
