@@ -1,6 +1,6 @@
 """The performance benchmark of allennlp-analyze (``make bench``; not a timed test).
 
-    python benchmarks/run.py [--quick] [--no-ww] [--no-memory] [--save FILE]
+    python benchmarks/run.py [--quick] [--no-ww] [--no-memory] [--no-fit] [--rounds K] [--save FILE]
 
 Everything is measured side by side in this one run, with fixed thread counts, best of k:
 
@@ -10,10 +10,14 @@ Everything is measured side by side in this one run, with fixed thread counts, b
    at n = 384, the real spectra of all-MiniLM-L6-v2; both xmax modes, results checked equal;
 3. whole-model time of ``analyze()`` (as a user runs it: default options, all cores) against the
    floor, the spectral LAPACK calls alone (the chosen path's eigvalsh / svd on the same matrices),
-   on all-MiniLM-L6-v2 and a randomly initialised BERT-base (``transformers.BertConfig()``);
+   on all-MiniLM-L6-v2 and a randomly initialised BERT-base (``transformers.BertConfig()``), in
+   ``--rounds`` interleaved rounds; the one-thread cost of each spectral step on each model's
+   matrix shape;
 4. the same models against WeightWatcher's ``analyze()`` (its own environment,
-   ``.cache/bench-venv`` from ``benchmarks/setup_ww.sh``; run as a subprocess): time, peak memory,
-   per-layer agreement of alpha, nu_min and rank;
+   ``.cache/bench-venv`` from ``benchmarks/setup_ww.sh``; run as a subprocess), in interleaved
+   rounds with ours: time (best vs best, per round), the method's ceiling (WeightWatcher's best
+   over our floor), both sides again without the environment's ``OPENBLAS_CORETYPE`` pin where
+   there is one, peak memory, per-layer agreement of alpha, nu_min and rank;
 5. ``allennlp-analyze`` on the MiniLM safetensors end to end (process start to exit), and that
    it does not import torch;
 6. peak memory on a synthetic ~1.2 GB sharded safetensors checkpoint.
@@ -376,7 +380,9 @@ print(best)
 
 def ours_in(env: dict, path: Path, k: int) -> float:
     proc = subprocess.run([sys.executable, "-c", _OURS_CHILD, str(path), str(k), str(ROOT)],
-                          capture_output=True, text=True, env=env, check=True)
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"analyze() failed: {proc.stderr.strip().splitlines()[-1:]}")
     return float(proc.stdout.split()[-1])
 
 
