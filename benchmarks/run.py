@@ -297,7 +297,7 @@ def whole_model_section(models_, rounds: int) -> dict:
     say()
     say(f"== whole model: analyze() as a user runs it (defaults: {resolve_workers(AnalysisOptions())} "
         f"workers x 1 BLAS thread on {cpus()} cores) vs the floor (spectral calls alone); "
-        f"{rounds} interleaved rounds, best of each ==")
+        f"{rounds} interleaved round{'s' if rounds > 1 else ''}, best of each ==")
     results = {}
     for name, path in models_:
         t0 = time.perf_counter()
@@ -395,7 +395,7 @@ def ww_section(results: dict, rounds: int) -> None:
 
     say()
     say(f"== vs WeightWatcher analyze() (defaults; its own venv; 1 and {cpus()} threads) and ours "
-        f"as a user runs it, {rounds} interleaved rounds ==")
+        f"as a user runs it, {rounds} interleaved round{'s' if rounds > 1 else ''} ==")
     if not WW_PYTHON.exists():
         proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "setup_ww.sh")],
                               capture_output=True, text=True)
