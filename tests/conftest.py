@@ -1,6 +1,7 @@
 """Shared fixtures: the real weights the tests read (MiniLM safetensors, the AllenNLP 0.9 test
 archives) and the independent reference for every power-law fit (``powerlaw==1.5``)."""
 import contextlib
+import http.server
 import importlib.util
 import io
 import math
@@ -10,6 +11,7 @@ import warnings
 # Many small LAPACK calls: a multi-threaded OpenBLAS spin-waits and makes them 5-10x slower on a
 # busy (shared CI) machine. One thread unless the caller chose; set before numpy is imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import threading
 import zipfile
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -101,3 +103,22 @@ def assert_same_fit(fit, ref: Optional[ReferenceFit], rtol: float = 1e-9) -> Non
 @pytest.fixture(scope="session")
 def same_fit():
     return assert_same_fit
+
+
+@contextlib.contextmanager
+def serving(root: Path, handler_base: type):
+    """Serve the folder ``root`` on 127.0.0.1 (a free port) from a daemon thread, with a fresh
+    subclass of ``handler_base`` (a ``SimpleHTTPRequestHandler`` that appends to its class's
+    ``log``); yields the base URL and that subclass's own, empty ``log`` list."""
+    handler = type("Handler", (handler_base,), {"log": []})
+
+    def make(*args, **kwargs):
+        return handler(*args, directory=str(root), **kwargs)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", handler.log
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -13,11 +13,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import serving
 
 pytest.importorskip("allennlp")
 import torch  # noqa: E402
@@ -82,19 +82,8 @@ def server(tmp_path_factory):
     shutil.copy(TAGGER, root / "tagger_lstm.tar.gz")
     data = CLASSIFIER.read_bytes()
     (root / "corrupt.tar.gz").write_bytes(data[: len(data) // 2])  # a truncated download
-    handler = type("Handler", (_Handler,), {"log": []})
-
-    def make(*args, **kwargs):
-        return handler(*args, directory=str(root), **kwargs)
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", handler.log
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serving(root, _Handler) as (base, log):
+        yield base, log
 
 
 @pytest.fixture(scope="module")

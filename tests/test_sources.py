@@ -11,12 +11,12 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import serving
 import torch
 import torch.nn as nn
 from safetensors import safe_open
@@ -517,19 +517,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 def src_http(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
-    handler = type("Handler", (_Handler,), {"log": []})
-
-    def make(*args, **kwargs):
-        return handler(*args, directory=str(root), **kwargs)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root, handler.log
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(root, _Handler) as (base, log):
+        yield base, root, log
 
 
 def test_url_download_and_cache_hit(src_http, src_st_file, tmp_path, capsys):
