@@ -7,6 +7,7 @@
 import contextlib
 import os
 import sys
+import threading
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
 from .records import MatrixRecord, Summary, summarize
 from .selection import MatrixPlan, extract, plan
-from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch,
+from .spectrum import (Parallel, Spectrum, batch_size, enable_scratch, release_scratch,
                        singular_values_many)
 from .tensors import DTYPE_EPS, WeightSource
 
@@ -59,28 +60,33 @@ def _analyze(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
 
 
 def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optional[str],
-                                    Optional[str]]], options: AnalysisOptions
-                  ) -> List[Tuple[MatrixRecord, np.ndarray]]:
+                                    Optional[str]]], options: AnalysisOptions,
+                  parallel: Optional[Parallel] = None) -> List[Tuple[MatrixRecord, np.ndarray]]:
     """:func:`_analyze` of matrices (``(W, name, dtype, model, module_type, part)``) of one
-    oriented shape, their spectra computed by stacked calls (same results as one by one)."""
+    oriented shape, their spectra computed by stacked calls (same results as one by one).
+    ``parallel`` runs a matrix's independent Gram panels (``spectrum.Parallel``)."""
     prepared = [_prepare(W, options, *rest) for W, *rest in items]
-    todo = [i for i, (_, W) in enumerate(prepared) if W is not None]
-    specs = singular_values_many([prepared[i][1] for i in todo],
-                                 [DTYPE_EPS[prepared[i][0].dtype] for i in todo],
+    specs = singular_values_many([W for _, W in prepared],
+                                 [DTYPE_EPS[rec.dtype] for rec, _ in prepared],
                                  loose_tol=options.loose_tol, method=options.method,
-                                 device=options.device)
-    results = [(rec, np.zeros(0)) for rec, _ in prepared]
-    for i, spec in zip(todo, specs):
-        results[i] = _finish(prepared[i][0], spec, options)
+                                 device=options.device, parallel=parallel)
+    results = []
+    for (rec, _), spec in zip(prepared, specs):
+        if spec is None:
+            rec.status = "nonfinite"
+            results.append((rec, np.zeros(0)))
+        else:
+            results.append(_finish(rec, spec, options))
     return results
 
 
 def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
              model: str, module_type: Optional[str], part: Optional[str]
-             ) -> Tuple[MatrixRecord, Optional[np.ndarray]]:
-    """The record's identity fields, and W where its spectrum is to be computed (None where
-    it is not finite)."""
-    W = np.asarray(W)
+             ) -> Tuple[MatrixRecord, np.ndarray]:
+    """The record's identity fields, and W (any array-like that slices; it is read in
+    blocks, and NaN/Inf is found there)."""
+    if not hasattr(W, "shape"):
+        W = np.asarray(W)
     if W.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D matrix, got shape {W.shape}")
     dtype = dtype or W.dtype.name
@@ -89,9 +95,6 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
     N, M = max(W.shape), min(W.shape)
     rec = MatrixRecord(model=model, name=name, module_type=module_type, shape=tuple(W.shape),
                        dtype=dtype, N=N, M=M, Q=N / M if M else float("inf"), slice=part)
-    if not np.isfinite(W).all():
-        rec.status = "nonfinite"
-        return rec, None
     return rec, W
 
 
@@ -102,18 +105,21 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
     sv, tol = spec.sv, spec.tolerances
     rec.method = spec.method
     rec.sv_max, rec.sv_min = float(sv[0]), float(sv[-1])
-    rec.log10_sv_min = float(np.log10(sv[-1])) if sv[-1] > 0 else float("-inf")
+    # logs and eigenvalues from the values as computed (W scaled by 2**-exponent): lambda
+    # itself may lie outside float64's range (weights of 1e-300 or 1e160)
+    unit, shift = spec.unit_sv, 2.0 * spec.exponent * np.log10(2.0)
+    rec.log10_sv_min = float(np.log10(unit[-1])) + shift / 2 if unit[-1] > 0 else float("-inf")
     rec.rank_loose, rec.rank_numpy, rec.rank_nr = (spec.rank(tol.loose), spec.rank(tol.numpy),
                                                    spec.rank(tol.nr))
     rec.rank_loss = M - rec.rank(options.rank_criterion)
     if sv[0] == 0.0:
         rec.status = "all_zero"
         return rec, sv
-    evals = sv ** 2
+    evals = unit ** 2
     lam_max, lam_sum = float(evals[0]), float(evals.sum())
     rec.stable_rank = lam_sum / lam_max
-    rec.log_norm = float(np.log10(lam_sum))
-    rec.log_spectral_norm = float(np.log10(lam_max))
+    rec.log_norm = float(np.log10(lam_sum)) + shift
+    rec.log_spectral_norm = float(np.log10(lam_max)) + shift
     fitted = evals[(sv > tol.numpy) & (evals > 0)]
     rec.num_evals = int(fitted.size)
     if M == 1:
@@ -123,10 +129,20 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
     if fit is None:
         rec.status = "too_few_eigenvalues"
         return rec, sv
-    rec.alpha, rec.xmin, rec.xmax, rec.D = fit.alpha, fit.xmin, fit.xmax, fit.D
+    rec.alpha, rec.D = fit.alpha, fit.D
+    rec.xmin, rec.xmax = (_eigenvalue_units(x, spec.exponent) for x in (fit.xmin, fit.xmax))
     rec.num_tail = fit.num_tail
     rec.alpha_weighted = fit.alpha * rec.log_spectral_norm
     return rec, sv
+
+
+def _eigenvalue_units(x: Optional[float], exponent: int) -> Optional[float]:
+    """An eigenvalue of the scaled W back in the weights' units squared (x * 4**exponent);
+    None where that is outside float64's range."""
+    if x is None or not exponent:
+        return x
+    value = float(np.ldexp(x, 2 * exponent))
+    return value if 0.0 < value < float("inf") else None
 
 
 def analyze_source(source: WeightSource, options: AnalysisOptions,
@@ -147,25 +163,28 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
 
     # a source may offer a copy-free read-only view for transient use (safetensors: mapped)
     load = getattr(source, "load_mapped", source.load)
+    Item = Tuple[int, MatrixPlan, np.ndarray]
 
-    def by_param() -> Iterator[Tuple[MatrixPlan, np.ndarray]]:
+    def by_param() -> Iterator[Item]:
         loaded_name, loaded = None, None
-        for p in selection.plans:
+        for i in _largest_first(selection.plans):
+            p = selection.plans[i]
             if p.param != loaded_name:
                 loaded_name, loaded = p.param, load(p.param)
-            yield p, extract(p, loaded)
+            yield i, p, extract(p, loaded)
 
-    def batches() -> Iterator[List[Tuple[MatrixPlan, np.ndarray]]]:
+    def batches() -> Iterator[List[Item]]:
         """Consecutive matrices of one oriented shape, as many as numpy needs to release the
-        GIL in their stacked LAPACK call (one each for M > 500)."""
-        batch: List[Tuple[MatrixPlan, np.ndarray]] = []
+        GIL in their stacked LAPACK call (one each for M > 500, or with spectrum's backend)."""
+        batch: List[Item] = []
         key = None
-        for p, W in by_param():
+        for item in by_param():
+            W = item[2]
             shape = (max(W.shape), min(W.shape)) if W.ndim == 2 else None
             if batch and shape != key:
                 yield batch
                 batch = []
-            batch.append((p, W))
+            batch.append(item)
             key = shape
             if shape is None or len(batch) >= batch_size(shape[1], options.device):
                 yield batch
@@ -173,22 +192,99 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         if batch:
             yield batch
 
-    def one(batch: List[Tuple[MatrixPlan, np.ndarray]]) -> List[Tuple[MatrixRecord, np.ndarray]]:
-        return _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
-                              for p, W in batch], options)
-
-    records, spectra = [], []
     workers = min(resolve_workers(options), max(1, len(selection.plans)))
+    limited = options.device is None and _has_threadpoolctl()
+    cores = _Cores(_cpu_count() if limited else 1, workers)
+
+    def one(batch: List[Item]) -> List[Tuple[int, Tuple[MatrixRecord, np.ndarray]]]:
+        done = _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
+                              for _, p, W in batch], options, cores.lend)
+        return [(i, result) for (i, _, _), result in zip(batch, done)]
+
+    results: List[Optional[Tuple[MatrixRecord, np.ndarray]]] = [None] * len(selection.plans)
+    # BLAS at one thread throughout (idle cores join through cores.lend): LAPACK's
+    # tridiagonalization rounds differently on more threads, and results must not depend on
+    # the worker count or on timing
     with _progress_bar(len(selection.plans), label, progress) as bar, \
-            _blas_threads(max(1, _cpu_count() // workers) if workers > 1 else None):
-        for results in _bounded_map(one, batches(), workers):
-            for rec, sv in results:
-                records.append(rec)
-                spectra.append(sv)
+            _blas_threads(1 if limited else None), cores:
+        for done in _bounded_map(one, batches(), workers, cores):
+            for i, result in done:
+                results[i] = result
                 bar.update(1)
     if workers == 1:
         release_scratch()
-    return records, spectra, selection.skipped
+    return [r[0] for r in results], [r[1] for r in results], selection.skipped
+
+
+def _largest_first(plans: List[MatrixPlan]) -> List[int]:
+    """Indices of ``plans``, the costliest parameter's matrices first (an N x M matrix costs
+    about N M^2 + 4 M^3: its Gram matrix and tridiagonalization), each parameter's matrices
+    together and in model order, ties in model order: with the largest started first, the
+    workers finish together."""
+    groups: Dict[str, List[int]] = {}
+    for i, p in enumerate(plans):
+        groups.setdefault(p.param, []).append(i)
+
+    def cost(i: int) -> float:
+        N, M = max(plans[i].shape), min(plans[i].shape)
+        return float(N) * M * M + 4.0 * float(M) ** 3
+
+    ordered = sorted(groups.values(), key=lambda g: -sum(cost(i) for i in g))
+    return [i for g in ordered for i in g]
+
+
+class _Cores:
+    """CPU cores that no matrix occupies, lent to the Gram panels of the matrices running
+    (a :data:`~allennlp_analyze.spectrum.Parallel`): the cores beyond the workers, and once
+    every matrix has been handed out (``drained``), those of the workers that finished. Busy
+    threads never exceed the cores; results never depend on it (the panels are fixed by the
+    matrix's shape)."""
+
+    def __init__(self, cores: int, workers: int):
+        self.cores, self.workers = cores, workers
+        self.running = self.lent = 0
+        self.drained = False
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(cores - 1) if cores > 1 else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._pool is not None:
+            self._pool.shutdown()
+        return False
+
+    def update(self, running: int = 0, drained: bool = False) -> None:
+        with self._lock:
+            self.running += running
+            self.drained = self.drained or drained
+
+    def lend(self, tasks: List[Callable[[], None]]) -> None:
+        """Run independent ``tasks``, on as many free cores as there are (this thread too)."""
+        with self._lock:
+            busy = self.running if self.drained else self.workers
+            n = max(0, min(self.cores - busy - self.lent, len(tasks) - 1)) if self._pool else 0
+            self.lent += n
+        pending = iter(tasks)
+        lock = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    task = next(pending, None)
+                if task is None:
+                    return
+                task()
+
+        helpers = [self._pool.submit(drain) for _ in range(n)]
+        try:
+            drain()
+        finally:
+            for h in helpers:
+                h.result()
+            with self._lock:
+                self.lent -= n
 
 
 def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optional[bool] = False,
@@ -257,17 +353,21 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _has_threadpoolctl() -> bool:
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_workers(options: AnalysisOptions) -> int:
     """Matrices analyzed at once: ``options.workers``, or for 0 one per CPU core (at most 8)
     when threadpoolctl can keep BLAS at one thread per worker, else 1 (BLAS's own threads).
     Torch devices get 1."""
     if options.workers:
         return options.workers
-    if options.device is not None:
-        return 1
-    try:
-        import threadpoolctl  # noqa: F401
-    except ImportError:
+    if options.device is not None or not _has_threadpoolctl():
         return 1
     return max(1, min(_cpu_count(), 8))
 
@@ -285,20 +385,32 @@ def _blas_threads(limit: Optional[int]):
     return threadpool_limits(limits=limit, user_api="blas")
 
 
-def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """``map(fn, items)`` in order, ``workers`` at a time, holding at most ``workers`` items.
+def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
+                 cores: Optional[_Cores] = None) -> Iterator[R]:
+    """``map(fn, items)`` in order, ``workers`` at a time, holding at most ``workers`` items;
+    ``cores`` learns how many run and when the last one was handed out.
     Each thread reuses its spectral working buffers (``spectrum.enable_scratch``); worker
     threads drop theirs when they end, the caller's thread must ``release_scratch()``."""
+    cores = cores or _Cores(1, workers)
     if workers == 1:
         enable_scratch()
         yield from map(fn, items)
         return
+
+    def run(item: T) -> R:
+        try:
+            return fn(item)
+        finally:
+            cores.update(running=-1)
+
     with ThreadPoolExecutor(workers, initializer=enable_scratch) as pool:
         pending: deque = deque()
         for item in items:
-            pending.append(pool.submit(fn, item))
+            cores.update(running=1)
+            pending.append(pool.submit(run, item))
             if len(pending) >= workers:
                 yield pending.popleft().result()
+        cores.update(drained=True)
         while pending:
             yield pending.popleft().result()
 

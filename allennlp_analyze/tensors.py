@@ -5,7 +5,7 @@ any data, so that selection can decide up front what to analyze, and then load e
 tensor exactly once through :meth:`WeightSource.load`.
 """
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, Tuple
+from typing import Callable, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -48,3 +48,32 @@ class WeightSource(Protocol):
         """The named tensor as a numpy array of its stored precision (bfloat16 is widened to
         float32 exactly). Raises :class:`~allennlp_analyze.errors.AnalyzeError` if unreadable."""
         ...
+
+
+class Widened:
+    """A read-only view of stored bits (bfloat16, float8) that widens to float32 only what is
+    read: slicing (``view[a:b]``, ``view[:, :, i, j]``, ``view.T``) gives another view, and
+    ``numpy.asarray(view)`` the widened float32 array of just that part. Sources hand it out for
+    transient use, so that a tall matrix is widened block by block rather than copied whole.
+
+    ``raw``: the stored bits (e.g. a memory-mapped uint16 array); ``widen``: bits -> float32,
+    exactly."""
+
+    def __init__(self, raw: np.ndarray, widen: Callable[[np.ndarray], np.ndarray]):
+        self._raw, self._widen = raw, widen
+
+    shape = property(lambda self: self._raw.shape)
+    ndim = property(lambda self: self._raw.ndim)
+    size = property(lambda self: self._raw.size)
+    dtype = np.dtype(np.float32)
+
+    @property
+    def T(self) -> "Widened":
+        return Widened(self._raw.T, self._widen)
+
+    def __getitem__(self, key) -> "Widened":
+        return Widened(self._raw[key], self._widen)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self._widen(self._raw)
+        return out if dtype is None else out.astype(dtype, copy=False)

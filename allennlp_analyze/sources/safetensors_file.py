@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import AnalyzeError
-from ..tensors import TensorInfo
+from ..tensors import TensorInfo, Widened
 from ._common import natural_key, one_line, read_index
 
 #: The safetensors library refuses headers above 100 MB; so do we.
@@ -135,10 +135,11 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
     return 8 + n, entries
 
 
-def read_tensor(path: Path, entry: _Entry) -> np.ndarray:
+def read_tensor(path: Path, entry: _Entry):
     """One tensor, memory-mapped read-only (no copy: its pages are read where it is used, in
-    the worker that analyzes it); bfloat16/float8 are widened to float32 here. For transient
-    use only (the mapping follows the file): ``load`` copies it."""
+    the worker that analyzes it); bfloat16/float8 as a :class:`~..tensors.Widened` view, which
+    widens to float32 only the part that is read. For transient use only (the mapping follows
+    the file): ``load`` copies it."""
     storage = _DTYPES[entry.st_dtype][0]
     nbytes = entry.end - entry.begin
     if nbytes == 0:
@@ -154,11 +155,15 @@ def read_tensor(path: Path, entry: _Entry) -> np.ndarray:
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
     raw = np.frombuffer(mapped, dtype=storage, count=nbytes // storage.itemsize,
                         offset=entry.begin - start).reshape(entry.info.shape)
-    return _widen(raw, entry.st_dtype)
+    if entry.st_dtype in ("BF16", "F8_E4M3", "F8_E5M2"):
+        return Widened(raw, lambda bits, st_dtype=entry.st_dtype: _widen(bits, st_dtype))
+    return raw
 
 
-def _owned(array: np.ndarray) -> np.ndarray:
+def _owned(array) -> np.ndarray:
     """A fresh writable array: the caller's to keep, whatever later happens to the file."""
+    if isinstance(array, Widened):
+        return np.asarray(array)
     return array if array.flags.writeable else array.copy()
 
 
