@@ -107,7 +107,7 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
     rec.sv_max, rec.sv_min = float(sv[0]), float(sv[-1])
     # logs and eigenvalues from the values as computed (W scaled by 2**-exponent): lambda
     # itself may lie outside float64's range (weights of 1e-300 or 1e160)
-    unit, shift = spec.unit_sv, 2.0 * spec.exponent * np.log10(2.0)
+    unit, shift = spec.unit_sv, 2.0 * spec.exponent * float(np.log10(2.0))
     rec.log10_sv_min = float(np.log10(unit[-1])) + shift / 2 if unit[-1] > 0 else float("-inf")
     rec.rank_loose, rec.rank_numpy, rec.rank_nr = (spec.rank(tol.loose), spec.rank(tol.numpy),
                                                    spec.rank(tol.nr))
