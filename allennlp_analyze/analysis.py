@@ -141,7 +141,8 @@ def _eigenvalue_units(x: Optional[float], exponent: int) -> Optional[float]:
     None where that is outside float64's range."""
     if x is None or not exponent:
         return x
-    value = float(np.ldexp(x, 2 * exponent))
+    with np.errstate(over="ignore", under="ignore"):
+        value = float(np.ldexp(x, 2 * exponent))
     return value if 0.0 < value < float("inf") else None
 
 

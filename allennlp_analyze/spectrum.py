@@ -238,7 +238,7 @@ class _Rows:
         out = _empty(slot, (b - a, self.M))
         np.copyto(out, np.asarray(part))
         if scale and self.exponent:
-            np.ldexp(out, -self.exponent, out=out)
+            _ldexp(out, -self.exponent, out=out)
         return out
 
     def block(self, i: int) -> np.ndarray:
@@ -257,6 +257,13 @@ class _Rows:
         if self.whole is not None:
             return self.whole
         return np.concatenate([np.array(blk) for _, _, blk in self.blocks()])
+
+
+def _ldexp(x, exponent: int, out=None):
+    """x * 2**exponent, exactly; rounding to 0 / denormals / inf (for values that are outside
+    float64's range in the weights' units) without warnings."""
+    with np.errstate(over="ignore", under="ignore"):
+        return np.ldexp(x, exponent, out=out) if out is not None else np.ldexp(x, exponent)
 
 
 def _magnitude(a: np.ndarray) -> float:
@@ -279,7 +286,7 @@ def rank_tolerances(sv_max: float, N: int, M: int, eps: float, loose_tol: float)
 def _tolerance_values(tol: RankTolerances, exponent: int) -> List[float]:
     """Every rank tolerance (whatever criteria RankTolerances holds), scaled by 2**-exponent."""
     values = [getattr(tol, f.name) for f in dataclasses.fields(tol)]
-    return [float(np.ldexp(v, -exponent)) for v in values if isinstance(v, float)]
+    return [float(_ldexp(v, -exponent)) for v in values if isinstance(v, float)]
 
 
 def singular_values(W, eps: float, loose_tol: float = 1e-3, method: str = "auto",
@@ -316,7 +323,7 @@ def singular_values(W, eps: float, loose_tol: float = 1e-3, method: str = "auto"
 
 def _spectrum(sv: np.ndarray, N: int, M: int, method: str, eps: float, loose_tol: float,
               exponent: int) -> Spectrum:
-    true = np.ldexp(sv, exponent) if exponent else sv
+    true = _ldexp(sv, exponent) if exponent else sv
     return Spectrum(sv=true, N=N, M=M, method=method,
                     tolerances=rank_tolerances(true[0] if true.size else 0.0, N, M, eps, loose_tol),
                     exponent=exponent, scaled=sv if exponent else None)
@@ -399,7 +406,7 @@ def _settle(rows: _Rows, sv: np.ndarray, lam: np.ndarray, G: np.ndarray, trd, la
     """The "auto" decision after the Gram eigenvalues: keep them, add the Ritz step, or fall
     back to the SVD (module docstring)."""
     N, M = rows.N, rows.M
-    true_max = float(np.ldexp(sv[0], rows.exponent)) if sv.size else 0.0
+    true_max = float(_ldexp(sv[0], rows.exponent)) if sv.size else 0.0
     tols = _tolerance_values(rank_tolerances(true_max, N, M, eps, loose_tol), rows.exponent)
     if _gram_trustworthy(sv, N, M, tols):
         return sv, "gram"
@@ -506,7 +513,7 @@ def singular_values_many(Ws: Sequence, eps: Sequence[float], loose_tol: float = 
         if method == "auto":
             redo = []
             for i, (sv, r) in enumerate(zip(svs, rows)):
-                true_max = float(np.ldexp(sv[0], r.exponent)) if sv.size else 0.0
+                true_max = float(_ldexp(sv[0], r.exponent)) if sv.size else 0.0
                 tols = _tolerance_values(rank_tolerances(true_max, N, M, eps[i], loose_tol),
                                          r.exponent)
                 if not _gram_trustworthy(sv, N, M, tols):
@@ -537,7 +544,7 @@ def _torch_values(rows: _Rows, eps: float, loose_tol: float, method: str, device
         sv = _sqrt_desc(lam)
         if method == "gram":
             return sv, "gram"
-        true_max = float(np.ldexp(sv[0], rows.exponent)) if sv.size else 0.0
+        true_max = float(_ldexp(sv[0], rows.exponent)) if sv.size else 0.0
         tols = _tolerance_values(rank_tolerances(true_max, rows.N, rows.M, eps, loose_tol),
                                  rows.exponent)
         if _gram_trustworthy(sv, rows.N, rows.M, tols):

@@ -65,6 +65,7 @@ class Widened:
     shape = property(lambda self: self._raw.shape)
     ndim = property(lambda self: self._raw.ndim)
     size = property(lambda self: self._raw.size)
+    nbytes = property(lambda self: self._raw.size * 4)  # of the float32 it widens to
     dtype = np.dtype(np.float32)
 
     @property

@@ -216,7 +216,8 @@ def test_extreme_magnitudes_are_analyzed_like_any_matrix(scale, shape):
     lam = S ** 2
     ref = powerlaw_reference(lam[np.ldexp(S, e) > np.ldexp(S[0], e) * N * EPS64])
     assert rec.alpha == pytest.approx(ref.alpha, rel=1e-8)
-    xmin = np.ldexp(ref.xmin, 2 * e)
+    with np.errstate(over="ignore", under="ignore"):
+        xmin = np.ldexp(ref.xmin, 2 * e)
     if 0 < xmin < np.inf:
         assert rec.xmin == pytest.approx(xmin, rel=1e-8)
     else:  # lambda itself is outside float64's range
