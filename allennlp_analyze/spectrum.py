@@ -206,9 +206,12 @@ class _Rows:
 
     ``W`` may be any 2-D array-like that supports slicing and ``numpy.asarray`` (a memory map,
     or a lazily widened bf16 view): only one block is widened at a time, except that a matrix
-    of one block is widened once and kept (``whole``). Raises :class:`NonFiniteError`."""
+    of one block is widened once and kept (``whole``). ``scan``: find max |w| first (scaling,
+    NaN/Inf); without it (``checked`` False) the caller must check finiteness, e.g. on the Gram
+    matrix's diagonal; only float64 storage can need scaling, so it is always scanned. Raises
+    :class:`NonFiniteError`."""
 
-    def __init__(self, W):
+    def __init__(self, W, scan: bool = True):
         if not hasattr(W, "shape"):
             W = np.asarray(W)
         self.src = W if W.shape[0] >= W.shape[1] else W.T
@@ -216,8 +219,12 @@ class _Rows:
         self.bounds = [(a, min(a + BLOCK_ROWS, self.N)) for a in range(0, self.N, BLOCK_ROWS)]
         self.exponent = 0
         self.whole: Optional[np.ndarray] = None
+        self.checked = scan or np.dtype(getattr(W, "dtype", np.float64)).itemsize > 4
         if len(self.bounds) <= 1:
             self.whole = self._widened(0, self.N, "w", scale=False)
+        if not self.checked:
+            return  # float32 and narrower: |w| < 2**128, W^T W cannot overflow in float64
+        if self.whole is not None:
             big = _magnitude(self.whole)
         else:
             big = np.max([_magnitude(np.asarray(self.src[a:b])) for a, b in self.bounds])
@@ -302,7 +309,7 @@ def singular_values(W, eps: float, loose_tol: float = 1e-3, method: str = "auto"
     """
     if method not in ("auto", "svd", "gram"):
         raise ValueError(f"unknown spectral method {method!r}")
-    rows = _Rows(W)
+    rows = _Rows(W, scan=device is not None or method == "svd")
     if device is not None:
         sv, method = _torch_values(rows, eps, loose_tol, method, device)
     elif method == "svd":
@@ -310,6 +317,8 @@ def singular_values(W, eps: float, loose_tol: float = 1e-3, method: str = "auto"
     else:
         lapack = _lapack.backend()
         G = _gram(rows, lapack, parallel or _in_sequence)
+        if not rows.checked and not np.isfinite(np.diagonal(G)).all():
+            raise NonFiniteError("the matrix holds NaN or Inf")  # G_jj = sum_i w_ij^2
         if lapack is None:
             lam, trd = np.linalg.eigvalsh(G), None
         else:
