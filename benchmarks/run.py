@@ -44,8 +44,8 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -78,6 +78,16 @@ def best_of(fn, k: int) -> float:
     return best
 
 
+def best_wall_cpu(fn, k: int):
+    """Best wall seconds and best CPU seconds of this process (all its threads) over k calls."""
+    wall, cpu = float("inf"), float("inf")
+    for _ in range(k):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    return wall, cpu
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. machine
 
@@ -100,6 +110,17 @@ def machine() -> None:
         f"{platform.system()} {platform.release()}")
     say(f"python {platform.python_version()}, numpy {np.__version__}, BLAS: {'; '.join(blas)}; "
         f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    say(load_line())
+
+
+def load_line() -> str:
+    """The machine's load average: other jobs on the cores inflate every wall time, two-thread
+    runs most (then compare the CPU-second ratios, which the load barely moves)."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "load average: unknown"
+    return f"load average (1 / 5 min): {one:.1f} / {five:.1f} on {cpus()} cores"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,8 +332,8 @@ def shape_floor(src, records, k: int) -> dict:
             continue
         W = np.ascontiguousarray(orient(src.load(r.name)))
         with threadpool_limits(1):
-            t = best_of(lambda: np.linalg.eigvalsh(W.T @ W), k)
-        out[shape] = {"count": 1, "seconds": t}
+            t, c = best_wall_cpu(lambda: np.linalg.eigvalsh(W.T @ W), k)
+        out[shape] = {"count": 1, "seconds": t, "cpu": c}
         del W
     return out
 
@@ -341,13 +362,18 @@ def per_step_ms(src, records) -> str:
             f"ours / (Gram + eigvalsh) = {ours / (gram + eig):.2f}")
 
 
-def ww_run(path: Path, layers: Path, threads: int, repeat: int, env=None) -> dict:
-    """WeightWatcher's ``analyze()`` on ``layers`` of ``path`` in its own venv (best of repeat)."""
+def ww_run(path: Path, layers: Path, threads: int, repeat: int,
+           timeout: Optional[float] = None) -> Optional[dict]:
+    """WeightWatcher's ``analyze()`` on ``layers`` of ``path`` in its own venv (best of repeat);
+    None where it ran past ``timeout`` seconds (then it is not the faster configuration)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ww.json"
-        proc = subprocess.run([str(WW_PYTHON), str(ROOT / "benchmarks" / "ww_run.py"), str(path),
-                               str(layers), str(threads), str(out), str(repeat)],
-                              capture_output=True, text=True, env=env)
+        try:
+            proc = subprocess.run([str(WW_PYTHON), str(ROOT / "benchmarks" / "ww_run.py"), str(path),
+                                   str(layers), str(threads), str(out), str(repeat)],
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
         if proc.returncode != 0:
             raise RuntimeError(f"WeightWatcher failed: {proc.stderr.strip().splitlines()[-1:]}")
         return json.loads(out.read_text())
@@ -396,17 +422,25 @@ def models_section(models_, rounds: int, with_ww: bool, quick: bool) -> None:
         layers_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
         json.dump([rec.name for rec in result.records], layers_file)
         layers_file.close()
-        floors, ours, ww_runs, per_round = [], [], [], []
+        floors, floors_cpu, ours, ours_cpu, ww_runs, per_round = [], [], [], [], [], []
         ww_threads = sorted({1, cpus()})
         try:
             for rnd in range(rounds):
                 shapes = shape_floor(src, result.records, 5 if small else 2)
-                seq = sum(v["count"] * v["seconds"] for v in shapes.values())
-                floors.append(seq / cpus())
-                ours.append(best_of(lambda: analyze(str(path), **opts), k))
+                floors.append(sum(v["count"] * v["seconds"] for v in shapes.values()) / cpus())
+                floors_cpu.append(sum(v["count"] * v["cpu"] for v in shapes.values()))
+                wall, cpu = best_wall_cpu(lambda: analyze(str(path), **opts), k)
+                ours.append(wall)
+                ours_cpu.append(cpu)
                 if with_ww:
-                    these = [ww_run(path, Path(layers_file.name), t, 5 if small else 1)
-                             for t in ww_threads]
+                    these = []
+                    for th in ww_threads:  # a slower second configuration is stopped
+                        limit = 3 * these[0]["seconds"] * (5 if small else 1) + 30 if these else None
+                        got = ww_run(path, Path(layers_file.name), th, 5 if small else 1, limit)
+                        if got is None:
+                            say(f"  (WeightWatcher with {th} threads stopped after {limit:.0f} s)")
+                        else:
+                            these.append(got)
                     ww_runs += these
                     if rnd == 0:
                         ww_threads = [min(these, key=lambda d: d["seconds"])["threads"]]
@@ -423,7 +457,9 @@ def models_section(models_, rounds: int, with_ww: bool, quick: bool) -> None:
         say(f"  floor: {floor * cpus():.3f} s of one-thread calls, ideal {cpus()}-thread "
             f"{floor:.3f} s [{', '.join(f'{x:.3f}' for x in floors)}] -> analyze = "
             f"{t / floor:.2f}x the floor (per round "
-            f"{', '.join(f'{o / f:.2f}' for o, f in zip(ours, floors))}; target <= 1.25x)")
+            f"{', '.join(f'{o / f:.2f}' for o, f in zip(ours, floors))}; target <= 1.25x); "
+            f"in CPU seconds: ours {min(ours_cpu):.3f} s, floor {min(floors_cpu):.3f} s -> "
+            f"{min(ours_cpu) / min(floors_cpu):.2f}x; {load_line()}")
         say("  shapes: " + "; ".join(f"{v['count']} x {N}x{M} {v['seconds'] * 1e3:.0f} ms"
                                      for (N, M), v in shapes.items()))
         say(per_step_ms(src, result.records))
@@ -432,10 +468,13 @@ def models_section(models_, rounds: int, with_ww: bool, quick: bool) -> None:
             each = "; ".join(f"{th} thr: " + ", ".join(f"{d['seconds']:.3f}" for d in ww_runs
                                                        if d["threads"] == th)
                              for th in sorted({d["threads"] for d in ww_runs}))
+            ww_cpu = min(d["cpu_seconds"] for d in ww_runs)
             say(f"  WeightWatcher {ww['weightwatcher']} (torch {ww['torch']}) best {ww['seconds']:.3f} s "
                 f"with {ww['threads']} thread(s) [{each}] -> ours {ww['seconds'] / t:.1f}x faster "
                 f"(best vs best; per round {', '.join(f'{x:.1f}x' for x in per_round)}; target >= 5x); "
-                f"the ceiling (WeightWatcher's best / the ideal floor) = {ww['seconds'] / floor:.1f}x")
+                f"the ceiling (WeightWatcher's best / the ideal floor) = {ww['seconds'] / floor:.1f}x; "
+                f"in CPU seconds: WeightWatcher {ww_cpu:.3f} s / ours {min(ours_cpu):.3f} s = "
+                f"{ww_cpu / min(ours_cpu):.1f}x (ceiling {ww_cpu / min(floors_cpu):.1f}x)")
             compare_layers(result.records, ww)
         mem = run_measured(sys.executable, [path, "--format", "csv", "--no-progress"]
                            + [a for key, v in opts.items() for a in (f"--{key.replace('_', '-')}", v)])

@@ -66,7 +66,9 @@ _FLOAT8 = {}
 def _widen(raw: np.ndarray, st_dtype: str) -> np.ndarray:
     """Stored bits -> numpy array of the stored precision (bfloat16/float8 -> float32, exactly)."""
     if st_dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        bits = raw.astype(np.uint32)
+        bits <<= 16  # in place: one temporary, not two
+        return bits.view(np.float32)
     if st_dtype in ("F8_E4M3", "F8_E5M2"):
         if st_dtype not in _FLOAT8:
             _FLOAT8[st_dtype] = (_float8_table(4, 3, 7, False) if st_dtype == "F8_E4M3"
