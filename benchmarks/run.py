@@ -234,8 +234,8 @@ def fit_section(quick: bool) -> None:
 def near_square_section(rounds: int) -> None:
     """Square Gaussian matrices (float32, as stored weights are) at 768 and 2048, one thread:
     ``singular_values`` ("auto": the near-square path) against ``eigvalsh(W.T @ W)`` of the float64
-    W (the floor: syrk + eigvalsh), interleaved, best of each, in CPU seconds of the calling
-    thread (steadier than wall time on a shared machine) and in wall seconds; and the largest
+    W (the floor: syrk + eigvalsh), interleaved, best of each, in CPU seconds (steadier than
+    wall time on a shared machine; BLAS has one thread) and in wall seconds; and the largest
     deviation from ``numpy.linalg.svd`` in units of (N + M) eps64 nu_max."""
     from threadpoolctl import threadpool_limits
 
@@ -259,7 +259,7 @@ def near_square_section(rounds: int) -> None:
             for _ in range(rounds):
                 for key, fn in (("floor", lambda: np.linalg.eigvalsh(W.T @ W)),
                                 ("ours", lambda: singular_values(W32, 2.0 ** -23))):
-                    c, w = best_of_both(fn, k)
+                    w, c = best_wall_cpu(fn, k)
                     cpu[key].append(c)
                     wall[key].append(w)
             c_ratio = min(cpu["ours"]) / min(cpu["floor"])
@@ -270,16 +270,6 @@ def near_square_section(rounds: int) -> None:
                 f"{min(wall['floor']) * 1e3:.1f} / {min(wall['ours']) * 1e3:.1f} ms -> {w_ratio:.2f}x; "
                 f"max |nu - svd| = {err:.3f} (N + M) eps64 nu_max (guaranteed <= {ACCURACY_C:g})")
     release_scratch()
-
-
-def best_of_both(fn, k: int):
-    """Best CPU seconds (this thread) and best wall seconds of k calls."""
-    cpu, wall = float("inf"), float("inf")
-    for _ in range(k):
-        c0, w0 = time.thread_time(), time.perf_counter()
-        fn()
-        cpu, wall = min(cpu, time.thread_time() - c0), min(wall, time.perf_counter() - w0)
-    return cpu, wall
 
 
 # ---------------------------------------------------------------------------------------------
