@@ -103,7 +103,7 @@ ACCURACY_C = 64.0
 #: (only without :mod:`._lapack`, whose ctypes calls always release the GIL).
 GIL_FREE_OUTPUT = 501
 #: Rows of the oriented matrix per block (widened to float64 one at a time).
-BLOCK_ROWS = 4096
+BLOCK_ROWS = 2048
 #: Gram column panels of about this width: the unit that idle workers share (``parallel``).
 PANEL_COLS = 512
 #: At most this fraction of the M values goes through the Ritz step (else the SVD is cheaper).
@@ -227,7 +227,7 @@ class _Rows:
         if self.whole is not None:
             big = _magnitude(self.whole)
         else:
-            big = np.max([_magnitude(np.asarray(self.src[a:b])) for a, b in self.bounds])
+            big = np.max([self._scanned(a, b) for a, b in self.bounds])
         if not np.isfinite(big):
             raise NonFiniteError("the matrix holds NaN or Inf")
         if big > 0 and not 2.0 ** -SAFE_EXPONENT <= big <= 2.0 ** SAFE_EXPONENT:
@@ -244,9 +244,16 @@ class _Rows:
             return part
         out = _empty(slot, (b - a, self.M))
         np.copyto(out, np.asarray(part))
+        _release(part)
         if scale and self.exponent:
             _ldexp(out, -self.exponent, out=out)
         return out
+
+    def _scanned(self, a: int, b: int) -> float:
+        part = self.src[a:b]
+        big = _magnitude(np.asarray(part))
+        _release(part)
+        return big
 
     def block(self, i: int) -> np.ndarray:
         """Row block i (C-ordered float64, scaled); valid until the next call."""
@@ -264,6 +271,13 @@ class _Rows:
         if self.whole is not None:
             return self.whole
         return np.concatenate([np.array(blk) for _, _, blk in self.blocks()])
+
+
+def _release(part) -> None:
+    """Let a memory-mapped source's view drop the pages of ``part`` once read and copied."""
+    release = getattr(part, "release", None)
+    if release is not None:
+        release()
 
 
 def _ldexp(x, exponent: int, out=None):

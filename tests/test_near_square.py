@@ -296,7 +296,7 @@ def test_streamed_and_whole_matrices_give_the_same_records(tmp_path, monkeypatch
 
 def test_streamed_matrix_memory_is_bounded_by_blocks(tmp_path):
     """A 24576 x 192 float32 matrix (36 MiB in float64), memory-mapped: the analysis allocates
-    its Gram matrix and one 4096-row float64 block at a time, not the matrix."""
+    its Gram matrix and one float64 block of BLOCK_ROWS rows at a time, not the matrix."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(5)

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import AnalyzeError
-from ..tensors import TensorInfo, Widened
+from ..tensors import Mapped, TensorInfo
 from ._common import natural_key, one_line, read_index
 
 #: The safetensors library refuses headers above 100 MB; so do we.
@@ -138,10 +138,10 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
 
 
 def read_tensor(path: Path, entry: _Entry):
-    """One tensor, memory-mapped read-only (no copy: its pages are read where it is used, in
-    the worker that analyzes it); bfloat16/float8 as a :class:`~..tensors.Widened` view, which
-    widens to float32 only the part that is read. For transient use only (the mapping follows
-    the file): ``load`` copies it."""
+    """One tensor, memory-mapped read-only as a :class:`~..tensors.Mapped` view (no copy: its
+    pages are read where it is used, in the worker that analyzes it, block by block for a tall
+    matrix; bfloat16/float8 widened to float32 only where read). For transient use only (the
+    mapping follows the file): ``load`` copies it."""
     storage = _DTYPES[entry.st_dtype][0]
     nbytes = entry.end - entry.begin
     if nbytes == 0:
@@ -157,15 +157,16 @@ def read_tensor(path: Path, entry: _Entry):
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
     raw = np.frombuffer(mapped, dtype=storage, count=nbytes // storage.itemsize,
                         offset=entry.begin - start).reshape(entry.info.shape)
+    widen = None
     if entry.st_dtype in ("BF16", "F8_E4M3", "F8_E5M2"):
-        return Widened(raw, lambda bits, st_dtype=entry.st_dtype: _widen(bits, st_dtype))
-    return raw
+        widen = lambda bits, st_dtype=entry.st_dtype: _widen(bits, st_dtype)  # noqa: E731
+    return Mapped(raw, widen, mapped)
 
 
 def _owned(array) -> np.ndarray:
     """A fresh writable array: the caller's to keep, whatever later happens to the file."""
-    if isinstance(array, Widened):
-        return np.asarray(array)
+    if isinstance(array, Mapped):
+        return np.array(array)
     return array if array.flags.writeable else array.copy()
 
 
