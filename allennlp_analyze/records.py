@@ -33,7 +33,8 @@ class MatrixRecord:
     whose singular value is above the numpy-criterion tolerance, i.e. not round-off).
     ``stable_rank`` = sum(lambda) / lambda_max; ``log_norm`` = log10 sum(lambda) (squared
     Frobenius norm); ``log_spectral_norm`` = log10 lambda_max; ``alpha_weighted`` =
-    alpha * log10 lambda_max. ``method``: spectral path ("svd", "gram", "gram>svd").
+    alpha * log10 lambda_max. ``method``: spectral path ("svd", "gram", "gram+ritz",
+    "gram>svd", "gram+ritz>svd"; see :mod:`allennlp_analyze.spectrum`).
     ``slice``: spatial position of a convolution slice, or the part of a fused matrix.
     Fields are ``None`` where the status rules them out.
     """

@@ -42,7 +42,7 @@ error <= ``GRAM_RTOL`` (1e-8), i.e. ``lambda >= dlam / (2 GRAM_RTOL)``, and an a
 <= ``ACCURACY_C * (N + M) * eps64 * nu_max``, i.e. ``nu >= nu_max / (2 ACCURACY_C)``; if all
 M qualify (``nu_min / nu_max >= max(sqrt((N + M) eps64 / (2 GRAM_RTOL)), 1 / 128)``: 6.5e-3 for
 3072 x 768) the result is ``"gram"``. Otherwise the j0 values below that limit, plus a margin
-(k in [j0, j0 + max(16, j0/2)], at the largest gap lambda_{k+1} - lambda_k, k <= M/4) take
+(k in [j0, j0 + max(4, j0/4)], at the largest gap lambda_{k+1} - lambda_k, k <= M/4) take
 the Ritz step.
 
 **The Ritz bound** (a-posteriori; derived in the README, "Near-square matrices"). With X and P
@@ -453,11 +453,11 @@ def _settle(rows: _Rows, sv: np.ndarray, lam: np.ndarray, G: np.ndarray, trd, la
 def _cluster(lam: np.ndarray, N: int, M: int) -> Optional[int]:
     """How many of the smallest eigenvalues (ascending ``lam``) the Ritz step recomputes: the
     j0 below :func:`_gram_limit`, plus a margin up to the largest gap lambda_{k+1} - lambda_k
-    for k in [j0, j0 + max(16, j0 / 2)]; None where that would exceed ``RITZ_MAX_FRACTION``
+    for k in [j0, j0 + max(4, j0 / 4)]; None where that would exceed ``RITZ_MAX_FRACTION``
     of M."""
     j0 = int(np.searchsorted(lam, _gram_limit(N, M, lam[-1])))
     lo = max(j0, 1)
-    hi = min(j0 + max(16, j0 // 2), M - 1, int(RITZ_MAX_FRACTION * M))
+    hi = min(j0 + max(4, j0 // 4), M - 1, int(RITZ_MAX_FRACTION * M))
     if lo > hi:
         return None
     ks = np.arange(lo, hi + 1)
