@@ -40,8 +40,8 @@ Paths to the values (``Spectrum.method``):
 ``"auto"`` (the default) keeps a Gram value only where its bound guarantees both a relative
 error <= ``GRAM_RTOL`` (1e-8), i.e. ``lambda >= dlam / (2 GRAM_RTOL)``, and an absolute one
 <= ``ACCURACY_C * (N + M) * eps64 * nu_max``, i.e. ``nu >= nu_max / (2 ACCURACY_C)``; if all
-M qualify (``nu_min / nu_max >= max(sqrt((N + M) eps64 / (2 GRAM_RTOL)), 1 / 128)``: 6.5e-3 for
-3072 x 768) the result is ``"gram"``. Otherwise the j0 values below that limit, plus a margin
+M qualify (``nu_min / nu_max >= max(sqrt((N + M) eps64 / (2 GRAM_RTOL)), 1 / 128)``: 7.8e-3
+where N + M < 5500, 0.019 for 32000 x 2048) the result is ``"gram"``. Otherwise the j0 values below that limit, plus a margin
 (k in [j0, j0 + max(4, j0/4)], at the largest gap lambda_{k+1} - lambda_k, k <= M/4) take
 the Ritz step.
 
