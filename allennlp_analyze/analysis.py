@@ -8,16 +8,18 @@ import contextlib
 import os
 import sys
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import (Callable, Collection, Dict, Iterable, Iterator, List, Optional, Tuple,
+                    TypeVar, Union)
 
 import numpy as np
 
 from .errors import AnalyzeError
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
-from .records import MatrixRecord, Summary, summarize
+from .journal import Journal
+from .records import MatrixRecord, SourceInfo, Summary, summarize
 from .selection import MatrixPlan, extract, plan
 from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch,
                        singular_values_many)
@@ -36,6 +38,8 @@ class Analysis:
     options: AnalysisOptions
     #: Singular values (descending) per record, aligned with ``records``, when asked for.
     spectra: Optional[List[np.ndarray]] = None
+    #: The sources analyzed, in order; their records follow one another in ``records``.
+    sources: List[SourceInfo] = field(default_factory=list)
 
     def to_dicts(self) -> List[Dict[str, object]]:
         """The records as a list of dicts (``pandas.DataFrame(result.to_dicts())``)."""
@@ -130,27 +134,33 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
 
 
 def analyze_source(source: WeightSource, options: AnalysisOptions,
-                   progress: Optional[bool] = None, label: Optional[str] = None
+                   progress: Optional[bool] = None, label: Optional[str] = None,
+                   names: Optional[Collection[str]] = None, parallel: bool = True
                    ) -> Tuple[List[MatrixRecord], List[np.ndarray], Counter]:
     """Records of every selected matrix of one source, their singular values, and the skip
     counts.
 
     Each parameter is read once; ``progress`` True/False forces the progress bar (stderr) on or
     off, None shows it only when stderr is a terminal. ``label`` names the model in the records
-    (default: the source's own label)."""
+    (default: the source's own label). ``names`` restricts the analysis to the planned matrices
+    of those names (a part of the source, see :mod:`allennlp_analyze.tasks`); the skip counts
+    are still the whole source's. ``parallel`` False analyzes one matrix after another in this
+    thread, BLAS threads left as they are (a task on an executor, whose workers are the
+    parallelism)."""
     label = label or source.label
     tensors = source.tensors()
     selection = plan(tensors, options)
     if options.match and selection.skipped.get("not matched by --match") == len(tensors):
         patterns = " ".join(repr(p) for p in options.match)
         raise AnalyzeError(f"no parameter of {label} matches --match {patterns}")
+    plans = selection.plans if names is None else [p for p in selection.plans if p.name in names]
 
     # a source may offer a copy-free read-only view for transient use (safetensors: mapped)
     load = getattr(source, "load_mapped", source.load)
 
     def by_param() -> Iterator[Tuple[MatrixPlan, np.ndarray]]:
         loaded_name, loaded = None, None
-        for p in selection.plans:
+        for p in plans:
             if p.param != loaded_name:
                 loaded_name, loaded = p.param, load(p.param)
             yield p, extract(p, loaded)
@@ -178,8 +188,8 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
                               for p, W in batch], options)
 
     records, spectra = [], []
-    workers = min(resolve_workers(options), max(1, len(selection.plans)))
-    with _progress_bar(len(selection.plans), label, progress) as bar, \
+    workers = min(resolve_workers(options), max(1, len(plans))) if parallel else 1
+    with _progress_bar(len(plans), label, progress) as bar, \
             _blas_threads(max(1, _cpu_count() // workers) if workers > 1 else None):
         for results in _bounded_map(one, batches(), workers):
             for rec, sv in results:
@@ -191,9 +201,25 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     return records, spectra, selection.skipped
 
 
+@dataclass
+class SourceResult:
+    """One source's share of a run: what it was (``info``), its records and their spectra."""
+
+    info: SourceInfo
+    records: List[MatrixRecord]
+    spectra: List[np.ndarray]
+
+
+#: What running the sources gives, source by source: (index of the source, its result or why
+#: it failed), in the order they finish.
+Outcomes = Iterator[Tuple[int, Union[SourceResult, Exception]]]
+
+
 def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optional[bool] = False,
             on_error: str = "raise", cache_dir: Optional[str] = None,
             keep_spectra: bool = False, opener: Optional[Callable[..., WeightSource]] = None,
+            executor: Optional[Executor] = None, scheduler: Optional[str] = None,
+            journal: Optional[Union[str, os.PathLike]] = None, resume: bool = False,
             **option_kwargs) -> Analysis:
     """Analyze one or more models. Each source is a path or URL (AllenNLP archive or
     serialization directory, state-dict file, safetensors file or folder, Hugging Face folder),
@@ -207,6 +233,15 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     where two sources share one (two ``model.safetensors`` from different folders).
     ``opener(spec, cache_dir=, progress=)`` turns a source into a WeightSource (default
     :func:`allennlp_analyze.sources.open_source`); one model is held in memory at a time.
+
+    ``executor`` (any :class:`concurrent.futures.Executor`, e.g. a Dask client's
+    ``get_executor()`` or a process pool) or ``scheduler`` (a Dask scheduler's address,
+    ``"tcp://host:8786"``; needs ``allennlp-analyze[dask]``) runs the sources there as tasks
+    that each open their source themselves (paths and URLs only; see
+    :mod:`allennlp_analyze.tasks`); the result is the local run's, bit for bit.
+    ``journal``: a JSON-lines sweep file (:mod:`allennlp_analyze.journal`) that gets each
+    source's records as soon as the source is complete; with ``resume`` the sources already
+    complete in it are taken from it instead of being analyzed again.
     """
     if opener is None:
         from .sources import open_source as opener
@@ -217,28 +252,94 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
         raise TypeError("pass either options= or option keywords, not both")
     if on_error not in ("raise", "collect"):
         raise ValueError("on_error must be 'raise' or 'collect'")
-    records: List[MatrixRecord] = []
-    spectra: List[np.ndarray] = []
-    skipped: Counter = Counter()
-    labels, errors = [], []
-    for spec in sources:
+    if executor is not None and scheduler is not None:
+        raise ValueError("pass either executor= or scheduler=, not both")
+    if resume and (journal is None or keep_spectra):
+        raise ValueError("resume=True needs journal= and keeps no spectra (keep_spectra=False)")
+    names = [_source_name(spec) for spec in sources]
+    if journal is not None and None in names:
+        raise ValueError("a journal needs every source named by a path or URL")
+    results: List[Optional[SourceResult]] = [None] * len(sources)
+    errors: Dict[int, str] = {}
+    with contextlib.ExitStack() as stack:
+        if scheduler is not None:
+            from .integrations.dask import scheduler_executor
+
+            executor = stack.enter_context(scheduler_executor(scheduler))
+        log = None if journal is None else stack.enter_context(Journal(journal, options, resume))
+        todo = []
+        for i, name in enumerate(names):
+            done = None if log is None else log.take(name)
+            if done is None:
+                todo.append(i)
+            else:
+                results[i] = SourceResult(done[0], done[1], [np.zeros(0) for _ in done[1]])
+        if executor is None:
+            outcomes = _run_here(sources, todo, options, opener, cache_dir, progress)
+        else:
+            from .tasks import run_tasks
+
+            outcomes = run_tasks(executor, sources, todo, options, opener=opener,
+                                 cache_dir=cache_dir, progress=progress, keep_spectra=keep_spectra)
+        for i, outcome in stack.enter_context(contextlib.closing(outcomes)):
+            if isinstance(outcome, SourceResult):
+                outcome = replace(outcome, info=replace(outcome.info, source=names[i]))
+                results[i] = outcome
+                if log is not None:
+                    log.append(outcome.info, outcome.records)
+            elif on_error == "raise":
+                raise outcome
+            else:
+                errors[i] = str(outcome)
+        result = _assemble(results, [errors[i] for i in sorted(errors)], options, keep_spectra)
+        if log is not None:
+            log.finish(options, result.sources, result.records)
+    return result
+
+
+def _run_here(sources: tuple, todo: List[int], options: AnalysisOptions,
+              opener: Callable[..., WeightSource], cache_dir: Optional[str],
+              progress: Optional[bool]) -> Outcomes:
+    """The sources ``todo`` analyzed in this process, one after another."""
+    for i in todo:
+        spec = sources[i]
         try:
             source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
                 opener(spec, cache_dir=cache_dir, progress=progress)
-            label = _unique(source.label, labels)
-            recs, svs, skips = analyze_source(source, options, progress=progress, label=label)
+            recs, svs, skips = analyze_source(source, options, progress=progress)
         except AnalyzeError as e:
-            if on_error == "raise":
-                raise
-            errors.append(str(e))
+            yield i, e
             continue
-        labels.append(label)
-        records.extend(recs)
-        spectra.extend(svs)
-        skipped.update(skips)
+        info = SourceInfo(None, source.label, source.label, len(recs), dict(skips))
         del source
+        yield i, SourceResult(info, recs, svs)
+
+
+def _assemble(results: List[Optional[SourceResult]], errors: List[str], options: AnalysisOptions,
+              keep_spectra: bool) -> Analysis:
+    """The run from its sources' results (None: failed) in order: models labelled uniquely."""
+    records: List[MatrixRecord] = []
+    spectra: List[np.ndarray] = []
+    skipped: Counter = Counter()
+    infos: List[SourceInfo] = []
+    for res in results:
+        if res is None:
+            continue
+        model = _unique(res.info.label, [info.model for info in infos])
+        infos.append(replace(res.info, model=model))
+        records.extend(replace(rec, model=model) for rec in res.records)
+        spectra.extend(res.spectra)
+        skipped.update(res.info.skipped)
+    labels = [info.model for info in infos]
     return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
-                    options=options, spectra=spectra if keep_spectra else None)
+                    options=options, spectra=spectra if keep_spectra else None, sources=infos)
+
+
+def _source_name(spec) -> Optional[str]:
+    """How a source given as a path or URL is named (its key in a journal); None otherwise."""
+    if isinstance(spec, (str, os.PathLike)):
+        return os.fsdecode(os.fspath(spec))
+    return None
 
 
 def _unique(label: str, taken: List[str]) -> str:
@@ -304,6 +405,8 @@ def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iter
 
 
 class _NoBar:
+    total = 0
+
     def __enter__(self):
         return self
 
@@ -313,10 +416,13 @@ class _NoBar:
     def update(self, n: int) -> None:
         pass
 
+    def refresh(self) -> None:
+        pass
 
-def _progress_bar(total: int, label: str, progress: Optional[bool]):
-    """A tqdm bar over matrices on stderr: shown when ``progress`` is True, or when it is None
-    and stderr is a terminal; a no-op when tqdm is not installed."""
+
+def _progress_bar(total: int, label: str, progress: Optional[bool], unit: str = "matrix"):
+    """A tqdm bar over matrices (or ``unit``) on stderr: shown when ``progress`` is True, or
+    when it is None and stderr is a terminal; a no-op when tqdm is not installed."""
     show = sys.stderr.isatty() if progress is None else progress
     try:
         from tqdm import tqdm
@@ -324,4 +430,4 @@ def _progress_bar(total: int, label: str, progress: Optional[bool]):
         show = False
     if not show:
         return _NoBar()
-    return tqdm(total=total, desc=label, unit="matrix", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=label, unit=unit, file=sys.stderr, leave=False)

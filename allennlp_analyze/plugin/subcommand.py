@@ -2,6 +2,7 @@
 the models built by AllenNLP (module types per matrix) and AllenNLP's ``--weights-file``,
 ``--overrides``, ``--cuda-device`` and ``--include-package``."""
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -59,11 +60,10 @@ def _run(args: argparse.Namespace) -> None:
 def analyze_archives(*specs: str, weights_file: Optional[str] = None, overrides: str = "",
                      cuda_device: int = -1, **kwargs) -> Analysis:
     """:func:`allennlp_analyze.analyze` with each source opened by AllenNLP
-    (:func:`~.loading.open_model_source`): models built where they can be, module types known."""
-    def opener(spec, cache_dir: Optional[str], progress: Optional[bool]):
-        return open_model_source(spec, weights_file=weights_file, overrides=overrides,
-                                 cuda_device=cuda_device, cache_dir=cache_dir, progress=progress)
-
+    (:func:`~.loading.open_model_source`): models built where they can be, module types known.
+    The opener is a partial of a module function, so that tasks on an executor can take it."""
+    opener = functools.partial(open_model_source, weights_file=weights_file, overrides=overrides,
+                               cuda_device=cuda_device)
     return analyze(*specs, opener=opener, **kwargs)
 
 

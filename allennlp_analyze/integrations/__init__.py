@@ -1,0 +1,1 @@
+"""One small module per other framework or engine, each the only place that imports it."""
