@@ -4,6 +4,7 @@
 One JSON object per line::
 
     {"allennlp_analyze_sweep": 1, "options": {...}}                 header: the analysis options
+                                                                     (but --workers: speed only)
     {"model": "a", "name": "fc1.weight", ...}                       one line per record, as in
     ...                                                              --format json's "records"
     {"source_complete": {"source": "runs/a", "label": "a", "model": "a", "records": 12,
@@ -37,7 +38,8 @@ from .records import RECORD_FIELDS, MatrixRecord, SourceInfo
 HEADER_KEY = "allennlp_analyze_sweep"
 END_KEY = "source_complete"
 VERSION = 1
-#: Options that change how fast a run is, not its records: a resumed run may differ in them.
+#: Options that change how fast a run is, not its records: left out of the header, so that a
+#: resumed run may differ in them.
 _SPEED_OPTIONS = ("workers",)
 
 #: A complete source: its end line and its records.
@@ -195,8 +197,7 @@ def _check_header(path: Path, header: Dict, options: AnalysisOptions) -> None:
         raise AnalyzeError(f"{path} is a sweep file of another version "
                            f"({header.get(HEADER_KEY)!r}, this is {VERSION}); it cannot be resumed")
     theirs, ours = header.get("options") or {}, _options_dict(options)
-    differ = [k for k in sorted(set(theirs) | set(ours))
-              if k not in _SPEED_OPTIONS and theirs.get(k) != ours.get(k)]
+    differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     if differ:
         what = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:3])
         raise AnalyzeError(f"{path} was written with other options ({what}); resume with the "
@@ -218,8 +219,9 @@ def _damaged(path: Path, i: int, why: str) -> AnalyzeError:
 
 
 def _options_dict(options: AnalysisOptions) -> Dict[str, object]:
-    """The options as JSON values (tuples as lists)."""
-    return json.loads(json.dumps(vars(options), default=list))
+    """The options that make the records, as JSON values (tuples as lists)."""
+    return {k: v for k, v in json.loads(json.dumps(vars(options), default=list)).items()
+            if k not in _SPEED_OPTIONS}
 
 
 def _line(obj: object) -> str:
