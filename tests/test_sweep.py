@@ -13,24 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from allennlp_analyze import analyze
+from allennlp_analyze import analyze, cli
 from allennlp_analyze.journal import END_KEY, HEADER_KEY
 from allennlp_analyze.records import RECORD_FIELDS, MatrixRecord
 from allennlp_analyze.selection import MatrixPlan
 from allennlp_analyze.sources import open_source
 from allennlp_analyze.tasks import PART_COST, split
 
-from sweep_fixtures import write_zoo
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory, minilm_path):
-    """The sources (the last one missing: an error) and their local run."""
-    sources = write_zoo(tmp_path_factory.mktemp("zoo"), minilm_path)
-    sources.append(str(tmp_path_factory.mktemp("gone") / "missing.safetensors"))
-    return sources, analyze(*sources, on_error="collect")
+def zoo(sweep_zoo):
+    return sweep_zoo
 
 
 def _plan(param, N, M, part=None):
@@ -90,12 +85,12 @@ def test_process_pool_equals_local_bit_for_bit(zoo):
         "model.safetensors #5", "model.safetensors.index.json"]
 
 
-def test_jsonl_report(zoo, tmp_path):
+def test_jsonl_report(zoo, tmp_path, capsys):
     sources, local = zoo
-    quick = sources[3:-1]  # no archives: no torch to import
+    quick = sources[3:-1]
     out = tmp_path / "r.jsonl"
-    proc = _cli(*quick, "-o", out)
-    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    assert cli.main([*quick, "-o", str(out)]) == 0
+    assert capsys.readouterr() == ("", "")
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     options = json.loads(json.dumps(vars(local.options), default=list))
     del options["workers"]  # speed only: a resumed run may change it
@@ -165,10 +160,10 @@ def test_torn_tail_is_redone_never_half_kept(zoo, tmp_path):
         assert result.records == expected.records and result.summary == expected.summary
 
 
-def test_resume_errors_are_one_line(zoo, tmp_path):
+def test_resume_errors_are_one_line(zoo, tmp_path, capsys):
     sources = zoo[0][4:6]
     sweep = tmp_path / "sweep.jsonl"
-    assert _cli(*sources, "-o", sweep).returncode == 0
+    assert cli.main([*sources, "-o", str(sweep)]) == 0
     good = sweep.read_text()
     other = tmp_path / "other.jsonl"
     other.write_text('{"a": 1}\n')
@@ -186,13 +181,13 @@ def test_resume_errors_are_one_line(zoo, tmp_path):
         ((*sources, "-o", tmp_path / "no" / "dir.jsonl"), "cannot write"),
     ]
     for argv, fragment in cases:
-        proc = _cli(*argv)
-        assert proc.returncode == 2, (argv, proc.stderr)
-        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert fragment in proc.stderr, (fragment, proc.stderr)
+        assert cli.main(list(map(str, argv))) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith("allennlp-analyze: error: ")
+        assert fragment in err, (fragment, err)
     assert sweep.read_text() == good  # a refused resume leaves the file alone
     # The same options, speed aside (--workers): resumed, nothing to do, the same file.
-    assert _cli(*sources, "-o", sweep, "--resume", "--workers", "1").returncode == 0
+    assert cli.main([*sources, "-o", str(sweep), "--resume", "--workers", "1"]) == 0
     assert sweep.read_text() == good
 
 
