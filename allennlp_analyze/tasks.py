@@ -42,7 +42,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .analysis import Outcomes, SourceResult, _blas_threads, _progress_bar, analyze_source
+from .analysis import (Outcomes, SourceResult, _blas_threads, _progress_bar, _source_name,
+                       analyze_source)
 from .errors import AnalyzeError
 from .options import AnalysisOptions
 from .records import MatrixRecord, SourceInfo
@@ -198,8 +199,8 @@ def _joined(how: _Parts, answers: list) -> Union[SourceResult, AnalyzeError]:
 
 def _task_spec(spec) -> str:
     """A source as a task names it: a path or URL string, local relative paths made absolute."""
-    if not isinstance(spec, (str, os.PathLike)):
+    text = _source_name(spec)
+    if text is None:
         raise TypeError(f"a run on an executor takes paths or URLs, which each worker opens "
                         f"itself, not a {type(spec).__name__}")
-    text = os.fsdecode(os.fspath(spec))
     return text if "://" in text or os.path.isabs(text) else os.path.abspath(text)

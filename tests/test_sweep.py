@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from allennlp_analyze import analyze, cli
@@ -83,6 +84,16 @@ def test_process_pool_equals_local_bit_for_bit(zoo):
     assert [s.model for s in local.sources][-5:] == [
         "model.safetensors #2", "model.safetensors #3", "model.safetensors #4",
         "model.safetensors #5", "model.safetensors.index.json"]
+
+
+def test_weights_never_travel(zoo, tmp_path):
+    """An executor's tasks take paths and URLs, a journal needs them to name its sources."""
+    state = {"fc.weight": np.ones((6, 3))}
+    with ProcessPoolExecutor(1) as pool, pytest.raises(TypeError, match="paths or URLs"):
+        analyze(state, executor=pool)
+    with pytest.raises(ValueError, match="a journal needs every source named"):
+        analyze(state, journal=tmp_path / "s.jsonl")
+    assert not (tmp_path / "s.jsonl").exists()
 
 
 def test_jsonl_report(zoo, tmp_path, capsys):
