@@ -24,7 +24,7 @@ def cluster(zoo):
     local run): they need not import it again (~3 s of CPU each)."""
     with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}), \
             distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  host="127.0.0.1", dashboard_address=None) as lc, \
+                                  host="127.0.0.1", dashboard_address=":0") as lc, \
             distributed.Client(lc, set_as_default=False) as client:
         yield lc, client
 
