@@ -17,9 +17,10 @@ the source's tensor list, no weights read) by :func:`split`:
   least ``PART_COST`` each (one matrix each for large ones), one task per part (one large
   checkpoint).
 
-``PART_COST`` = 2e9 is about 0.2 s of one core (a 3072 x 768 matrix is 1.8e9), some 30 times a
-Dask task's overhead measured here (6 ms), so a source is split only where its work can pay for
-it. A part never splits a parameter (its matrices, e.g. q/k/v, are read together).
+``PART_COST`` = 2e9 is about 0.2 s of one core (a 3072 x 768 matrix is 1.8e9), tens of times a
+Dask task's overhead (milliseconds: ``benchmarks/dask_zoo.py`` prints it), so a source is split
+only where its work pays for that. A part never splits a parameter (its matrices, e.g. q/k/v,
+are read together).
 
 Each task analyzes its matrices one at a time with BLAS on one thread; the engine's worker
 threads are the parallelism, so give it one per core. Results are gathered in the local run's
