@@ -21,7 +21,9 @@ import dask  # noqa: E402
 @pytest.fixture(scope="module")
 def cluster(zoo):
     """Worker processes forked from this one, which has imported torch already (the archives'
-    local run): they need not import it again (~3 s of CPU each)."""
+    local run, in ``zoo``): they need not import it again (~3 s of CPU each, and again after a
+    restart). The fork happens while this process's main thread waits (cluster start, or
+    ``concurrent.futures.wait`` when the nanny restarts the killed worker)."""
     with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}), \
             distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   host="127.0.0.1", dashboard_address=":0") as lc, \
