@@ -27,10 +27,10 @@ threads are the parallelism, so give it one per core. Results are gathered in th
 order and are its results bit for bit on the same machine: the same plans and the same spectral
 calls (a stacked batch of ``singular_values_many`` equals its matrices one by one) on BLAS with
 one thread per matrix, as the local run has it when it analyzes several matrices at once on up
-to 8 cores. BLAS's thread count changes values at round-off (measured: 1e-14 relative on
+to 8 cores. BLAS's thread count changes values at round-off (measured: about 1e-14 relative on
 MiniLM's 1536 x 384 matrices, 1 against 2 OpenBLAS threads), so a local run that gives a matrix
 more threads (a source of one matrix, with BLAS's default threads; more than 8 cores) agrees
-with a task to round-off only, unless ``OPENBLAS_NUM_THREADS=1`` (or ``OMP_NUM_THREADS=1``).
+with a task to round-off only, unless ``OPENBLAS_NUM_THREADS=1``.
 A thread pool as the executor shares one BLAS setting between its tasks: run it with one BLAS
 thread set in the environment. A task that fails fails its source, reported as locally; the
 other sources go on.
