@@ -155,20 +155,38 @@ def test_torn_tail_is_redone_never_half_kept(zoo, tmp_path):
     cuts = [upto(ends[1] + 1) + 30,  # inside the 3rd block's first record line
             upto(ends[2]),           # all of its records, not its end line
             upto(ends[2]) + 10]      # inside its end line
-    opened = []
-
-    def counting(spec, **kwargs):
-        opened.append(spec)
-        return open_source(spec, **kwargs)
-
     for cut in cuts:
         sweep = tmp_path / "sweep.jsonl"
         sweep.write_bytes(data[:cut])
-        opened.clear()
-        result = analyze(*sources, journal=sweep, resume=True, opener=counting)
-        assert opened == sources[2:]  # the cut source is analyzed again, the first two not
+        opener = Counting()
+        result = analyze(*sources, journal=sweep, resume=True, opener=opener)
+        assert opener.opened == sources[2:]  # the cut source is analyzed again, the first two not
         assert sweep.read_bytes() == data
         assert result.records == expected.records and result.summary == expected.summary
+
+
+def test_resume_with_sources_added_and_dropped(zoo, tmp_path):
+    small = zoo[0][4:8]
+    sweep, fresh = tmp_path / "sweep.jsonl", tmp_path / "fresh.jsonl"
+    analyze(*small[:3], journal=sweep)
+    dropped = sweep.read_text().splitlines(keepends=True)[1:5]  # small[0]'s 3 records, end line
+    assert END_KEY in dropped[-1] and small[0] in dropped[-1]
+    opener = Counting()
+    analyze(*small[1:], journal=sweep, resume=True, opener=opener)
+    assert opener.opened == [small[3]]
+    analyze(*small[1:], journal=fresh)
+    assert sweep.read_text() == fresh.read_text() + "".join(dropped)
+
+
+class Counting:
+    """An opener that notes which sources it opened."""
+
+    def __init__(self):
+        self.opened = []
+
+    def __call__(self, spec, **kwargs):
+        self.opened.append(spec)
+        return open_source(spec, **kwargs)
 
 
 def test_resume_errors_are_one_line(zoo, tmp_path, capsys):
