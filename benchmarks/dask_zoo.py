@@ -12,9 +12,12 @@ warmed up by one sweep; then each round times the three runs back to back, in a 
 so that all see the same machine load: ``analyze(*zoo)`` here (the default: one thread per
 core), and ``analyze(*zoo, executor=client.get_executor())`` on each cluster. Printed: every
 round, the best and the median of each, the ratios of the best (targets: 2 workers >= 1.8x the
-throughput of 1; 2 workers within 10% of the local run), that all three gave the same records
-(``==``), and Dask's overhead per task: a no-op task's round trip through the executor, one at
-a time and 200 at once, and the 2-worker sweep's time beyond the local run's, per task.
+throughput of 1; 2 workers within 10% of the local run), the least CPU time each used here
+(the client and, in this process, the LocalCluster's scheduler) and in the worker processes,
+that all three gave the same records (``==``), and Dask's overhead per task: the client's and
+scheduler's CPU per task, a no-op task's round trip through the executor, one at a time and 200
+at once, and the 2-worker sweep's time beyond the local run's, per task. On a machine that
+other jobs share, the CPU times mean more than the wall times.
 """
 import argparse
 import os
@@ -57,6 +60,11 @@ def write_zoo(folder: Path, n: int) -> list:
 
 def noop() -> None:
     return None
+
+
+def workers_cpu(client) -> float:
+    """CPU seconds used so far by the worker processes of ``client``'s cluster (0: none)."""
+    return sum(client.run(time.process_time).values()) if client is not None else 0.0
 
 
 def task_overhead(executor) -> tuple:
@@ -102,26 +110,37 @@ def main() -> None:
         with two, one, Client(two, set_as_default=False) as c2, \
                 Client(one, set_as_default=False) as c1:
             runs = {
-                "local (threads)": lambda: analyze(*zoo),
-                "dask, 2 workers": lambda: analyze(*zoo, executor=c2.get_executor()),
-                "dask, 1 worker": lambda: analyze(*zoo, executor=c1.get_executor()),
+                "local (threads)": (lambda: analyze(*zoo), None),
+                "dask, 2 workers": (lambda: analyze(*zoo, executor=c2.get_executor()), c2),
+                "dask, 1 worker": (lambda: analyze(*zoo, executor=c1.get_executor()), c1),
             }
-            results = {name: fn() for name, fn in runs.items()}  # warm-up: imports, page cache
+            results = {name: fn() for name, (fn, _) in runs.items()}  # warm-up: imports, cache
             same = all(r.records == results["local (threads)"].records for r in results.values())
             times = {name: [] for name in runs}
+            cpu = {name: [] for name in runs}  # (here, in the workers) CPU seconds per sweep
             names = list(runs)
             for k in range(args.rounds):
                 order = names[k % 3:] + names[:k % 3]
                 for name in order:
-                    t0 = time.perf_counter()
-                    runs[name]()
+                    fn, client = runs[name]
+                    before = workers_cpu(client)
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    fn()
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append((time.process_time() - c0, workers_cpu(client) - before))
                 say(f"round {k + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names))
             o2, o1 = task_overhead(c2.get_executor()), task_overhead(c1.get_executor())
+            c0 = time.process_time()
+            time.sleep(min(times["dask, 2 workers"]))
+            idle = time.process_time() - c0  # both clusters' event loops here, doing nothing
     best = {n: min(t) for n, t in times.items()}
     for n in names:
+        here, there = (min(c[i] for c in cpu[n]) for i in (0, 1))
         say(f"{n:16s} best {best[n]:.2f} s, median {statistics.median(times[n]):.2f} s "
-            f"({len(zoo) / best[n]:.2f} sources/s)")
+            f"({len(zoo) / best[n]:.2f} sources/s); least CPU: {here:.2f} s here"
+            + (f" (client + scheduler, beyond the {idle:.2f} s of two idle clusters over as "
+               f"long: {1e3 * (here - idle) / len(zoo):.1f} ms per task), {there:.2f} s in the "
+               "workers" if there else ""))
     speedup = best["dask, 1 worker"] / best["dask, 2 workers"]
     versus = best["dask, 2 workers"] / best["local (threads)"]
     say(f"2 workers vs 1 worker: {speedup:.2f}x throughput (target >= 1.8x: "
