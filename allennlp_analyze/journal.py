@@ -47,6 +47,7 @@ Block = Tuple[SourceInfo, List[MatrixRecord]]
 
 
 def header_line(options: AnalysisOptions) -> str:
+    """The first line: the format's version and the options that make the records."""
     return _line({HEADER_KEY: VERSION, "options": _options_dict(options)})
 
 
