@@ -16,10 +16,12 @@ throughput of 1; 2 workers within 10% of the local run), the least CPU time each
 (the client and, in this process, the LocalCluster's scheduler) and in the worker processes,
 that all three gave the same records (``==``), and Dask's overhead per task: the client's and
 scheduler's CPU per task, a no-op task's round trip through the executor, one at a time and 200
-at once, and the 2-worker sweep's time beyond the local run's, per task. On a machine that
-other jobs share, the CPU times mean more than the wall times.
+at once, and the 2-worker sweep's time beyond the local run's, per task; and, from Dask's task stream,
+the fraction of each 2-worker sweep that each worker spent computing. On a machine that other
+jobs share, the CPU times and those fractions mean more than the wall times.
 """
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -60,6 +62,23 @@ def write_zoo(folder: Path, n: int) -> list:
 
 def noop() -> None:
     return None
+
+
+def task_stream(client):
+    """Dask's record of the tasks run (start, stop, worker) while active; nothing locally."""
+    from distributed import get_task_stream
+
+    return get_task_stream(client=client) if client is not None else contextlib.nullcontext()
+
+
+def busy_fractions(stream, wall: float) -> list:
+    """Per worker, the fraction of ``wall`` seconds it spent computing tasks."""
+    busy = {}
+    for task in stream.data:
+        for step in task["startstops"]:
+            if step["action"] == "compute":
+                busy[task["worker"]] = busy.get(task["worker"], 0.0) + step["stop"] - step["start"]
+    return sorted(b / wall for b in busy.values())
 
 
 def workers_cpu(client) -> float:
@@ -118,16 +137,20 @@ def main() -> None:
             same = all(r.records == results["local (threads)"].records for r in results.values())
             times = {name: [] for name in runs}
             cpu = {name: [] for name in runs}  # (here, in the workers) CPU seconds per sweep
+            busy = []  # per 2-worker sweep: the fraction of its wall time each worker computed
             names = list(runs)
             for k in range(args.rounds):
                 order = names[k % 3:] + names[:k % 3]
                 for name in order:
                     fn, client = runs[name]
                     before = workers_cpu(client)
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t0)
+                    with task_stream(client) as stream:
+                        c0, t0 = time.process_time(), time.perf_counter()
+                        fn()
+                        times[name].append(time.perf_counter() - t0)
                     cpu[name].append((time.process_time() - c0, workers_cpu(client) - before))
+                    if client is c2:
+                        busy.append(busy_fractions(stream, times[name][-1]))
                 say(f"round {k + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names))
             o2, o1 = task_overhead(c2.get_executor()), task_overhead(c1.get_executor())
             c0 = time.process_time()
@@ -148,6 +171,8 @@ def main() -> None:
     say(f"2 workers vs the local threaded run: {versus:.3f}x its time (target within 10%: "
         f"{'met' if versus <= 1.10 else 'NOT met'})")
     say(f"records of all three runs identical (==): {'yes' if same else 'NO'}")
+    say("2 workers computing, as fractions of each 2-worker sweep's wall time: "
+        + "; ".join(" and ".join(f"{100 * f:.0f}%" for f in b) for b in busy))
     say(f"Dask overhead per no-op task: {1e3 * o2[0]:.1f} ms one at a time, {1e3 * o2[1]:.1f} ms "
         f"each of 200 at once (2 workers); {1e3 * o1[0]:.1f} / {1e3 * o1[1]:.1f} ms (1 worker)")
     say(f"2-worker sweep beyond the local run: {1e3 * (best['dask, 2 workers'] - best['local (threads)']) / len(zoo):.1f} "
