@@ -153,17 +153,20 @@ def main() -> None:
                         busy.append(busy_fractions(stream, times[name][-1]))
                 say(f"round {k + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names))
             o2, o1 = task_overhead(c2.get_executor()), task_overhead(c1.get_executor())
-            c0 = time.process_time()
+            c0, t0 = time.process_time(), time.perf_counter()
             time.sleep(min(times["dask, 2 workers"]))
-            idle = time.process_time() - c0  # both clusters' event loops here, doing nothing
+            # CPU seconds per second that both clusters' event loops here use doing nothing
+            idle = (time.process_time() - c0) / (time.perf_counter() - t0)
     best = {n: min(t) for n, t in times.items()}
+    say(f"two idle clusters use {idle:.3f} CPU seconds per second here")
     for n in names:
         here, there = (min(c[i] for c in cpu[n]) for i in (0, 1))
+        beyond = min(c[0] - idle * t for c, t in zip(cpu[n], times[n]))
         say(f"{n:16s} best {best[n]:.2f} s, median {statistics.median(times[n]):.2f} s "
             f"({len(zoo) / best[n]:.2f} sources/s); least CPU: {here:.2f} s here"
-            + (f" (client + scheduler, beyond the {idle:.2f} s of two idle clusters over as "
-               f"long: {1e3 * (here - idle) / len(zoo):.1f} ms per task), {there:.2f} s in the "
-               "workers" if there else ""))
+            + (f" (client + scheduler beyond idle: {1e3 * beyond / len(zoo):.1f} ms per task"
+               f"{'; under 0: lost in the idle loops noise' if beyond < 0 else ''}), "
+               f"{there:.2f} s in the workers" if there else ""))
     speedup = best["dask, 1 worker"] / best["dask, 2 workers"]
     versus = best["dask, 2 workers"] / best["local (threads)"]
     say(f"2 workers vs 1 worker: {speedup:.2f}x throughput (target >= 1.8x: "
