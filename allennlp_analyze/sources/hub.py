@@ -45,9 +45,10 @@ def parse_hub_id(text: str) -> Optional[Tuple[str, Optional[str]]]:
     if m is None:
         return None
     repo = m.group("repo")
-    name = repo.split("/")[1]
+    org, name = repo.split("/")
     if ("--" in repo or ".." in repo or len(name) > 96 or repo.endswith(".git")
-            or repo.lower().endswith(_FILE_SUFFIXES) or name[-1] in ".-"):
+            or repo.lower().endswith(_FILE_SUFFIXES)
+            or any(part[i] in ".-" for part in (org, name) for i in (0, -1))):
         return None
     return repo, m.group("revision")
 
@@ -67,9 +68,11 @@ def hub_cache_dir() -> Path:
     return Path(xdg).expanduser() / "huggingface" / "hub"
 
 
-def offline() -> bool:
-    """Whether downloads are forbidden (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
-    return _env_flag("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+def offline(hub) -> bool:
+    """Whether downloads are forbidden: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set now
+    or when ``huggingface_hub`` was imported (it then refuses every request)."""
+    return _env_flag("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") or bool(
+        hub.constants.HF_HUB_OFFLINE)
 
 
 def _timeout() -> float:
@@ -83,7 +86,8 @@ def _import_hub():
     """``huggingface_hub`` with its ``utils`` (errors, progress bars) loaded."""
     try:
         import huggingface_hub
-        import huggingface_hub.utils  # noqa: F401  (a lazily loaded attribute otherwise)
+        import huggingface_hub.constants  # noqa: F401  (lazily loaded attributes otherwise)
+        import huggingface_hub.utils  # noqa: F401
     except ImportError:
         raise AnalyzeError("reading Hugging Face hub ids needs huggingface_hub: "
                            "pip install 'allennlp-analyze[hub]'") from None
@@ -108,7 +112,7 @@ def resolve_hub(text: str, progress: Optional[bool] = None) -> Path:
     folder, why = _cached(hub, repo, revision, cache)
     if folder is not None and why is None:
         return folder
-    if offline():
+    if offline(hub):
         where = f"its cached snapshot {folder} is unusable: {why}" if folder else \
             f"it is not in the Hugging Face cache {cache}"
         raise AnalyzeError(f"{text} is not a local path, and {where}; HF_HUB_OFFLINE forbids "
