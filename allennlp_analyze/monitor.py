@@ -89,7 +89,8 @@ def sharded_reason(model) -> Optional[str]:
     for name, sub in model.named_modules():
         kinds = {c.__name__ for c in type(sub).__mro__}
         if kinds & {"FullyShardedDataParallel", "FSDPModule"}:
-            return f"module {name or type(model).__name__!r} is sharded by FSDP ({type(sub).__name__})"
+            which = f"module {name!r}" if name else "the model"
+            return f"{which} is sharded by FSDP ({type(sub).__name__})"
     for name, t in model.state_dict(keep_vars=True).items():
         if hasattr(t, "ds_shape") or hasattr(t, "ds_numel"):
             shape = tuple(getattr(t, "ds_shape", ()) or ())
@@ -189,9 +190,11 @@ class WeightMonitor:
 
     def step_end(self, model, step: int, epoch: int) -> List[MonitorReport]:
         """After optimizer step ``step`` (from 1) of 0-based ``epoch``: analyze ``model`` when
-        the schedule says so (``per="step"``). The reports finished meanwhile."""
+        the schedule says so (``per="step"``; once per step, however many batches it
+        accumulated). The reports finished meanwhile."""
         reports = self.poll()
-        if self.per == "step" and step % self.every == 0:
+        done = self.last_analyzed is not None and self.last_analyzed[1] == step
+        if self.per == "step" and step % self.every == 0 and not done:
             reports += self.wait()
             reports += self.analyze(model, epoch, step=step)
         return reports
@@ -199,11 +202,14 @@ class WeightMonitor:
     def final(self, model, epoch: int, step: Optional[int] = None, *,
               weights_changed: bool = False, weights_epoch: Optional[int] = -1
               ) -> List[MonitorReport]:
-        """At the end of training: analyze the final weights unless those of ``epoch`` /
-        ``step`` were the last analyzed and not changed since (``weights_changed``: a trainer
-        reloaded its best epoch or assigned a moving average; ``weights_epoch``: the epoch the
-        weights come from, default ``epoch``). Never in the background."""
-        if self.last_analyzed == (epoch, step) and not weights_changed:
+        """At the end of training: analyze the final weights unless those of ``step`` (when
+        given, else of ``epoch``) were the last analyzed and not changed since
+        (``weights_changed``: a trainer reloaded its best epoch or assigned a moving average;
+        ``weights_epoch``: the epoch the weights come from, default ``epoch``). Never in the
+        background."""
+        last = self.last_analyzed
+        same = last is not None and (last[0] == epoch if step is None else last[1] == step)
+        if same and not weights_changed:
             return []
         return self.analyze(model, epoch, step=step, final=True,
                             weights_epoch=epoch if weights_epoch == -1 else weights_epoch)
@@ -299,3 +305,15 @@ class WeightMonitor:
                                step=p.step, stop=stop)
         self.history.append(report)
         return report
+
+
+def main_process_decision(flag: bool) -> bool:
+    """The main process's ``flag`` on every process of a ``torch.distributed`` run (as is,
+    outside one). A collective: every process must call it at the same point of training."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    box = [bool(flag)]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
