@@ -105,17 +105,24 @@ def sharded_reason(model) -> Optional[str]:
     return None
 
 
+def refuse_sharded(model, name: str = "weight_analysis") -> None:
+    """Raise :class:`AnalyzeError` where ``model``'s parameters are shards
+    (:func:`sharded_reason`)."""
+    reason = sharded_reason(model)
+    if reason:
+        raise AnalyzeError(f"{name}: cannot analyze a sharded model: {reason}; analyze a "
+                           "consolidated checkpoint instead (e.g. allennlp-analyze on the "
+                           "saved model)")
+
+
 def snapshot(model, options: AnalysisOptions, label: str = "", copy: bool = True) -> Snapshot:
     """The matrices ``options`` select from ``model`` (a ``torch.nn.Module``), in host memory:
     one copy per parameter, in its own dtype (``copy=False``: parameters already on the CPU
     are only referenced, for an analysis that finishes before training goes on). Sharded
-    parameters are refused (:func:`sharded_reason`)."""
+    parameters are refused (:func:`refuse_sharded`)."""
     import torch
 
-    reason = sharded_reason(model)
-    if reason:
-        raise AnalyzeError(f"cannot analyze a sharded model: {reason}; analyze a consolidated "
-                           "checkpoint instead (e.g. allennlp-analyze on the saved model)")
+    refuse_sharded(model)
     source = ModuleSource(model, label=label or type(model).__name__)
     infos = source.tensors()
     wanted = {p.param for p in plan(infos, options).plans}

@@ -146,3 +146,20 @@ def assert_record_matches_reference(record: dict, W: np.ndarray, loose_tol: floa
         assert record["alpha"] == pytest.approx(ref.alpha, rel=1e-6)
         assert record["xmin"] == pytest.approx(ref.xmin, rel=1e-6)
         assert record["num_tail"] == ref.n_tail
+
+
+@contextlib.contextmanager
+def logged_messages(name: str = "allennlp_analyze"):
+    """The messages logged by logger ``name`` and its children (warnings and above, the
+    default level) while active, as a list (for fixtures broader than ``caplog``'s scope)."""
+    import logging
+
+    messages: list = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import assert_record_matches_reference
+from conftest import assert_record_matches_reference, logged_messages
 
 pytest.importorskip("transformers")
 import torch  # noqa: E402
@@ -78,15 +78,9 @@ def checkpoint(out: Path, step: int) -> dict:
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf_plain")
-    logs = []
-    handler = logging.Handler()
-    handler.emit = logs.append
-    logging.getLogger("allennlp_analyze").addHandler(handler)
-    try:
+    with logged_messages() as logs:
         trainer, seen = run(out, WeightAnalysisCallback())
-    finally:
-        logging.getLogger("allennlp_analyze").removeHandler(handler)
-    return out, trainer, seen, [r.getMessage() for r in logs]
+    return out, trainer, seen, list(logs)
 
 
 def test_records_of_each_epoch_equal_numpy_and_powerlaw_on_its_checkpoint(plain_run):

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import assert_record_matches_reference
+from conftest import assert_record_matches_reference, logged_messages
 
 L = pytest.importorskip("lightning.pytorch")
 import torch  # noqa: E402
@@ -76,15 +76,9 @@ def saved_weights(out: Path, epoch: int) -> dict:
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pl_plain")
-    logs = []
-    handler = logging.Handler()
-    handler.emit = logs.append
-    logging.getLogger("allennlp_analyze").addHandler(handler)
-    try:
+    with logged_messages() as logs:
         trainer, _ = fit(out, WeightAnalysisCallback())
-    finally:
-        logging.getLogger("allennlp_analyze").removeHandler(handler)
-    return out, trainer, [r.getMessage() for r in logs]
+    return out, trainer, list(logs)
 
 
 def test_records_of_each_epoch_equal_numpy_and_powerlaw_on_its_checkpoint(plain_run):

@@ -204,8 +204,8 @@ def test_fsdp_and_fsdp2_models_are_refused(one_process_group):
     fully_shard(model2)
     assert type(model2.state_dict()["0.weight"]).__name__ == "DTensor"
     assert sharded_reason(model2) == "the model is sharded by FSDP (FSDPSequential)"
-    with pytest.raises(AnalyzeError, match=r"^cannot analyze a sharded model: the model is "
-                                           r"sharded by FSDP"):
+    with pytest.raises(AnalyzeError, match=r"^weight_analysis: cannot analyze a sharded model: "
+                                           r"the model is sharded by FSDP"):
         WeightMonitor().epoch_end(model2, 0)
     # a DTensor in an unwrapped module (tensor parallelism)
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh

@@ -34,8 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from transformers import TrainerCallback
 
-from ..errors import AnalyzeError
-from ..monitor import MonitorReport, WeightMonitor, main_process_decision, sharded_reason
+from ..monitor import MonitorReport, WeightMonitor, main_process_decision, refuse_sharded
 from ..options import AnalysisOptions
 
 logger = logging.getLogger(__name__)
@@ -75,10 +74,7 @@ class WeightAnalysisCallback(TrainerCallback):
     # -- trainer events ------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        reason = sharded_reason(model)
-        if reason:
-            raise AnalyzeError(f"weight_analysis: cannot analyze a sharded model: {reason}; "
-                               "analyze the saved checkpoint instead")
+        refuse_sharded(model)
         if state.is_world_process_zero:
             self.monitor.path = self.output_file or os.path.join(args.output_dir, FILE_NAME)
             os.makedirs(os.path.dirname(os.path.abspath(self.monitor.path)), exist_ok=True)

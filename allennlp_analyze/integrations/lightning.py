@@ -32,8 +32,7 @@ from typing import Any, List, Optional
 
 from lightning.pytorch.callbacks import Callback
 
-from ..errors import AnalyzeError
-from ..monitor import PER, MonitorReport, WeightMonitor, sharded_reason
+from ..monitor import MonitorReport, WeightMonitor, refuse_sharded
 from ..options import AnalysisOptions
 
 logger = logging.getLogger(__name__)
@@ -47,9 +46,6 @@ class WeightAnalysisCallback(Callback):
     def __init__(self, every: int = 1, per: str = "epoch", stop_on_collapse: bool = False,
                  background: bool = False, output_file: Optional[str] = None,
                  options: Optional[AnalysisOptions] = None, **option_kwargs: Any) -> None:
-        if per not in PER:
-            raise ValueError(f"weight_analysis: per must be one of {', '.join(PER)} "
-                             f"(got {per!r})")
         self.output_file = output_file
         self.monitor = WeightMonitor(None, every=every, per=per,
                                      stop_on_collapse=stop_on_collapse, background=background,
@@ -66,10 +62,7 @@ class WeightAnalysisCallback(Callback):
     # -- trainer events ------------------------------------------------------------------------
 
     def on_train_start(self, trainer, pl_module) -> None:
-        reason = sharded_reason(pl_module)
-        if reason:
-            raise AnalyzeError(f"weight_analysis: cannot analyze a sharded model: {reason}; "
-                               "analyze the saved checkpoint instead")
+        refuse_sharded(pl_module)
         if trainer.is_global_zero:
             folder = trainer.log_dir or trainer.default_root_dir
             self.monitor.path = self.output_file or os.path.join(folder, FILE_NAME)
