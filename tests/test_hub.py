@@ -137,10 +137,17 @@ def test_revisions_by_tag_and_commit_through_sources_from_without_offline_flag(h
     assert len(by_model[REPO_ID]) > len(by_model[f"{REPO_ID}@v1"])  # main: all of MiniLM
 
 
-def test_api_and_allennlp_analyze_resolve_the_id(offline_env, hub_cache, capsys):
+@pytest.fixture(scope="module")
+def analyze_archives():
+    """``allennlp analyze``'s API, imported before a test's environment points the Hugging Face
+    cache elsewhere (transformers, which AllenNLP imports, looks the cache over when imported)."""
     pytest.importorskip("allennlp")
     from allennlp_analyze.plugin import analyze_archives
 
+    return analyze_archives
+
+
+def test_api_and_allennlp_analyze_resolve_the_id(analyze_archives, offline_env, hub_cache):
     snapshot = analyze(str(hub_cache[1] / "snapshots" / MAIN)).to_dicts()
     api = analyze(REPO_ID)
     assert api.summary.models == [REPO_ID]
@@ -373,3 +380,12 @@ def test_weight_files_prefers_safetensors_and_skips_subfolders():
     assert weight_files(["a.safetensors", "b.safetensors", "x.bin"]) == \
         ["a.safetensors", "b.safetensors"]
     assert weight_files(["README.md", "onnx/model.safetensors"]) == []
+
+
+def test_without_huggingface_hub_an_id_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(AnalyzeError, match=r"^runs/model is not a local path; reading it as a "
+                                           r"Hugging Face hub id needs huggingface_hub: pip "
+                                           r"install 'allennlp-analyze\[hub\]'$"):
+        analyze("runs/model")

@@ -82,15 +82,15 @@ def _timeout() -> float:
         return DEFAULT_TIMEOUT_S
 
 
-def _import_hub():
+def _import_hub(text: str):
     """``huggingface_hub`` with its ``utils`` (errors, progress bars) loaded."""
     try:
         import huggingface_hub
         import huggingface_hub.constants  # noqa: F401  (lazily loaded attributes otherwise)
         import huggingface_hub.utils  # noqa: F401
     except ImportError:
-        raise AnalyzeError("reading Hugging Face hub ids needs huggingface_hub: "
-                           "pip install 'allennlp-analyze[hub]'") from None
+        raise AnalyzeError(f"{text} is not a local path; reading it as a Hugging Face hub id "
+                           "needs huggingface_hub: pip install 'allennlp-analyze[hub]'") from None
     return huggingface_hub
 
 
@@ -107,7 +107,7 @@ def resolve_hub(text: str, progress: Optional[bool] = None) -> Path:
         raise AnalyzeError(f"{text} is neither a local path nor a Hugging Face hub id "
                            "(ORG/NAME[@REVISION])")
     repo, revision = parsed
-    hub = _import_hub()
+    hub = _import_hub(text)
     cache = hub_cache_dir()
     folder, why = _cached(hub, repo, revision, cache)
     if folder is not None and why is None:
