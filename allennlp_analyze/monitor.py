@@ -91,7 +91,7 @@ def sharded_reason(model) -> Optional[str]:
         if kinds & {"FullyShardedDataParallel", "FSDPModule"}:
             which = f"module {name!r}" if name else "the model"
             return f"{which} is sharded by FSDP ({type(sub).__name__})"
-    for name, t in model.state_dict(keep_vars=True).items():
+    for name, t in model.named_parameters():  # not state_dict(): its hooks may gather
         if hasattr(t, "ds_shape") or hasattr(t, "ds_numel"):
             shape = tuple(getattr(t, "ds_shape", ()) or ())
             return (f"parameter {name!r} is a DeepSpeed ZeRO-3 partition (here {tuple(t.shape)}, "

@@ -163,3 +163,15 @@ def logged_messages(name: str = "allennlp_analyze"):
         yield messages
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch's intra-op threads set to one for a module of tiny training runs (on a busy
+    2-core machine its spinning threads make each small step 5-10x slower), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,6 +19,8 @@ from transformers import (BertConfig, BertForSequenceClassification, Trainer,  #
 from allennlp_analyze.errors import AnalyzeError  # noqa: E402
 from allennlp_analyze.integrations.hf_trainer import WeightAnalysisCallback  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 STEPS_PER_EPOCH = 8  # 16 examples, batch 2
 FIGURES = ("weight_analysis_sv_min", "weight_analysis_collapsed", "weight_analysis_alpha_mean",
            "weight_analysis_epoch")
@@ -62,7 +64,8 @@ def run(out: Path, callback: WeightAnalysisCallback, weight_decay: float = 0.0,
                     disable_tqdm=True, dataloader_num_workers=0)
     settings.update(args)
     trainer = Trainer(model=tiny_bert(), args=TrainingArguments(**settings),
-                      train_dataset=dataset(), callbacks=[callback, seen])
+                      train_dataset=dataset(), eval_dataset=dataset()[:4],
+                      callbacks=[callback, seen])
     trainer.train()
     return trainer, seen
 
@@ -165,3 +168,18 @@ def test_sharded_model_refused_when_training_begins(tmp_path):
                                            r"weight' is a DeepSpeed ZeRO-3 partition"):
         WeightAnalysisCallback().on_train_begin(args, TrainerState(), TrainerControl(),
                                                 model=model)
+
+
+def test_best_checkpoint_reloaded_at_the_end_gets_a_final_analysis(tmp_path):
+    """``load_best_model_at_end`` with the highest evaluation loss as "best": the first epoch's
+    checkpoint comes back at the end, and the final analysis is of its weights."""
+    callback = WeightAnalysisCallback(min_q=3.0)
+    trainer, _ = run(tmp_path, callback, eval_strategy="epoch", load_best_model_at_end=True,
+                     metric_for_best_model="eval_loss", greater_is_better=True)
+    assert Path(trainer.state.best_model_checkpoint).name == f"checkpoint-{STEPS_PER_EPOCH}"
+    records = read_jsonl(tmp_path / "weight_analysis.jsonl")
+    assert [(r["epoch"], r["step"], r["final"], r["weights_epoch"]) for r in records] == [
+        (0, 8, False, 0), (1, 16, False, 1), (1, 16, True, 0)]
+    best = checkpoint(tmp_path, STEPS_PER_EPOCH)["classifier.weight"]
+    assert_record_matches_reference(records[2], best)
+    assert records[2]["sv_min"] == records[0]["sv_min"]

@@ -18,6 +18,8 @@ import torch  # noqa: E402
 from allennlp_analyze.errors import AnalyzeError  # noqa: E402
 from allennlp_analyze.integrations.lightning import WeightAnalysisCallback  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 STEPS_PER_EPOCH = 4  # 16 examples, batch 4
 
 

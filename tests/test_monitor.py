@@ -6,10 +6,6 @@ one-process gloo group, a DeepSpeed ZeRO-3 stand-in); the main process's stop de
 by two real processes."""
 import json
 import logging
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +18,7 @@ from allennlp_analyze.errors import AnalyzeError  # noqa: E402
 from allennlp_analyze.monitor import WeightMonitor, sharded_reason, snapshot  # noqa: E402
 from allennlp_analyze.options import AnalysisOptions  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def mlp(seed: int = 0) -> torch.nn.Module:
@@ -235,24 +231,29 @@ def test_deepspeed_zero3_partitions_are_refused():
     assert sharded_reason(mlp()) is None
 
 
-def test_main_process_decision_reaches_every_process(tmp_path):
-    """Two real processes (gloo): the main one's flag is what both see."""
-    script = tmp_path / "agree.py"
-    script.write_text(textwrap.dedent("""
-        import sys
-        import torch.distributed as dist
-        from allennlp_analyze.monitor import main_process_decision
+def _decide_in(rank: int, store_path: str, results) -> None:
+    """One process of a two-process gloo group: both decisions as it sees them."""
+    import torch.distributed as dist
 
-        rank = int(sys.argv[1])
-        store = dist.FileStore(sys.argv[2], 2)
-        dist.init_process_group("gloo", rank=rank, world_size=2, store=store)
-        print(main_process_decision(rank == 0), main_process_decision(rank == 1))
-        dist.destroy_process_group()
-    """))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / "store")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    from allennlp_analyze.monitor import main_process_decision
+
+    dist.init_process_group("gloo", rank=rank, world_size=2,
+                            store=dist.FileStore(store_path, 2))
+    results.put((rank, main_process_decision(rank == 0), main_process_decision(rank == 1)))
+    dist.destroy_process_group()
+
+
+def test_main_process_decision_reaches_every_process(tmp_path):
+    """Two real processes (forked, gloo): the main one's flag is what both see."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_decide_in, args=(rank, str(tmp_path / "store"), results))
              for rank in (0, 1)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert [o[0].split() for o in outs] == [["True", "False"], ["True", "False"]]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(results.get(timeout=10) for _ in procs) == [(0, True, False), (1, True, False)]
