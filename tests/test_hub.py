@@ -389,3 +389,26 @@ def test_without_huggingface_hub_an_id_is_one_clear_error(monkeypatch, tmp_path)
                                            r"Hugging Face hub id needs huggingface_hub: pip "
                                            r"install 'allennlp-analyze\[hub\]'$"):
         analyze("runs/model")
+
+
+def test_a_cached_snapshot_without_weights_is_completed_online_and_refused_offline(
+        online_env, fake_hub, monkeypatch):
+    """The cache holds only ``config.json`` of org/single (as after loading a config alone):
+    offline that is one line; online only the weights are fetched."""
+    _, repos, log, tmp = fake_hub
+    repo_dir = online_env / "models--org--single"
+    config = tmp / "config.json"
+    config.write_bytes(repos["org/single"]["config.json"])
+    _put(repo_dir, _commit("org/single"), "config.json", config)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(_commit("org/single"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AnalyzeError, match=r"^org/single is not a local path, and its cached "
+                                           r"snapshot .* is unusable: .* holds no model weights"
+                                           r".*; HF_HUB_OFFLINE forbids downloading it$"):
+        analyze("org/single")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    result = analyze("org/single", min_q=1)
+    assert log == ["org/single/model.safetensors"]
+    expected = analyze(str(tmp / "single.safetensors"), min_q=1).to_dicts()
+    assert _without_model(result.to_dicts()) == _without_model(expected)
