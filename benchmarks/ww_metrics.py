@@ -1,6 +1,6 @@
 """Per-layer agreement of the spectral metrics with WeightWatcher 0.7.7 (not a timed test).
 
-    python benchmarks/ww_metrics.py [--seed S] [--save FILE]
+    python benchmarks/ww_metrics.py [--seed S] [--null K] [--save FILE]
 
 Runs ``allennlp-analyze --randomize`` and, in WeightWatcher's own environment
 (``.cache/bench-venv``, made by ``benchmarks/setup_ww.sh``), ``WeightWatcher.analyze(mp_fit=True,
@@ -12,7 +12,9 @@ trap). Prints, per layer, each metric the two tools define alike (entropy, log_a
 ranks) with its relative difference, and each they define differently side by side (the MP bulk
 fit and its spike count, the soft rank, the randomized ESD's largest eigenvalue, traps, the ESD
 distance), and, to separate the bulk fit from the spike margin, WeightWatcher's fitted sigma
-with our Tracy–Widom margin. Discussion: docs/metrics.md.
+with our Tracy–Widom margin. Then the false-spike rate of our margin on pure noise: spikes
+found in K Gaussian 400 x 100 matrices and K / 10 of 1536 x 384 (``--null``, default 2000; 0
+skips it). Discussion: docs/metrics.md.
 
 The same file is WeightWatcher's side when run as ``python ww_metrics.py --ww-side MODEL LAYERS
 OUT`` in its environment: the layers as ``nn.Linear``s, ``np.random.seed(seed)`` (its
@@ -96,6 +98,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0, help="our --seed, WeightWatcher's np.random "
                                                         "seed and the synthetic matrices' seed")
+    ap.add_argument("--null", type=int, default=2000, metavar="K",
+                    help="Gaussian matrices for the false-spike rate (default %(default)s)")
     ap.add_argument("--save", help="also write the printed lines to this file")
     ap.add_argument("--ww-side", nargs=3, metavar=("MODEL", "LAYERS", "OUT"),
                     help=argparse.SUPPRESS)
@@ -180,8 +184,31 @@ def main() -> None:
     say("  (sigma2/sigma2_F: the fitted bulk variance over the Frobenius one ||W||_F^2/(NM), i.e. "
         "WeightWatcher's sigma_mp^2; 'WW sigma+our margin': eigenvalues above our Tracy-Widom "
         "threshold for WeightWatcher's fitted sigma; rand lmax / lmax: WeightWatcher's ww_softrank)")
+    if args.null:
+        null_section(args.null, args.seed, say)
     if args.save:
         Path(args.save).write_text("\n".join(lines) + "\n")
+
+
+def null_section(k: int, seed: int, say) -> None:
+    """Spikes that our fit finds in pure Gaussian matrices (every one is a false spike)."""
+    import numpy as np
+
+    from allennlp_analyze.spectral_metrics import TW1_Q999, mp_bulk_fit
+
+    say()
+    say(f"== false spikes on pure noise (threshold lambda_+ + {TW1_Q999} s_TW, the 0.999 "
+        "Tracy-Widom quantile) ==")
+    rng = np.random.default_rng(seed)
+    for N, M, n in ((400, 100, k), (1536, 384, max(1, k // 10))):
+        counts = []
+        for _ in range(n):
+            W = rng.standard_normal((N, M))
+            lam = np.clip(np.linalg.eigvalsh(W.T @ W)[::-1], 0.0, None)
+            counts.append(mp_bulk_fit(np.sqrt(lam), N, M).num_spikes)
+        counts = np.array(counts)
+        say(f"  {N} x {M}: {np.count_nonzero(counts)} of {n} matrices with a spike "
+            f"({np.count_nonzero(counts) / n:.2e}; {counts.sum()} spikes in all)")
 
 
 if __name__ == "__main__":
