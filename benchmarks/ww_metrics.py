@@ -39,21 +39,15 @@ def ww_side(path: str, layers_json: str, out: str, seed: int) -> None:
     """WeightWatcher's analyze(mp_fit=True, randomize=True) on the named 2-D tensors of
     ``path``; per-layer numeric details as JSON."""
     import numpy as np
-    import torch
-    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ww_run import linear_model
 
     logging.disable(logging.WARNING)
     import weightwatcher as ww
 
     names = json.loads(Path(layers_json).read_text())
-    tensors = load_file(path)
-    model = torch.nn.Module()
-    for i, name in enumerate(names):
-        w = tensors[name].float()
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-        model.add_module(f"l{i:03d}", lin)
+    model = linear_model(path, names)
     np.random.seed(seed)
     details = ww.WeightWatcher(model=model).analyze(mp_fit=True, randomize=True)
     rows = []
@@ -193,6 +187,7 @@ def main() -> None:
 def null_section(k: int, seed: int, say) -> None:
     """Spikes that our fit finds in pure Gaussian matrices (every one is a false spike)."""
     import numpy as np
+    from threadpoolctl import threadpool_limits
 
     from allennlp_analyze.spectral_metrics import TW1_Q999, mp_bulk_fit
 
@@ -202,10 +197,11 @@ def null_section(k: int, seed: int, say) -> None:
     rng = np.random.default_rng(seed)
     for N, M, n in ((400, 100, k), (1536, 384, max(1, k // 10))):
         counts = []
-        for _ in range(n):
-            W = rng.standard_normal((N, M))
-            lam = np.clip(np.linalg.eigvalsh(W.T @ W)[::-1], 0.0, None)
-            counts.append(mp_bulk_fit(np.sqrt(lam), N, M).num_spikes)
+        with threadpool_limits(1):  # many small LAPACK calls: threads only spin
+            for _ in range(n):
+                W = rng.standard_normal((N, M))
+                lam = np.clip(np.linalg.eigvalsh(W.T @ W)[::-1], 0.0, None)
+                counts.append(mp_bulk_fit(np.sqrt(lam), N, M).num_spikes)
         counts = np.array(counts)
         say(f"  {N} x {M}: {np.count_nonzero(counts)} of {n} matrices with a spike "
             f"({np.count_nonzero(counts) / n:.2e}; {counts.sum()} spikes in all)")
