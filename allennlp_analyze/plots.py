@@ -18,8 +18,9 @@ Written into DIR:
   sigma^2 = ||W||_F^2 / (N M)) and the bulk edge lambda_plus of the record's MP bulk fit
   (:mod:`allennlp_analyze.spectral_metrics`) marked, the ESD of W with its elements permuted
   outlined on the same bins when the run was randomized (``--randomize``), and the tail on
-  log-log axes with the fitted power law from xmin. ``<name>`` is the layer name (and slice) with every character outside ``[A-Za-z0-9._-]``
-  turned into ``_``, prefixed by the model label and ``--`` when the run has several models.
+  log-log axes with the fitted power law from xmin. ``<name>`` is the layer name (and slice)
+  with every character outside ``[A-Za-z0-9._-]`` turned into ``_``, prefixed by the model
+  label and ``--`` when the run has several models.
 * ``index.html``: the summary, the run figures and the record table linking every matrix's
   figure.
 

@@ -40,7 +40,8 @@ class MatrixRecord:
     Roy & Vetterli's; ``rand_*``, ``num_traps`` (with ``randomize``): W with its elements
     permuted: its nu_max, its bulk edge, its eigenvalues above its own bulk's spike threshold
     (correlation traps), and the Jensen–Shannon distance of its ESD from W's
-    (:mod:`allennlp_analyze.spectral_metrics`). ``method``: spectral path ("svd", "gram", "gram>svd").
+    (:mod:`allennlp_analyze.spectral_metrics`). ``method``: spectral path ("svd", "gram",
+    "gram>svd").
     ``slice``: spatial position of a convolution slice, or the part of a fused matrix.
     Fields are ``None`` where the status rules them out.
     """
