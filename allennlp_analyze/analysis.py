@@ -15,10 +15,11 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 import numpy as np
 
 from .errors import AnalyzeError
+from .kinds import value_kind
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
 from .records import MatrixRecord, Summary, summarize
-from .selection import MatrixPlan, extract, plan
+from .selection import NOT_WEIGHT_VALUES, MatrixPlan, extract, plan
 from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch,
                        singular_values_many)
 from .tensors import DTYPE_EPS, WeightSource
@@ -140,7 +141,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     (default: the source's own label)."""
     label = label or source.label
     tensors = source.tensors()
-    selection = plan(tensors, options)
+    selection = plan(tensors, options, getattr(source, "config", None))
     if options.match and selection.skipped.get("not matched by --match") == len(tensors):
         patterns = " ".join(repr(p) for p in options.match)
         raise AnalyzeError(f"no parameter of {label} matches --match {patterns}")
@@ -149,10 +150,16 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     load = getattr(source, "load_mapped", source.load)
 
     def by_param() -> Iterator[Tuple[MatrixPlan, np.ndarray]]:
-        loaded_name, loaded = None, None
+        """Each planned matrix with its data; a parameter whose values show it is no weight
+        (a 0/1 mask, a constant) is left out here, counted with the skipped ones."""
+        loaded_name, loaded, not_weight = None, None, None
         for p in selection.plans:
             if p.param != loaded_name:
                 loaded_name, loaded = p.param, load(p.param)
+                not_weight = value_kind(loaded)
+            if not_weight:
+                selection.skipped[NOT_WEIGHT_VALUES[not_weight]] += 1
+                continue
             yield p, extract(p, loaded)
 
     def batches() -> Iterator[List[Tuple[MatrixPlan, np.ndarray]]]:
@@ -174,8 +181,11 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
             yield batch
 
     def one(batch: List[Tuple[MatrixPlan, np.ndarray]]) -> List[Tuple[MatrixRecord, np.ndarray]]:
-        return _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
-                              for p, W in batch], options)
+        results = _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
+                                 for p, W in batch], options)
+        for (p, _), (rec, _) in zip(batch, results):
+            rec.kind, rec.kind_from = p.kind, p.kind_from
+        return results
 
     records, spectra = [], []
     workers = min(resolve_workers(options), max(1, len(selection.plans)))
