@@ -22,6 +22,7 @@ Anything else (or a config that does not match the tensors) gives no evidence.
 """
 import json
 import re
+from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .kinds import RNN_GATES
@@ -48,6 +49,17 @@ def parse_config(data: bytes) -> Optional[dict]:
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return config if isinstance(config, dict) else None
+
+
+def load_config(path: Path) -> Optional[dict]:
+    """:func:`parse_config` of the file at ``path``; None where there is none (or it is too
+    large, unreadable or not a regular file)."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        return parse_config(path.read_bytes())
+    except OSError:
+        return None
 
 
 def config_kinds(config: Optional[Mapping], tensors: Sequence[TensorInfo]
