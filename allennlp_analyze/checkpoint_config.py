@@ -11,7 +11,8 @@ Two kinds of ``config.json`` are read (as plain JSON data; nothing in them is ru
   encoders (``lstm``, ``gru``, ``rnn``, ``lstm_cell``: gates stacked), and AllenNLP's fused
   self-attention ``_combined_projection`` (rows: q and k of the attention size, then v of the
   values size) in ``multi_head_self_attention``, ``stacked_self_attention`` and
-  ``qanet_encoder`` (whose ``_conv_layers`` are convolutions);
+  ``qanet_encoder`` (whose ``_conv_layers`` are convolutions), and the sinusoidal
+  ``_position.positional_encoding`` buffer of ``bidirectional_language_model_transformer``;
 * a **Hugging Face** config (``model_type`` / ``architectures``): its table sizes
   (``vocab_size``, ``max_position_embeddings``, ``type_vocab_size``, ...) name the embedding
   tables: a 2-D ``weight`` without a bias whose shape is such a size by a width of the config
@@ -136,6 +137,8 @@ class _AllenNLP:
         elif kind == "stacked_self_attention":
             dim = node.get("projection_dim")
             self._attention(p + r"self_attention_\d+\._combined_projection\.weight", dim, dim)
+        elif kind == "bidirectional_language_model_transformer":  # a registered buffer
+            self._mark(p + r"_position\.positional_encoding", "buffer")
         elif kind == "qanet_encoder":
             dim = node.get("attention_projection_dim")
             blocks = p + r"_encoder_blocks\.\d+\."
