@@ -218,37 +218,60 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     ``opener(spec, cache_dir=, progress=)`` turns a source into a WeightSource (default
     :func:`allennlp_analyze.sources.open_source`); one model is held in memory at a time.
     """
-    if opener is None:
-        from .sources import open_source as opener
-
-    if options is None:
-        options = AnalysisOptions(**option_kwargs)
-    elif option_kwargs:
-        raise TypeError("pass either options= or option keywords, not both")
-    if on_error not in ("raise", "collect"):
-        raise ValueError("on_error must be 'raise' or 'collect'")
+    options = options_from(options, option_kwargs)
     records: List[MatrixRecord] = []
     spectra: List[np.ndarray] = []
     skipped: Counter = Counter()
-    labels, errors = [], []
+
+    def one(source: WeightSource, label: str) -> None:
+        recs, svs, skips = analyze_source(source, options, progress=progress, label=label)
+        records.extend(recs)
+        spectra.extend(svs)
+        skipped.update(skips)
+
+    labels, errors = for_each_source(sources, one, opener=opener, on_error=on_error,
+                                     cache_dir=cache_dir, progress=progress)
+    return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
+                    options=options, spectra=spectra if keep_spectra else None)
+
+
+def options_from(options: Optional[AnalysisOptions], option_kwargs: Dict[str, object]
+                 ) -> AnalysisOptions:
+    """``options``, or the options named by keyword (not both)."""
+    if options is None:
+        return AnalysisOptions(**option_kwargs)
+    if option_kwargs:
+        raise TypeError("pass either options= or option keywords, not both")
+    return options
+
+
+def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
+                    opener: Optional[Callable[..., WeightSource]] = None, on_error: str = "raise",
+                    cache_dir: Optional[str] = None, progress: Optional[bool] = False
+                    ) -> Tuple[List[str], List[str]]:
+    """``fn(source, label)`` for each source opened in turn (one in memory at a time), labels
+    made unique; returns the labels of the sources done and the errors collected (with
+    ``on_error="collect"``; ``"raise"`` raises the first :class:`AnalyzeError`)."""
+    if opener is None:
+        from .sources import open_source as opener
+    if on_error not in ("raise", "collect"):
+        raise ValueError("on_error must be 'raise' or 'collect'")
+    labels: List[str] = []
+    errors: List[str] = []
     for spec in sources:
         try:
             source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
                 opener(spec, cache_dir=cache_dir, progress=progress)
             label = _unique(source.label, labels)
-            recs, svs, skips = analyze_source(source, options, progress=progress, label=label)
+            fn(source, label)
         except AnalyzeError as e:
             if on_error == "raise":
                 raise
             errors.append(str(e))
             continue
         labels.append(label)
-        records.extend(recs)
-        spectra.extend(svs)
-        skipped.update(skips)
         del source
-    return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
-                    options=options, spectra=spectra if keep_spectra else None)
+    return labels, errors
 
 
 def _unique(label: str, taken: List[str]) -> str:

@@ -19,8 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import IO, Callable, Dict, List, Optional, Tuple
 
-from .analysis import _unique
-from .errors import AnalyzeError
+from .analysis import for_each_source, options_from
 from .options import AnalysisOptions
 from .selection import Decision, plan
 from .tensors import WeightSource
@@ -92,27 +91,14 @@ def describe(*sources, options: Optional[AnalysisOptions] = None, on_error: str 
              **option_kwargs) -> Description:
     """Describe one or more models, opened as :func:`allennlp_analyze.analyze` opens them (same
     sources, options, ``on_error``, ``opener`` and model labels), without analyzing them."""
-    if opener is None:
-        from .sources import open_source as opener
-    if options is None:
-        options = AnalysisOptions(**option_kwargs)
-    elif option_kwargs:
-        raise TypeError("pass either options= or option keywords, not both")
+    options = options_from(options, option_kwargs)
     tensors: List[TensorDescription] = []
-    labels: List[str] = []
-    errors: List[str] = []
-    for spec in sources:
-        try:
-            source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
-                opener(spec, cache_dir=cache_dir, progress=progress)
-            label = _unique(source.label, labels)
-            tensors.extend(describe_source(source, options, label))
-        except AnalyzeError as e:
-            if on_error == "raise":
-                raise
-            errors.append(str(e))
-            continue
-        labels.append(label)
+
+    def one(source: WeightSource, label: str) -> None:
+        tensors.extend(describe_source(source, options, label))
+
+    labels, errors = for_each_source(sources, one, opener=opener, on_error=on_error,
+                                     cache_dir=cache_dir, progress=progress)
     return Description(tensors=tensors, models=labels, options=options, errors=errors)
 
 
