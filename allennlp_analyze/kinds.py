@@ -22,9 +22,13 @@ Evidence, strongest first (the record's ``kind_from``):
 * ``default``: a 2-D float weight nothing identifies is a ``matrix`` (analyzed, like a Linear);
   a >2-D one that is not a convolution is a ``tensor`` (never analyzed).
 
+The kinds: ``linear``, ``attention`` (fused q/k/v where it has parts), ``recurrent`` (gates
+stacked), ``matrix`` (analyzed by default); ``embedding``, ``conv`` (on request); ``tensor``,
+``vector``, ``mask``, ``buffer``, ``non_float`` (never).
+
 Whether a tensor's values are a 0/1 mask or a constant is known only once it is read
-(:func:`value_kind`, ``kind_from`` ``values``): the analysis checks every tensor it reads, and
-``--describe``, which reads none, cannot.
+(:func:`value_kind`): the analysis checks every tensor it reads and leaves such ones out, counted
+as skipped; ``--describe``, which reads none, cannot.
 """
 import re
 from dataclasses import dataclass
@@ -33,24 +37,6 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .tensors import DTYPE_EPS, TensorInfo
-
-#: Every kind, and what it means. Analyzed by default: linear, attention, recurrent, matrix;
-#: on request: embedding, conv; never: the others.
-KINDS = {
-    "linear": "a Linear layer's weight",
-    "attention": "an attention projection (fused q/k/v where it has parts)",
-    "recurrent": "an RNN / LSTM / GRU (cell) weight, gates stacked",
-    "matrix": "a 2-D weight of a layer that nothing identifies",
-    "embedding": "an embedding table",
-    "conv": "a convolution kernel",
-    "tensor": "a tensor of more than 2 dimensions that is not a convolution kernel",
-    "vector": "a vector or scalar (biases, norms)",
-    "mask": "a mask (not a weight)",
-    "constant": "a tensor whose values are all equal (not a weight)",
-    "buffer": "a buffer of its module (not a weight)",
-    "non_float": "an integer or boolean tensor (not a weight)",
-}
-EVIDENCE = ("module", "config", "structure", "name", "values", "default")
 
 #: Largest spatial size of a plausible convolution kernel.
 MAX_KERNEL = 32
@@ -81,11 +67,11 @@ _CONV_WORDS = {"conv", "convs", "convolution", "convolutions", "conv1d", "conv2d
 
 @dataclass(frozen=True)
 class Kind:
-    """What a tensor is (``kind``, a key of :data:`KINDS`), on what evidence (``kind_from``, one
-    of :data:`EVIDENCE`); ``parts``: the row blocks ``((label, rows), ...)`` of a fused weight
-    where known; ``module_type``: the owning module's type, as known or as the evidence implies
-    it (``LSTM`` from its gates, ``Embedding``, ``Conv2d``); ``detail``: what named the kind,
-    where the kind alone does not say (``Bilinear``)."""
+    """What a tensor is (``kind``), on what evidence (``kind_from``: ``module``, ``config``,
+    ``structure``, ``name`` or ``default``); ``parts``: the row blocks ``((label, rows), ...)``
+    of a fused weight where known; ``module_type``: the owning module's type, as known or as the
+    evidence implies it (``LSTM`` from its gates, ``Embedding``, ``Conv2d``); ``detail``: what
+    named the kind, where the kind alone does not say (``Bilinear``)."""
 
     kind: str
     kind_from: str

@@ -23,7 +23,7 @@ from .tensors import TensorInfo
 ANALYZED_KINDS = ("linear", "attention", "recurrent", "matrix")
 OPT_IN_KINDS = {"embedding": ("embeddings", "embedding table (add --include embeddings)"),
                 "conv": ("conv", "convolution kernel (add --include conv)")}
-#: Why a tensor of each other kind is never analyzed (see also :func:`skip_reason`), and why
+#: Why a tensor of each other kind is never analyzed (see also :func:`_skip_reason`), and why
 #: one whose values turn out not to be a weight's (:func:`~allennlp_analyze.kinds.value_kind`).
 NOT_WEIGHTS = {"buffer": "not a weight: a buffer of its module",
                "mask": "not a weight: a mask (by its name)"}
@@ -114,10 +114,10 @@ def _parameter_skip_reason(t: TensorInfo, kind: Kind, o: AnalysisOptions) -> Opt
     if k in OPT_IN_KINDS:
         include, reason = OPT_IN_KINDS[k]
         return None if include in o.include else reason
-    return skip_reason(t, kind)
+    return _skip_reason(t, kind)
 
 
-def skip_reason(t: TensorInfo, kind: Kind) -> str:
+def _skip_reason(t: TensorInfo, kind: Kind) -> str:
     """Why a tensor of a kind that is never analyzed is left out."""
     k = kind.kind
     if k == "non_float":
