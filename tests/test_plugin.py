@@ -160,7 +160,7 @@ def test_help_lists_the_command_from_any_directory(runs):
     assert code == 0, err
     assert "usage: allennlp analyze" in out
     for flag in ("--weights-file", "--overrides", "--cuda-device", "--include-package",
-                 "--min-q", "--rank-criterion", "--format", "--fail-on-collapse"):
+                 "--min-q", "--rank-criterion", "--format", "--fail-on-collapse", "--describe"):
         assert flag in out, flag
 
 
