@@ -62,7 +62,7 @@ def test_minilm_lists_every_tensor_and_computes_nothing(minilm_path, nothing_com
 def test_describe_says_what_analyze_does(minilm_path):
     """The matrices described as analyzed are the records of the analysis, option for
     option."""
-    for options in ({}, {"min_q": 1.0, "split_fused": True}, {"include": ("embeddings",)}):
+    for options in ({}, {"min_q": 1.0, "split_fused": True, "include": ("embeddings",)}):
         d = describe(minilm_path, **options)
         planned = sum(t.matrices for t in d.tensors)
         records = analyze(minilm_path, **options).records
