@@ -43,12 +43,16 @@ class MatrixRecord:
     (:mod:`allennlp_analyze.spectral_metrics`). ``method``: spectral path ("svd", "gram",
     "gram>svd").
     ``slice``: spatial position of a convolution slice, or the part of a fused matrix.
+    ``kind`` / ``kind_from``: what the tensor is and on what evidence
+    (:mod:`allennlp_analyze.kinds`; None for a matrix given directly).
     Fields are ``None`` where the status rules them out.
     """
 
     model: str
     name: str
     module_type: Optional[str]
+    kind: Optional[str] = field(default=None, kw_only=True)
+    kind_from: Optional[str] = field(default=None, kw_only=True)
     shape: Tuple[int, ...]
     dtype: str
     N: int

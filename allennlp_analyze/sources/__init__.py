@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional, Union
 
+from ..checkpoint_config import load_config
 from ..errors import AnalyzeError
 from ..tensors import WeightSource
 from ._common import TensorDictSource, as_state_dict, read_index
@@ -40,8 +41,17 @@ def _index_kind(path: Path):
 
 def open_path(path: Union[str, os.PathLike], label: Optional[str] = None) -> WeightSource:
     """Open a local file or folder, choosing the source by name (and by content where the name
-    says nothing)."""
-    p = Path(path)
+    says nothing). The ``config.json`` of an archive, or else the one in the folder (or beside
+    the file), becomes the source's ``config``: evidence of what its tensors are
+    (:mod:`allennlp_analyze.checkpoint_config`)."""
+    source = _open_path(Path(path), label)
+    if getattr(source, "config", None) is None and not isinstance(source, ArchiveSource):
+        p = Path(path)
+        source.config = load_config((p if p.is_dir() else p.parent) / "config.json")
+    return source
+
+
+def _open_path(p: Path, label: Optional[str]) -> WeightSource:
     try:
         exists, is_dir = p.exists(), p.is_dir()
     except OSError as e:

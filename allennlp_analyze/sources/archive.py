@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 from typing import Optional, Union
 
+from ..checkpoint_config import MAX_CONFIG_BYTES, parse_config
 from ..errors import AnalyzeError
 from ._common import TensorDictSource, one_line
 from .torch_file import TorchFileSource, load_state_dict
@@ -26,25 +27,40 @@ GZIP_MAGIC = b"\x1f\x8b"
 def _member_rank(name: str) -> Optional[int]:
     """Preference of a member as the archive's weights (lower is better), ``None`` if it is not
     one: ``weights.th`` / ``best.th`` at the top level or inside a single top folder."""
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    parts = _path_parts(name)
     if not parts or len(parts) > 2 or parts[-1] not in ARCHIVE_WEIGHTS:
         return None
     return ARCHIVE_WEIGHTS.index(parts[-1]) * 2 + (len(parts) - 1)
 
 
+def _path_parts(name: str) -> list:
+    return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
+def _config_folder(name: str) -> Optional[str]:
+    """The folder of a ``config.json`` member at the top level or in a single top folder."""
+    parts = _path_parts(name)
+    return "/".join(parts[:-1]) if 0 < len(parts) <= 2 and parts[-1] == "config.json" else None
+
+
 def read_archive_weights(path: Path) -> tuple:
-    """``(member name, bytes)`` of the archive's weights, reading the whole archive once."""
+    """``(member name, bytes, config bytes or None)``: the archive's weights and the
+    ``config.json`` beside them, reading the whole archive once."""
     try:
         with open(path, "rb") as raw:
             if raw.read(2) != GZIP_MAGIC:
                 raise AnalyzeError(f"{path} is not a gzip tar archive")
             raw.seek(0)
             best = None  # (rank, name, bytes)
-            links = []
+            links, configs = [], {}
             with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
                 with tarfile.open(fileobj=gz, mode="r|") as tar:
                     for member in tar:
                         rank = _member_rank(member.name)
+                        folder = _config_folder(member.name)
+                        if folder is not None and member.isfile() \
+                                and member.size <= MAX_CONFIG_BYTES:
+                            configs[folder] = tar.extractfile(member).read()
                         if rank is None:
                             continue
                         if not member.isfile():
@@ -78,7 +94,7 @@ def read_archive_weights(path: Path) -> tuple:
     if best is None:
         why = f" ({links[0]} is a link, which is not followed)" if links else ""
         raise AnalyzeError(f"{path} holds no weights.th (not an AllenNLP model archive?){why}")
-    return best[1], best[2]
+    return best[1], best[2], configs.get("/".join(_path_parts(best[1])[:-1]))
 
 
 class ArchiveSource(TensorDictSource):
@@ -86,10 +102,11 @@ class ArchiveSource(TensorDictSource):
 
     def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None):
         self.path = Path(path)
-        member, data = read_archive_weights(self.path)
+        member, data, config = read_archive_weights(self.path)
         state = load_state_dict(data, f"{self.path} (member {member})")
         del data
         super().__init__(label or self.path.name, state, origin=str(self.path))
+        self.config = parse_config(config) if config is not None else None
 
 
 def _checkpoint_key(path: Path):
