@@ -194,7 +194,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
 def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optional[bool] = False,
             on_error: str = "raise", cache_dir: Optional[str] = None,
             keep_spectra: bool = False, opener: Optional[Callable[..., WeightSource]] = None,
-            **option_kwargs) -> Analysis:
+            checkpoint_key: Optional[str] = None, **option_kwargs) -> Analysis:
     """Analyze one or more models. Each source is a path or URL (AllenNLP archive or
     serialization directory, state-dict file, safetensors file or folder, Hugging Face folder),
     a ``torch.nn.Module``, a state dict, or a :class:`~allennlp_analyze.tensors.WeightSource`.
@@ -205,8 +205,11 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     ``keep_spectra`` keeps every matrix's singular values in ``Analysis.spectra`` (for plots).
     Models are labelled by their sources' labels, made unique with a suffix " #2", " #3"...
     where two sources share one (two ``model.safetensors`` from different folders).
-    ``opener(spec, cache_dir=, progress=)`` turns a source into a WeightSource (default
-    :func:`allennlp_analyze.sources.open_source`); one model is held in memory at a time.
+    ``checkpoint_key`` picks the part of nested checkpoints to analyze (default: the rule of
+    :mod:`allennlp_analyze.sources.checkpoint`); which part was taken is in ``summary.notes``.
+    ``opener(spec, cache_dir=, progress=, checkpoint_key=)`` turns a source into a
+    WeightSource (default :func:`allennlp_analyze.sources.open_source`); one model is held in
+    memory at a time.
     """
     if opener is None:
         from .sources import open_source as opener
@@ -220,11 +223,11 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     records: List[MatrixRecord] = []
     spectra: List[np.ndarray] = []
     skipped: Counter = Counter()
-    labels, errors = [], []
+    labels, errors, notes = [], [], []
     for spec in sources:
         try:
             source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
-                opener(spec, cache_dir=cache_dir, progress=progress)
+                opener(spec, cache_dir=cache_dir, progress=progress, checkpoint_key=checkpoint_key)
             label = _unique(source.label, labels)
             recs, svs, skips = analyze_source(source, options, progress=progress, label=label)
         except AnalyzeError as e:
@@ -233,11 +236,13 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
             errors.append(str(e))
             continue
         labels.append(label)
+        if getattr(source, "note", None):
+            notes.append(f"{label}: {source.note}")
         records.extend(recs)
         spectra.extend(svs)
         skipped.update(skips)
         del source
-    return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
+    return Analysis(records=records, summary=summarize(records, skipped, labels, errors, notes),
                     options=options, spectra=spectra if keep_spectra else None)
 
 

@@ -103,6 +103,8 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
                 f"; alpha quartiles {t.alpha_q1:.3f} / {t.alpha_median:.3f} / {t.alpha_q3:.3f}"
             lines.append(f"  log10 sv_min < {aggregate.log10_threshold:g}: {t.below_threshold} "
                          f"of {t.with_spectrum} matrices{quartiles}")
+    for note in s.notes:
+        lines.append(f"  note: {note}")
     for err in s.errors:
         lines.append(f"  ERROR: {err}")
     if not s.complete:

@@ -60,9 +60,11 @@ def analyze_archives(*specs: str, weights_file: Optional[str] = None, overrides:
                      cuda_device: int = -1, **kwargs) -> Analysis:
     """:func:`allennlp_analyze.analyze` with each source opened by AllenNLP
     (:func:`~.loading.open_model_source`): models built where they can be, module types known."""
-    def opener(spec, cache_dir: Optional[str], progress: Optional[bool]):
+    def opener(spec, cache_dir: Optional[str], progress: Optional[bool],
+               checkpoint_key: Optional[str] = None):
         return open_model_source(spec, weights_file=weights_file, overrides=overrides,
-                                 cuda_device=cuda_device, cache_dir=cache_dir, progress=progress)
+                                 cuda_device=cuda_device, cache_dir=cache_dir, progress=progress,
+                                 checkpoint_key=checkpoint_key)
 
     return analyze(*specs, opener=opener, **kwargs)
 
