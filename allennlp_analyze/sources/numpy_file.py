@@ -65,7 +65,7 @@ def _check_size(array: _Array, available: int, origin: str) -> None:
 
 
 def _read(array: _Array, zf: Optional[zipfile.ZipFile]) -> np.ndarray:
-    """The array in native byte order; a read-only view of the file where possible."""
+    """The array in native byte order; a read-only view of the file where it is aligned."""
     order = "F" if array.fortran else "C"
     if array.buffer is None:
         with zf.open(array.member) as f:
@@ -76,7 +76,9 @@ def _read(array: _Array, zf: Optional[zipfile.ZipFile]) -> np.ndarray:
         values = np.frombuffer(array.buffer, dtype=array.dtype, count=prod(array.shape),
                                offset=array.start)
     values = values.reshape(array.shape, order=order)
-    return values if array.dtype.isnative else values.astype(array.dtype.newbyteorder("="))
+    if not array.dtype.isnative:
+        return values.astype(array.dtype.newbyteorder("="))
+    return values if values.flags.aligned else values.copy()  # zip offsets are arbitrary
 
 
 class _NumpySource:

@@ -153,8 +153,8 @@ class StridedTensor(PickledTensor):
         return None
 
     def read(self) -> np.ndarray:
-        """A read-only view of the file where it can be one (native byte order, no widening,
-        no negation), else a new array: the values in their stored precision."""
+        """A read-only view of the file where it can be one (aligned, native byte order, no
+        widening, no negation), else a new array: the values in their stored precision."""
         raw, code = NUMPY_DTYPES[self.dtype]
         dt = np.dtype(raw).newbyteorder(">") if self.storage.big_endian else np.dtype(raw)
         size = dt.itemsize
@@ -167,6 +167,8 @@ class StridedTensor(PickledTensor):
                 base, shape=self.shape, strides=[s * size for s in self.stride], writeable=False)
         if not dt.isnative:
             array = array.astype(dt.newbyteorder("="))
+        elif not array.flags.aligned:  # legacy files: BLAS takes another path, other round-off
+            array = array.copy()
         if code is not None:
             array = _widen(array, code)
         if self.negative:
@@ -302,6 +304,13 @@ def _get_layout(name):
     return name.rpartition(".")[2]
 
 
+def _set(items=()):
+    """``builtins.set`` / ``frozenset`` of a list (protocols 2 and 3 pickle sets so)."""
+    if not isinstance(items, (list, tuple)):
+        raise Corrupt("a set with bad arguments")
+    return set(items)
+
+
 def _size(dims=()):
     return _ints(dims, "size")
 
@@ -356,6 +365,7 @@ def _known(nested: bool) -> Dict[str, Any]:
     known["torch.Size"] = _size
     known["torch.serialization._get_layout"] = _get_layout
     known["collections.OrderedDict"] = _OrderedDict
+    known["builtins.set"] = known["builtins.frozenset"] = _set
     if not nested:
         known["torch.storage._load_from_bytes"] = _storage_from_bytes
     return known
@@ -529,6 +539,9 @@ def read_torch(buffer, origin: str) -> Tuple[Any, Set[str]]:
             raise AnalyzeError(f"{origin} is a TorchScript archive, not a plain tensor state "
                                "dict (refused to unpickle arbitrary objects)") from None
         raise AnalyzeError(f"{origin} is not a valid PyTorch file ({e})") from None
+    except MemoryError:  # the C unpickler allocates what a length field claims, then reads
+        raise AnalyzeError(f"{origin} is not a valid PyTorch file (a length in its pickle "
+                           "claims more memory than there is)") from None
     except (EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise AnalyzeError(f"{origin} is truncated or corrupt ({one_line(e) or 'ran out of data'})") from None
     except Exception as e:  # UnpicklingError, ValueError, TypeError ... of a malformed pickle
