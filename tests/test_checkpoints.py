@@ -199,6 +199,24 @@ def test_whole_pickled_module_and_plain_pickle(tmp_path):
     assert all(same(plain.load(n), t.numpy()) for n, t in sd.items())
 
 
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_numpy_arrays_inside_pickles(tmp_path, protocol):
+    rng = np.random.default_rng(0)
+    arrays = {"W": rng.standard_normal((30, 10)).astype(np.float32),
+              "F": np.asfortranarray(rng.standard_normal((6, 4))),
+              "big_endian": np.arange(5, dtype=">i8"), "h": rng.standard_normal((3, 3)).astype(np.float16)}
+    path = tmp_path / "arrays.pkl"
+    path.write_bytes(pickle.dumps({"model": arrays, "best": np.float64(0.5),
+                                   "objects": np.array([Reduce(os.system, "true")], dtype=object)},
+                                  protocol=protocol))
+    source = open_source(path)
+    assert [i.name for i in source.tensors()] == list(arrays)
+    for name, array in arrays.items():
+        loaded = source.load(name)
+        assert np.array_equal(loaded, array) and loaded.dtype == array.dtype.newbyteorder("=")
+    assert "posix.system" in source.note  # the object array's content stayed inert
+
+
 def test_lightning_ckpt_from_a_real_trainer(tmp_path):
     L = pytest.importorskip("lightning")
 
@@ -516,6 +534,13 @@ def test_numpy_object_arrays_and_truncation_are_refused(tmp_path):
             open_source(tmp_path / name)
         assert fragment in str(e.value) and name in str(e.value)
     assert not marker.exists()
+
+
+def test_compressed_members_that_expand_too_much_are_refused(tmp_path):
+    np.savez_compressed(tmp_path / "bomb.npz", w=np.zeros((2000, 2000)))  # 32 MB in ~30 KB
+    assert (tmp_path / "bomb.npz").stat().st_size < 100_000
+    with pytest.raises(AnalyzeError, match="over 100x: refused"):
+        open_source(tmp_path / "bomb.npz")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def open_path(path: Union[str, os.PathLike], label: Optional[str] = None,
         return _index_kind(p)(p, label)
     if name.endswith(".safetensors"):
         return SafetensorsSource(p, label)
-    if name.endswith((".th", ".pt", ".pth", ".bin", ".ckpt")):
+    if name.endswith((".th", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")):
         return TorchFileSource(p, label, checkpoint_key)
     if name.endswith(".npz"):
         return NpzSource(p, label)

@@ -154,10 +154,16 @@ def map_file(path: Path):
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
 
 
+#: A compressed zip member may expand at most this many times (plus 1 MiB): deflate reaches
+#: ~1000x on runs of zeros, so a small file could otherwise claim gigabytes (a zip bomb).
+MAX_EXPANSION = 100
+
+
 def zip_member_data(buffer, info: zipfile.ZipInfo):
     """Where a zip member's bytes lie in the zip's bytes ``buffer``: ``(buffer, offset)`` for a
     stored member (nothing copied), ``(None, offset)`` for a compressed one (to be read through
-    :mod:`zipfile`). ``ValueError`` where the member's local header or data are not there."""
+    :mod:`zipfile`). ``ValueError`` where the member's local header or data are not there, or
+    it would expand more than :data:`MAX_EXPANSION` times."""
     view = memoryview(buffer)
     head = bytes(view[info.header_offset:info.header_offset + 30])
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
@@ -165,6 +171,9 @@ def zip_member_data(buffer, info: zipfile.ZipInfo):
     name_len, extra_len = struct.unpack_from("<HH", head, 26)
     start = info.header_offset + 30 + name_len + extra_len
     if info.compress_type != zipfile.ZIP_STORED:
+        if info.file_size > MAX_EXPANSION * info.compress_size + (1 << 20):
+            raise ValueError(f"zip member {info.filename} would expand {info.file_size} bytes "
+                             f"from {info.compress_size}, over {MAX_EXPANSION}x: refused")
         return None, start
     if start + info.file_size > len(view):
         raise ValueError(f"zip member {info.filename} is truncated")

@@ -17,6 +17,7 @@ storage, before any tensor data is touched; the data stay in the file (memory-ma
 :meth:`PickledTensor.read`.
 """
 import io
+import re
 import struct
 import zipfile
 import zlib
@@ -350,6 +351,88 @@ _REBUILDERS = {
 _REBUILDERS_SET = set(_REBUILDERS.values())
 
 
+# -- numpy arrays inside pickles -------------------------------------------------------------
+
+_SIMPLE_DTYPE = re.compile(r"^([fiuc]\d{1,2}|b1|\?)$")
+
+
+class _NumpyDType:
+    """``numpy.dtype(spec, align, copy)`` and its BUILD state: only a plain numeric dtype is
+    ever made into a real one (:meth:`numpy`)."""
+
+    def __init__(self, spec=None, align=False, copy=False):
+        self.spec, self.order, self.structured = spec, "=", False
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 3:
+            if state[1] in ("<", ">", "|", "="):
+                self.order = state[1]
+            self.structured = state[3] is not None
+
+    def numpy(self) -> Optional[np.dtype]:
+        if self.structured or not isinstance(self.spec, str) or not _SIMPLE_DTYPE.match(self.spec):
+            return None
+        return np.dtype(self.spec).newbyteorder(self.order if self.order != "|" else "=")
+
+
+class NumpyArray(PickledTensor):
+    """A numpy array pickled inside the file (``numpy...._reconstruct`` + BUILD, or
+    ``_frombuffer``): its bytes are in the pickle; numpy's own code never runs on them."""
+
+    def __init__(self, *args):
+        self.shape, self.dtype, self._np, self._data, self._order = (), "?", None, None, "C"
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise Corrupt("a numpy array with a bad state")
+        _, shape, dtype, fortran, data = state
+        self._set(data, dtype, shape, "F" if fortran is True else "C")
+
+    def _set(self, data, dtype, shape, order):
+        self.shape = _ints(shape, "numpy array shape")
+        self._np = dtype.numpy() if isinstance(dtype, _NumpyDType) else None
+        self.dtype = self._np.name if self._np is not None else "object"
+        self._order = order
+        if self._np is not None:
+            if not isinstance(data, (bytes, bytearray)) or \
+                    len(data) != prod(self.shape) * self._np.itemsize:
+                raise Corrupt(f"a numpy array's data do not match its shape {self.shape}")
+            self._data = bytes(data)
+
+    def problem(self) -> Optional[str]:
+        return None if self._np is not None else "a numpy array of objects is not read"
+
+    def read(self) -> np.ndarray:
+        if self._np is None:
+            raise Corrupt(self.problem())
+        array = np.frombuffer(self._data, dtype=self._np).reshape(self.shape, order=self._order)
+        if not self._np.isnative:
+            return array.astype(self._np.newbyteorder("="))
+        return array if array.flags.aligned else array.copy()
+
+
+def _numpy_frombuffer(data, dtype, shape, order="C"):
+    array = NumpyArray()
+    array._set(data, dtype, shape, "F" if order == "F" else "C")
+    return array
+
+
+def _numpy_scalar(dtype, data=None):
+    """``numpy...multiarray.scalar(dtype, bytes)`` (``np.float64(0.5)`` in a checkpoint): the
+    Python number, for a plain numeric dtype."""
+    dt = dtype.numpy() if isinstance(dtype, _NumpyDType) else None
+    if dt is None or not isinstance(data, bytes) or len(data) != dt.itemsize:
+        raise Corrupt("a numpy scalar that is not a plain number")
+    return np.frombuffer(data, dtype=dt)[0].item()
+
+
+def _codecs_encode(text, encoding="utf-8"):
+    """``_codecs.encode(text, "latin1")``: how protocol 2 pickles ``bytes``."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise Corrupt("a bytes object pickled in an unknown way")
+    return text.encode("latin1")
+
+
 def _known(nested: bool) -> Dict[str, Any]:
     """What the pickles' globals resolve to: our recorders, dtypes, layouts, storage types;
     ``torch.storage._load_from_bytes`` (storages of a plain pickle) unless ``nested``."""
@@ -362,6 +445,13 @@ def _known(nested: bool) -> Dict[str, Any]:
     for cls, dtype in STORAGE_DTYPES.items():
         known[f"torch.{cls}"] = known[f"torch.cuda.{cls}"] = _StorageType(dtype)
     known["torch.storage.UntypedStorage"] = known["torch.UntypedStorage"]
+    for core in ("numpy.core", "numpy._core"):
+        known[f"{core}.multiarray._reconstruct"] = NumpyArray
+        known[f"{core}.numeric._frombuffer"] = _numpy_frombuffer
+        known[f"{core}.multiarray.scalar"] = _numpy_scalar
+    known["numpy.ndarray"] = "ndarray"
+    known["numpy.dtype"] = _NumpyDType
+    known["_codecs.encode"] = _codecs_encode
     known["torch.Size"] = _size
     known["torch.serialization._get_layout"] = _get_layout
     known["collections.OrderedDict"] = _OrderedDict
@@ -488,7 +578,7 @@ def _read_zip(buffer, zf: zipfile.ZipFile) -> Tuple[Any, Set[str]]:
     if pickle_info.file_size > MAX_PICKLE_BYTES:
         raise PickleTooLarge()
     order = infos.get(prefix + "byteorder")
-    big = order is not None and zf.read(order).strip() == b"big"
+    big = order is not None and order.file_size < 16 and zf.read(order).strip() == b"big"
     storages: Dict[str, Storage] = {}
     root, inert = load(Window(zf.read(pickle_info)), _known(False),
                        _zip_persistent_load(storages))
