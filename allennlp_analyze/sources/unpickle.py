@@ -73,10 +73,12 @@ def _inert_class(name: str) -> type:
 
 
 def global_name(module: str, name: str) -> str:
-    """``module.name`` with Python 2's module names mapped to Python 3's (``__builtin__``)."""
+    """``module.name`` with Python 2's module names mapped to Python 3's (``__builtin__``),
+    control characters escaped (names from a file must not write to the terminal)."""
     module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
     module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-    return f"{module}.{name}"
+    full = f"{module}.{name}"
+    return full if full.isprintable() else full.encode("unicode_escape").decode("ascii")
 
 
 class Window:
