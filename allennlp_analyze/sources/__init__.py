@@ -1,8 +1,9 @@
 """Where weights come from: :func:`open_source` turns a path, URL, state dict or module into a
 :class:`~allennlp_analyze.tensors.WeightSource` (tensor list first, arrays on demand).
 
-One module per kind of source; torch is imported only for pickled files and live modules, so
-reading safetensors needs numpy alone.
+One module per kind of source; torch is imported only for live modules: safetensors, pickled
+torch files (read by this package's own reader, :mod:`.torch_format`) and numpy files need
+numpy alone.
 """
 import os
 import re

@@ -116,6 +116,39 @@ class TensorDictSource:
         return f"<{type(self).__name__} {self.label!r}>"
 
 
+class MappedSource:
+    """A source whose tensors stay in a (memory-mapped) file until loaded: ``entries`` maps
+    each name to where its data are, ``infos`` lists them; subclasses read one with
+    :meth:`_read`. ``note``: what was left out or chosen, or ``None``."""
+
+    def __init__(self, label: str, origin: str, entries: Mapping, infos: List[TensorInfo],
+                 note: Optional[str] = None):
+        self.label, self._origin, self._entries, self._infos = label, origin, entries, infos
+        self.note = note
+
+    def _read(self, name: str, entry: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def tensors(self) -> Sequence[TensorInfo]:
+        return list(self._infos)
+
+    def load_mapped(self, name: str) -> np.ndarray:
+        """The tensor in its stored precision, a read-only view of the file where it can be
+        one (valid while the file is unchanged), else a new array."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise AnalyzeError(f"{self._origin} has no tensor named {name!r}")
+        return self._read(name, entry)
+
+    def load(self, name: str) -> np.ndarray:
+        """:meth:`load_mapped` as an array of its own."""
+        array = self.load_mapped(name)
+        return array if array.flags.owndata and array.flags.writeable else np.array(array)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label!r}>"
+
+
 def read_index(path: Path) -> Dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file name) of a sharded checkpoint's index."""
     try:

@@ -13,13 +13,13 @@ import os
 import zipfile
 from math import prod
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
 from ..errors import AnalyzeError
 from ..tensors import TensorInfo
-from ._common import map_file, one_line, zip_member_data
+from ._common import MappedSource, map_file, one_line, zip_member_data
 
 MAGIC = b"\x93NUMPY"
 
@@ -81,34 +81,20 @@ def _read(array: _Array, zf: Optional[zipfile.ZipFile]) -> np.ndarray:
     return values if values.flags.aligned else values.copy()  # zip offsets are arbitrary
 
 
-class _NumpySource:
+class _NumpySource(MappedSource):
     """Arrays by name, listed without reading their data."""
 
     def __init__(self, label: str, origin: str, arrays: Dict[str, _Array],
                  zf: Optional[zipfile.ZipFile] = None):
-        self.label, self._origin, self._arrays, self._zip = label, origin, arrays, zf
-        self.note: Optional[str] = None
+        infos = [TensorInfo(name, a.shape, a.dtype.name) for name, a in arrays.items()]
+        super().__init__(label, origin, arrays, infos)
+        self._zip = zf
 
-    def tensors(self) -> Sequence[TensorInfo]:
-        return [TensorInfo(name, a.shape, a.dtype.name) for name, a in self._arrays.items()]
-
-    def load_mapped(self, name: str) -> np.ndarray:
-        """The array, a read-only view of the file where it is stored uncompressed and in
-        native byte order (valid while the file is unchanged)."""
-        array = self._arrays.get(name)
-        if array is None:
-            raise AnalyzeError(f"{self._origin} has no array named {name!r}")
+    def _read(self, name: str, array: _Array) -> np.ndarray:
         try:
             return _read(array, self._zip)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise AnalyzeError(f"cannot read {name!r} of {self._origin}: {one_line(e)}") from None
-
-    def load(self, name: str) -> np.ndarray:
-        array = self.load_mapped(name)
-        return array if array.flags.owndata and array.flags.writeable else np.array(array)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.label!r}>"
 
 
 class NpySource(_NumpySource):

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import AnalyzeError
 from ..tensors import TensorInfo
-from ._common import map_file, read_index, shard_order
+from ._common import MappedSource, map_file, read_index, shard_order
 from .checkpoint import find_weights
 from .torch_format import Corrupt, PickledTensor, check, read_torch
 
@@ -50,40 +50,22 @@ def _left_note(left: Dict[str, str]) -> Optional[str]:
     return f"left out {len(left)} tensor{'s' if len(left) > 1 else ''} that are not read: {shown}{more}"
 
 
-class PickledSource:
+class PickledSource(MappedSource):
     """The weights of a pickled torch file given as its bytes (``bytes`` or an ``mmap``).
     ``note``: which part of a checkpoint was analyzed and what was left out (or ``None``)."""
 
     def __init__(self, label: str, buffer, origin: str, checkpoint_key: Optional[str] = None):
-        self.label = label
-        self._origin = origin
         weights, left = read_weights(buffer, origin, checkpoint_key)
-        self._tensors: Dict[str, PickledTensor] = weights.tensors
-        self._infos = [TensorInfo(name, t.shape, t.dtype, weights.module_types.get(name))
-                       for name, t in self._tensors.items()]
-        self.note = "; ".join(n for n in (weights.note, _left_note(left)) if n) or None
+        infos = [TensorInfo(name, t.shape, t.dtype, weights.module_types.get(name))
+                 for name, t in weights.tensors.items()]
+        note = "; ".join(n for n in (weights.note, _left_note(left)) if n) or None
+        super().__init__(label, origin, weights.tensors, infos, note)
 
-    def tensors(self) -> Sequence[TensorInfo]:
-        return list(self._infos)
-
-    def load_mapped(self, name: str) -> np.ndarray:
-        """The tensor in its stored precision, a read-only view of the file where it can be
-        one (valid while the file is unchanged), else a new array."""
-        tensor = self._tensors.get(name)
-        if tensor is None:
-            raise AnalyzeError(f"{self._origin} has no tensor named {name!r}")
+    def _read(self, name: str, tensor: PickledTensor) -> np.ndarray:
         try:
             return tensor.read()
         except Corrupt as e:
             raise AnalyzeError(f"{self._origin} is not a valid PyTorch file (tensor {name!r}: {e})") from None
-
-    def load(self, name: str) -> np.ndarray:
-        """:meth:`load_mapped` as an array of its own."""
-        array = self.load_mapped(name)
-        return array if array.flags.owndata and array.flags.writeable else np.array(array)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.label!r}>"
 
 
 class TorchFileSource(PickledSource):

@@ -23,14 +23,14 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from math import prod
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import numpy as np
 
 from ..errors import AnalyzeError
 from ._common import one_line, zip_member_data
 from .safetensors_file import _widen
-from .unpickle import MAX_PICKLE_BYTES, Inert, PickleTooLarge, Window, load
+from .unpickle import MAX_PICKLE_BYTES, PickleTooLarge, Window, load
 
 #: torch dtype name -> (numpy dtype of its stored bits, safetensors code where numpy widens it).
 NUMPY_DTYPES: Dict[str, Tuple[str, Optional[str]]] = {
