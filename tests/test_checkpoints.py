@@ -174,6 +174,11 @@ def test_no_usual_key_takes_every_tensor_but_the_optimizer_state(tmp_path):
     assert all(same(source.load(n), t.numpy()) for n, t in expected.items())
     assert source.note == ("analyzed all the tensors (8 tensors); left out 'optimizer' "
                            "(12 tensors) (--checkpoint-key chooses the part)")  # Adam: 3 per param
+    torch.save({"optimizer": _optimizer_state(enc), "epoch": 3}, tmp_path / "optimizer.pt")
+    with pytest.raises(AnalyzeError, match="holds tensors only under 'optimizer', optimizer or "
+                                           "scheduler state, left out by default"):
+        open_source(tmp_path / "optimizer.pt")
+    assert len(open_source(tmp_path / "optimizer.pt", checkpoint_key="optimizer").tensors()) == 12
     # lists are walked too; a flat state dict beside plain values needs no note
     torch.save([enc, dec], tmp_path / "list.pt")
     assert [i.name for i in open_source(tmp_path / "list.pt").tensors()][:2] == ["0.0.weight", "0.0.bias"]

@@ -200,6 +200,10 @@ def find_weights(root: Any, origin: str, is_tensor: Callable[[Any], bool],
             left[".".join(p[:len(path) + cut + 1])] += 1
         else:
             chosen.append((rel, tensor, owner))
+    if not chosen:
+        parts = ", ".join(repr(part) for part in left)
+        raise AnalyzeError(f"{origin} holds tensors only under {parts}, optimizer or scheduler "
+                           "state, left out by default (--checkpoint-key chooses a part)")
     note = None
     if path or left:
         note = f"analyzed {'.'.join(path)!r}" if path else "analyzed all the tensors"
