@@ -566,14 +566,24 @@ def test_allennlp_archive_with_a_nested_legacy_checkpoint(tmp_path):
     torch.save({"model": sd, "epoch": 4, "args": argparse.Namespace(lr=1)}, buf,
                _use_new_zipfile_serialization=False)
     members["weights.th"] = buf.getvalue()
-    archive = tmp_path / "nested.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    def tar(path: Path, members: dict) -> Path:
+        with tarfile.open(path, "w:gz") as out:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+        return path
+
+    archive = tar(tmp_path / "nested.tar.gz", members)
     nested = analyze_archives(str(archive))
     plain = analyze_archives(str(tagger))
+    # a hostile weights.th (issue 12): the same one line from `allennlp analyze`, quickly
+    buf = io.BytesIO()
+    torch.save({"w": torch.randn(6000).expand(30000, 6000)}, buf)
+    members["weights.th"] = buf.getvalue()
+    with pytest.raises(AnalyzeError, match=r"\(member weights.th\) holds no tensor that can be "
+                                           r"read \('w': an expanded view"):
+        analyze_archives(str(tar(tmp_path / "expanded.tar.gz", members)))
     assert records(nested) == records(plain)  # the model was built: module types filled in
     assert all(r["module_type"] for r in records(nested))
     assert nested.summary.notes[0].startswith("nested.tar.gz: analyzed 'model'")
