@@ -12,8 +12,8 @@ class, or an instance of it, only stores the arguments; ``__setstate__``, item a
 calls only store theirs. So the objects a file can reach are plain containers and numbers,
 the caller's records and inert placeholders, and the only functions it can call are the
 caller's own. The unpickling itself is CPython's C implementation (fast); the input is read
-through a bounded window (:class:`Window`), so a length field cannot make it allocate more
-than the file holds, and the pickled structure is limited to ``max_bytes``.
+through a bounded window (:class:`Window`), and the pickled structure is limited to
+:data:`MAX_PICKLE_BYTES`.
 """
 import _compat_pickle
 import pickle
@@ -83,10 +83,12 @@ def global_name(module: str, name: str) -> str:
 
 class Window:
     """A read-only file-like view of ``buffer[start:]`` (``bytes`` or ``mmap``) for
-    :class:`pickle.Unpickler`: reads never return more than is there (so a length field cannot
-    make it allocate more than the file holds), and consuming more than ``limit`` bytes raises
-    :class:`PickleTooLarge`. ``peek`` lets the C unpickler read ahead in large chunks (4x
-    faster than ``io.BytesIO`` on a list of 5 million floats)."""
+    :class:`pickle.Unpickler`: reads never return more than is there, and consuming more than
+    ``limit`` bytes raises :class:`PickleTooLarge`. (The C unpickler does allocate what a
+    bytes or string length field claims before it reads: untouched pages, freed as soon as the
+    read comes up short; a claim beyond the memory there is is a ``MemoryError``.) ``peek``
+    lets it read ahead in large chunks (a list of 5 million floats: 0.26 s, against 0.93 s
+    through ``io.BytesIO``, one run on a shared machine)."""
 
     def __init__(self, buffer, start: int = 0, limit: int = MAX_PICKLE_BYTES):
         self._obj = buffer
