@@ -246,7 +246,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
 def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optional[bool] = False,
             on_error: str = "raise", cache_dir: Optional[str] = None,
             keep_spectra: bool = False, opener: Optional[Callable[..., WeightSource]] = None,
-            **option_kwargs) -> Analysis:
+            checkpoint_key: Optional[str] = None, **option_kwargs) -> Analysis:
     """Analyze one or more models. Each source is a path or URL (AllenNLP archive or
     serialization directory, state-dict file, safetensors file or folder, Hugging Face folder),
     a ``torch.nn.Module``, a state dict, or a :class:`~allennlp_analyze.tensors.WeightSource`.
@@ -258,8 +258,11 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     and with ``randomize`` those of its permuted matrix in ``Analysis.rand_spectra``.
     Models are labelled by their sources' labels, made unique with a suffix " #2", " #3"...
     where two sources share one (two ``model.safetensors`` from different folders).
-    ``opener(spec, cache_dir=, progress=)`` turns a source into a WeightSource (default
-    :func:`allennlp_analyze.sources.open_source`); one model is held in memory at a time.
+    ``checkpoint_key`` picks the part of nested checkpoints to analyze (default: the rule of
+    :mod:`allennlp_analyze.sources.checkpoint`); which part was taken is in ``summary.notes``.
+    ``opener(spec, cache_dir=, progress=, checkpoint_key=)`` turns a source into a
+    WeightSource (default :func:`allennlp_analyze.sources.open_source`); one model is held in
+    memory at a time.
     """
     options = options_from(options, option_kwargs)
     records: List[MatrixRecord] = []
@@ -276,9 +279,10 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
         rand_spectra.extend(rand_svs)
         skipped.update(skips)
 
-    labels, errors = for_each_source(sources, one, opener=opener, on_error=on_error,
-                                     cache_dir=cache_dir, progress=progress)
-    return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
+    labels, errors, notes = for_each_source(sources, one, opener=opener, on_error=on_error,
+                                            cache_dir=cache_dir, progress=progress,
+                                            checkpoint_key=checkpoint_key)
+    return Analysis(records=records, summary=summarize(records, skipped, labels, errors, notes),
                     options=options, spectra=spectra if keep_spectra else None,
                     rand_spectra=rand_spectra if keep_spectra and options.randomize else None)
 
@@ -295,21 +299,24 @@ def options_from(options: Optional[AnalysisOptions], option_kwargs: Dict[str, ob
 
 def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
                     opener: Optional[Callable[..., WeightSource]] = None, on_error: str = "raise",
-                    cache_dir: Optional[str] = None, progress: Optional[bool] = False
-                    ) -> Tuple[List[str], List[str]]:
+                    cache_dir: Optional[str] = None, progress: Optional[bool] = False,
+                    checkpoint_key: Optional[str] = None
+                    ) -> Tuple[List[str], List[str], List[str]]:
     """``fn(source, label)`` for each source opened in turn (one in memory at a time), labels
-    made unique; returns the labels of the sources done and the errors collected (with
-    ``on_error="collect"``; ``"raise"`` raises the first :class:`AnalyzeError`)."""
+    made unique; returns the labels of the sources done, the errors collected (with
+    ``on_error="collect"``; ``"raise"`` raises the first :class:`AnalyzeError`) and the
+    sources' notes (e.g. which part of a nested checkpoint was read)."""
     if opener is None:
         from .sources import open_source as opener
     if on_error not in ("raise", "collect"):
         raise ValueError("on_error must be 'raise' or 'collect'")
     labels: List[str] = []
     errors: List[str] = []
+    notes: List[str] = []
     for spec in sources:
         try:
             source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
-                opener(spec, cache_dir=cache_dir, progress=progress)
+                opener(spec, cache_dir=cache_dir, progress=progress, checkpoint_key=checkpoint_key)
             label = _unique(source.label, labels)
             fn(source, label)
         except AnalyzeError as e:
@@ -318,8 +325,10 @@ def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
             errors.append(str(e))
             continue
         labels.append(label)
+        if getattr(source, "note", None):
+            notes.append(f"{label}: {source.note}")
         del source
-    return labels, errors
+    return labels, errors, notes
 
 
 def _unique(label: str, taken: List[str]) -> str:

@@ -25,11 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Sources, analysis options and output options: shared by this command and the AllenNLP
     ``analyze`` subcommand."""
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
-                        help="model archive (.tar.gz), serialization directory, state-dict file "
-                             "(.th/.pt/.bin), safetensors file or folder, Hugging Face folder, "
-                             "http(s) URL, or a glob of these")
+                        help="model archive (.tar.gz), serialization directory, state-dict or "
+                             "checkpoint file (.th/.pt/.bin/.ckpt), numpy .npy/.npz, safetensors "
+                             "file or folder, Hugging Face folder, http(s) URL, or a glob of these")
     parser.add_argument("--sources-from", metavar="FILE",
                         help="read further sources from FILE, one per line (# comments)")
+    parser.add_argument("--checkpoint-key", metavar="KEY",
+                        help="the part of a nested checkpoint to analyze, e.g. state_dict, ema "
+                             "or model.encoder (default: the state dict found under the usual "
+                             "keys, optimizer state left out; a note says which part was read)")
     analysis_options.add_arguments(parser)
     g = parser.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, default="table",
@@ -110,11 +114,13 @@ def run(args: argparse.Namespace,
         plots.prepare_plot_dir(args.plot_dir)
     result = analyze_fn(*sources, options=opts, progress=args.progress,
                         on_error="collect" if several else "raise", cache_dir=args.cache_dir,
-                        keep_spectra=bool(args.plot_dir))
+                        keep_spectra=bool(args.plot_dir), checkpoint_key=args.checkpoint_key)
     _write_report(result, args, functools.partial(write, wide=args.wide))
     if plots is not None:
         plots.write_figures(result, args.plot_dir, max_matrices=getattr(args, "plot_max", 100),
                             match=getattr(args, "plot_match", None) or ())
+    for note in result.summary.notes:
+        print(f"{prog}: note: {note}", file=sys.stderr)
     for err in result.summary.errors:
         print(f"{prog}: error: {err}", file=sys.stderr)
     if result.summary.errors:

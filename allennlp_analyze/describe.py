@@ -88,7 +88,7 @@ def describe_source(source: WeightSource, options: AnalysisOptions,
 def describe(*sources, options: Optional[AnalysisOptions] = None, on_error: str = "raise",
              cache_dir: Optional[str] = None, progress: Optional[bool] = False,
              opener: Optional[Callable[..., WeightSource]] = None,
-             **option_kwargs) -> Description:
+             checkpoint_key: Optional[str] = None, **option_kwargs) -> Description:
     """Describe one or more models, opened as :func:`allennlp_analyze.analyze` opens them (same
     sources, options, ``on_error``, ``opener`` and model labels), without analyzing them."""
     options = options_from(options, option_kwargs)
@@ -97,8 +97,9 @@ def describe(*sources, options: Optional[AnalysisOptions] = None, on_error: str 
     def one(source: WeightSource, label: str) -> None:
         tensors.extend(describe_source(source, options, label))
 
-    labels, errors = for_each_source(sources, one, opener=opener, on_error=on_error,
-                                     cache_dir=cache_dir, progress=progress)
+    labels, errors, _ = for_each_source(sources, one, opener=opener, on_error=on_error,
+                                        cache_dir=cache_dir, progress=progress,
+                                        checkpoint_key=checkpoint_key)
     return Description(tensors=tensors, models=labels, options=options, errors=errors)
 
 

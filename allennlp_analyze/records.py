@@ -8,7 +8,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from statistics import mean, median
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 RANK_CRITERIA = ("loose", "numpy", "nr")
 
@@ -114,7 +114,9 @@ RECORD_FIELDS: Tuple[str, ...] = tuple(f.name for f in fields(MatrixRecord))
 class Summary:
     """What one run found. ``skipped``: parameters left out, by reason; ``collapsed``: matrices
     with rank < M under each criterion; ``sv_min`` / ``sv_min_name``: the smallest nu_min and
-    where; ``errors``: sources that could not be read (a run with errors is incomplete)."""
+    where; ``errors``: sources that could not be read (a run with errors is incomplete);
+    ``notes``: what was read of a source where that is not all of it (the part of a nested
+    checkpoint, tensors left out)."""
 
     models: List[str]
     analyzed: int
@@ -128,6 +130,7 @@ class Summary:
     alpha_median: Optional[float]
     fitted: int
     errors: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -140,7 +143,7 @@ class Summary:
 
 
 def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
-              errors: List[str]) -> Summary:
+              errors: List[str], notes: Sequence[str] = ()) -> Summary:
     """Aggregate ``records`` (any number of models) into a :class:`Summary`."""
     with_sv = [r for r in records if r.sv_min is not None]
     smallest = min(with_sv, key=lambda r: r.sv_min, default=None)
@@ -160,4 +163,5 @@ def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
         alpha_median=median(alphas) if alphas else None,
         fitted=len(alphas),
         errors=list(errors),
+        notes=list(notes),
     )

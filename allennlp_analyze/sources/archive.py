@@ -2,8 +2,9 @@
 
 An archive is never extracted to disk: it is streamed once through ``gzip`` (which checks the
 CRC, so corruption and truncation are reported) and ``tarfile``, and the ``weights.th`` member
-(else ``best.th``) is read into memory and unpickled with ``weights_only=True``. Links and other
-non-regular members are never followed.
+(else ``best.th``) is read into memory and parsed as any pickled torch file is
+(:mod:`.torch_file`: no code from it is run). Links and other non-regular members are never
+followed.
 """
 import gzip
 import os
@@ -15,8 +16,8 @@ from typing import Optional, Union
 
 from ..checkpoint_config import MAX_CONFIG_BYTES, parse_config
 from ..errors import AnalyzeError
-from ._common import TensorDictSource, one_line
-from .torch_file import TorchFileSource, load_state_dict
+from ._common import one_line
+from .torch_file import PickledSource, TorchFileSource
 
 SUFFIXES = (".tar.gz", ".tgz")
 #: Weight members of an archive, in order of preference.
@@ -97,15 +98,15 @@ def read_archive_weights(path: Path) -> tuple:
     return best[1], best[2], configs.get("/".join(_path_parts(best[1])[:-1]))
 
 
-class ArchiveSource(TensorDictSource):
-    """An AllenNLP ``model.tar.gz``; its state dict is read when opened."""
+class ArchiveSource(PickledSource):
+    """An AllenNLP ``model.tar.gz``; its weights member is read when opened."""
 
-    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None):
+    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None,
+                 checkpoint_key: Optional[str] = None):
         self.path = Path(path)
         member, data, config = read_archive_weights(self.path)
-        state = load_state_dict(data, f"{self.path} (member {member})")
-        del data
-        super().__init__(label or self.path.name, state, origin=str(self.path))
+        super().__init__(label or self.path.name, data, f"{self.path} (member {member})",
+                         checkpoint_key)
         self.config = parse_config(config) if config is not None else None
 
 
@@ -132,11 +133,13 @@ def is_serialization_dir(folder: Path) -> bool:
 class SerializationDirSource(TorchFileSource):
     """An AllenNLP serialization directory (``config.json`` plus ``best.th`` or checkpoints)."""
 
-    def __init__(self, folder: Union[str, os.PathLike], label: Optional[str] = None):
+    def __init__(self, folder: Union[str, os.PathLike], label: Optional[str] = None,
+                 checkpoint_key: Optional[str] = None):
         folder = Path(folder)
         weights = find_serialization_weights(folder)
         if weights is None:
             raise AnalyzeError(f"{folder} holds no best.th, weights.th or model_state_*.th")
         self.folder = folder
         self.weights_path = weights
-        super().__init__(weights, label=label or folder.resolve().name)
+        super().__init__(weights, label=label or folder.resolve().name,
+                         checkpoint_key=checkpoint_key)
