@@ -94,9 +94,13 @@ def _import_hub(text: str):
     return huggingface_hub
 
 
-def open_hub(text: str, progress: Optional[bool] = None) -> WeightSource:
-    """The weights of hub id ``text`` (``ORG/NAME[@REVISION]``), labelled ``text``."""
-    return open_folder(resolve_hub(text, progress), label=text)
+def open_hub(text: str, progress: Optional[bool] = None,
+             checkpoint_key: Optional[str] = None) -> WeightSource:
+    """The weights of hub id ``text`` (``ORG/NAME[@REVISION]``), labelled ``text``: its
+    snapshot folder opened as any local folder (:func:`~allennlp_analyze.sources.open_path`)."""
+    from . import open_path
+
+    return open_path(resolve_hub(text, progress), label=text, checkpoint_key=checkpoint_key)
 
 
 def resolve_hub(text: str, progress: Optional[bool] = None) -> Path:
