@@ -16,11 +16,14 @@ from typing import (Callable, Collection, Dict, Iterable, Iterator, List, Option
 import numpy as np
 
 from .errors import AnalyzeError
+from .kinds import value_kind
 from .options import AnalysisOptions
-from .powerlaw_fit import fit_power_law
 from .journal import Journal
+from .powerlaw_fit import fit_power_law
 from .records import MatrixRecord, SourceInfo, Summary, summarize
-from .selection import MatrixPlan, extract, plan
+from .selection import NOT_WEIGHT_VALUES, MatrixPlan, Selection, extract, plan
+from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
+                               mp_bulk_fit, permuted)
 from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch,
                        singular_values_many)
 from .tensors import DTYPE_EPS, WeightSource
@@ -38,6 +41,8 @@ class Analysis:
     options: AnalysisOptions
     #: Singular values (descending) per record, aligned with ``records``, when asked for.
     spectra: Optional[List[np.ndarray]] = None
+    #: With ``randomize``: those of each record's permuted matrix (empty where none).
+    rand_spectra: Optional[List[np.ndarray]] = None
     #: The sources analyzed, in order; their records follow one another in ``records``.
     sources: List[SourceInfo] = field(default_factory=list)
 
@@ -57,14 +62,15 @@ def analyze_matrix(W: np.ndarray, options: AnalysisOptions = AnalysisOptions(), 
 
 def _analyze(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
              model: str, module_type: Optional[str], part: Optional[str]
-             ) -> Tuple[MatrixRecord, np.ndarray]:
-    """The record of W and its singular values (empty where none were computed)."""
+             ) -> Tuple[MatrixRecord, np.ndarray, np.ndarray]:
+    """The record of W, its singular values and those of its permuted self (empty where none
+    were computed)."""
     return _analyze_many([(W, name, dtype, model, module_type, part)], options)[0]
 
 
 def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optional[str],
                                     Optional[str]]], options: AnalysisOptions
-                  ) -> List[Tuple[MatrixRecord, np.ndarray]]:
+                  ) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
     """:func:`_analyze` of matrices (``(W, name, dtype, model, module_type, part)``) of one
     oriented shape, their spectra computed by stacked calls (same results as one by one)."""
     prepared = [_prepare(W, options, *rest) for W, *rest in items]
@@ -76,7 +82,11 @@ def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optiona
     results = [(rec, np.zeros(0)) for rec, _ in prepared]
     for i, spec in zip(todo, specs):
         results[i] = _finish(prepared[i][0], spec, options)
-    return results
+    rand = [np.zeros(0)] * len(results)
+    if options.randomize:
+        for i, sv in zip(todo, _randomize([prepared[i] for i in todo], specs, options)):
+            rand[i] = sv
+    return [(rec, sv, r) for (rec, sv), r in zip(results, rand)]
 
 
 def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
@@ -120,9 +130,14 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
     rec.log_spectral_norm = float(np.log10(lam_max))
     fitted = evals[(sv > tol.numpy) & (evals > 0)]
     rec.num_evals = int(fitted.size)
+    rec.effective_rank = effective_rank(sv)
     if M == 1:
         rec.status = "single_row"
         return rec, sv
+    bulk = mp_bulk_fit(sv, rec.N, M)
+    rec.mp_sigma2, rec.lambda_plus, rec.num_spikes, rec.mp_softrank = (
+        bulk.sigma2, bulk.lambda_plus, bulk.num_spikes, bulk.softrank)
+    rec.entropy = matrix_entropy(sv, rec.rank_numpy)
     fit = fit_power_law(fitted, xmax=lam_max if options.fit_xmax == "max" else None)
     if fit is None:
         rec.status = "too_few_eigenvalues"
@@ -130,11 +145,35 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
     rec.alpha, rec.xmin, rec.xmax, rec.D = fit.alpha, fit.xmin, fit.xmax, fit.D
     rec.num_tail = fit.num_tail
     rec.alpha_weighted = fit.alpha * rec.log_spectral_norm
+    rec.log_alpha_norm = log_alpha_norm(sv, fit.alpha)
     return rec, sv
+
+
+def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spectrum],
+               options: AnalysisOptions) -> List[np.ndarray]:
+    """Fill the ``rand_*`` and ``num_traps`` fields of the records that have a bulk fit from
+    their matrices with the elements permuted (of one oriented shape, with their spectra
+    ``specs``); return the permuted matrices' singular values (empty where none)."""
+    keep = [j for j, (rec, _) in enumerate(prepared) if rec.lambda_plus is not None]
+    rand_specs = singular_values_many(
+        [permuted(prepared[j][1], options.seed, prepared[j][0].name) for j in keep],
+        [DTYPE_EPS[prepared[j][0].dtype] for j in keep], loose_tol=options.loose_tol,
+        method=options.method, device=options.device)
+    out = [np.zeros(0)] * len(prepared)
+    for j, rand in zip(keep, rand_specs):
+        rec = prepared[j][0]
+        fit = mp_bulk_fit(rand.sv, rec.N, rec.M)
+        rec.rand_sv_max, rec.rand_lambda_plus = float(rand.sv[0]), fit.lambda_plus
+        rec.num_traps = fit.num_spikes
+        rec.rand_distance = esd_distance(specs[j].sv, specs[j].tolerances.numpy,
+                                         rand.sv, rand.tolerances.numpy)
+        out[j] = rand.sv
+    return out
 
 
 def analyze_source(source: WeightSource, options: AnalysisOptions,
                    progress: Optional[bool] = None, label: Optional[str] = None,
+                   rand_spectra: Optional[List[np.ndarray]] = None,
                    names: Optional[Collection[str]] = None, parallel: bool = True
                    ) -> Tuple[List[MatrixRecord], List[np.ndarray], Counter]:
     """Records of every selected matrix of one source, their singular values, and the skip
@@ -142,27 +181,31 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
 
     Each parameter is read once; ``progress`` True/False forces the progress bar (stderr) on or
     off, None shows it only when stderr is a terminal. ``label`` names the model in the records
-    (default: the source's own label). ``names`` restricts the analysis to the planned matrices
-    of those names (a part of the source, see :mod:`allennlp_analyze.tasks`); the skip counts
-    are still the whole source's. ``parallel`` False analyzes one matrix after another in this
-    thread, BLAS threads left as they are (a task on an executor, whose workers are the
-    parallelism)."""
+    (default: the source's own label). A ``rand_spectra`` list receives, aligned with the
+    records, the singular values of each permuted matrix (``options.randomize``; else empty).
+    ``names`` restricts the analysis to the planned matrices of those names (a part of the
+    source, see :mod:`allennlp_analyze.tasks`); the skip counts are then the plan's for the
+    whole source and those found in the part's parameters' values. ``parallel`` False analyzes
+    one matrix after another in this thread, BLAS threads left as they are (a task on an
+    executor, whose workers are the parallelism)."""
     label = label or source.label
-    tensors = source.tensors()
-    selection = plan(tensors, options)
-    if options.match and selection.skipped.get("not matched by --match") == len(tensors):
-        patterns = " ".join(repr(p) for p in options.match)
-        raise AnalyzeError(f"no parameter of {label} matches --match {patterns}")
+    selection = plan_source(source, options, label)
     plans = selection.plans if names is None else [p for p in selection.plans if p.name in names]
 
     # a source may offer a copy-free read-only view for transient use (safetensors: mapped)
     load = getattr(source, "load_mapped", source.load)
 
     def by_param() -> Iterator[Tuple[MatrixPlan, np.ndarray]]:
-        loaded_name, loaded = None, None
+        """Each planned matrix with its data; a parameter whose values show it is no weight
+        (a 0/1 mask, a constant) is left out here, counted with the skipped ones."""
+        loaded_name, loaded, not_weight = None, None, None
         for p in plans:
             if p.param != loaded_name:
                 loaded_name, loaded = p.param, load(p.param)
+                not_weight = value_kind(loaded)
+            if not_weight:
+                selection.skipped[NOT_WEIGHT_VALUES[not_weight]] += 1
+                continue
             yield p, extract(p, loaded)
 
     def batches() -> Iterator[List[Tuple[MatrixPlan, np.ndarray]]]:
@@ -183,31 +226,51 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         if batch:
             yield batch
 
-    def one(batch: List[Tuple[MatrixPlan, np.ndarray]]) -> List[Tuple[MatrixRecord, np.ndarray]]:
-        return _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
-                              for p, W in batch], options)
+    def one(batch: List[Tuple[MatrixPlan, np.ndarray]]
+            ) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
+        results = _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
+                                 for p, W in batch], options)
+        for (p, _), (rec, _, _) in zip(batch, results):
+            rec.kind, rec.kind_from = p.kind, p.kind_from
+        return results
 
     records, spectra = [], []
     workers = min(resolve_workers(options), max(1, len(plans))) if parallel else 1
     with _progress_bar(len(plans), label, progress) as bar, \
             _blas_threads(max(1, _cpu_count() // workers) if workers > 1 else None):
         for results in _bounded_map(one, batches(), workers):
-            for rec, sv in results:
+            for rec, sv, rand_sv in results:
                 records.append(rec)
                 spectra.append(sv)
+                if rand_spectra is not None:
+                    rand_spectra.append(rand_sv)
                 bar.update(1)
     if workers == 1:
         release_scratch()
     return records, spectra, selection.skipped
 
 
+def plan_source(source: WeightSource, options: AnalysisOptions,
+                label: Optional[str] = None) -> Selection:
+    """The plan of one source, from its tensor list (and its config, where it has one); a
+    ``--match`` that selects none of its parameters is an :class:`AnalyzeError`."""
+    tensors = source.tensors()
+    selection = plan(tensors, options, getattr(source, "config", None))
+    if options.match and selection.skipped.get("not matched by --match") == len(tensors):
+        patterns = " ".join(repr(p) for p in options.match)
+        raise AnalyzeError(f"no parameter of {label or source.label} matches --match {patterns}")
+    return selection
+
+
 @dataclass
 class SourceResult:
-    """One source's share of a run: what it was (``info``), its records and their spectra."""
+    """One source's share of a run: what it was (``info``), its records, their spectra and,
+    with ``randomize``, their permuted matrices' spectra."""
 
     info: SourceInfo
     records: List[MatrixRecord]
     spectra: List[np.ndarray]
+    rand_spectra: List[np.ndarray]
 
 
 #: What running the sources gives, source by source: (index of the source, its result or why
@@ -218,9 +281,9 @@ Outcomes = Iterator[Tuple[int, Union[SourceResult, Exception]]]
 def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optional[bool] = False,
             on_error: str = "raise", cache_dir: Optional[str] = None,
             keep_spectra: bool = False, opener: Optional[Callable[..., WeightSource]] = None,
-            executor: Optional[Executor] = None, scheduler: Optional[str] = None,
-            journal: Optional[Union[str, os.PathLike]] = None, resume: bool = False,
-            **option_kwargs) -> Analysis:
+            checkpoint_key: Optional[str] = None, executor: Optional[Executor] = None,
+            scheduler: Optional[str] = None, journal: Optional[Union[str, os.PathLike]] = None,
+            resume: bool = False, **option_kwargs) -> Analysis:
     """Analyze one or more models. Each source is a path or URL (AllenNLP archive or
     serialization directory, state-dict file, safetensors file or folder, Hugging Face folder),
     a ``torch.nn.Module``, a state dict, or a :class:`~allennlp_analyze.tensors.WeightSource`.
@@ -228,11 +291,15 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     Options come as an :class:`AnalysisOptions` or as its field names (``min_q=1.0``).
     ``on_error="raise"`` raises the first source's :class:`AnalyzeError`; ``"collect"`` records
     it in ``summary.errors`` (the run is then incomplete) and goes on with the other sources.
-    ``keep_spectra`` keeps every matrix's singular values in ``Analysis.spectra`` (for plots).
+    ``keep_spectra`` keeps every matrix's singular values in ``Analysis.spectra`` (for plots),
+    and with ``randomize`` those of its permuted matrix in ``Analysis.rand_spectra``.
     Models are labelled by their sources' labels, made unique with a suffix " #2", " #3"...
     where two sources share one (two ``model.safetensors`` from different folders).
-    ``opener(spec, cache_dir=, progress=)`` turns a source into a WeightSource (default
-    :func:`allennlp_analyze.sources.open_source`); one model is held in memory at a time.
+    ``checkpoint_key`` picks the part of nested checkpoints to analyze (default: the rule of
+    :mod:`allennlp_analyze.sources.checkpoint`); which part was taken is in ``summary.notes``.
+    ``opener(spec, cache_dir=, progress=, checkpoint_key=)`` turns a source into a
+    WeightSource (default :func:`allennlp_analyze.sources.open_source`); one model is held in
+    memory at a time.
 
     ``executor`` (any :class:`concurrent.futures.Executor`, e.g. a Dask client's
     ``get_executor()`` or a process pool) or ``scheduler`` (a Dask scheduler's address,
@@ -246,10 +313,7 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     if opener is None:
         from .sources import open_source as opener
 
-    if options is None:
-        options = AnalysisOptions(**option_kwargs)
-    elif option_kwargs:
-        raise TypeError("pass either options= or option keywords, not both")
+    options = options_from(options, option_kwargs)
     if on_error not in ("raise", "collect"):
         raise ValueError("on_error must be 'raise' or 'collect'")
     if executor is not None and scheduler is not None:
@@ -266,21 +330,25 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
             from .integrations.dask import scheduler_executor
 
             executor = stack.enter_context(scheduler_executor(scheduler))
-        log = None if journal is None else stack.enter_context(Journal(journal, options, resume))
+        log = None if journal is None else \
+            stack.enter_context(Journal(journal, options, resume, checkpoint_key))
         todo = []
         for i, name in enumerate(names):
             done = None if log is None else log.take(name)
             if done is None:
                 todo.append(i)
             else:
-                results[i] = SourceResult(done[0], done[1], [np.zeros(0) for _ in done[1]])
+                empty = [np.zeros(0) for _ in done[1]]
+                results[i] = SourceResult(done[0], done[1], empty, empty)
         if executor is None:
-            outcomes = _run_here(sources, todo, options, opener, cache_dir, progress)
+            outcomes = _run_here(sources, todo, options, opener=opener, cache_dir=cache_dir,
+                                 progress=progress, checkpoint_key=checkpoint_key)
         else:
             from .tasks import run_tasks
 
             outcomes = run_tasks(executor, sources, todo, options, opener=opener,
-                                 cache_dir=cache_dir, progress=progress, keep_spectra=keep_spectra)
+                                 cache_dir=cache_dir, progress=progress,
+                                 checkpoint_key=checkpoint_key, keep_spectra=keep_spectra)
         for i, outcome in stack.enter_context(contextlib.closing(outcomes)):
             if isinstance(outcome, SourceResult):
                 outcome = replace(outcome, info=replace(outcome.info, source=names[i]))
@@ -297,22 +365,32 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     return result
 
 
-def _run_here(sources: tuple, todo: List[int], options: AnalysisOptions,
+def one_source(source: WeightSource, options: AnalysisOptions, progress: Optional[bool] = False,
+               names: Optional[Collection[str]] = None, parallel: bool = True) -> SourceResult:
+    """:func:`analyze_source` of one opened source as its share of a run (records labelled
+    with the source's own label)."""
+    rand_spectra: List[np.ndarray] = []
+    recs, svs, skips = analyze_source(source, options, progress=progress,
+                                      rand_spectra=rand_spectra, names=names, parallel=parallel)
+    info = SourceInfo(None, source.label, source.label, len(recs), dict(skips),
+                      getattr(source, "note", None))
+    return SourceResult(info, recs, svs, rand_spectra)
+
+
+def _run_here(sources: tuple, todo: List[int], options: AnalysisOptions, *,
               opener: Callable[..., WeightSource], cache_dir: Optional[str],
-              progress: Optional[bool]) -> Outcomes:
+              progress: Optional[bool], checkpoint_key: Optional[str]) -> Outcomes:
     """The sources ``todo`` analyzed in this process, one after another."""
     for i in todo:
-        spec = sources[i]
         try:
-            source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
-                opener(spec, cache_dir=cache_dir, progress=progress)
-            recs, svs, skips = analyze_source(source, options, progress=progress)
+            source = open_one(sources[i], opener, cache_dir=cache_dir, progress=progress,
+                              checkpoint_key=checkpoint_key)
+            result = one_source(source, options, progress)
         except AnalyzeError as e:
             yield i, e
             continue
-        info = SourceInfo(None, source.label, source.label, len(recs), dict(skips))
         del source
-        yield i, SourceResult(info, recs, svs)
+        yield i, result
 
 
 def _assemble(results: List[Optional[SourceResult]], errors: List[str], options: AnalysisOptions,
@@ -320,6 +398,7 @@ def _assemble(results: List[Optional[SourceResult]], errors: List[str], options:
     """The run from its sources' results (None: failed) in order: models labelled uniquely."""
     records: List[MatrixRecord] = []
     spectra: List[np.ndarray] = []
+    rand_spectra: List[np.ndarray] = []
     skipped: Counter = Counter()
     infos: List[SourceInfo] = []
     for res in results:
@@ -329,10 +408,14 @@ def _assemble(results: List[Optional[SourceResult]], errors: List[str], options:
         infos.append(replace(res.info, model=model))
         records.extend(replace(rec, model=model) for rec in res.records)
         spectra.extend(res.spectra)
+        rand_spectra.extend(res.rand_spectra)
         skipped.update(res.info.skipped)
     labels = [info.model for info in infos]
-    return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
-                    options=options, spectra=spectra if keep_spectra else None, sources=infos)
+    notes = [f"{info.model}: {info.note}" for info in infos if info.note]
+    return Analysis(records=records, summary=summarize(records, skipped, labels, errors, notes),
+                    options=options, spectra=spectra if keep_spectra else None,
+                    rand_spectra=rand_spectra if keep_spectra and options.randomize else None,
+                    sources=infos)
 
 
 def _source_name(spec) -> Optional[str]:
@@ -340,6 +423,57 @@ def _source_name(spec) -> Optional[str]:
     if isinstance(spec, (str, os.PathLike)):
         return os.fsdecode(os.fspath(spec))
     return None
+
+
+def options_from(options: Optional[AnalysisOptions], option_kwargs: Dict[str, object]
+                 ) -> AnalysisOptions:
+    """``options``, or the options named by keyword (not both)."""
+    if options is None:
+        return AnalysisOptions(**option_kwargs)
+    if option_kwargs:
+        raise TypeError("pass either options= or option keywords, not both")
+    return options
+
+
+def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
+                    opener: Optional[Callable[..., WeightSource]] = None, on_error: str = "raise",
+                    cache_dir: Optional[str] = None, progress: Optional[bool] = False,
+                    checkpoint_key: Optional[str] = None
+                    ) -> Tuple[List[str], List[str], List[str]]:
+    """``fn(source, label)`` for each source opened in turn (one in memory at a time), labels
+    made unique; returns the labels of the sources done, the errors collected (with
+    ``on_error="collect"``; ``"raise"`` raises the first :class:`AnalyzeError`) and the
+    sources' notes (e.g. which part of a nested checkpoint was read)."""
+    if opener is None:
+        from .sources import open_source as opener
+    if on_error not in ("raise", "collect"):
+        raise ValueError("on_error must be 'raise' or 'collect'")
+    labels: List[str] = []
+    errors: List[str] = []
+    notes: List[str] = []
+    for spec in sources:
+        try:
+            source = open_one(spec, opener, cache_dir=cache_dir, progress=progress,
+                              checkpoint_key=checkpoint_key)
+            label = _unique(source.label, labels)
+            fn(source, label)
+        except AnalyzeError as e:
+            if on_error == "raise":
+                raise
+            errors.append(str(e))
+            continue
+        labels.append(label)
+        if getattr(source, "note", None):
+            notes.append(f"{label}: {source.note}")
+        del source
+    return labels, errors, notes
+
+
+def open_one(spec, opener: Callable[..., WeightSource], **kwargs) -> WeightSource:
+    """``spec`` itself where it is a WeightSource already, else ``opener(spec, **kwargs)``."""
+    if hasattr(spec, "load") and hasattr(spec, "tensors"):
+        return spec
+    return opener(spec, **kwargs)
 
 
 def _unique(label: str, taken: List[str]) -> str:

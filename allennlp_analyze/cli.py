@@ -5,6 +5,7 @@ Exit codes: 0 analyzed; 1 analyzed and found rank collapse, with ``--fail-on-col
 of several that could not be read (the others are still analyzed and reported).
 """
 import argparse
+import functools
 import glob
 import os
 import sys
@@ -12,6 +13,7 @@ from typing import Callable, List, Optional, Sequence
 
 from . import options as analysis_options
 from .analysis import Analysis, analyze
+from .describe import Description, describe, write_description
 from .errors import AnalyzeError
 from .report import FORMATS, write
 
@@ -23,16 +25,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Sources, analysis options and output options: shared by this command and the AllenNLP
     ``analyze`` subcommand."""
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
-                        help="model archive (.tar.gz), serialization directory, state-dict file "
-                             "(.th/.pt/.bin), safetensors file or folder, Hugging Face folder, "
-                             "http(s) URL, or a glob of these")
+                        help="model archive (.tar.gz), serialization directory, state-dict or "
+                             "checkpoint file (.th/.pt/.bin/.ckpt), numpy .npy/.npz, safetensors "
+                             "file or folder, Hugging Face folder, http(s) URL, Hugging Face hub "
+                             "id ORG/NAME[@REVISION], or a glob of these")
     parser.add_argument("--sources-from", metavar="FILE",
                         help="read further sources from FILE, one per line (# comments)")
+    parser.add_argument("--checkpoint-key", metavar="KEY",
+                        help="the part of a nested checkpoint to analyze, e.g. state_dict, ema "
+                             "or model.encoder (default: the state dict found under the usual "
+                             "keys, optimizer state left out; a note says which part was read)")
     analysis_options.add_arguments(parser)
     g = parser.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, default=None,
                    help="table (with summary), json, csv, or jsonl: JSON lines, one per record "
                         "(default: jsonl for an --output-file named *.jsonl, else table)")
+    g.add_argument("--wide", action="store_true",
+                   help="table: also the MP bulk fit (spikes, soft rank), the entropies and, "
+                        "with --randomize, the correlation traps (JSON and CSV always have them)")
     g.add_argument("--output-file", "-o", metavar="PATH",
                    help="write there instead of stdout; a JSON-lines file gets each source's "
                         "records as soon as the source is complete")
@@ -44,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--plot-match", action="append", default=[], metavar="REGEX",
                    help="per-matrix figures only for matrices whose MODEL:NAME matches "
                         "(repeatable)")
+    g.add_argument("--describe", action="store_true",
+                   help="instead of analyzing, list every tensor with its shape, dtype, kind "
+                        "(and the evidence for it) and what the analysis would do with it; "
+                        "reads no tensor data, computes nothing")
     g.add_argument("--fail-on-collapse", action="store_true",
                    help="exit with status 1 when any matrix lost rank under --rank-criterion")
     g.add_argument("--cache-dir", metavar="DIR",
@@ -86,14 +100,28 @@ def expand_sources(args: argparse.Namespace) -> List[str]:
 
 
 def run(args: argparse.Namespace,
-        analyze_fn: Callable[..., Analysis] = analyze, prog: str = "allennlp-analyze") -> int:
-    """Analyze, write the report (and figures), and return the exit code. ``analyze_fn`` lets
-    the AllenNLP subcommand substitute its own loader; ``prog`` names the command in error
-    lines."""
+        analyze_fn: Callable[..., Analysis] = analyze, prog: str = "allennlp-analyze",
+        describe_fn: Callable[..., Description] = describe) -> int:
+    """Analyze (or with ``--describe`` describe), write the report (and figures), and return the
+    exit code. ``analyze_fn`` / ``describe_fn`` let the AllenNLP subcommand substitute its own
+    loader; ``prog`` names the command in error lines."""
     opts = analysis_options.from_namespace(args)
     sources = expand_sources(args)
     several = len(sources) > 1
     fmt = output_format(args)
+    if getattr(args, "describe", False):
+        if args.plot_dir:
+            raise AnalyzeError("--describe computes no spectra: there is nothing to plot "
+                               "(drop --plot-dir)")
+        if fmt == "jsonl":
+            raise AnalyzeError("--describe writes a table, json or csv, not jsonl")
+        described = describe_fn(*sources, options=opts, progress=args.progress,
+                                on_error="collect" if several else "raise",
+                                cache_dir=args.cache_dir)
+        _write_report(described, args, fmt, write_description)
+        for err in described.errors:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2 if described.errors else 0
     journal = args.output_file if fmt == "jsonl" else None
     if args.resume and journal is None:
         raise AnalyzeError("--resume needs a JSON-lines --output-file (FILE.jsonl, or --format "
@@ -106,13 +134,15 @@ def run(args: argparse.Namespace,
         plots.prepare_plot_dir(args.plot_dir)
     result = analyze_fn(*sources, options=opts, progress=args.progress,
                         on_error="collect" if several else "raise", cache_dir=args.cache_dir,
-                        keep_spectra=bool(args.plot_dir), scheduler=args.scheduler,
-                        journal=journal, resume=args.resume)
+                        keep_spectra=bool(args.plot_dir), checkpoint_key=args.checkpoint_key,
+                        scheduler=args.scheduler, journal=journal, resume=args.resume)
     if journal is None:
-        _write_report(result, args, fmt)
+        _write_report(result, args, fmt, functools.partial(write, wide=args.wide))
     if plots is not None:
         plots.write_figures(result, args.plot_dir, max_matrices=getattr(args, "plot_max", 100),
                             match=getattr(args, "plot_match", None) or ())
+    for note in result.summary.notes:
+        print(f"{prog}: note: {note}", file=sys.stderr)
     for err in result.summary.errors:
         print(f"{prog}: error: {err}", file=sys.stderr)
     if result.summary.errors:
@@ -129,15 +159,15 @@ def output_format(args: argparse.Namespace) -> str:
     return "jsonl" if (args.output_file or "").lower().endswith(".jsonl") else "table"
 
 
-def _write_report(result: Analysis, args: argparse.Namespace, fmt: str) -> None:
+def _write_report(result, args: argparse.Namespace, fmt: str, writer: Callable = write) -> None:
     if args.output_file:
         try:
             with open(args.output_file, "w", encoding="utf-8", newline="") as f:
-                write(result, fmt, f)
+                writer(result, fmt, f)
         except OSError as e:
             raise AnalyzeError(f"cannot write {args.output_file}: {e.strerror}") from None
     else:
-        write(result, fmt, sys.stdout)
+        writer(result, fmt, sys.stdout)
 
 
 def _plots_module():

@@ -4,11 +4,12 @@
 One JSON object per line::
 
     {"allennlp_analyze_sweep": 1, "options": {...}}                 header: the analysis options
-                                                                     (but --workers: speed only)
+                                                                     (but --workers: speed only;
+                                                                     with --checkpoint-key too)
     {"model": "a", "name": "fc1.weight", ...}                       one line per record, as in
     ...                                                              --format json's "records"
     {"source_complete": {"source": "runs/a", "label": "a", "model": "a", "records": 12,
-                         "skipped": {...}}}                           the end of source "runs/a"
+                         "skipped": {...}, "note": null}}             the end of source "runs/a"
 
 A source's *block* is its record lines followed by its end line. A sweep file gets each block
 as soon as its source is complete, in one write, flushed and fsynced before the run goes on, so
@@ -46,9 +47,9 @@ _SPEED_OPTIONS = ("workers",)
 Block = Tuple[SourceInfo, List[MatrixRecord]]
 
 
-def header_line(options: AnalysisOptions) -> str:
+def header_line(options: AnalysisOptions, checkpoint_key: Optional[str] = None) -> str:
     """The first line: the format's version and the options that make the records."""
-    return _line({HEADER_KEY: VERSION, "options": _options_dict(options)})
+    return _line({HEADER_KEY: VERSION, "options": _options_dict(options, checkpoint_key)})
 
 
 def block_text(info: SourceInfo, records: Sequence[MatrixRecord]) -> str:
@@ -57,10 +58,11 @@ def block_text(info: SourceInfo, records: Sequence[MatrixRecord]) -> str:
 
 
 def write_jsonl(options: AnalysisOptions, sources: Sequence[SourceInfo],
-                records: Sequence[MatrixRecord], out: IO[str]) -> None:
+                records: Sequence[MatrixRecord], out: IO[str],
+                checkpoint_key: Optional[str] = None) -> None:
     """The header, then the block of each source (its ``info.records`` records, taken from
     ``records`` in order)."""
-    out.write(header_line(options))
+    out.write(header_line(options, checkpoint_key))
     start = 0
     for info in sources:
         out.write(block_text(info, records[start:start + info.records]))
@@ -74,13 +76,15 @@ class Journal:
     ``resume``, read back for its complete sources (:meth:`take`); :meth:`append` adds a
     complete source, :meth:`finish` rewrites the file in the run's order. A context manager."""
 
-    def __init__(self, path: Union[str, os.PathLike], options: AnalysisOptions, resume: bool):
+    def __init__(self, path: Union[str, os.PathLike], options: AnalysisOptions, resume: bool,
+                 checkpoint_key: Optional[str] = None):
         self.path = Path(path)
+        self.checkpoint_key = checkpoint_key
         self._blocks: List[Tuple[Block, str]] = []
         self._taken: List[bool] = []
         valid_end = 0
         if resume and self.path.exists():
-            valid_end, self._blocks = _read(self.path, options)
+            valid_end, self._blocks = _read(self.path, _options_dict(options, checkpoint_key))
             self._taken = [False] * len(self._blocks)
         try:
             if valid_end:
@@ -89,7 +93,7 @@ class Journal:
                 self._file.seek(valid_end)
             else:
                 self._file = open(self.path, "w", encoding="utf-8", newline="")
-                self._write(header_line(options))
+                self._write(header_line(options, checkpoint_key))
                 _fsync_dir(self.path.parent)
         except OSError as e:
             raise AnalyzeError(f"cannot write {self.path}: {e.strerror or e}") from None
@@ -127,7 +131,7 @@ class Journal:
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                write_jsonl(options, sources, records, f)
+                write_jsonl(options, sources, records, f, self.checkpoint_key)
                 for (_, text), taken in zip(self._blocks, self._taken):
                     if not taken:
                         f.write(text)
@@ -146,9 +150,10 @@ class Journal:
         os.fsync(self._file.fileno())
 
 
-def _read(path: Path, options: AnalysisOptions) -> Tuple[int, List[Tuple[Block, str]]]:
-    """The complete blocks of the sweep file ``path`` (with their text) and the byte offset
-    where the last one ends (0: no header yet, start afresh)."""
+def _read(path: Path, options: Dict[str, object]) -> Tuple[int, List[Tuple[Block, str]]]:
+    """The complete blocks of the sweep file ``path`` written with ``options`` (as in its
+    header), with their text, and the byte offset where the last one ends (0: no header yet,
+    start afresh)."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -193,11 +198,11 @@ def _parse(line: bytes) -> Optional[object]:
         return None
 
 
-def _check_header(path: Path, header: Dict, options: AnalysisOptions) -> None:
+def _check_header(path: Path, header: Dict, ours: Dict[str, object]) -> None:
     if header.get(HEADER_KEY) != VERSION:
         raise AnalyzeError(f"{path} is a sweep file of another version "
                            f"({header.get(HEADER_KEY)!r}, this is {VERSION}); it cannot be resumed")
-    theirs, ours = header.get("options") or {}, _options_dict(options)
+    theirs = header.get("options") or {}
     differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     if differ:
         what = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:3])
@@ -219,10 +224,15 @@ def _damaged(path: Path, i: int, why: str) -> AnalyzeError:
     return AnalyzeError(f"{path} is damaged at line {i + 1} ({why}); it cannot be resumed")
 
 
-def _options_dict(options: AnalysisOptions) -> Dict[str, object]:
-    """The options that make the records, as JSON values (tuples as lists)."""
-    return {k: v for k, v in json.loads(json.dumps(vars(options), default=list)).items()
-            if k not in _SPEED_OPTIONS}
+def _options_dict(options: AnalysisOptions, checkpoint_key: Optional[str] = None
+                  ) -> Dict[str, object]:
+    """The options that make the records, as JSON values (tuples as lists), and the
+    ``checkpoint_key`` where one is given."""
+    d = {k: v for k, v in json.loads(json.dumps(vars(options), default=list)).items()
+         if k not in _SPEED_OPTIONS}
+    if checkpoint_key is not None:
+        d["checkpoint_key"] = checkpoint_key
+    return d
 
 
 def _line(obj: object) -> str:

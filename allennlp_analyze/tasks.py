@@ -37,18 +37,17 @@ other sources go on.
 """
 import os
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from itertools import groupby
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-import numpy as np
-
 from .analysis import (Outcomes, SourceResult, _blas_threads, _progress_bar, _source_name,
-                       analyze_source)
+                       one_source, plan_source)
 from .errors import AnalyzeError
 from .options import AnalysisOptions
-from .records import MatrixRecord, SourceInfo
-from .selection import MatrixPlan, plan
+from .records import SourceInfo
+from .selection import MatrixPlan
 from .sources._common import one_line
 from .tensors import WeightSource
 
@@ -58,11 +57,12 @@ PART_COST = 2e9
 
 @dataclass
 class _Parts:
-    """A source task's answer for a source to split: what the part tasks need."""
+    """A source task's answer for a source to split: the parts, and what the plan knows."""
 
     label: str
     parts: List[List[str]]
     skipped: Dict[str, int]
+    note: Optional[str]
 
 
 def cost(p: MatrixPlan) -> int:
@@ -100,45 +100,47 @@ def reads_one_by_one(source: WeightSource) -> bool:
     return hasattr(source, "load_mapped")
 
 
-def source_task(spec: str, options: AnalysisOptions, cache_dir: Optional[str],
+def source_task(spec: str, options: AnalysisOptions, open_kwargs: dict,
                 opener: Callable[..., WeightSource], keep_spectra: bool
                 ) -> Union[SourceResult, _Parts, AnalyzeError]:
     """On a worker: open and plan one source; analyze it whole, or say how to split it."""
     try:
-        source = opener(spec, cache_dir=cache_dir, progress=False)
-        selection = plan(source.tensors(), options)
+        source = opener(spec, progress=False, **open_kwargs)
+        selection = plan_source(source, options)
         parts = split(selection.plans, reads_one_by_one(source))
         if len(parts) > 1:
-            return _Parts(source.label, parts, dict(selection.skipped))
+            return _Parts(source.label, parts, dict(selection.skipped),
+                          getattr(source, "note", None))
         with _blas_threads(1):
-            recs, svs, skips = analyze_source(source, options, progress=False, parallel=False)
+            result = one_source(source, options, parallel=False)
     except AnalyzeError as e:
         return e
-    return SourceResult(SourceInfo(None, source.label, source.label, len(recs), dict(skips)),
-                        recs, svs if keep_spectra else [])
+    return result if keep_spectra else replace(result, spectra=[], rand_spectra=[])
 
 
-def part_task(spec: str, names: List[str], label: str, options: AnalysisOptions,
-              cache_dir: Optional[str], opener: Callable[..., WeightSource], keep_spectra: bool
-              ):
-    """On a worker: the records (and spectra) of the matrices ``names`` of one source."""
+def part_task(spec: str, names: List[str], options: AnalysisOptions, open_kwargs: dict,
+              opener: Callable[..., WeightSource], keep_spectra: bool
+              ) -> Union[SourceResult, AnalyzeError]:
+    """On a worker: the share of the matrices ``names`` of one source (its skip counts: the
+    plan's and those found in these parameters' values)."""
     try:
-        source = opener(spec, cache_dir=cache_dir, progress=False)
+        source = opener(spec, progress=False, **open_kwargs)
         with _blas_threads(1):
-            recs, svs, _ = analyze_source(source, options, progress=False, label=label,
-                                          names=set(names), parallel=False)
+            result = one_source(source, options, names=set(names), parallel=False)
     except AnalyzeError as e:
         return e
-    return recs, svs if keep_spectra else []
+    return result if keep_spectra else replace(result, spectra=[], rand_spectra=[])
 
 
 def run_tasks(executor: Executor, sources: Sequence, todo: List[int], options: AnalysisOptions,
               *, opener: Callable[..., WeightSource], cache_dir: Optional[str],
-              progress: Optional[bool], keep_spectra: bool) -> Outcomes:
+              progress: Optional[bool], checkpoint_key: Optional[str], keep_spectra: bool
+              ) -> Outcomes:
     """The sources ``todo`` (indexes into ``sources``: paths or URLs) run on ``executor``;
     yields each source's result or error as soon as all its tasks are done. Tasks still
     pending when the caller stops are cancelled."""
     specs = {i: _task_spec(sources[i]) for i in todo}
+    open_kwargs = {"cache_dir": cache_dir, "checkpoint_key": checkpoint_key}
     pending: Dict[Future, tuple] = {}
     parts: Dict[int, list] = {}
     split_as: Dict[int, _Parts] = {}
@@ -147,7 +149,7 @@ def run_tasks(executor: Executor, sources: Sequence, todo: List[int], options: A
         pending[executor.submit(fn, *args)] = key
 
     for i in todo:
-        submit(source_task, specs[i], options, cache_dir, opener, keep_spectra, key=(i, None))
+        submit(source_task, specs[i], options, open_kwargs, opener, keep_spectra, key=(i, None))
     try:
         with _progress_bar(len(todo), f"{len(todo)} sources", progress, unit="task") as bar:
             while pending:
@@ -163,8 +165,8 @@ def run_tasks(executor: Executor, sources: Sequence, todo: List[int], options: A
                     elif isinstance(out, _Parts):
                         split_as[i], parts[i] = out, [None] * len(out.parts)
                         for k, names in enumerate(out.parts):
-                            submit(part_task, specs[i], names, out.label, options,
-                                   cache_dir, opener, keep_spectra, key=(i, k))
+                            submit(part_task, specs[i], names, options, open_kwargs, opener,
+                                   keep_spectra, key=(i, k))
                         bar.total += len(out.parts)
                         bar.refresh()
                     else:
@@ -186,16 +188,24 @@ def _result(future: Future, spec) -> object:
         return error
 
 
-def _joined(how: _Parts, answers: list) -> Union[SourceResult, AnalyzeError]:
+def _joined(how: _Parts, answers: List[Union[SourceResult, AnalyzeError]]
+            ) -> Union[SourceResult, AnalyzeError]:
     """A split source's result from its parts' answers (in part order); its first failing
-    part's error (in plan order, as locally) if any failed."""
+    part's error (in plan order, as locally) if any failed. The skip counts are the plan's,
+    then those that the parts found in their parameters' values, in part order (as locally,
+    where they are counted while the parameters are read in plan order)."""
     for answer in answers:
         if isinstance(answer, AnalyzeError):
             return answer
-    records: List[MatrixRecord] = [r for recs, _ in answers for r in recs]
-    spectra: List[np.ndarray] = [sv for _, svs in answers for sv in svs]
-    return SourceResult(SourceInfo(None, how.label, how.label, len(records), how.skipped),
-                        records, spectra)
+    skipped = Counter(how.skipped)
+    for answer in answers:
+        for reason, n in answer.info.skipped.items():
+            if n > how.skipped.get(reason, 0):
+                skipped[reason] += n - how.skipped.get(reason, 0)
+    records = [r for a in answers for r in a.records]
+    info = SourceInfo(None, how.label, how.label, len(records), dict(skipped), how.note)
+    return SourceResult(info, records, [sv for a in answers for sv in a.spectra],
+                        [sv for a in answers for sv in a.rand_spectra])
 
 
 def _task_spec(spec) -> str:

@@ -47,13 +47,17 @@ def write_sharded(folder: Path, tensors: Dict[str, np.ndarray], shards: int) -> 
 
 def big_checkpoint(rng, layers: int = 3) -> Dict[str, np.ndarray]:
     """Work of 3 * 2048 * 1024**2 = 6.4e9 (N * M**2) at the default: above 2 * PART_COST, so
-    it is split, one 2048 x 1024 matrix (2.1e9 >= PART_COST) per part; also a NaN matrix.
+    it is split, one 2048 x 1024 matrix (2.1e9 >= PART_COST) per part, a 0/1 mask in the
+    first part, a NaN matrix and a constant one in the last.
     Full rank, so that the cheap Gram path serves them (lost ranks: the small ones)."""
     tensors = {f"blocks.{i}.mlp.weight":
                (rng.standard_normal((2048, 1024)) / 45.0).astype(np.float32) for i in range(layers)}
     bad = planted(rng, 64, 32, 32)
     bad[3, 5] = np.nan
     tensors["blocks.nan.weight"] = bad
+    # planned as matrices, left out when read (a 0/1 mask, a constant): counted by parts 1, 4
+    tensors["blocks.0.gate01.weight"] = (rng.random((64, 32)) < 0.5).astype(np.float32)
+    tensors["blocks.zconst.weight"] = np.full((64, 32), 0.5, dtype=np.float32)
     return tensors
 
 

@@ -75,6 +75,8 @@ def test_process_pool_equals_local_bit_for_bit(zoo):
     assert local.summary.errors == [f"{sources[-1]} does not exist"]
     assert {r.method for r in local.records} >= {"gram", "gram>svd"}
     assert {r.status for r in local.records} >= {"ok", "nonfinite"}
+    assert {"not a weight: a mask (all values 0 or 1)", "not a weight: all values equal (and "
+            "not 0)"} <= set(local.summary.skipped)  # counted when read, in the split source
     with ProcessPoolExecutor(2) as pool:
         remote = analyze(*sources, on_error="collect", executor=pool)
     assert len(remote.records) == len(local.records) >= 40

@@ -12,6 +12,7 @@ from allennlp.commands.subcommand import Subcommand
 
 from .. import cli
 from ..analysis import Analysis, analyze
+from ..describe import Description, describe
 from .loading import open_model_source
 
 PROG = "allennlp analyze"
@@ -32,7 +33,8 @@ class Analyze(Subcommand):
             if action.dest == "sources":
                 action.metavar = "ARCHIVE"
                 action.help = ("model archive (.tar.gz), serialization directory or http(s) URL; "
-                               "also any other source allennlp-analyze reads, or a glob")
+                               "also any other source allennlp-analyze reads (a Hugging Face "
+                               "hub id ORG/NAME[@REVISION]...), or a glob")
             elif action.dest == "cache_dir":
                 action.help = ("where downloaded archives are kept (default: AllenNLP's cache, "
                                "$ALLENNLP_CACHE_ROOT/cache, else ~/.allennlp/cache)")
@@ -50,21 +52,32 @@ class Analyze(Subcommand):
 def _run(args: argparse.Namespace) -> None:
     _quiet_logging()
 
-    def analyze_fn(*specs, **kwargs) -> Analysis:
-        return analyze_archives(*specs, weights_file=args.weights_file,
-                                overrides=args.overrides, cuda_device=args.cuda_device, **kwargs)
+    loading = dict(weights_file=args.weights_file, overrides=args.overrides,
+                   cuda_device=args.cuda_device)
 
-    sys.exit(cli.guarded(lambda: cli.run(args, analyze_fn=analyze_fn, prog=PROG), PROG))
+    def analyze_fn(*specs, **kwargs) -> Analysis:
+        return analyze_archives(*specs, **loading, **kwargs)
+
+    def describe_fn(*specs, **kwargs) -> Description:
+        return describe(*specs, opener=_opener(**loading), **kwargs)
+
+    sys.exit(cli.guarded(lambda: cli.run(args, analyze_fn=analyze_fn, prog=PROG,
+                                         describe_fn=describe_fn), PROG))
+
+
+def _opener(weights_file: Optional[str] = None, overrides: str = "", cuda_device: int = -1):
+    """Opens each source with AllenNLP (:func:`~.loading.open_model_source`): models built where
+    they can be, module types known. A partial of a module function, so that tasks on an
+    executor (a process pool, a Dask cluster) can take it."""
+    return functools.partial(open_model_source, weights_file=weights_file, overrides=overrides,
+                             cuda_device=cuda_device)
 
 
 def analyze_archives(*specs: str, weights_file: Optional[str] = None, overrides: str = "",
                      cuda_device: int = -1, **kwargs) -> Analysis:
-    """:func:`allennlp_analyze.analyze` with each source opened by AllenNLP
-    (:func:`~.loading.open_model_source`): models built where they can be, module types known.
-    The opener is a partial of a module function, so that tasks on an executor can take it."""
-    opener = functools.partial(open_model_source, weights_file=weights_file, overrides=overrides,
-                               cuda_device=cuda_device)
-    return analyze(*specs, opener=opener, **kwargs)
+    """:func:`allennlp_analyze.analyze` with each source opened by AllenNLP: models built where
+    they can be, module types known."""
+    return analyze(*specs, opener=_opener(weights_file, overrides, cuda_device), **kwargs)
 
 
 def _quiet_logging() -> None:
