@@ -15,9 +15,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 import numpy as np
 
 from .errors import AnalyzeError
+from .noise_floor import NoiseFloor, noise_floor
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
-from .records import MatrixRecord, Summary, summarize
+from .records import MatrixRecord, Summary, criterion_for, summarize
 from .selection import MatrixPlan, extract, plan
 from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch,
                        singular_values_many)
@@ -47,7 +48,8 @@ def analyze_matrix(W: np.ndarray, options: AnalysisOptions = AnalysisOptions(), 
                    module_type: Optional[str] = None, part: Optional[str] = None
                    ) -> MatrixRecord:
     """Analyze one 2-D matrix ``W``. ``dtype`` is its storage dtype name (default: W's own),
-    whose machine epsilon sets the numpy / Numerical-Recipes rank tolerances."""
+    whose machine epsilon sets the numpy / Numerical-Recipes rank tolerances and whose ulp the
+    noise floor (W's values are taken as stored in it)."""
     return _analyze(W, options, name, dtype, model, module_type, part)[0]
 
 
@@ -65,13 +67,15 @@ def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optiona
     oriented shape, their spectra computed by stacked calls (same results as one by one)."""
     prepared = [_prepare(W, options, *rest) for W, *rest in items]
     todo = [i for i, (_, W) in enumerate(prepared) if W is not None]
+    noise = [noise_floor(prepared[i][1], prepared[i][0].dtype) for i in todo]
     specs = singular_values_many([prepared[i][1] for i in todo],
                                  [DTYPE_EPS[prepared[i][0].dtype] for i in todo],
                                  loose_tol=options.loose_tol, method=options.method,
-                                 device=options.device)
+                                 device=options.device,
+                                 noise_floors=[n.estimate for n in noise])
     results = [(rec, np.zeros(0)) for rec, _ in prepared]
-    for i, spec in zip(todo, specs):
-        results[i] = _finish(prepared[i][0], spec, options)
+    for i, spec, n in zip(todo, specs, noise):
+        results[i] = _finish(prepared[i][0], spec, n, options)
     return results
 
 
@@ -95,17 +99,28 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
     return rec, W
 
 
-def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
+def _finish(rec: MatrixRecord, spec: Spectrum, noise: NoiseFloor, options: AnalysisOptions
             ) -> Tuple[MatrixRecord, np.ndarray]:
-    """Fill the record from the spectrum: ranks, norms, the power-law fit."""
-    M = rec.M
+    """Fill the record from the spectrum and the noise floor: ranks, norms, the power-law fit."""
+    N, M = rec.N, rec.M
     sv, tol = spec.sv, spec.tolerances
     rec.method = spec.method
     rec.sv_max, rec.sv_min = float(sv[0]), float(sv[-1])
     rec.log10_sv_min = float(np.log10(sv[-1])) if sv[-1] > 0 else float("-inf")
-    rec.rank_loose, rec.rank_numpy, rec.rank_nr = (spec.rank(tol.loose), spec.rank(tol.numpy),
-                                                   spec.rank(tol.nr))
-    rec.rank_loss = M - rec.rank(options.rank_criterion)
+    rec.rank_loose, rec.rank_noise = spec.rank(tol.loose), spec.rank(tol.noise)
+    rec.noise_floor, rec.noise_bound = tol.noise, noise.bound
+    # numpy's and NR's tolerances scale with nu_max: at or above it (max(N, M) * eps >= 1 for
+    # numpy, sqrt(N + M + 1) * eps / 2 >= 1 for NR) every value counts as noise, which says
+    # nothing about W: no rank then, and the record says why
+    meaningless = [c for c in ("numpy", "nr") if sv[0] > 0.0 and getattr(tol, c) >= sv[0]]
+    rec.rank_numpy = None if "numpy" in meaningless else spec.rank(tol.numpy)
+    rec.rank_nr = None if "nr" in meaningless else spec.rank(tol.nr)
+    if meaningless:
+        rec.rank_note = (f"{' and '.join(meaningless)} tolerance >= sv_max for {rec.dtype} "
+                         f"(eps {DTYPE_EPS[rec.dtype]:.3g}) at {N} x {M}: no rank")
+    rec.rank_criterion = criterion_for(options.rank_criterion, rec.dtype)
+    rank = rec.rank(rec.rank_criterion)
+    rec.rank_loss = None if rank is None else M - rank
     if sv[0] == 0.0:
         rec.status = "all_zero"
         return rec, sv
@@ -114,7 +129,9 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
     rec.stable_rank = lam_sum / lam_max
     rec.log_norm = float(np.log10(lam_sum))
     rec.log_spectral_norm = float(np.log10(lam_max))
-    fitted = evals[(sv > tol.numpy) & (evals > 0)]
+    # the fit sees every eigenvalue that stands out from the noise (rounding to the storage
+    # dtype, and the spectrum's own float64 round-off), whatever the rank criterion
+    fitted = evals[(sv > tol.noise) & (evals > 0)]
     rec.num_evals = int(fitted.size)
     if M == 1:
         rec.status = "single_row"

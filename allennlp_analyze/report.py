@@ -47,7 +47,7 @@ def write_table(analysis: Analysis, out: IO[str]) -> None:
     multi = len(analysis.summary.models) > 1
     header = (["model"] if multi else []) + [
         "name", "type", "N x M", "Q", "sv_max", "sv_min", "log10 sv_min",
-        "rank loose/numpy/nr", "alpha", "D", "xmin", "tail", "status"]
+        "rank loose/numpy/nr/noise", "alpha", "D", "xmin", "tail", "status"]
     rows = [(([r.model] if multi else []) + _table_row(r)) for r in analysis.records]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     left = {"model", "name", "type", "status"}
@@ -81,10 +81,18 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
     for status, n in s.status.items():
         if status != "ok":
             lines.append(f"  {n:6d}  {STATUS_TEXT[status]}")
-    lines.append(f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {s.collapsed['loose']}"
-                 f", numpy tolerance: {s.collapsed['numpy']}"
-                 f", Numerical Recipes tolerance: {s.collapsed['nr']}"
-                 f"  [--rank-criterion {criterion}]")
+    def count(c: str) -> str:
+        undefined = s.rank_undefined.get(c)
+        return f"{s.collapsed[c]}" + (f" (no rank for {undefined}: tolerance >= sv_max)"
+                                      if undefined else "")
+
+    chosen = f"{criterion}: loose for float32/float64, noise for narrower dtypes" \
+        if criterion == "auto" else criterion
+    lines.append(f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {count('loose')}"
+                 f", numpy tolerance: {count('numpy')}"
+                 f", Numerical Recipes tolerance: {count('nr')}"
+                 f", noise floor: {count('noise')}"
+                 f"  [--rank-criterion {chosen}]")
     for name in s.collapsed_names[criterion][:10]:
         lines.append(f"          collapsed: {name}")
     if len(s.collapsed_names[criterion]) > 10:
@@ -111,7 +119,8 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
 
 
 def _table_row(r: MatrixRecord) -> List[str]:
-    ranks = "-" if r.rank_loose is None else f"{r.rank_loose}/{r.rank_numpy}/{r.rank_nr}"
+    ranks = "-" if r.rank_loose is None else "/".join(
+        "-" if k is None else str(k) for k in (r.rank_loose, r.rank_numpy, r.rank_nr, r.rank_noise))
     return [r.name, r.module_type or "-", f"{r.N} x {r.M}", f"{r.Q:.2f}", _num(r.sv_max),
             _num(r.sv_min), _num(r.log10_sv_min, fixed=True), ranks, _num(r.alpha, fixed=True),
             _num(r.D, fixed=True), _num(r.xmin), "-" if r.num_tail is None else str(r.num_tail),
