@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 import numpy as np
 
 from .errors import AnalyzeError
-from .noise_floor import NoiseFloor, noise_floor
+from .noise_floor import StorageNoise, storage_noise
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
 from .records import MatrixRecord, Summary, criterion_for, summarize
@@ -67,12 +67,12 @@ def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optiona
     oriented shape, their spectra computed by stacked calls (same results as one by one)."""
     prepared = [_prepare(W, options, *rest) for W, *rest in items]
     todo = [i for i, (_, W) in enumerate(prepared) if W is not None]
-    noise = [noise_floor(prepared[i][1], prepared[i][0].dtype) for i in todo]
+    noise = [storage_noise(prepared[i][1], prepared[i][0].dtype) for i in todo]
     specs = singular_values_many([prepared[i][1] for i in todo],
                                  [DTYPE_EPS[prepared[i][0].dtype] for i in todo],
                                  loose_tol=options.loose_tol, method=options.method,
                                  device=options.device,
-                                 noise_floors=[n.estimate for n in noise])
+                                 noise_estimates=[n.estimate for n in noise])
     results = [(rec, np.zeros(0)) for rec, _ in prepared]
     for i, spec, n in zip(todo, specs, noise):
         results[i] = _finish(prepared[i][0], spec, n, options)
@@ -99,7 +99,7 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
     return rec, W
 
 
-def _finish(rec: MatrixRecord, spec: Spectrum, noise: NoiseFloor, options: AnalysisOptions
+def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: AnalysisOptions
             ) -> Tuple[MatrixRecord, np.ndarray]:
     """Fill the record from the spectrum and the noise floor: ranks, norms, the power-law fit."""
     N, M = rec.N, rec.M

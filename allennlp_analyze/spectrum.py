@@ -28,10 +28,10 @@ Numerical ranks (all count ``nu > tol``, as ``numpy.linalg.matrix_rank`` does):
 * ``rank_loose``: tol = ``loose_tol`` (absolute, default 1e-3: the original study's bound);
 * ``rank_numpy``: tol = ``nu_max * max(N, M) * eps`` (numpy's default);
 * ``rank_nr``: tol = ``nu_max / 2 * sqrt(N + M + 1) * eps`` (Numerical Recipes);
-* ``rank_noise``: tol = the noise floor: W's storage rounding estimate
-  (:mod:`allennlp_analyze.noise_floor`, passed in by the caller), or the float64 round-off of
-  the spectrum itself, ``nu_max * max(N, M) * eps64``, where that is larger (float64 storage,
-  whose rounding is below what a float64 SVD resolves: there rank_noise = numpy's rank);
+* ``rank_noise``: tol = the noise floor (:func:`allennlp_analyze.noise_floor.noise_floor`),
+  from the independent estimate of W's storage rounding passed in by the caller
+  (``noise_estimate``, 0 where not given) and the spectrum: never below the float64 round-off
+  of the spectrum itself, ``nu_max * max(N, M) * eps64``;
 
 where ``eps`` is the machine epsilon of the dtype the weights were *stored* in (float32:
 1.19e-7), not float64's: round-off in stored float32 weights lifts zero singular values to about
@@ -42,6 +42,8 @@ from dataclasses import dataclass, fields
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .noise_floor import noise_floor
 
 #: Guaranteed relative accuracy of every singular value that the Gram path is allowed to report.
 GRAM_RTOL = 1e-8
@@ -137,23 +139,24 @@ def _oriented64(W: np.ndarray, slot: str = "w") -> np.ndarray:
 
 
 def rank_tolerances(sv_max: float, N: int, M: int, eps: float, loose_tol: float,
-                    noise_floor: float = 0.0) -> RankTolerances:
-    """The criteria's thresholds for a matrix with largest singular value ``sv_max`` and
-    storage noise floor ``noise_floor`` (the estimate of its rounding's spectral norm)."""
+                    noise: float = 0.0) -> RankTolerances:
+    """The criteria's thresholds for a matrix with largest singular value ``sv_max`` and noise
+    floor ``noise``."""
     return RankTolerances(loose=float(loose_tol),
                           numpy=float(sv_max * max(N, M) * eps),
                           nr=float(sv_max / 2.0 * np.sqrt(N + M + 1.0) * eps),
-                          noise=max(float(noise_floor), float(sv_max * max(N, M) * _EPS64)))
+                          noise=float(noise))
 
 
 def singular_values(W: np.ndarray, eps: float, loose_tol: float = 1e-3, method: str = "auto",
-                    device: Optional[str] = None, noise_floor: float = 0.0) -> Spectrum:
+                    device: Optional[str] = None, noise_estimate: float = 0.0) -> Spectrum:
     """Spectrum of a finite 2-D matrix ``W`` (any orientation, any float dtype).
 
     ``eps``: machine epsilon of W's storage dtype (sets the rank tolerances); ``method``: "auto",
     "svd" or "gram" (module docstring); ``device``: None for numpy on the CPU, or a torch device
     such as "cuda" (float64 there too; results equal the CPU path's to round-off);
-    ``noise_floor``: W's storage noise floor, the noise criterion's tolerance.
+    ``noise_estimate``: the independent estimate of W's storage rounding, from which (and the
+    spectrum) the noise criterion's tolerance follows.
     """
     if method not in ("auto", "svd", "gram"):
         raise ValueError(f"unknown spectral method {method!r}")
@@ -164,11 +167,11 @@ def singular_values(W: np.ndarray, eps: float, loose_tol: float = 1e-3, method: 
     else:
         sv = _gram_values(W, device)
         if method == "auto" and not _gram_trustworthy(
-                sv, N, M, _tolerances(sv, N, M, eps, loose_tol, noise_floor)):
+                sv, N, M, _tolerances(sv, N, M, eps, loose_tol, noise_estimate)):
             sv, method = _svd_values(W, device), "gram>svd"
         else:
             method = "gram"
-    tolerances = _tolerances(sv, N, M, eps, loose_tol, noise_floor)
+    tolerances = _tolerances(sv, N, M, eps, loose_tol, noise_estimate)
     return Spectrum(sv=sv, N=N, M=M, method=method, tolerances=tolerances)
 
 
@@ -182,15 +185,15 @@ def batch_size(M: int, device: Optional[str] = None) -> int:
 
 def singular_values_many(Ws: Sequence[np.ndarray], eps: Sequence[float], loose_tol: float = 1e-3,
                          method: str = "auto", device: Optional[str] = None,
-                         noise_floors: Optional[Sequence[float]] = None) -> List[Spectrum]:
+                         noise_estimates: Optional[Sequence[float]] = None) -> List[Spectrum]:
     """:func:`singular_values` of several matrices of one oriented shape (N x M), each with its
-    storage ``eps`` (and noise floor, default 0), computed by stacked LAPACK calls. The results are those of one call per
+    storage ``eps`` (and noise estimate, default 0), computed by stacked LAPACK calls. The results are those of one call per
     matrix, bit for bit (the gufunc runs the same LAPACK routine on each); the point is that a
     stacked call over more than 500 values in all releases the GIL (see ``GIL_FREE_OUTPUT``),
     so that worker threads overlap."""
     if method not in ("auto", "svd", "gram"):
         raise ValueError(f"unknown spectral method {method!r}")
-    floors = [0.0] * len(Ws) if noise_floors is None else list(noise_floors)
+    floors = [0.0] * len(Ws) if noise_estimates is None else list(noise_estimates)
     if len(Ws) <= 1 or device is not None:
         return [singular_values(W, e, loose_tol, method, device, f)
                 for W, e, f in zip(Ws, eps, floors)]
@@ -231,8 +234,9 @@ def singular_values_many(Ws: Sequence[np.ndarray], eps: Sequence[float], loose_t
 
 
 def _tolerances(sv: np.ndarray, N: int, M: int, eps: float, loose_tol: float,
-                noise_floor: float) -> RankTolerances:
-    return rank_tolerances(sv[0] if sv.size else 0.0, N, M, eps, loose_tol, noise_floor)
+                noise_estimate: float) -> RankTolerances:
+    return rank_tolerances(sv[0] if sv.size else 0.0, N, M, eps, loose_tol,
+                           noise_floor(noise_estimate, sv, N, M, eps))
 
 
 def _gram_trustworthy(sv: np.ndarray, N: int, M: int, tol: RankTolerances) -> bool:
