@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 from statistics import mean, median
 from typing import Dict, List, Optional, Tuple
 
+from .spectrum import relative_tolerances
+from .tensors import DTYPE_EPS
+
 #: The rank criteria every record carries (``rank_<criterion>``).
 RANK_CRITERIA = ("loose", "numpy", "nr", "noise")
 #: Storage dtypes whose default ("auto") criterion is the loose bound, as in the original study;
@@ -121,7 +124,9 @@ class Summary:
     """What one run found. ``skipped``: parameters left out, by reason; ``collapsed``: matrices
     with rank < M under each criterion (and "auto"); ``rank_undefined``: matrices with a
     spectrum but no rank under a criterion (its tolerance at or above sv_max), never counted as
-    collapsed; ``sv_min`` / ``sv_min_name``: the smallest nu_min and where; ``errors``: sources
+    collapsed; ``tolerance_ratio``: the largest numpy / nr tolerance as a fraction of sv_max among
+    the matrices ranked under it (it flags any matrix of condition number above its inverse);
+    ``sv_min`` / ``sv_min_name``: the smallest nu_min and where; ``errors``: sources
     that could not be read (a run with errors is incomplete)."""
 
     models: List[str]
@@ -137,6 +142,7 @@ class Summary:
     fitted: int
     errors: List[str] = field(default_factory=list)
     rank_undefined: Dict[str, int] = field(default_factory=dict)
+    tolerance_ratio: Dict[str, float] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -171,4 +177,15 @@ def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
         errors=list(errors),
         rank_undefined={c: n for c in RANK_CRITERIA
                         if (n := sum(r.rank(c) is None for r in with_sv))},
+        tolerance_ratio=_tolerance_ratios(with_sv),
     )
+
+
+def _tolerance_ratios(records: List[MatrixRecord]) -> Dict[str, float]:
+    """Largest numpy / nr tolerance over sv_max among ``records`` that have that rank."""
+    ratios: Dict[str, float] = {}
+    for r in records:
+        for c, ratio in zip(("numpy", "nr"), relative_tolerances(r.N, r.M, DTYPE_EPS[r.dtype])):
+            if r.rank(c) is not None:
+                ratios[c] = max(ratios.get(c, 0.0), ratio)
+    return ratios

@@ -82,9 +82,12 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
         if status != "ok":
             lines.append(f"  {n:6d}  {STATUS_TEXT[status]}")
     def count(c: str) -> str:
-        undefined = s.rank_undefined.get(c)
-        return f"{s.collapsed[c]}" + (f" (no rank for {undefined}: tolerance >= sv_max)"
-                                      if undefined else "")
+        notes = []
+        if s.tolerance_ratio.get(c, 0.0) >= 0.01:  # for float32 weights it is ~1e-4
+            notes.append(f"tolerance up to {100 * s.tolerance_ratio[c]:.0f}% of sv_max")
+        if s.rank_undefined.get(c):
+            notes.append(f"no rank for {s.rank_undefined[c]}: tolerance >= sv_max")
+        return f"{s.collapsed[c]}" + (f" ({'; '.join(notes)})" if notes else "")
 
     chosen = f"{criterion}: loose for float32/float64, noise for narrower dtypes" \
         if criterion == "auto" else criterion

@@ -138,14 +138,19 @@ def _oriented64(W: np.ndarray, slot: str = "w") -> np.ndarray:
     return orient(W)
 
 
+def relative_tolerances(N: int, M: int, eps: float) -> Tuple[float, float]:
+    """numpy's and Numerical Recipes' tolerances as fractions of nu_max:
+    ``max(N, M) * eps`` and ``sqrt(N + M + 1) * eps / 2``."""
+    return max(N, M) * eps, float(np.sqrt(N + M + 1.0)) * eps / 2.0
+
+
 def rank_tolerances(sv_max: float, N: int, M: int, eps: float, loose_tol: float,
                     noise: float = 0.0) -> RankTolerances:
     """The criteria's thresholds for a matrix with largest singular value ``sv_max`` and noise
     floor ``noise``."""
-    return RankTolerances(loose=float(loose_tol),
-                          numpy=float(sv_max * max(N, M) * eps),
-                          nr=float(sv_max / 2.0 * np.sqrt(N + M + 1.0) * eps),
-                          noise=float(noise))
+    rel_numpy, rel_nr = relative_tolerances(N, M, eps)
+    return RankTolerances(loose=float(loose_tol), numpy=float(sv_max * rel_numpy),
+                          nr=float(sv_max * rel_nr), noise=float(noise))
 
 
 def singular_values(W: np.ndarray, eps: float, loose_tol: float = 1e-3, method: str = "auto",

@@ -8,6 +8,7 @@ representable values (every bit pattern, decoded by torch), numpy's ``spacing`` 
 ``numpy.linalg.norm(E, 2)`` / ``svd`` / ``matrix_rank``, the ``safetensors`` package's reader,
 ``powerlaw==1.5``."""
 import json
+import re
 import zlib
 
 import numpy as np
@@ -425,6 +426,11 @@ def test_bf16_llama_checkpoint_end_to_end(llama_bf16, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "numpy tolerance: 0 (no rank for 11: tolerance >= sv_max)" in text
     assert "noise floor: 0" in text and "11 fitted" in text
+    # Numerical Recipes' tolerance, sqrt(N + M + 1) eps / 2 of sv_max, is shown where large
+    nr = max(np.sqrt(r["N"] + r["M"] + 1) * 2.0 ** -7 / 2 for r in records if r["Q"] > 1)
+    assert summary["tolerance_ratio"]["nr"] == pytest.approx(nr, rel=1e-12)
+    assert re.search(rf"Numerical Recipes tolerance: \d+ \(tolerance up to {100 * nr:.0f}% of "
+                     r"sv_max\)", text)
 
 
 def test_rank_criterion_option():

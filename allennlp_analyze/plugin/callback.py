@@ -221,7 +221,7 @@ class WeightAnalysisCallback(TrainerCallback):
             logger.warning("weight_analysis: epoch %d: %s (%s, %d x %d) lost rank: %d of %d "
                            "singular values above the %s tolerance, nu_min %.3g",
                            epoch, r.name, r.module_type or "?", r.N, r.M, r.rank(criterion),
-                           r.M, criterion, r.sv_min)
+                           r.M, r.rank_criterion or criterion, r.sv_min)
         if collapsed and self.fail_on_collapse:
             names = ", ".join(r.name for r in collapsed[:5])
             more = f" and {len(collapsed) - 5} more" if len(collapsed) > 5 else ""
