@@ -23,8 +23,8 @@ From the stored values (:func:`storage_noise`, weights' units):
   symmetric entries), sharp for i.i.d. entries (Bai-Yin: ``s (sqrt(N) + sqrt(M))``). An
   estimate, not a bound: measured (tests) 1.10-1.22 x the exact ||W_stored - W_true||_2 on
   Gaussian matrices in every dtype, 1.4-1.6 x on rank-3 products, 1.4-3.1 x on Student-t(3)
-  entries, 1.2-2.9 x on MiniLM's real weights rounded to bf16 / fp16: it errs high, where a
-  few rows or columns hold outsized entries, never low;
+  entries, 1.2-2.9 x on MiniLM's real weights rounded to bf16 / fp16 (it errs high where a
+  few rows or columns hold outsized entries);
 * ``bound`` (the record's ``noise_bound``): ``||E||_2 <= sqrt(||E||_1 ||E||_inf)`` with
   ``|e_ij| <= ulp(w_ij) / 2``, i.e. ``sqrt(max_j sum_i ulp_ij / 2 * max_i sum_j ulp_ij / 2)``:
   rigorous for round-to-nearest storage, and loose (9-30 x ||E||_2 on the matrices above). By
@@ -36,7 +36,7 @@ slow O(eps**2) components in it (a mean of 0.09 eps**2 for log-uniform mantissas
 dominated by one rank-one term nu_1 u v^T, log2 |x_ij| = log2 |u_i| + log2 |v_j| + const, so
 those components are themselves rank-one terms of size ~eps**2 nu_1 and add up coherently: an
 exactly rank-1 product rounded to float8 has rounding singular values up to 2-7 x the
-independent estimate (growing with the size), and 0.2-0.5 eps**2 (nu_1 - nu_2) above it. A
+independent estimate (growing with the size), and 0.2-0.6 eps**2 (nu_1 - nu_2) above it. A
 second term of comparable size breaks the additivity (rank 3 and more: no excess measured). So
 
     noise_floor = max(estimate + eps**2 (nu_1 - nu_2),  nu_1 max(N, M) eps64)
@@ -127,8 +127,8 @@ def ulp(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 class NoiseAccumulator:
-    """The noise floor of an N x M stored matrix of dtype ``dtype``, fed row blocks (any
-    number of rows, all M columns, in any order) with :meth:`update`; :meth:`result` gives the
+    """The rounding of an N x M stored matrix of dtype ``dtype``, fed row blocks (any number
+    of rows, all M columns, in any order) with :meth:`update`; :meth:`result` gives the
     :class:`StorageNoise` of the rows seen (the same whatever the blocking, to round-off)."""
 
     def __init__(self, dtype: str, ncols: int):

@@ -192,8 +192,8 @@ def singular_values_many(Ws: Sequence[np.ndarray], eps: Sequence[float], loose_t
                          method: str = "auto", device: Optional[str] = None,
                          noise_estimates: Optional[Sequence[float]] = None) -> List[Spectrum]:
     """:func:`singular_values` of several matrices of one oriented shape (N x M), each with its
-    storage ``eps`` (and noise estimate, default 0), computed by stacked LAPACK calls. The results are those of one call per
-    matrix, bit for bit (the gufunc runs the same LAPACK routine on each); the point is that a
+    storage ``eps`` (and noise estimate, default 0), computed by stacked LAPACK calls. The
+    results are those of one call per matrix, bit for bit (the gufunc runs the same LAPACK routine on each); the point is that a
     stacked call over more than 500 values in all releases the GIL (see ``GIL_FREE_OUTPUT``),
     so that worker threads overlap."""
     if method not in ("auto", "svd", "gram"):

@@ -45,5 +45,6 @@ class WeightSource(Protocol):
 
     def load(self, name: str) -> np.ndarray:
         """The named tensor as a numpy array of its stored precision (bfloat16 and float8 are
-        widened to float32 exactly). Raises :class:`~allennlp_analyze.errors.AnalyzeError` if unreadable."""
+        widened to float32 exactly). Raises :class:`~allennlp_analyze.errors.AnalyzeError` if
+        unreadable."""
         ...

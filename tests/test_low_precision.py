@@ -321,7 +321,8 @@ def test_float8_checkpoints_are_analyzed(tmp_path):
     rng = np.random.default_rng(10)
     truth = {f"{d}.weight": low_rank(rng, 300, 120, 5) for d in NARROW if "float8" in d}
     tensors = {n: _as_torch(W, n.split(".")[0]) for n, W in truth.items()}
-    save_file({n: t for n, t in tensors.items() if "fnuz" not in n}, str(tmp_path / "f8.safetensors"))
+    save_file({n: t for n, t in tensors.items() if "fnuz" not in n},
+              str(tmp_path / "f8.safetensors"))
     torch.save(tensors, tmp_path / "f8.pt")
     from_st = {r.name: r for r in analyze(tmp_path / "f8.safetensors").records}
     from_pt = {r.name: r for r in analyze(tmp_path / "f8.pt").records}
