@@ -20,6 +20,8 @@ from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
 from .records import MatrixRecord, Summary, criterion_for, summarize
 from .selection import MatrixPlan, extract, plan
+from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
+                               mp_bulk_fit, permuted)
 from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch,
                        singular_values_many)
 from .tensors import DTYPE_EPS, WeightSource
@@ -37,6 +39,8 @@ class Analysis:
     options: AnalysisOptions
     #: Singular values (descending) per record, aligned with ``records``, when asked for.
     spectra: Optional[List[np.ndarray]] = None
+    #: With ``randomize``: those of each record's permuted matrix (empty where none).
+    rand_spectra: Optional[List[np.ndarray]] = None
 
     def to_dicts(self) -> List[Dict[str, object]]:
         """The records as a list of dicts (``pandas.DataFrame(result.to_dicts())``)."""
@@ -55,14 +59,15 @@ def analyze_matrix(W: np.ndarray, options: AnalysisOptions = AnalysisOptions(), 
 
 def _analyze(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
              model: str, module_type: Optional[str], part: Optional[str]
-             ) -> Tuple[MatrixRecord, np.ndarray]:
-    """The record of W and its singular values (empty where none were computed)."""
+             ) -> Tuple[MatrixRecord, np.ndarray, np.ndarray]:
+    """The record of W, its singular values and those of its permuted self (empty where none
+    were computed)."""
     return _analyze_many([(W, name, dtype, model, module_type, part)], options)[0]
 
 
 def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optional[str],
                                     Optional[str]]], options: AnalysisOptions
-                  ) -> List[Tuple[MatrixRecord, np.ndarray]]:
+                  ) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
     """:func:`_analyze` of matrices (``(W, name, dtype, model, module_type, part)``) of one
     oriented shape, their spectra computed by stacked calls (same results as one by one)."""
     prepared = [_prepare(W, options, *rest) for W, *rest in items]
@@ -76,7 +81,11 @@ def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optiona
     results = [(rec, np.zeros(0)) for rec, _ in prepared]
     for i, spec, n in zip(todo, specs, noise):
         results[i] = _finish(prepared[i][0], spec, n, options)
-    return results
+    rand = [np.zeros(0)] * len(results)
+    if options.randomize:
+        for i, sv in zip(todo, _randomize([prepared[i] for i in todo], specs, options)):
+            rand[i] = sv
+    return [(rec, sv, r) for (rec, sv), r in zip(results, rand)]
 
 
 def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
@@ -133,9 +142,14 @@ def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: Ana
     # dtype, and the spectrum's own float64 round-off), whatever the rank criterion
     fitted = evals[(sv > tol.noise) & (evals > 0)]
     rec.num_evals = int(fitted.size)
+    rec.effective_rank = effective_rank(sv)
     if M == 1:
         rec.status = "single_row"
         return rec, sv
+    bulk = mp_bulk_fit(sv, rec.N, M)
+    rec.mp_sigma2, rec.lambda_plus, rec.num_spikes, rec.mp_softrank = (
+        bulk.sigma2, bulk.lambda_plus, bulk.num_spikes, bulk.softrank)
+    rec.entropy = matrix_entropy(sv, rec.rank_noise)
     fit = fit_power_law(fitted, xmax=lam_max if options.fit_xmax == "max" else None)
     if fit is None:
         rec.status = "too_few_eigenvalues"
@@ -143,18 +157,45 @@ def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: Ana
     rec.alpha, rec.xmin, rec.xmax, rec.D = fit.alpha, fit.xmin, fit.xmax, fit.D
     rec.num_tail = fit.num_tail
     rec.alpha_weighted = fit.alpha * rec.log_spectral_norm
+    rec.log_alpha_norm = log_alpha_norm(sv, fit.alpha)
     return rec, sv
 
 
+def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spectrum],
+               options: AnalysisOptions) -> List[np.ndarray]:
+    """Fill the ``rand_*`` and ``num_traps`` fields of the records that have a bulk fit from
+    their matrices with the elements permuted (of one oriented shape, with their spectra
+    ``specs``); return the permuted matrices' singular values (empty where none)."""
+    keep = [j for j, (rec, _) in enumerate(prepared) if rec.lambda_plus is not None]
+    mats = [permuted(prepared[j][1], options.seed, prepared[j][0].name) for j in keep]
+    dtypes = [prepared[j][0].dtype for j in keep]
+    rand_specs = singular_values_many(
+        mats, [DTYPE_EPS[d] for d in dtypes], loose_tol=options.loose_tol,
+        method=options.method, device=options.device,
+        noise_estimates=[storage_noise(P, d).estimate for P, d in zip(mats, dtypes)])
+    out = [np.zeros(0)] * len(prepared)
+    for j, rand in zip(keep, rand_specs):
+        rec = prepared[j][0]
+        fit = mp_bulk_fit(rand.sv, rec.N, rec.M)
+        rec.rand_sv_max, rec.rand_lambda_plus = float(rand.sv[0]), fit.lambda_plus
+        rec.num_traps = fit.num_spikes
+        rec.rand_distance = esd_distance(specs[j].sv, specs[j].tolerances.noise,
+                                         rand.sv, rand.tolerances.noise)
+        out[j] = rand.sv
+    return out
+
+
 def analyze_source(source: WeightSource, options: AnalysisOptions,
-                   progress: Optional[bool] = None, label: Optional[str] = None
+                   progress: Optional[bool] = None, label: Optional[str] = None,
+                   rand_spectra: Optional[List[np.ndarray]] = None
                    ) -> Tuple[List[MatrixRecord], List[np.ndarray], Counter]:
     """Records of every selected matrix of one source, their singular values, and the skip
     counts.
 
     Each parameter is read once; ``progress`` True/False forces the progress bar (stderr) on or
     off, None shows it only when stderr is a terminal. ``label`` names the model in the records
-    (default: the source's own label)."""
+    (default: the source's own label). A ``rand_spectra`` list receives, aligned with the
+    records, the singular values of each permuted matrix (``options.randomize``; else empty)."""
     label = label or source.label
     tensors = source.tensors()
     selection = plan(tensors, options)
@@ -190,7 +231,8 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         if batch:
             yield batch
 
-    def one(batch: List[Tuple[MatrixPlan, np.ndarray]]) -> List[Tuple[MatrixRecord, np.ndarray]]:
+    def one(batch: List[Tuple[MatrixPlan, np.ndarray]]
+            ) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
         return _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
                               for p, W in batch], options)
 
@@ -199,9 +241,11 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     with _progress_bar(len(selection.plans), label, progress) as bar, \
             _blas_threads(max(1, _cpu_count() // workers) if workers > 1 else None):
         for results in _bounded_map(one, batches(), workers):
-            for rec, sv in results:
+            for rec, sv, rand_sv in results:
                 records.append(rec)
                 spectra.append(sv)
+                if rand_spectra is not None:
+                    rand_spectra.append(rand_sv)
                 bar.update(1)
     if workers == 1:
         release_scratch()
@@ -219,7 +263,8 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     Options come as an :class:`AnalysisOptions` or as its field names (``min_q=1.0``).
     ``on_error="raise"`` raises the first source's :class:`AnalyzeError`; ``"collect"`` records
     it in ``summary.errors`` (the run is then incomplete) and goes on with the other sources.
-    ``keep_spectra`` keeps every matrix's singular values in ``Analysis.spectra`` (for plots).
+    ``keep_spectra`` keeps every matrix's singular values in ``Analysis.spectra`` (for plots),
+    and with ``randomize`` those of its permuted matrix in ``Analysis.rand_spectra``.
     Models are labelled by their sources' labels, made unique with a suffix " #2", " #3"...
     where two sources share one (two ``model.safetensors`` from different folders).
     ``opener(spec, cache_dir=, progress=)`` turns a source into a WeightSource (default
@@ -236,6 +281,7 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
         raise ValueError("on_error must be 'raise' or 'collect'")
     records: List[MatrixRecord] = []
     spectra: List[np.ndarray] = []
+    rand_spectra: List[np.ndarray] = []
     skipped: Counter = Counter()
     labels, errors = [], []
     for spec in sources:
@@ -243,7 +289,9 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
             source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
                 opener(spec, cache_dir=cache_dir, progress=progress)
             label = _unique(source.label, labels)
-            recs, svs, skips = analyze_source(source, options, progress=progress, label=label)
+            rand_svs: List[np.ndarray] = []
+            recs, svs, skips = analyze_source(source, options, progress=progress, label=label,
+                                              rand_spectra=rand_svs)
         except AnalyzeError as e:
             if on_error == "raise":
                 raise
@@ -252,10 +300,12 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
         labels.append(label)
         records.extend(recs)
         spectra.extend(svs)
+        rand_spectra.extend(rand_svs)
         skipped.update(skips)
         del source
     return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
-                    options=options, spectra=spectra if keep_spectra else None)
+                    options=options, spectra=spectra if keep_spectra else None,
+                    rand_spectra=rand_spectra if keep_spectra and options.randomize else None)
 
 
 def _unique(label: str, taken: List[str]) -> str:

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, default="table",
                    help="table (with summary), json or csv (default %(default)s)")
+    g.add_argument("--wide", action="store_true",
+                   help="table: also the MP bulk fit (spikes, soft rank), the entropies and, "
+                        "with --randomize, the correlation traps (JSON and CSV always have them)")
     g.add_argument("--output-file", "-o", metavar="PATH",
                    help="write there instead of stdout")
     g.add_argument("--plot-dir", metavar="DIR",
@@ -107,11 +110,11 @@ def _write_report(result: Analysis, args: argparse.Namespace) -> None:
     if args.output_file:
         try:
             with open(args.output_file, "w", encoding="utf-8", newline="") as f:
-                write(result, args.format, f)
+                write(result, args.format, f, wide=args.wide)
         except OSError as e:
             raise AnalyzeError(f"cannot write {args.output_file}: {e.strerror}") from None
     else:
-        write(result, args.format, sys.stdout)
+        write(result, args.format, sys.stdout, wide=args.wide)
 
 
 def _plots_module():

@@ -58,7 +58,15 @@ class MatrixRecord:
     ``sv_max * max(N, M) * eps64``, whatever the storage dtype).
     ``stable_rank`` = sum(lambda) / lambda_max; ``log_norm`` = log10 sum(lambda) (squared
     Frobenius norm); ``log_spectral_norm`` = log10 lambda_max; ``alpha_weighted`` =
-    alpha * log10 lambda_max. ``method``: spectral path ("svd", "gram", "gram>svd").
+    alpha * log10 lambda_max; ``log_alpha_norm`` = log10 sum(lambda^alpha).
+    ``mp_sigma2, lambda_plus, num_spikes, mp_softrank``: the Marchenko–Pastur fit of the bulk
+    (entry variance, bulk edge, eigenvalues above the edge's Tracy–Widom margin,
+    lambda_plus / lambda_max); ``entropy``: WeightWatcher's matrix entropy; ``effective_rank``:
+    Roy & Vetterli's; ``rand_*``, ``num_traps`` (with ``randomize``): W with its elements
+    permuted: its nu_max, its bulk edge, its eigenvalues above its own bulk's spike threshold
+    (correlation traps), and the Jensen–Shannon distance of its ESD from W's
+    (:mod:`allennlp_analyze.spectral_metrics`). ``method``: spectral path ("svd", "gram",
+    "gram>svd").
     ``slice``: spatial position of a convolution slice, or the part of a fused matrix.
     Fields are ``None`` where the status rules them out.
     """
@@ -93,6 +101,17 @@ class MatrixRecord:
     log_norm: Optional[float] = None
     log_spectral_norm: Optional[float] = None
     alpha_weighted: Optional[float] = None
+    log_alpha_norm: Optional[float] = None
+    mp_sigma2: Optional[float] = None
+    lambda_plus: Optional[float] = None
+    num_spikes: Optional[int] = None
+    mp_softrank: Optional[float] = None
+    entropy: Optional[float] = None
+    effective_rank: Optional[float] = None
+    rand_sv_max: Optional[float] = None
+    rand_lambda_plus: Optional[float] = None
+    num_traps: Optional[int] = None
+    rand_distance: Optional[float] = None
     method: Optional[str] = None
     slice: Optional[str] = None
     status: str = "ok"

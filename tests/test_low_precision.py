@@ -262,6 +262,19 @@ def test_gaussian_full_rank_in_each_dtype(dtype):
     assert result.summary.collapsed["auto"] == result.summary.collapsed["noise"] == 0
 
 
+def test_spectral_metrics_of_a_bf16_matrix():
+    """The entropy's rank and the ESD distance's round-off bin use the noise floor: defined
+    for bfloat16, where numpy's criterion has no rank."""
+    from scipy.stats import entropy as shannon
+
+    W = _as_torch(0.02 * np.random.default_rng(12).standard_normal((600, 200)), "bfloat16")
+    rec = analyze({"w": W}, randomize=True, seed=0).records[0]
+    nu = np.linalg.svd(W.to(torch.float64).numpy(), compute_uv=False)
+    assert rec.rank_numpy is None and rec.rank_noise == 200
+    assert rec.entropy == pytest.approx(shannon(nu ** 2) / np.log(200), rel=1e-9)
+    assert 0.0 < rec.rand_distance < 1.0
+
+
 def test_nr_tolerance_at_or_above_sv_max_gives_no_rank():
     """float8_e4m3 (eps 1/8): Numerical Recipes' sqrt(N + M + 1) * eps / 2 >= 1 once
     N + M + 1 >= 256; numpy's max(N, M) * eps >= 1 from max(N, M) >= 8."""
