@@ -15,11 +15,12 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 import numpy as np
 
 from .errors import AnalyzeError
+from .kinds import value_kind
 from .noise_floor import StorageNoise, storage_noise
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
 from .records import MatrixRecord, Summary, criterion_for, summarize
-from .selection import MatrixPlan, extract, plan
+from .selection import NOT_WEIGHT_VALUES, MatrixPlan, extract, plan
 from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
                                mp_bulk_fit, permuted)
 from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch,
@@ -198,7 +199,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     records, the singular values of each permuted matrix (``options.randomize``; else empty)."""
     label = label or source.label
     tensors = source.tensors()
-    selection = plan(tensors, options)
+    selection = plan(tensors, options, getattr(source, "config", None))
     if options.match and selection.skipped.get("not matched by --match") == len(tensors):
         patterns = " ".join(repr(p) for p in options.match)
         raise AnalyzeError(f"no parameter of {label} matches --match {patterns}")
@@ -207,10 +208,16 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     load = getattr(source, "load_mapped", source.load)
 
     def by_param() -> Iterator[Tuple[MatrixPlan, np.ndarray]]:
-        loaded_name, loaded = None, None
+        """Each planned matrix with its data; a parameter whose values show it is no weight
+        (a 0/1 mask, a constant) is left out here, counted with the skipped ones."""
+        loaded_name, loaded, not_weight = None, None, None
         for p in selection.plans:
             if p.param != loaded_name:
                 loaded_name, loaded = p.param, load(p.param)
+                not_weight = value_kind(loaded)
+            if not_weight:
+                selection.skipped[NOT_WEIGHT_VALUES[not_weight]] += 1
+                continue
             yield p, extract(p, loaded)
 
     def batches() -> Iterator[List[Tuple[MatrixPlan, np.ndarray]]]:
@@ -233,8 +240,11 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
 
     def one(batch: List[Tuple[MatrixPlan, np.ndarray]]
             ) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
-        return _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
-                              for p, W in batch], options)
+        results = _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
+                                 for p, W in batch], options)
+        for (p, _), (rec, _, _) in zip(batch, results):
+            rec.kind, rec.kind_from = p.kind, p.kind_from
+        return results
 
     records, spectra = [], []
     workers = min(resolve_workers(options), max(1, len(selection.plans)))
@@ -255,7 +265,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
 def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optional[bool] = False,
             on_error: str = "raise", cache_dir: Optional[str] = None,
             keep_spectra: bool = False, opener: Optional[Callable[..., WeightSource]] = None,
-            **option_kwargs) -> Analysis:
+            checkpoint_key: Optional[str] = None, **option_kwargs) -> Analysis:
     """Analyze one or more models. Each source is a path or URL (AllenNLP archive or
     serialization directory, state-dict file, safetensors file or folder, Hugging Face folder),
     a ``torch.nn.Module``, a state dict, or a :class:`~allennlp_analyze.tensors.WeightSource`.
@@ -267,45 +277,77 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     and with ``randomize`` those of its permuted matrix in ``Analysis.rand_spectra``.
     Models are labelled by their sources' labels, made unique with a suffix " #2", " #3"...
     where two sources share one (two ``model.safetensors`` from different folders).
-    ``opener(spec, cache_dir=, progress=)`` turns a source into a WeightSource (default
-    :func:`allennlp_analyze.sources.open_source`); one model is held in memory at a time.
+    ``checkpoint_key`` picks the part of nested checkpoints to analyze (default: the rule of
+    :mod:`allennlp_analyze.sources.checkpoint`); which part was taken is in ``summary.notes``.
+    ``opener(spec, cache_dir=, progress=, checkpoint_key=)`` turns a source into a
+    WeightSource (default :func:`allennlp_analyze.sources.open_source`); one model is held in
+    memory at a time.
     """
-    if opener is None:
-        from .sources import open_source as opener
-
-    if options is None:
-        options = AnalysisOptions(**option_kwargs)
-    elif option_kwargs:
-        raise TypeError("pass either options= or option keywords, not both")
-    if on_error not in ("raise", "collect"):
-        raise ValueError("on_error must be 'raise' or 'collect'")
+    options = options_from(options, option_kwargs)
     records: List[MatrixRecord] = []
     spectra: List[np.ndarray] = []
     rand_spectra: List[np.ndarray] = []
     skipped: Counter = Counter()
-    labels, errors = [], []
+
+    def one(source: WeightSource, label: str) -> None:
+        rand_svs: List[np.ndarray] = []
+        recs, svs, skips = analyze_source(source, options, progress=progress, label=label,
+                                          rand_spectra=rand_svs)
+        records.extend(recs)
+        spectra.extend(svs)
+        rand_spectra.extend(rand_svs)
+        skipped.update(skips)
+
+    labels, errors, notes = for_each_source(sources, one, opener=opener, on_error=on_error,
+                                            cache_dir=cache_dir, progress=progress,
+                                            checkpoint_key=checkpoint_key)
+    return Analysis(records=records, summary=summarize(records, skipped, labels, errors, notes),
+                    options=options, spectra=spectra if keep_spectra else None,
+                    rand_spectra=rand_spectra if keep_spectra and options.randomize else None)
+
+
+def options_from(options: Optional[AnalysisOptions], option_kwargs: Dict[str, object]
+                 ) -> AnalysisOptions:
+    """``options``, or the options named by keyword (not both)."""
+    if options is None:
+        return AnalysisOptions(**option_kwargs)
+    if option_kwargs:
+        raise TypeError("pass either options= or option keywords, not both")
+    return options
+
+
+def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
+                    opener: Optional[Callable[..., WeightSource]] = None, on_error: str = "raise",
+                    cache_dir: Optional[str] = None, progress: Optional[bool] = False,
+                    checkpoint_key: Optional[str] = None
+                    ) -> Tuple[List[str], List[str], List[str]]:
+    """``fn(source, label)`` for each source opened in turn (one in memory at a time), labels
+    made unique; returns the labels of the sources done, the errors collected (with
+    ``on_error="collect"``; ``"raise"`` raises the first :class:`AnalyzeError`) and the
+    sources' notes (e.g. which part of a nested checkpoint was read)."""
+    if opener is None:
+        from .sources import open_source as opener
+    if on_error not in ("raise", "collect"):
+        raise ValueError("on_error must be 'raise' or 'collect'")
+    labels: List[str] = []
+    errors: List[str] = []
+    notes: List[str] = []
     for spec in sources:
         try:
             source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
-                opener(spec, cache_dir=cache_dir, progress=progress)
+                opener(spec, cache_dir=cache_dir, progress=progress, checkpoint_key=checkpoint_key)
             label = _unique(source.label, labels)
-            rand_svs: List[np.ndarray] = []
-            recs, svs, skips = analyze_source(source, options, progress=progress, label=label,
-                                              rand_spectra=rand_svs)
+            fn(source, label)
         except AnalyzeError as e:
             if on_error == "raise":
                 raise
             errors.append(str(e))
             continue
         labels.append(label)
-        records.extend(recs)
-        spectra.extend(svs)
-        rand_spectra.extend(rand_svs)
-        skipped.update(skips)
+        if getattr(source, "note", None):
+            notes.append(f"{label}: {source.note}")
         del source
-    return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
-                    options=options, spectra=spectra if keep_spectra else None,
-                    rand_spectra=rand_spectra if keep_spectra and options.randomize else None)
+    return labels, errors, notes
 
 
 def _unique(label: str, taken: List[str]) -> str:

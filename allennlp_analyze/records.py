@@ -9,7 +9,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from statistics import mean, median
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .spectrum import relative_tolerances
 from .tensors import DTYPE_EPS
@@ -68,12 +68,16 @@ class MatrixRecord:
     (:mod:`allennlp_analyze.spectral_metrics`). ``method``: spectral path ("svd", "gram",
     "gram>svd").
     ``slice``: spatial position of a convolution slice, or the part of a fused matrix.
+    ``kind`` / ``kind_from``: what the tensor is and on what evidence
+    (:mod:`allennlp_analyze.kinds`; None for a matrix given directly).
     Fields are ``None`` where the status rules them out.
     """
 
     model: str
     name: str
     module_type: Optional[str]
+    kind: Optional[str] = field(default=None, kw_only=True)
+    kind_from: Optional[str] = field(default=None, kw_only=True)
     shape: Tuple[int, ...]
     dtype: str
     N: int
@@ -145,8 +149,9 @@ class Summary:
     spectrum but no rank under a criterion (its tolerance at or above sv_max), never counted as
     collapsed; ``tolerance_ratio``: the largest numpy / nr tolerance as a fraction of sv_max among
     the matrices ranked under it (it flags any matrix of condition number above its inverse);
-    ``sv_min`` / ``sv_min_name``: the smallest nu_min and where; ``errors``: sources
-    that could not be read (a run with errors is incomplete)."""
+    ``sv_min`` / ``sv_min_name``: the smallest nu_min and where; ``errors``: sources that could
+    not be read (a run with errors is incomplete); ``notes``: what was read of a source where
+    that is not all of it (the part of a nested checkpoint, tensors left out)."""
 
     models: List[str]
     analyzed: int
@@ -160,6 +165,7 @@ class Summary:
     alpha_median: Optional[float]
     fitted: int
     errors: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
     rank_undefined: Dict[str, int] = field(default_factory=dict)
     tolerance_ratio: Dict[str, float] = field(default_factory=dict)
 
@@ -174,7 +180,7 @@ class Summary:
 
 
 def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
-              errors: List[str]) -> Summary:
+              errors: List[str], notes: Sequence[str] = ()) -> Summary:
     """Aggregate ``records`` (any number of models) into a :class:`Summary`."""
     with_sv = [r for r in records if r.sv_min is not None]
     smallest = min(with_sv, key=lambda r: r.sv_min, default=None)
@@ -194,6 +200,7 @@ def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
         alpha_median=median(alphas) if alphas else None,
         fitted=len(alphas),
         errors=list(errors),
+        notes=list(notes),
         rank_undefined={c: n for c in RANK_CRITERIA
                         if (n := sum(r.rank(c) is None for r in with_sv))},
         tolerance_ratio=_tolerance_ratios(with_sv),

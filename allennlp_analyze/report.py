@@ -132,6 +132,8 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
         if t.with_traps is not None:
             lines.append(f"  correlation traps (--randomize): {t.with_traps} of {t.randomized} "
                          f"randomized matrices, {t.num_traps} traps in all")
+    for note in s.notes:
+        lines.append(f"  note: {note}")
     for err in s.errors:
         lines.append(f"  ERROR: {err}")
     if not s.complete:

@@ -326,6 +326,20 @@ def test_float32_fit_input_is_unchanged_on_a_rank_deficient_matrix():
 # Readers: float8 from safetensors and torch pickles
 
 
+def test_float8_bit_patterns_are_read_as_torch_decodes_them(tmp_path):
+    """All 256 codes of each torch float8 dtype, saved by torch and read without it (inert
+    unpickler): the values torch's own ``.float()`` gives, NaN where it has NaN."""
+    from allennlp_analyze.sources import open_source
+
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(16, 16)
+    tensors = {d: codes.view(NARROW[d]) for d in NARROW if "float8" in d}
+    torch.save(tensors, tmp_path / "codes.pt")
+    source = open_source(tmp_path / "codes.pt")
+    assert {t.name: t.dtype for t in source.tensors()} == {d: d for d in tensors}
+    for d, t in tensors.items():
+        np.testing.assert_array_equal(source.load(d), t.float().numpy())
+
+
 def test_float8_checkpoints_are_analyzed(tmp_path):
     """F8_E4M3 / F8_E5M2 safetensors (written by the safetensors package) and a torch pickle
     with all four torch float8 dtypes: read, analyzed with their own eps and ulp."""

@@ -2,8 +2,9 @@
 
 An archive is never extracted to disk: it is streamed once through ``gzip`` (which checks the
 CRC, so corruption and truncation are reported) and ``tarfile``, and the ``weights.th`` member
-(else ``best.th``) is read into memory and unpickled with ``weights_only=True``. Links and other
-non-regular members are never followed.
+(else ``best.th``) is read into memory and parsed as any pickled torch file is
+(:mod:`.torch_file`: no code from it is run). Links and other non-regular members are never
+followed.
 """
 import gzip
 import os
@@ -13,9 +14,10 @@ import zlib
 from pathlib import Path
 from typing import Optional, Union
 
+from ..checkpoint_config import MAX_CONFIG_BYTES, parse_config
 from ..errors import AnalyzeError
-from ._common import TensorDictSource, one_line
-from .torch_file import TorchFileSource, load_state_dict
+from ._common import one_line
+from .torch_file import PickledSource, TorchFileSource
 
 SUFFIXES = (".tar.gz", ".tgz")
 #: Weight members of an archive, in order of preference.
@@ -26,25 +28,40 @@ GZIP_MAGIC = b"\x1f\x8b"
 def _member_rank(name: str) -> Optional[int]:
     """Preference of a member as the archive's weights (lower is better), ``None`` if it is not
     one: ``weights.th`` / ``best.th`` at the top level or inside a single top folder."""
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    parts = _path_parts(name)
     if not parts or len(parts) > 2 or parts[-1] not in ARCHIVE_WEIGHTS:
         return None
     return ARCHIVE_WEIGHTS.index(parts[-1]) * 2 + (len(parts) - 1)
 
 
+def _path_parts(name: str) -> list:
+    return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
+def _config_folder(name: str) -> Optional[str]:
+    """The folder of a ``config.json`` member at the top level or in a single top folder."""
+    parts = _path_parts(name)
+    return "/".join(parts[:-1]) if 0 < len(parts) <= 2 and parts[-1] == "config.json" else None
+
+
 def read_archive_weights(path: Path) -> tuple:
-    """``(member name, bytes)`` of the archive's weights, reading the whole archive once."""
+    """``(member name, bytes, config bytes or None)``: the archive's weights and the
+    ``config.json`` beside them, reading the whole archive once."""
     try:
         with open(path, "rb") as raw:
             if raw.read(2) != GZIP_MAGIC:
                 raise AnalyzeError(f"{path} is not a gzip tar archive")
             raw.seek(0)
             best = None  # (rank, name, bytes)
-            links = []
+            links, configs = [], {}
             with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
                 with tarfile.open(fileobj=gz, mode="r|") as tar:
                     for member in tar:
                         rank = _member_rank(member.name)
+                        folder = _config_folder(member.name)
+                        if folder is not None and member.isfile() \
+                                and member.size <= MAX_CONFIG_BYTES:
+                            configs[folder] = tar.extractfile(member).read()
                         if rank is None:
                             continue
                         if not member.isfile():
@@ -78,18 +95,19 @@ def read_archive_weights(path: Path) -> tuple:
     if best is None:
         why = f" ({links[0]} is a link, which is not followed)" if links else ""
         raise AnalyzeError(f"{path} holds no weights.th (not an AllenNLP model archive?){why}")
-    return best[1], best[2]
+    return best[1], best[2], configs.get("/".join(_path_parts(best[1])[:-1]))
 
 
-class ArchiveSource(TensorDictSource):
-    """An AllenNLP ``model.tar.gz``; its state dict is read when opened."""
+class ArchiveSource(PickledSource):
+    """An AllenNLP ``model.tar.gz``; its weights member is read when opened."""
 
-    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None):
+    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None,
+                 checkpoint_key: Optional[str] = None):
         self.path = Path(path)
-        member, data = read_archive_weights(self.path)
-        state = load_state_dict(data, f"{self.path} (member {member})")
-        del data
-        super().__init__(label or self.path.name, state, origin=str(self.path))
+        member, data, config = read_archive_weights(self.path)
+        super().__init__(label or self.path.name, data, f"{self.path} (member {member})",
+                         checkpoint_key)
+        self.config = parse_config(config) if config is not None else None
 
 
 def _checkpoint_key(path: Path):
@@ -115,11 +133,13 @@ def is_serialization_dir(folder: Path) -> bool:
 class SerializationDirSource(TorchFileSource):
     """An AllenNLP serialization directory (``config.json`` plus ``best.th`` or checkpoints)."""
 
-    def __init__(self, folder: Union[str, os.PathLike], label: Optional[str] = None):
+    def __init__(self, folder: Union[str, os.PathLike], label: Optional[str] = None,
+                 checkpoint_key: Optional[str] = None):
         folder = Path(folder)
         weights = find_serialization_weights(folder)
         if weights is None:
             raise AnalyzeError(f"{folder} holds no best.th, weights.th or model_state_*.th")
         self.folder = folder
         self.weights_path = weights
-        super().__init__(weights, label=label or folder.resolve().name)
+        super().__init__(weights, label=label or folder.resolve().name,
+                         checkpoint_key=checkpoint_key)

@@ -147,7 +147,9 @@ def fetch(url: str, cache_dir=None, progress: Optional[bool] = None) -> Path:
     return path
 
 
-def open_url(url: str, cache_dir=None, progress: Optional[bool] = None):
+def open_url(url: str, cache_dir=None, progress: Optional[bool] = None,
+             checkpoint_key: Optional[str] = None):
     from . import open_path
 
-    return open_path(fetch(url, cache_dir, progress), label=url_basename(url))
+    return open_path(fetch(url, cache_dir, progress), label=url_basename(url),
+                     checkpoint_key=checkpoint_key)
