@@ -108,6 +108,8 @@ def binade(values: np.ndarray, fmt: StorageFormat) -> np.ndarray:
     """``2**max(floor(log2 |w|), emin)`` per entry, as float64 (so ``ulp = eps * binade``).
     ``values`` hold values of ``fmt`` in a float16, float32 or float64 array."""
     values = np.asarray(values)
+    if not values.dtype.isnative:  # e.g. a big-endian .npy file's array
+        values = values.astype(values.dtype.newbyteorder("="))
     mask = _EXPONENT_MASK.get(values.dtype)
     if mask is None:
         raise ValueError(f"cannot take the ulp of a {values.dtype} array")

@@ -163,6 +163,14 @@ def test_noise_floor_against_the_exact_rounding_error(kind, shape, dtype):
     assert low <= nf.estimate / norm_E <= high
 
 
+def test_byte_order_does_not_matter():
+    W = np.random.default_rng(13).standard_normal((50, 20))
+    for dtype in ("float16", "float32", "float64"):
+        native = W.astype(dtype)
+        swapped = native.astype(native.dtype.newbyteorder("S"))
+        assert storage_noise(swapped, dtype) == storage_noise(native, dtype)
+
+
 def test_accumulator_over_row_blocks_equals_the_whole_matrix():
     rng = np.random.default_rng(5)
     W = stored(rng.standard_normal((1000, 96)).astype(np.float32) * 0.05, "bfloat16")
