@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 from ..errors import AnalyzeError
-from ..sources import open_path
+from ..sources import is_hub_id, open_path
 from ..sources._common import one_line
 from ..sources.archive import find_serialization_weights
+from ..sources.hub import resolve_hub
 from ..sources.module import ModuleSource
 from ..sources.remote import url_basename
 from ..sources.torch_file import TorchFileSource
@@ -117,6 +118,8 @@ def resolve(spec: str, cache_dir: Optional[str] = None,
         else:
             raise AnalyzeError(f"{text}: unsupported URL scheme {scheme!r} "
                                "(use http, https or a local path)")
+    if is_hub_id(text):  # ORG/NAME[@REVISION] with no such local path: its cached snapshot
+        return resolve_hub(text, progress), text, None
     path = Path(text)
     try:
         if not path.exists():
