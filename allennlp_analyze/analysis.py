@@ -19,7 +19,7 @@ from .kinds import value_kind
 from .noise_floor import StorageNoise, storage_noise
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
-from .records import MatrixRecord, Summary, criterion_for, summarize
+from .records import MatrixRecord, Summary, criterion_for, roundoff_criterion, summarize
 from .selection import NOT_WEIGHT_VALUES, MatrixPlan, extract, plan
 from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
                                mp_bulk_fit, permuted)
@@ -139,9 +139,10 @@ def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: Ana
     rec.stable_rank = lam_sum / lam_max
     rec.log_norm = float(np.log10(lam_sum))
     rec.log_spectral_norm = float(np.log10(lam_max))
-    # the fit sees every eigenvalue that stands out from the noise (rounding to the storage
-    # dtype, and the spectrum's own float64 round-off), whatever the rank criterion
-    fitted = evals[(sv > tol.noise) & (evals > 0)]
+    # the fit sees every eigenvalue above round-off for the storage dtype, whatever the rank
+    # criterion: numpy's tolerance for float32 / float64 (as ever), else the noise floor
+    roundoff = roundoff_criterion(rec.dtype)
+    fitted = evals[(sv > getattr(tol, roundoff)) & (evals > 0)]
     rec.num_evals = int(fitted.size)
     rec.effective_rank = effective_rank(sv)
     if M == 1:
@@ -150,7 +151,7 @@ def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: Ana
     bulk = mp_bulk_fit(sv, rec.N, M)
     rec.mp_sigma2, rec.lambda_plus, rec.num_spikes, rec.mp_softrank = (
         bulk.sigma2, bulk.lambda_plus, bulk.num_spikes, bulk.softrank)
-    rec.entropy = matrix_entropy(sv, rec.rank_noise)
+    rec.entropy = matrix_entropy(sv, rec.rank(roundoff))
     fit = fit_power_law(fitted, xmax=lam_max if options.fit_xmax == "max" else None)
     if fit is None:
         rec.status = "too_few_eigenvalues"
@@ -180,8 +181,9 @@ def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spec
         fit = mp_bulk_fit(rand.sv, rec.N, rec.M)
         rec.rand_sv_max, rec.rand_lambda_plus = float(rand.sv[0]), fit.lambda_plus
         rec.num_traps = fit.num_spikes
-        rec.rand_distance = esd_distance(specs[j].sv, specs[j].tolerances.noise,
-                                         rand.sv, rand.tolerances.noise)
+        roundoff = roundoff_criterion(rec.dtype)
+        rec.rand_distance = esd_distance(specs[j].sv, getattr(specs[j].tolerances, roundoff),
+                                         rand.sv, getattr(rand.tolerances, roundoff))
         out[j] = rand.sv
     return out
 

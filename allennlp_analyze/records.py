@@ -16,9 +16,11 @@ from .tensors import DTYPE_EPS
 
 #: The rank criteria every record carries (``rank_<criterion>``).
 RANK_CRITERIA = ("loose", "numpy", "nr", "noise")
-#: Storage dtypes whose default ("auto") criterion is the loose bound, as in the original study;
-#: every narrower dtype (float16, bfloat16, float8) is judged by its noise floor.
-LOOSE_BY_DEFAULT = ("float32", "float64")
+#: Storage dtypes in which numpy's tolerance means what it says (far below nu_max): their default
+#: ("auto") criterion is the loose bound, as in the original study, and their round-off level
+#: numpy's tolerance; every narrower dtype (float16, bfloat16, float8) is judged by its noise
+#: floor (:func:`criterion_for`, :func:`roundoff_criterion`).
+WIDE_DTYPES = ("float32", "float64")
 #: What ``--rank-criterion`` accepts: a criterion, or "auto" (per dtype, see :func:`criterion_for`).
 CRITERION_CHOICES = RANK_CRITERIA + ("auto",)
 
@@ -29,7 +31,16 @@ def criterion_for(criterion: str, dtype: str) -> str:
     (whose noise floor can lie above the loose bound, or their numpy tolerance above nu_max)."""
     if criterion != "auto":
         return criterion
-    return "loose" if dtype in LOOSE_BY_DEFAULT else "noise"
+    return "loose" if dtype in WIDE_DTYPES else "noise"
+
+
+def roundoff_criterion(dtype: str) -> str:
+    """The criterion whose tolerance separates round-off from signal for a matrix stored as
+    ``dtype``, whatever the run's rank criterion: numpy's for float32 / float64 (the original
+    analysis: it also covers the round-off of the float32 arithmetic that produced the weights,
+    above their storage rounding), the noise floor for narrower dtypes (numpy's is at or above
+    nu_max there). The power-law fit, the entropy's rank and the ESD distance's zero bin use it."""
+    return "numpy" if dtype in WIDE_DTYPES else "noise"
 
 
 #: Record status codes: why a matrix has no fit (or no spectrum at all).
@@ -54,8 +65,8 @@ class MatrixRecord:
     ``rank_criterion``, the run's criterion as it applies to this matrix's dtype.
     ``alpha, xmin, xmax, D, num_tail``: the power-law fit of the eigenvalues' tail
     (:mod:`allennlp_analyze.powerlaw_fit`); ``num_evals``: eigenvalues given to the fit (those
-    whose singular value is above the float64 round-off of the spectrum itself,
-    ``sv_max * max(N, M) * eps64``, whatever the storage dtype).
+    whose singular value is above the round-off level of :func:`roundoff_criterion`: numpy's
+    tolerance for float32 / float64 storage, the noise floor for narrower dtypes).
     ``stable_rank`` = sum(lambda) / lambda_max; ``log_norm`` = log10 sum(lambda) (squared
     Frobenius norm); ``log_spectral_norm`` = log10 lambda_max; ``alpha_weighted`` =
     alpha * log10 lambda_max; ``log_alpha_norm`` = log10 sum(lambda^alpha).
