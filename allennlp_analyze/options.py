@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
 from .errors import AnalyzeError
-from .records import RANK_CRITERIA
+from .records import CRITERION_CHOICES
 
 KINDS = ("conv", "embeddings")
 
@@ -24,7 +24,9 @@ class AnalysisOptions:
     LSTM/GRU gate stacks by gate) instead of whole.
 
     Numerics: ``loose_tol`` is the absolute singular-value bound of the loose rank;
-    ``rank_criterion`` picks the rank behind ``rank_loss`` and "collapsed"; ``fit_xmax`` "none"
+    ``rank_criterion`` picks the rank behind ``rank_loss`` and "collapsed": "loose", "numpy",
+    "nr", "noise", or "auto" (the default: loose for float32 / float64 storage, noise for
+    narrower dtypes; :func:`allennlp_analyze.records.criterion_for`); ``fit_xmax`` "none"
     fits an unbounded power law (the original analysis), "max" bounds it at lambda_max;
     ``method`` "auto" | "svd" | "gram" (see :mod:`allennlp_analyze.spectrum`); ``device`` None
     (numpy, CPU) or a torch device; ``log10_threshold``: nu_min below 10**this counts as
@@ -48,7 +50,7 @@ class AnalysisOptions:
     conv_min_dim: int = 50
     split_fused: bool = False
     loose_tol: float = 1e-3
-    rank_criterion: str = "loose"
+    rank_criterion: str = "auto"
     fit_xmax: str = "none"
     method: str = "auto"
     device: Optional[str] = None
@@ -74,8 +76,8 @@ class AnalysisOptions:
             (self.min_dim >= 1, f"--min-dim must be >= 1 (got {self.min_dim})"),
             (self.conv_min_dim >= 1, f"--conv-min-dim must be >= 1 (got {self.conv_min_dim})"),
             (self.loose_tol >= 0.0, f"--loose-tol must be >= 0 (got {self.loose_tol})"),
-            (self.rank_criterion in RANK_CRITERIA,
-             f"--rank-criterion must be one of {', '.join(RANK_CRITERIA)}"),
+            (self.rank_criterion in CRITERION_CHOICES,
+             f"--rank-criterion must be one of {', '.join(CRITERION_CHOICES)}"),
             (self.fit_xmax in ("none", "max"), "--fit-xmax must be 'none' or 'max'"),
             (self.method in ("auto", "svd", "gram"), "--method must be auto, svd or gram"),
             (set(self.include) <= set(KINDS), f"--include takes {' / '.join(KINDS)}"),
@@ -112,8 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("numerics")
     g.add_argument("--loose-tol", type=float, default=d.loose_tol,
                    help="absolute singular-value bound of the loose rank (default %(default)s)")
-    g.add_argument("--rank-criterion", choices=RANK_CRITERIA, default=d.rank_criterion,
-                   help="rank behind rank_loss and 'collapsed' (default %(default)s)")
+    g.add_argument("--rank-criterion", choices=CRITERION_CHOICES, default=d.rank_criterion,
+                   help="rank behind rank_loss and 'collapsed': sv above the loose bound, "
+                        "numpy's or Numerical Recipes' tolerance, or the storage noise floor; "
+                        "auto: loose for float32/float64 weights, noise for float16, bfloat16 "
+                        "and float8 (default %(default)s)")
     g.add_argument("--fit-xmax", choices=("none", "max"), default=d.fit_xmax,
                    help="power-law fit without upper bound, or bounded at lambda_max "
                         "(default %(default)s)")

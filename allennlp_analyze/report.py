@@ -54,7 +54,7 @@ def write_table(analysis: Analysis, out: IO[str], wide: bool = False) -> None:
     extra = (WIDE_COLUMNS + (RAND_COLUMNS if rand else ())) if wide else ()
     header = (["model"] if multi else []) + [
         "name", "type", "N x M", "Q", "sv_max", "sv_min", "log10 sv_min",
-        "rank loose/numpy/nr", "alpha", "D", "xmin", "tail", *extra, "status"]
+        "rank loose/numpy/nr/noise", "alpha", "D", "xmin", "tail", *extra, "status"]
     rows = [(([r.model] if multi else []) + _table_row(r, wide, rand))
             for r in analysis.records]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
@@ -91,10 +91,21 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
     for status, n in s.status.items():
         if status != "ok":
             lines.append(f"  {n:6d}  {STATUS_TEXT[status]}")
-    lines.append(f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {s.collapsed['loose']}"
-                 f", numpy tolerance: {s.collapsed['numpy']}"
-                 f", Numerical Recipes tolerance: {s.collapsed['nr']}"
-                 f"  [--rank-criterion {criterion}]")
+    def count(c: str) -> str:
+        notes = []
+        if s.tolerance_ratio.get(c, 0.0) >= 0.01:  # for float32 weights it is ~1e-4
+            notes.append(f"tolerance up to {100 * s.tolerance_ratio[c]:.0f}% of sv_max")
+        if s.rank_undefined.get(c):
+            notes.append(f"no rank for {s.rank_undefined[c]}: tolerance >= sv_max")
+        return f"{s.collapsed[c]}" + (f" ({'; '.join(notes)})" if notes else "")
+
+    chosen = f"{criterion}: loose for float32/float64, noise for narrower dtypes" \
+        if criterion == "auto" else criterion
+    lines.append(f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {count('loose')}"
+                 f", numpy tolerance: {count('numpy')}"
+                 f", Numerical Recipes tolerance: {count('nr')}"
+                 f", noise floor: {count('noise')}"
+                 f"  [--rank-criterion {chosen}]")
     for name in s.collapsed_names[criterion][:10]:
         lines.append(f"          collapsed: {name}")
     if len(s.collapsed_names[criterion]) > 10:
@@ -135,8 +146,14 @@ WIDE_COLUMNS = ("spikes", "mp_softrank", "entropy", "eff. rank")
 RAND_COLUMNS = ("rand sv_max", "traps", "rand dist")
 
 
+def rank_cell(r: MatrixRecord) -> str:
+    """``loose/numpy/nr/noise`` ranks, "-" for a rank that is null (or no spectrum)."""
+    return "-" if r.rank_loose is None else "/".join(
+        _int(k) for k in (r.rank_loose, r.rank_numpy, r.rank_nr, r.rank_noise))
+
+
 def _table_row(r: MatrixRecord, wide: bool = False, rand: bool = False) -> List[str]:
-    ranks = "-" if r.rank_loose is None else f"{r.rank_loose}/{r.rank_numpy}/{r.rank_nr}"
+    ranks = rank_cell(r)
     extra = [_int(r.num_spikes), _num(r.mp_softrank, fixed=True), _num(r.entropy, fixed=True),
              _num(r.effective_rank)] if wide else []
     if wide and rand:

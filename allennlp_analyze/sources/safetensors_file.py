@@ -23,9 +23,11 @@ from ._common import natural_key, one_line, read_index
 MAX_HEADER = 100_000_000
 
 
-def _float8_table(exp_bits: int, man_bits: int, bias: int, ieee: bool) -> np.ndarray:
+def _float8_table(exp_bits: int, man_bits: int, bias: int, ieee: bool,
+                  fnuz: bool = False) -> np.ndarray:
     """float32 value of each of the 256 float8 bit patterns (E4M3FN: no infinities,
-    S.1111.111 is NaN; E5M2: IEEE-like)."""
+    S.1111.111 is NaN; E5M2: IEEE-like; ``fnuz`` (torch's E4M3FNUZ / E5M2FNUZ): no infinities,
+    no negative zero, 1.0000.000 alone is NaN)."""
     codes = np.arange(256, dtype=np.int64)
     sign = np.where(codes >> 7, -1.0, 1.0)
     exp = (codes >> man_bits) & ((1 << exp_bits) - 1)
@@ -34,7 +36,9 @@ def _float8_table(exp_bits: int, man_bits: int, bias: int, ieee: bool) -> np.nda
     subnormal = (man / 2.0**man_bits) * 2.0 ** (1 - bias)
     values = sign * np.where(exp == 0, subnormal, normal)
     top = (1 << exp_bits) - 1
-    if ieee:
+    if fnuz:
+        values = np.where(codes == 0x80, np.nan, values)
+    elif ieee:
         values = np.where((exp == top) & (man == 0), sign * np.inf, values)
         values = np.where((exp == top) & (man != 0), np.nan, values)
     else:
@@ -60,6 +64,10 @@ _DTYPES = {
     "U8": (np.dtype("u1"), "uint8"),
     "BOOL": (np.dtype("?"), "bool"),
 }
+#: The float8 codes that :func:`_widen` decodes -> ``_float8_table`` arguments; the FNUZ ones
+#: are torch's (no safetensors dtype), for torch files.
+_FLOAT8_FORMATS = {"F8_E4M3": (4, 3, 7, False), "F8_E5M2": (5, 2, 15, True),
+                   "F8_E4M3FNUZ": (4, 3, 8, False, True), "F8_E5M2FNUZ": (5, 2, 16, False, True)}
 _FLOAT8 = {}
 
 
@@ -67,10 +75,9 @@ def _widen(raw: np.ndarray, st_dtype: str) -> np.ndarray:
     """Stored bits -> numpy array of the stored precision (bfloat16/float8 -> float32, exactly)."""
     if st_dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
-    if st_dtype in ("F8_E4M3", "F8_E5M2"):
+    if st_dtype in _FLOAT8_FORMATS:
         if st_dtype not in _FLOAT8:
-            _FLOAT8[st_dtype] = (_float8_table(4, 3, 7, False) if st_dtype == "F8_E4M3"
-                                 else _float8_table(5, 2, 15, True))
+            _FLOAT8[st_dtype] = _float8_table(*_FLOAT8_FORMATS[st_dtype])
         return _FLOAT8[st_dtype][raw]
     return raw
 
