@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional, Union
 
+from .. import limits
 from ..errors import AnalyzeError
 from ..tensors import WeightSource
 from ._common import TensorDictSource, as_state_dict, read_index
@@ -50,6 +51,10 @@ def open_path(path: Union[str, os.PathLike], label: Optional[str] = None) -> Wei
         raise AnalyzeError(f"{p} does not exist")
     if is_dir:
         return open_folder(p, label)
+    try:
+        limits.require_regular(p)  # a FIFO would block, /dev/zero never end
+    except OSError as e:
+        raise AnalyzeError(f"cannot read {p}: {e.strerror or e}") from None
     name = p.name.lower()
     if name.endswith((".tar.gz", ".tgz")):
         return ArchiveSource(p, label)
@@ -61,7 +66,7 @@ def open_path(path: Union[str, os.PathLike], label: Optional[str] = None) -> Wei
         return TorchFileSource(p, label)
     # No telling name (e.g. a cached download): look at the content.
     try:
-        with open(p, "rb") as f:
+        with limits.open_regular(p) as f:
             head = f.read(4)
     except OSError as e:
         raise AnalyzeError(f"cannot read {p}: {e.strerror or e}") from None

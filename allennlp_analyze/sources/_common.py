@@ -3,7 +3,6 @@
 Nothing here imports torch at module level: a value is a torch tensor only if torch is
 already imported (``sys.modules``), so safetensors-only runs never pay for it.
 """
-import json
 import re
 import sys
 from collections.abc import Mapping
@@ -12,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .. import limits
 from ..errors import AnalyzeError
 from ..tensors import TensorInfo
 
@@ -149,8 +149,7 @@ class TensorDictSource:
 def read_index(path: Path) -> Dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file name) of a sharded checkpoint's index."""
     try:
-        with open(path, "rb") as f:
-            index = json.loads(f.read().decode("utf-8"))
+        index = limits.parse_json(limits.read_regular(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise AnalyzeError(f"{path} is not a valid checkpoint index ({one_line(e)})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
