@@ -14,7 +14,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 
 import numpy as np
 
-from .errors import AnalyzeError
+from . import limits
+from .errors import AnalyzeError, escape
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
 from .records import MatrixRecord, Summary, summarize
@@ -144,6 +145,10 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     if options.match and selection.skipped.get("not matched by --match") == len(tensors):
         patterns = " ".join(repr(p) for p in options.match)
         raise AnalyzeError(f"no parameter of {label} matches --match {patterns}")
+    largest = max(selection.plans, key=lambda p: limits.analysis_memory(*p.shape), default=None)
+    if largest is not None:  # before any weight is read, let alone widened to float64
+        limits.check_memory(limits.analysis_memory(*largest.shape),
+                            f"{label}: {largest.name} ({max(largest.shape)} x {min(largest.shape)})")
 
     # a source may offer a copy-free read-only view for transient use (safetensors: mapped)
     load = getattr(source, "load_mapped", source.load)
@@ -225,7 +230,7 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
         try:
             source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
                 opener(spec, cache_dir=cache_dir, progress=progress)
-            label = _unique(source.label, labels)
+            label = _unique(escape(source.label), labels)  # a display name: one line
             recs, svs, skips = analyze_source(source, options, progress=progress, label=label)
         except AnalyzeError as e:
             if on_error == "raise":
@@ -324,4 +329,4 @@ def _progress_bar(total: int, label: str, progress: Optional[bool]):
         show = False
     if not show:
         return _NoBar()
-    return tqdm(total=total, desc=label, unit="matrix", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=escape(label), unit="matrix", file=sys.stderr, leave=False)

@@ -90,6 +90,8 @@ def _parameter_skip_reason(t: TensorInfo, o: AnalysisOptions) -> Optional[str]:
         return f"not a floating-point tensor ({t.dtype})"
     if len(t.shape) < 2:
         return "not a matrix (0-D/1-D: biases, norms, scalars)"
+    if 0 in t.shape:  # before its (maybe countless) convolution positions are listed
+        return "empty (a dimension of size 0)"
     if len(t.shape) > 2:
         if t.module_type is not None and "conv" not in t.module_type.lower():
             # e.g. nn.Bilinear's (out, in1, in2): not a stack of spatial positions
