@@ -277,14 +277,12 @@ def parse_json(raw, max_depth: int = MAX_JSON_DEPTH):
         value = json.loads(raw, parse_constant=no_constant)
     except RecursionError:
         raise deep from None
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth + 1 > max_depth:
-                    raise deep
-                stack.append((child, depth + 1))
+    level, depth = [value] if type(value) in (dict, list) else [], 1
+    while level:  # breadth first, one nesting level at a time
+        level = [child for item in level for child in (item.values() if type(item) is dict else item)
+                 if type(child) in (dict, list)]
+        depth += bool(level)
+        if depth > max_depth:
+            raise deep
     return value
 

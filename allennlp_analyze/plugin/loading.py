@@ -159,6 +159,8 @@ def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: A
             limits.require_regular(weights_file)
         except OSError as e:
             raise AnalyzeError(f"--weights-file {weights_file}: {e.strerror or one_line(e)}") from None
+        except AnalyzeError as e:
+            raise AnalyzeError(f"--weights-file: {e}") from None
     with tempfile.TemporaryDirectory(prefix="allennlp-analyze-") as tmp:
         if local.is_dir():
             serialization_dir = local

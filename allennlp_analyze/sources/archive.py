@@ -69,13 +69,17 @@ class _Bounded:
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n if n is not None and n >= 0 else self.limit + 1 - self.count)
         self.count += len(data)
-        if self.count > self.limit:
+        self.expect(0)
+        return data
+
+    def expect(self, n: int) -> None:
+        """Fail now if ``n`` more bytes would pass the limit (a member's declared size)."""
+        if self.count + n > self.limit:
             raise AnalyzeError(
                 f"{self.origin} decompresses to more than {limits.format_bytes(self.limit)} "
                 f"from {limits.format_bytes(self.compressed)} (a gzip bomb?); refused "
                 f"(set {limits.ENV_MAX_EXPANSION} to allow more than "
                 f"{limits.max_expansion():g} times)")
-        return data
 
 
 @dataclass
@@ -106,9 +110,9 @@ def scan_archive(path: Path, *, read_weights: bool = True,
                 raise AnalyzeError(f"{path} is not a gzip tar archive")
             raw.seek(0)
             compressed = os.fstat(raw.fileno()).st_size
-            found = _Scan(origin, read_weights, extract_to)
             with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
                 stream = _Bounded(gz, limits.expanded_limit(compressed), origin, compressed)
+                found = _Scan(origin, stream, read_weights, extract_to)
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for member in tar:
                         found.member(tar, member)
@@ -140,8 +144,10 @@ def scan_archive(path: Path, *, read_weights: bool = True,
 class _Scan:
     """The member-by-member rules of :func:`scan_archive`."""
 
-    def __init__(self, origin: str, read_weights: bool, extract_to: Optional[Path]):
-        self.origin, self.read_weights, self.extract_to = origin, read_weights, extract_to
+    def __init__(self, origin: str, stream: _Bounded, read_weights: bool,
+                 extract_to: Optional[Path]):
+        self.origin, self.stream = origin, stream
+        self.read_weights, self.extract_to = read_weights, extract_to
         self.count = 0
         self.names: set = set()
         self.weights: Dict[str, str] = {}  # weights file name -> member name
@@ -162,6 +168,7 @@ class _Scan:
             self.unsafe = _unsafe_reason(member, parts)
         if member.isdir():
             return
+        self.stream.expect(member.size)  # a bomb is refused before its member is read
         if name in self.names:
             raise AnalyzeError(f"{self.origin} holds two members named {name!r} "
                                "(ambiguous: which one is meant?)")

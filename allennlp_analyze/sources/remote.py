@@ -231,13 +231,14 @@ def _receive(url: str, dest: Path, progress: Optional[bool]) -> Optional[str]:
         try:
             response = _opener(watchdog).open(request, timeout=limits.connect_timeout())
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-            if watchdog.expired:
-                raise AnalyzeError(f"cannot download {url}: no response within {window:g} s "
-                                   f"({limits.ENV_READ_TIMEOUT})") from None
-            why = _reason(e)
-            if why == "timed out":
+            timeout = (socket.timeout, TimeoutError)
+            if isinstance(e, urllib.error.URLError) and isinstance(e.reason, timeout):
                 why = (f"timed out connecting ({limits.connect_timeout():g} s, "
                        f"{limits.ENV_CONNECT_TIMEOUT})")
+            elif watchdog.expired or isinstance(e, timeout):  # no headers in time
+                why = f"no response within {window:g} s ({limits.ENV_READ_TIMEOUT})"
+            else:
+                why = _reason(e)
             raise AnalyzeError(f"cannot download {url}: {why}") from None
         watchdog.advance(watchdog.min_bytes)  # the headers count as progress
         with response:
@@ -302,23 +303,27 @@ def _decode(url: str, path: Path, encoding: str, cap: int) -> None:
     where decoding turns a ``.gz``/``.tgz`` into something that is not gzip, the file is kept."""
     limit = min(cap, limits.expanded_limit(path.stat().st_size))
     decoded = path.with_name(path.name + ".decoded")
-    wbits = 16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS
+    gzip_coding = "gzip" in encoding
+    wbits = 16 + zlib.MAX_WBITS if gzip_coding else zlib.MAX_WBITS
     inflater = zlib.decompressobj(wbits)
     size = 0
     try:
         with open(path, "rb") as src, open(decoded, "xb") as out:
             for block in iter(lambda: src.read(CHUNK), b""):
                 while True:  # at most CHUNK bytes out per call: a bomb never sits in memory
+                    if inflater.eof:  # gzip allows several members; deflate's tail is ignored
+                        if not (gzip_coding and block):
+                            break
+                        inflater = zlib.decompressobj(wbits)
                     data = inflater.decompress(block, CHUNK)
-                    block = inflater.unconsumed_tail
                     size += len(data)
                     if size > limit:
                         raise AnalyzeError(f"download of {url} decodes ({encoding}) to more than "
                                            f"{limits.format_bytes(limit)}; refused")
                     out.write(data)
-                    if not block and len(data) < CHUNK:
+                    block = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
+                    if not block and (inflater.eof or len(data) < CHUNK):
                         break
-            out.write(inflater.flush())
         if not inflater.eof:
             raise AnalyzeError(f"download of {url} is truncated (its {encoding} encoding ends early)")
     except zlib.error as e:
@@ -341,6 +346,7 @@ def download(url: str, dest: Path, progress: Optional[bool] = None,
         tmpdir = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".download-"))
     except OSError as e:
         raise AnalyzeError(f"cannot create the download cache {dest.parent}: {_reason(e)}") from None
+    done = False
     try:
         tmp = tmpdir / dest.name
         content_type = _receive(url, tmp, progress)
@@ -358,8 +364,14 @@ def download(url: str, dest: Path, progress: Optional[bool] = None,
             os.replace(tmp, dest)
         except OSError as e:
             raise AnalyzeError(f"cannot write {dest}: {_reason(e)}") from None
+        done = True
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if not done:
+            try:
+                dest.parent.rmdir()  # the URL's cache folder, when nothing else is in it
+            except OSError:
+                pass
     return dest
 
 
