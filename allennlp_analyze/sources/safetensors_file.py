@@ -117,7 +117,7 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
         if not isinstance(spec, dict):
             raise corrupt(f"entry {name!r} is not an object")
         st_dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if st_dtype not in _DTYPES:
+        if not isinstance(st_dtype, str) or st_dtype not in _DTYPES:
             raise corrupt(f"tensor {name!r} has unknown dtype {st_dtype!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise corrupt(f"tensor {name!r} has a bad shape {shape!r}")
