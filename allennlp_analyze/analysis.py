@@ -16,10 +16,13 @@ import numpy as np
 
 from . import limits
 from .errors import AnalyzeError, escape
+from .kinds import value_kind
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
 from .records import MatrixRecord, Summary, summarize
-from .selection import MatrixPlan, extract, plan
+from .selection import NOT_WEIGHT_VALUES, MatrixPlan, extract, plan
+from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
+                               mp_bulk_fit, permuted)
 from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch,
                        singular_values_many)
 from .tensors import DTYPE_EPS, WeightSource
@@ -37,6 +40,8 @@ class Analysis:
     options: AnalysisOptions
     #: Singular values (descending) per record, aligned with ``records``, when asked for.
     spectra: Optional[List[np.ndarray]] = None
+    #: With ``randomize``: those of each record's permuted matrix (empty where none).
+    rand_spectra: Optional[List[np.ndarray]] = None
 
     def to_dicts(self) -> List[Dict[str, object]]:
         """The records as a list of dicts (``pandas.DataFrame(result.to_dicts())``)."""
@@ -54,14 +59,15 @@ def analyze_matrix(W: np.ndarray, options: AnalysisOptions = AnalysisOptions(), 
 
 def _analyze(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
              model: str, module_type: Optional[str], part: Optional[str]
-             ) -> Tuple[MatrixRecord, np.ndarray]:
-    """The record of W and its singular values (empty where none were computed)."""
+             ) -> Tuple[MatrixRecord, np.ndarray, np.ndarray]:
+    """The record of W, its singular values and those of its permuted self (empty where none
+    were computed)."""
     return _analyze_many([(W, name, dtype, model, module_type, part)], options)[0]
 
 
 def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optional[str],
                                     Optional[str]]], options: AnalysisOptions
-                  ) -> List[Tuple[MatrixRecord, np.ndarray]]:
+                  ) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
     """:func:`_analyze` of matrices (``(W, name, dtype, model, module_type, part)``) of one
     oriented shape, their spectra computed by stacked calls (same results as one by one)."""
     prepared = [_prepare(W, options, *rest) for W, *rest in items]
@@ -73,7 +79,11 @@ def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optiona
     results = [(rec, np.zeros(0)) for rec, _ in prepared]
     for i, spec in zip(todo, specs):
         results[i] = _finish(prepared[i][0], spec, options)
-    return results
+    rand = [np.zeros(0)] * len(results)
+    if options.randomize:
+        for i, sv in zip(todo, _randomize([prepared[i] for i in todo], specs, options)):
+            rand[i] = sv
+    return [(rec, sv, r) for (rec, sv), r in zip(results, rand)]
 
 
 def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
@@ -117,9 +127,14 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
     rec.log_spectral_norm = float(np.log10(lam_max))
     fitted = evals[(sv > tol.numpy) & (evals > 0)]
     rec.num_evals = int(fitted.size)
+    rec.effective_rank = effective_rank(sv)
     if M == 1:
         rec.status = "single_row"
         return rec, sv
+    bulk = mp_bulk_fit(sv, rec.N, M)
+    rec.mp_sigma2, rec.lambda_plus, rec.num_spikes, rec.mp_softrank = (
+        bulk.sigma2, bulk.lambda_plus, bulk.num_spikes, bulk.softrank)
+    rec.entropy = matrix_entropy(sv, rec.rank_numpy)
     fit = fit_power_law(fitted, xmax=lam_max if options.fit_xmax == "max" else None)
     if fit is None:
         rec.status = "too_few_eigenvalues"
@@ -127,21 +142,46 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
     rec.alpha, rec.xmin, rec.xmax, rec.D = fit.alpha, fit.xmin, fit.xmax, fit.D
     rec.num_tail = fit.num_tail
     rec.alpha_weighted = fit.alpha * rec.log_spectral_norm
+    rec.log_alpha_norm = log_alpha_norm(sv, fit.alpha)
     return rec, sv
 
 
+def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spectrum],
+               options: AnalysisOptions) -> List[np.ndarray]:
+    """Fill the ``rand_*`` and ``num_traps`` fields of the records that have a bulk fit from
+    their matrices with the elements permuted (of one oriented shape, with their spectra
+    ``specs``); return the permuted matrices' singular values (empty where none)."""
+    keep = [j for j, (rec, _) in enumerate(prepared) if rec.lambda_plus is not None]
+    rand_specs = singular_values_many(
+        [permuted(prepared[j][1], options.seed, prepared[j][0].name) for j in keep],
+        [DTYPE_EPS[prepared[j][0].dtype] for j in keep], loose_tol=options.loose_tol,
+        method=options.method, device=options.device)
+    out = [np.zeros(0)] * len(prepared)
+    for j, rand in zip(keep, rand_specs):
+        rec = prepared[j][0]
+        fit = mp_bulk_fit(rand.sv, rec.N, rec.M)
+        rec.rand_sv_max, rec.rand_lambda_plus = float(rand.sv[0]), fit.lambda_plus
+        rec.num_traps = fit.num_spikes
+        rec.rand_distance = esd_distance(specs[j].sv, specs[j].tolerances.numpy,
+                                         rand.sv, rand.tolerances.numpy)
+        out[j] = rand.sv
+    return out
+
+
 def analyze_source(source: WeightSource, options: AnalysisOptions,
-                   progress: Optional[bool] = None, label: Optional[str] = None
+                   progress: Optional[bool] = None, label: Optional[str] = None,
+                   rand_spectra: Optional[List[np.ndarray]] = None
                    ) -> Tuple[List[MatrixRecord], List[np.ndarray], Counter]:
     """Records of every selected matrix of one source, their singular values, and the skip
     counts.
 
     Each parameter is read once; ``progress`` True/False forces the progress bar (stderr) on or
     off, None shows it only when stderr is a terminal. ``label`` names the model in the records
-    (default: the source's own label)."""
+    (default: the source's own label). A ``rand_spectra`` list receives, aligned with the
+    records, the singular values of each permuted matrix (``options.randomize``; else empty)."""
     label = label or source.label
     tensors = source.tensors()
-    selection = plan(tensors, options)
+    selection = plan(tensors, options, getattr(source, "config", None))
     if options.match and selection.skipped.get("not matched by --match") == len(tensors):
         patterns = " ".join(repr(p) for p in options.match)
         raise AnalyzeError(f"no parameter of {label} matches --match {patterns}")
@@ -154,10 +194,16 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     load = getattr(source, "load_mapped", source.load)
 
     def by_param() -> Iterator[Tuple[MatrixPlan, np.ndarray]]:
-        loaded_name, loaded = None, None
+        """Each planned matrix with its data; a parameter whose values show it is no weight
+        (a 0/1 mask, a constant) is left out here, counted with the skipped ones."""
+        loaded_name, loaded, not_weight = None, None, None
         for p in selection.plans:
             if p.param != loaded_name:
                 loaded_name, loaded = p.param, load(p.param)
+                not_weight = value_kind(loaded)
+            if not_weight:
+                selection.skipped[NOT_WEIGHT_VALUES[not_weight]] += 1
+                continue
             yield p, extract(p, loaded)
 
     def batches() -> Iterator[List[Tuple[MatrixPlan, np.ndarray]]]:
@@ -178,18 +224,24 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         if batch:
             yield batch
 
-    def one(batch: List[Tuple[MatrixPlan, np.ndarray]]) -> List[Tuple[MatrixRecord, np.ndarray]]:
-        return _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
-                              for p, W in batch], options)
+    def one(batch: List[Tuple[MatrixPlan, np.ndarray]]
+            ) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
+        results = _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
+                                 for p, W in batch], options)
+        for (p, _), (rec, _, _) in zip(batch, results):
+            rec.kind, rec.kind_from = p.kind, p.kind_from
+        return results
 
     records, spectra = [], []
     workers = min(resolve_workers(options), max(1, len(selection.plans)))
     with _progress_bar(len(selection.plans), label, progress) as bar, \
             _blas_threads(max(1, _cpu_count() // workers) if workers > 1 else None):
         for results in _bounded_map(one, batches(), workers):
-            for rec, sv in results:
+            for rec, sv, rand_sv in results:
                 records.append(rec)
                 spectra.append(sv)
+                if rand_spectra is not None:
+                    rand_spectra.append(rand_sv)
                 bar.update(1)
     if workers == 1:
         release_scratch()
@@ -199,7 +251,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
 def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optional[bool] = False,
             on_error: str = "raise", cache_dir: Optional[str] = None,
             keep_spectra: bool = False, opener: Optional[Callable[..., WeightSource]] = None,
-            **option_kwargs) -> Analysis:
+            checkpoint_key: Optional[str] = None, **option_kwargs) -> Analysis:
     """Analyze one or more models. Each source is a path or URL (AllenNLP archive or
     serialization directory, state-dict file, safetensors file or folder, Hugging Face folder),
     a ``torch.nn.Module``, a state dict, or a :class:`~allennlp_analyze.tensors.WeightSource`.
@@ -207,43 +259,81 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     Options come as an :class:`AnalysisOptions` or as its field names (``min_q=1.0``).
     ``on_error="raise"`` raises the first source's :class:`AnalyzeError`; ``"collect"`` records
     it in ``summary.errors`` (the run is then incomplete) and goes on with the other sources.
-    ``keep_spectra`` keeps every matrix's singular values in ``Analysis.spectra`` (for plots).
+    ``keep_spectra`` keeps every matrix's singular values in ``Analysis.spectra`` (for plots),
+    and with ``randomize`` those of its permuted matrix in ``Analysis.rand_spectra``.
     Models are labelled by their sources' labels, made unique with a suffix " #2", " #3"...
     where two sources share one (two ``model.safetensors`` from different folders).
-    ``opener(spec, cache_dir=, progress=)`` turns a source into a WeightSource (default
-    :func:`allennlp_analyze.sources.open_source`); one model is held in memory at a time.
+    ``checkpoint_key`` picks the part of nested checkpoints to analyze (default: the rule of
+    :mod:`allennlp_analyze.sources.checkpoint`); which part was taken is in ``summary.notes``.
+    ``opener(spec, cache_dir=, progress=, checkpoint_key=)`` turns a source into a
+    WeightSource (default :func:`allennlp_analyze.sources.open_source`); one model is held in
+    memory at a time.
     """
-    if opener is None:
-        from .sources import open_source as opener
-
-    if options is None:
-        options = AnalysisOptions(**option_kwargs)
-    elif option_kwargs:
-        raise TypeError("pass either options= or option keywords, not both")
-    if on_error not in ("raise", "collect"):
-        raise ValueError("on_error must be 'raise' or 'collect'")
+    options = options_from(options, option_kwargs)
     records: List[MatrixRecord] = []
     spectra: List[np.ndarray] = []
+    rand_spectra: List[np.ndarray] = []
     skipped: Counter = Counter()
-    labels, errors = [], []
+
+    def one(source: WeightSource, label: str) -> None:
+        rand_svs: List[np.ndarray] = []
+        recs, svs, skips = analyze_source(source, options, progress=progress, label=label,
+                                          rand_spectra=rand_svs)
+        records.extend(recs)
+        spectra.extend(svs)
+        rand_spectra.extend(rand_svs)
+        skipped.update(skips)
+
+    labels, errors, notes = for_each_source(sources, one, opener=opener, on_error=on_error,
+                                            cache_dir=cache_dir, progress=progress,
+                                            checkpoint_key=checkpoint_key)
+    return Analysis(records=records, summary=summarize(records, skipped, labels, errors, notes),
+                    options=options, spectra=spectra if keep_spectra else None,
+                    rand_spectra=rand_spectra if keep_spectra and options.randomize else None)
+
+
+def options_from(options: Optional[AnalysisOptions], option_kwargs: Dict[str, object]
+                 ) -> AnalysisOptions:
+    """``options``, or the options named by keyword (not both)."""
+    if options is None:
+        return AnalysisOptions(**option_kwargs)
+    if option_kwargs:
+        raise TypeError("pass either options= or option keywords, not both")
+    return options
+
+
+def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
+                    opener: Optional[Callable[..., WeightSource]] = None, on_error: str = "raise",
+                    cache_dir: Optional[str] = None, progress: Optional[bool] = False,
+                    checkpoint_key: Optional[str] = None
+                    ) -> Tuple[List[str], List[str], List[str]]:
+    """``fn(source, label)`` for each source opened in turn (one in memory at a time), labels
+    made unique; returns the labels of the sources done, the errors collected (with
+    ``on_error="collect"``; ``"raise"`` raises the first :class:`AnalyzeError`) and the
+    sources' notes (e.g. which part of a nested checkpoint was read)."""
+    if opener is None:
+        from .sources import open_source as opener
+    if on_error not in ("raise", "collect"):
+        raise ValueError("on_error must be 'raise' or 'collect'")
+    labels: List[str] = []
+    errors: List[str] = []
+    notes: List[str] = []
     for spec in sources:
         try:
             source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
-                opener(spec, cache_dir=cache_dir, progress=progress)
+                opener(spec, cache_dir=cache_dir, progress=progress, checkpoint_key=checkpoint_key)
             label = _unique(escape(source.label), labels)  # a display name: one line
-            recs, svs, skips = analyze_source(source, options, progress=progress, label=label)
+            fn(source, label)
         except AnalyzeError as e:
             if on_error == "raise":
                 raise
             errors.append(str(e))
             continue
         labels.append(label)
-        records.extend(recs)
-        spectra.extend(svs)
-        skipped.update(skips)
+        if getattr(source, "note", None):
+            notes.append(f"{label}: {source.note}")
         del source
-    return Analysis(records=records, summary=summarize(records, skipped, labels, errors),
-                    options=options, spectra=spectra if keep_spectra else None)
+    return labels, errors, notes
 
 
 def _unique(label: str, taken: List[str]) -> str:

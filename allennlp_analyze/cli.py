@@ -5,6 +5,7 @@ Exit codes: 0 analyzed; 1 analyzed and found rank collapse, with ``--fail-on-col
 of several that could not be read (the others are still analyzed and reported).
 """
 import argparse
+import functools
 import glob
 import os
 import signal
@@ -15,6 +16,7 @@ from typing import Callable, List, Optional, Sequence
 from . import limits
 from . import options as analysis_options
 from .analysis import Analysis, analyze
+from .describe import Description, describe, write_description
 from .errors import AnalyzeError, escape
 from .report import FORMATS, write
 
@@ -26,15 +28,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Sources, analysis options and output options: shared by this command and the AllenNLP
     ``analyze`` subcommand."""
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
-                        help="model archive (.tar.gz), serialization directory, state-dict file "
-                             "(.th/.pt/.bin), safetensors file or folder, Hugging Face folder, "
-                             "http(s) URL, or a glob of these")
+                        help="model archive (.tar.gz), serialization directory, state-dict or "
+                             "checkpoint file (.th/.pt/.bin/.ckpt), numpy .npy/.npz, safetensors "
+                             "file or folder, Hugging Face folder, http(s) URL, or a glob of these")
     parser.add_argument("--sources-from", metavar="FILE",
                         help="read further sources from FILE, one per line (# comments)")
+    parser.add_argument("--checkpoint-key", metavar="KEY",
+                        help="the part of a nested checkpoint to analyze, e.g. state_dict, ema "
+                             "or model.encoder (default: the state dict found under the usual "
+                             "keys, optimizer state left out; a note says which part was read)")
     analysis_options.add_arguments(parser)
     g = parser.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, default="table",
                    help="table (with summary), json or csv (default %(default)s)")
+    g.add_argument("--wide", action="store_true",
+                   help="table: also the MP bulk fit (spikes, soft rank), the entropies and, "
+                        "with --randomize, the correlation traps (JSON and CSV always have them)")
     g.add_argument("--output-file", "-o", metavar="PATH",
                    help="write there instead of stdout")
     g.add_argument("--plot-dir", metavar="DIR",
@@ -45,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--plot-match", action="append", default=[], metavar="REGEX",
                    help="per-matrix figures only for matrices whose MODEL:NAME matches "
                         "(repeatable)")
+    g.add_argument("--describe", action="store_true",
+                   help="instead of analyzing, list every tensor with its shape, dtype, kind "
+                        "(and the evidence for it) and what the analysis would do with it; "
+                        "reads no tensor data, computes nothing")
     g.add_argument("--fail-on-collapse", action="store_true",
                    help="exit with status 1 when any matrix lost rank under --rank-criterion")
     g.add_argument("--cache-dir", metavar="DIR",
@@ -99,23 +112,37 @@ def read_sources_file(path: str) -> List[str]:
 
 
 def run(args: argparse.Namespace,
-        analyze_fn: Callable[..., Analysis] = analyze, prog: str = "allennlp-analyze") -> int:
-    """Analyze, write the report (and figures), and return the exit code. ``analyze_fn`` lets
-    the AllenNLP subcommand substitute its own loader; ``prog`` names the command in error
-    lines."""
+        analyze_fn: Callable[..., Analysis] = analyze, prog: str = "allennlp-analyze",
+        describe_fn: Callable[..., Description] = describe) -> int:
+    """Analyze (or with ``--describe`` describe), write the report (and figures), and return the
+    exit code. ``analyze_fn`` / ``describe_fn`` let the AllenNLP subcommand substitute its own
+    loader; ``prog`` names the command in error lines."""
     opts = analysis_options.from_namespace(args)
     sources = expand_sources(args)
     several = len(sources) > 1
+    if getattr(args, "describe", False):
+        if args.plot_dir:
+            raise AnalyzeError("--describe computes no spectra: there is nothing to plot "
+                               "(drop --plot-dir)")
+        described = describe_fn(*sources, options=opts, progress=args.progress,
+                                on_error="collect" if several else "raise",
+                                cache_dir=args.cache_dir)
+        _write_report(described, args, write_description)
+        for err in described.errors:
+            print(f"{prog}: error: {escape(err)}", file=sys.stderr)
+        return 2 if described.errors else 0
     plots = _plots_module() if args.plot_dir else None
     if plots is not None:
         plots.prepare_plot_dir(args.plot_dir)
     result = analyze_fn(*sources, options=opts, progress=args.progress,
                         on_error="collect" if several else "raise", cache_dir=args.cache_dir,
-                        keep_spectra=bool(args.plot_dir))
-    _write_report(result, args)
+                        keep_spectra=bool(args.plot_dir), checkpoint_key=args.checkpoint_key)
+    _write_report(result, args, functools.partial(write, wide=args.wide))
     if plots is not None:
         plots.write_figures(result, args.plot_dir, max_matrices=getattr(args, "plot_max", 100),
                             match=getattr(args, "plot_match", None) or ())
+    for note in result.summary.notes:
+        print(f"{prog}: note: {escape(note)}", file=sys.stderr)
     for err in result.summary.errors:
         print(f"{prog}: error: {escape(err)}", file=sys.stderr)
     if result.summary.errors:
@@ -125,16 +152,16 @@ def run(args: argparse.Namespace,
     return 0
 
 
-def _write_report(result: Analysis, args: argparse.Namespace) -> None:
+def _write_report(result, args: argparse.Namespace, writer: Callable = write) -> None:
     if args.output_file:
         try:
             with open(args.output_file, "w", encoding="utf-8", newline="") as f:
-                write(result, args.format, f)
+                writer(result, args.format, f)
         except OSError as e:
             raise AnalyzeError(f"cannot write {args.output_file}: {e.strerror}") from None
         return
     try:
-        write(result, args.format, sys.stdout)
+        writer(result, args.format, sys.stdout)
         sys.stdout.flush()
     except BrokenPipeError:
         raise

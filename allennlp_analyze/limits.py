@@ -30,7 +30,6 @@ import math
 import os
 import re
 import stat
-from pathlib import Path
 from typing import Callable, Optional, Tuple, TypeVar
 
 from .errors import AnalyzeError
@@ -52,7 +51,7 @@ MIN_RATE = 1024
 DISK_MARGIN = 512 * 2**20
 #: Decompressed bytes allowed on top of ``max_expansion() x`` the compressed size (so that
 #: small archives of text, which compress well, are never refused).
-EXPANSION_ALLOWANCE = 100 * 2**20
+EXPANSION_ALLOWANCE = 16 * 2**20
 MAX_ARCHIVE_MEMBERS = 100_000
 MAX_EXTRACTED_FILES = 1_000
 MAX_JSON_DEPTH = 64

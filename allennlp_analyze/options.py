@@ -2,6 +2,7 @@
 training callback (which takes the same names as constructor arguments)."""
 import argparse
 import math
+import numbers
 import re
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple
@@ -30,7 +31,10 @@ class AnalysisOptions:
     fits an unbounded power law (the original analysis), "max" bounds it at lambda_max;
     ``method`` "auto" | "svd" | "gram" (see :mod:`allennlp_analyze.spectrum`); ``device`` None
     (numpy, CPU) or a torch device; ``log10_threshold``: nu_min below 10**this counts as
-    collapsed in multi-model aggregates (the study's "generous" -8).
+    collapsed in multi-model aggregates (the study's "generous" -8). ``randomize`` also analyzes
+    each matrix with its elements permuted (correlation traps; twice the spectral cost), the
+    permutation seeded by ``seed`` and the matrix's name (reproducible; see
+    :mod:`allennlp_analyze.spectral_metrics`).
 
     Speed: ``workers`` matrices are analyzed at once in threads (numpy releases the GIL), BLAS
     then limited to one thread each so the cores are not oversubscribed; 0 (the default) picks
@@ -53,6 +57,8 @@ class AnalysisOptions:
     device: Optional[str] = None
     log10_threshold: float = -8.0
     workers: int = 0
+    randomize: bool = False
+    seed: int = 0
 
     def __post_init__(self):
         for name in ("match", "exclude", "include"):
@@ -83,6 +89,8 @@ class AnalysisOptions:
             (set(self.include) <= set(KINDS), f"--include takes {' / '.join(KINDS)}"),
             (0 <= self.workers <= MAX_WORKERS,
              f"--workers must be between 0 (one per CPU core) and {MAX_WORKERS}"),
+            (isinstance(self.seed, numbers.Integral) and self.seed >= 0,
+             f"--seed must be an integer >= 0 (got {self.seed!r})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,6 +140,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="matrices analyzed in parallel, each with single-threaded BLAS "
                         "(default 0: one per CPU core with threadpoolctl installed, else 1 "
                         "with multi-threaded BLAS)")
+    g.add_argument("--randomize", action="store_true",
+                   help="also analyze each matrix with its elements randomly permuted: "
+                        "correlation traps and the distance of the ESDs (twice the cost)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of --randomize's permutations, combined with each matrix's "
+                        "name (default %(default)s)")
 
 
 def from_namespace(args: argparse.Namespace) -> AnalysisOptions:

@@ -8,7 +8,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from statistics import mean, median
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 RANK_CRITERIA = ("loose", "numpy", "nr")
 
@@ -33,14 +33,26 @@ class MatrixRecord:
     whose singular value is above the numpy-criterion tolerance, i.e. not round-off).
     ``stable_rank`` = sum(lambda) / lambda_max; ``log_norm`` = log10 sum(lambda) (squared
     Frobenius norm); ``log_spectral_norm`` = log10 lambda_max; ``alpha_weighted`` =
-    alpha * log10 lambda_max. ``method``: spectral path ("svd", "gram", "gram>svd").
+    alpha * log10 lambda_max; ``log_alpha_norm`` = log10 sum(lambda^alpha).
+    ``mp_sigma2, lambda_plus, num_spikes, mp_softrank``: the Marchenko–Pastur fit of the bulk
+    (entry variance, bulk edge, eigenvalues above the edge's Tracy–Widom margin,
+    lambda_plus / lambda_max); ``entropy``: WeightWatcher's matrix entropy; ``effective_rank``:
+    Roy & Vetterli's; ``rand_*``, ``num_traps`` (with ``randomize``): W with its elements
+    permuted: its nu_max, its bulk edge, its eigenvalues above its own bulk's spike threshold
+    (correlation traps), and the Jensen–Shannon distance of its ESD from W's
+    (:mod:`allennlp_analyze.spectral_metrics`). ``method``: spectral path ("svd", "gram",
+    "gram>svd").
     ``slice``: spatial position of a convolution slice, or the part of a fused matrix.
+    ``kind`` / ``kind_from``: what the tensor is and on what evidence
+    (:mod:`allennlp_analyze.kinds`; None for a matrix given directly).
     Fields are ``None`` where the status rules them out.
     """
 
     model: str
     name: str
     module_type: Optional[str]
+    kind: Optional[str] = field(default=None, kw_only=True)
+    kind_from: Optional[str] = field(default=None, kw_only=True)
     shape: Tuple[int, ...]
     dtype: str
     N: int
@@ -63,6 +75,17 @@ class MatrixRecord:
     log_norm: Optional[float] = None
     log_spectral_norm: Optional[float] = None
     alpha_weighted: Optional[float] = None
+    log_alpha_norm: Optional[float] = None
+    mp_sigma2: Optional[float] = None
+    lambda_plus: Optional[float] = None
+    num_spikes: Optional[int] = None
+    mp_softrank: Optional[float] = None
+    entropy: Optional[float] = None
+    effective_rank: Optional[float] = None
+    rand_sv_max: Optional[float] = None
+    rand_lambda_plus: Optional[float] = None
+    num_traps: Optional[int] = None
+    rand_distance: Optional[float] = None
     method: Optional[str] = None
     slice: Optional[str] = None
     status: str = "ok"
@@ -91,7 +114,9 @@ RECORD_FIELDS: Tuple[str, ...] = tuple(f.name for f in fields(MatrixRecord))
 class Summary:
     """What one run found. ``skipped``: parameters left out, by reason; ``collapsed``: matrices
     with rank < M under each criterion; ``sv_min`` / ``sv_min_name``: the smallest nu_min and
-    where; ``errors``: sources that could not be read (a run with errors is incomplete)."""
+    where; ``errors``: sources that could not be read (a run with errors is incomplete);
+    ``notes``: what was read of a source where that is not all of it (the part of a nested
+    checkpoint, tensors left out)."""
 
     models: List[str]
     analyzed: int
@@ -105,6 +130,7 @@ class Summary:
     alpha_median: Optional[float]
     fitted: int
     errors: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -117,7 +143,7 @@ class Summary:
 
 
 def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
-              errors: List[str]) -> Summary:
+              errors: List[str], notes: Sequence[str] = ()) -> Summary:
     """Aggregate ``records`` (any number of models) into a :class:`Summary`."""
     with_sv = [r for r in records if r.sv_min is not None]
     smallest = min(with_sv, key=lambda r: r.sv_min, default=None)
@@ -137,4 +163,5 @@ def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
         alpha_median=median(alphas) if alphas else None,
         fitted=len(alphas),
         errors=list(errors),
+        notes=list(notes),
     )

@@ -27,12 +27,18 @@ class TensorInfo:
     :data:`DTYPE_EPS` (``"float32"``, ``"bfloat16"`` ...; integer tensors keep their numpy name),
     ``module_type`` the class name of the owning module when known (``"Linear"``, ``"LSTM"``,
     ``"MultiheadAttention"``, ``"Embedding"``, ``"Conv2d"``...), else ``None``.
+    Sources that know the module fill ``buffer`` (True for a registered buffer, False for a
+    parameter) and ``parts``: the row blocks ``((label, rows), ...)`` of a fused weight whose
+    module says how it is split (AllenNLP's ``_combined_projection``: q, k, v of the attention
+    and values sizes). :mod:`allennlp_analyze.kinds` reads them as the best evidence.
     """
 
     name: str
     shape: Tuple[int, ...]
     dtype: str
     module_type: Optional[str] = None
+    buffer: Optional[bool] = None
+    parts: Tuple[Tuple[str, int], ...] = ()
 
 
 class WeightSource(Protocol):

@@ -22,20 +22,12 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def main():
-    path, layers_json, threads, out = sys.argv[1:5]
-    repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = threads
+def linear_model(path, names):
+    """A torch module holding the 2-D tensors ``names`` of the safetensors file ``path`` as
+    bias-free ``nn.Linear`` layers ``l000``, ``l001``, ... in that order."""
     import torch
     from safetensors.torch import load_file
 
-    torch.set_num_threads(int(threads))
-    logging.disable(logging.WARNING)
-    import weightwatcher as ww
-
-    with open(layers_json) as f:
-        names = json.load(f)
     tensors = load_file(path)
     model = torch.nn.Module()
     for i, name in enumerate(names):
@@ -44,7 +36,23 @@ def main():
         with torch.no_grad():
             lin.weight.copy_(w)
         model.add_module(f"l{i:03d}", lin)
-    del tensors
+    return model
+
+
+def main():
+    path, layers_json, threads, out = sys.argv[1:5]
+    repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = threads
+    import torch
+
+    torch.set_num_threads(int(threads))
+    logging.disable(logging.WARNING)
+    import weightwatcher as ww
+
+    with open(layers_json) as f:
+        names = json.load(f)
+    model = linear_model(path, names)
     base = rss_bytes()
     best, details = float("inf"), None
     for _ in range(repeat):

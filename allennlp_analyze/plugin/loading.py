@@ -19,12 +19,14 @@ Safety, for archives from the internet:
   built is not built: a ``"type"`` naming a class by import path (AllenNLP would import it and
   call it with the config's arguments), nested archives (``_pretrained``, ``archive_file``),
   ``trust_remote_code`` and ``override_weights_file``.
-* Weights are unpickled with ``weights_only=True`` only. torch >= 2.6 defaults to it, but the
-  environment variable ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` turns that default off for calls
-  that do not pass it, as AllenNLP's ``read_state_dict`` does not; so every ``torch.load`` made
-  while the model is built runs under ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, which overrides even
-  an explicit ``weights_only=False``. The raw-weights fallback reads with
-  ``weights_only=True`` itself (:mod:`allennlp_analyze.sources.torch_file`).
+* The weights file is read by :mod:`allennlp_analyze.sources.torch_file`, as the raw-weights
+  path and ``allennlp-analyze`` read it (no code from it is run; the same checkpoint rule and
+  ``--checkpoint-key``), and handed to AllenNLP re-written as a plain state dict of tensors.
+  Any other ``torch.load`` made while the model is built runs with ``weights_only=True``:
+  torch >= 2.6 defaults to it, but the environment variable
+  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` turns that default off for calls that do not pass it,
+  so they run under ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, which overrides even an explicit
+  ``weights_only=False``.
 * Only the model is built (``Model.load``, as ``load_archive`` does); the dataset readers,
   which may download tokenizers, are not. Only regular files are opened (a FIFO in a
   serialization directory's vocabulary would block AllenNLP forever).
@@ -44,6 +46,7 @@ from ..sources import open_path, remote
 from ..sources._common import one_line
 from ..sources.archive import find_serialization_weights, member_parts, scan_archive
 from ..sources.module import ModuleSource
+from ..sources.torch_file import TorchFileSource
 from ..tensors import WeightSource
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -65,26 +68,32 @@ def stderr_notice(message: str) -> None:
 def open_model_source(spec: str, *, weights_file: Optional[str] = None, overrides: Any = "",
                       cuda_device: int = -1, cache_dir: Optional[str] = None,
                       progress: Optional[bool] = None,
-                      notice: Callable[[str], None] = stderr_notice) -> WeightSource:
+                      notice: Callable[[str], None] = stderr_notice,
+                      checkpoint_key: Optional[str] = None) -> WeightSource:
     """A weight source for ``spec`` (an archive path, a serialization directory or an http(s)
     URL): the built model (:class:`ModuleSource`, module types filled in) when it can be built,
     else its raw weights, with a one-line ``notice`` saying why. Other files (state dicts,
     safetensors, Hugging Face folders) are opened as ``allennlp-analyze`` opens them.
+    ``checkpoint_key`` picks the part of a nested checkpoint, as for ``allennlp-analyze``.
     Problems the user can fix raise :class:`AnalyzeError`."""
     local, label, url = resolve(spec, cache_dir, progress)
 
     def open_local(path: Path) -> WeightSource:
         buildable = _looks_like_archive(path) or (path.is_dir() and (path / "config.json").is_file())
         if not buildable:
-            return open_path(weights_file or path, label=label)
+            return open_path(weights_file or path, label=label, checkpoint_key=checkpoint_key)
+        notes = []
         try:
             model = build_model(path, weights_file=weights_file, overrides=overrides,
-                                cuda_device=cuda_device)
+                                cuda_device=cuda_device, checkpoint_key=checkpoint_key,
+                                weights_note=notes.append)
         except NotBuilt as e:
-            source = open_path(weights_file or path, label=label)
+            source = open_path(weights_file or path, label=label, checkpoint_key=checkpoint_key)
             notice(f"{label}: analyzing the raw weights; the model was not built ({_short(str(e))})")
             return source
-        return ModuleSource(model, label=label)
+        source = ModuleSource(model, label=label)
+        source.note = notes[0] if notes else None
+        return source
 
     return open_local(local) if url is None else remote.open_cached(url, local, open_local)
 
@@ -149,10 +158,12 @@ def _looks_like_archive(path: Path) -> bool:
 # -- building the model ---------------------------------------------------------------------
 
 def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: Any = "",
-                cuda_device: int = -1):
-    """The AllenNLP model of an archive or serialization directory, with its trained weights,
-    in eval mode. Raises :class:`NotBuilt` where it cannot be built (and :class:`AnalyzeError`
-    for a bad ``--overrides`` / ``--cuda-device``)."""
+                cuda_device: int = -1, checkpoint_key: Optional[str] = None,
+                weights_note: Callable[[str], None] = lambda note: None):
+    """The AllenNLP model of an archive or serialization directory, with its trained weights
+    (read as :func:`plain_weights` says; its note, if any, goes to ``weights_note``), in eval
+    mode. Raises :class:`NotBuilt` where it cannot be built (and :class:`AnalyzeError` for a
+    bad ``--overrides`` / ``--cuda-device``)."""
     _check_cuda_device(cuda_device)
     if weights_file:
         try:
@@ -167,7 +178,7 @@ def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: A
             weights = weights_file or find_serialization_weights(local)
             _check_vocabulary(local)
         else:
-            contents = scan_archive(local, read_weights=False, extract_to=Path(tmp))
+            contents = scan_archive(local, extract_to=Path(tmp))
             if contents.unsafe:
                 raise NotBuilt(f"unsafe archive member, not extracted: {contents.unsafe}")
             serialization_dir = contents.folder
@@ -178,6 +189,8 @@ def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: A
         reason = unsafe_config_reason(config)
         if reason:
             raise NotBuilt(f"config.json {reason}, which is not run for an analysis")
+        weights = plain_weights(Path(weights), Path(tmp) / "analyzed-weights.th", checkpoint_key,
+                                weights_note)
         from allennlp.common.params import Params
         from allennlp.models.model import Model
 
@@ -205,6 +218,27 @@ def _check_vocabulary(folder: Path) -> None:
                 raise NotBuilt(f"vocabulary/{entry.name} is not a regular file")
     except OSError as e:
         raise NotBuilt(f"cannot read vocabulary/: {e.strerror or one_line(e)}") from None
+
+
+def plain_weights(weights: Path, dest: Path, checkpoint_key: Optional[str],
+                  note: Callable[[str], None]) -> Path:
+    """``weights`` read as ``allennlp-analyze`` reads a weights file (no code run; nested
+    checkpoints by the same rule) and written to ``dest`` as a plain state dict of tensors,
+    the file AllenNLP is given. Unreadable weights raise :class:`NotBuilt` (the raw-weights
+    path then reports why)."""
+    import numpy as np
+    import torch
+
+    try:
+        source = TorchFileSource(weights, checkpoint_key=checkpoint_key)
+        state = {i.name: torch.from_numpy(np.array(source.load(i.name)))
+                 for i in source.tensors()}
+    except AnalyzeError as e:
+        raise NotBuilt(str(e)) from None
+    torch.save(state, dest)
+    if source.note:
+        note(source.note)
+    return dest
 
 
 def _check_cuda_device(cuda_device: int) -> None:

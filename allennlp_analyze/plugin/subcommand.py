@@ -12,6 +12,7 @@ from allennlp.commands.subcommand import Subcommand
 
 from .. import cli
 from ..analysis import Analysis, analyze
+from ..describe import Description, describe
 from ..errors import AnalyzeError
 from ..sources._common import one_line
 from .loading import open_model_source
@@ -76,26 +77,39 @@ def _include_packages(packages: List[str]) -> None:
 def _run(args: argparse.Namespace) -> None:
     _quiet_logging()
 
+    loading = dict(weights_file=args.weights_file, overrides=args.overrides,
+                   cuda_device=args.cuda_device)
+
     def analyze_fn(*specs, **kwargs) -> Analysis:
-        return analyze_archives(*specs, weights_file=args.weights_file,
-                                overrides=args.overrides, cuda_device=args.cuda_device, **kwargs)
+        return analyze_archives(*specs, **loading, **kwargs)
+
+    def describe_fn(*specs, **kwargs) -> Description:
+        return describe(*specs, opener=_opener(**loading), **kwargs)
 
     def run() -> int:
         _include_packages(args.packages)
-        return cli.run(args, analyze_fn=analyze_fn, prog=PROG)
+        return cli.run(args, analyze_fn=analyze_fn, prog=PROG, describe_fn=describe_fn)
 
     sys.exit(cli.guarded(run, PROG))
 
 
+def _opener(weights_file: Optional[str] = None, overrides: str = "", cuda_device: int = -1):
+    """Opens each source with AllenNLP (:func:`~.loading.open_model_source`): models built where
+    they can be, module types known."""
+    def opener(spec, cache_dir: Optional[str], progress: Optional[bool],
+               checkpoint_key: Optional[str] = None):
+        return open_model_source(spec, weights_file=weights_file, overrides=overrides,
+                                 cuda_device=cuda_device, cache_dir=cache_dir, progress=progress,
+                                 checkpoint_key=checkpoint_key)
+
+    return opener
+
+
 def analyze_archives(*specs: str, weights_file: Optional[str] = None, overrides: str = "",
                      cuda_device: int = -1, **kwargs) -> Analysis:
-    """:func:`allennlp_analyze.analyze` with each source opened by AllenNLP
-    (:func:`~.loading.open_model_source`): models built where they can be, module types known."""
-    def opener(spec, cache_dir: Optional[str], progress: Optional[bool]):
-        return open_model_source(spec, weights_file=weights_file, overrides=overrides,
-                                 cuda_device=cuda_device, cache_dir=cache_dir, progress=progress)
-
-    return analyze(*specs, opener=opener, **kwargs)
+    """:func:`allennlp_analyze.analyze` with each source opened by AllenNLP: models built where
+    they can be, module types known."""
+    return analyze(*specs, opener=_opener(weights_file, overrides, cuda_device), **kwargs)
 
 
 def _quiet_logging() -> None:

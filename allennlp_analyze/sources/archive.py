@@ -4,8 +4,9 @@ An archive is read by one streaming pass (:func:`scan_archive`), the same for bo
 ``gzip`` checks the CRC and length, so corruption and truncation are errors, and the rules of
 :mod:`allennlp_analyze.limits` bound it (decompressed size, member count). Its weights are the
 ``weights.th`` member (else ``best.th``), at the top or inside one top folder, read into memory
-and unpickled with ``weights_only=True``; the standalone command never extracts anything, the
-AllenNLP plugin extracts only the files that build a model. An archive is refused, by both,
+(with the ``config.json`` beside it) and parsed as any pickled torch file is
+(:mod:`.torch_file`: no code from it is run); the standalone command never extracts anything,
+the AllenNLP plugin extracts only the files that build a model. An archive is refused, by both,
 when which weights are meant is ambiguous: two members of one name (``tar`` would let the last
 win), two ``weights.th`` (or two ``best.th``) in different folders, or weights that are a link
 or any other non-regular member.
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from .. import limits
+from ..checkpoint_config import MAX_CONFIG_BYTES, parse_config
 from ..errors import AnalyzeError
-from ._common import TensorDictSource, one_line
-from .torch_file import TorchFileSource, load_state_dict
+from ._common import one_line
+from .torch_file import PickledSource, TorchFileSource
 
 SUFFIXES = (".tar.gz", ".tgz")
 #: Weight members of an archive, in order of preference.
@@ -59,6 +61,11 @@ def _unsafe_reason(member: tarfile.TarInfo, parts: List[str]) -> Optional[str]:
     return None
 
 
+def _is_model_file(parts: List[str]) -> bool:
+    """Whether a member is one of ``MODEL_FILES`` (or inside one), at the top or in a folder."""
+    return bool(parts) and (parts[0] in MODEL_FILES or (len(parts) > 1 and parts[1] in MODEL_FILES))
+
+
 class _Bounded:
     """A binary stream that fails once more than ``limit`` bytes were read from it."""
 
@@ -84,24 +91,24 @@ class _Bounded:
 
 @dataclass
 class ArchiveContents:
-    """What :func:`scan_archive` found: the weights' member name (``weights``), their bytes
-    (``data``, when read), the folder the model files were extracted to (``folder``: the
-    weights' folder under ``extract_to``) and, when extraction was asked for but not done,
-    why (``unsafe``)."""
+    """What :func:`scan_archive` found: the weights' member name (``weights``); read into
+    memory, their bytes (``data``) and those of the ``config.json`` beside them (``config``,
+    None where there is none); or extracted, the folder of the weights and model files under
+    ``extract_to`` (``folder``) or why they were not extracted (``unsafe``)."""
 
     weights: str
     data: Optional[bytes] = None
+    config: Optional[bytes] = None
     folder: Optional[Path] = None
     unsafe: Optional[str] = None
 
 
-def scan_archive(path: Path, *, read_weights: bool = True,
-                 extract_to: Optional[Path] = None) -> ArchiveContents:
-    """Stream the archive once, checking it whole (CRC, truncation, ambiguity, limits); read
-    its weights into memory (``read_weights``) and/or extract its model files (``MODEL_FILES``
-    and the weights, regular files only) under ``extract_to``. Extraction stops, with the reason
-    in ``unsafe``, at the first member that is not safe to extract (absolute, ``..``, a link,
-    a device) or when there are more than ``limits.MAX_EXTRACTED_FILES`` model files.
+def scan_archive(path: Path, extract_to: Optional[Path] = None) -> ArchiveContents:
+    """Stream the archive once, checking it whole (CRC, truncation, ambiguity, limits), and
+    read its weights (and config) into memory, or, given ``extract_to``, extract its model files
+    (``MODEL_FILES`` and the weights, regular files only) there instead. Extraction stops, with
+    the reason in ``unsafe``, at the first member that is not safe to extract (absolute, ``..``,
+    a link, a device) or when there are more than ``limits.MAX_EXTRACTED_FILES`` model files.
     Every problem with the archive is an :class:`AnalyzeError`."""
     origin = str(path)
     try:
@@ -112,7 +119,7 @@ def scan_archive(path: Path, *, read_weights: bool = True,
             compressed = os.fstat(raw.fileno()).st_size
             with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
                 stream = _Bounded(gz, limits.expanded_limit(compressed), origin, compressed)
-                found = _Scan(origin, stream, read_weights, extract_to)
+                found = _Scan(origin, stream, extract_to)
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for member in tar:
                         found.member(tar, member)
@@ -144,15 +151,14 @@ def scan_archive(path: Path, *, read_weights: bool = True,
 class _Scan:
     """The member-by-member rules of :func:`scan_archive`."""
 
-    def __init__(self, origin: str, stream: _Bounded, read_weights: bool,
-                 extract_to: Optional[Path]):
-        self.origin, self.stream = origin, stream
-        self.read_weights, self.extract_to = read_weights, extract_to
+    def __init__(self, origin: str, stream: _Bounded, extract_to: Optional[Path]):
+        self.origin, self.stream, self.extract_to = origin, stream, extract_to
         self.count = 0
         self.names: set = set()
         self.weights: Dict[str, str] = {}  # weights file name -> member name
         self.data: Optional[bytes] = None
         self.data_member: Optional[str] = None
+        self.configs: Dict[str, bytes] = {}  # folder -> config.json bytes
         self.extracted = 0
         self.unsafe: Optional[str] = None
 
@@ -183,12 +189,15 @@ class _Scan:
                 raise AnalyzeError(f"{self.origin} holds two {parts[-1]} ({other}, {name}): "
                                    "which one is meant is ambiguous")
             self.weights[parts[-1]] = name
-            if self.read_weights and self._preferred(name):
-                limits.check_memory(2 * member.size, f"reading {name} of {self.origin}")
-                self.data, self.data_member = tar.extractfile(member).read(), name
-        if self.extract_to is not None and self.unsafe is None and member.isfile() \
-                and (is_weights or parts[0] in MODEL_FILES or (len(parts) > 1 and parts[1] in MODEL_FILES)):
-            self._extract(tar, member, parts)
+        if self.extract_to is not None:
+            if self.unsafe is None and member.isfile() and (is_weights or _is_model_file(parts)):
+                self._extract(tar, member, parts)
+        elif is_weights and self._preferred(name):
+            limits.check_memory(2 * member.size, f"reading {name} of {self.origin}")
+            self.data, self.data_member = tar.extractfile(member).read(), name
+        elif 0 < len(parts) <= 2 and parts[-1] == "config.json" and member.isfile() \
+                and member.size <= MAX_CONFIG_BYTES:
+            self.configs["/".join(parts[:-1])] = tar.extractfile(member).read()
 
     def _preferred(self, name: str) -> bool:
         """Whether ``name`` beats the weights read so far (``weights.th`` over ``best.th``)."""
@@ -211,22 +220,24 @@ class _Scan:
         if not self.weights:
             raise AnalyzeError(f"{self.origin} holds no weights.th (not an AllenNLP model archive?)")
         chosen = next(self.weights[w] for w in ARCHIVE_WEIGHTS if w in self.weights)
-        folder = None
-        if self.extract_to is not None and self.unsafe is None:
-            folder = self.extract_to.joinpath(*member_parts(chosen)[:-1])
-        return ArchiveContents(weights=chosen, data=self.data if self.read_weights else None,
-                               folder=folder, unsafe=self.unsafe)
+        folder = member_parts(chosen)[:-1]
+        if self.extract_to is not None:
+            return ArchiveContents(weights=chosen, unsafe=self.unsafe, folder=None if self.unsafe
+                                   else self.extract_to.joinpath(*folder))
+        return ArchiveContents(weights=chosen, data=self.data,
+                               config=self.configs.get("/".join(folder)))
 
 
-class ArchiveSource(TensorDictSource):
-    """An AllenNLP ``model.tar.gz``; its state dict is read when opened."""
+class ArchiveSource(PickledSource):
+    """An AllenNLP ``model.tar.gz``; its weights member is read when opened."""
 
-    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None):
+    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None,
+                 checkpoint_key: Optional[str] = None):
         self.path = Path(path)
         contents = scan_archive(self.path)
-        state = load_state_dict(contents.data, f"{self.path} (member {contents.weights})")
-        del contents
-        super().__init__(label or self.path.name, state, origin=str(self.path))
+        super().__init__(label or self.path.name, contents.data,
+                         f"{self.path} (member {contents.weights})", checkpoint_key)
+        self.config = parse_config(contents.config) if contents.config is not None else None
 
 
 def _checkpoint_key(path: Path):
@@ -252,11 +263,13 @@ def is_serialization_dir(folder: Path) -> bool:
 class SerializationDirSource(TorchFileSource):
     """An AllenNLP serialization directory (``config.json`` plus ``best.th`` or checkpoints)."""
 
-    def __init__(self, folder: Union[str, os.PathLike], label: Optional[str] = None):
+    def __init__(self, folder: Union[str, os.PathLike], label: Optional[str] = None,
+                 checkpoint_key: Optional[str] = None):
         folder = Path(folder)
         weights = find_serialization_weights(folder)
         if weights is None:
             raise AnalyzeError(f"{folder} holds no best.th, weights.th or model_state_*.th")
         self.folder = folder
         self.weights_path = weights
-        super().__init__(weights, label=label or folder.resolve().name)
+        super().__init__(weights, label=label or folder.resolve().name,
+                         checkpoint_key=checkpoint_key)

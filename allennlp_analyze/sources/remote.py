@@ -431,5 +431,12 @@ def _opens(path: Path) -> bool:
     return True
 
 
-def open_url(url: str, cache_dir=None, progress: Optional[bool] = None):
-    return open_cached(url, fetch(url, cache_dir, progress))
+def open_url(url: str, cache_dir=None, progress: Optional[bool] = None,
+             checkpoint_key: Optional[str] = None):
+    from . import open_path
+
+    def open_fn(path: Path):
+        return open_path(path, label=url_basename(url), checkpoint_key=checkpoint_key)
+
+    return open_cached(url, fetch(url, cache_dir, progress),
+                       open_fn if checkpoint_key is not None else None)
