@@ -157,7 +157,7 @@ VALID_TAR = _valid_tar()
 def _scan_both(path: Path, dest: Path):
     """scan_archive as the standalone (weights in memory) and as the plugin (extraction)."""
     outcomes = []
-    for kwargs in ({}, {"read_weights": False, "extract_to": dest}):
+    for kwargs in ({}, {"extract_to": dest}):
         with deadline():
             try:
                 found = archive.scan_archive(path, **kwargs)
