@@ -5,12 +5,17 @@ example runs under a deadline), of JSON depth and of escaping; and the policy's 
 independent references."""
 import contextlib
 import gzip
+import http.server
 import io
 import json
 import math
 import os
+import shutil
 import signal
+import ssl
 import struct
+import subprocess
+import threading
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -474,3 +479,42 @@ def test_figure_names_of_many_twins_in_linear_time():
     with deadline(20):
         names = figure_names(records(["层"] * 100_000), False)
     assert len(set(names)) == 100_000 and names[-1] == "matrix-100000.png"
+
+
+def test_https_through_the_watched_connection(tmp_path, monkeypatch):
+    """https goes through the same watched connection: a self-signed certificate is one error
+    line; once trusted (SSL_CERT_FILE), the download works."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl to make a certificate")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"),
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "model.safetensors").write_bytes(VALID_ST)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "www"), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{httpd.server_address[1]}/model.safetensors"
+    try:
+        with deadline(30):
+            with pytest.raises(AnalyzeError, match="CERTIFICATE_VERIFY_FAILED") as e:
+                remote.open_url(url, tmp_path / "cache")
+            assert "\n" not in str(e.value)
+            monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+            source = remote.open_url(url, tmp_path / "cache")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert [i.name for i in source.tensors()] == ["a.weight", "b.weight", "c.bias"]
