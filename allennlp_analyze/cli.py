@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="model archive (.tar.gz), serialization directory, state-dict or "
                              "checkpoint file (.th/.pt/.bin/.ckpt), numpy .npy/.npz, safetensors "
-                             "file or folder, Hugging Face folder, http(s) URL, or a glob of these")
+                             "file or folder, Hugging Face folder, http(s) URL, Hugging Face hub "
+                             "id ORG/NAME[@REVISION], or a glob of these")
     parser.add_argument("--sources-from", metavar="FILE",
                         help="read further sources from FILE, one per line (# comments)")
     parser.add_argument("--checkpoint-key", metavar="KEY",

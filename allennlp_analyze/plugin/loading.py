@@ -42,9 +42,10 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 
 from .. import limits
 from ..errors import AnalyzeError, escape
-from ..sources import open_path, remote
+from ..sources import is_hub_id, open_path, remote
 from ..sources._common import one_line
 from ..sources.archive import find_serialization_weights, member_parts, scan_archive
+from ..sources.hub import resolve_hub
 from ..sources.module import ModuleSource
 from ..sources.torch_file import TorchFileSource
 from ..tensors import WeightSource
@@ -126,6 +127,8 @@ def resolve(spec: str, cache_dir: Optional[str] = None,
         else:
             raise AnalyzeError(f"{text}: unsupported URL scheme {scheme!r} "
                                "(use http, https or a local path)")
+    if is_hub_id(text):  # ORG/NAME[@REVISION] with no such local path: its cached snapshot
+        return resolve_hub(text, progress), text, None
     path = Path(text)
     try:
         if not path.exists():

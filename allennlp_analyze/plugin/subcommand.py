@@ -39,7 +39,8 @@ class Analyze(Subcommand):
             if action.dest == "sources":
                 action.metavar = "ARCHIVE"
                 action.help = ("model archive (.tar.gz), serialization directory or http(s) URL; "
-                               "also any other source allennlp-analyze reads, or a glob")
+                               "also any other source allennlp-analyze reads (a Hugging Face "
+                               "hub id ORG/NAME[@REVISION]...), or a glob")
             elif action.dest == "cache_dir":
                 action.help = ("where downloaded archives are kept (default: AllenNLP's cache, "
                                "$ALLENNLP_CACHE_ROOT/cache, else ~/.allennlp/cache)")

@@ -102,6 +102,14 @@ def _open_path(p: Path, label: Optional[str], checkpoint_key: Optional[str]) -> 
     raise AnalyzeError(f"{p} is not a recognised weights file (expected {_KNOWN})")
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` names a Hugging Face hub model rather than a local path: it reads as
+    ``ORG/NAME[@REVISION]`` and no such local file or folder exists (a local path wins)."""
+    from .hub import parse_hub_id
+
+    return parse_hub_id(text) is not None and not os.path.lexists(text)
+
+
 def open_source(spec, *, cache_dir=None, progress: Optional[bool] = None,
                 checkpoint_key: Optional[str] = None) -> WeightSource:
     """A :class:`WeightSource` for ``spec``:
@@ -115,7 +123,9 @@ def open_source(spec, *, cache_dir=None, progress: Optional[bool] = None,
       download bar on or off, by default it shows when stderr is a terminal);
     * a local path: AllenNLP ``model.tar.gz`` or serialization directory, PyTorch state dict
       or checkpoint file (``checkpoint_key`` as for mappings), ``.safetensors`` file, sharded
-      ``*.index.json``, numpy ``.npy`` / ``.npz``, or a Hugging Face model folder.
+      ``*.index.json``, numpy ``.npy`` / ``.npz``, or a Hugging Face model folder;
+    * a Hugging Face hub id ``ORG/NAME[@REVISION]`` that is not a local path: from the Hugging
+      Face cache, else downloaded there (:mod:`.hub`).
 
     User-caused problems raise :class:`~allennlp_analyze.errors.AnalyzeError`.
     """
@@ -136,6 +146,10 @@ def open_source(spec, *, cache_dir=None, progress: Optional[bool] = None,
                 return open_path(urllib.request.url2pathname(urllib.parse.urlsplit(text).path),
                                  checkpoint_key=checkpoint_key)
             raise AnalyzeError(f"{text}: unsupported URL scheme {scheme!r} (use http, https or a local path)")
+        if is_hub_id(text):
+            from .hub import open_hub
+
+            return open_hub(text, progress=progress, checkpoint_key=checkpoint_key)
         return open_path(text, checkpoint_key=checkpoint_key)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(spec, torch.nn.Module):
