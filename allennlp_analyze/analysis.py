@@ -14,7 +14,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 
 import numpy as np
 
-from .errors import AnalyzeError
+from . import limits
+from .errors import AnalyzeError, escape
 from .kinds import value_kind
 from .noise_floor import StorageNoise, storage_noise
 from .options import AnalysisOptions
@@ -205,6 +206,10 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     if options.match and selection.skipped.get("not matched by --match") == len(tensors):
         patterns = " ".join(repr(p) for p in options.match)
         raise AnalyzeError(f"no parameter of {label} matches --match {patterns}")
+    largest = max(selection.plans, key=lambda p: limits.analysis_memory(*p.shape), default=None)
+    if largest is not None:  # before any weight is read, let alone widened to float64
+        limits.check_memory(limits.analysis_memory(*largest.shape),
+                            f"{label}: {largest.name} ({max(largest.shape)} x {min(largest.shape)})")
 
     # a source may offer a copy-free read-only view for transient use (safetensors: mapped)
     load = getattr(source, "load_mapped", source.load)
@@ -338,7 +343,7 @@ def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
         try:
             source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
                 opener(spec, cache_dir=cache_dir, progress=progress, checkpoint_key=checkpoint_key)
-            label = _unique(source.label, labels)
+            label = _unique(escape(source.label), labels)  # a display name: one line
             fn(source, label)
         except AnalyzeError as e:
             if on_error == "raise":
@@ -435,4 +440,4 @@ def _progress_bar(total: int, label: str, progress: Optional[bool]):
         show = False
     if not show:
         return _NoBar()
-    return tqdm(total=total, desc=label, unit="matrix", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=escape(label), unit="matrix", file=sys.stderr, leave=False)

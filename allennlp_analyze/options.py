@@ -1,6 +1,7 @@
 """The analysis options, defined once for the standalone CLI, the AllenNLP subcommand and the
 training callback (which takes the same names as constructor arguments)."""
 import argparse
+import math
 import numbers
 import re
 from dataclasses import dataclass, fields
@@ -10,6 +11,8 @@ from .errors import AnalyzeError
 from .records import CRITERION_CHOICES
 
 KINDS = ("conv", "embeddings")
+#: Most matrices analyzed at once (each is a thread).
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,11 @@ class AnalysisOptions:
             except re.error as e:
                 raise AnalyzeError(f"invalid name pattern {pattern!r}: {e}") from None
         checks = [
+            (math.isfinite(self.min_q), f"--min-q must be a finite number (got {self.min_q})"),
+            (math.isfinite(self.loose_tol),
+             f"--loose-tol must be a finite number (got {self.loose_tol})"),
+            (math.isfinite(self.log10_threshold),
+             f"--log10-threshold must be a finite number (got {self.log10_threshold})"),
             (self.min_q >= 1.0, f"--min-q must be >= 1 (got {self.min_q})"),
             (self.min_dim >= 1, f"--min-dim must be >= 1 (got {self.min_dim})"),
             (self.conv_min_dim >= 1, f"--conv-min-dim must be >= 1 (got {self.conv_min_dim})"),
@@ -81,7 +89,8 @@ class AnalysisOptions:
             (self.fit_xmax in ("none", "max"), "--fit-xmax must be 'none' or 'max'"),
             (self.method in ("auto", "svd", "gram"), "--method must be auto, svd or gram"),
             (set(self.include) <= set(KINDS), f"--include takes {' / '.join(KINDS)}"),
-            (self.workers >= 0, "--workers must be >= 0 (0: one per CPU core)"),
+            (0 <= self.workers <= MAX_WORKERS,
+             f"--workers must be between 0 (one per CPU core) and {MAX_WORKERS}"),
             (isinstance(self.seed, numbers.Integral) and self.seed >= 0,
              f"--seed must be an integer >= 0 (got {self.seed!r})"),
         ]
@@ -162,6 +171,9 @@ def _check_device(device: str) -> None:
     except RuntimeError:
         raise AnalyzeError(f"--device {device!r} is not a torch device (e.g. cuda, cuda:1)"
                            ) from None
+    if dev.type not in ("cpu", "cuda"):  # meta holds no data; mps, xpu ... lack float64
+        raise AnalyzeError(f"--device {device}: only cpu and cuda devices compute the "
+                           "float64 spectra (e.g. cuda, cuda:1)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AnalyzeError(f"--device {device}: no CUDA device is available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

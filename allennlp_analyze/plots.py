@@ -94,13 +94,15 @@ def sanitize(text: str, max_len: int = 120) -> str:
 def figure_names(records: Sequence[MatrixRecord], several_models: bool) -> List[str]:
     """Stable, unique (also case-insensitively) file names, one per record, in record order."""
     seen, names = set(), []
+    next_k = {}  # per base, where the search for a free "-k" resumes (else quadratic in twins)
     for r in records:
         base = sanitize(r.name)
         if several_models:
             base = sanitize(r.model, 60) + "--" + base
-        name, k = base, 2
+        name, k = base, next_k.get(base.lower(), 2)
         while name.lower() in seen:
             name, k = f"{base}-{k}", k + 1
+        next_k[base.lower()] = k
         seen.add(name.lower())
         names.append(name + ".png")
     return names

@@ -6,6 +6,7 @@ from typing import IO, List, Optional
 
 from .aggregate import Aggregate, aggregate, aggregate_text
 from .analysis import Analysis
+from .errors import escape
 from .records import RECORD_FIELDS, STATUS_TEXT, MatrixRecord, Summary
 
 FORMATS = ("table", "json", "csv")
@@ -27,35 +28,49 @@ def run_aggregate(analysis: Analysis) -> Aggregate:
 
 def write_json(analysis: Analysis, out: IO[str]) -> None:
     """``{"records": [...], "summary": {..., "aggregate": {...}}, "options": {...}}``;
-    non-finite numbers are null."""
+    non-finite numbers are null (JSON has no NaN or Infinity). Names are kept exact: JSON's
+    own escapes (``\\n``, ``\\u001b``) carry control characters."""
     summary = analysis.summary.to_dict()
     summary["aggregate"] = run_aggregate(analysis).to_dict()
-    doc = {"records": analysis.to_dicts(), "summary": summary,
-           "options": vars(analysis.options)}
+    doc = {"records": analysis.to_dicts(), "summary": _finite(summary),
+           "options": _finite(vars(analysis.options))}
     json.dump(doc, out, indent=1, allow_nan=False, default=list)
     out.write("\n")
 
 
+def _finite(value):
+    """``value`` with every non-finite float inside it (dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_csv(analysis: Analysis, out: IO[str]) -> None:
     """One row per record, columns :data:`~allennlp_analyze.records.RECORD_FIELDS`; shape as
-    ``NxM``, missing values empty."""
+    ``NxM``, missing values empty, names escaped as in the table (:func:`~.errors.escape`)."""
     writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")
     writer.writeheader()
     for d in analysis.to_dicts():
         d["shape"] = "x".join(map(str, d["shape"]))
-        writer.writerow({k: ("" if v is None else v) for k, v in d.items()})
+        writer.writerow({k: ("" if v is None else escape(v) if isinstance(v, str) else v)
+                         for k, v in d.items()})
 
 
 def write_table(analysis: Analysis, out: IO[str], wide: bool = False) -> None:
     """The records as an aligned table, then the summary; ``wide`` adds the columns of the MP
-    bulk fit, the entropies and (with ``randomize``) the correlation traps."""
+    bulk fit, the entropies and (with ``randomize``) the correlation traps. Names from the
+    input are escaped (:func:`~.errors.escape`: one line each, nothing a terminal acts on)."""
     multi = len(analysis.summary.models) > 1
     rand = analysis.options.randomize
     extra = (WIDE_COLUMNS + (RAND_COLUMNS if rand else ())) if wide else ()
     header = (["model"] if multi else []) + [
         "name", "type", "N x M", "Q", "sv_max", "sv_min", "log10 sv_min",
         "rank loose/numpy/nr/noise", "alpha", "D", "xmin", "tail", *extra, "status"]
-    rows = [(([r.model] if multi else []) + _table_row(r, wide, rand))
+    rows = [[escape(c) for c in ([r.model] if multi else []) + _table_row(r, wide, rand)]
             for r in analysis.records]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     left = {"model", "name", "type", "status"}
@@ -118,7 +133,7 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
     if aggregate is not None and aggregate.total.matrices:
         t = aggregate.total
         if len(aggregate.models) > 1:
-            lines.append(aggregate_text(aggregate, wide).rstrip("\n"))
+            lines.extend(aggregate_text(aggregate, wide).rstrip("\n").split("\n"))
         else:
             quartiles = "" if t.alpha_q1 is None else \
                 f"; alpha quartiles {t.alpha_q1:.3f} / {t.alpha_median:.3f} / {t.alpha_q3:.3f}"
@@ -138,7 +153,7 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
         lines.append(f"  ERROR: {err}")
     if not s.complete:
         lines.append("  INCOMPLETE: some sources or matrices could not be analyzed (see above)")
-    return "\n".join(lines) + "\n"
+    return "".join(escape(line) + "\n" for line in lines)
 
 
 #: Columns that ``--wide`` adds to the table (and with ``--randomize`` the second set).

@@ -6,7 +6,7 @@ data, offsets relative to its start. Each :meth:`load` reads one tensor's bytes 
 safetensors keeps no model order, so names are listed in natural order (``layer.2`` before
 ``layer.10``).
 """
-import json
+import math
 import mmap
 import os
 import struct
@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .. import limits
 from ..errors import AnalyzeError
 from ..tensors import TensorInfo
 from ._common import natural_key, one_line, read_index
@@ -95,8 +96,8 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
         return AnalyzeError(f"{path} has a corrupt safetensors header ({why})")
 
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with limits.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise AnalyzeError(f"{path} is truncated (no safetensors header)")
@@ -110,7 +111,7 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
     except OSError as e:
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = limits.parse_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise corrupt(f"invalid JSON: {one_line(e)}") from None
     if not isinstance(header, dict):
@@ -123,7 +124,7 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
         if not isinstance(spec, dict):
             raise corrupt(f"entry {name!r} is not an object")
         st_dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if st_dtype not in _DTYPES:
+        if not isinstance(st_dtype, str) or st_dtype not in _DTYPES:
             raise corrupt(f"tensor {name!r} has unknown dtype {st_dtype!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise corrupt(f"tensor {name!r} has a bad shape {shape!r}")
@@ -133,7 +134,7 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
             raise corrupt(f"tensor {name!r} has bad data offsets {offsets!r}")
         storage, dtype_name = _DTYPES[st_dtype]
         begin, end = offsets
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * storage.itemsize:
+        if end - begin != math.prod(shape) * storage.itemsize:  # exact: no int64 overflow
             raise corrupt(f"tensor {name!r}: data offsets {offsets} do not match shape {shape} and dtype {st_dtype}")
         if end > data_size:
             raise AnalyzeError(f"{path} is truncated (tensor {name!r} ends at data byte {end}, "
@@ -152,7 +153,7 @@ def read_tensor(path: Path, entry: _Entry) -> np.ndarray:
         return _widen(np.empty(entry.info.shape, dtype=storage), entry.st_dtype)
     start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
     try:
-        with open(path, "rb") as f:
+        with limits.open_regular(path) as f:
             if os.fstat(f.fileno()).st_size < entry.end:
                 raise AnalyzeError(f"{path} is truncated (tensor {entry.info.name!r})")
             mapped = mmap.mmap(f.fileno(), entry.end - start, access=mmap.ACCESS_READ,
@@ -241,10 +242,10 @@ class ShardedSafetensorsSource:
 def looks_like_safetensors(path: Path) -> bool:
     """Sniff: a plausible header length followed by ``{``."""
     try:
-        with open(path, "rb") as f:
+        with limits.open_regular(path) as f:
             head = f.read(9)
-        size = path.stat().st_size
-    except OSError:
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, AnalyzeError):
         return False
     if len(head) < 9:
         return False
