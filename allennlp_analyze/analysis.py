@@ -15,12 +15,15 @@ from typing import (Callable, Collection, Dict, Iterable, Iterator, List, Option
 
 import numpy as np
 
-from .errors import AnalyzeError
+from . import limits
+from .errors import AnalyzeError, escape
 from .kinds import value_kind
-from .options import AnalysisOptions
+from .noise_floor import StorageNoise, storage_noise
 from .journal import Journal
+from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
-from .records import MatrixRecord, SourceInfo, Summary, summarize
+from .records import (MatrixRecord, SourceInfo, Summary, criterion_for, roundoff_criterion,
+                      summarize)
 from .selection import NOT_WEIGHT_VALUES, MatrixPlan, Selection, extract, plan
 from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
                                mp_bulk_fit, permuted)
@@ -56,7 +59,8 @@ def analyze_matrix(W: np.ndarray, options: AnalysisOptions = AnalysisOptions(), 
                    module_type: Optional[str] = None, part: Optional[str] = None
                    ) -> MatrixRecord:
     """Analyze one 2-D matrix ``W``. ``dtype`` is its storage dtype name (default: W's own),
-    whose machine epsilon sets the numpy / Numerical-Recipes rank tolerances."""
+    whose machine epsilon sets the numpy / Numerical-Recipes rank tolerances and whose ulp the
+    noise floor (W's values are taken as stored in it)."""
     return _analyze(W, options, name, dtype, model, module_type, part)[0]
 
 
@@ -75,13 +79,15 @@ def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optiona
     oriented shape, their spectra computed by stacked calls (same results as one by one)."""
     prepared = [_prepare(W, options, *rest) for W, *rest in items]
     todo = [i for i, (_, W) in enumerate(prepared) if W is not None]
+    noise = [storage_noise(prepared[i][1], prepared[i][0].dtype) for i in todo]
     specs = singular_values_many([prepared[i][1] for i in todo],
                                  [DTYPE_EPS[prepared[i][0].dtype] for i in todo],
                                  loose_tol=options.loose_tol, method=options.method,
-                                 device=options.device)
+                                 device=options.device,
+                                 noise_estimates=[n.estimate for n in noise])
     results = [(rec, np.zeros(0)) for rec, _ in prepared]
-    for i, spec in zip(todo, specs):
-        results[i] = _finish(prepared[i][0], spec, options)
+    for i, spec, n in zip(todo, specs, noise):
+        results[i] = _finish(prepared[i][0], spec, n, options)
     rand = [np.zeros(0)] * len(results)
     if options.randomize:
         for i, sv in zip(todo, _randomize([prepared[i] for i in todo], specs, options)):
@@ -109,17 +115,28 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
     return rec, W
 
 
-def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
+def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: AnalysisOptions
             ) -> Tuple[MatrixRecord, np.ndarray]:
-    """Fill the record from the spectrum: ranks, norms, the power-law fit."""
-    M = rec.M
+    """Fill the record from the spectrum and the noise floor: ranks, norms, the power-law fit."""
+    N, M = rec.N, rec.M
     sv, tol = spec.sv, spec.tolerances
     rec.method = spec.method
     rec.sv_max, rec.sv_min = float(sv[0]), float(sv[-1])
     rec.log10_sv_min = float(np.log10(sv[-1])) if sv[-1] > 0 else float("-inf")
-    rec.rank_loose, rec.rank_numpy, rec.rank_nr = (spec.rank(tol.loose), spec.rank(tol.numpy),
-                                                   spec.rank(tol.nr))
-    rec.rank_loss = M - rec.rank(options.rank_criterion)
+    rec.rank_loose, rec.rank_noise = spec.rank(tol.loose), spec.rank(tol.noise)
+    rec.noise_floor, rec.noise_bound = tol.noise, noise.bound
+    # numpy's and NR's tolerances scale with nu_max: at or above it (max(N, M) * eps >= 1 for
+    # numpy, sqrt(N + M + 1) * eps / 2 >= 1 for NR) every value counts as noise, which says
+    # nothing about W: no rank then, and the record says why
+    meaningless = [c for c in ("numpy", "nr") if sv[0] > 0.0 and getattr(tol, c) >= sv[0]]
+    rec.rank_numpy = None if "numpy" in meaningless else spec.rank(tol.numpy)
+    rec.rank_nr = None if "nr" in meaningless else spec.rank(tol.nr)
+    if meaningless:
+        rec.rank_note = (f"{' and '.join(meaningless)} tolerance >= sv_max for {rec.dtype} "
+                         f"(eps {DTYPE_EPS[rec.dtype]:.3g}) at {N} x {M}: no rank")
+    rec.rank_criterion = criterion_for(options.rank_criterion, rec.dtype)
+    rank = rec.rank(rec.rank_criterion)
+    rec.rank_loss = None if rank is None else M - rank
     if sv[0] == 0.0:
         rec.status = "all_zero"
         return rec, sv
@@ -128,7 +145,10 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
     rec.stable_rank = lam_sum / lam_max
     rec.log_norm = float(np.log10(lam_sum))
     rec.log_spectral_norm = float(np.log10(lam_max))
-    fitted = evals[(sv > tol.numpy) & (evals > 0)]
+    # the fit sees every eigenvalue above round-off for the storage dtype, whatever the rank
+    # criterion: numpy's tolerance for float32 / float64 (as ever), else the noise floor
+    roundoff = roundoff_criterion(rec.dtype)
+    fitted = evals[(sv > getattr(tol, roundoff)) & (evals > 0)]
     rec.num_evals = int(fitted.size)
     rec.effective_rank = effective_rank(sv)
     if M == 1:
@@ -137,7 +157,7 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
     bulk = mp_bulk_fit(sv, rec.N, M)
     rec.mp_sigma2, rec.lambda_plus, rec.num_spikes, rec.mp_softrank = (
         bulk.sigma2, bulk.lambda_plus, bulk.num_spikes, bulk.softrank)
-    rec.entropy = matrix_entropy(sv, rec.rank_numpy)
+    rec.entropy = matrix_entropy(sv, rec.rank(roundoff))
     fit = fit_power_law(fitted, xmax=lam_max if options.fit_xmax == "max" else None)
     if fit is None:
         rec.status = "too_few_eigenvalues"
@@ -155,18 +175,21 @@ def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spec
     their matrices with the elements permuted (of one oriented shape, with their spectra
     ``specs``); return the permuted matrices' singular values (empty where none)."""
     keep = [j for j, (rec, _) in enumerate(prepared) if rec.lambda_plus is not None]
+    mats = [permuted(prepared[j][1], options.seed, prepared[j][0].name) for j in keep]
+    dtypes = [prepared[j][0].dtype for j in keep]
     rand_specs = singular_values_many(
-        [permuted(prepared[j][1], options.seed, prepared[j][0].name) for j in keep],
-        [DTYPE_EPS[prepared[j][0].dtype] for j in keep], loose_tol=options.loose_tol,
-        method=options.method, device=options.device)
+        mats, [DTYPE_EPS[d] for d in dtypes], loose_tol=options.loose_tol,
+        method=options.method, device=options.device,
+        noise_estimates=[storage_noise(P, d).estimate for P, d in zip(mats, dtypes)])
     out = [np.zeros(0)] * len(prepared)
     for j, rand in zip(keep, rand_specs):
         rec = prepared[j][0]
         fit = mp_bulk_fit(rand.sv, rec.N, rec.M)
         rec.rand_sv_max, rec.rand_lambda_plus = float(rand.sv[0]), fit.lambda_plus
         rec.num_traps = fit.num_spikes
-        rec.rand_distance = esd_distance(specs[j].sv, specs[j].tolerances.numpy,
-                                         rand.sv, rand.tolerances.numpy)
+        roundoff = roundoff_criterion(rec.dtype)
+        rec.rand_distance = esd_distance(specs[j].sv, getattr(specs[j].tolerances, roundoff),
+                                         rand.sv, getattr(rand.tolerances, roundoff))
         out[j] = rand.sv
     return out
 
@@ -191,6 +214,10 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     label = label or source.label
     selection = plan_source(source, options, label)
     plans = selection.plans if names is None else [p for p in selection.plans if p.name in names]
+    largest = max(plans, key=lambda p: limits.analysis_memory(*p.shape), default=None)
+    if largest is not None:  # before any weight is read, let alone widened to float64
+        limits.check_memory(limits.analysis_memory(*largest.shape),
+                            f"{label}: {largest.name} ({max(largest.shape)} x {min(largest.shape)})")
 
     # a source may offer a copy-free read-only view for transient use (safetensors: mapped)
     load = getattr(source, "load_mapped", source.load)
@@ -404,7 +431,7 @@ def _assemble(results: List[Optional[SourceResult]], errors: List[str], options:
     for res in results:
         if res is None:
             continue
-        model = _unique(res.info.label, [info.model for info in infos])
+        model = _unique(escape(res.info.label), [info.model for info in infos])  # one line
         infos.append(replace(res.info, model=model))
         records.extend(replace(rec, model=model) for rec in res.records)
         spectra.extend(res.spectra)
@@ -455,7 +482,7 @@ def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
         try:
             source = open_one(spec, opener, cache_dir=cache_dir, progress=progress,
                               checkpoint_key=checkpoint_key)
-            label = _unique(source.label, labels)
+            label = _unique(escape(source.label), labels)  # a display name: one line
             fn(source, label)
         except AnalyzeError as e:
             if on_error == "raise":
@@ -564,4 +591,4 @@ def _progress_bar(total: int, label: str, progress: Optional[bool], unit: str = 
         show = False
     if not show:
         return _NoBar()
-    return tqdm(total=total, desc=label, unit=unit, file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=escape(label), unit=unit, file=sys.stderr, leave=False)

@@ -21,11 +21,12 @@ Two kinds of ``config.json`` are read (as plain JSON data; nothing in them is ru
 
 Anything else (or a config that does not match the tensors) gives no evidence.
 """
-import json
 import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from . import limits
+from .errors import AnalyzeError
 from .kinds import RNN_GATES
 from .tensors import TensorInfo
 
@@ -46,8 +47,8 @@ def parse_config(data: bytes) -> Optional[dict]:
     if len(data) > MAX_CONFIG_BYTES:
         return None
     try:
-        config = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        config = limits.parse_json(data.decode("utf-8"))  # nested too deep: ValueError
+    except (UnicodeDecodeError, ValueError):
         return None
     return config if isinstance(config, dict) else None
 
@@ -56,10 +57,8 @@ def load_config(path: Path) -> Optional[dict]:
     """:func:`parse_config` of the file at ``path``; None where there is none (or it is too
     large, unreadable or not a regular file)."""
     try:
-        if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
-            return None
-        return parse_config(path.read_bytes())
-    except OSError:
+        return parse_config(limits.read_regular(path, MAX_CONFIG_BYTES))
+    except (OSError, AnalyzeError):
         return None
 
 

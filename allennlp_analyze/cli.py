@@ -8,13 +8,16 @@ import argparse
 import functools
 import glob
 import os
+import signal
 import sys
+import threading
 from typing import Callable, List, Optional, Sequence
 
+from . import limits
 from . import options as analysis_options
 from .analysis import Analysis, analyze
 from .describe import Description, describe, write_description
-from .errors import AnalyzeError
+from .errors import AnalyzeError, escape
 from .report import FORMATS, write
 
 DESCRIPTION = ("Rank collapse and heavy-tailed spectra of a trained model's weight matrices: "
@@ -81,12 +84,7 @@ def expand_sources(args: argparse.Namespace) -> List[str]:
     """The sources named on the command line, globs expanded, plus those of --sources-from."""
     specs = list(args.sources)
     if args.sources_from:
-        try:
-            with open(args.sources_from, encoding="utf-8") as f:
-                specs += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-        except OSError as e:
-            raise AnalyzeError(f"cannot read --sources-from {args.sources_from}: "
-                               f"{e.strerror}") from None
+        specs += read_sources_file(args.sources_from)
     expanded = []
     for spec in specs:
         is_pattern = "://" not in spec and any(c in spec for c in "*?[")
@@ -97,6 +95,30 @@ def expand_sources(args: argparse.Namespace) -> List[str]:
     if not expanded:
         raise AnalyzeError("no source given: name a model archive, weights file, folder or URL")
     return expanded
+
+
+def read_sources_file(path: str) -> List[str]:
+    """The sources listed in a ``--sources-from`` file: one per line, blank lines and ``#``
+    comments left out. A text file (UTF-8, no control characters) of at most
+    ``limits.MAX_TEXT_FILE`` bytes, regular (not a FIFO or device)."""
+    what = f"--sources-from {path}"
+    try:
+        raw = limits.read_regular(path, limits.MAX_TEXT_FILE)
+    except OSError as e:
+        raise AnalyzeError(f"cannot read {what}: {e.strerror or e}") from None
+    except AnalyzeError as e:
+        raise AnalyzeError(f"cannot read {what}: {e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AnalyzeError(f"{what} is not a text file (not UTF-8)") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    for number, line in enumerate(lines, 1):
+        if any(ord(c) < 32 or ord(c) == 127 for c in line):
+            raise AnalyzeError(f"{what} is not a text file (control characters in source "
+                               f"{number}: {line!r})")
+    return lines
 
 
 def run(args: argparse.Namespace,
@@ -120,7 +142,7 @@ def run(args: argparse.Namespace,
                                 cache_dir=args.cache_dir)
         _write_report(described, args, fmt, write_description)
         for err in described.errors:
-            print(f"{prog}: error: {err}", file=sys.stderr)
+            print(f"{prog}: error: {escape(err)}", file=sys.stderr)
         return 2 if described.errors else 0
     journal = args.output_file if fmt == "jsonl" else None
     if args.resume and journal is None:
@@ -142,9 +164,9 @@ def run(args: argparse.Namespace,
         plots.write_figures(result, args.plot_dir, max_matrices=getattr(args, "plot_max", 100),
                             match=getattr(args, "plot_match", None) or ())
     for note in result.summary.notes:
-        print(f"{prog}: note: {note}", file=sys.stderr)
+        print(f"{prog}: note: {escape(note)}", file=sys.stderr)
     for err in result.summary.errors:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {escape(err)}", file=sys.stderr)
     if result.summary.errors:
         return 2
     if args.fail_on_collapse and result.summary.collapsed[opts.rank_criterion]:
@@ -166,8 +188,25 @@ def _write_report(result, args: argparse.Namespace, fmt: str, writer: Callable =
                 writer(result, fmt, f)
         except OSError as e:
             raise AnalyzeError(f"cannot write {args.output_file}: {e.strerror}") from None
-    else:
+        return
+    try:
         writer(result, fmt, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # e.g. a full disk (ENOSPC)
+        _silence_stdout()
+        raise AnalyzeError(f"cannot write the report to standard output: "
+                           f"{e.strerror or e}") from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the data still buffered in it cannot fail again (and
+    print a second message) when the interpreter flushes it at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _plots_module():
@@ -199,20 +238,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return guarded(lambda: run(args), "allennlp-analyze")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that temporary files are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def guarded(fn: Callable[[], int], prog: str) -> int:
-    """Run ``fn``; an :class:`AnalyzeError` becomes one stderr line and exit code 2, and a
-    closed stdout pipe (``| head``) ends quietly."""
+    """Run ``fn``; an :class:`AnalyzeError` becomes one stderr line (escaped) and exit code 2,
+    running out of memory too; Ctrl-C exit code 130 and SIGTERM 143 with one line (temporary
+    files removed); a closed stdout pipe (``| head``) ends quietly."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signals go to the main thread
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return fn()
     except AnalyzeError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {escape(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prog}: error: out of memory", file=sys.stderr)
         return 2
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Callable, Dict, List, Optional, Tuple
 
 from .analysis import for_each_source, options_from
+from .errors import escape
 from .options import AnalysisOptions
 from .selection import Decision, plan
 from .tensors import WeightSource
@@ -150,7 +151,8 @@ def write_description(description: Description, fmt: str, out: IO[str]) -> None:
         for t in description.tensors:
             row = t.to_dict()
             row["shape"] = "x".join(map(str, t.shape))
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+            writer.writerow({k: "" if v is None else escape(v) if isinstance(v, str) else v
+                             for k, v in row.items()})
     else:
         _write_table(description, out)
 
@@ -159,8 +161,8 @@ def _write_table(description: Description, out: IO[str]) -> None:
     multi = len(description.models) > 1
     header = (["model"] if multi else []) + ["name", "shape", "dtype", "kind", "from",
                                              "decision"]
-    rows = [([t.model] if multi else []) + [t.name, "x".join(map(str, t.shape)) or "scalar",
-                                            t.dtype, t.kind, t.kind_from, t.decision]
+    rows = [[escape(c) for c in ([t.model] if multi else []) + [
+        t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.kind, t.kind_from, t.decision]]
             for t in description.tensors]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     if rows:
@@ -175,5 +177,5 @@ def _write_table(description: Description, out: IO[str]) -> None:
         counts = ", ".join(f"{k} {n}" for k, n in s[by].items())
         out.write(f"  tensors by {by}: {counts}\n")
     for err in description.errors:
-        out.write(f"  ERROR: {err}\n")
+        out.write(f"  ERROR: {escape(err)}\n")
     out.write(f"  {NOTE}\n")

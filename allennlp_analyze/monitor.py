@@ -300,7 +300,7 @@ class WeightMonitor:
             self.logger.warning("%s: %s: %s (%s, %d x %d) lost rank: %d of %d singular values "
                                 "above the %s tolerance, nu_min %.3g", self.name, when, r.name,
                                 r.module_type or "?", r.N, r.M, r.rank(criterion), r.M,
-                                criterion, r.sv_min)
+                                r.rank_criterion or criterion, r.sv_min)
         stop = None
         if collapsed and self.stop_on_collapse:
             names = ", ".join(r.name for r in collapsed[:5])

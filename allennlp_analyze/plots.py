@@ -94,13 +94,15 @@ def sanitize(text: str, max_len: int = 120) -> str:
 def figure_names(records: Sequence[MatrixRecord], several_models: bool) -> List[str]:
     """Stable, unique (also case-insensitively) file names, one per record, in record order."""
     seen, names = set(), []
+    next_k = {}  # per base, where the search for a free "-k" resumes (else quadratic in twins)
     for r in records:
         base = sanitize(r.name)
         if several_models:
             base = sanitize(r.model, 60) + "--" + base
-        name, k = base, 2
+        name, k = base, next_k.get(base.lower(), 2)
         while name.lower() in seen:
             name, k = f"{base}-{k}", k + 1
+        next_k[base.lower()] = k
         seen.add(name.lower())
         names.append(name + ".png")
     return names
@@ -472,7 +474,7 @@ def write_figures(result: Analysis, plot_dir: str, *,
 
 def _write_index(path: str, result: Analysis, run: Dict[str, str],
                  matrices: List[Optional[str]], notes: List[str]) -> None:
-    from .report import summary_text
+    from .report import rank_cell, summary_text
 
     s, o = result.summary, result.options
     agg = aggregate(result.records, s.models, o.log10_threshold)
@@ -480,12 +482,12 @@ def _write_index(path: str, result: Analysis, run: Dict[str, str],
     e = html.escape
     several = len(s.models) > 1
     cols = (["model"] if several else []) + [
-        "name", "slice", "N × M", "Q", "log10 sv_min", "rank loose/numpy/nr", "alpha", "D",
+        "name", "slice", "N × M", "Q", "log10 sv_min", "rank loose/numpy/nr/noise", "alpha", "D",
         "spikes", "mp_softrank", "entropy"] + (["traps"] if o.randomize else []) + [
         "status", "figure"]
     rows = []
     for r, fig, note in zip(result.records, matrices, notes):
-        ranks = "-" if r.rank_loose is None else f"{r.rank_loose}/{r.rank_numpy}/{r.rank_nr}"
+        ranks = rank_cell(r)
         link = (f'<a href="{e(fig)}"><img src="{e(fig)}" loading="lazy" width="240" '
                 f'alt="ESD of {e(r.name)}"></a>' if fig else e(note))
         cells = ([e(r.model)] if several else []) + [

@@ -6,6 +6,7 @@ from typing import IO, List, Optional
 
 from .aggregate import Aggregate, aggregate, aggregate_text
 from .analysis import Analysis
+from .errors import escape
 from .journal import write_jsonl
 from .records import RECORD_FIELDS, STATUS_TEXT, MatrixRecord, Summary
 
@@ -34,35 +35,49 @@ def run_aggregate(analysis: Analysis) -> Aggregate:
 
 def write_json(analysis: Analysis, out: IO[str]) -> None:
     """``{"records": [...], "summary": {..., "aggregate": {...}}, "options": {...}}``;
-    non-finite numbers are null."""
+    non-finite numbers are null (JSON has no NaN or Infinity). Names are kept exact: JSON's
+    own escapes (``\\n``, ``\\u001b``) carry control characters."""
     summary = analysis.summary.to_dict()
     summary["aggregate"] = run_aggregate(analysis).to_dict()
-    doc = {"records": analysis.to_dicts(), "summary": summary,
-           "options": vars(analysis.options)}
+    doc = {"records": analysis.to_dicts(), "summary": _finite(summary),
+           "options": _finite(vars(analysis.options))}
     json.dump(doc, out, indent=1, allow_nan=False, default=list)
     out.write("\n")
 
 
+def _finite(value):
+    """``value`` with every non-finite float inside it (dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_csv(analysis: Analysis, out: IO[str]) -> None:
     """One row per record, columns :data:`~allennlp_analyze.records.RECORD_FIELDS`; shape as
-    ``NxM``, missing values empty."""
+    ``NxM``, missing values empty, names escaped as in the table (:func:`~.errors.escape`)."""
     writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")
     writer.writeheader()
     for d in analysis.to_dicts():
         d["shape"] = "x".join(map(str, d["shape"]))
-        writer.writerow({k: ("" if v is None else v) for k, v in d.items()})
+        writer.writerow({k: ("" if v is None else escape(v) if isinstance(v, str) else v)
+                         for k, v in d.items()})
 
 
 def write_table(analysis: Analysis, out: IO[str], wide: bool = False) -> None:
     """The records as an aligned table, then the summary; ``wide`` adds the columns of the MP
-    bulk fit, the entropies and (with ``randomize``) the correlation traps."""
+    bulk fit, the entropies and (with ``randomize``) the correlation traps. Names from the
+    input are escaped (:func:`~.errors.escape`: one line each, nothing a terminal acts on)."""
     multi = len(analysis.summary.models) > 1
     rand = analysis.options.randomize
     extra = (WIDE_COLUMNS + (RAND_COLUMNS if rand else ())) if wide else ()
     header = (["model"] if multi else []) + [
         "name", "type", "N x M", "Q", "sv_max", "sv_min", "log10 sv_min",
-        "rank loose/numpy/nr", "alpha", "D", "xmin", "tail", *extra, "status"]
-    rows = [(([r.model] if multi else []) + _table_row(r, wide, rand))
+        "rank loose/numpy/nr/noise", "alpha", "D", "xmin", "tail", *extra, "status"]
+    rows = [[escape(c) for c in ([r.model] if multi else []) + _table_row(r, wide, rand)]
             for r in analysis.records]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     left = {"model", "name", "type", "status"}
@@ -98,10 +113,21 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
     for status, n in s.status.items():
         if status != "ok":
             lines.append(f"  {n:6d}  {STATUS_TEXT[status]}")
-    lines.append(f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {s.collapsed['loose']}"
-                 f", numpy tolerance: {s.collapsed['numpy']}"
-                 f", Numerical Recipes tolerance: {s.collapsed['nr']}"
-                 f"  [--rank-criterion {criterion}]")
+    def count(c: str) -> str:
+        notes = []
+        if s.tolerance_ratio.get(c, 0.0) >= 0.01:  # for float32 weights it is ~1e-4
+            notes.append(f"tolerance up to {100 * s.tolerance_ratio[c]:.0f}% of sv_max")
+        if s.rank_undefined.get(c):
+            notes.append(f"no rank for {s.rank_undefined[c]}: tolerance >= sv_max")
+        return f"{s.collapsed[c]}" + (f" ({'; '.join(notes)})" if notes else "")
+
+    chosen = f"{criterion}: loose for float32/float64, noise for narrower dtypes" \
+        if criterion == "auto" else criterion
+    lines.append(f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {count('loose')}"
+                 f", numpy tolerance: {count('numpy')}"
+                 f", Numerical Recipes tolerance: {count('nr')}"
+                 f", noise floor: {count('noise')}"
+                 f"  [--rank-criterion {chosen}]")
     for name in s.collapsed_names[criterion][:10]:
         lines.append(f"          collapsed: {name}")
     if len(s.collapsed_names[criterion]) > 10:
@@ -114,7 +140,7 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
     if aggregate is not None and aggregate.total.matrices:
         t = aggregate.total
         if len(aggregate.models) > 1:
-            lines.append(aggregate_text(aggregate, wide).rstrip("\n"))
+            lines.extend(aggregate_text(aggregate, wide).rstrip("\n").split("\n"))
         else:
             quartiles = "" if t.alpha_q1 is None else \
                 f"; alpha quartiles {t.alpha_q1:.3f} / {t.alpha_median:.3f} / {t.alpha_q3:.3f}"
@@ -134,7 +160,7 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
         lines.append(f"  ERROR: {err}")
     if not s.complete:
         lines.append("  INCOMPLETE: some sources or matrices could not be analyzed (see above)")
-    return "\n".join(lines) + "\n"
+    return "".join(escape(line) + "\n" for line in lines)
 
 
 #: Columns that ``--wide`` adds to the table (and with ``--randomize`` the second set).
@@ -142,8 +168,14 @@ WIDE_COLUMNS = ("spikes", "mp_softrank", "entropy", "eff. rank")
 RAND_COLUMNS = ("rand sv_max", "traps", "rand dist")
 
 
+def rank_cell(r: MatrixRecord) -> str:
+    """``loose/numpy/nr/noise`` ranks, "-" for a rank that is null (or no spectrum)."""
+    return "-" if r.rank_loose is None else "/".join(
+        _int(k) for k in (r.rank_loose, r.rank_numpy, r.rank_nr, r.rank_noise))
+
+
 def _table_row(r: MatrixRecord, wide: bool = False, rand: bool = False) -> List[str]:
-    ranks = "-" if r.rank_loose is None else f"{r.rank_loose}/{r.rank_numpy}/{r.rank_nr}"
+    ranks = rank_cell(r)
     extra = [_int(r.num_spikes), _num(r.mp_softrank, fixed=True), _num(r.entropy, fixed=True),
              _num(r.effective_rank)] if wide else []
     if wide and rand:

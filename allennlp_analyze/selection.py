@@ -108,6 +108,8 @@ def _parameter_skip_reason(t: TensorInfo, kind: Kind, o: AnalysisOptions) -> Opt
         return "not matched by --match"
     if any(re.search(p, t.name) for p in o.exclude):
         return "excluded by --exclude"
+    if len(t.shape) >= 2 and 0 in t.shape:  # before its (maybe countless) positions are listed
+        return "empty (a dimension of size 0)"
     k = kind.kind
     if k in ANALYZED_KINDS:
         return None

@@ -30,11 +30,12 @@ as in the MP law). ``mp_softrank = lambda_+ / lambda_max`` (Martin & Mahoney 201
 **Entropies.** ``matrix_entropy``: WeightWatcher's matrix entropy (``RMT_Util.matrix_entropy``),
 the Shannon entropy of p_i = lambda_i / sum(lambda) normalised by the log of the rank,
 ``-sum p ln p / ln R``: 1 for a flat spectrum of R equal values, near 0 for rank one. R is the
-numpy-criterion rank with the *storage* dtype's eps (WeightWatcher uses float64's eps, which
-counts float32 round-off as rank); WeightWatcher also adds 1e-10 to every p and to R (a change
-of about 4e-8 relative on MiniLM). ``effective_rank``: Roy & Vetterli (2007, EUSIPCO, "The
-effective rank"), ``exp(-sum p ln p)`` with p_i = nu_i / sum(nu) (singular values, not
-eigenvalues), between 1 and M. Both use 0 ln 0 = 0. ``log_alpha_norm`` =
+numpy-criterion rank with the *storage* dtype's eps for float32 / float64 weights (WeightWatcher
+uses float64's eps, which counts float32 round-off as rank) and ``rank_noise`` for narrower ones
+(numpy's criterion has no rank in bfloat16 / float8); WeightWatcher also adds 1e-10 to every p
+and to R (a change of about 4e-8 relative on MiniLM). ``effective_rank``: Roy & Vetterli (2007,
+EUSIPCO, "The effective rank"), ``exp(-sum p ln p)`` with p_i = nu_i / sum(nu) (singular
+values, not eigenvalues), between 1 and M. Both use 0 ln 0 = 0. ``log_alpha_norm`` =
 ``log10 sum lambda_i^alpha`` (WeightWatcher's), computed as
 ``alpha log10 lambda_max + log10 sum (lambda_i / lambda_max)^alpha`` so it cannot overflow.
 
@@ -145,7 +146,8 @@ def esd_bins(M: int) -> int:
 def esd_distance(sv_a: np.ndarray, tol_a: float, sv_b: np.ndarray, tol_b: float) -> float:
     """Jensen–Shannon distance (base 2, in [0, 1]) between the ESDs of two matrices of M
     eigenvalues each, binned on one common grid: the eigenvalues whose nu is at or below the
-    matrix's own numpy rank tolerance ``tol`` (round-off, zeros) in one bin, the others in
+    matrix's own round-off level ``tol`` (numpy's tolerance for float32 / float64 storage, the
+    noise floor for narrower dtypes; round-off, zeros) in one bin, the others in
     ``esd_bins(M)`` bins with log-spaced edges from the smallest to the largest such lambda of
     both spectra. Finite samples of one law are not at distance 0 (a 1536 x 384 Gaussian and
     its permutation: 0.07; docs/metrics.md)."""

@@ -28,16 +28,22 @@ Numerical ranks (all count ``nu > tol``, as ``numpy.linalg.matrix_rank`` does):
 * ``rank_loose``: tol = ``loose_tol`` (absolute, default 1e-3: the original study's bound);
 * ``rank_numpy``: tol = ``nu_max * max(N, M) * eps`` (numpy's default);
 * ``rank_nr``: tol = ``nu_max / 2 * sqrt(N + M + 1) * eps`` (Numerical Recipes);
+* ``rank_noise``: tol = the noise floor (:func:`allennlp_analyze.noise_floor.noise_floor`),
+  from the independent estimate of W's storage rounding passed in by the caller
+  (``noise_estimate``, 0 where not given) and the spectrum: never below the float64 round-off
+  of the spectrum itself, ``nu_max * max(N, M) * eps64``;
 
 where ``eps`` is the machine epsilon of the dtype the weights were *stored* in (float32:
 1.19e-7), not float64's: round-off in stored float32 weights lifts zero singular values to about
 1e-7 nu_max, and a float64 eps would count them as rank.
 """
 import threading
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, fields
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .noise_floor import noise_floor
 
 #: Guaranteed relative accuracy of every singular value that the Gram path is allowed to report.
 GRAM_RTOL = 1e-8
@@ -55,11 +61,17 @@ _SCRATCH = threading.local()
 
 @dataclass(frozen=True)
 class RankTolerances:
-    """Absolute singular-value thresholds of the three rank criteria (same units as W)."""
+    """Absolute singular-value thresholds of the rank criteria (same units as W); ``noise`` is
+    the noise floor (module docstring)."""
 
     loose: float
     numpy: float
     nr: float
+    noise: float = 0.0
+
+    def values(self) -> Tuple[float, ...]:
+        """Every criterion's threshold."""
+        return tuple(getattr(self, f.name) for f in fields(self))
 
 
 @dataclass(frozen=True)
@@ -126,20 +138,30 @@ def _oriented64(W: np.ndarray, slot: str = "w") -> np.ndarray:
     return orient(W)
 
 
-def rank_tolerances(sv_max: float, N: int, M: int, eps: float, loose_tol: float) -> RankTolerances:
-    """The three criteria's thresholds for a matrix with largest singular value ``sv_max``."""
-    return RankTolerances(loose=float(loose_tol),
-                          numpy=float(sv_max * max(N, M) * eps),
-                          nr=float(sv_max / 2.0 * np.sqrt(N + M + 1.0) * eps))
+def relative_tolerances(N: int, M: int, eps: float) -> Tuple[float, float]:
+    """numpy's and Numerical Recipes' tolerances as fractions of nu_max:
+    ``max(N, M) * eps`` and ``sqrt(N + M + 1) * eps / 2``."""
+    return max(N, M) * eps, float(np.sqrt(N + M + 1.0)) * eps / 2.0
+
+
+def rank_tolerances(sv_max: float, N: int, M: int, eps: float, loose_tol: float,
+                    noise: float = 0.0) -> RankTolerances:
+    """The criteria's thresholds for a matrix with largest singular value ``sv_max`` and noise
+    floor ``noise``."""
+    rel_numpy, rel_nr = relative_tolerances(N, M, eps)
+    return RankTolerances(loose=float(loose_tol), numpy=float(sv_max * rel_numpy),
+                          nr=float(sv_max * rel_nr), noise=float(noise))
 
 
 def singular_values(W: np.ndarray, eps: float, loose_tol: float = 1e-3, method: str = "auto",
-                    device: Optional[str] = None) -> Spectrum:
+                    device: Optional[str] = None, noise_estimate: float = 0.0) -> Spectrum:
     """Spectrum of a finite 2-D matrix ``W`` (any orientation, any float dtype).
 
     ``eps``: machine epsilon of W's storage dtype (sets the rank tolerances); ``method``: "auto",
     "svd" or "gram" (module docstring); ``device``: None for numpy on the CPU, or a torch device
-    such as "cuda" (float64 there too; results equal the CPU path's to round-off).
+    such as "cuda" (float64 there too; results equal the CPU path's to round-off);
+    ``noise_estimate``: the independent estimate of W's storage rounding, from which (and the
+    spectrum) the noise criterion's tolerance follows.
     """
     if method not in ("auto", "svd", "gram"):
         raise ValueError(f"unknown spectral method {method!r}")
@@ -149,11 +171,12 @@ def singular_values(W: np.ndarray, eps: float, loose_tol: float = 1e-3, method: 
         sv = _svd_values(W, device)
     else:
         sv = _gram_values(W, device)
-        if method == "auto" and not _gram_trustworthy(sv, N, M, eps, loose_tol):
+        if method == "auto" and not _gram_trustworthy(
+                sv, N, M, _tolerances(sv, N, M, eps, loose_tol, noise_estimate)):
             sv, method = _svd_values(W, device), "gram>svd"
         else:
             method = "gram"
-    tolerances = rank_tolerances(sv[0] if sv.size else 0.0, N, M, eps, loose_tol)
+    tolerances = _tolerances(sv, N, M, eps, loose_tol, noise_estimate)
     return Spectrum(sv=sv, N=N, M=M, method=method, tolerances=tolerances)
 
 
@@ -166,16 +189,19 @@ def batch_size(M: int, device: Optional[str] = None) -> int:
 
 
 def singular_values_many(Ws: Sequence[np.ndarray], eps: Sequence[float], loose_tol: float = 1e-3,
-                         method: str = "auto", device: Optional[str] = None) -> List[Spectrum]:
+                         method: str = "auto", device: Optional[str] = None,
+                         noise_estimates: Optional[Sequence[float]] = None) -> List[Spectrum]:
     """:func:`singular_values` of several matrices of one oriented shape (N x M), each with its
-    storage ``eps``, computed by stacked LAPACK calls. The results are those of one call per
-    matrix, bit for bit (the gufunc runs the same LAPACK routine on each); the point is that a
+    storage ``eps`` (and noise estimate, default 0), computed by stacked LAPACK calls. The
+    results are those of one call per matrix, bit for bit (the gufunc runs the same LAPACK routine on each); the point is that a
     stacked call over more than 500 values in all releases the GIL (see ``GIL_FREE_OUTPUT``),
     so that worker threads overlap."""
     if method not in ("auto", "svd", "gram"):
         raise ValueError(f"unknown spectral method {method!r}")
+    floors = [0.0] * len(Ws) if noise_estimates is None else list(noise_estimates)
     if len(Ws) <= 1 or device is not None:
-        return [singular_values(W, e, loose_tol, method, device) for W, e in zip(Ws, eps)]
+        return [singular_values(W, e, loose_tol, method, device, f)
+                for W, e, f in zip(Ws, eps, floors)]
     N, M = max(Ws[0].shape), min(Ws[0].shape)
     if any(W.ndim != 2 or (max(W.shape), min(W.shape)) != (N, M) for W in Ws):
         raise ValueError("singular_values_many needs matrices of one shape")
@@ -201,29 +227,34 @@ def singular_values_many(Ws: Sequence[np.ndarray], eps: Sequence[float], loose_t
         svs = [np.sqrt(np.clip(row[::-1], 0.0, None)) for row in lam]
         methods = ["gram"] * len(svs)
         if method == "auto":
-            redo = [i for i, sv in enumerate(svs)
-                    if not _gram_trustworthy(sv, N, M, eps[i], loose_tol)]
+            redo = [i for i, sv in enumerate(svs) if not _gram_trustworthy(
+                sv, N, M, _tolerances(sv, N, M, eps[i], loose_tol, floors[i]))]
             if redo:
                 exact = np.linalg.svd(stacked(redo), compute_uv=False)
                 for i, sv in zip(redo, exact):
                     svs[i], methods[i] = sv, "gram>svd"
     return [Spectrum(sv=sv, N=N, M=M, method=m,
-                     tolerances=rank_tolerances(sv[0] if sv.size else 0.0, N, M, e, loose_tol))
-            for sv, m, e in zip(svs, methods, eps)]
+                     tolerances=_tolerances(sv, N, M, e, loose_tol, f))
+            for sv, m, e, f in zip(svs, methods, eps, floors)]
 
 
-def _gram_trustworthy(sv: np.ndarray, N: int, M: int, eps: float, loose_tol: float) -> bool:
+def _tolerances(sv: np.ndarray, N: int, M: int, eps: float, loose_tol: float,
+                noise_estimate: float) -> RankTolerances:
+    return rank_tolerances(sv[0] if sv.size else 0.0, N, M, eps, loose_tol,
+                           noise_floor(noise_estimate, sv, N, M, eps))
+
+
+def _gram_trustworthy(sv: np.ndarray, N: int, M: int, tol: RankTolerances) -> bool:
     """Whether Gram-path singular values all carry relative error <= GRAM_RTOL and none sits
-    within that error of a rank tolerance."""
+    within that error of any rank tolerance in ``tol``."""
     if sv.size == 0 or sv[0] == 0.0:
         return False
     lam_max = sv[0] ** 2
     abs_err_lambda = (N + M) * _EPS64 * lam_max
     if sv[-1] ** 2 < abs_err_lambda / (2.0 * GRAM_RTOL):
         return False
-    tol = rank_tolerances(sv[0], N, M, eps, loose_tol)
     band = 2.0 * GRAM_RTOL
-    for t in (tol.loose, tol.numpy, tol.nr):
+    for t in tol.values():
         if np.any(np.abs(sv - t) <= band * t):
             return False
     return True

@@ -9,14 +9,13 @@ from typing import Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
-#: Unit round-off (machine epsilon) of the storage dtypes we meet, as ``np.finfo(dtype).eps``.
-#: It sets the noise floor of stored weights and so the numpy / Numerical-Recipes rank tolerances.
-DTYPE_EPS = {
-    "float64": 2.0**-52,
-    "float32": 2.0**-23,
-    "float16": 2.0**-10,
-    "bfloat16": 2.0**-7,
-}
+from .noise_floor import FORMATS
+
+#: Machine epsilon (spacing at 1, ``np.finfo(dtype).eps``) of the floating-point storage dtypes we
+#: analyze (float64, float32, float16, bfloat16, the float8 formats): it sets the numpy /
+#: Numerical-Recipes rank tolerances; :data:`~allennlp_analyze.noise_floor.FORMATS` also gives
+#: each one's smallest normal exponent, for the noise floor.
+DTYPE_EPS = {name: fmt.eps for name, fmt in FORMATS.items()}
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,7 @@ class WeightSource(Protocol):
         ...
 
     def load(self, name: str) -> np.ndarray:
-        """The named tensor as a numpy array of its stored precision (bfloat16 is widened to
-        float32 exactly). Raises :class:`~allennlp_analyze.errors.AnalyzeError` if unreadable."""
+        """The named tensor as a numpy array of its stored precision (bfloat16 and float8 are
+        widened to float32 exactly). Raises :class:`~allennlp_analyze.errors.AnalyzeError` if
+        unreadable."""
         ...

@@ -26,6 +26,7 @@ from allennlp_analyze import analyze, cli  # noqa: E402
 from allennlp_analyze.errors import AnalyzeError  # noqa: E402
 from allennlp_analyze.plugin import loading, register  # noqa: E402
 from allennlp_analyze.plugin.subcommand import Analyze, analyze_archives  # noqa: E402
+from allennlp_analyze.sources import remote  # noqa: E402
 from allennlp_analyze.options import AnalysisOptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def runs(server, inputs, tmp_path_factory):
             plugins file: a URL, a serialization directory, an archive and the 0.9 archives;
     help:   `allennlp analyze --help`, from another scratch directory, same $HOME;
     second: from the repository root (`.allennlp_plugins`), no global registration, the same
-            download cache: the URL again, a 404 URL and a corrupt download.
+            download cache: the URL again, a 404 URL and a truncated download.
     """
     base, log = server
     serdir, old = inputs
@@ -231,7 +232,7 @@ def test_second_run_uses_the_cache_and_reports_errors(runs):
     missing = [line for line in lines if "missing.tar.gz" in line]
     corrupt = [line for line in lines if "corrupt.tar.gz" in line]
     assert missing and "HTTP 404" in missing[0]
-    assert corrupt and "is not usable: it is truncated; it was removed from the cache" in corrupt[0]
+    assert corrupt and "is not usable: it is truncated; it was not cached" in corrupt[0]
     doc = _json(runs["tmp"] / "second.json")
     assert doc["summary"]["models"] == ["tagger_lstm.tar.gz"]
     assert len(doc["records"]) == 5 and not doc["summary"]["complete"]
@@ -240,9 +241,9 @@ def test_second_run_uses_the_cache_and_reports_errors(runs):
     assert runs["gets_after_first"] == ["/tagger_lstm.tar.gz"]
     assert gets.count("/tagger_lstm.tar.gz") == 1
     assert ("GET", "/corrupt.tar.gz") in runs["log"]
-    cached = [json.loads(p.read_text())["resource"] for p in runs["cache"].glob("*.json")]
-    assert runs["url"] in cached
-    assert not any("corrupt" in url for url in cached)  # evicted: the next run fetches it anew
+    # Only the usable download is cached (the truncated one never was), nothing else is left.
+    cached = [p for p in runs["cache"].rglob("*") if not p.is_dir()]
+    assert cached == [remote.cache_path(runs["url"], runs["cache"])]
 
 
 # ---------------------------------------------------------------------------------------------

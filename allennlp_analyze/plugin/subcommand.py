@@ -13,6 +13,8 @@ from allennlp.commands.subcommand import Subcommand
 from .. import cli
 from ..analysis import Analysis, analyze
 from ..describe import Description, describe
+from ..errors import AnalyzeError
+from ..sources._common import one_line
 from .loading import open_model_source
 
 PROG = "allennlp analyze"
@@ -20,6 +22,10 @@ PROG = "allennlp analyze"
 
 @Subcommand.register("analyze")
 class Analyze(Subcommand):
+    #: AllenNLP would import ``--include-package`` modules itself, before the command runs and
+    #: outside its error handling (a missing module: a traceback); the command does it.
+    requires_plugins = False
+
     def add_subparser(self, parser: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description = (cli.DESCRIPTION + " ARCHIVE is a model archive, a serialization directory "
                        "or an http(s) URL (downloaded once into AllenNLP's cache). The model is "
@@ -45,8 +51,28 @@ class Analyze(Subcommand):
                        help="a JSON structure used to override the model's configuration")
         g.add_argument("--cuda-device", type=int, default=-1,
                        help="id of the GPU to build the model on (-1: CPU)")
+        g.add_argument("--include-package", dest="packages", action="append", default=[],
+                       metavar="PACKAGE",
+                       help="additional packages to include (their models and modules)")
+        subparser.error = functools.partial(_usage_error, subparser)  # one line, like cli's
         subparser.set_defaults(func=_run)
         return subparser
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str):
+    parser.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _include_packages(packages: List[str]) -> None:
+    """Import ``--include-package`` modules (and their submodules), as AllenNLP would."""
+    from allennlp.common.util import import_module_and_submodules
+
+    for name in packages:
+        try:
+            import_module_and_submodules(name)
+        except Exception as e:  # ModuleNotFoundError, or the package's own error
+            raise AnalyzeError(f"--include-package {name}: cannot import it "
+                               f"({type(e).__name__}: {one_line(e)})") from None
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -61,8 +87,11 @@ def _run(args: argparse.Namespace) -> None:
     def describe_fn(*specs, **kwargs) -> Description:
         return describe(*specs, opener=_opener(**loading), **kwargs)
 
-    sys.exit(cli.guarded(lambda: cli.run(args, analyze_fn=analyze_fn, prog=PROG,
-                                         describe_fn=describe_fn), PROG))
+    def run() -> int:
+        _include_packages(args.packages)
+        return cli.run(args, analyze_fn=analyze_fn, prog=PROG, describe_fn=describe_fn)
+
+    sys.exit(cli.guarded(run, PROG))
 
 
 def _opener(weights_file: Optional[str] = None, overrides: str = "", cuda_device: int = -1):

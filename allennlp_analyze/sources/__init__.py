@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional, Union
 
+from .. import limits
 from ..checkpoint_config import load_config
 from ..errors import AnalyzeError
 from ..tensors import WeightSource
@@ -65,6 +66,10 @@ def _open_path(p: Path, label: Optional[str], checkpoint_key: Optional[str]) -> 
         raise AnalyzeError(f"{p} does not exist")
     if is_dir:
         return open_folder(p, label, checkpoint_key)
+    try:
+        limits.require_regular(p)  # a FIFO would block, /dev/zero never end
+    except OSError as e:
+        raise AnalyzeError(f"cannot read {p}: {e.strerror or e}") from None
     name = p.name.lower()
     if name.endswith((".tar.gz", ".tgz")):
         return ArchiveSource(p, label, checkpoint_key)
@@ -80,7 +85,7 @@ def _open_path(p: Path, label: Optional[str], checkpoint_key: Optional[str]) -> 
         return NpySource(p, label)
     # No telling name (e.g. a cached download): look at the content.
     try:
-        with open(p, "rb") as f:
+        with limits.open_regular(p) as f:
             head = f.read(4)
     except OSError as e:
         raise AnalyzeError(f"cannot read {p}: {e.strerror or e}") from None

@@ -3,7 +3,6 @@
 Nothing here imports torch at module level: a value is a torch tensor only if torch is
 already imported (``sys.modules``), so safetensors-only runs never pay for it.
 """
-import json
 import mmap
 import os
 import re
@@ -16,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .. import limits
 from ..errors import AnalyzeError
 from ..tensors import TensorInfo
 
@@ -152,8 +152,7 @@ class MappedSource:
 def read_index(path: Path) -> Dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file name) of a sharded checkpoint's index."""
     try:
-        with open(path, "rb") as f:
-            index = json.loads(f.read().decode("utf-8"))
+        index = limits.parse_json(limits.read_regular(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise AnalyzeError(f"{path} is not a valid checkpoint index ({one_line(e)})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -179,7 +178,7 @@ def shard_order(weight_map: Dict[str, str]) -> List[str]:
 def map_file(path: Path):
     """The file's bytes, memory-mapped read-only (``b""`` for an empty file)."""
     try:
-        with open(path, "rb") as f:
+        with limits.open_regular(path) as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return b""
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -187,16 +186,12 @@ def map_file(path: Path):
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
 
 
-#: A compressed zip member may expand at most this many times (plus 1 MiB): deflate reaches
-#: ~1000x on runs of zeros, so a small file could otherwise claim gigabytes (a zip bomb).
-MAX_EXPANSION = 100
-
-
 def zip_member_data(buffer, info: zipfile.ZipInfo):
     """Where a zip member's bytes lie in the zip's bytes ``buffer``: ``(buffer, offset)`` for a
     stored member (nothing copied), ``(None, offset)`` for a compressed one (to be read through
     :mod:`zipfile`). ``ValueError`` where the member's local header or data are not there, or
-    it would expand more than :data:`MAX_EXPANSION` times."""
+    it would expand more than :func:`~allennlp_analyze.limits.expanded_limit` allows (deflate
+    reaches ~1000x on runs of zeros: a small file could otherwise claim gigabytes)."""
     view = memoryview(buffer)
     head = bytes(view[info.header_offset:info.header_offset + 30])
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
@@ -204,9 +199,10 @@ def zip_member_data(buffer, info: zipfile.ZipInfo):
     name_len, extra_len = struct.unpack_from("<HH", head, 26)
     start = info.header_offset + 30 + name_len + extra_len
     if info.compress_type != zipfile.ZIP_STORED:
-        if info.file_size > MAX_EXPANSION * info.compress_size + (1 << 20):
+        if info.file_size > limits.expanded_limit(info.compress_size):
             raise ValueError(f"zip member {info.filename} would expand {info.file_size} bytes "
-                             f"from {info.compress_size}, over {MAX_EXPANSION}x: refused")
+                             f"from {info.compress_size}, over {limits.max_expansion():g}x: "
+                             f"refused ({limits.ENV_MAX_EXPANSION} allows more)")
         return None, start
     if start + info.file_size > len(view):
         raise ValueError(f"zip member {info.filename} is truncated")

@@ -36,14 +36,15 @@ from .unpickle import MAX_PICKLE_BYTES, PickleTooLarge, Window, load
 NUMPY_DTYPES: Dict[str, Tuple[str, Optional[str]]] = {
     "float64": ("<f8", None), "float32": ("<f4", None), "float16": ("<f2", None),
     "bfloat16": ("<u2", "BF16"), "float8_e4m3fn": ("u1", "F8_E4M3"),
-    "float8_e5m2": ("u1", "F8_E5M2"), "int64": ("<i8", None), "int32": ("<i4", None),
+    "float8_e5m2": ("u1", "F8_E5M2"), "float8_e4m3fnuz": ("u1", "F8_E4M3FNUZ"),
+    "float8_e5m2fnuz": ("u1", "F8_E5M2FNUZ"), "int64": ("<i8", None), "int32": ("<i4", None),
     "int16": ("<i2", None), "int8": ("i1", None), "uint8": ("u1", None),
     "uint16": ("<u2", None), "uint32": ("<u4", None), "uint64": ("<u8", None),
     "bool": ("?", None), "complex64": ("<c8", None), "complex128": ("<c16", None),
 }
 #: Bytes per element of the dtypes that are recognised but not read (quantized, exotic).
 OTHER_ITEMSIZES = {"qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,
-                   "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+                   "float8_e8m0fnu": 1,
                    "complex32": 4, "bits8": 1, "bits16": 2}
 #: Legacy storage classes (``torch.FloatStorage``) -> dtype.
 STORAGE_DTYPES = {
