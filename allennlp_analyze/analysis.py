@@ -8,9 +8,10 @@ import contextlib
 import os
 import sys
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import (Callable, Collection, Dict, Iterable, Iterator, List, Optional, Tuple,
+                    TypeVar, Union)
 
 import numpy as np
 
@@ -18,10 +19,12 @@ from . import limits
 from .errors import AnalyzeError, escape
 from .kinds import value_kind
 from .noise_floor import StorageNoise, storage_noise
+from .journal import Journal
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
-from .records import MatrixRecord, Summary, criterion_for, roundoff_criterion, summarize
-from .selection import NOT_WEIGHT_VALUES, MatrixPlan, extract, plan
+from .records import (MatrixRecord, SourceInfo, Summary, criterion_for, roundoff_criterion,
+                      summarize)
+from .selection import NOT_WEIGHT_VALUES, MatrixPlan, Selection, extract, plan
 from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
                                mp_bulk_fit, permuted)
 from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch,
@@ -43,6 +46,8 @@ class Analysis:
     spectra: Optional[List[np.ndarray]] = None
     #: With ``randomize``: those of each record's permuted matrix (empty where none).
     rand_spectra: Optional[List[np.ndarray]] = None
+    #: The sources analyzed, in order; their records follow one another in ``records``.
+    sources: List[SourceInfo] = field(default_factory=list)
 
     def to_dicts(self) -> List[Dict[str, object]]:
         """The records as a list of dicts (``pandas.DataFrame(result.to_dicts())``)."""
@@ -191,7 +196,8 @@ def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spec
 
 def analyze_source(source: WeightSource, options: AnalysisOptions,
                    progress: Optional[bool] = None, label: Optional[str] = None,
-                   rand_spectra: Optional[List[np.ndarray]] = None
+                   rand_spectra: Optional[List[np.ndarray]] = None,
+                   names: Optional[Collection[str]] = None, parallel: bool = True
                    ) -> Tuple[List[MatrixRecord], List[np.ndarray], Counter]:
     """Records of every selected matrix of one source, their singular values, and the skip
     counts.
@@ -199,14 +205,16 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     Each parameter is read once; ``progress`` True/False forces the progress bar (stderr) on or
     off, None shows it only when stderr is a terminal. ``label`` names the model in the records
     (default: the source's own label). A ``rand_spectra`` list receives, aligned with the
-    records, the singular values of each permuted matrix (``options.randomize``; else empty)."""
+    records, the singular values of each permuted matrix (``options.randomize``; else empty).
+    ``names`` restricts the analysis to the planned matrices of those names (a part of the
+    source, see :mod:`allennlp_analyze.tasks`); the skip counts are then the plan's for the
+    whole source and those found in the part's parameters' values. ``parallel`` False analyzes
+    one matrix after another in this thread, BLAS threads left as they are (a task on an
+    executor, whose workers are the parallelism)."""
     label = label or source.label
-    tensors = source.tensors()
-    selection = plan(tensors, options, getattr(source, "config", None))
-    if options.match and selection.skipped.get("not matched by --match") == len(tensors):
-        patterns = " ".join(repr(p) for p in options.match)
-        raise AnalyzeError(f"no parameter of {label} matches --match {patterns}")
-    largest = max(selection.plans, key=lambda p: limits.analysis_memory(*p.shape), default=None)
+    selection = plan_source(source, options, label)
+    plans = selection.plans if names is None else [p for p in selection.plans if p.name in names]
+    largest = max(plans, key=lambda p: limits.analysis_memory(*p.shape), default=None)
     if largest is not None:  # before any weight is read, let alone widened to float64
         limits.check_memory(limits.analysis_memory(*largest.shape),
                             f"{label}: {largest.name} ({max(largest.shape)} x {min(largest.shape)})")
@@ -218,7 +226,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         """Each planned matrix with its data; a parameter whose values show it is no weight
         (a 0/1 mask, a constant) is left out here, counted with the skipped ones."""
         loaded_name, loaded, not_weight = None, None, None
-        for p in selection.plans:
+        for p in plans:
             if p.param != loaded_name:
                 loaded_name, loaded = p.param, load(p.param)
                 not_weight = value_kind(loaded)
@@ -254,8 +262,8 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         return results
 
     records, spectra = [], []
-    workers = min(resolve_workers(options), max(1, len(selection.plans)))
-    with _progress_bar(len(selection.plans), label, progress) as bar, \
+    workers = min(resolve_workers(options), max(1, len(plans))) if parallel else 1
+    with _progress_bar(len(plans), label, progress) as bar, \
             _blas_threads(max(1, _cpu_count() // workers) if workers > 1 else None):
         for results in _bounded_map(one, batches(), workers):
             for rec, sv, rand_sv in results:
@@ -269,10 +277,40 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     return records, spectra, selection.skipped
 
 
+def plan_source(source: WeightSource, options: AnalysisOptions,
+                label: Optional[str] = None) -> Selection:
+    """The plan of one source, from its tensor list (and its config, where it has one); a
+    ``--match`` that selects none of its parameters is an :class:`AnalyzeError`."""
+    tensors = source.tensors()
+    selection = plan(tensors, options, getattr(source, "config", None))
+    if options.match and selection.skipped.get("not matched by --match") == len(tensors):
+        patterns = " ".join(repr(p) for p in options.match)
+        raise AnalyzeError(f"no parameter of {label or source.label} matches --match {patterns}")
+    return selection
+
+
+@dataclass
+class SourceResult:
+    """One source's share of a run: what it was (``info``), its records, their spectra and,
+    with ``randomize``, their permuted matrices' spectra."""
+
+    info: SourceInfo
+    records: List[MatrixRecord]
+    spectra: List[np.ndarray]
+    rand_spectra: List[np.ndarray]
+
+
+#: What running the sources gives, source by source: (index of the source, its result or why
+#: it failed), in the order they finish.
+Outcomes = Iterator[Tuple[int, Union[SourceResult, Exception]]]
+
+
 def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optional[bool] = False,
             on_error: str = "raise", cache_dir: Optional[str] = None,
             keep_spectra: bool = False, opener: Optional[Callable[..., WeightSource]] = None,
-            checkpoint_key: Optional[str] = None, **option_kwargs) -> Analysis:
+            checkpoint_key: Optional[str] = None, executor: Optional[Executor] = None,
+            scheduler: Optional[str] = None, journal: Optional[Union[str, os.PathLike]] = None,
+            resume: bool = False, **option_kwargs) -> Analysis:
     """Analyze one or more models. Each source is a path or URL (AllenNLP archive or
     serialization directory, state-dict file, safetensors file or folder, Hugging Face folder),
     a ``torch.nn.Module``, a state dict, or a :class:`~allennlp_analyze.tensors.WeightSource`.
@@ -289,28 +327,129 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     ``opener(spec, cache_dir=, progress=, checkpoint_key=)`` turns a source into a
     WeightSource (default :func:`allennlp_analyze.sources.open_source`); one model is held in
     memory at a time.
+
+    ``executor`` (any :class:`concurrent.futures.Executor`, e.g. a Dask client's
+    ``get_executor()`` or a process pool) or ``scheduler`` (a Dask scheduler's address,
+    ``"tcp://host:8786"``; needs ``allennlp-analyze[dask]``) runs the sources there as tasks
+    that each open their source themselves (paths and URLs only; see
+    :mod:`allennlp_analyze.tasks`); the result is the local run's, bit for bit.
+    ``journal``: a JSON-lines sweep file (:mod:`allennlp_analyze.journal`) that gets each
+    source's records as soon as the source is complete; with ``resume`` the sources already
+    complete in it are taken from it instead of being analyzed again.
     """
+    if opener is None:
+        from .sources import open_source as opener
+
     options = options_from(options, option_kwargs)
+    if on_error not in ("raise", "collect"):
+        raise ValueError("on_error must be 'raise' or 'collect'")
+    if executor is not None and scheduler is not None:
+        raise ValueError("pass either executor= or scheduler=, not both")
+    if resume and (journal is None or keep_spectra):
+        raise ValueError("resume=True needs journal= and keeps no spectra (keep_spectra=False)")
+    names = [_source_name(spec) for spec in sources]
+    if journal is not None and None in names:
+        raise ValueError("a journal needs every source named by a path or URL")
+    results: List[Optional[SourceResult]] = [None] * len(sources)
+    errors: Dict[int, str] = {}
+    with contextlib.ExitStack() as stack:
+        if scheduler is not None:
+            from .integrations.dask import scheduler_executor
+
+            executor = stack.enter_context(scheduler_executor(scheduler))
+        log = None if journal is None else \
+            stack.enter_context(Journal(journal, options, resume, checkpoint_key))
+        todo = []
+        for i, name in enumerate(names):
+            done = None if log is None else log.take(name)
+            if done is None:
+                todo.append(i)
+            else:
+                empty = [np.zeros(0) for _ in done[1]]
+                results[i] = SourceResult(done[0], done[1], empty, empty)
+        if executor is None:
+            outcomes = _run_here(sources, todo, options, opener=opener, cache_dir=cache_dir,
+                                 progress=progress, checkpoint_key=checkpoint_key)
+        else:
+            from .tasks import run_tasks
+
+            outcomes = run_tasks(executor, sources, todo, options, opener=opener,
+                                 cache_dir=cache_dir, progress=progress,
+                                 checkpoint_key=checkpoint_key, keep_spectra=keep_spectra)
+        for i, outcome in stack.enter_context(contextlib.closing(outcomes)):
+            if isinstance(outcome, SourceResult):
+                outcome = replace(outcome, info=replace(outcome.info, source=names[i]))
+                results[i] = outcome
+                if log is not None:
+                    log.append(outcome.info, outcome.records)
+            elif on_error == "raise":
+                raise outcome
+            else:
+                errors[i] = str(outcome)
+        result = _assemble(results, [errors[i] for i in sorted(errors)], options, keep_spectra)
+        if log is not None:
+            log.finish(options, result.sources, result.records)
+    return result
+
+
+def one_source(source: WeightSource, options: AnalysisOptions, progress: Optional[bool] = False,
+               names: Optional[Collection[str]] = None, parallel: bool = True) -> SourceResult:
+    """:func:`analyze_source` of one opened source as its share of a run (records labelled
+    with the source's own label)."""
+    rand_spectra: List[np.ndarray] = []
+    recs, svs, skips = analyze_source(source, options, progress=progress,
+                                      rand_spectra=rand_spectra, names=names, parallel=parallel)
+    info = SourceInfo(None, source.label, source.label, len(recs), dict(skips),
+                      getattr(source, "note", None))
+    return SourceResult(info, recs, svs, rand_spectra)
+
+
+def _run_here(sources: tuple, todo: List[int], options: AnalysisOptions, *,
+              opener: Callable[..., WeightSource], cache_dir: Optional[str],
+              progress: Optional[bool], checkpoint_key: Optional[str]) -> Outcomes:
+    """The sources ``todo`` analyzed in this process, one after another."""
+    for i in todo:
+        try:
+            source = open_one(sources[i], opener, cache_dir=cache_dir, progress=progress,
+                              checkpoint_key=checkpoint_key)
+            result = one_source(source, options, progress)
+        except AnalyzeError as e:
+            yield i, e
+            continue
+        del source
+        yield i, result
+
+
+def _assemble(results: List[Optional[SourceResult]], errors: List[str], options: AnalysisOptions,
+              keep_spectra: bool) -> Analysis:
+    """The run from its sources' results (None: failed) in order: models labelled uniquely."""
     records: List[MatrixRecord] = []
     spectra: List[np.ndarray] = []
     rand_spectra: List[np.ndarray] = []
     skipped: Counter = Counter()
-
-    def one(source: WeightSource, label: str) -> None:
-        rand_svs: List[np.ndarray] = []
-        recs, svs, skips = analyze_source(source, options, progress=progress, label=label,
-                                          rand_spectra=rand_svs)
-        records.extend(recs)
-        spectra.extend(svs)
-        rand_spectra.extend(rand_svs)
-        skipped.update(skips)
-
-    labels, errors, notes = for_each_source(sources, one, opener=opener, on_error=on_error,
-                                            cache_dir=cache_dir, progress=progress,
-                                            checkpoint_key=checkpoint_key)
+    infos: List[SourceInfo] = []
+    for res in results:
+        if res is None:
+            continue
+        model = _unique(escape(res.info.label), [info.model for info in infos])  # one line
+        infos.append(replace(res.info, model=model))
+        records.extend(replace(rec, model=model) for rec in res.records)
+        spectra.extend(res.spectra)
+        rand_spectra.extend(res.rand_spectra)
+        skipped.update(res.info.skipped)
+    labels = [info.model for info in infos]
+    notes = [f"{info.model}: {info.note}" for info in infos if info.note]
     return Analysis(records=records, summary=summarize(records, skipped, labels, errors, notes),
                     options=options, spectra=spectra if keep_spectra else None,
-                    rand_spectra=rand_spectra if keep_spectra and options.randomize else None)
+                    rand_spectra=rand_spectra if keep_spectra and options.randomize else None,
+                    sources=infos)
+
+
+def _source_name(spec) -> Optional[str]:
+    """How a source given as a path or URL is named (its key in a journal); None otherwise."""
+    if isinstance(spec, (str, os.PathLike)):
+        return os.fsdecode(os.fspath(spec))
+    return None
 
 
 def options_from(options: Optional[AnalysisOptions], option_kwargs: Dict[str, object]
@@ -341,8 +480,8 @@ def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
     notes: List[str] = []
     for spec in sources:
         try:
-            source = spec if hasattr(spec, "load") and hasattr(spec, "tensors") else \
-                opener(spec, cache_dir=cache_dir, progress=progress, checkpoint_key=checkpoint_key)
+            source = open_one(spec, opener, cache_dir=cache_dir, progress=progress,
+                              checkpoint_key=checkpoint_key)
             label = _unique(escape(source.label), labels)  # a display name: one line
             fn(source, label)
         except AnalyzeError as e:
@@ -355,6 +494,13 @@ def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
             notes.append(f"{label}: {source.note}")
         del source
     return labels, errors, notes
+
+
+def open_one(spec, opener: Callable[..., WeightSource], **kwargs) -> WeightSource:
+    """``spec`` itself where it is a WeightSource already, else ``opener(spec, **kwargs)``."""
+    if hasattr(spec, "load") and hasattr(spec, "tensors"):
+        return spec
+    return opener(spec, **kwargs)
 
 
 def _unique(label: str, taken: List[str]) -> str:
@@ -420,6 +566,8 @@ def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iter
 
 
 class _NoBar:
+    total = 0
+
     def __enter__(self):
         return self
 
@@ -429,10 +577,13 @@ class _NoBar:
     def update(self, n: int) -> None:
         pass
 
+    def refresh(self) -> None:
+        pass
 
-def _progress_bar(total: int, label: str, progress: Optional[bool]):
-    """A tqdm bar over matrices on stderr: shown when ``progress`` is True, or when it is None
-    and stderr is a terminal; a no-op when tqdm is not installed."""
+
+def _progress_bar(total: int, label: str, progress: Optional[bool], unit: str = "matrix"):
+    """A tqdm bar over matrices (or ``unit``) on stderr: shown when ``progress`` is True, or
+    when it is None and stderr is a terminal; a no-op when tqdm is not installed."""
     show = sys.stderr.isatty() if progress is None else progress
     try:
         from tqdm import tqdm
@@ -440,4 +591,4 @@ def _progress_bar(total: int, label: str, progress: Optional[bool]):
         show = False
     if not show:
         return _NoBar()
-    return tqdm(total=total, desc=escape(label), unit="matrix", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=escape(label), unit=unit, file=sys.stderr, leave=False)

@@ -40,13 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "keys, optimizer state left out; a note says which part was read)")
     analysis_options.add_arguments(parser)
     g = parser.add_argument_group("output")
-    g.add_argument("--format", choices=FORMATS, default="table",
-                   help="table (with summary), json or csv (default %(default)s)")
+    g.add_argument("--format", choices=FORMATS, default=None,
+                   help="table (with summary), json, csv, or jsonl: JSON lines, one per record "
+                        "(default: jsonl for an --output-file named *.jsonl, else table)")
     g.add_argument("--wide", action="store_true",
                    help="table: also the MP bulk fit (spikes, soft rank), the entropies and, "
                         "with --randomize, the correlation traps (JSON and CSV always have them)")
     g.add_argument("--output-file", "-o", metavar="PATH",
-                   help="write there instead of stdout")
+                   help="write there instead of stdout; a JSON-lines file gets each source's "
+                        "records as soon as the source is complete")
     g.add_argument("--plot-dir", metavar="DIR",
                    help="also write figures and an index.html there")
     g.add_argument("--plot-max", type=int, default=100, metavar="K",
@@ -69,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="always show progress bars (stderr)")
     bar.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                      help="never show progress bars (default: only on a terminal)")
+    g = parser.add_argument_group("sweeps")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on the Dask cluster of this scheduler (tcp://HOST:8786; needs "
+                        "allennlp-analyze[dask]); its workers open the sources themselves")
+    g.add_argument("--resume", action="store_true",
+                   help="skip the sources already complete in the JSON-lines --output-file and "
+                        "add the others (an interrupted sweep, rerun)")
 
 
 def expand_sources(args: argparse.Namespace) -> List[str]:
@@ -121,24 +130,36 @@ def run(args: argparse.Namespace,
     opts = analysis_options.from_namespace(args)
     sources = expand_sources(args)
     several = len(sources) > 1
+    fmt = output_format(args)
     if getattr(args, "describe", False):
         if args.plot_dir:
             raise AnalyzeError("--describe computes no spectra: there is nothing to plot "
                                "(drop --plot-dir)")
+        if fmt == "jsonl":
+            raise AnalyzeError("--describe writes a table, json or csv, not jsonl")
         described = describe_fn(*sources, options=opts, progress=args.progress,
                                 on_error="collect" if several else "raise",
                                 cache_dir=args.cache_dir)
-        _write_report(described, args, write_description)
+        _write_report(described, args, fmt, write_description)
         for err in described.errors:
             print(f"{prog}: error: {escape(err)}", file=sys.stderr)
         return 2 if described.errors else 0
+    journal = args.output_file if fmt == "jsonl" else None
+    if args.resume and journal is None:
+        raise AnalyzeError("--resume needs a JSON-lines --output-file (FILE.jsonl, or --format "
+                           "jsonl -o FILE) to resume")
+    if args.resume and args.plot_dir:
+        raise AnalyzeError("--plot-dir cannot be combined with --resume (the sweep file keeps "
+                           "no spectra); plot the finished sweep in a run of its own")
     plots = _plots_module() if args.plot_dir else None
     if plots is not None:
         plots.prepare_plot_dir(args.plot_dir)
     result = analyze_fn(*sources, options=opts, progress=args.progress,
                         on_error="collect" if several else "raise", cache_dir=args.cache_dir,
-                        keep_spectra=bool(args.plot_dir), checkpoint_key=args.checkpoint_key)
-    _write_report(result, args, functools.partial(write, wide=args.wide))
+                        keep_spectra=bool(args.plot_dir), checkpoint_key=args.checkpoint_key,
+                        scheduler=args.scheduler, journal=journal, resume=args.resume)
+    if journal is None:
+        _write_report(result, args, fmt, functools.partial(write, wide=args.wide))
     if plots is not None:
         plots.write_figures(result, args.plot_dir, max_matrices=getattr(args, "plot_max", 100),
                             match=getattr(args, "plot_match", None) or ())
@@ -153,16 +174,23 @@ def run(args: argparse.Namespace,
     return 0
 
 
-def _write_report(result, args: argparse.Namespace, writer: Callable = write) -> None:
+def output_format(args: argparse.Namespace) -> str:
+    """``--format``, else jsonl for an output file named ``*.jsonl``, else table."""
+    if args.format:
+        return args.format
+    return "jsonl" if (args.output_file or "").lower().endswith(".jsonl") else "table"
+
+
+def _write_report(result, args: argparse.Namespace, fmt: str, writer: Callable = write) -> None:
     if args.output_file:
         try:
             with open(args.output_file, "w", encoding="utf-8", newline="") as f:
-                writer(result, args.format, f)
+                writer(result, fmt, f)
         except OSError as e:
             raise AnalyzeError(f"cannot write {args.output_file}: {e.strerror}") from None
         return
     try:
-        writer(result, args.format, sys.stdout)
+        writer(result, fmt, sys.stdout)
         sys.stdout.flush()
     except BrokenPipeError:
         raise

@@ -149,8 +149,37 @@ class MatrixRecord:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                 for k, v in d.items()}
 
+    @classmethod
+    def from_dict(cls, d: Dict[str, object]) -> "MatrixRecord":
+        """The record that :meth:`to_dict` wrote: ``shape`` a tuple again, and the non-finite
+        values it can hold restored from their nulls (``log10_sv_min`` = -inf where
+        ``sv_min`` is 0, ``Q`` = inf where ``M`` is 0)."""
+        rec = cls(**d)
+        rec.shape = tuple(rec.shape)
+        if rec.log10_sv_min is None and rec.sv_min == 0.0:
+            rec.log10_sv_min = float("-inf")
+        if rec.Q is None and rec.M == 0:
+            rec.Q = float("inf")
+        return rec
+
 
 RECORD_FIELDS: Tuple[str, ...] = tuple(f.name for f in fields(MatrixRecord))
+
+
+@dataclass
+class SourceInfo:
+    """One source of a run: how it was named (``source``, the path or URL as given; None for
+    an in-memory model), its own ``label``, the ``model`` label its records carry (``label``
+    made unique within the run with " #2", " #3"...), how many ``records`` it gave, its
+    parameters left out, by reason (``skipped``), and its ``note`` (e.g. which part of a
+    nested checkpoint was read), if any."""
+
+    source: Optional[str]
+    label: str
+    model: str
+    records: int
+    skipped: Dict[str, int]
+    note: Optional[str] = None
 
 
 @dataclass

@@ -7,18 +7,25 @@ from typing import IO, List, Optional
 from .aggregate import Aggregate, aggregate, aggregate_text
 from .analysis import Analysis
 from .errors import escape
+from .journal import write_jsonl
 from .records import RECORD_FIELDS, STATUS_TEXT, MatrixRecord, Summary
 
-FORMATS = ("table", "json", "csv")
+FORMATS = ("table", "json", "csv", "jsonl")
 
 
 def write(analysis: Analysis, fmt: str, out: IO[str], wide: bool = False) -> None:
     """Write ``analysis`` to ``out`` as "table" (``wide``: with the spectral metrics' columns),
-    "json" or "csv"."""
+    "json", "csv" or "jsonl"."""
     if fmt == "table":
         write_table(analysis, out, wide=wide)
     else:
-        {"json": write_json, "csv": write_csv}[fmt](analysis, out)
+        {"json": write_json, "csv": write_csv, "jsonl": write_lines}[fmt](analysis, out)
+
+
+def write_lines(analysis: Analysis, out: IO[str]) -> None:
+    """JSON lines: a header, then each source's records and its end line
+    (:mod:`allennlp_analyze.journal`)."""
+    write_jsonl(analysis.options, analysis.sources, analysis.records, out)
 
 
 def run_aggregate(analysis: Analysis) -> Aggregate:

@@ -175,3 +175,16 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def sweep_zoo(tmp_path_factory, minilm_path):
+    """The sweep tests' sources (:func:`sweep_fixtures.write_zoo`, then a missing file: an
+    error) and their local run (``on_error="collect"``)."""
+    from sweep_fixtures import write_zoo
+
+    from allennlp_analyze import analyze
+
+    sources = write_zoo(tmp_path_factory.mktemp("zoo"), minilm_path)
+    sources.append(str(tmp_path_factory.mktemp("gone") / "missing.safetensors"))
+    return sources, analyze(*sources, on_error="collect")

@@ -30,7 +30,7 @@ def test_bare_install_has_no_heavy_dependencies(bare_venv):
                          capture_output=True, text=True, check=True).stdout
     names = {p["name"].lower() for p in json.loads(out)}
     assert "numpy" in names and "allennlp-analyze" in names
-    assert not names & {"torch", "allennlp", "safetensors", "matplotlib"}
+    assert not names & {"torch", "allennlp", "safetensors", "matplotlib", "dask", "distributed"}
 
 
 def test_bare_install_analyzes_safetensors(bare_venv, minilm_path):
@@ -80,3 +80,18 @@ def test_bare_install_refuses_pickles_clearly(bare_venv, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_bare_install_scheduler_needs_dask(bare_venv, minilm_path, tmp_path):
+    """Without Dask a sweep still runs here (and resumes); ``--scheduler`` is one clear line."""
+    cli = bare_venv.parent / "allennlp-analyze"
+    sweep = tmp_path / "sweep.jsonl"
+    proc = subprocess.run([str(cli), str(minilm_path), "-o", str(sweep)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sweep.read_text().count("source_complete") == 1
+    proc = subprocess.run([str(cli), str(minilm_path), "--scheduler", "tcp://127.0.0.1:8786"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("allennlp-analyze: error: --scheduler needs Dask distributed, which "
+                           "is not installed: pip install 'allennlp-analyze[dask]'\n")

@@ -434,3 +434,13 @@ def test_register_is_idempotent_and_keeps_other_plugins(tmp_path, capsys):
     assert register.main(["--plugins-file", str(path), "--remove"]) == 0
     assert path.read_text() == "my_plugin\n"
     assert (REPO / ".allennlp_plugins").read_text().split() == ["allennlp_analyze.plugin"]
+
+
+def test_scheduler_option_is_shared(monkeypatch, capsys):
+    """``allennlp analyze --scheduler``: the standalone command's option, and its one error
+    line where Dask cannot be imported."""
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    code, out, err = _run_command([str(TAGGER), "--scheduler", "tcp://127.0.0.1:8786"], capsys)
+    assert (code, out) == (2, "")
+    assert err == ("allennlp analyze: error: --scheduler needs Dask distributed, which is not "
+                   "installed: pip install 'allennlp-analyze[dask]'\n")

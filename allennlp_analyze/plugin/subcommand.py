@@ -96,14 +96,10 @@ def _run(args: argparse.Namespace) -> None:
 
 def _opener(weights_file: Optional[str] = None, overrides: str = "", cuda_device: int = -1):
     """Opens each source with AllenNLP (:func:`~.loading.open_model_source`): models built where
-    they can be, module types known."""
-    def opener(spec, cache_dir: Optional[str], progress: Optional[bool],
-               checkpoint_key: Optional[str] = None):
-        return open_model_source(spec, weights_file=weights_file, overrides=overrides,
-                                 cuda_device=cuda_device, cache_dir=cache_dir, progress=progress,
-                                 checkpoint_key=checkpoint_key)
-
-    return opener
+    they can be, module types known. A partial of a module function, so that tasks on an
+    executor (a process pool, a Dask cluster) can take it."""
+    return functools.partial(open_model_source, weights_file=weights_file, overrides=overrides,
+                             cuda_device=cuda_device)
 
 
 def analyze_archives(*specs: str, weights_file: Optional[str] = None, overrides: str = "",
