@@ -16,6 +16,8 @@ setup(
         "torch": ["torch"],
         "plots": ["matplotlib"],
         "allennlp": ["allennlp==2.10.1"],
+        "hub": ["huggingface_hub>=0.25"],
+        "dask": ["dask[distributed]"],
     },
     entry_points={"console_scripts": ["allennlp-analyze=allennlp_analyze.cli:main"]},
 )

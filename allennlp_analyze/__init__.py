@@ -4,11 +4,13 @@ The core (``spectrum``, ``powerlaw_fit``, ``records``) needs numpy only; torch i
 for pickled weights and modules, AllenNLP only by ``allennlp_analyze.plugin``.
 """
 from .analysis import Analysis, analyze, analyze_matrix
+from .describe import Description, TensorDescription, describe
 from .errors import AnalyzeError
 from .options import AnalysisOptions
 from .powerlaw_fit import PowerLawFit, fit_power_law
 from .records import MatrixRecord, Summary
 
-__all__ = ["Analysis", "AnalysisOptions", "AnalyzeError", "MatrixRecord", "PowerLawFit",
-           "Summary", "analyze", "analyze_matrix", "fit_power_law"]
+__all__ = ["Analysis", "AnalysisOptions", "AnalyzeError", "Description", "MatrixRecord",
+           "PowerLawFit", "Summary", "TensorDescription", "analyze", "analyze_matrix", "describe",
+           "fit_power_law"]
 __version__ = "0.1.0"

@@ -21,7 +21,11 @@ class ModelAggregate:
     ``below_threshold``: those with log10 nu_min < ``log10_threshold`` (an exact 0 counts);
     ``fraction_below`` = below_threshold / with_spectrum (None if none has a spectrum).
     ``alpha_*``: over the ``fitted`` records; quartiles by linear interpolation (numpy's
-    default percentile), ``None`` when nothing was fitted."""
+    default percentile), ``None`` when nothing was fitted. ``num_spikes``: spikes summed over
+    the records with an MP bulk fit; ``*_mean``: means over the records that have the value;
+    ``randomized`` / ``with_traps`` / ``num_traps`` (with ``randomize``): records analyzed
+    randomized, those with a correlation trap, traps in all; each ``None`` where no record has
+    the value."""
 
     model: str
     matrices: int
@@ -35,6 +39,15 @@ class ModelAggregate:
     alpha_q3: Optional[float]
     alpha_min: Optional[float]
     alpha_max: Optional[float]
+    num_spikes: Optional[int] = None
+    mp_softrank_mean: Optional[float] = None
+    entropy_mean: Optional[float] = None
+    effective_rank_mean: Optional[float] = None
+    log_alpha_norm_mean: Optional[float] = None
+    randomized: Optional[int] = None
+    with_traps: Optional[int] = None
+    num_traps: Optional[int] = None
+    rand_distance_mean: Optional[float] = None
 
 
 @dataclass
@@ -64,8 +77,31 @@ def model_aggregate(model: str, records: Sequence[MatrixRecord],
         q1, med, q3 = np.percentile(alphas, [25, 50, 75])
         stats = [float(alphas.mean()), float(med), float(q1), float(q3),
                  float(alphas.min()), float(alphas.max())]
+    traps = _values(records, "num_traps")
     return ModelAggregate(model, len(records), len(with_sv), n_below,
-                          n_below / len(with_sv) if with_sv else None, int(alphas.size), *stats)
+                          n_below / len(with_sv) if with_sv else None, int(alphas.size), *stats,
+                          num_spikes=_total(_values(records, "num_spikes")),
+                          mp_softrank_mean=_mean(_values(records, "mp_softrank")),
+                          entropy_mean=_mean(_values(records, "entropy")),
+                          effective_rank_mean=_mean(_values(records, "effective_rank")),
+                          log_alpha_norm_mean=_mean(_values(records, "log_alpha_norm")),
+                          randomized=len(traps) if traps else None,
+                          with_traps=sum(t > 0 for t in traps) if traps else None,
+                          num_traps=_total(traps),
+                          rand_distance_mean=_mean(_values(records, "rand_distance")))
+
+
+def _values(records: Sequence[MatrixRecord], name: str) -> list:
+    return [v for v in (getattr(r, name) for r in records)
+            if v is not None and math.isfinite(v)]
+
+
+def _mean(values: list) -> Optional[float]:
+    return float(np.mean(values)) if values else None
+
+
+def _total(values: list) -> Optional[int]:
+    return int(sum(values)) if values else None
 
 
 def aggregate(records: Sequence[MatrixRecord], models: Sequence[str] = (),
@@ -82,8 +118,10 @@ def aggregate(records: Sequence[MatrixRecord], models: Sequence[str] = (),
         total=model_aggregate("all", records, log10_threshold))
 
 
-def aggregate_text(agg: Aggregate) -> str:
-    """The aggregate as an aligned table (one row per model, then "all" when several)."""
+def aggregate_text(agg: Aggregate, wide: bool = False) -> str:
+    """The aggregate as an aligned table (one row per model, then "all" when several); ``wide``
+    adds the spectral metrics' columns (spikes, mean MP soft rank, entropy, effective rank and,
+    with ``randomize``, matrices with traps)."""
     thr = f"{agg.log10_threshold:g}"
     header = ["model", "matrices", f"log10 sv_min < {thr}", "fitted", "alpha mean", "median",
               "q1", "q3"]
@@ -91,13 +129,22 @@ def aggregate_text(agg: Aggregate) -> str:
     cells = [[a.model, str(a.matrices), _fraction(a), str(a.fitted)]
              + [_f(v) for v in (a.alpha_mean, a.alpha_median, a.alpha_q1, a.alpha_q3)]
              for a in rows]
+    if wide:
+        traps = agg.total.with_traps is not None
+        header += ["spikes", "mp_softrank", "entropy", "eff. rank"] + (["with traps"] if traps
+                                                                        else [])
+        for a, c in zip(rows, cells):
+            c += [_f(a.num_spikes, "{:d}"), _f(a.mp_softrank_mean), _f(a.entropy_mean),
+                  _f(a.effective_rank_mean, "{:.1f}")] + ([_f(a.with_traps, "{:d}")] if traps
+                                                          else [])
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(header)]
 
     def line(c: List[str]) -> str:
         return "    " + "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
                                   for i, (v, w) in enumerate(zip(c, widths))).rstrip()
 
-    out = [f"  per model (alpha quartiles q1/q3; sv_min under 10^{thr}, --log10-threshold):",
+    out = [f"  per model (alpha quartiles q1/q3; sv_min under 10^{thr}, --log10-threshold"
+           + ("; spikes summed, spectral metrics' means" if wide else "") + "):",
            line(header), "    " + "  ".join("-" * w for w in widths)]
     out += [line(c) for c in cells]
     return "\n".join(out) + "\n"
@@ -109,5 +156,5 @@ def _fraction(a: ModelAggregate) -> str:
     return f"{a.below_threshold}/{a.with_spectrum} ({100 * a.fraction_below:.1f}%)"
 
 
-def _f(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.3f}"
+def _f(v, fmt: str = "{:.3f}") -> str:
+    return "-" if v is None else fmt.format(v)

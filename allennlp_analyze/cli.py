@@ -5,14 +5,19 @@ Exit codes: 0 analyzed; 1 analyzed and found rank collapse, with ``--fail-on-col
 of several that could not be read (the others are still analyzed and reported).
 """
 import argparse
+import functools
 import glob
 import os
+import signal
 import sys
+import threading
 from typing import Callable, List, Optional, Sequence
 
+from . import limits
 from . import options as analysis_options
 from .analysis import Analysis, analyze
-from .errors import AnalyzeError
+from .describe import Description, describe, write_description
+from .errors import AnalyzeError, escape
 from .report import FORMATS, write
 
 DESCRIPTION = ("Rank collapse and heavy-tailed spectra of a trained model's weight matrices: "
@@ -23,17 +28,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Sources, analysis options and output options: shared by this command and the AllenNLP
     ``analyze`` subcommand."""
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
-                        help="model archive (.tar.gz), serialization directory, state-dict file "
-                             "(.th/.pt/.bin), safetensors file or folder, Hugging Face folder, "
-                             "http(s) URL, or a glob of these")
+                        help="model archive (.tar.gz), serialization directory, state-dict or "
+                             "checkpoint file (.th/.pt/.bin/.ckpt), numpy .npy/.npz, safetensors "
+                             "file or folder, Hugging Face folder, http(s) URL, Hugging Face hub "
+                             "id ORG/NAME[@REVISION], or a glob of these")
     parser.add_argument("--sources-from", metavar="FILE",
                         help="read further sources from FILE, one per line (# comments)")
+    parser.add_argument("--checkpoint-key", metavar="KEY",
+                        help="the part of a nested checkpoint to analyze, e.g. state_dict, ema "
+                             "or model.encoder (default: the state dict found under the usual "
+                             "keys, optimizer state left out; a note says which part was read)")
     analysis_options.add_arguments(parser)
     g = parser.add_argument_group("output")
-    g.add_argument("--format", choices=FORMATS, default="table",
-                   help="table (with summary), json or csv (default %(default)s)")
+    g.add_argument("--format", choices=FORMATS, default=None,
+                   help="table (with summary), json, csv, or jsonl: JSON lines, one per record "
+                        "(default: jsonl for an --output-file named *.jsonl, else table)")
+    g.add_argument("--wide", action="store_true",
+                   help="table: also the MP bulk fit (spikes, soft rank), the entropies and, "
+                        "with --randomize, the correlation traps (JSON and CSV always have them)")
     g.add_argument("--output-file", "-o", metavar="PATH",
-                   help="write there instead of stdout")
+                   help="write there instead of stdout; a JSON-lines file gets each source's "
+                        "records as soon as the source is complete")
     g.add_argument("--plot-dir", metavar="DIR",
                    help="also write figures and an index.html there")
     g.add_argument("--plot-max", type=int, default=100, metavar="K",
@@ -42,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--plot-match", action="append", default=[], metavar="REGEX",
                    help="per-matrix figures only for matrices whose MODEL:NAME matches "
                         "(repeatable)")
+    g.add_argument("--describe", action="store_true",
+                   help="instead of analyzing, list every tensor with its shape, dtype, kind "
+                        "(and the evidence for it) and what the analysis would do with it; "
+                        "reads no tensor data, computes nothing")
     g.add_argument("--fail-on-collapse", action="store_true",
                    help="exit with status 1 when any matrix lost rank under --rank-criterion")
     g.add_argument("--cache-dir", metavar="DIR",
@@ -52,18 +71,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="always show progress bars (stderr)")
     bar.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                      help="never show progress bars (default: only on a terminal)")
+    g = parser.add_argument_group("sweeps")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on the Dask cluster of this scheduler (tcp://HOST:8786; needs "
+                        "allennlp-analyze[dask]); its workers open the sources themselves")
+    g.add_argument("--resume", action="store_true",
+                   help="skip the sources already complete in the JSON-lines --output-file and "
+                        "add the others (an interrupted sweep, rerun)")
 
 
 def expand_sources(args: argparse.Namespace) -> List[str]:
     """The sources named on the command line, globs expanded, plus those of --sources-from."""
     specs = list(args.sources)
     if args.sources_from:
-        try:
-            with open(args.sources_from, encoding="utf-8") as f:
-                specs += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-        except OSError as e:
-            raise AnalyzeError(f"cannot read --sources-from {args.sources_from}: "
-                               f"{e.strerror}") from None
+        specs += read_sources_file(args.sources_from)
     expanded = []
     for spec in specs:
         is_pattern = "://" not in spec and any(c in spec for c in "*?[")
@@ -76,26 +97,76 @@ def expand_sources(args: argparse.Namespace) -> List[str]:
     return expanded
 
 
+def read_sources_file(path: str) -> List[str]:
+    """The sources listed in a ``--sources-from`` file: one per line, blank lines and ``#``
+    comments left out. A text file (UTF-8, no control characters) of at most
+    ``limits.MAX_TEXT_FILE`` bytes, regular (not a FIFO or device)."""
+    what = f"--sources-from {path}"
+    try:
+        raw = limits.read_regular(path, limits.MAX_TEXT_FILE)
+    except OSError as e:
+        raise AnalyzeError(f"cannot read {what}: {e.strerror or e}") from None
+    except AnalyzeError as e:
+        raise AnalyzeError(f"cannot read {what}: {e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AnalyzeError(f"{what} is not a text file (not UTF-8)") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    for number, line in enumerate(lines, 1):
+        if any(ord(c) < 32 or ord(c) == 127 for c in line):
+            raise AnalyzeError(f"{what} is not a text file (control characters in source "
+                               f"{number}: {line!r})")
+    return lines
+
+
 def run(args: argparse.Namespace,
-        analyze_fn: Callable[..., Analysis] = analyze, prog: str = "allennlp-analyze") -> int:
-    """Analyze, write the report (and figures), and return the exit code. ``analyze_fn`` lets
-    the AllenNLP subcommand substitute its own loader; ``prog`` names the command in error
-    lines."""
+        analyze_fn: Callable[..., Analysis] = analyze, prog: str = "allennlp-analyze",
+        describe_fn: Callable[..., Description] = describe) -> int:
+    """Analyze (or with ``--describe`` describe), write the report (and figures), and return the
+    exit code. ``analyze_fn`` / ``describe_fn`` let the AllenNLP subcommand substitute its own
+    loader; ``prog`` names the command in error lines."""
     opts = analysis_options.from_namespace(args)
     sources = expand_sources(args)
     several = len(sources) > 1
+    fmt = output_format(args)
+    if getattr(args, "describe", False):
+        if args.plot_dir:
+            raise AnalyzeError("--describe computes no spectra: there is nothing to plot "
+                               "(drop --plot-dir)")
+        if fmt == "jsonl":
+            raise AnalyzeError("--describe writes a table, json or csv, not jsonl")
+        described = describe_fn(*sources, options=opts, progress=args.progress,
+                                on_error="collect" if several else "raise",
+                                cache_dir=args.cache_dir)
+        _write_report(described, args, fmt, write_description)
+        for err in described.errors:
+            print(f"{prog}: error: {escape(err)}", file=sys.stderr)
+        return 2 if described.errors else 0
+    journal = args.output_file if fmt == "jsonl" else None
+    if args.resume and journal is None:
+        raise AnalyzeError("--resume needs a JSON-lines --output-file (FILE.jsonl, or --format "
+                           "jsonl -o FILE) to resume")
+    if args.resume and args.plot_dir:
+        raise AnalyzeError("--plot-dir cannot be combined with --resume (the sweep file keeps "
+                           "no spectra); plot the finished sweep in a run of its own")
     plots = _plots_module() if args.plot_dir else None
     if plots is not None:
         plots.prepare_plot_dir(args.plot_dir)
     result = analyze_fn(*sources, options=opts, progress=args.progress,
                         on_error="collect" if several else "raise", cache_dir=args.cache_dir,
-                        keep_spectra=bool(args.plot_dir))
-    _write_report(result, args)
+                        keep_spectra=bool(args.plot_dir), checkpoint_key=args.checkpoint_key,
+                        scheduler=args.scheduler, journal=journal, resume=args.resume)
+    if journal is None:
+        _write_report(result, args, fmt, functools.partial(write, wide=args.wide))
     if plots is not None:
         plots.write_figures(result, args.plot_dir, max_matrices=getattr(args, "plot_max", 100),
                             match=getattr(args, "plot_match", None) or ())
+    for note in result.summary.notes:
+        print(f"{prog}: note: {escape(note)}", file=sys.stderr)
     for err in result.summary.errors:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {escape(err)}", file=sys.stderr)
     if result.summary.errors:
         return 2
     if args.fail_on_collapse and result.summary.collapsed[opts.rank_criterion]:
@@ -103,15 +174,39 @@ def run(args: argparse.Namespace,
     return 0
 
 
-def _write_report(result: Analysis, args: argparse.Namespace) -> None:
+def output_format(args: argparse.Namespace) -> str:
+    """``--format``, else jsonl for an output file named ``*.jsonl``, else table."""
+    if args.format:
+        return args.format
+    return "jsonl" if (args.output_file or "").lower().endswith(".jsonl") else "table"
+
+
+def _write_report(result, args: argparse.Namespace, fmt: str, writer: Callable = write) -> None:
     if args.output_file:
         try:
             with open(args.output_file, "w", encoding="utf-8", newline="") as f:
-                write(result, args.format, f)
+                writer(result, fmt, f)
         except OSError as e:
             raise AnalyzeError(f"cannot write {args.output_file}: {e.strerror}") from None
-    else:
-        write(result, args.format, sys.stdout)
+        return
+    try:
+        writer(result, fmt, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # e.g. a full disk (ENOSPC)
+        _silence_stdout()
+        raise AnalyzeError(f"cannot write the report to standard output: "
+                           f"{e.strerror or e}") from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the data still buffered in it cannot fail again (and
+    print a second message) when the interpreter flushes it at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _plots_module():
@@ -143,20 +238,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return guarded(lambda: run(args), "allennlp-analyze")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that temporary files are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def guarded(fn: Callable[[], int], prog: str) -> int:
-    """Run ``fn``; an :class:`AnalyzeError` becomes one stderr line and exit code 2, and a
-    closed stdout pipe (``| head``) ends quietly."""
+    """Run ``fn``; an :class:`AnalyzeError` becomes one stderr line (escaped) and exit code 2,
+    running out of memory too; Ctrl-C exit code 130 and SIGTERM 143 with one line (temporary
+    files removed); a closed stdout pipe (``| head``) ends quietly."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signals go to the main thread
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return fn()
     except AnalyzeError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {escape(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prog}: error: out of memory", file=sys.stderr)
         return 2
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """The analysis options, defined once for the standalone CLI, the AllenNLP subcommand and the
 training callback (which takes the same names as constructor arguments)."""
 import argparse
+import math
+import numbers
 import re
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
 from .errors import AnalyzeError
-from .records import RANK_CRITERIA
+from .records import CRITERION_CHOICES
 
 KINDS = ("conv", "embeddings")
+#: Most matrices analyzed at once (each is a thread).
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -23,11 +27,16 @@ class AnalysisOptions:
     LSTM/GRU gate stacks by gate) instead of whole.
 
     Numerics: ``loose_tol`` is the absolute singular-value bound of the loose rank;
-    ``rank_criterion`` picks the rank behind ``rank_loss`` and "collapsed"; ``fit_xmax`` "none"
+    ``rank_criterion`` picks the rank behind ``rank_loss`` and "collapsed": "loose", "numpy",
+    "nr", "noise", or "auto" (the default: loose for float32 / float64 storage, noise for
+    narrower dtypes; :func:`allennlp_analyze.records.criterion_for`); ``fit_xmax`` "none"
     fits an unbounded power law (the original analysis), "max" bounds it at lambda_max;
     ``method`` "auto" | "svd" | "gram" (see :mod:`allennlp_analyze.spectrum`); ``device`` None
     (numpy, CPU) or a torch device; ``log10_threshold``: nu_min below 10**this counts as
-    collapsed in multi-model aggregates (the study's "generous" -8).
+    collapsed in multi-model aggregates (the study's "generous" -8). ``randomize`` also analyzes
+    each matrix with its elements permuted (correlation traps; twice the spectral cost), the
+    permutation seeded by ``seed`` and the matrix's name (reproducible; see
+    :mod:`allennlp_analyze.spectral_metrics`).
 
     Speed: ``workers`` matrices are analyzed at once in threads (numpy releases the GIL),
     largest first, BLAS limited to one thread so the cores are not oversubscribed (cores without
@@ -45,12 +54,14 @@ class AnalysisOptions:
     conv_min_dim: int = 50
     split_fused: bool = False
     loose_tol: float = 1e-3
-    rank_criterion: str = "loose"
+    rank_criterion: str = "auto"
     fit_xmax: str = "none"
     method: str = "auto"
     device: Optional[str] = None
     log10_threshold: float = -8.0
     workers: int = 0
+    randomize: bool = False
+    seed: int = 0
 
     def __post_init__(self):
         for name in ("match", "exclude", "include"):
@@ -65,16 +76,24 @@ class AnalysisOptions:
             except re.error as e:
                 raise AnalyzeError(f"invalid name pattern {pattern!r}: {e}") from None
         checks = [
+            (math.isfinite(self.min_q), f"--min-q must be a finite number (got {self.min_q})"),
+            (math.isfinite(self.loose_tol),
+             f"--loose-tol must be a finite number (got {self.loose_tol})"),
+            (math.isfinite(self.log10_threshold),
+             f"--log10-threshold must be a finite number (got {self.log10_threshold})"),
             (self.min_q >= 1.0, f"--min-q must be >= 1 (got {self.min_q})"),
             (self.min_dim >= 1, f"--min-dim must be >= 1 (got {self.min_dim})"),
             (self.conv_min_dim >= 1, f"--conv-min-dim must be >= 1 (got {self.conv_min_dim})"),
             (self.loose_tol >= 0.0, f"--loose-tol must be >= 0 (got {self.loose_tol})"),
-            (self.rank_criterion in RANK_CRITERIA,
-             f"--rank-criterion must be one of {', '.join(RANK_CRITERIA)}"),
+            (self.rank_criterion in CRITERION_CHOICES,
+             f"--rank-criterion must be one of {', '.join(CRITERION_CHOICES)}"),
             (self.fit_xmax in ("none", "max"), "--fit-xmax must be 'none' or 'max'"),
             (self.method in ("auto", "svd", "gram"), "--method must be auto, svd or gram"),
             (set(self.include) <= set(KINDS), f"--include takes {' / '.join(KINDS)}"),
-            (self.workers >= 0, "--workers must be >= 0 (0: one per CPU core)"),
+            (0 <= self.workers <= MAX_WORKERS,
+             f"--workers must be between 0 (one per CPU core) and {MAX_WORKERS}"),
+            (isinstance(self.seed, numbers.Integral) and self.seed >= 0,
+             f"--seed must be an integer >= 0 (got {self.seed!r})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,8 +124,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("numerics")
     g.add_argument("--loose-tol", type=float, default=d.loose_tol,
                    help="absolute singular-value bound of the loose rank (default %(default)s)")
-    g.add_argument("--rank-criterion", choices=RANK_CRITERIA, default=d.rank_criterion,
-                   help="rank behind rank_loss and 'collapsed' (default %(default)s)")
+    g.add_argument("--rank-criterion", choices=CRITERION_CHOICES, default=d.rank_criterion,
+                   help="rank behind rank_loss and 'collapsed': sv above the loose bound, "
+                        "numpy's or Numerical Recipes' tolerance, or the storage noise floor; "
+                        "auto: loose for float32/float64 weights, noise for float16, bfloat16 "
+                        "and float8 (default %(default)s)")
     g.add_argument("--fit-xmax", choices=("none", "max"), default=d.fit_xmax,
                    help="power-law fit without upper bound, or bounded at lambda_max "
                         "(default %(default)s)")
@@ -124,6 +146,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="matrices analyzed in parallel, each with single-threaded BLAS "
                         "(default 0: one per CPU core with threadpoolctl installed, else 1 "
                         "with multi-threaded BLAS)")
+    g.add_argument("--randomize", action="store_true",
+                   help="also analyze each matrix with its elements randomly permuted: "
+                        "correlation traps and the distance of the ESDs (twice the cost)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of --randomize's permutations, combined with each matrix's "
+                        "name (default %(default)s)")
 
 
 def from_namespace(args: argparse.Namespace) -> AnalysisOptions:
@@ -144,6 +172,9 @@ def _check_device(device: str) -> None:
     except RuntimeError:
         raise AnalyzeError(f"--device {device!r} is not a torch device (e.g. cuda, cuda:1)"
                            ) from None
+    if dev.type not in ("cpu", "cuda"):  # meta holds no data; mps, xpu ... lack float64
+        raise AnalyzeError(f"--device {device}: only cpu and cuda devices compute the "
+                           "float64 spectra (e.g. cuda, cuda:1)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AnalyzeError(f"--device {device}: no CUDA device is available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

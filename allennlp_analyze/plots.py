@@ -15,9 +15,12 @@ Written into DIR:
   empirical spectral density rho(lambda) of X = W^T W on linear and logarithmic axes with the
   Marchenko–Pastur density of a random matrix of the same shape and Frobenius norm overlaid
   (scaling in :mod:`allennlp_analyze.mp`: lambda = nu^2, support sigma^2 N (1 -/+ 1/sqrt(Q))^2,
-  sigma^2 = ||W||_F^2 / (N M)), and the tail on log-log axes with the fitted power law from
-  xmin. ``<name>`` is the layer name (and slice) with every character outside ``[A-Za-z0-9._-]``
-  turned into ``_``, prefixed by the model label and ``--`` when the run has several models.
+  sigma^2 = ||W||_F^2 / (N M)) and the bulk edge lambda_plus of the record's MP bulk fit
+  (:mod:`allennlp_analyze.spectral_metrics`) marked, the ESD of W with its elements permuted
+  outlined on the same bins when the run was randomized (``--randomize``), and the tail on
+  log-log axes with the fitted power law from xmin. ``<name>`` is the layer name (and slice)
+  with every character outside ``[A-Za-z0-9._-]`` turned into ``_``, prefixed by the model
+  label and ``--`` when the run has several models.
 * ``index.html``: the summary, the run figures and the record table linking every matrix's
   figure.
 
@@ -42,6 +45,7 @@ from .errors import AnalyzeError
 from .mp import estimate_sigma2, mp_density, mp_support
 from .options import AnalysisOptions
 from .records import MatrixRecord
+from .spectral_metrics import esd_bins
 
 #: Default bound on per-matrix figures (about 0.15 s each).
 DEFAULT_MAX_MATRIX_FIGURES = 100
@@ -90,13 +94,15 @@ def sanitize(text: str, max_len: int = 120) -> str:
 def figure_names(records: Sequence[MatrixRecord], several_models: bool) -> List[str]:
     """Stable, unique (also case-insensitively) file names, one per record, in record order."""
     seen, names = set(), []
+    next_k = {}  # per base, where the search for a free "-k" resumes (else quadratic in twins)
     for r in records:
         base = sanitize(r.name)
         if several_models:
             base = sanitize(r.model, 60) + "--" + base
-        name, k = base, 2
+        name, k = base, next_k.get(base.lower(), 2)
         while name.lower() in seen:
             name, k = f"{base}-{k}", k + 1
+        next_k[base.lower()] = k
         seen.add(name.lower())
         names.append(name + ".png")
     return names
@@ -115,19 +121,27 @@ def _record_title(r: MatrixRecord, several_models: bool) -> str:
 # Per matrix
 
 
-def esd_figure(record: MatrixRecord, sv: np.ndarray, title: Optional[str] = None) -> Drawn:
+def esd_figure(record: MatrixRecord, sv: np.ndarray, title: Optional[str] = None,
+               rand_sv: Optional[np.ndarray] = None) -> Drawn:
     """ESD of X = W^T W (eigenvalues lambda = nu^2 of ``sv``) with the MP density and the
     power-law fit of ``record``: panels "linear", "log" (log lambda axis, density per decade) and
     "tail" (log-log, the fitted power law from xmin). Histograms are normalized by M, the
-    number of eigenvalues (zeros included), as the MP density is."""
+    number of eigenvalues (zeros included), as the MP density is. The record's fitted bulk edge
+    lambda_plus is marked; ``rand_sv`` (the singular values of W with its elements permuted)
+    adds the randomized ESD as an outline on the same bins (counts "rand_linear", "rand_log")."""
     sv = np.asarray(sv, dtype=np.float64)
     lam = sv * sv
     M, N, Q = lam.size, record.N, record.Q
     if M == 0:
         raise ValueError(f"{record.name}: no singular values to plot")
+    rand = None if rand_sv is None or not np.size(rand_sv) else \
+        np.asarray(rand_sv, dtype=np.float64) ** 2
     sigma2 = estimate_sigma2(sv, N, record.M)
     lo, hi = mp_support(Q, sigma2, scale=N)
     pos = lam[lam > 0]
+    rand_pos = None if rand is None else rand[rand > 0]
+    rand_label = None if rand is None else \
+        f"W randomized (elements permuted): {record.num_traps} trap(s)"
     n_zero = M - pos.size
     fig = Figure(figsize=(14, 4.4), dpi=DPI)
     FigureCanvasAgg(fig)
@@ -138,13 +152,22 @@ def esd_figure(record: MatrixRecord, sv: np.ndarray, title: Optional[str] = None
 
     # Linear axes.
     ax = axes[0]
-    top = max(float(lam.max()), hi)
-    edges = np.linspace(0.0, top * 1.0001, _n_bins(M) + 1)
+    top = max(float(lam.max()), hi, 0.0 if rand is None else float(rand.max()))
+    edges = np.linspace(0.0, top * 1.0001, esd_bins(M) + 1)
     counts, _ = np.histogram(lam, edges)
     ax.stairs(counts / (M * np.diff(edges)), edges, fill=True, alpha=0.55, color=_COLORS[0],
               label=f"ESD ({M} eigenvalues)")
+    if rand is not None:
+        rcounts, _ = np.histogram(rand, edges)
+        ax.stairs(rcounts / (rand.size * np.diff(edges)), edges, color=_COLORS[1], lw=1.5,
+                  label=rand_label)
+        drawn.counts["rand_linear"] = rcounts
     grid = np.linspace(max(lo, 0.0), hi, 400)
     ax.plot(grid, mp_density(grid, Q, sigma2, scale=N), color="k", lw=1.5, label=mp_label)
+    if record.lambda_plus is not None:
+        ax.axvline(record.lambda_plus, color=_COLORS[2], ls="--", lw=1,
+                   label=f"bulk edge λ+ = {record.lambda_plus:.3g} (MP fit of the bulk): "
+                         f"{record.num_spikes} spike(s)")
     ax.set_xlabel("eigenvalue λ = ν² of X = WᵀW (linear)")
     ax.set_ylabel("density ρ(λ)")
     ax.set_title("ESD, linear axes", fontsize=10)
@@ -154,13 +177,19 @@ def esd_figure(record: MatrixRecord, sv: np.ndarray, title: Optional[str] = None
     # Log lambda axis, density per decade.
     ax = axes[1]
     if pos.size:
-        l_lo = min(float(pos.min()), lo if lo > 0 else float(pos.min()))
-        l_hi = max(float(pos.max()), hi)
-        ledges = np.logspace(math.log10(l_lo) - 0.01, math.log10(l_hi) + 0.01, _n_bins(M) + 1)
+        span = pos if rand_pos is None or not rand_pos.size else np.r_[pos, rand_pos]
+        l_lo = min(float(span.min()), lo if lo > 0 else float(span.min()))
+        l_hi = max(float(span.max()), hi)
+        ledges = np.logspace(math.log10(l_lo) - 0.01, math.log10(l_hi) + 0.01, esd_bins(M) + 1)
         lcounts, _ = np.histogram(pos, ledges)
         ax.stairs(lcounts / (M * np.diff(np.log10(ledges))), ledges, fill=True, alpha=0.55,
                   color=_COLORS[0], label=f"ESD ({pos.size} positive λ"
                                           + (f"; {n_zero} zeros not shown)" if n_zero else ")"))
+        if rand_pos is not None:
+            rcounts, _ = np.histogram(rand_pos, ledges)
+            ax.stairs(rcounts / (rand.size * np.diff(np.log10(ledges))), ledges,
+                      color=_COLORS[1], lw=1.5, label="W randomized")
+            drawn.counts["rand_log"] = rcounts
         g_lo = lo if lo > 0 else hi * 1e-6
         lgrid = np.logspace(math.log10(g_lo), math.log10(hi), 400)
         ax.plot(lgrid, mp_density(lgrid, Q, sigma2, scale=N) * lgrid * math.log(10), color="k",
@@ -182,7 +211,7 @@ def esd_figure(record: MatrixRecord, sv: np.ndarray, title: Optional[str] = None
         floor = max(float(pos.min()), ref / 100)
         shown = pos[pos >= floor]
         tedges = np.logspace(math.log10(floor) - 0.01, math.log10(float(pos.max())) + 0.01,
-                             _n_bins(shown.size) + 1)
+                             esd_bins(shown.size) + 1)
         tcounts, _ = np.histogram(shown, tedges)
         dens = tcounts / (M * np.diff(tedges))
         hidden = pos.size - shown.size
@@ -222,10 +251,6 @@ def esd_figure(record: MatrixRecord, sv: np.ndarray, title: Optional[str] = None
     # Fixed margins: tight_layout would cost more than the drawing itself.
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.85, wspace=0.25)
     return drawn
-
-
-def _n_bins(M: int) -> int:
-    return int(min(100, max(10, 2 * math.sqrt(M))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +461,8 @@ def write_figures(result: Analysis, plot_dir: str, *,
         elif spectra[i].size == 0 or not np.any(spectra[i] > 0):
             note = f"nothing to plot ({r.status})"
         else:
-            rel = save(esd_figure(r, spectra[i], _record_title(r, several)),
+            rand_sv = None if result.rand_spectra is None else result.rand_spectra[i]
+            rel = save(esd_figure(r, spectra[i], _record_title(r, several), rand_sv),
                        "matrices/" + names[i])
             budget -= 1
         matrices.append(rel)
@@ -448,24 +474,28 @@ def write_figures(result: Analysis, plot_dir: str, *,
 
 def _write_index(path: str, result: Analysis, run: Dict[str, str],
                  matrices: List[Optional[str]], notes: List[str]) -> None:
-    from .report import summary_text
+    from .report import rank_cell, summary_text
 
     s, o = result.summary, result.options
     agg = aggregate(result.records, s.models, o.log10_threshold)
-    text = summary_text(s, o.rank_criterion, o.loose_tol, aggregate=agg)
+    text = summary_text(s, o.rank_criterion, o.loose_tol, aggregate=agg, wide=True)
     e = html.escape
     several = len(s.models) > 1
     cols = (["model"] if several else []) + [
-        "name", "slice", "N × M", "Q", "log10 sv_min", "rank loose/numpy/nr", "alpha", "D",
+        "name", "slice", "N × M", "Q", "log10 sv_min", "rank loose/numpy/nr/noise", "alpha", "D",
+        "spikes", "mp_softrank", "entropy"] + (["traps"] if o.randomize else []) + [
         "status", "figure"]
     rows = []
     for r, fig, note in zip(result.records, matrices, notes):
-        ranks = "-" if r.rank_loose is None else f"{r.rank_loose}/{r.rank_numpy}/{r.rank_nr}"
+        ranks = rank_cell(r)
         link = (f'<a href="{e(fig)}"><img src="{e(fig)}" loading="lazy" width="240" '
                 f'alt="ESD of {e(r.name)}"></a>' if fig else e(note))
         cells = ([e(r.model)] if several else []) + [
             e(r.name), e(r.slice or ""), f"{r.N} × {r.M}", f"{r.Q:.2f}",
-            _fmt(r.log10_sv_min), ranks, _fmt(r.alpha), _fmt(r.D), e(r.status), link]
+            _fmt(r.log10_sv_min), ranks, _fmt(r.alpha), _fmt(r.D),
+            "-" if r.num_spikes is None else str(r.num_spikes), _fmt(r.mp_softrank),
+            _fmt(r.entropy)] + ([e(str(r.num_traps if r.num_traps is not None else "-"))]
+                                if o.randomize else []) + [e(r.status), link]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     figs = "\n".join(f'<figure><a href="{e(rel)}"><img src="{e(rel)}" alt="{e(kind)}"></a>'
                      f"<figcaption>{e(rel)}</figcaption></figure>" for kind, rel in run.items())
@@ -485,7 +515,8 @@ pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
 <h1>allennlp-analyze</h1>
 <p>Models: {e(", ".join(s.models) or "(none)")}. {s.analyzed} matrices analyzed;
 {n_fig} per-matrix figures (ESD of X = WᵀW with the Marchenko–Pastur density for the same
-shape and σ² = ‖W‖²_F/(N·M), and the power-law tail fit).</p>
+shape and σ² = ‖W‖²_F/(N·M), the bulk edge λ+ of the MP fit of the bulk, the randomized ESD
+with --randomize, and the power-law tail fit).</p>
 <h2>Summary</h2>
 <pre>{e(text)}</pre>
 <h2>Run figures</h2>

@@ -6,14 +6,26 @@ from typing import IO, List, Optional
 
 from .aggregate import Aggregate, aggregate, aggregate_text
 from .analysis import Analysis
+from .errors import escape
+from .journal import write_jsonl
 from .records import RECORD_FIELDS, STATUS_TEXT, MatrixRecord, Summary
 
-FORMATS = ("table", "json", "csv")
+FORMATS = ("table", "json", "csv", "jsonl")
 
 
-def write(analysis: Analysis, fmt: str, out: IO[str]) -> None:
-    """Write ``analysis`` to ``out`` as "table", "json" or "csv"."""
-    {"table": write_table, "json": write_json, "csv": write_csv}[fmt](analysis, out)
+def write(analysis: Analysis, fmt: str, out: IO[str], wide: bool = False) -> None:
+    """Write ``analysis`` to ``out`` as "table" (``wide``: with the spectral metrics' columns),
+    "json", "csv" or "jsonl"."""
+    if fmt == "table":
+        write_table(analysis, out, wide=wide)
+    else:
+        {"json": write_json, "csv": write_csv, "jsonl": write_lines}[fmt](analysis, out)
+
+
+def write_lines(analysis: Analysis, out: IO[str]) -> None:
+    """JSON lines: a header, then each source's records and its end line
+    (:mod:`allennlp_analyze.journal`)."""
+    write_jsonl(analysis.options, analysis.sources, analysis.records, out)
 
 
 def run_aggregate(analysis: Analysis) -> Aggregate:
@@ -23,32 +35,50 @@ def run_aggregate(analysis: Analysis) -> Aggregate:
 
 def write_json(analysis: Analysis, out: IO[str]) -> None:
     """``{"records": [...], "summary": {..., "aggregate": {...}}, "options": {...}}``;
-    non-finite numbers are null."""
+    non-finite numbers are null (JSON has no NaN or Infinity). Names are kept exact: JSON's
+    own escapes (``\\n``, ``\\u001b``) carry control characters."""
     summary = analysis.summary.to_dict()
     summary["aggregate"] = run_aggregate(analysis).to_dict()
-    doc = {"records": analysis.to_dicts(), "summary": summary,
-           "options": vars(analysis.options)}
+    doc = {"records": analysis.to_dicts(), "summary": _finite(summary),
+           "options": _finite(vars(analysis.options))}
     json.dump(doc, out, indent=1, allow_nan=False, default=list)
     out.write("\n")
 
 
+def _finite(value):
+    """``value`` with every non-finite float inside it (dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_csv(analysis: Analysis, out: IO[str]) -> None:
     """One row per record, columns :data:`~allennlp_analyze.records.RECORD_FIELDS`; shape as
-    ``NxM``, missing values empty."""
+    ``NxM``, missing values empty, names escaped as in the table (:func:`~.errors.escape`)."""
     writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")
     writer.writeheader()
     for d in analysis.to_dicts():
         d["shape"] = "x".join(map(str, d["shape"]))
-        writer.writerow({k: ("" if v is None else v) for k, v in d.items()})
+        writer.writerow({k: ("" if v is None else escape(v) if isinstance(v, str) else v)
+                         for k, v in d.items()})
 
 
-def write_table(analysis: Analysis, out: IO[str]) -> None:
-    """The records as an aligned table, then the summary."""
+def write_table(analysis: Analysis, out: IO[str], wide: bool = False) -> None:
+    """The records as an aligned table, then the summary; ``wide`` adds the columns of the MP
+    bulk fit, the entropies and (with ``randomize``) the correlation traps. Names from the
+    input are escaped (:func:`~.errors.escape`: one line each, nothing a terminal acts on)."""
     multi = len(analysis.summary.models) > 1
+    rand = analysis.options.randomize
+    extra = (WIDE_COLUMNS + (RAND_COLUMNS if rand else ())) if wide else ()
     header = (["model"] if multi else []) + [
         "name", "type", "N x M", "Q", "sv_max", "sv_min", "log10 sv_min",
-        "rank loose/numpy/nr", "alpha", "D", "xmin", "tail", "status"]
-    rows = [(([r.model] if multi else []) + _table_row(r)) for r in analysis.records]
+        "rank loose/numpy/nr/noise", "alpha", "D", "xmin", "tail", *extra, "status"]
+    rows = [[escape(c) for c in ([r.model] if multi else []) + _table_row(r, wide, rand)]
+            for r in analysis.records]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     left = {"model", "name", "type", "status"}
 
@@ -63,14 +93,16 @@ def write_table(analysis: Analysis, out: IO[str]) -> None:
             out.write(line(row) + "\n")
         out.write("\n")
     out.write(summary_text(analysis.summary, analysis.options.rank_criterion,
-                           analysis.options.loose_tol, aggregate=run_aggregate(analysis)))
+                           analysis.options.loose_tol, aggregate=run_aggregate(analysis),
+                           wide=wide))
 
 
 def summary_text(s: Summary, criterion: str, loose_tol: float,
-                 aggregate: Optional[Aggregate] = None) -> str:
+                 aggregate: Optional[Aggregate] = None, wide: bool = False) -> str:
     """The run's summary as a few lines of text; with ``aggregate``, a table per model (when
     the run has several models) or one line (one model) of the fraction of matrices with
-    log10 nu_min under the threshold and the alpha quartiles."""
+    log10 nu_min under the threshold and the alpha quartiles (``wide``: and the spectral
+    metrics), and the matrices with correlation traps when the run was randomized."""
     lines = []
     models = f"{len(s.models)} model{'s' if len(s.models) != 1 else ''}"
     skipped = sum(s.skipped.values())
@@ -81,10 +113,21 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
     for status, n in s.status.items():
         if status != "ok":
             lines.append(f"  {n:6d}  {STATUS_TEXT[status]}")
-    lines.append(f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {s.collapsed['loose']}"
-                 f", numpy tolerance: {s.collapsed['numpy']}"
-                 f", Numerical Recipes tolerance: {s.collapsed['nr']}"
-                 f"  [--rank-criterion {criterion}]")
+    def count(c: str) -> str:
+        notes = []
+        if s.tolerance_ratio.get(c, 0.0) >= 0.01:  # for float32 weights it is ~1e-4
+            notes.append(f"tolerance up to {100 * s.tolerance_ratio[c]:.0f}% of sv_max")
+        if s.rank_undefined.get(c):
+            notes.append(f"no rank for {s.rank_undefined[c]}: tolerance >= sv_max")
+        return f"{s.collapsed[c]}" + (f" ({'; '.join(notes)})" if notes else "")
+
+    chosen = f"{criterion}: loose for float32/float64, noise for narrower dtypes" \
+        if criterion == "auto" else criterion
+    lines.append(f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {count('loose')}"
+                 f", numpy tolerance: {count('numpy')}"
+                 f", Numerical Recipes tolerance: {count('nr')}"
+                 f", noise floor: {count('noise')}"
+                 f"  [--rank-criterion {chosen}]")
     for name in s.collapsed_names[criterion][:10]:
         lines.append(f"          collapsed: {name}")
     if len(s.collapsed_names[criterion]) > 10:
@@ -95,27 +138,55 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
         lines.append(f"  alpha: mean {s.alpha_mean:.3f}, median {s.alpha_median:.3f} "
                      f"({s.fitted} fitted)")
     if aggregate is not None and aggregate.total.matrices:
+        t = aggregate.total
         if len(aggregate.models) > 1:
-            lines.append(aggregate_text(aggregate).rstrip("\n"))
+            lines.extend(aggregate_text(aggregate, wide).rstrip("\n").split("\n"))
         else:
-            t = aggregate.total
             quartiles = "" if t.alpha_q1 is None else \
                 f"; alpha quartiles {t.alpha_q1:.3f} / {t.alpha_median:.3f} / {t.alpha_q3:.3f}"
             lines.append(f"  log10 sv_min < {aggregate.log10_threshold:g}: {t.below_threshold} "
                          f"of {t.with_spectrum} matrices{quartiles}")
+            if wide and t.num_spikes is not None:
+                lines.append(f"  MP bulk: {t.num_spikes} spikes in all; means: mp_softrank "
+                             f"{_num(t.mp_softrank_mean, True)}, entropy "
+                             f"{_num(t.entropy_mean, True)}, effective rank "
+                             f"{_num(t.effective_rank_mean)}")
+        if t.with_traps is not None:
+            lines.append(f"  correlation traps (--randomize): {t.with_traps} of {t.randomized} "
+                         f"randomized matrices, {t.num_traps} traps in all")
+    for note in s.notes:
+        lines.append(f"  note: {note}")
     for err in s.errors:
         lines.append(f"  ERROR: {err}")
     if not s.complete:
         lines.append("  INCOMPLETE: some sources or matrices could not be analyzed (see above)")
-    return "\n".join(lines) + "\n"
+    return "".join(escape(line) + "\n" for line in lines)
 
 
-def _table_row(r: MatrixRecord) -> List[str]:
-    ranks = "-" if r.rank_loose is None else f"{r.rank_loose}/{r.rank_numpy}/{r.rank_nr}"
+#: Columns that ``--wide`` adds to the table (and with ``--randomize`` the second set).
+WIDE_COLUMNS = ("spikes", "mp_softrank", "entropy", "eff. rank")
+RAND_COLUMNS = ("rand sv_max", "traps", "rand dist")
+
+
+def rank_cell(r: MatrixRecord) -> str:
+    """``loose/numpy/nr/noise`` ranks, "-" for a rank that is null (or no spectrum)."""
+    return "-" if r.rank_loose is None else "/".join(
+        _int(k) for k in (r.rank_loose, r.rank_numpy, r.rank_nr, r.rank_noise))
+
+
+def _table_row(r: MatrixRecord, wide: bool = False, rand: bool = False) -> List[str]:
+    ranks = rank_cell(r)
+    extra = [_int(r.num_spikes), _num(r.mp_softrank, fixed=True), _num(r.entropy, fixed=True),
+             _num(r.effective_rank)] if wide else []
+    if wide and rand:
+        extra += [_num(r.rand_sv_max), _int(r.num_traps), _num(r.rand_distance, fixed=True)]
     return [r.name, r.module_type or "-", f"{r.N} x {r.M}", f"{r.Q:.2f}", _num(r.sv_max),
             _num(r.sv_min), _num(r.log10_sv_min, fixed=True), ranks, _num(r.alpha, fixed=True),
-            _num(r.D, fixed=True), _num(r.xmin), "-" if r.num_tail is None else str(r.num_tail),
-            r.status]
+            _num(r.D, fixed=True), _num(r.xmin), _int(r.num_tail), *extra, r.status]
+
+
+def _int(v: Optional[int]) -> str:
+    return "-" if v is None else str(v)
 
 
 def _num(v: Optional[float], fixed: bool = False) -> str:

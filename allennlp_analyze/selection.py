@@ -1,23 +1,34 @@
 """Which parameters become which matrices, and why the others are left out.
 
-Works on tensor metadata only (:class:`~allennlp_analyze.tensors.TensorInfo`), so the whole plan,
-its skip counts and the progress total are known before any weight is read; :func:`extract` then
-cuts a planned matrix out of its loaded tensor.
+Works on tensor metadata only (:class:`~allennlp_analyze.tensors.TensorInfo`, and the
+checkpoint's config where there is one), so the whole plan, its skip counts and the progress
+total are known before any weight is read; :func:`extract` then cuts a planned matrix out of its
+loaded tensor. What each tensor is comes from :mod:`allennlp_analyze.kinds`: Linear, attention,
+recurrent weights and unidentified 2-D weights are analyzed, embedding tables and convolution
+kernels on request (``include``), nothing else.
 """
 import re
 from collections import Counter
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .checkpoint_config import config_kinds
+from .kinds import Kind, classify
 from .options import AnalysisOptions
-from .tensors import DTYPE_EPS, TensorInfo
+from .tensors import TensorInfo
 
-#: Gate names of the stacked recurrent weights, by gate count (PyTorch's order).
-RNN_GATES = {4: ("i", "f", "g", "o"), 3: ("r", "z", "n")}
-_RNN_WEIGHT = re.compile(r"(?:^|\.)weight_(ih|hh)_l\d+(?:_reverse)?$")
-_FUSED_ATTENTION = re.compile(r"(?:^|\.)in_proj_weight$")
+#: Kinds analyzed without being asked for, and those that ``include`` adds.
+ANALYZED_KINDS = ("linear", "attention", "recurrent", "matrix")
+OPT_IN_KINDS = {"embedding": ("embeddings", "embedding table (add --include embeddings)"),
+                "conv": ("conv", "convolution kernel (add --include conv)")}
+#: Why a tensor of each other kind is never analyzed (see also :func:`_skip_reason`), and why
+#: one whose values turn out not to be a weight's (:func:`~allennlp_analyze.kinds.value_kind`).
+NOT_WEIGHTS = {"buffer": "not a weight: a buffer of its module",
+               "mask": "not a weight: a mask (by its name)"}
+NOT_WEIGHT_VALUES = {"mask": "not a weight: a mask (all values 0 or 1)",
+                     "constant": "not a weight: all values equal (and not 0)"}
 
 
 @dataclass(frozen=True)
@@ -35,32 +46,52 @@ class MatrixPlan:
     rows: Optional[Tuple[int, int]] = None
     position: Optional[Tuple[int, ...]] = None
     part: Optional[str] = None
+    kind: Optional[str] = None
+    kind_from: Optional[str] = None
+
+
+@dataclass
+class Decision:
+    """What selection does with one tensor: its kind, the matrices planned from it, and its
+    left-out parts (or the whole tensor) counted by reason."""
+
+    info: TensorInfo
+    kind: Kind
+    plans: List[MatrixPlan] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
 
 
 @dataclass
 class Selection:
     plans: List[MatrixPlan]
     skipped: Counter
+    decisions: List[Decision] = field(default_factory=list)
 
 
-def plan(tensors: Sequence[TensorInfo], options: AnalysisOptions) -> Selection:
-    """The matrices to analyze among ``tensors``, with every left-out parameter (or part of one)
-    counted by reason."""
+def plan(tensors: Sequence[TensorInfo], options: AnalysisOptions,
+         config: Optional[Mapping] = None) -> Selection:
+    """The matrices to analyze among ``tensors`` (whose checkpoint's ``config.json``, if any, is
+    ``config``), with every left-out parameter (or part of one) counted by reason."""
+    kinds = classify(tensors, config_kinds(config, tensors))
     skipped: Counter = Counter()
     plans: List[MatrixPlan] = []
-    gates_by_layer = _rnn_gate_counts(tensors)
+    decisions = []
     for t in tensors:
-        reason = _parameter_skip_reason(t, options)
+        d = Decision(t, kinds[t.name])
+        decisions.append(d)
+        reason = _parameter_skip_reason(t, d.kind, options)
         if reason:
-            skipped[reason] += 1
-            continue
-        for p in _matrices_of(t, options, gates_by_layer):
-            reason = _matrix_skip_reason(p, options)
-            if reason:
-                skipped[reason] += 1
-            else:
-                plans.append(p)
-    return Selection(plans=plans, skipped=skipped)
+            d.skipped[reason] += 1
+        else:
+            for p in _matrices_of(t, d.kind, options):
+                reason = _matrix_skip_reason(p, options)
+                if reason:
+                    d.skipped[reason] += 1
+                else:
+                    d.plans.append(p)
+        skipped.update(d.skipped)
+        plans.extend(d.plans)
+    return Selection(plans=plans, skipped=skipped, decisions=decisions)
 
 
 def extract(p: MatrixPlan, array: np.ndarray) -> np.ndarray:
@@ -72,34 +103,34 @@ def extract(p: MatrixPlan, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def is_embedding(t: TensorInfo) -> bool:
-    """An embedding table: by module type when known, else by the owning module's name."""
-    if t.module_type is not None:
-        return "Embedding" in t.module_type
-    parts = t.name.split(".")
-    owner = parts[-2] if len(parts) >= 2 else parts[-1]
-    return "embed" in owner.lower()
-
-
-def _parameter_skip_reason(t: TensorInfo, o: AnalysisOptions) -> Optional[str]:
+def _parameter_skip_reason(t: TensorInfo, kind: Kind, o: AnalysisOptions) -> Optional[str]:
     if o.match and not any(re.search(p, t.name) for p in o.match):
         return "not matched by --match"
     if any(re.search(p, t.name) for p in o.exclude):
         return "excluded by --exclude"
-    if t.dtype not in DTYPE_EPS:
-        return f"not a floating-point tensor ({t.dtype})"
-    if len(t.shape) < 2:
-        return "not a matrix (0-D/1-D: biases, norms, scalars)"
-    if len(t.shape) > 2:
-        if t.module_type is not None and "conv" not in t.module_type.lower():
-            # e.g. nn.Bilinear's (out, in1, in2): not a stack of spatial positions
-            return f"not a matrix or convolution kernel ({len(t.shape)}-D, {t.module_type})"
-        if "conv" not in o.include:
-            return "convolution kernel (add --include conv)"
+    if len(t.shape) >= 2 and 0 in t.shape:  # before its (maybe countless) positions are listed
+        return "empty (a dimension of size 0)"
+    k = kind.kind
+    if k in ANALYZED_KINDS:
         return None
-    if is_embedding(t) and "embeddings" not in o.include:
-        return "embedding table (add --include embeddings)"
-    return None
+    if k in OPT_IN_KINDS:
+        include, reason = OPT_IN_KINDS[k]
+        return None if include in o.include else reason
+    return _skip_reason(t, kind)
+
+
+def _skip_reason(t: TensorInfo, kind: Kind) -> str:
+    """Why a tensor of a kind that is never analyzed is left out."""
+    k = kind.kind
+    if k == "non_float":
+        return f"not a floating-point tensor ({t.dtype})"
+    if k == "vector":
+        return "not a matrix (0-D/1-D: biases, norms, scalars)" if len(t.shape) < 2 else \
+            "not a matrix (a vector: one dimension above 1)"
+    if k == "tensor":
+        detail = f", {kind.detail or kind.module_type}" if kind.detail or kind.module_type else ""
+        return f"not a matrix or convolution kernel ({len(t.shape)}-D{detail})"
+    return NOT_WEIGHTS[k]
 
 
 def _matrix_skip_reason(p: MatrixPlan, o: AnalysisOptions) -> Optional[str]:
@@ -113,48 +144,28 @@ def _matrix_skip_reason(p: MatrixPlan, o: AnalysisOptions) -> Optional[str]:
     return None
 
 
-def _rnn_gate_counts(tensors: Sequence[TensorInfo]) -> Dict[str, int]:
-    """Gates per recurrent layer (4 LSTM, 3 GRU), keyed by the layer's parameter prefix,
-    read off ``weight_hh`` (gates * H x H) where the module type is not known."""
-    counts = {}
-    for t in tensors:
-        m = _RNN_WEIGHT.search(t.name)
-        if m and m.group(1) == "hh" and len(t.shape) == 2 and t.shape[1]:
-            counts[t.name[:m.start()]] = t.shape[0] // t.shape[1]
-    return counts
-
-
-def _matrices_of(t: TensorInfo, o: AnalysisOptions,
-                 gates_by_layer: Dict[str, int]) -> List[MatrixPlan]:
-    if len(t.shape) > 2:
-        return _conv_slices(t)
+def _matrices_of(t: TensorInfo, kind: Kind, o: AnalysisOptions) -> List[MatrixPlan]:
+    if kind.kind == "conv":
+        return _conv_slices(t, kind)
     rows, cols = t.shape
-    module_type = t.module_type
-    parts: Sequence[str] = ()
-    if _FUSED_ATTENTION.search(t.name):
-        module_type = module_type or "MultiheadAttention"
-        parts = ("q", "k", "v")
-    elif _RNN_WEIGHT.search(t.name):
-        gates = gates_by_layer.get(t.name[:_RNN_WEIGHT.search(t.name).start()])
-        if module_type is None:
-            module_type = {4: "LSTM", 3: "GRU"}.get(gates, "RNN")
-        parts = RNN_GATES.get(gates, ())
-    elif module_type is None and is_embedding(t):
-        module_type = "Embedding"
-    base = MatrixPlan(name=t.name, param=t.name, module_type=module_type, dtype=t.dtype,
-                      shape=(rows, cols))
-    if not (o.split_fused and parts and rows % len(parts) == 0):
+    base = MatrixPlan(name=t.name, param=t.name, module_type=kind.module_type, dtype=t.dtype,
+                      shape=(rows, cols), kind=kind.kind, kind_from=kind.kind_from)
+    if not (o.split_fused and kind.parts):
         return [base]
-    h = rows // len(parts)
-    return [MatrixPlan(name=f"{t.name}[{part}]", param=t.name, module_type=module_type,
-                       dtype=t.dtype, shape=(h, cols), rows=(i * h, (i + 1) * h), part=part)
-            for i, part in enumerate(parts)]
+    plans, start = [], 0
+    for part, n in kind.parts:
+        plans.append(MatrixPlan(name=f"{t.name}[{part}]", param=t.name,
+                                module_type=kind.module_type, dtype=t.dtype, shape=(n, cols),
+                                rows=(start, start + n), part=part, kind=kind.kind,
+                                kind_from=kind.kind_from))
+        start += n
+    return plans
 
 
-def _conv_slices(t: TensorInfo) -> List[MatrixPlan]:
+def _conv_slices(t: TensorInfo, kind: Kind) -> List[MatrixPlan]:
     out_ch, in_ch, *kernel = t.shape
-    module_type = t.module_type or f"Conv{len(kernel)}d"
     return [MatrixPlan(name=f"{t.name}[{','.join(map(str, pos))}]", param=t.name,
-                       module_type=module_type, dtype=t.dtype, shape=(out_ch, in_ch),
-                       position=pos, part=",".join(map(str, pos)))
+                       module_type=kind.module_type, dtype=t.dtype, shape=(out_ch, in_ch),
+                       position=pos, part=",".join(map(str, pos)), kind=kind.kind,
+                       kind_from=kind.kind_from)
             for pos in np.ndindex(*kernel)]

@@ -77,20 +77,25 @@ Numerical ranks (all count ``nu > tol``, as ``numpy.linalg.matrix_rank`` does):
 * ``rank_loose``: tol = ``loose_tol`` (absolute, default 1e-3: the original study's bound);
 * ``rank_numpy``: tol = ``nu_max * max(N, M) * eps`` (numpy's default);
 * ``rank_nr``: tol = ``nu_max / 2 * sqrt(N + M + 1) * eps`` (Numerical Recipes);
+* ``rank_noise``: tol = the noise floor (:func:`allennlp_analyze.noise_floor.noise_floor`),
+  from the independent estimate of W's storage rounding (``noise_estimate`` passed in by the
+  caller, 0 where not given, or accumulated from W's own row blocks in the same pass as the
+  Gram matrix where ``noise_dtype`` names the storage dtype) and the spectrum: never below the
+  float64 round-off of the spectrum itself, ``nu_max * max(N, M) * eps64``;
 
 where ``eps`` is the machine epsilon of the dtype the weights were *stored* in (float32:
 1.19e-7), not float64's: round-off in stored float32 weights lifts zero singular values to about
 1e-7 nu_max, and a float64 eps would count them as rank.
 """
-import dataclasses
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import _lapack
+from .noise_floor import BLOCK_ELEMENTS, NoiseAccumulator, StorageNoise, noise_floor
 
 #: Guaranteed relative accuracy of every singular value that the Gram path is allowed to report.
 GRAM_RTOL = 1e-8
@@ -128,11 +133,17 @@ class NonFiniteError(ValueError):
 
 @dataclass(frozen=True)
 class RankTolerances:
-    """Absolute singular-value thresholds of the three rank criteria (same units as W)."""
+    """Absolute singular-value thresholds of the rank criteria (same units as W); ``noise`` is
+    the noise floor (module docstring)."""
 
     loose: float
     numpy: float
     nr: float
+    noise: float = 0.0
+
+    def values(self) -> Tuple[float, ...]:
+        """Every criterion's threshold."""
+        return tuple(getattr(self, f.name) for f in fields(self))
 
 
 @dataclass(frozen=True)
@@ -141,7 +152,8 @@ class Spectrum:
     path that produced them (module docstring: ``"svd"``, ``"gram"``, ``"gram+ritz"``,
     ``"gram>svd"``, ``"gram+ritz>svd"``), and the rank tolerances for the stored dtype's
     ``eps``. ``scaled`` = ``sv * 2**-exponent`` exactly (None where ``exponent`` is 0): W was
-    scaled by that power of two, and ``sv`` itself may round to 0 or a denormal."""
+    scaled by that power of two, and ``sv`` itself may round to 0 or a denormal. ``noise``:
+    W's storage rounding where it was accumulated here (``noise_dtype``)."""
 
     sv: np.ndarray
     N: int
@@ -150,6 +162,7 @@ class Spectrum:
     tolerances: RankTolerances
     exponent: int = 0
     scaled: Optional[np.ndarray] = None
+    noise: Optional[StorageNoise] = None
 
     def rank(self, tol: float) -> int:
         """Number of singular values strictly above ``tol``."""
@@ -196,6 +209,21 @@ def _buffer(slot: str, shape) -> Optional[np.ndarray]:
     return buf[:size].reshape(shape)
 
 
+def working_memory(N: int, M: int) -> int:
+    """Bytes of float64 working memory :func:`singular_values` needs at its peak for an N x M
+    matrix (either orientation). One row block (N <= ``BLOCK_ROWS``): the widened copy of W
+    plus the larger of the SVD's own copy of it and the Gram matrix with the eigensolver's copy
+    of it, ``8 N M + 8 max(N M, 2 M^2)``. Several blocks (streamed): the Gram matrix, kept
+    while a fallback runs (8 M^2), and that fallback's blocked QR: R and its SVD's copy
+    (2 x 8 M^2), [R; W_b] and LAPACK's copy of it (2 x 8 (M + B) M), i.e.
+    ``8 (5 M^2 + 2 B M)`` with B = ``BLOCK_ROWS``, whatever N (the Ritz step, where it runs,
+    takes at most 8 M^2 for its N x k blocks)."""
+    N, M = max(N, M), min(N, M)
+    if N <= BLOCK_ROWS:
+        return 8 * N * M + 8 * max(N * M, 2 * M * M)
+    return 8 * (5 * M * M + 2 * BLOCK_ROWS * M)
+
+
 def _empty(slot: str, shape) -> np.ndarray:
     out = _buffer(slot, shape)
     return np.empty(shape) if out is None else out
@@ -208,10 +236,13 @@ class _Rows:
     or a lazily widened bf16 view): only one block is widened at a time, except that a matrix
     of one block is widened once and kept (``whole``). ``scan``: find max |w| first (scaling,
     NaN/Inf); without it (``checked`` False) the caller must check finiteness, e.g. on the Gram
-    matrix's diagonal; only float64 storage can need scaling, so it is always scanned. Raises
+    matrix's diagonal; only float64 storage can need scaling, so it is always scanned.
+    ``noise_dtype``: accumulate the storage rounding of the stored values of that dtype
+    (:class:`~allennlp_analyze.noise_floor.NoiseAccumulator`) from each block as it is first
+    read, so that no extra pass over W is needed (:attr:`noise`). Raises
     :class:`NonFiniteError`."""
 
-    def __init__(self, W, scan: bool = True):
+    def __init__(self, W, scan: bool = True, noise_dtype: Optional[str] = None):
         if not hasattr(W, "shape"):
             W = np.asarray(W)
         self.src = W if W.shape[0] >= W.shape[1] else W.T
@@ -220,6 +251,8 @@ class _Rows:
         self.exponent = 0
         self.whole: Optional[np.ndarray] = None
         self.checked = scan or np.dtype(getattr(W, "dtype", np.float64)).itemsize > 4
+        self._noise = None if noise_dtype is None else NoiseAccumulator(noise_dtype, self.M)
+        self._fed = set()
         if len(self.bounds) <= 1:
             self.whole = self._widened(0, self.N, "w", scale=False)
         if not self.checked:
@@ -241,9 +274,12 @@ class _Rows:
         part = self.src[a:b]
         if not (scale and self.exponent) and isinstance(part, np.ndarray) \
                 and part.dtype == np.float64 and part.flags.c_contiguous:
+            self._feed(a, part)
             return part
         out = _empty(slot, (b - a, self.M))
-        np.copyto(out, np.asarray(part))
+        values = np.asarray(part)
+        self._feed(a, values)
+        np.copyto(out, values)
         _release(part)
         if scale and self.exponent:
             _ldexp(out, -self.exponent, out=out)
@@ -251,9 +287,33 @@ class _Rows:
 
     def _scanned(self, a: int, b: int) -> float:
         part = self.src[a:b]
-        big = _magnitude(np.asarray(part))
+        values = np.asarray(part)
+        self._feed(a, values)
+        big = _magnitude(values)
         _release(part)
         return big
+
+    def _feed(self, start: int, values: np.ndarray) -> None:
+        """The stored values of the block at row ``start`` to the noise accumulator, once, in
+        pieces of about ``BLOCK_ELEMENTS`` entries (its cache-sized working copies)."""
+        if self._noise is None or start in self._fed:
+            return
+        self._fed.add(start)
+        step = max(1, BLOCK_ELEMENTS // max(1, self.M))
+        for a in range(0, values.shape[0], step):
+            self._noise.update(values[a:a + step])
+
+    @property
+    def noise(self) -> Optional[StorageNoise]:
+        """W's storage rounding (``noise_dtype``), once every block has been read."""
+        if self._noise is None or len(self._fed) < len(self.bounds):
+            return None
+        return self._noise.result()
+
+    def noise_estimate(self, given: float) -> float:
+        """The independent rounding estimate: accumulated here, else ``given``."""
+        noise = self.noise
+        return given if noise is None else noise.estimate
 
     def block(self, i: int) -> np.ndarray:
         """Row block i (C-ordered float64, scaled); valid until the next call."""
@@ -297,35 +357,54 @@ def _magnitude(a: np.ndarray) -> float:
     return max(hi, -lo)
 
 
-def rank_tolerances(sv_max: float, N: int, M: int, eps: float, loose_tol: float) -> RankTolerances:
-    """The three criteria's thresholds for a matrix with largest singular value ``sv_max``."""
-    return RankTolerances(loose=float(loose_tol),
-                          numpy=float(sv_max * max(N, M) * eps),
-                          nr=float(sv_max / 2.0 * np.sqrt(N + M + 1.0) * eps))
+def relative_tolerances(N: int, M: int, eps: float) -> Tuple[float, float]:
+    """numpy's and Numerical Recipes' tolerances as fractions of nu_max:
+    ``max(N, M) * eps`` and ``sqrt(N + M + 1) * eps / 2``."""
+    return max(N, M) * eps, float(np.sqrt(N + M + 1.0)) * eps / 2.0
+
+
+def rank_tolerances(sv_max: float, N: int, M: int, eps: float, loose_tol: float,
+                    noise: float = 0.0) -> RankTolerances:
+    """The criteria's thresholds for a matrix with largest singular value ``sv_max`` and noise
+    floor ``noise``."""
+    rel_numpy, rel_nr = relative_tolerances(N, M, eps)
+    return RankTolerances(loose=float(loose_tol), numpy=float(sv_max * rel_numpy),
+                          nr=float(sv_max * rel_nr), noise=float(noise))
+
+
+def _tolerances(sv: np.ndarray, N: int, M: int, eps: float, loose_tol: float,
+                noise_estimate: float) -> RankTolerances:
+    """Every criterion's threshold for the (true-unit) singular values ``sv``."""
+    return rank_tolerances(sv[0] if sv.size else 0.0, N, M, eps, loose_tol,
+                           noise_floor(noise_estimate, sv, N, M, eps))
 
 
 def _tolerance_values(tol: RankTolerances, exponent: int) -> List[float]:
     """Every rank tolerance (whatever criteria RankTolerances holds), scaled by 2**-exponent."""
-    values = [getattr(tol, f.name) for f in dataclasses.fields(tol)]
-    return [float(_ldexp(v, -exponent)) for v in values if isinstance(v, float)]
+    return [float(_ldexp(v, -exponent)) for v in tol.values()]
 
 
 def singular_values(W, eps: float, loose_tol: float = 1e-3, method: str = "auto",
-                    device: Optional[str] = None, parallel: Optional[Parallel] = None) -> Spectrum:
+                    device: Optional[str] = None, noise_estimate: float = 0.0,
+                    parallel: Optional[Parallel] = None, noise_dtype: Optional[str] = None
+                    ) -> Spectrum:
     """Spectrum of a finite 2-D matrix ``W`` (any orientation, any float dtype; any array-like
     that slices, such as a memory map: it is read in row blocks).
 
     ``eps``: machine epsilon of W's storage dtype (sets the rank tolerances); ``method``: "auto",
     "svd" or "gram" (module docstring); ``device``: None for numpy on the CPU, or a torch device
     such as "cuda" (float64 there too, W whole; results equal the CPU path's to round-off);
+    ``noise_estimate``: the independent estimate of W's storage rounding, from which (and the
+    spectrum) the noise criterion's tolerance follows; ``noise_dtype`` instead accumulates it
+    (and ``Spectrum.noise``) from W's blocks as they are read, for stored values of that dtype;
     ``parallel``: runs the Gram's independent panels (see :data:`Parallel`). Raises
     :class:`NonFiniteError` for NaN/Inf.
     """
     if method not in ("auto", "svd", "gram"):
         raise ValueError(f"unknown spectral method {method!r}")
-    rows = _Rows(W, scan=device is not None or method == "svd")
+    rows = _Rows(W, scan=device is not None or method == "svd", noise_dtype=noise_dtype)
     if device is not None:
-        sv, method = _torch_values(rows, eps, loose_tol, method, device)
+        sv, method = _torch_values(rows, eps, loose_tol, method, device, noise_estimate)
     elif method == "svd":
         sv = _exact(rows)
     else:
@@ -340,16 +419,27 @@ def singular_values(W, eps: float, loose_tol: float = 1e-3, method: str = "auto"
             lam, trd = lapack.sterf(d, e), (d, e, tau)
         sv = _sqrt_desc(lam)
         if method == "auto":
-            sv, method = _settle(rows, sv, lam, G, trd, lapack, eps, loose_tol)
-    return _spectrum(sv, rows.N, rows.M, method, eps, loose_tol, rows.exponent)
+            sv, method = _settle(rows, sv, lam, G, trd, lapack,
+                                 _scaled_tolerances(rows, sv, eps, loose_tol, noise_estimate))
+    return _spectrum(sv, rows, method, eps, loose_tol, noise_estimate)
 
 
-def _spectrum(sv: np.ndarray, N: int, M: int, method: str, eps: float, loose_tol: float,
-              exponent: int) -> Spectrum:
-    true = _ldexp(sv, exponent) if exponent else sv
-    return Spectrum(sv=true, N=N, M=M, method=method,
-                    tolerances=rank_tolerances(true[0] if true.size else 0.0, N, M, eps, loose_tol),
-                    exponent=exponent, scaled=sv if exponent else None)
+def _spectrum(sv: np.ndarray, rows: "_Rows", method: str, eps: float, loose_tol: float,
+              noise_estimate: float) -> Spectrum:
+    e = rows.exponent
+    true = _ldexp(sv, e) if e else sv
+    tolerances = _tolerances(true, rows.N, rows.M, eps, loose_tol,
+                             rows.noise_estimate(noise_estimate))
+    return Spectrum(sv=true, N=rows.N, M=rows.M, method=method, tolerances=tolerances,
+                    exponent=e, scaled=sv if e else None, noise=rows.noise)
+
+
+def _scaled_tolerances(rows: "_Rows", sv: np.ndarray, eps: float, loose_tol: float,
+                       noise_estimate: float) -> List[float]:
+    """Every rank tolerance for the scaled values ``sv``, in their units."""
+    true = _ldexp(sv, rows.exponent) if rows.exponent else sv
+    return _tolerance_values(_tolerances(true, rows.N, rows.M, eps, loose_tol,
+                                         rows.noise_estimate(noise_estimate)), rows.exponent)
 
 
 def _in_sequence(tasks: List[Callable[[], None]]) -> None:
@@ -425,12 +515,10 @@ def _near(sv: np.ndarray, tolerances: Sequence[float], band) -> bool:
 
 
 def _settle(rows: _Rows, sv: np.ndarray, lam: np.ndarray, G: np.ndarray, trd, lapack,
-            eps: float, loose_tol: float) -> Tuple[np.ndarray, str]:
+            tols: List[float]) -> Tuple[np.ndarray, str]:
     """The "auto" decision after the Gram eigenvalues: keep them, add the Ritz step, or fall
-    back to the SVD (module docstring)."""
+    back to the SVD (module docstring); ``tols``: every rank tolerance, in sv's units."""
     N, M = rows.N, rows.M
-    true_max = float(_ldexp(sv[0], rows.exponent)) if sv.size else 0.0
-    tols = _tolerance_values(rank_tolerances(true_max, N, M, eps, loose_tol), rows.exponent)
     if _gram_trustworthy(sv, N, M, tols):
         return sv, "gram"
     if not sv.size or sv[0] == 0.0 or sv[-1] ** 2 >= _gram_limit(N, M, sv[0] ** 2):
@@ -505,21 +593,27 @@ def batch_size(M: int, device: Optional[str] = None) -> int:
 
 def singular_values_many(Ws: Sequence, eps: Sequence[float], loose_tol: float = 1e-3,
                          method: str = "auto", device: Optional[str] = None,
-                         parallel: Optional[Parallel] = None) -> List[Optional[Spectrum]]:
+                         noise_estimates: Optional[Sequence[float]] = None,
+                         parallel: Optional[Parallel] = None,
+                         noise_dtypes: Optional[Sequence[Optional[str]]] = None
+                         ) -> List[Optional[Spectrum]]:
     """:func:`singular_values` of several matrices of one oriented shape (N x M), each with its
-    storage ``eps``; None for a matrix with NaN/Inf. Without the LAPACK backend they are
-    computed by stacked numpy calls, whose results are those of one call per matrix, bit for bit
-    (the gufunc runs the same LAPACK routine on each); the point is that a stacked call over
-    more than 500 values in all releases the GIL (see ``GIL_FREE_OUTPUT``)."""
+    storage ``eps`` (and noise estimate, default 0, or storage dtype whose rounding is
+    accumulated from its blocks); None for a matrix with NaN/Inf. Without the LAPACK backend
+    they are computed by stacked numpy calls, whose results are those of one call per matrix,
+    bit for bit (the gufunc runs the same LAPACK routine on each); the point is that a stacked
+    call over more than 500 values in all releases the GIL (see ``GIL_FREE_OUTPUT``)."""
     if method not in ("auto", "svd", "gram"):
         raise ValueError(f"unknown spectral method {method!r}")
+    estimates = [0.0] * len(Ws) if noise_estimates is None else list(noise_estimates)
+    dtypes = [None] * len(Ws) if noise_dtypes is None else list(noise_dtypes)
     if len(Ws) <= 1 or device is not None or _lapack.backend() is not None:
-        return [_or_none(singular_values, W, e, loose_tol, method, device, parallel)
-                for W, e in zip(Ws, eps)]
-    rows = [_or_none(_Rows, W) for W in Ws]
+        return [_or_none(singular_values, W, e, loose_tol, method, device, f, parallel, d)
+                for W, e, f, d in zip(Ws, eps, estimates, dtypes)]
+    rows = [_or_none(_Rows, W, True, d) for W, d in zip(Ws, dtypes)]
     if any(r is None or r.whole is None for r in rows):
-        return [None if r is None else singular_values(W, e, loose_tol, method)
-                for W, e, r in zip(Ws, eps, rows)]
+        return [None if r is None else singular_values(W, e, loose_tol, method, None, f, None, d)
+                for W, e, f, d, r in zip(Ws, eps, estimates, dtypes, rows)]
     N, M = rows[0].N, rows[0].M
     if any((r.N, r.M) != (N, M) for r in rows):
         raise ValueError("singular_values_many needs matrices of one shape")
@@ -534,19 +628,14 @@ def singular_values_many(Ws: Sequence, eps: Sequence[float], loose_tol: float = 
         svs = [_sqrt_desc(row) for row in np.linalg.eigvalsh(grams)]
         methods = ["gram"] * len(svs)
         if method == "auto":
-            redo = []
-            for i, (sv, r) in enumerate(zip(svs, rows)):
-                true_max = float(_ldexp(sv[0], r.exponent)) if sv.size else 0.0
-                tols = _tolerance_values(rank_tolerances(true_max, N, M, eps[i], loose_tol),
-                                         r.exponent)
-                if not _gram_trustworthy(sv, N, M, tols):
-                    redo.append(i)
+            redo = [i for i, (sv, r) in enumerate(zip(svs, rows)) if not _gram_trustworthy(
+                sv, N, M, _scaled_tolerances(r, sv, eps[i], loose_tol, estimates[i]))]
             if redo:
                 exact = np.linalg.svd(np.stack([stacked[i] for i in redo]), compute_uv=False)
                 for i, sv in zip(redo, exact):
                     svs[i], methods[i] = sv, "gram>svd"
-    return [_spectrum(sv, N, M, m, e, loose_tol, r.exponent)
-            for sv, m, e, r in zip(svs, methods, eps, rows)]
+    return [_spectrum(sv, r, m, e, loose_tol, f)
+            for sv, m, e, f, r in zip(svs, methods, eps, estimates, rows)]
 
 
 def _or_none(fn, *args):
@@ -556,8 +645,8 @@ def _or_none(fn, *args):
         return None
 
 
-def _torch_values(rows: _Rows, eps: float, loose_tol: float, method: str, device: str
-                  ) -> Tuple[np.ndarray, str]:
+def _torch_values(rows: _Rows, eps: float, loose_tol: float, method: str, device: str,
+                  noise_estimate: float) -> Tuple[np.ndarray, str]:
     """The Gram / SVD paths through torch on ``device`` (float64, the whole scaled matrix)."""
     import torch
 
@@ -567,10 +656,8 @@ def _torch_values(rows: _Rows, eps: float, loose_tol: float, method: str, device
         sv = _sqrt_desc(lam)
         if method == "gram":
             return sv, "gram"
-        true_max = float(_ldexp(sv[0], rows.exponent)) if sv.size else 0.0
-        tols = _tolerance_values(rank_tolerances(true_max, rows.N, rows.M, eps, loose_tol),
-                                 rows.exponent)
-        if _gram_trustworthy(sv, rows.N, rows.M, tols):
+        if _gram_trustworthy(sv, rows.N, rows.M,
+                             _scaled_tolerances(rows, sv, eps, loose_tol, noise_estimate)):
             return sv, "gram"
         method = "gram>svd"
     return torch.linalg.svdvals(t).cpu().numpy(), method

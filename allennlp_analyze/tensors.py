@@ -10,14 +10,13 @@ from typing import Callable, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
-#: Unit round-off (machine epsilon) of the storage dtypes we meet, as ``np.finfo(dtype).eps``.
-#: It sets the noise floor of stored weights and so the numpy / Numerical-Recipes rank tolerances.
-DTYPE_EPS = {
-    "float64": 2.0**-52,
-    "float32": 2.0**-23,
-    "float16": 2.0**-10,
-    "bfloat16": 2.0**-7,
-}
+from .noise_floor import FORMATS
+
+#: Machine epsilon (spacing at 1, ``np.finfo(dtype).eps``) of the floating-point storage dtypes we
+#: analyze (float64, float32, float16, bfloat16, the float8 formats): it sets the numpy /
+#: Numerical-Recipes rank tolerances; :data:`~allennlp_analyze.noise_floor.FORMATS` also gives
+#: each one's smallest normal exponent, for the noise floor.
+DTYPE_EPS = {name: fmt.eps for name, fmt in FORMATS.items()}
 
 
 @dataclass(frozen=True)
@@ -28,12 +27,18 @@ class TensorInfo:
     :data:`DTYPE_EPS` (``"float32"``, ``"bfloat16"`` ...; integer tensors keep their numpy name),
     ``module_type`` the class name of the owning module when known (``"Linear"``, ``"LSTM"``,
     ``"MultiheadAttention"``, ``"Embedding"``, ``"Conv2d"``...), else ``None``.
+    Sources that know the module fill ``buffer`` (True for a registered buffer, False for a
+    parameter) and ``parts``: the row blocks ``((label, rows), ...)`` of a fused weight whose
+    module says how it is split (AllenNLP's ``_combined_projection``: q, k, v of the attention
+    and values sizes). :mod:`allennlp_analyze.kinds` reads them as the best evidence.
     """
 
     name: str
     shape: Tuple[int, ...]
     dtype: str
     module_type: Optional[str] = None
+    buffer: Optional[bool] = None
+    parts: Tuple[Tuple[str, int], ...] = ()
 
 
 class WeightSource(Protocol):
@@ -46,8 +51,9 @@ class WeightSource(Protocol):
         ...
 
     def load(self, name: str) -> np.ndarray:
-        """The named tensor as a numpy array of its stored precision (bfloat16 is widened to
-        float32 exactly). Raises :class:`~allennlp_analyze.errors.AnalyzeError` if unreadable."""
+        """The named tensor as a numpy array of its stored precision (bfloat16 and float8 are
+        widened to float32 exactly). Raises :class:`~allennlp_analyze.errors.AnalyzeError` if
+        unreadable."""
         ...
 
 

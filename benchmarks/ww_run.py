@@ -44,6 +44,22 @@ def load_weights(path):
     return load_file(path)
 
 
+def linear_model(path, names):
+    """A torch module holding the 2-D tensors ``names`` of the safetensors file (or folder of
+    shards) ``path`` as bias-free ``nn.Linear`` layers ``l000``, ``l001``, ... in that order."""
+    import torch
+
+    tensors = load_weights(path)
+    model = torch.nn.Module()
+    for i, name in enumerate(names):
+        w = tensors[name].float()
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        model.add_module(f"l{i:03d}", lin)
+    return model
+
+
 def svd_costs(shapes_json, out):
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
@@ -82,15 +98,7 @@ def main():
 
     with open(layers_json) as f:
         names = json.load(f)
-    tensors = load_weights(path)
-    model = torch.nn.Module()
-    for i, name in enumerate(names):
-        w = tensors[name].float()
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-        model.add_module(f"l{i:03d}", lin)
-    del tensors
+    model = linear_model(path, names)
     base = rss_bytes()
     best, best_cpu, details = float("inf"), float("inf"), None
     for _ in range(repeat):
@@ -107,8 +115,8 @@ def main():
                      **{k: (None if v != v else float(v)) for k, v in r.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)}})
     with open(out, "w") as f:
-        json.dump({"seconds": best, "cpu_seconds": best_cpu, "rss_before": base, "peak_rss": peak, "layers": rows,
-                   "weightwatcher": ww.__version__, "torch": torch.__version__,
+        json.dump({"seconds": best, "cpu_seconds": best_cpu, "rss_before": base, "peak_rss": peak,
+                   "layers": rows, "weightwatcher": ww.__version__, "torch": torch.__version__,
                    "threads": int(threads)}, f)
 
 

@@ -122,3 +122,69 @@ def serving(root: Path, handler_base: type):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def assert_record_matches_reference(record: dict, W: np.ndarray, loose_tol: float = 1e-3) -> None:
+    """A record (``MatrixRecord.to_dict()``) against references independent of this package:
+    numpy's float64 SVD and ``matrix_rank`` of the stored matrix ``W`` (its dtype's eps for the
+    numpy tolerance), and ``powerlaw==1.5``'s fit of the eigenvalues above that tolerance."""
+    W = np.asarray(W)
+    A = W.astype(np.float64)
+    N, M = max(A.shape), min(A.shape)
+    assert record["shape"] == list(W.shape) and (record["N"], record["M"]) == (N, M)
+    assert record["dtype"] == W.dtype.name
+    sv = np.linalg.svd(A, compute_uv=False)
+    tol_numpy = sv[0] * N * np.finfo(W.dtype).eps
+    assert record["sv_max"] == pytest.approx(sv[0], rel=1e-9)
+    assert record["sv_min"] == pytest.approx(sv[-1], rel=1e-7, abs=1e-12 * sv[0])
+    assert record["rank_loose"] == np.linalg.matrix_rank(A, tol=loose_tol)
+    assert record["rank_numpy"] == np.linalg.matrix_rank(A, tol=tol_numpy)
+    ref = powerlaw_reference((sv ** 2)[sv > tol_numpy])
+    if ref is None:
+        assert record["alpha"] is None
+    else:
+        assert record["alpha"] == pytest.approx(ref.alpha, rel=1e-6)
+        assert record["xmin"] == pytest.approx(ref.xmin, rel=1e-6)
+        assert record["num_tail"] == ref.n_tail
+
+
+@contextlib.contextmanager
+def logged_messages(name: str = "allennlp_analyze"):
+    """The messages logged by logger ``name`` and its children (warnings and above, the
+    default level) while active, as a list (for fixtures broader than ``caplog``'s scope)."""
+    import logging
+
+    messages: list = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch's intra-op threads set to one for a module of tiny training runs (on a busy
+    2-core machine its spinning threads make each small step 5-10x slower), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def sweep_zoo(tmp_path_factory, minilm_path):
+    """The sweep tests' sources (:func:`sweep_fixtures.write_zoo`, then a missing file: an
+    error) and their local run (``on_error="collect"``)."""
+    from sweep_fixtures import write_zoo
+
+    from allennlp_analyze import analyze
+
+    sources = write_zoo(tmp_path_factory.mktemp("zoo"), minilm_path)
+    sources.append(str(tmp_path_factory.mktemp("gone") / "missing.safetensors"))
+    return sources, analyze(*sources, on_error="collect")

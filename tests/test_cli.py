@@ -27,7 +27,10 @@ MINILM_FF = "encoder.layer.0.intermediate.dense.weight"
 DOCUMENTED_COLUMNS = ("name", "shape", "N", "M", "Q", "sv_max", "sv_min", "log10_sv_min",
                       "rank_loose", "rank_numpy", "rank_nr", "rank_loss", "alpha", "xmin",
                       "xmax", "D", "num_tail", "num_evals", "stable_rank", "log_norm",
-                      "log_spectral_norm", "alpha_weighted", "status")
+                      "log_spectral_norm", "alpha_weighted", "log_alpha_norm", "mp_sigma2",
+                      "lambda_plus", "num_spikes", "mp_softrank", "entropy", "effective_rank",
+                      "rand_sv_max", "rand_lambda_plus", "num_traps", "rand_distance",
+                      "status")
 
 
 class Run(NamedTuple):
@@ -96,6 +99,7 @@ def runs(files, minilm_path, allennlp09_archives):
     d, m = files, str(minilm_path)
     cases = {
         "table": [m],
+        "wide": [m, "--wide", "--randomize", "--match", r"layer\.0\."],
         "json": [m, "--format", "json"],
         "json_q1": [m, "--min-q", "1", "--format", "json"],
         "csv": [m, "--format", "csv"],
@@ -115,6 +119,7 @@ def runs(files, minilm_path, allennlp09_archives):
         "evil": [str(d / "evil.th")],
         "unknown_option": [m, "--no-such-option"],
         "no_match": [m, "--match", "nosuchlayer"],
+        "bad_seed": [m, "--randomize", "--seed", "-1"],
         "unwritable": [m, "--output-file", str(d / "no" / "such" / "dir" / "out.json")],
         "output_is_dir": [m, "--output-file", str(d)],
     }
@@ -167,6 +172,22 @@ def test_minilm_table(runs):
     for name in names:
         assert sum(line.startswith(name + " ") for line in lines) == 1
     assert "Summary: 12 matrices analyzed in 1 model" in run.out
+
+
+def test_wide_table_adds_the_spectral_columns(runs):
+    default, wide = runs["table"].out.splitlines()[0], runs["wide"].out.splitlines()[0]
+    extra = ["spikes", "mp_softrank", "entropy", "eff. rank", "rand sv_max", "traps", "rand dist"]
+    assert not any(c in default for c in extra) and all(c in wide for c in extra)
+    assert wide.split()[-1] == default.split()[-1] == "status"
+    assert runs["wide"].rc == 0 and "correlation traps (--randomize): " in runs["wide"].out
+    assert "correlation traps" not in runs["table"].out and "MP bulk:" in runs["wide"].out
+    recs = {r["name"]: r for r in _records(runs["json"])}
+    rows = [ln.split() for ln in runs["wide"].out.splitlines()[2:4]]
+    for row in rows:
+        rec = recs[row[0]]
+        assert row[-8] == str(rec["num_spikes"]) and row[-7] == f"{rec['mp_softrank']:.3f}"
+        assert rec["rand_sv_max"] is None  # the JSON run was not randomized
+        assert row[-3].isdigit()           # its traps
 
 
 def test_minilm_csv(runs):
@@ -262,6 +283,7 @@ def test_nan_weights_are_reported_as_incomplete(runs):
     ("evil", "evil.th"),
     ("unknown_option", "--no-such-option"),
     ("no_match", "nosuchlayer"),
+    ("bad_seed", "--seed"),
     ("unwritable", "out.json"),
     ("output_is_dir", "cannot write"),
 ])

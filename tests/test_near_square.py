@@ -94,10 +94,12 @@ def test_engineered_spectra_down_to_1e14(smallest):
     rng = np.random.default_rng(int(-np.log10(smallest)))
     s = np.r_[np.linspace(1.0, 0.1, 290), smallest * np.linspace(3.0, 1.0, 10)]
     W = with_singular_values(rng, 400, 300, s)
-    check_against_svd(W, EPS32)
-    # with float64's eps the numpy tolerance (400 eps64 nu_max) lies within the values' error
-    # bound of those at 1e-14: their rank under it is left to the SVD
-    check_against_svd(W, EPS64, method="gram+ritz" if smallest > 1e-13 else "gram+ritz>svd")
+    # the noise criterion's floor, and with float64's eps numpy's tolerance too, is
+    # 400 eps64 nu_max: within the error bound of the values at 1e-14, whose rank under it is
+    # then left to the SVD
+    method = "gram+ritz" if smallest > 1e-13 else "gram+ritz>svd"
+    check_against_svd(W, EPS32, method=method)
+    check_against_svd(W, EPS64, method=method)
 
 
 def test_exact_low_rank():
@@ -282,8 +284,9 @@ def test_streamed_and_whole_matrices_give_the_same_records(tmp_path, monkeypatch
         assert a.keys() == set(in_memory)
         for name in a:
             W, dtype = in_memory[name]
-            rec, sv = analysis._analyze(W, options, name, dtype, streamed.records[0].model,
+            rec, sv, _ = analysis._analyze(W, options, name, dtype, streamed.records[0].model,
                                         None, None)
+            rec.kind, rec.kind_from = streamed.records[0].kind, streamed.records[0].kind_from
             assert a[name][0] == rec.to_dict(), name
             np.testing.assert_array_equal(a[name][1], sv)
             W = W.astype(np.float64)

@@ -251,3 +251,24 @@ def test_unusable_plot_dir_fails_before_any_output(tmp_path, capsys):
     assert code == 2 and out == ""
     assert err.strip().startswith("allennlp-analyze: error: cannot create --plot-dir")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_minilm_figure_overlays_the_randomized_esd(tmp_path, minilm_path):
+    result = analyze(str(minilm_path), keep_spectra=True, randomize=True,
+                     match=[r"layer\.0\.output\."])
+    (rec,), (sv,), (rand_sv,) = result.records, result.spectra, result.rand_spectra
+    assert rand_sv.size == rec.M and rand_sv[0] == rec.rand_sv_max
+    drawn = esd_figure(rec, sv, rand_sv=rand_sv)
+    lin, log, _ = drawn.figure.axes
+    rand_lam = rand_sv ** 2
+    assert np.array_equal(drawn.counts["rand_linear"], np.histogram(rand_lam, drawn.edges)[0])
+    assert drawn.counts["rand_linear"].sum() == rec.M          # the edges cover both ESDs
+    assert drawn.counts["rand_log"].sum() == np.count_nonzero(rand_lam > 0)
+    assert len(steps(lin)) == len(steps(log)) == 2
+    assert any(np.allclose(line.get_xdata(), rec.lambda_plus) for line in lin.get_lines())
+    labels = " ".join(t.get_text() for t in lin.get_legend().get_texts())
+    assert f"{rec.num_spikes} spike(s)" in labels and f"{rec.num_traps} trap(s)" in labels
+    out = write_figures(result, str(tmp_path))
+    check_png(tmp_path / out.matrices[0], min_colors=20)
+    page = (tmp_path / "index.html").read_text()
+    assert "<th>traps</th>" in page and "correlation traps" in page

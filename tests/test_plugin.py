@@ -26,6 +26,7 @@ from allennlp_analyze import analyze, cli  # noqa: E402
 from allennlp_analyze.errors import AnalyzeError  # noqa: E402
 from allennlp_analyze.plugin import loading, register  # noqa: E402
 from allennlp_analyze.plugin.subcommand import Analyze, analyze_archives  # noqa: E402
+from allennlp_analyze.sources import remote  # noqa: E402
 from allennlp_analyze.options import AnalysisOptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def runs(server, inputs, tmp_path_factory):
             plugins file: a URL, a serialization directory, an archive and the 0.9 archives;
     help:   `allennlp analyze --help`, from another scratch directory, same $HOME;
     second: from the repository root (`.allennlp_plugins`), no global registration, the same
-            download cache: the URL again, a 404 URL and a corrupt download.
+            download cache: the URL again, a 404 URL and a truncated download.
     """
     base, log = server
     serdir, old = inputs
@@ -160,7 +161,7 @@ def test_help_lists_the_command_from_any_directory(runs):
     assert code == 0, err
     assert "usage: allennlp analyze" in out
     for flag in ("--weights-file", "--overrides", "--cuda-device", "--include-package",
-                 "--min-q", "--rank-criterion", "--format", "--fail-on-collapse"):
+                 "--min-q", "--rank-criterion", "--format", "--fail-on-collapse", "--describe"):
         assert flag in out, flag
 
 
@@ -205,7 +206,8 @@ def test_first_run_url_serialization_dir_and_09_archives(runs, inputs):
 
 
 def test_records_equal_the_standalone_command(runs, inputs, capsys, tmp_path):
-    """Same matrices, same values; the plugin's module types only add to the standalone's."""
+    """Same matrices, same values, same kinds; the plugin's module types only add to the
+    standalone's (and are the evidence for the kinds of built models)."""
     args = [str(TAGGER) if a == runs["url"] else a for a in runs["first_args"]]
     assert cli.main([*args, "--format", "json", "-o", str(tmp_path / "sa.json")]) == 0
     capsys.readouterr()
@@ -215,7 +217,7 @@ def test_records_equal_the_standalone_command(runs, inputs, capsys, tmp_path):
     assert len(plugin["records"]) == len(alone["records"])
     richer = 0
     for p, a in zip(plugin["records"], alone["records"]):
-        assert _without(p, "module_type") == _without(a, "module_type")
+        assert _without(p, "module_type", "kind_from") == _without(a, "module_type", "kind_from")
         assert a["module_type"] in (None, p["module_type"]), (p["name"], a["module_type"])
         richer += a["module_type"] is None and p["module_type"] is not None
     assert richer > 0
@@ -230,7 +232,7 @@ def test_second_run_uses_the_cache_and_reports_errors(runs):
     missing = [line for line in lines if "missing.tar.gz" in line]
     corrupt = [line for line in lines if "corrupt.tar.gz" in line]
     assert missing and "HTTP 404" in missing[0]
-    assert corrupt and "is not usable: it is truncated; it was removed from the cache" in corrupt[0]
+    assert corrupt and "is not usable: it is truncated; it was not cached" in corrupt[0]
     doc = _json(runs["tmp"] / "second.json")
     assert doc["summary"]["models"] == ["tagger_lstm.tar.gz"]
     assert len(doc["records"]) == 5 and not doc["summary"]["complete"]
@@ -239,9 +241,9 @@ def test_second_run_uses_the_cache_and_reports_errors(runs):
     assert runs["gets_after_first"] == ["/tagger_lstm.tar.gz"]
     assert gets.count("/tagger_lstm.tar.gz") == 1
     assert ("GET", "/corrupt.tar.gz") in runs["log"]
-    cached = [json.loads(p.read_text())["resource"] for p in runs["cache"].glob("*.json")]
-    assert runs["url"] in cached
-    assert not any("corrupt" in url for url in cached)  # evicted: the next run fetches it anew
+    # Only the usable download is cached (the truncated one never was), nothing else is left.
+    cached = [p for p in runs["cache"].rglob("*") if not p.is_dir()]
+    assert cached == [remote.cache_path(runs["url"], runs["cache"])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +354,12 @@ def test_pickle_payload_is_never_run(tmp_path, monkeypatch):
     # (AllenNLP's read_state_dict does not): it must not matter.
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     notes = []
-    with pytest.raises(AnalyzeError, match="refused to unpickle arbitrary objects"):
-        loading.open_model_source(str(archive), notice=notes.append)
+    # Only the tensors are read (issue 16: the payload is an inert placeholder); the model,
+    # which lacks its other weights, is not built.
+    source = loading.open_model_source(str(archive), notice=notes.append)
+    assert [i.name for i in source.tensors()] == ["tag_projection_layer._module.weight"]
+    assert "io.open" in source.note and "never ran" in source.note
+    assert len(notes) == 1 and "analyzing the raw weights" in notes[0]
     assert not marker.exists()
     # ... and the payload is real: a default torch.load under that variable runs it.
     with pytest.warns(UserWarning):
@@ -384,8 +390,8 @@ def test_unsafe_members_are_not_extracted(tmp_path, monkeypatch):
         source = loading.open_model_source(str(archive), notice=notes.append)
         assert len(notes) == 1 and "unsafe archive member, not extracted" in notes[0], notes
         records = analyze(source).to_dicts()  # the raw weights, read without extracting
-        assert [_without(r, "model", "module_type") for r in records] == \
-            [_without(r, "model", "module_type") for r in expected], case
+        assert [_without(r, "model", "module_type", "kind_from") for r in records] == \
+            [_without(r, "model", "module_type", "kind_from") for r in expected], case
     assert not (workdir / "escaped.txt").exists() and not (tmp_path / "absolute.txt").exists()
     assert list(workdir.iterdir()) == []  # the extraction folders are gone
 
@@ -428,3 +434,13 @@ def test_register_is_idempotent_and_keeps_other_plugins(tmp_path, capsys):
     assert register.main(["--plugins-file", str(path), "--remove"]) == 0
     assert path.read_text() == "my_plugin\n"
     assert (REPO / ".allennlp_plugins").read_text().split() == ["allennlp_analyze.plugin"]
+
+
+def test_scheduler_option_is_shared(monkeypatch, capsys):
+    """``allennlp analyze --scheduler``: the standalone command's option, and its one error
+    line where Dask cannot be imported."""
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    code, out, err = _run_command([str(TAGGER), "--scheduler", "tcp://127.0.0.1:8786"], capsys)
+    assert (code, out) == (2, "")
+    assert err == ("allennlp analyze: error: --scheduler needs Dask distributed, which is not "
+                   "installed: pip install 'allennlp-analyze[dask]'\n")

@@ -158,12 +158,13 @@ def test_convolution_kernels_skipped_by_default_and_sliced_on_request():
     kernel = rng.standard_normal((96, 64, 3, 2)).astype(np.float32)  # (out, in, kh, kw)
     small = rng.standard_normal((8, 3, 5, 5)).astype(np.float32)
     conv1d = rng.standard_normal((80, 60, 4)).astype(np.float32)
+    # a 4-D kernel is a convolution by its shape; a 3-D one by its bias of out-channels
     tensors = [T("conv.weight", *kernel.shape, module_type="Conv2d"), T("conv.bias", 96),
-               T("stem.weight", *small.shape), T("c1.weight", *conv1d.shape)]
+               T("stem.weight", *small.shape), T("c1.weight", *conv1d.shape), T("c1.bias", 80)]
     sel, plans = run(tensors)
     assert not plans
     assert sel.skipped["convolution kernel (add --include conv)"] == 3
-    assert skipped_total(sel) == 4
+    assert skipped_total(sel) == 5
 
     sel, plans = run(tensors, include=("conv",))
     conv = [p for p in plans.values() if p.param == "conv.weight"]
@@ -172,7 +173,7 @@ def test_convolution_kernels_skipped_by_default_and_sliced_on_request():
     assert [p.position for p in plans.values() if p.param == "c1.weight"] == [(k,) for k in range(4)]
     # the 8 x 3 slices of the stem are below --conv-min-dim 50: 25 slices counted
     assert sel.skipped["convolution slice smaller than --conv-min-dim 50"] == 25
-    assert sel.skipped["not a matrix (0-D/1-D: biases, norms, scalars)"] == 1
+    assert sel.skipped["not a matrix (0-D/1-D: biases, norms, scalars)"] == 2
     for p in conv:
         i, j = p.position
         assert np.array_equal(extract(p, kernel), kernel[:, :, i, j])

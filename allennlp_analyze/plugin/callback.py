@@ -39,23 +39,14 @@ import inspect
 import json
 import logging
 import os
-from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import MISSING, fields
-from typing import Any, Dict, List, Optional, Sequence, Tuple
-
-import numpy as np
-import torch
+from typing import Any, Dict, List, Optional, Tuple
 
 from allennlp.training.callbacks.callback import TrainerCallback
 
-from ..analysis import analyze_source
+from ..monitor import MonitorReport, WeightMonitor, snapshot  # noqa: F401  (snapshot: API)
 from ..options import AnalysisOptions
-from ..records import MatrixRecord, summarize
-from ..selection import plan
-from ..sources._common import torch_to_numpy
-from ..sources.module import ModuleSource
-from ..tensors import TensorInfo
+from ..records import MatrixRecord
 
 logger = logging.getLogger(__name__)
 
@@ -66,78 +57,48 @@ class RankCollapseError(RuntimeError):
     """Raised by the ``weight_analysis`` callback with ``fail_on_collapse: true``."""
 
 
-class _Snapshot:
-    """A copy of the selected weights of a model, as a weight source."""
-
-    def __init__(self, label: str, infos: Sequence[TensorInfo], copies: Dict[str, torch.Tensor]):
-        self.label = label
-        self._infos = list(infos)
-        self._copies = copies
-
-    def tensors(self) -> Sequence[TensorInfo]:
-        return list(self._infos)
-
-    def load(self, name: str) -> np.ndarray:
-        return torch_to_numpy(self._copies[name])
-
-
-def snapshot(model: torch.nn.Module, options: AnalysisOptions, label: str = "",
-             copy: bool = True) -> _Snapshot:
-    """The matrices ``options`` select from ``model``, in host memory: one copy per parameter,
-    in its own dtype (``copy=False``: parameters already on the CPU are only referenced, for an
-    analysis that finishes before training goes on)."""
-    source = ModuleSource(model, label=label or type(model).__name__)
-    infos = source.tensors()
-    wanted = {p.param for p in plan(infos, options).plans}
-    state = model.state_dict(keep_vars=True)
-    copies = {}
-    with torch.no_grad():
-        for name in wanted:
-            t = state[name].detach()
-            copies[name] = t.to("cpu", copy=True) if copy or t.device.type != "cpu" else t
-    return _Snapshot(source.label, infos, copies)
-
-
 class WeightAnalysisCallback(TrainerCallback):
     """See the module docstring. The constructor takes the callback's own arguments and, as
-    keywords, the fields of :class:`~allennlp_analyze.options.AnalysisOptions`."""
+    keywords, the fields of :class:`~allennlp_analyze.options.AnalysisOptions`. The work is
+    :class:`~allennlp_analyze.monitor.WeightMonitor`'s; this adapter feeds it AllenNLP's events
+    and hands its figures to AllenNLP's metrics and log writers."""
 
     def __init__(self, serialization_dir: str, every: int = 1, fail_on_collapse: bool = False,
                  file_name: str = "weight_analysis.jsonl", background: bool = False,
                  **options: Any) -> None:
         super().__init__(serialization_dir)
-        if every < 1:
-            raise ValueError(f"weight_analysis: every must be >= 1 (got {every})")
-        self.every = every
-        self.fail_on_collapse = fail_on_collapse
-        self.path = os.path.join(serialization_dir, file_name) if serialization_dir else None
-        self.options = AnalysisOptions(**options)
-        self.background = background
-        self._executor: Optional[ThreadPoolExecutor] = None
-        self._pending: List[Tuple[Future, int, bool]] = []
+        path = os.path.join(serialization_dir, file_name) if serialization_dir else None
+        self.monitor = WeightMonitor(path, every=every, stop_on_collapse=fail_on_collapse,
+                                     background=background, logger=logger, **options)
         self._metrics: Optional[Dict[str, Any]] = None
-        self._last_analyzed: Optional[int] = None
-        #: (epoch, final, records) of every analysis so far, in order (for programs and tests).
-        self.history: List[Tuple[int, bool, List[MatrixRecord]]] = []
+
+    every = property(lambda self: self.monitor.every)
+    fail_on_collapse = property(lambda self: self.monitor.stop_on_collapse)
+    background = property(lambda self: self.monitor.background)
+    options = property(lambda self: self.monitor.options)
+    path = property(lambda self: self.monitor.path)
+
+    @property
+    def history(self) -> List[Tuple[int, bool, List[MatrixRecord]]]:
+        """(epoch, final, records) of every analysis so far, in order (for programs and tests)."""
+        return [(r.epoch, r.final, r.records) for r in self.monitor.history]
 
     # -- trainer events ------------------------------------------------------------------------
 
     def on_batch(self, trainer, batch_inputs, batch_outputs, batch_metrics, epoch: int,
                  batch_number: int, is_training: bool, is_primary: bool = True,
                  **kwargs) -> None:
-        if self._pending and self._pending[0][0].done():
-            self._collect(wait=False)
+        self._handle(self.monitor.poll())
 
     def on_epoch(self, trainer, metrics: Dict[str, Any], epoch: int, is_primary: bool = True,
                  **kwargs) -> None:
         if not is_primary:
             return
         self._metrics = metrics
-        self._collect(wait=True)  # the previous epoch's analysis, if still running
-        if (epoch + 1) % self.every == 0:
-            self._start(trainer, epoch, final=False, weights_epoch=epoch)
-            if not self.background:
-                self._collect(wait=True)
+        # the previous epoch's analysis, if still running (raising before the next one starts
+        # where it asks to stop), then this epoch's when due
+        self._handle(self.monitor.wait())
+        self._handle(self.monitor.epoch_end(trainer.model, epoch))
 
     def on_end(self, trainer, metrics: Optional[Dict[str, Any]] = None,
                epoch: Optional[int] = None, is_primary: bool = True, **kwargs) -> None:
@@ -147,88 +108,27 @@ class WeightAnalysisCallback(TrainerCallback):
             if metrics is None or epoch is None:  # training failed or never ran an epoch
                 return
             self._metrics = metrics
-            self._collect(wait=True)
-            if self._last_analyzed != epoch or _final_weights_changed(trainer):
-                self._start(trainer, epoch, final=True, weights_epoch=_final_weights_epoch(
-                    trainer, epoch))
-                self._collect(wait=True)
+            self._handle(self.monitor.wait())
+            self._handle(self.monitor.final(
+                trainer.model, epoch, weights_changed=_final_weights_changed(trainer),
+                weights_epoch=_final_weights_epoch(trainer, epoch)))
         finally:
-            for future, *_ in self._pending:
-                future.cancel()
-            self._pending.clear()
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            self.monitor.close()
 
-    # -- analysis ------------------------------------------------------------------------------
+    # -- reporting -----------------------------------------------------------------------------
 
-    def _start(self, trainer, epoch: int, final: bool, weights_epoch: Optional[int]) -> None:
-        """Analyze the model's weights as of now; ``weights_epoch``: the epoch those weights
-        come from (the best epoch's where the trainer reloaded it at the end; None for a
-        moving average)."""
-        in_background = self.background and not final
-        snap = snapshot(trainer.model, self.options, copy=in_background)
-        self._last_analyzed = epoch
-        if in_background:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="weight_analysis")
-            future = self._executor.submit(analyze_source, snap, self.options, False)
-        else:
-            future = Future()
-            try:
-                future.set_result(analyze_source(snap, self.options, False))
-            except Exception as e:
-                future.set_exception(e)
-        self._pending.append((future, epoch, final, weights_epoch))
-
-    def _collect(self, wait: bool) -> None:
-        """Report finished analyses, oldest first (``wait``: all of them). An analysis that
-        fails is logged as an error; it does not stop training."""
-        while self._pending and (wait or self._pending[0][0].done()):
-            future, epoch, final, weights_epoch = self._pending.pop(0)
-            try:
-                records, _, _ = future.result()
-            except Exception as e:
-                logger.error("weight_analysis: epoch %d: the analysis failed: %s: %s",
-                             epoch, type(e).__name__, e)
-                continue
-            self._report(records, epoch, final, weights_epoch)
-
-    def _report(self, records: List[MatrixRecord], epoch: int, final: bool,
-                weights_epoch: Optional[int]) -> None:
-        self.history.append((epoch, final, records))
-        criterion = self.options.rank_criterion
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                for rec in records:
-                    line = dict(rec.to_dict(), epoch=epoch, final=final,
-                                weights_epoch=weights_epoch)
-                    f.write(json.dumps(line, allow_nan=False) + "\n")
-        summary = summarize(records, Counter(), [records[0].model] if records else [], [])
-        figures = {
-            METRIC_PREFIX + "sv_min": summary.sv_min,
-            METRIC_PREFIX + "collapsed": summary.collapsed[criterion],
-            METRIC_PREFIX + "alpha_mean": summary.alpha_mean,
-            METRIC_PREFIX + "epoch": epoch,
-        }
-        if self._metrics is not None:
-            self._metrics.update(figures)
-        if not final:
-            self._amend_epoch_metrics(epoch, figures)
-            self._log_scalars(figures, epoch)
-        collapsed = [r for r in records if r.collapsed(criterion)]
-        for r in collapsed:
-            logger.warning("weight_analysis: epoch %d: %s (%s, %d x %d) lost rank: %d of %d "
-                           "singular values above the %s tolerance, nu_min %.3g",
-                           epoch, r.name, r.module_type or "?", r.N, r.M, r.rank(criterion),
-                           r.M, criterion, r.sv_min)
-        if collapsed and self.fail_on_collapse:
-            names = ", ".join(r.name for r in collapsed[:5])
-            more = f" and {len(collapsed) - 5} more" if len(collapsed) > 5 else ""
-            raise RankCollapseError(
-                f"weight_analysis: rank collapse at epoch {epoch} in {names}{more} (rank < M "
-                f"under the {criterion} criterion; smallest nu_min {summary.sv_min:.3g}); "
-                "training stopped (fail_on_collapse)")
+    def _handle(self, reports: List[MonitorReport]) -> None:
+        """Hand each report's figures to the trainer's metrics (the epoch's metrics file and the
+        log writers too, except for the final analysis); raise :class:`RankCollapseError` where
+        one asks training to stop."""
+        for report in reports:
+            if self._metrics is not None:
+                self._metrics.update(report.metrics)
+            if not report.final:
+                self._amend_epoch_metrics(report.epoch, report.metrics)
+                self._log_scalars(report.metrics, report.epoch)
+            if report.stop:
+                raise RankCollapseError(report.stop + "; training stopped (fail_on_collapse)")
 
     def _amend_epoch_metrics(self, epoch: int, figures: Dict[str, Any]) -> None:
         """Add ``figures`` to ``metrics_epoch_<epoch>.json``, which the trainer writes before

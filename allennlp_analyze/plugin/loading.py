@@ -3,43 +3,51 @@ where possible (so every matrix carries its module type), else the archive's raw
 
 Safety, for archives from the internet:
 
-* URLs are fetched once with the ``cached_path`` library that AllenNLP's own ``cached_path``
-  wraps, into AllenNLP's cache (``$ALLENNLP_CACHE_ROOT/cache``, default ``~/.allennlp/cache``)
-  unless ``--cache-dir`` names another; a download found unusable is dropped from the cache.
-* The archive is extracted here, not by ``load_archive``: with ``tarfile``'s ``"data"`` filter
-  (no ``..``, no links leaving the folder, no devices, no special permission bits) and absolute
-  member names refused, into a temporary folder that is removed once the model is built; an
-  archive with such a member is not extracted at all (its raw weights are analyzed).
-* ``config.json`` is read as plain JSON (no Jsonnet evaluation), and a config that could run or
-  fetch code while the model is built is not built: a ``"type"`` naming a class by import path
-  (AllenNLP would import it and call it with the config's arguments), nested archives
-  (``_pretrained``, ``archive_file``), ``trust_remote_code`` and ``override_weights_file``.
-* Weights are unpickled with ``weights_only=True`` only. torch >= 2.6 defaults to it, but the
-  environment variable ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` turns that default off for calls
-  that do not pass it, as AllenNLP's ``read_state_dict`` does not; so every ``torch.load`` made
-  while the model is built runs under ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, which overrides even
-  an explicit ``weights_only=False``. The raw-weights fallback reads with
-  ``weights_only=True`` itself (:mod:`allennlp_analyze.sources.torch_file`).
+* URLs are fetched by the standalone command's downloader (:mod:`allennlp_analyze.sources.remote`:
+  timeouts, size limits, nothing cached unless complete and usable), into AllenNLP's cache
+  folder (``$ALLENNLP_CACHE_ROOT/cache``, default ``~/.allennlp/cache``) unless ``--cache-dir``
+  names another.
+* The archive is read by the standalone command's one-pass reader
+  (:func:`~allennlp_analyze.sources.archive.scan_archive`), so that both commands accept and
+  refuse the same archives (truncated, corrupt, ambiguous, gzip bombs), and only the files a
+  model is built from (``config.json``, ``meta.json``, ``vocabulary/``, the weights) are
+  extracted, as regular files, into a temporary folder removed once the model is built; an
+  archive with an absolute or ``..`` member name, a link or a device is not extracted at all
+  (its raw weights are analyzed).
+* ``config.json`` is read as plain JSON (no Jsonnet evaluation, nested at most
+  ``limits.MAX_JSON_DEPTH`` deep), and a config that could run or fetch code while the model is
+  built is not built: a ``"type"`` naming a class by import path (AllenNLP would import it and
+  call it with the config's arguments), nested archives (``_pretrained``, ``archive_file``),
+  ``trust_remote_code`` and ``override_weights_file``.
+* The weights file is read by :mod:`allennlp_analyze.sources.torch_file`, as the raw-weights
+  path and ``allennlp-analyze`` read it (no code from it is run; the same checkpoint rule and
+  ``--checkpoint-key``), and handed to AllenNLP re-written as a plain state dict of tensors.
+  Any other ``torch.load`` made while the model is built runs with ``weights_only=True``:
+  torch >= 2.6 defaults to it, but the environment variable
+  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` turns that default off for calls that do not pass it,
+  so they run under ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, which overrides even an explicit
+  ``weights_only=False``.
 * Only the model is built (``Model.load``, as ``load_archive`` does); the dataset readers,
-  which may download tokenizers, are not.
+  which may download tokenizers, are not. Only regular files are opened (a FIFO in a
+  serialization directory's vocabulary would block AllenNLP forever).
 """
 import contextlib
-import json
 import os
 import re
 import sys
-import tarfile
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Tuple
 
-from ..errors import AnalyzeError
-from ..sources import open_path
+from .. import limits
+from ..errors import AnalyzeError, escape
+from ..sources import is_hub_id, open_path, remote
 from ..sources._common import one_line
-from ..sources.archive import find_serialization_weights
+from ..sources.archive import find_serialization_weights, member_parts, scan_archive
+from ..sources.hub import resolve_hub
 from ..sources.module import ModuleSource
-from ..sources.remote import url_basename
+from ..sources.torch_file import TorchFileSource
 from ..tensors import WeightSource
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -55,30 +63,40 @@ class NotBuilt(Exception):
 
 
 def stderr_notice(message: str) -> None:
-    print(f"allennlp analyze: note: {message}", file=sys.stderr, flush=True)
+    print(f"allennlp analyze: note: {escape(message)}", file=sys.stderr, flush=True)
 
 
 def open_model_source(spec: str, *, weights_file: Optional[str] = None, overrides: Any = "",
                       cuda_device: int = -1, cache_dir: Optional[str] = None,
                       progress: Optional[bool] = None,
-                      notice: Callable[[str], None] = stderr_notice) -> WeightSource:
+                      notice: Callable[[str], None] = stderr_notice,
+                      checkpoint_key: Optional[str] = None) -> WeightSource:
     """A weight source for ``spec`` (an archive path, a serialization directory or an http(s)
     URL): the built model (:class:`ModuleSource`, module types filled in) when it can be built,
     else its raw weights, with a one-line ``notice`` saying why. Other files (state dicts,
     safetensors, Hugging Face folders) are opened as ``allennlp-analyze`` opens them.
+    ``checkpoint_key`` picks the part of a nested checkpoint, as for ``allennlp-analyze``.
     Problems the user can fix raise :class:`AnalyzeError`."""
     local, label, url = resolve(spec, cache_dir, progress)
-    buildable = _looks_like_archive(local) or (local.is_dir() and (local / "config.json").is_file())
-    if not buildable:
-        return _raw(local, label, weights_file, url, cache_dir)
-    try:
-        model = build_model(local, weights_file=weights_file, overrides=overrides,
-                            cuda_device=cuda_device)
-    except NotBuilt as e:
-        source = _raw(local, label, weights_file, url, cache_dir)
-        notice(f"{label}: analyzing the raw weights; the model was not built ({_short(str(e))})")
+
+    def open_local(path: Path) -> WeightSource:
+        buildable = _looks_like_archive(path) or (path.is_dir() and (path / "config.json").is_file())
+        if not buildable:
+            return open_path(weights_file or path, label=label, checkpoint_key=checkpoint_key)
+        notes = []
+        try:
+            model = build_model(path, weights_file=weights_file, overrides=overrides,
+                                cuda_device=cuda_device, checkpoint_key=checkpoint_key,
+                                weights_note=notes.append)
+        except NotBuilt as e:
+            source = open_path(weights_file or path, label=label, checkpoint_key=checkpoint_key)
+            notice(f"{label}: analyzing the raw weights; the model was not built ({_short(str(e))})")
+            return source
+        source = ModuleSource(model, label=label)
+        source.note = notes[0] if notes else None
         return source
-    return ModuleSource(model, label=label)
+
+    return open_local(local) if url is None else remote.open_cached(url, local, open_local)
 
 
 def _short(reason: str, limit: int = 200) -> str:
@@ -99,7 +117,8 @@ def resolve(spec: str, cache_dir: Optional[str] = None,
     if match:
         scheme = match.group(1).lower()
         if scheme in ("http", "https"):
-            return download(text, cache_dir, progress), url_basename(text), text
+            return (remote.fetch(text, cache_directory(cache_dir), progress),
+                    remote.url_basename(text), text)
         if scheme == "file":
             import urllib.parse
             import urllib.request
@@ -108,6 +127,8 @@ def resolve(spec: str, cache_dir: Optional[str] = None,
         else:
             raise AnalyzeError(f"{text}: unsupported URL scheme {scheme!r} "
                                "(use http, https or a local path)")
+    if is_hub_id(text):  # ORG/NAME[@REVISION] with no such local path: its cached snapshot
+        return resolve_hub(text, progress), text, None
     path = Path(text)
     try:
         if not path.exists():
@@ -127,92 +148,52 @@ def cache_directory(cache_dir: Optional[str] = None) -> str:
     return CACHE_DIRECTORY
 
 
-def download(url: str, cache_dir: Optional[str] = None, progress: Optional[bool] = None) -> Path:
-    """The cached copy of ``url``, downloaded on first use (AllenNLP's ``cached_path``)."""
-    import cached_path as _cached_path  # what allennlp.common.file_utils.cached_path calls
-
-    show = sys.stderr.isatty() if progress is None else progress
-    try:
-        return Path(_cached_path.cached_path(url, cache_dir=cache_directory(cache_dir),
-                                             quiet=not show))
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:
-        raise AnalyzeError(f"cannot download {url}: {_download_reason(e)}") from None
-
-
-def _download_reason(error: BaseException) -> str:
-    response = getattr(error, "response", None)
-    if isinstance(error, FileNotFoundError):  # cached_path's answer to a 404
-        return "HTTP 404 Not Found"
-    if response is not None and getattr(response, "status_code", None):
-        return f"HTTP {response.status_code} {response.reason or ''}".rstrip()
-    text = one_line(error)
-    for pattern, reason in ((r"Connection refused", "connection refused"),
-                            (r"Name or service not known|nodename nor servname|"
-                             r"Temporary failure in name resolution", "unknown host"),
-                            (r"timed out", "timed out"),
-                            (r"IncompleteRead|Connection broken|ChunkedEncodingError",
-                             "the connection broke off (truncated download)")):
-        if re.search(pattern, text) or re.search(pattern, type(error).__name__):
-            return reason
-    return text[:200] or type(error).__name__
-
-
 def _looks_like_archive(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        with open(path, "rb") as f:
+        with limits.open_regular(path) as f:
             return f.read(2) == _GZIP_MAGIC
-    except OSError:
+    except (OSError, AnalyzeError):
         return False
-
-
-def _raw(local: Path, label: str, weights_file: Optional[str], url: Optional[str],
-         cache_dir: Optional[str]) -> WeightSource:
-    """The raw weights (``weights_file`` if given), opened as ``allennlp-analyze`` does."""
-    try:
-        return open_path(weights_file or local, label=label)
-    except AnalyzeError as e:
-        if url is None:
-            raise
-        _evict(local)
-        detail = str(e).replace(str(local), "it")  # the cache file's name means nothing
-        raise AnalyzeError(f"the download of {url} is not usable: {detail}; "
-                           "it was removed from the cache") from None
-
-
-def _evict(cached: Path) -> None:
-    """Drop a download (and cached_path's metadata and lock) from the cache."""
-    for path in (cached, Path(f"{cached}.json"), Path(f"{cached}.lock")):
-        try:
-            path.unlink()
-        except OSError:
-            pass
 
 
 # -- building the model ---------------------------------------------------------------------
 
 def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: Any = "",
-                cuda_device: int = -1):
-    """The AllenNLP model of an archive or serialization directory, with its trained weights,
-    in eval mode. Raises :class:`NotBuilt` where it cannot be built (and :class:`AnalyzeError`
-    for a bad ``--overrides`` / ``--cuda-device``)."""
+                cuda_device: int = -1, checkpoint_key: Optional[str] = None,
+                weights_note: Callable[[str], None] = lambda note: None):
+    """The AllenNLP model of an archive or serialization directory, with its trained weights
+    (read as :func:`plain_weights` says; its note, if any, goes to ``weights_note``), in eval
+    mode. Raises :class:`NotBuilt` where it cannot be built (and :class:`AnalyzeError` for a
+    bad ``--overrides`` / ``--cuda-device``)."""
     _check_cuda_device(cuda_device)
+    if weights_file:
+        try:
+            limits.require_regular(weights_file)
+        except OSError as e:
+            raise AnalyzeError(f"--weights-file {weights_file}: {e.strerror or one_line(e)}") from None
+        except AnalyzeError as e:
+            raise AnalyzeError(f"--weights-file: {e}") from None
     with tempfile.TemporaryDirectory(prefix="allennlp-analyze-") as tmp:
         if local.is_dir():
             serialization_dir = local
             weights = weights_file or find_serialization_weights(local)
+            _check_vocabulary(local)
         else:
-            serialization_dir = safe_extract(local, Path(tmp))
-            weights = weights_file or _archive_weights(serialization_dir)
+            contents = scan_archive(local, extract_to=Path(tmp))
+            if contents.unsafe:
+                raise NotBuilt(f"unsafe archive member, not extracted: {contents.unsafe}")
+            serialization_dir = contents.folder
+            weights = weights_file or serialization_dir / member_parts(contents.weights)[-1]
         if weights is None:
             raise NotBuilt("no weights.th / best.th")
         config = read_config(serialization_dir / "config.json", overrides)
         reason = unsafe_config_reason(config)
         if reason:
             raise NotBuilt(f"config.json {reason}, which is not run for an analysis")
+        weights = plain_weights(Path(weights), Path(tmp) / "analyzed-weights.th", checkpoint_key,
+                                weights_note)
         from allennlp.common.params import Params
         from allennlp.models.model import Model
 
@@ -229,6 +210,40 @@ def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: A
     return model
 
 
+def _check_vocabulary(folder: Path) -> None:
+    """A serialization directory's vocabulary holds regular files only (AllenNLP would block on
+    a FIFO there, or read a device without end)."""
+    vocabulary = folder / "vocabulary"
+    try:
+        entries = list(os.scandir(vocabulary)) if vocabulary.is_dir() else []
+        for entry in entries:
+            if not entry.is_file():
+                raise NotBuilt(f"vocabulary/{entry.name} is not a regular file")
+    except OSError as e:
+        raise NotBuilt(f"cannot read vocabulary/: {e.strerror or one_line(e)}") from None
+
+
+def plain_weights(weights: Path, dest: Path, checkpoint_key: Optional[str],
+                  note: Callable[[str], None]) -> Path:
+    """``weights`` read as ``allennlp-analyze`` reads a weights file (no code run; nested
+    checkpoints by the same rule) and written to ``dest`` as a plain state dict of tensors,
+    the file AllenNLP is given. Unreadable weights raise :class:`NotBuilt` (the raw-weights
+    path then reports why)."""
+    import numpy as np
+    import torch
+
+    try:
+        source = TorchFileSource(weights, checkpoint_key=checkpoint_key)
+        state = {i.name: torch.from_numpy(np.array(source.load(i.name)))
+                 for i in source.tensors()}
+    except AnalyzeError as e:
+        raise NotBuilt(str(e)) from None
+    torch.save(state, dest)
+    if source.note:
+        note(source.note)
+    return dest
+
+
 def _check_cuda_device(cuda_device: int) -> None:
     if cuda_device is None or cuda_device < 0:
         return
@@ -240,49 +255,15 @@ def _check_cuda_device(cuda_device: int) -> None:
                            f"{count or 'no'} CUDA device{'s' if count != 1 else ''}")
 
 
-def _archive_weights(folder: Path) -> Optional[Path]:
-    for name in ("weights.th", "best.th"):  # as allennlp.models.archival.get_weights_path
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def safe_extract(archive: Path, dest: Path) -> Path:
-    """Extract a ``.tar.gz`` into ``dest`` with tarfile's ``"data"`` filter and return the
-    folder holding ``config.json`` (``dest``, or its single top-level folder)."""
-    if not hasattr(tarfile, "data_filter"):
-        raise NotBuilt("this Python's tarfile has no extraction filters (needs 3.9.17, "
-                       "3.10.12, 3.11.4 or later), so the archive is not extracted")
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(dest, filter=_refuse_absolute_then_data_filter)
-    except tarfile.FilterError as e:
-        raise NotBuilt(f"unsafe archive member, not extracted: {one_line(e)}") from None
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise NotBuilt(f"cannot extract the archive: {one_line(e) or type(e).__name__}") from None
-    if (dest / "config.json").is_file():
-        return dest
-    subdirs = [p for p in dest.iterdir() if p.is_dir()]
-    if len(subdirs) == 1 and (subdirs[0] / "config.json").is_file():
-        return subdirs[0]
-    raise NotBuilt("the archive holds no config.json")
-
-
-def _refuse_absolute_then_data_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's "data" filter, except that absolute names are refused, not made relative."""
-    if member.name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member.name):
-        raise tarfile.AbsolutePathError(member)
-    return tarfile.data_filter(member, dest)
-
-
 def read_config(path: Path, overrides: Any = "") -> dict:
     """``config.json`` as plain JSON (never evaluated as Jsonnet), with ``overrides`` (a JSON /
     Jsonnet string or a dict, as AllenNLP's ``--overrides``) applied."""
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = limits.parse_json(limits.read_regular(path, limits.MAX_TEXT_FILE).decode("utf-8"))
     except FileNotFoundError:
         raise NotBuilt("no config.json") from None
+    except AnalyzeError as e:
+        raise NotBuilt(str(e).replace(str(path), "config.json")) from None
     except (OSError, ValueError) as e:
         raise NotBuilt(f"config.json is not readable JSON ({one_line(e)[:120]})") from None
     if not isinstance(config, dict) or "model" not in config:

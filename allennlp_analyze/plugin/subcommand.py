@@ -2,6 +2,7 @@
 the models built by AllenNLP (module types per matrix) and AllenNLP's ``--weights-file``,
 ``--overrides``, ``--cuda-device`` and ``--include-package``."""
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -11,6 +12,9 @@ from allennlp.commands.subcommand import Subcommand
 
 from .. import cli
 from ..analysis import Analysis, analyze
+from ..describe import Description, describe
+from ..errors import AnalyzeError
+from ..sources._common import one_line
 from .loading import open_model_source
 
 PROG = "allennlp analyze"
@@ -18,6 +22,10 @@ PROG = "allennlp analyze"
 
 @Subcommand.register("analyze")
 class Analyze(Subcommand):
+    #: AllenNLP would import ``--include-package`` modules itself, before the command runs and
+    #: outside its error handling (a missing module: a traceback); the command does it.
+    requires_plugins = False
+
     def add_subparser(self, parser: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description = (cli.DESCRIPTION + " ARCHIVE is a model archive, a serialization directory "
                        "or an http(s) URL (downloaded once into AllenNLP's cache). The model is "
@@ -31,7 +39,8 @@ class Analyze(Subcommand):
             if action.dest == "sources":
                 action.metavar = "ARCHIVE"
                 action.help = ("model archive (.tar.gz), serialization directory or http(s) URL; "
-                               "also any other source allennlp-analyze reads, or a glob")
+                               "also any other source allennlp-analyze reads (a Hugging Face "
+                               "hub id ORG/NAME[@REVISION]...), or a glob")
             elif action.dest == "cache_dir":
                 action.help = ("where downloaded archives are kept (default: AllenNLP's cache, "
                                "$ALLENNLP_CACHE_ROOT/cache, else ~/.allennlp/cache)")
@@ -42,29 +51,62 @@ class Analyze(Subcommand):
                        help="a JSON structure used to override the model's configuration")
         g.add_argument("--cuda-device", type=int, default=-1,
                        help="id of the GPU to build the model on (-1: CPU)")
+        g.add_argument("--include-package", dest="packages", action="append", default=[],
+                       metavar="PACKAGE",
+                       help="additional packages to include (their models and modules)")
+        subparser.error = functools.partial(_usage_error, subparser)  # one line, like cli's
         subparser.set_defaults(func=_run)
         return subparser
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str):
+    parser.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _include_packages(packages: List[str]) -> None:
+    """Import ``--include-package`` modules (and their submodules), as AllenNLP would."""
+    from allennlp.common.util import import_module_and_submodules
+
+    for name in packages:
+        try:
+            import_module_and_submodules(name)
+        except Exception as e:  # ModuleNotFoundError, or the package's own error
+            raise AnalyzeError(f"--include-package {name}: cannot import it "
+                               f"({type(e).__name__}: {one_line(e)})") from None
 
 
 def _run(args: argparse.Namespace) -> None:
     _quiet_logging()
 
-    def analyze_fn(*specs, **kwargs) -> Analysis:
-        return analyze_archives(*specs, weights_file=args.weights_file,
-                                overrides=args.overrides, cuda_device=args.cuda_device, **kwargs)
+    loading = dict(weights_file=args.weights_file, overrides=args.overrides,
+                   cuda_device=args.cuda_device)
 
-    sys.exit(cli.guarded(lambda: cli.run(args, analyze_fn=analyze_fn, prog=PROG), PROG))
+    def analyze_fn(*specs, **kwargs) -> Analysis:
+        return analyze_archives(*specs, **loading, **kwargs)
+
+    def describe_fn(*specs, **kwargs) -> Description:
+        return describe(*specs, opener=_opener(**loading), **kwargs)
+
+    def run() -> int:
+        _include_packages(args.packages)
+        return cli.run(args, analyze_fn=analyze_fn, prog=PROG, describe_fn=describe_fn)
+
+    sys.exit(cli.guarded(run, PROG))
+
+
+def _opener(weights_file: Optional[str] = None, overrides: str = "", cuda_device: int = -1):
+    """Opens each source with AllenNLP (:func:`~.loading.open_model_source`): models built where
+    they can be, module types known. A partial of a module function, so that tasks on an
+    executor (a process pool, a Dask cluster) can take it."""
+    return functools.partial(open_model_source, weights_file=weights_file, overrides=overrides,
+                             cuda_device=cuda_device)
 
 
 def analyze_archives(*specs: str, weights_file: Optional[str] = None, overrides: str = "",
                      cuda_device: int = -1, **kwargs) -> Analysis:
-    """:func:`allennlp_analyze.analyze` with each source opened by AllenNLP
-    (:func:`~.loading.open_model_source`): models built where they can be, module types known."""
-    def opener(spec, cache_dir: Optional[str], progress: Optional[bool]):
-        return open_model_source(spec, weights_file=weights_file, overrides=overrides,
-                                 cuda_device=cuda_device, cache_dir=cache_dir, progress=progress)
-
-    return analyze(*specs, opener=opener, **kwargs)
+    """:func:`allennlp_analyze.analyze` with each source opened by AllenNLP: models built where
+    they can be, module types known."""
+    return analyze(*specs, opener=_opener(weights_file, overrides, cuda_device), **kwargs)
 
 
 def _quiet_logging() -> None:

@@ -3,21 +3,21 @@
 Nothing here imports torch at module level: a value is a torch tensor only if torch is
 already imported (``sys.modules``), so safetensors-only runs never pay for it.
 """
-import json
+import mmap
+import os
 import re
+import struct
 import sys
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .. import limits
 from ..errors import AnalyzeError
 from ..tensors import TensorInfo
-
-#: Keys under which training checkpoints commonly keep the model's state dict.
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
-
 
 def one_line(text: Any) -> str:
     """``text`` squeezed onto one line (error details from libraries may span several)."""
@@ -64,54 +64,24 @@ def numpy_to_numpy(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _is_tensor(value: Any) -> bool:
+def is_tensor(value: Any) -> bool:
+    """A numpy array or a torch tensor (in memory)."""
     return isinstance(value, np.ndarray) or is_torch_tensor(value)
-
-
-def _all_tensors(mapping: Mapping) -> bool:
-    return len(mapping) > 0 and all(isinstance(k, str) and _is_tensor(v) for k, v in mapping.items())
-
-
-def as_state_dict(obj: Any, origin: str) -> Mapping:
-    """Validate ``obj`` as a flat ``{name: tensor}`` mapping, unwrapping a training checkpoint
-    such as ``{"state_dict": {...}, "epoch": 3}`` or ``{"model": {...}}`` when the wrapped
-    mapping holds tensors only. Anything else is refused with an :class:`AnalyzeError`."""
-    current = obj
-    for _ in range(3):
-        if not isinstance(current, Mapping):
-            break
-        if _all_tensors(current):
-            return current
-        inner = [current[k] for k in WRAPPER_KEYS if k in current and isinstance(current[k], Mapping)]
-        if not inner:
-            break
-        current = inner[0]
-    if not isinstance(current, Mapping):
-        raise AnalyzeError(
-            f"{origin} is not a plain tensor state dict (it holds {type(current).__name__}, not a dict of tensors)"
-        )
-    if len(current) == 0:
-        raise AnalyzeError(f"{origin} holds no tensors")
-    for key, value in current.items():
-        if not isinstance(key, str):
-            raise AnalyzeError(f"{origin} is not a plain tensor state dict (key {key!r} is not a string)")
-        if not _is_tensor(value):
-            raise AnalyzeError(
-                f"{origin} is not a plain tensor state dict ({key!r} holds {type(value).__name__}, not a tensor)"
-            )
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class TensorDictSource:
     """Tensors already in memory (torch tensors and/or numpy arrays), in mapping order.
 
     Arrays handed out by :meth:`load` may share memory with the stored tensors; they are made
-    read-only so that an analysis cannot modify the model's weights in place.
+    read-only so that an analysis cannot modify the model's weights in place. ``note``: which
+    part of a nested checkpoint the state is (see :mod:`.checkpoint`), or ``None``.
     """
 
     def __init__(self, label: str, state: Mapping, origin: Optional[str] = None,
-                 module_types: Optional[Dict[str, Optional[str]]] = None):
+                 module_types: Optional[Dict[str, Optional[str]]] = None,
+                 note: Optional[str] = None):
         self.label = label
+        self.note = note
         self._origin = origin or label
         self._state = state
         self._module_types = module_types or {}
@@ -146,11 +116,43 @@ class TensorDictSource:
         return f"<{type(self).__name__} {self.label!r}>"
 
 
+class MappedSource:
+    """A source whose tensors stay in a (memory-mapped) file until loaded: ``entries`` maps
+    each name to where its data are, ``infos`` lists them; subclasses read one with
+    :meth:`_read`. ``note``: what was left out or chosen, or ``None``."""
+
+    def __init__(self, label: str, origin: str, entries: Mapping, infos: List[TensorInfo],
+                 note: Optional[str] = None):
+        self.label, self._origin, self._entries, self._infos = label, origin, entries, infos
+        self.note = note
+
+    def _read(self, name: str, entry: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def tensors(self) -> Sequence[TensorInfo]:
+        return list(self._infos)
+
+    def load_mapped(self, name: str) -> np.ndarray:
+        """The tensor in its stored precision, a read-only view of the file where it can be
+        one (valid while the file is unchanged), else a new array."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise AnalyzeError(f"{self._origin} has no tensor named {name!r}")
+        return self._read(name, entry)
+
+    def load(self, name: str) -> np.ndarray:
+        """:meth:`load_mapped` as an array of its own."""
+        array = self.load_mapped(name)
+        return array if array.flags.owndata and array.flags.writeable else np.array(array)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label!r}>"
+
+
 def read_index(path: Path) -> Dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file name) of a sharded checkpoint's index."""
     try:
-        with open(path, "rb") as f:
-            index = json.loads(f.read().decode("utf-8"))
+        index = limits.parse_json(limits.read_regular(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise AnalyzeError(f"{path} is not a valid checkpoint index ({one_line(e)})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -171,3 +173,37 @@ def safe_relative(name: str) -> bool:
 def shard_order(weight_map: Dict[str, str]) -> List[str]:
     """Shard files in order of first appearance in the index."""
     return list(dict.fromkeys(weight_map.values()))
+
+
+def map_file(path: Path):
+    """The file's bytes, memory-mapped read-only (``b""`` for an empty file)."""
+    try:
+        with limits.open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return b""
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
+
+
+def zip_member_data(buffer, info: zipfile.ZipInfo):
+    """Where a zip member's bytes lie in the zip's bytes ``buffer``: ``(buffer, offset)`` for a
+    stored member (nothing copied), ``(None, offset)`` for a compressed one (to be read through
+    :mod:`zipfile`). ``ValueError`` where the member's local header or data are not there, or
+    it would expand more than :func:`~allennlp_analyze.limits.expanded_limit` allows (deflate
+    reaches ~1000x on runs of zeros: a small file could otherwise claim gigabytes)."""
+    view = memoryview(buffer)
+    head = bytes(view[info.header_offset:info.header_offset + 30])
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise ValueError(f"zip member {info.filename} has a bad local header")
+    name_len, extra_len = struct.unpack_from("<HH", head, 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    if info.compress_type != zipfile.ZIP_STORED:
+        if info.file_size > limits.expanded_limit(info.compress_size):
+            raise ValueError(f"zip member {info.filename} would expand {info.file_size} bytes "
+                             f"from {info.compress_size}, over {limits.max_expansion():g}x: "
+                             f"refused ({limits.ENV_MAX_EXPANSION} allows more)")
+        return None, start
+    if start + info.file_size > len(view):
+        raise ValueError(f"zip member {info.filename} is truncated")
+    return buffer, start

@@ -6,7 +6,7 @@ data, offsets relative to its start. Each :meth:`load` reads one tensor's bytes 
 safetensors keeps no model order, so names are listed in natural order (``layer.2`` before
 ``layer.10``).
 """
-import json
+import math
 import mmap
 import os
 import struct
@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .. import limits
 from ..errors import AnalyzeError
 from ..tensors import Mapped, TensorInfo
 from ._common import natural_key, one_line, read_index
@@ -23,9 +24,11 @@ from ._common import natural_key, one_line, read_index
 MAX_HEADER = 100_000_000
 
 
-def _float8_table(exp_bits: int, man_bits: int, bias: int, ieee: bool) -> np.ndarray:
+def _float8_table(exp_bits: int, man_bits: int, bias: int, ieee: bool,
+                  fnuz: bool = False) -> np.ndarray:
     """float32 value of each of the 256 float8 bit patterns (E4M3FN: no infinities,
-    S.1111.111 is NaN; E5M2: IEEE-like)."""
+    S.1111.111 is NaN; E5M2: IEEE-like; ``fnuz`` (torch's E4M3FNUZ / E5M2FNUZ): no infinities,
+    no negative zero, 1.0000.000 alone is NaN)."""
     codes = np.arange(256, dtype=np.int64)
     sign = np.where(codes >> 7, -1.0, 1.0)
     exp = (codes >> man_bits) & ((1 << exp_bits) - 1)
@@ -34,7 +37,9 @@ def _float8_table(exp_bits: int, man_bits: int, bias: int, ieee: bool) -> np.nda
     subnormal = (man / 2.0**man_bits) * 2.0 ** (1 - bias)
     values = sign * np.where(exp == 0, subnormal, normal)
     top = (1 << exp_bits) - 1
-    if ieee:
+    if fnuz:
+        values = np.where(codes == 0x80, np.nan, values)
+    elif ieee:
         values = np.where((exp == top) & (man == 0), sign * np.inf, values)
         values = np.where((exp == top) & (man != 0), np.nan, values)
     else:
@@ -60,6 +65,10 @@ _DTYPES = {
     "U8": (np.dtype("u1"), "uint8"),
     "BOOL": (np.dtype("?"), "bool"),
 }
+#: The float8 codes that :func:`_widen` decodes -> ``_float8_table`` arguments; the FNUZ ones
+#: are torch's (no safetensors dtype), for torch files.
+_FLOAT8_FORMATS = {"F8_E4M3": (4, 3, 7, False), "F8_E5M2": (5, 2, 15, True),
+                   "F8_E4M3FNUZ": (4, 3, 8, False, True), "F8_E5M2FNUZ": (5, 2, 16, False, True)}
 _FLOAT8 = {}
 
 
@@ -69,10 +78,9 @@ def _widen(raw: np.ndarray, st_dtype: str) -> np.ndarray:
         bits = raw.astype(np.uint32)
         bits <<= 16  # in place: one temporary, not two
         return bits.view(np.float32)
-    if st_dtype in ("F8_E4M3", "F8_E5M2"):
+    if st_dtype in _FLOAT8_FORMATS:
         if st_dtype not in _FLOAT8:
-            _FLOAT8[st_dtype] = (_float8_table(4, 3, 7, False) if st_dtype == "F8_E4M3"
-                                 else _float8_table(5, 2, 15, True))
+            _FLOAT8[st_dtype] = _float8_table(*_FLOAT8_FORMATS[st_dtype])
         return _FLOAT8[st_dtype][raw]
     return raw
 
@@ -90,8 +98,8 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
         return AnalyzeError(f"{path} has a corrupt safetensors header ({why})")
 
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with limits.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise AnalyzeError(f"{path} is truncated (no safetensors header)")
@@ -105,7 +113,7 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
     except OSError as e:
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = limits.parse_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise corrupt(f"invalid JSON: {one_line(e)}") from None
     if not isinstance(header, dict):
@@ -118,7 +126,7 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
         if not isinstance(spec, dict):
             raise corrupt(f"entry {name!r} is not an object")
         st_dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if st_dtype not in _DTYPES:
+        if not isinstance(st_dtype, str) or st_dtype not in _DTYPES:
             raise corrupt(f"tensor {name!r} has unknown dtype {st_dtype!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise corrupt(f"tensor {name!r} has a bad shape {shape!r}")
@@ -128,7 +136,7 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
             raise corrupt(f"tensor {name!r} has bad data offsets {offsets!r}")
         storage, dtype_name = _DTYPES[st_dtype]
         begin, end = offsets
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * storage.itemsize:
+        if end - begin != math.prod(shape) * storage.itemsize:  # exact: no int64 overflow
             raise corrupt(f"tensor {name!r}: data offsets {offsets} do not match shape {shape} and dtype {st_dtype}")
         if end > data_size:
             raise AnalyzeError(f"{path} is truncated (tensor {name!r} ends at data byte {end}, "
@@ -148,7 +156,7 @@ def read_tensor(path: Path, entry: _Entry):
         return _widen(np.empty(entry.info.shape, dtype=storage), entry.st_dtype)
     start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
     try:
-        with open(path, "rb") as f:
+        with limits.open_regular(path) as f:
             if os.fstat(f.fileno()).st_size < entry.end:
                 raise AnalyzeError(f"{path} is truncated (tensor {entry.info.name!r})")
             mapped = mmap.mmap(f.fileno(), entry.end - start, access=mmap.ACCESS_READ,
@@ -158,7 +166,7 @@ def read_tensor(path: Path, entry: _Entry):
     raw = np.frombuffer(mapped, dtype=storage, count=nbytes // storage.itemsize,
                         offset=entry.begin - start).reshape(entry.info.shape)
     widen = None
-    if entry.st_dtype in ("BF16", "F8_E4M3", "F8_E5M2"):
+    if entry.st_dtype == "BF16" or entry.st_dtype in _FLOAT8_FORMATS:
         widen = lambda bits, st_dtype=entry.st_dtype: _widen(bits, st_dtype)  # noqa: E731
     return Mapped(raw, widen, mapped)
 
@@ -242,10 +250,10 @@ class ShardedSafetensorsSource:
 def looks_like_safetensors(path: Path) -> bool:
     """Sniff: a plausible header length followed by ``{``."""
     try:
-        with open(path, "rb") as f:
+        with limits.open_regular(path) as f:
             head = f.read(9)
-        size = path.stat().st_size
-    except OSError:
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, AnalyzeError):
         return False
     if len(head) < 9:
         return False

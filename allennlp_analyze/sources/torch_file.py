@@ -1,96 +1,81 @@
-"""Pickled PyTorch state dicts (``.th``, ``.pt``, ``.pth``, ``.bin``), single or sharded.
+"""Pickled PyTorch files (``.th``, ``.pt``, ``.pth``, ``.bin``, ``.ckpt``, plain pickles of
+tensors), single or sharded, read without torch and without running any code from the file.
 
-Files are only ever read with ``torch.load(..., weights_only=True)``: a pickle that would build
-arbitrary objects (or run code through ``__reduce__``) is refused, never executed. Zip-format
-files on disk are memory-mapped, so listing them does not read the tensor data.
+The file is memory-mapped and parsed by :mod:`.torch_format` (zip and legacy formats; every
+global but torch's tensor rebuilders inert); the weights are found by
+:func:`.checkpoint.find_weights` (nested training checkpoints, Lightning ``.ckpt``, pickled
+modules); each tensor is checked against its storage and the storage against the file before
+anything is listed, and its data are read from the file only when it is loaded.
 """
-import io
 import os
-import pickle
-import re
-import warnings
-import zipfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import AnalyzeError
 from ..tensors import TensorInfo
-from ._common import TensorDictSource, as_state_dict, one_line, read_index, shard_order
+from ._common import MappedSource, map_file, read_index, shard_order
+from .checkpoint import find_weights
+from .torch_format import Corrupt, PickledTensor, check, read_torch
 
 SUFFIXES = (".th", ".pt", ".pth", ".bin", ".ckpt")
 
 
-def _import_torch(origin: str):
-    try:
-        import torch
-    except ImportError:
-        raise AnalyzeError(f"reading {origin} needs PyTorch; install torch") from None
-    return torch
+def read_weights(buffer, origin: str, checkpoint_key: Optional[str] = None):
+    """The weights of a pickled file's bytes: ``(Weights, left out)``, where the
+    :class:`~.checkpoint.Weights` hold only tensors that can be read and ``left out`` names
+    the others with the reason (expanded views and sparse tensors too large in dense form,
+    quantized and meta tensors)."""
+    if len(buffer) == 0:
+        raise AnalyzeError(f"{origin} is empty")
+    root, inert = read_torch(buffer, origin)
+    weights = find_weights(root, origin, lambda x: isinstance(x, PickledTensor),
+                           checkpoint_key, inert)
+    check(weights.tensors, origin)
+    left = {n: t.problem() for n, t in weights.tensors.items() if t.problem()}
+    if left and len(left) == len(weights.tensors):
+        name, why = next(iter(left.items()))
+        raise AnalyzeError(f"{origin} holds no tensor that can be read ({name!r}: {why})")
+    for name in left:
+        del weights.tensors[name]
+    return weights, left
 
 
-def load_state_dict(source: Union[str, os.PathLike, bytes], origin: str):
-    """``torch.load`` of a file path or of the file's bytes, safely, as a validated
-    ``{name: tensor}`` mapping. Every failure becomes an :class:`AnalyzeError` naming ``origin``."""
-    torch = _import_torch(origin)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        f = io.BytesIO(source)
-        head, is_zip, mmap = bytes(source[:4]), zipfile.is_zipfile(f), False
-        f.seek(0)
-    else:
-        f = os.fspath(source)
+def _left_note(left: Dict[str, str]) -> Optional[str]:
+    if not left:
+        return None
+    shown = ", ".join(f"{n!r} ({why})" for n, why in list(left.items())[:3])
+    more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+    return f"left out {len(left)} tensor{'s' if len(left) > 1 else ''} that are not read: {shown}{more}"
+
+
+class PickledSource(MappedSource):
+    """The weights of a pickled torch file given as its bytes (``bytes`` or an ``mmap``).
+    ``note``: which part of a checkpoint was analyzed and what was left out (or ``None``)."""
+
+    def __init__(self, label: str, buffer, origin: str, checkpoint_key: Optional[str] = None):
+        weights, left = read_weights(buffer, origin, checkpoint_key)
+        infos = [TensorInfo(name, t.shape, t.dtype, weights.module_types.get(name))
+                 for name, t in weights.tensors.items()]
+        note = "; ".join(n for n in (weights.note, _left_note(left)) if n) or None
+        super().__init__(label, origin, weights.tensors, infos, note)
+
+    def _read(self, name: str, tensor: PickledTensor) -> np.ndarray:
         try:
-            with open(f, "rb") as handle:
-                head = handle.read(4)
-        except OSError as e:
-            raise AnalyzeError(f"cannot read {origin}: {e.strerror or one_line(e)}") from None
-        is_zip = zipfile.is_zipfile(f)
-        mmap = is_zip  # only the zip format can be memory-mapped
-    if head == b"PK\x03\x04" and not is_zip:
-        # torch's own zip reader fails obscurely (EINVAL, negative seeks) on these
-        raise AnalyzeError(f"{origin} is truncated (its zip directory is missing)")
-    try:
-        with warnings.catch_warnings():
-            # e.g. "Detected pickle protocol 4": every failure is reported below instead
-            warnings.simplefilter("ignore")
-            obj = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        message = str(e)
-        if "weights only load failed" in message.lower() or "weights_only" in message:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
-            why = f"; it references {found.group(1)}" if found else ""
-            raise AnalyzeError(
-                f"{origin} is not a plain tensor state dict (refused to unpickle arbitrary objects{why})"
-            ) from None
-        if "truncated" in message or "ran out of input" in message.lower():
-            raise AnalyzeError(f"{origin} is truncated") from None
-        raise AnalyzeError(f"{origin} is not a valid PyTorch file ({one_line(message)[:200]})") from None
-    except EOFError:
-        raise AnalyzeError(f"{origin} is truncated") from None
-    except Exception as e:  # RuntimeError from the zip reader, ValueError, KeyError ...
-        message = one_line(e)
-        if "TorchScript" in message:
-            raise AnalyzeError(
-                f"{origin} is a TorchScript archive, not a plain tensor state dict "
-                "(refused to unpickle arbitrary objects)"
-            ) from None
-        if "central directory" in message or "truncated" in message or "unexpected EOF" in message:
-            raise AnalyzeError(f"{origin} is truncated or not a valid PyTorch file") from None
-        raise AnalyzeError(f"{origin} is not a valid PyTorch file ({message[:200]})") from None
-    finally:
-        if isinstance(f, io.BytesIO):
-            f.close()
-    return as_state_dict(obj, origin)
+            return tensor.read()
+        except Corrupt as e:
+            raise AnalyzeError(f"{self._origin} is not a valid PyTorch file (tensor {name!r}: {e})") from None
 
 
-class TorchFileSource(TensorDictSource):
-    """A state dict file, unpickled safely when opened (memory-mapped where the format allows,
-    so that only the tensors actually loaded are read from disk)."""
+class TorchFileSource(PickledSource):
+    """A pickled torch file on disk (memory-mapped: only the tensors loaded are read)."""
 
-    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None):
+    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None,
+                 checkpoint_key: Optional[str] = None):
         self.path = Path(path)
-        super().__init__(label or self.path.name, load_state_dict(self.path, str(self.path)), origin=str(self.path))
+        super().__init__(label or self.path.name, map_file(self.path), str(self.path),
+                         checkpoint_key)
 
 
 class ShardedTorchSource:
