@@ -254,7 +254,7 @@ class _Rows:
         self._noise = None if noise_dtype is None else NoiseAccumulator(noise_dtype, self.M)
         self._fed = set()
         if len(self.bounds) <= 1:
-            self.whole = self._widened(0, self.N, "w", scale=False)
+            self.whole = self._widened(0, self.N, "w", scale=False, feed=not self.checked)
         if not self.checked:
             return  # float32 and narrower: |w| < 2**128, W^T W cannot overflow in float64
         if self.whole is not None:
@@ -263,22 +263,27 @@ class _Rows:
             big = np.max([self._scanned(a, b) for a, b in self.bounds])
         if not np.isfinite(big):
             raise NonFiniteError("the matrix holds NaN or Inf")
+        if self.whole is not None:
+            self._feed(0, self.whole)  # the stored values, before any scaling
         if big > 0 and not 2.0 ** -SAFE_EXPONENT <= big <= 2.0 ** SAFE_EXPONENT:
             self.exponent = int(np.frexp(big)[1])
             if self.whole is not None:
-                self.whole = self._widened(0, self.N, "w", scale=True)
+                self.whole = self._widened(0, self.N, "w", scale=True, feed=False)
 
-    def _widened(self, a: int, b: int, slot: str, scale: bool) -> np.ndarray:
+    def _widened(self, a: int, b: int, slot: str, scale: bool, feed: bool = True) -> np.ndarray:
         """Rows a:b as C-ordered float64, scaled by 2**-exponent where ``scale``: the caller's
-        own array where it already is that, else a copy (never written through)."""
+        own array where it already is that, else a copy (never written through); their stored
+        values go to the noise accumulator where ``feed``."""
         part = self.src[a:b]
         if not (scale and self.exponent) and isinstance(part, np.ndarray) \
                 and part.dtype == np.float64 and part.flags.c_contiguous:
-            self._feed(a, part)
+            if feed:
+                self._feed(a, part)
             return part
         out = _empty(slot, (b - a, self.M))
         values = np.asarray(part)
-        self._feed(a, values)
+        if feed:
+            self._feed(a, values)
         np.copyto(out, values)
         _release(part)
         if scale and self.exponent:
@@ -288,8 +293,9 @@ class _Rows:
     def _scanned(self, a: int, b: int) -> float:
         part = self.src[a:b]
         values = np.asarray(part)
-        self._feed(a, values)
         big = _magnitude(values)
+        if np.isfinite(big):  # NaN/Inf ends the analysis: nothing to accumulate
+            self._feed(a, values)
         _release(part)
         return big
 

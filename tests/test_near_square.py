@@ -212,6 +212,11 @@ def test_extreme_magnitudes_are_analyzed_like_any_matrix(scale, shape):
         np.testing.assert_allclose(spec.sv, np.ldexp(S, e), rtol=1e-9, atol=np.ldexp(limit, e))
     rec = analyze_matrix(W, AnalysisOptions(min_q=1.0))
     assert rec.status == "ok" and rec.alpha is not None
+    # the storage rounding, accumulated from the unscaled blocks: sqrt(||E||_1 ||E||_inf) with
+    # |e_ij| <= ulp(w_ij) / 2 (numpy's spacing: the float64 ulp, subnormal spacing included)
+    half_ulp = np.spacing(np.abs(W)) / 2
+    bound = np.sqrt(half_ulp.sum(axis=0).max()) * np.sqrt(half_ulp.sum(axis=1).max())
+    assert rec.noise_bound == pytest.approx(bound, rel=1e-9)
     assert rec.log10_sv_min == pytest.approx(np.log10(S[-1]) + e * np.log10(2.0), abs=1e-9)
     assert rec.log_spectral_norm == pytest.approx(2 * (np.log10(S[0]) + e * np.log10(2.0)), abs=1e-12)
     assert rec.stable_rank == pytest.approx(np.sum(S ** 2) / S[0] ** 2, rel=1e-9)
