@@ -282,9 +282,9 @@ class _Rows:
             return part
         out = _empty(slot, (b - a, self.M))
         values = np.asarray(part)
-        if feed:
-            self._feed(a, values)
         np.copyto(out, values)
+        if feed:  # the float64 copy holds the same values, in rows the accumulator reads fast
+            self._feed(a, values if values.flags.c_contiguous else out)
         _release(part)
         if scale and self.exponent:
             _ldexp(out, -self.exponent, out=out)
