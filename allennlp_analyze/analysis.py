@@ -7,6 +7,7 @@
 import contextlib
 import os
 import sys
+import threading
 from collections import Counter, deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,7 @@ import numpy as np
 from . import limits
 from .errors import AnalyzeError, escape
 from .kinds import value_kind
-from .noise_floor import StorageNoise, storage_noise
+from .noise_floor import StorageNoise
 from .journal import Journal
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
@@ -27,7 +28,7 @@ from .records import (MatrixRecord, SourceInfo, Summary, criterion_for, roundoff
 from .selection import NOT_WEIGHT_VALUES, MatrixPlan, Selection, extract, plan
 from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
                                mp_bulk_fit, permuted)
-from .spectrum import (Spectrum, batch_size, enable_scratch, release_scratch,
+from .spectrum import (Parallel, Spectrum, batch_size, enable_scratch, release_scratch,
                        singular_values_many)
 from .tensors import DTYPE_EPS, WeightSource
 
@@ -73,34 +74,42 @@ def _analyze(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
 
 
 def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optional[str],
-                                    Optional[str]]], options: AnalysisOptions
+                                    Optional[str]]], options: AnalysisOptions,
+                  parallel: Optional[Parallel] = None
                   ) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
     """:func:`_analyze` of matrices (``(W, name, dtype, model, module_type, part)``) of one
-    oriented shape, their spectra computed by stacked calls (same results as one by one)."""
+    oriented shape, their spectra computed by stacked calls (same results as one by one).
+    The storage rounding is accumulated from the row blocks the spectrum reads (no pass of its
+    own); ``parallel`` runs a matrix's independent Gram panels (``spectrum.Parallel``)."""
     prepared = [_prepare(W, options, *rest) for W, *rest in items]
-    todo = [i for i, (_, W) in enumerate(prepared) if W is not None]
-    noise = [storage_noise(prepared[i][1], prepared[i][0].dtype) for i in todo]
-    specs = singular_values_many([prepared[i][1] for i in todo],
-                                 [DTYPE_EPS[prepared[i][0].dtype] for i in todo],
+    specs = singular_values_many([W for _, W in prepared],
+                                 [DTYPE_EPS[rec.dtype] for rec, _ in prepared],
                                  loose_tol=options.loose_tol, method=options.method,
-                                 device=options.device,
-                                 noise_estimates=[n.estimate for n in noise])
-    results = [(rec, np.zeros(0)) for rec, _ in prepared]
-    for i, spec, n in zip(todo, specs, noise):
-        results[i] = _finish(prepared[i][0], spec, n, options)
+                                 device=options.device, parallel=parallel,
+                                 noise_dtypes=[rec.dtype for rec, _ in prepared])
+    results = []
+    for (rec, _), spec in zip(prepared, specs):
+        if spec is None:
+            rec.status = "nonfinite"
+            results.append((rec, np.zeros(0)))
+        else:
+            results.append(_finish(rec, spec, spec.noise, options))
+    todo = [i for i, spec in enumerate(specs) if spec is not None]
     rand = [np.zeros(0)] * len(results)
     if options.randomize:
-        for i, sv in zip(todo, _randomize([prepared[i] for i in todo], specs, options)):
+        for i, sv in zip(todo, _randomize([prepared[i] for i in todo],
+                                          [specs[i] for i in todo], options)):
             rand[i] = sv
     return [(rec, sv, r) for (rec, sv), r in zip(results, rand)]
 
 
 def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
              model: str, module_type: Optional[str], part: Optional[str]
-             ) -> Tuple[MatrixRecord, Optional[np.ndarray]]:
-    """The record's identity fields, and W where its spectrum is to be computed (None where
-    it is not finite)."""
-    W = np.asarray(W)
+             ) -> Tuple[MatrixRecord, np.ndarray]:
+    """The record's identity fields, and W (any array-like that slices; it is read in
+    blocks, and NaN/Inf is found there)."""
+    if not hasattr(W, "shape"):
+        W = np.asarray(W)
     if W.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D matrix, got shape {W.shape}")
     dtype = dtype or W.dtype.name
@@ -109,9 +118,6 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
     N, M = max(W.shape), min(W.shape)
     rec = MatrixRecord(model=model, name=name, module_type=module_type, shape=tuple(W.shape),
                        dtype=dtype, N=N, M=M, Q=N / M if M else float("inf"), slice=part)
-    if not np.isfinite(W).all():
-        rec.status = "nonfinite"
-        return rec, None
     return rec, W
 
 
@@ -122,7 +128,10 @@ def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: Ana
     sv, tol = spec.sv, spec.tolerances
     rec.method = spec.method
     rec.sv_max, rec.sv_min = float(sv[0]), float(sv[-1])
-    rec.log10_sv_min = float(np.log10(sv[-1])) if sv[-1] > 0 else float("-inf")
+    # logs and eigenvalues from the values as computed (W scaled by 2**-exponent): lambda
+    # itself may lie outside float64's range (weights of 1e-300 or 1e160)
+    unit, shift = spec.unit_sv, 2.0 * spec.exponent * float(np.log10(2.0))
+    rec.log10_sv_min = float(np.log10(unit[-1])) + shift / 2 if unit[-1] > 0 else float("-inf")
     rec.rank_loose, rec.rank_noise = spec.rank(tol.loose), spec.rank(tol.noise)
     rec.noise_floor, rec.noise_bound = tol.noise, noise.bound
     # numpy's and NR's tolerances scale with nu_max: at or above it (max(N, M) * eps >= 1 for
@@ -140,33 +149,45 @@ def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: Ana
     if sv[0] == 0.0:
         rec.status = "all_zero"
         return rec, sv
-    evals = sv ** 2
+    evals = unit ** 2
     lam_max, lam_sum = float(evals[0]), float(evals.sum())
     rec.stable_rank = lam_sum / lam_max
-    rec.log_norm = float(np.log10(lam_sum))
-    rec.log_spectral_norm = float(np.log10(lam_max))
+    rec.log_norm = float(np.log10(lam_sum)) + shift
+    rec.log_spectral_norm = float(np.log10(lam_max)) + shift
     # the fit sees every eigenvalue above round-off for the storage dtype, whatever the rank
     # criterion: numpy's tolerance for float32 / float64 (as ever), else the noise floor
     roundoff = roundoff_criterion(rec.dtype)
     fitted = evals[(sv > getattr(tol, roundoff)) & (evals > 0)]
     rec.num_evals = int(fitted.size)
-    rec.effective_rank = effective_rank(sv)
+    rec.effective_rank = effective_rank(unit)
     if M == 1:
         rec.status = "single_row"
         return rec, sv
-    bulk = mp_bulk_fit(sv, rec.N, M)
-    rec.mp_sigma2, rec.lambda_plus, rec.num_spikes, rec.mp_softrank = (
-        bulk.sigma2, bulk.lambda_plus, bulk.num_spikes, bulk.softrank)
-    rec.entropy = matrix_entropy(sv, rec.rank(roundoff))
+    bulk = mp_bulk_fit(unit, rec.N, M)
+    rec.mp_sigma2, rec.lambda_plus = (_eigenvalue_units(x, spec.exponent)
+                                      for x in (bulk.sigma2, bulk.lambda_plus))
+    rec.num_spikes, rec.mp_softrank = bulk.num_spikes, bulk.softrank
+    rec.entropy = matrix_entropy(unit, rec.rank(roundoff))
     fit = fit_power_law(fitted, xmax=lam_max if options.fit_xmax == "max" else None)
     if fit is None:
         rec.status = "too_few_eigenvalues"
         return rec, sv
-    rec.alpha, rec.xmin, rec.xmax, rec.D = fit.alpha, fit.xmin, fit.xmax, fit.D
+    rec.alpha, rec.D = fit.alpha, fit.D
+    rec.xmin, rec.xmax = (_eigenvalue_units(x, spec.exponent) for x in (fit.xmin, fit.xmax))
     rec.num_tail = fit.num_tail
     rec.alpha_weighted = fit.alpha * rec.log_spectral_norm
-    rec.log_alpha_norm = log_alpha_norm(sv, fit.alpha)
+    rec.log_alpha_norm = log_alpha_norm(unit, fit.alpha) + fit.alpha * shift
     return rec, sv
+
+
+def _eigenvalue_units(x: Optional[float], exponent: int) -> Optional[float]:
+    """An eigenvalue of the scaled W back in the weights' units squared (x * 4**exponent);
+    None where that is outside float64's range."""
+    if x is None or not exponent:
+        return x
+    with np.errstate(over="ignore", under="ignore"):
+        value = float(np.ldexp(x, 2 * exponent))
+    return value if 0.0 < value < float("inf") else None
 
 
 def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spectrum],
@@ -175,23 +196,30 @@ def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spec
     their matrices with the elements permuted (of one oriented shape, with their spectra
     ``specs``); return the permuted matrices' singular values (empty where none)."""
     keep = [j for j, (rec, _) in enumerate(prepared) if rec.lambda_plus is not None]
-    mats = [permuted(prepared[j][1], options.seed, prepared[j][0].name) for j in keep]
+    mats = [permuted(np.asarray(prepared[j][1]), options.seed, prepared[j][0].name)
+            for j in keep]
     dtypes = [prepared[j][0].dtype for j in keep]
     rand_specs = singular_values_many(
         mats, [DTYPE_EPS[d] for d in dtypes], loose_tol=options.loose_tol,
-        method=options.method, device=options.device,
-        noise_estimates=[storage_noise(P, d).estimate for P, d in zip(mats, dtypes)])
+        method=options.method, device=options.device, noise_dtypes=dtypes)
     out = [np.zeros(0)] * len(prepared)
     for j, rand in zip(keep, rand_specs):
         rec = prepared[j][0]
-        fit = mp_bulk_fit(rand.sv, rec.N, rec.M)
-        rec.rand_sv_max, rec.rand_lambda_plus = float(rand.sv[0]), fit.lambda_plus
+        fit = mp_bulk_fit(rand.unit_sv, rec.N, rec.M)
+        rec.rand_sv_max = float(rand.sv[0])
+        rec.rand_lambda_plus = _eigenvalue_units(fit.lambda_plus, rand.exponent)
         rec.num_traps = fit.num_spikes
         roundoff = roundoff_criterion(rec.dtype)
-        rec.rand_distance = esd_distance(specs[j].sv, getattr(specs[j].tolerances, roundoff),
-                                         rand.sv, getattr(rand.tolerances, roundoff))
+        rec.rand_distance = esd_distance(
+            specs[j].unit_sv, _unit_value(getattr(specs[j].tolerances, roundoff), specs[j]),
+            rand.unit_sv, _unit_value(getattr(rand.tolerances, roundoff), rand))
         out[j] = rand.sv
     return out
+
+
+def _unit_value(t: float, spec: Spectrum) -> float:
+    """A singular-value threshold in the units of ``spec.unit_sv``."""
+    return float(np.ldexp(t, -spec.exponent)) if spec.exponent else t
 
 
 def analyze_source(source: WeightSource, options: AnalysisOptions,
@@ -209,8 +237,10 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     ``names`` restricts the analysis to the planned matrices of those names (a part of the
     source, see :mod:`allennlp_analyze.tasks`); the skip counts are then the plan's for the
     whole source and those found in the part's parameters' values. ``parallel`` False analyzes
-    one matrix after another in this thread, BLAS threads left as they are (a task on an
-    executor, whose workers are the parallelism)."""
+    one matrix after another in this thread with no other core lent (a task on an executor,
+    whose workers are the parallelism). Matrices are analyzed largest first, records returned
+    in the model's order; BLAS runs at one thread (with threadpoolctl), so that records do not
+    depend on the worker count or the order."""
     label = label or source.label
     selection = plan_source(source, options, label)
     plans = selection.plans if names is None else [p for p in selection.plans if p.name in names]
@@ -221,31 +251,35 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
 
     # a source may offer a copy-free read-only view for transient use (safetensors: mapped)
     load = getattr(source, "load_mapped", source.load)
+    Item = Tuple[int, MatrixPlan, np.ndarray]
 
-    def by_param() -> Iterator[Tuple[MatrixPlan, np.ndarray]]:
-        """Each planned matrix with its data; a parameter whose values show it is no weight
-        (a 0/1 mask, a constant) is left out here, counted with the skipped ones."""
+    def by_param() -> Iterator[Item]:
+        """Each planned matrix with its data and its index in ``plans``, largest first; a
+        parameter whose values show it is no weight (a 0/1 mask, a constant) is left out here,
+        counted with the skipped ones."""
         loaded_name, loaded, not_weight = None, None, None
-        for p in plans:
+        for i in _largest_first(plans):
+            p = plans[i]
             if p.param != loaded_name:
                 loaded_name, loaded = p.param, load(p.param)
                 not_weight = value_kind(loaded)
             if not_weight:
                 selection.skipped[NOT_WEIGHT_VALUES[not_weight]] += 1
                 continue
-            yield p, extract(p, loaded)
+            yield i, p, extract(p, loaded)
 
-    def batches() -> Iterator[List[Tuple[MatrixPlan, np.ndarray]]]:
+    def batches() -> Iterator[List[Item]]:
         """Consecutive matrices of one oriented shape, as many as numpy needs to release the
-        GIL in their stacked LAPACK call (one each for M > 500)."""
-        batch: List[Tuple[MatrixPlan, np.ndarray]] = []
+        GIL in their stacked LAPACK call (one each for M > 500, or with spectrum's backend)."""
+        batch: List[Item] = []
         key = None
-        for p, W in by_param():
+        for item in by_param():
+            W = item[2]
             shape = (max(W.shape), min(W.shape)) if W.ndim == 2 else None
             if batch and shape != key:
                 yield batch
                 batch = []
-            batch.append((p, W))
+            batch.append(item)
             key = shape
             if shape is None or len(batch) >= batch_size(shape[1], options.device):
                 yield batch
@@ -253,28 +287,110 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         if batch:
             yield batch
 
-    def one(batch: List[Tuple[MatrixPlan, np.ndarray]]
-            ) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
-        results = _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
-                                 for p, W in batch], options)
-        for (p, _), (rec, _, _) in zip(batch, results):
-            rec.kind, rec.kind_from = p.kind, p.kind_from
-        return results
-
-    records, spectra = [], []
     workers = min(resolve_workers(options), max(1, len(plans))) if parallel else 1
+    limited = options.device is None and _has_threadpoolctl()
+    cores = _Cores(_cpu_count() if limited and parallel else 1, workers)
+
+    def one(batch: List[Item]) -> List[Tuple[int, Tuple[MatrixRecord, np.ndarray, np.ndarray]]]:
+        results = _analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
+                                 for _, p, W in batch], options, cores.lend)
+        for (_, p, _), (rec, _, _) in zip(batch, results):
+            rec.kind, rec.kind_from = p.kind, p.kind_from
+        return [(i, result) for (i, _, _), result in zip(batch, results)]
+
+    done: List[Optional[Tuple[MatrixRecord, np.ndarray, np.ndarray]]] = [None] * len(plans)
+    # BLAS at one thread throughout (idle cores join through cores.lend): LAPACK's
+    # tridiagonalization rounds differently on more threads, and results must not depend on
+    # the worker count or on timing
     with _progress_bar(len(plans), label, progress) as bar, \
-            _blas_threads(max(1, _cpu_count() // workers) if workers > 1 else None):
-        for results in _bounded_map(one, batches(), workers):
-            for rec, sv, rand_sv in results:
-                records.append(rec)
-                spectra.append(sv)
-                if rand_spectra is not None:
-                    rand_spectra.append(rand_sv)
+            _blas_threads(1 if limited else None), cores:
+        for results in _bounded_map(one, batches(), workers, cores):
+            for i, result in results:
+                done[i] = result
                 bar.update(1)
     if workers == 1:
         release_scratch()
+    records, spectra = [], []
+    for result in done:
+        if result is None:  # left out by its values
+            continue
+        rec, sv, rand_sv = result
+        records.append(rec)
+        spectra.append(sv)
+        if rand_spectra is not None:
+            rand_spectra.append(rand_sv)
     return records, spectra, selection.skipped
+
+
+def _largest_first(plans: List[MatrixPlan]) -> List[int]:
+    """Indices of ``plans``, the costliest parameter's matrices first (an N x M matrix costs
+    about N M^2 + 4 M^3: its Gram matrix and tridiagonalization), each parameter's matrices
+    together and in model order, ties in model order: with the largest started first, the
+    workers finish together."""
+    groups: Dict[str, List[int]] = {}
+    for i, p in enumerate(plans):
+        groups.setdefault(p.param, []).append(i)
+
+    def cost(i: int) -> float:
+        N, M = max(plans[i].shape), min(plans[i].shape)
+        return float(N) * M * M + 4.0 * float(M) ** 3
+
+    ordered = sorted(groups.values(), key=lambda g: -sum(cost(i) for i in g))
+    return [i for g in ordered for i in g]
+
+
+class _Cores:
+    """CPU cores that no matrix occupies, lent to the Gram panels of the matrices running
+    (a :data:`~allennlp_analyze.spectrum.Parallel`): the cores beyond the workers, and once
+    every matrix has been handed out (``drained``), those of the workers that finished. Busy
+    threads never exceed the cores; results never depend on it (the panels are fixed by the
+    matrix's shape)."""
+
+    def __init__(self, cores: int, workers: int):
+        self.cores, self.workers = cores, workers
+        self.running = self.lent = 0
+        self.drained = False
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(cores - 1) if cores > 1 else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._pool is not None:
+            self._pool.shutdown()
+        return False
+
+    def update(self, running: int = 0, drained: bool = False) -> None:
+        with self._lock:
+            self.running += running
+            self.drained = self.drained or drained
+
+    def lend(self, tasks: List[Callable[[], None]]) -> None:
+        """Run independent ``tasks``, on as many free cores as there are (this thread too)."""
+        with self._lock:
+            busy = self.running if self.drained else self.workers
+            n = max(0, min(self.cores - busy - self.lent, len(tasks) - 1)) if self._pool else 0
+            self.lent += n
+        pending = iter(tasks)
+        lock = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    task = next(pending, None)
+                if task is None:
+                    return
+                task()
+
+        helpers = [self._pool.submit(drain) for _ in range(n)]
+        try:
+            drain()
+        finally:
+            for h in helpers:
+                h.result()
+            with self._lock:
+                self.lent -= n
 
 
 def plan_source(source: WeightSource, options: AnalysisOptions,
@@ -519,17 +635,21 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _has_threadpoolctl() -> bool:
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_workers(options: AnalysisOptions) -> int:
     """Matrices analyzed at once: ``options.workers``, or for 0 one per CPU core (at most 8)
     when threadpoolctl can keep BLAS at one thread per worker, else 1 (BLAS's own threads).
     Torch devices get 1."""
     if options.workers:
         return options.workers
-    if options.device is not None:
-        return 1
-    try:
-        import threadpoolctl  # noqa: F401
-    except ImportError:
+    if options.device is not None or not _has_threadpoolctl():
         return 1
     return max(1, min(_cpu_count(), 8))
 
@@ -547,20 +667,32 @@ def _blas_threads(limit: Optional[int]):
     return threadpool_limits(limits=limit, user_api="blas")
 
 
-def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """``map(fn, items)`` in order, ``workers`` at a time, holding at most ``workers`` items.
+def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
+                 cores: Optional[_Cores] = None) -> Iterator[R]:
+    """``map(fn, items)`` in order, ``workers`` at a time, holding at most ``workers`` items;
+    ``cores`` learns how many run and when the last one was handed out.
     Each thread reuses its spectral working buffers (``spectrum.enable_scratch``); worker
     threads drop theirs when they end, the caller's thread must ``release_scratch()``."""
+    cores = cores or _Cores(1, workers)
     if workers == 1:
         enable_scratch()
         yield from map(fn, items)
         return
+
+    def run(item: T) -> R:
+        try:
+            return fn(item)
+        finally:
+            cores.update(running=-1)
+
     with ThreadPoolExecutor(workers, initializer=enable_scratch) as pool:
         pending: deque = deque()
         for item in items:
-            pending.append(pool.submit(fn, item))
+            cores.update(running=1)
+            pending.append(pool.submit(run, item))
             if len(pending) >= workers:
                 yield pending.popleft().result()
+        cores.update(drained=True)
         while pending:
             yield pending.popleft().result()
 

@@ -94,13 +94,17 @@ def classify(tensors: Sequence[TensorInfo],
 def value_kind(array: np.ndarray) -> Optional[str]:
     """``"mask"`` when every value is 0 or 1 (both present), ``"constant"`` when all are equal
     and not 0 (an all-zero matrix stays a weight: its record says ``all_zero``), else None.
-    Cost: a look at the first 64 values for ordinary weights, one pass for the others."""
-    flat = np.asarray(array).reshape(-1)
-    if flat.size == 0:
+    Cost: a look at the first 64 values of the first row for ordinary weights (so that a
+    memory-mapped, lazily widened tensor is not read whole), one pass for the others."""
+    if array.size == 0:
         return None
-    head = flat[:64]
+    first = array
+    while first.ndim > 1:
+        first = first[0]
+    head = np.asarray(first[:64] if first.ndim else first).reshape(-1)
     if head.min() != head.max() and not ((head == 0) | (head == 1)).all():
         return None  # neither constant nor 0/1 (NaN lands here too)
+    flat = np.asarray(array).reshape(-1)
     lo, hi = flat.min(), flat.max()
     if lo == hi:
         return None if lo == 0 else "constant"

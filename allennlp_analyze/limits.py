@@ -33,6 +33,7 @@ import stat
 from typing import Callable, Optional, Tuple, TypeVar
 
 from .errors import AnalyzeError
+from .spectrum import working_memory
 
 try:
     import resource
@@ -121,13 +122,13 @@ def format_bytes(n: float) -> str:
 # -- memory -----------------------------------------------------------------------------------
 
 def analysis_memory(N: int, M: int) -> int:
-    """Bytes of float64 working memory the analysis of one N x M matrix (N >= M) needs at its
-    peak: the widened copy of W (8 N M) plus the larger of the SVD's own copy of it (8 N M) and
-    the Gram path's M x M matrix with the eigensolver's copy of it (2 x 8 M^2):
-    ``8 N M + 8 max(N M, 2 M^2)``. The stored tensor itself is not counted (it is memory-mapped
-    or already in memory)."""
-    N, M = max(N, M), min(N, M)
-    return 8 * N * M + 8 * max(N * M, 2 * M * M)
+    """Bytes of float64 working memory the analysis of one N x M matrix needs at its peak
+    (:func:`allennlp_analyze.spectrum.working_memory`: for a matrix of one row block, its
+    widened copy plus the larger of the SVD's copy and the Gram matrix with the eigensolver's
+    copy, ``8 N M + 8 max(N M, 2 M^2)``; for a taller one, streamed, the Gram matrix and the
+    blocked QR of the SVD fallback, whatever N). The stored tensor itself is not counted (it is
+    memory-mapped or already in memory)."""
+    return working_memory(N, M)
 
 
 def _read_int(path: str) -> Optional[int]:

@@ -38,11 +38,12 @@ class AnalysisOptions:
     permutation seeded by ``seed`` and the matrix's name (reproducible; see
     :mod:`allennlp_analyze.spectral_metrics`).
 
-    Speed: ``workers`` matrices are analyzed at once in threads (numpy releases the GIL), BLAS
-    then limited to one thread each so the cores are not oversubscribed; 0 (the default) picks
-    one worker per CPU core when ``threadpoolctl`` is installed (it sets the BLAS threads), else
-    1 with BLAS's own threads. Measured on 2 cores, 2 workers beat 1 worker with 2-thread BLAS
-    (BERT-base: 0.77 s vs 0.97 s, SVD path 2.2 s vs 3.3 s; see docs/performance.md).
+    Speed: ``workers`` matrices are analyzed at once in threads (numpy releases the GIL),
+    largest first, BLAS limited to one thread so the cores are not oversubscribed (cores without
+    a matrix join the Gram matrices still being formed; results do not depend on either); 0 (the
+    default) picks one worker per CPU core when ``threadpoolctl`` is installed (it sets the BLAS
+    threads), else 1 with BLAS's own threads. Measured on 2 cores, 2 workers beat 1 worker with
+    2-thread BLAS (see docs/performance.md).
     """
 
     min_q: float = 1.1

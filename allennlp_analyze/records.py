@@ -77,7 +77,7 @@ class MatrixRecord:
     permuted: its nu_max, its bulk edge, its eigenvalues above its own bulk's spike threshold
     (correlation traps), and the Jensen–Shannon distance of its ESD from W's
     (:mod:`allennlp_analyze.spectral_metrics`). ``method``: spectral path ("svd", "gram",
-    "gram>svd").
+    "gram+ritz", "gram>svd", "gram+ritz>svd"; see :mod:`allennlp_analyze.spectrum`).
     ``slice``: spatial position of a convolution slice, or the part of a fused matrix.
     ``kind`` / ``kind_from``: what the tensor is and on what evidence
     (:mod:`allennlp_analyze.kinds`; None for a matrix given directly).

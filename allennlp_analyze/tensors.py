@@ -4,8 +4,9 @@ Sources (``allennlp_analyze.sources``) list their tensors as :class:`TensorInfo`
 any data, so that selection can decide up front what to analyze, and then load each selected
 tensor exactly once through :meth:`WeightSource.load`.
 """
+import mmap
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, Tuple
+from typing import Callable, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -54,3 +55,54 @@ class WeightSource(Protocol):
         widened to float32 exactly). Raises :class:`~allennlp_analyze.errors.AnalyzeError` if
         unreadable."""
         ...
+
+
+class Mapped:
+    """A memory-mapped tensor as stored, read-only, for transient use by the analysis.
+
+    Slicing (``view[a:b]``, ``view[:, :, i, j]``, ``view.T``) gives another view and reads
+    nothing; ``numpy.asarray(view)`` reads just that part, widened to float32 (exactly) where the
+    storage is bfloat16 or float8 (``widen``: stored bits -> float32); ``release()`` drops the
+    pages of a contiguous part from the process's memory once it has been copied (they stay in
+    the OS page cache). A tall matrix is thus read and widened block by block, and its pages do
+    not pile up in the process's resident memory."""
+
+    def __init__(self, raw: np.ndarray, widen: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                 mapping=None):
+        self._raw, self._widen, self._mapping = raw, widen, mapping
+
+    shape = property(lambda self: self._raw.shape)
+    ndim = property(lambda self: self._raw.ndim)
+    size = property(lambda self: self._raw.size)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32) if self._widen is not None else self._raw.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def T(self) -> "Mapped":
+        return Mapped(self._raw.T, self._widen, self._mapping)
+
+    def __getitem__(self, key) -> "Mapped":
+        return Mapped(self._raw[key], self._widen, self._mapping)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self._raw if self._widen is None else self._widen(self._raw)
+        if copy and out is self._raw:
+            out = out.copy()
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def release(self) -> None:
+        """Drop the memory pages that lie wholly inside this (contiguous) part."""
+        m = self._mapping
+        if m is None or not self._raw.flags.c_contiguous or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin = self._raw.ctypes.data - np.frombuffer(m, dtype=np.uint8, count=1).ctypes.data
+        page = mmap.PAGESIZE
+        lo, hi = -(-begin // page) * page, (begin + self._raw.nbytes) // page * page
+        if hi > lo:
+            m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)

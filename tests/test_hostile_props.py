@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import hostile_inputs as H
 from conftest import MAX_EXAMPLES
 
-from allennlp_analyze import AnalyzeError, analyze, limits
+from allennlp_analyze import AnalyzeError, analyze, limits, spectrum
 from allennlp_analyze.analysis import Analysis
 from allennlp_analyze.errors import escape
 from allennlp_analyze.options import AnalysisOptions
@@ -319,6 +319,10 @@ def test_analysis_memory_formula():
     assert limits.analysis_memory(300, 200) == 8 * 300 * 200 + 8 * 2 * 200 * 200
     assert limits.analysis_memory(1000, 100) == 8 * 1000 * 100 * 2
     assert limits.analysis_memory(100, 1000) == limits.analysis_memory(1000, 100)
+    # several row blocks: streamed, the Gram matrix and the SVD fallback's blocked QR, whatever N
+    B = spectrum.BLOCK_ROWS
+    assert limits.analysis_memory(30000, 20000) == 8 * (5 * 20000**2 + 2 * B * 20000)
+    assert limits.analysis_memory(128256, 4096) == limits.analysis_memory(10 * B, 4096)
 
 
 class _NoReads:
@@ -337,7 +341,7 @@ class _NoReads:
 def test_memory_is_checked_before_anything_is_read(monkeypatch):
     monkeypatch.setenv(limits.ENV_MAX_MEMORY, "2G")
     assert limits.available_memory() == (2 * 2**30, limits.ENV_MAX_MEMORY)
-    need = 8 * 30000 * 20000 + 8 * max(30000 * 20000, 2 * 20000**2)
+    need = limits.analysis_memory(30000, 20000)  # streamed: test_analysis_memory_formula
     with pytest.raises(AnalyzeError) as e:
         analyze(_NoReads())
     assert str(e.value) == (f"big: huge.weight (30000 x 20000) needs {need / 2**30:.1f} GiB of "

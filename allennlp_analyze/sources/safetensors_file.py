@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import limits
 from ..errors import AnalyzeError
-from ..tensors import TensorInfo
+from ..tensors import Mapped, TensorInfo
 from ._common import natural_key, one_line, read_index
 
 #: The safetensors library refuses headers above 100 MB; so do we.
@@ -75,7 +75,9 @@ _FLOAT8 = {}
 def _widen(raw: np.ndarray, st_dtype: str) -> np.ndarray:
     """Stored bits -> numpy array of the stored precision (bfloat16/float8 -> float32, exactly)."""
     if st_dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        bits = raw.astype(np.uint32)
+        bits <<= 16  # in place: one temporary, not two
+        return bits.view(np.float32)
     if st_dtype in _FLOAT8_FORMATS:
         if st_dtype not in _FLOAT8:
             _FLOAT8[st_dtype] = _float8_table(*_FLOAT8_FORMATS[st_dtype])
@@ -143,10 +145,11 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
     return 8 + n, entries
 
 
-def read_tensor(path: Path, entry: _Entry) -> np.ndarray:
-    """One tensor, memory-mapped read-only (no copy: its pages are read where it is used, in
-    the worker that analyzes it); bfloat16/float8 are widened to float32 here. For transient
-    use only (the mapping follows the file): ``load`` copies it."""
+def read_tensor(path: Path, entry: _Entry):
+    """One tensor, memory-mapped read-only as a :class:`~..tensors.Mapped` view (no copy: its
+    pages are read where it is used, in the worker that analyzes it, block by block for a tall
+    matrix; bfloat16/float8 widened to float32 only where read). For transient use only (the
+    mapping follows the file): ``load`` copies it."""
     storage = _DTYPES[entry.st_dtype][0]
     nbytes = entry.end - entry.begin
     if nbytes == 0:
@@ -162,11 +165,16 @@ def read_tensor(path: Path, entry: _Entry) -> np.ndarray:
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
     raw = np.frombuffer(mapped, dtype=storage, count=nbytes // storage.itemsize,
                         offset=entry.begin - start).reshape(entry.info.shape)
-    return _widen(raw, entry.st_dtype)
+    widen = None
+    if entry.st_dtype == "BF16" or entry.st_dtype in _FLOAT8_FORMATS:
+        widen = lambda bits, st_dtype=entry.st_dtype: _widen(bits, st_dtype)  # noqa: E731
+    return Mapped(raw, widen, mapped)
 
 
-def _owned(array: np.ndarray) -> np.ndarray:
+def _owned(array) -> np.ndarray:
     """A fresh writable array: the caller's to keep, whatever later happens to the file."""
+    if isinstance(array, Mapped):
+        return np.array(array)
     return array if array.flags.writeable else array.copy()
 
 
