@@ -3,8 +3,9 @@
 numpy's ``eigvalsh`` is ``dsytrd`` (reduction to tridiagonal form) followed by ``dsterf``
 (eigenvalues of the tridiagonal matrix), and throws the Householder reflectors away. The
 near-square path of :mod:`allennlp_analyze.spectrum` needs them (eigenvectors of a few Gram
-eigenvalues after the one reduction), and the streamed Gram needs ``dsyrk`` accumulating in
-place. These routines are looked up, through ctypes, in the OpenBLAS library numpy itself loaded
+eigenvalues after the one reduction), the streamed Gram needs ``dsyrk`` accumulating in
+place, and large Grams of tall matrices take the cheaper two-stage reduction
+(``dsytrd_2stage``, where the library has it). These routines are looked up, through ctypes, in the OpenBLAS library numpy itself loaded
 (found by threadpoolctl): the same library, so ``sytrd`` + ``sterf`` give numpy's ``eigvalsh``
 bit for bit; ctypes releases the GIL during each call, so worker threads overlap.
 
@@ -37,6 +38,15 @@ class Lapack:
             fn = getattr(lib, f"{prefix}{name}_{suffix}")
             fn.restype = None
             self._fns[name] = fn
+        two_stage = getattr(lib, f"{prefix}dsytrd_2stage_{suffix}", None)  # LAPACK >= 3.7
+        if two_stage is not None:
+            two_stage.restype = None
+            self._fns["dsytrd_2stage"] = two_stage
+
+    @property
+    def two_stage(self) -> bool:
+        """Whether :meth:`eigenvalues_2stage` is available."""
+        return "dsytrd_2stage" in self._fns
 
     def _i(self, v: int):
         return ctypes.byref(self._int(v))
@@ -76,6 +86,25 @@ class Lapack:
         self._fns["dsytrd"](*args, _ptr(work), self._i(lwork), ctypes.byref(info), _SIZE1)
         _check("dsytrd", info)
         return d, e[: n - 1], tau[: n - 1]
+
+    def eigenvalues_2stage(self, G: np.ndarray) -> np.ndarray:
+        """All eigenvalues of symmetric G (lower triangle), ascending: the two-stage reduction
+        (``dsytrd_2stage``: to band form by BLAS-3 blocks, then bulge chasing to tridiagonal,
+        backward stable as ``dsytrd``) and ``dsterf``. G is overwritten and no reflectors are
+        kept (LAPACK has no back-transformation for them)."""
+        n = G.shape[0]
+        d, e, tau = np.empty(n), np.empty(max(n, 1)), np.empty(max(n, 1))
+        info, query, hquery = self._int(0), np.empty(1), np.empty(1)
+        head = (b"N", b"L", self._i(n), _ptr(G), self._i(n), _ptr(d), _ptr(e), _ptr(tau))
+        fn = self._fns["dsytrd_2stage"]
+        fn(*head, _ptr(hquery), self._i(-1), _ptr(query), self._i(-1), ctypes.byref(info),
+           _SIZE1, _SIZE1)
+        lhous, lwork = max(1, int(hquery[0])), max(1, int(query[0]))
+        hous, work = np.empty(lhous), np.empty(lwork)
+        fn(*head, _ptr(hous), self._i(lhous), _ptr(work), self._i(lwork), ctypes.byref(info),
+           _SIZE1, _SIZE1)
+        _check("dsytrd_2stage", info)
+        return self.sterf(d, e[: n - 1])
 
     def sterf(self, d: np.ndarray, e: np.ndarray) -> np.ndarray:
         """All eigenvalues of the tridiagonal (d, e), ascending (inputs kept)."""

@@ -23,8 +23,8 @@ from .noise_floor import StorageNoise
 from .journal import Journal
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
-from .records import (MatrixRecord, SourceInfo, Summary, criterion_for, roundoff_criterion,
-                      summarize)
+from .records import (WIDE_DTYPES, MatrixRecord, SourceInfo, Summary, criterion_for,
+                      roundoff_criterion, summarize)
 from .selection import NOT_WEIGHT_VALUES, MatrixPlan, Selection, extract, plan
 from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
                                mp_bulk_fit, permuted)
@@ -121,6 +121,35 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
     return rec, W
 
 
+def _eps_ranks(rec: MatrixRecord, spec: Spectrum, bound: float
+               ) -> Tuple[Optional[int], Optional[int], Optional[str]]:
+    """numpy's and Numerical Recipes' ranks, each None where it says nothing about W, and why.
+
+    Their tolerances scale with nu_max: at or above it (max(N, M) * eps >= 1 for numpy,
+    sqrt(N + M + 1) * eps / 2 >= 1 for NR) every value counts as noise. For float16, bfloat16
+    and float8 storage (no SVD runs in that precision: eps stands in for the storage rounding)
+    a rank is also None where it is below the number of singular values above ``bound``, the
+    rigorous bound on the rounding error's spectral norm: by Weyl's inequality each of those is
+    the image of a nonzero singular value of the unrounded matrix, so a tolerance that calls
+    them noise contradicts the storage it models. float32 / float64 ranks are the formulas."""
+    sv, tol = spec.sv, spec.tolerances
+    certain = None if rec.dtype in WIDE_DTYPES else spec.rank(bound)
+    ranks: Dict[str, Optional[int]] = {c: spec.rank(getattr(tol, c)) for c in ("numpy", "nr")}
+    at_max = [c for c in ranks if sv[0] > 0.0 and getattr(tol, c) >= sv[0]]
+    reasons = [f"{' and '.join(at_max)} tolerance >= sv_max for {rec.dtype} "
+               f"(eps {DTYPE_EPS[rec.dtype]:.3g}) at {rec.N} x {rec.M}"] if at_max else []
+    for c in ranks:
+        if c in at_max:
+            ranks[c] = None
+        elif certain is not None and ranks[c] < certain:
+            reasons.append(f"{c} tolerance ({getattr(tol, c) / sv[0]:.2g} of sv_max) calls "
+                           f"{certain - ranks[c]} values above the {rec.dtype} rounding-error "
+                           f"bound ({bound / sv[0]:.2g} of sv_max) noise")
+            ranks[c] = None
+    note = "; ".join(reasons) + ": no rank" if reasons else None
+    return ranks["numpy"], ranks["nr"], note
+
+
 def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: AnalysisOptions
             ) -> Tuple[MatrixRecord, np.ndarray]:
     """Fill the record from the spectrum and the noise floor: ranks, norms, the power-law fit."""
@@ -134,15 +163,7 @@ def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: Ana
     rec.log10_sv_min = float(np.log10(unit[-1])) + shift / 2 if unit[-1] > 0 else float("-inf")
     rec.rank_loose, rec.rank_noise = spec.rank(tol.loose), spec.rank(tol.noise)
     rec.noise_floor, rec.noise_bound = tol.noise, noise.bound
-    # numpy's and NR's tolerances scale with nu_max: at or above it (max(N, M) * eps >= 1 for
-    # numpy, sqrt(N + M + 1) * eps / 2 >= 1 for NR) every value counts as noise, which says
-    # nothing about W: no rank then, and the record says why
-    meaningless = [c for c in ("numpy", "nr") if sv[0] > 0.0 and getattr(tol, c) >= sv[0]]
-    rec.rank_numpy = None if "numpy" in meaningless else spec.rank(tol.numpy)
-    rec.rank_nr = None if "nr" in meaningless else spec.rank(tol.nr)
-    if meaningless:
-        rec.rank_note = (f"{' and '.join(meaningless)} tolerance >= sv_max for {rec.dtype} "
-                         f"(eps {DTYPE_EPS[rec.dtype]:.3g}) at {N} x {M}: no rank")
+    rec.rank_numpy, rec.rank_nr, rec.rank_note = _eps_ranks(rec, spec, noise.bound)
     rec.rank_criterion = criterion_for(options.rank_criterion, rec.dtype)
     rank = rec.rank(rec.rank_criterion)
     rec.rank_loss = None if rank is None else M - rank

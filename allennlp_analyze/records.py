@@ -59,7 +59,8 @@ class MatrixRecord:
 
     ``rank_*``: counts of singular values above each criterion's tolerance (see
     :mod:`allennlp_analyze.spectrum`), ``None`` for numpy / nr where that tolerance is at or above
-    sv_max (``rank_note`` says so); ``noise_floor`` / ``noise_bound``: estimate and rigorous bound
+    sv_max or, for narrow storage, calls values above ``noise_bound`` noise (``rank_note`` says
+    which); ``noise_floor`` / ``noise_bound``: estimate and rigorous bound
     of the spectral norm of W's storage rounding (:mod:`allennlp_analyze.noise_floor`);
     ``rank_noise`` counts singular values above ``noise_floor``; ``rank_loss`` = M - rank under
     ``rank_criterion``, the run's criterion as it applies to this matrix's dtype.
@@ -138,7 +139,7 @@ class MatrixRecord:
 
     def collapsed(self, criterion: str) -> bool:
         """Whether W lost rank (rank < M) under ``criterion``; False if it has no spectrum or
-        the criterion has no rank for it (a tolerance at or above sv_max)."""
+        the criterion has no rank for it (``rank_note`` says why)."""
         r = self.rank(criterion)
         return r is not None and r < self.M
 
@@ -186,7 +187,7 @@ class SourceInfo:
 class Summary:
     """What one run found. ``skipped``: parameters left out, by reason; ``collapsed``: matrices
     with rank < M under each criterion (and "auto"); ``rank_undefined``: matrices with a
-    spectrum but no rank under a criterion (its tolerance at or above sv_max), never counted as
+    spectrum but no rank under a criterion (``rank_note`` says why), never counted as
     collapsed; ``tolerance_ratio``: the largest numpy / nr tolerance as a fraction of sv_max among
     the matrices ranked under it (it flags any matrix of condition number above its inverse);
     ``sv_min`` / ``sv_min_name``: the smallest nu_min and where; ``errors``: sources that could

@@ -118,7 +118,7 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
         if s.tolerance_ratio.get(c, 0.0) >= 0.01:  # for float32 weights it is ~1e-4
             notes.append(f"tolerance up to {100 * s.tolerance_ratio[c]:.0f}% of sv_max")
         if s.rank_undefined.get(c):
-            notes.append(f"no rank for {s.rank_undefined[c]}: tolerance >= sv_max")
+            notes.append(f"no rank for {s.rank_undefined[c]}: see rank_note")
         return f"{s.collapsed[c]}" + (f" ({'; '.join(notes)})" if notes else "")
 
     chosen = f"{criterion}: loose for float32/float64, noise for narrower dtypes" \

@@ -234,10 +234,12 @@ def test_known_rank_is_the_noise_rank(dtype):
         assert rec.dtype == dtype and rec.rank_noise == r, rec.name
         S = np.linalg.svd(W, compute_uv=False)
         assert rec.rank_noise == int((S > rec.noise_floor).sum())
-        if rec.N * FORMATS[dtype].eps < 1:  # numpy's tolerance below sv_max: its formula
-            eps = FORMATS[dtype].eps
-            assert rec.rank_numpy == np.linalg.matrix_rank(W, tol=S[0] * rec.N * eps)
-            assert rec.rank_note is None
+        eps = FORMATS[dtype].eps
+        certain = int((S > reference_noise(W, dtype)[1]).sum())  # rigorous: rank of W_true >=
+        formula = np.linalg.matrix_rank(W, tol=S[0] * rec.N * eps)
+        if rec.N * eps < 1 and (dtype == "float32" or formula >= certain):  # the formula
+            assert rec.rank_numpy == formula
+            assert rec.rank_note is None or "numpy" not in rec.rank_note
         else:
             assert rec.rank_numpy is None and "numpy" in rec.rank_note
         if dtype == "float32":
@@ -283,13 +285,46 @@ def test_spectral_metrics_of_a_bf16_matrix():
     assert 0.0 < rec.rand_distance < 1.0
 
 
+@pytest.mark.parametrize("dtype", COMMON + ("float32",))
+def test_eps_ranks_never_call_provable_signal_noise(dtype):
+    """numpy's and NR's ranks are their formulas (numpy.linalg.matrix_rank with their tol)
+    unless the tolerance is >= sv_max or, for narrow storage, the rank is below the number of
+    singular values above the rigorous rounding bound (reference: the module's formula from
+    the format's own grid): then None, with the reason. float32 keeps the formulas always."""
+    rng = np.random.default_rng(17 + len(dtype))
+    eps = FORMATS[dtype].eps
+    cases = [low_rank(rng, 300, 120, 3), low_rank(rng, 300, 120, 3) * np.logspace(0, -2, 120),
+             rng.standard_normal((6, 4)), rng.standard_normal((400, 100)),
+             rng.standard_normal((300, 120)) * np.logspace(0, -9, 120)]
+    seen = set()
+    for W_true in cases:
+        W = stored(W_true.astype(np.float32), dtype)
+        rec = analyze_matrix(W.astype(np.float32), dtype=dtype)
+        S = np.linalg.svd(W, compute_uv=False)
+        N, M = rec.N, rec.M
+        certain = int((S > reference_noise(W, dtype)[1]).sum())
+        for c, tol in (("numpy", S[0] * N * eps),
+                       ("nr", S[0] * np.sqrt(N + M + 1.0) * eps / 2)):
+            formula = np.linalg.matrix_rank(W, tol=tol)
+            refuted = dtype != "float32" and formula < certain
+            rank = getattr(rec, f"rank_{c}")
+            if tol >= S[0] or refuted:
+                assert rank is None and c in rec.rank_note and not rec.collapsed(c), (c, W.shape)
+                seen.add("none")
+            else:
+                assert rank == formula, (c, W.shape)
+                seen.add("formula")
+    assert seen == {"formula"} if dtype == "float32" else "none" in seen
+    assert "formula" in seen or dtype.startswith("float8")  # float8: tolerances of 0.5-75 sv_max
+
+
 def test_nr_tolerance_at_or_above_sv_max_gives_no_rank():
     """float8_e4m3 (eps 1/8): Numerical Recipes' sqrt(N + M + 1) * eps / 2 >= 1 once
     N + M + 1 >= 256; numpy's max(N, M) * eps >= 1 from max(N, M) >= 8."""
     rng = np.random.default_rng(8)
     small = analyze_matrix(stored(rng.standard_normal((7, 4)).astype(np.float32), "float8_e4m3fn"
                                   ).astype(np.float32), dtype="float8_e4m3fn")
-    assert small.rank_numpy is not None and small.rank_nr is not None and small.rank_note is None
+    assert small.rank_nr is not None  # 0.17 of sv_max, under the 7 x 4 matrix's values
     big = analyze_matrix(stored(rng.standard_normal((200, 60)).astype(np.float32), "float8_e4m3fn"
                                 ).astype(np.float32), dtype="float8_e4m3fn")
     assert np.sqrt(200 + 60 + 1) * 0.125 / 2 >= 1 and 200 * 0.125 >= 1
@@ -449,7 +484,7 @@ def test_bf16_llama_checkpoint_end_to_end(llama_bf16, tmp_path, capsys):
     for shard in llama_bf16.glob("model-*.safetensors"):
         with safe_open(str(shard), framework="pt") as f:
             weights.update({k: f.get_tensor(k) for k in f.keys()})
-    square = 0
+    square = nr_undefined = nr_rectangular = 0
     for rec in records:
         assert rec["dtype"] == "bfloat16" and rec["status"] == "ok" and rec["alpha"] is not None
         assert rec["rank_numpy"] is None and rec["rank_criterion"] == "noise"
@@ -459,6 +494,14 @@ def test_bf16_llama_checkpoint_end_to_end(llama_bf16, tmp_path, capsys):
         assert rec["noise_floor"] == pytest.approx(floor, rel=1e-10)
         assert rec["rank_noise"] == int((S > floor).sum())
         assert rec["num_evals"] == rec["rank_noise"]
+        nr = np.sqrt(rec["N"] + rec["M"] + 1) * 2.0 ** -7 / 2  # see below
+        formula = int((S > nr * S[0]).sum())
+        if formula < (S > reference_noise(W, "bfloat16")[1]).sum():
+            assert rec["rank_nr"] is None and "nr tolerance (" in rec["rank_note"]
+            nr_undefined += 1
+            nr_rectangular += rec["Q"] > 1.1
+        else:
+            assert rec["rank_nr"] == formula == rec["M"]
         if rec["Q"] > 1:
             assert rec["rank_noise"] == rec["M"] and rec["rank_loss"] == 0
         else:
@@ -471,13 +514,14 @@ def test_bf16_llama_checkpoint_end_to_end(llama_bf16, tmp_path, capsys):
     capsys.readouterr()
     assert main([str(llama_bf16), "--min-q", "1.1", "--fail-on-collapse"]) == 0
     text = capsys.readouterr().out
-    assert "numpy tolerance: 0 (no rank for 11: tolerance >= sv_max)" in text
+    assert "numpy tolerance: 0 (no rank for 11: see rank_note)" in text
     assert "noise floor: 0" in text and "11 fitted" in text
-    # Numerical Recipes' tolerance, sqrt(N + M + 1) eps / 2 of sv_max, is shown where large
-    nr = max(np.sqrt(r["N"] + r["M"] + 1) * 2.0 ** -7 / 2 for r in records if r["Q"] > 1)
-    assert summary["tolerance_ratio"]["nr"] == pytest.approx(nr, rel=1e-12)
-    assert re.search(rf"Numerical Recipes tolerance: \d+ \(tolerance up to {100 * nr:.0f}% of "
-                     r"sv_max\)", text)
+    # Numerical Recipes' tolerance, sqrt(N + M + 1) eps / 2 = 20-72% of sv_max, is below sv_max
+    # but calls noise singular values above the rigorous bound of the rounding: no rank
+    assert summary["collapsed"]["nr"] == 0 and summary["rank_undefined"]["nr"] == nr_undefined
+    assert nr_undefined >= 4  # at least the square ones
+    nr_text = re.search(r"Numerical Recipes tolerance: 0( \([^)]*\))?,", text).group(1) or ""
+    assert (f"no rank for {nr_rectangular}: " in nr_text) == (nr_rectangular > 0)
 
 
 def test_rank_criterion_option():

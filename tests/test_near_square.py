@@ -396,3 +396,67 @@ def test_backend_is_numpys_openblas_and_matches_eigvalsh():
     G = G.T @ G
     d, e, tau = lapack.sytrd(np.array(G))
     np.testing.assert_array_equal(lapack.sterf(d, e), np.linalg.eigvalsh(G))
+
+
+# ---------------------------------------------------------------------------------------------
+# The two-stage reduction of large tall Grams
+
+
+def _count_two_stage(monkeypatch, lapack):
+    calls = []
+    real = lapack.eigenvalues_2stage
+    monkeypatch.setattr(lapack, "eigenvalues_2stage", lambda G: calls.append(G.shape) or real(G))
+    return calls
+
+
+def test_two_stage_eigenvalues_against_eigvalsh():
+    """dsytrd_2stage + dsterf: within the Gram path's error model of numpy's eigvalsh, in the
+    size range where it is used and below it."""
+    lapack = _lapack.backend()
+    assert lapack.two_stage, "numpy's OpenBLAS has no dsytrd_2stage (LAPACK >= 3.7 has)"
+    for n, m in ((900, 300), (2400, 1600)):
+        W = np.random.default_rng(n).standard_normal((n, m))
+        G = W.T @ W
+        ref = np.linalg.eigvalsh(G)
+        lam = lapack.eigenvalues_2stage(np.array(G))
+        assert np.all(np.diff(lam) >= 0)
+        assert np.abs(lam - ref).max() <= (n + m) * EPS64 * ref[-1], np.abs(lam - ref).max()
+
+
+def test_tall_large_grams_take_the_two_stage_reduction(monkeypatch):
+    """At the default sizes (M >= 1536, Q >= 1.5) a random tall matrix keeps its Gram values
+    from the two-stage reduction, within the Gram path's guarantee of numpy's SVD."""
+    lapack = _lapack.backend()
+    calls = _count_two_stage(monkeypatch, lapack)
+    W = np.random.default_rng(7).standard_normal((2400, 1536)).astype(np.float32)
+    spec = singular_values(W, EPS32)
+    S = np.linalg.svd(W.astype(np.float64), compute_uv=False)
+    assert calls == [(1536, 1536)] and spec.method == "gram"
+    assert np.abs(spec.sv / S - 1).max() <= spectrum.GRAM_RTOL
+    square = np.random.default_rng(8).standard_normal((1536, 1536)).astype(np.float32)
+    assert singular_values(square, EPS32).method == "gram+ritz" and len(calls) == 1  # Q < 1.5
+
+
+def test_two_stage_then_ritz_equals_the_one_stage_path(monkeypatch):
+    """A tall matrix whose small values need the Ritz step is reduced again by dsytrd: the
+    same values, bit for bit, as without the two-stage reduction, and as accurate as ever."""
+    rng = np.random.default_rng(9)
+    s = np.r_[np.linspace(1.0, 0.1, 190), 1e-8 * np.linspace(3.0, 1.0, 10)]
+    W = with_singular_values(rng, 500, 200, s)
+    monkeypatch.setattr(spectrum, "TWO_STAGE_MIN_M", 100)
+    calls = _count_two_stage(monkeypatch, _lapack.backend())
+    spec = check_against_svd(W, EPS32)
+    assert calls == [(200, 200)]
+    monkeypatch.setattr(spectrum, "TWO_STAGE_MIN_M", 10 ** 9)
+    np.testing.assert_array_equal(singular_values(W, EPS32).sv, spec.sv)
+    assert len(calls) == 1
+    # and the records of a tall, healthy matrix: the same ranks and fit either way
+    healthy = rng.standard_normal((450, 200)).astype(np.float32)
+    one = analyze_matrix(healthy)
+    monkeypatch.setattr(spectrum, "TWO_STAGE_MIN_M", 100)
+    two = analyze_matrix(healthy)
+    assert len(calls) == 2 and two.method == one.method == "gram"
+    for field in ("rank_loose", "rank_numpy", "rank_nr", "rank_noise", "num_evals"):
+        assert getattr(two, field) == getattr(one, field), field
+    assert two.alpha == pytest.approx(one.alpha, rel=1e-9)
+    assert two.sv_min == pytest.approx(one.sv_min, rel=1e-12)
