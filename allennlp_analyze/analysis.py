@@ -8,10 +8,11 @@ import contextlib
 import os
 import sys
 import threading
-from collections import Counter, deque
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import (FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor,
+                                as_completed, wait)
 from dataclasses import dataclass, field, replace
-from typing import (Callable, Collection, Dict, Iterable, Iterator, List, Optional, Tuple,
+from typing import (Callable, Collection, Dict, Iterable, Iterator, List, Optional, Set, Tuple,
                     TypeVar, Union)
 
 import numpy as np
@@ -690,8 +691,10 @@ def _blas_threads(limit: Optional[int]):
 
 def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
                  cores: Optional[_Cores] = None) -> Iterator[R]:
-    """``map(fn, items)`` in order, ``workers`` at a time, holding at most ``workers`` items;
-    ``cores`` learns how many run and when the last one was handed out.
+    """``fn`` of each of ``items``, yielded as they complete, ``workers`` at a time, holding at
+    most ``workers`` items (the next is taken as soon as any finishes: a large matrix never
+    holds a worker idle behind it); ``cores`` learns how many run and when the last one was
+    handed out.
     Each thread reuses its spectral working buffers (``spectrum.enable_scratch``); worker
     threads drop theirs when they end, the caller's thread must ``release_scratch()``."""
     cores = cores or _Cores(1, workers)
@@ -707,15 +710,17 @@ def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
             cores.update(running=-1)
 
     with ThreadPoolExecutor(workers, initializer=enable_scratch) as pool:
-        pending: deque = deque()
+        pending: Set[Future] = set()
         for item in items:
             cores.update(running=1)
-            pending.append(pool.submit(run, item))
+            pending.add(pool.submit(run, item))
             if len(pending) >= workers:
-                yield pending.popleft().result()
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
         cores.update(drained=True)
-        while pending:
-            yield pending.popleft().result()
+        for future in as_completed(pending):
+            yield future.result()
 
 
 class _NoBar:
