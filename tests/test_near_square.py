@@ -460,3 +460,19 @@ def test_two_stage_then_ritz_equals_the_one_stage_path(monkeypatch):
         assert getattr(two, field) == getattr(one, field), field
     assert two.alpha == pytest.approx(one.alpha, rel=1e-9)
     assert two.sv_min == pytest.approx(one.sv_min, rel=1e-12)
+
+
+def test_two_stage_then_ritz_on_a_streamed_matrix(monkeypatch):
+    """The second Gram of the redo is formed from the row blocks read again: the same values as
+    the one-stage path, bit for bit, and the noise floor accumulated once."""
+    rng = np.random.default_rng(10)
+    s = np.r_[np.linspace(1.0, 0.1, 190), 1e-8 * np.linspace(3.0, 1.0, 10)]
+    W = to_bf16(with_singular_values(rng, 520, 200, s))
+    monkeypatch.setattr(spectrum, "BLOCK_ROWS", 64)
+    one = singular_values(W, EPSBF16, noise_dtype="bfloat16")
+    monkeypatch.setattr(spectrum, "TWO_STAGE_MIN_M", 100)
+    calls = _count_two_stage(monkeypatch, _lapack.backend())
+    two = singular_values(W, EPSBF16, noise_dtype="bfloat16")
+    assert calls == [(200, 200)] and two.method == one.method == "gram+ritz"
+    np.testing.assert_array_equal(two.sv, one.sv)
+    assert two.noise == one.noise and two.tolerances == one.tolerances
