@@ -5,9 +5,10 @@ numpy's ``eigvalsh`` is ``dsytrd`` (reduction to tridiagonal form) followed by `
 near-square path of :mod:`allennlp_analyze.spectrum` needs them (eigenvectors of a few Gram
 eigenvalues after the one reduction), the streamed Gram needs ``dsyrk`` accumulating in
 place, and large Grams of tall matrices take the cheaper two-stage reduction
-(``dsytrd_2stage``, where the library has it). These routines are looked up, through ctypes, in the OpenBLAS library numpy itself loaded
-(found by threadpoolctl): the same library, so ``sytrd`` + ``sterf`` give numpy's ``eigvalsh``
-bit for bit; ctypes releases the GIL during each call, so worker threads overlap.
+(``dsytrd_2stage``, where the library has it). These routines are looked up, through ctypes,
+in the OpenBLAS library numpy itself loaded (found by threadpoolctl): the same library, so
+``sytrd`` + ``sterf`` give numpy's ``eigvalsh`` bit for bit; ctypes releases the GIL during
+each call, so worker threads overlap.
 
 Only OpenBLAS builds are used, because their ``openblas_get_config()`` states the integer width
 (``USE64BITINT``) that the symbols' names (``dsytrd_`` / ``dsytrd_64_``, with or without the
