@@ -431,8 +431,7 @@ def singular_values(W, eps: float, loose_tol: float = 1e-3, method: str = "auto"
             rows.M >= TWO_STAGE_MIN_M and rows.N >= TWO_STAGE_MIN_Q * rows.M
         G, lam, trd = _gram_eigenvalues(rows, lapack, parallel, two_stage)
         sv = _sqrt_desc(lam)
-        if method == "auto" and two_stage and sv.size and sv[0] > 0.0 \
-                and sv[-1] ** 2 < _gram_limit(rows.N, rows.M, sv[0] ** 2):
+        if method == "auto" and two_stage and _below_gram_limit(sv, rows.N, rows.M):
             # the Ritz step needs the reflectors that the two-stage reduction does not keep
             G, lam, trd = _gram_eigenvalues(rows, lapack, parallel, False)
             sv = _sqrt_desc(lam)
@@ -528,12 +527,16 @@ def _gram_limit(N: int, M: int, lam_max: float) -> float:
     return max(dlam / (2.0 * GRAM_RTOL), lam_max / (4.0 * ACCURACY_C ** 2))
 
 
+def _below_gram_limit(sv: np.ndarray, N: int, M: int) -> bool:
+    """Whether nonzero Gram-path singular values (descending) reach below
+    :func:`_gram_limit`: the values the Ritz step (or the SVD) must recompute."""
+    return bool(sv.size) and sv[0] > 0.0 and sv[-1] ** 2 < _gram_limit(N, M, sv[0] ** 2)
+
+
 def _gram_trustworthy(sv: np.ndarray, N: int, M: int, tolerances: Sequence[float]) -> bool:
     """Whether Gram-path singular values all meet :func:`_gram_limit` and none sits within
     their error of a rank tolerance."""
-    if sv.size == 0 or sv[0] == 0.0:
-        return False
-    if sv[-1] ** 2 < _gram_limit(N, M, sv[0] ** 2):
+    if sv.size == 0 or sv[0] == 0.0 or _below_gram_limit(sv, N, M):
         return False
     return not _near(sv, tolerances, 2.0 * GRAM_RTOL * np.asarray(tolerances)[:, None])
 
@@ -554,7 +557,7 @@ def _settle(rows: _Rows, sv: np.ndarray, lam: np.ndarray, G: np.ndarray, trd, la
     N, M = rows.N, rows.M
     if _gram_trustworthy(sv, N, M, tols):
         return sv, "gram"
-    if not sv.size or sv[0] == 0.0 or sv[-1] ** 2 >= _gram_limit(N, M, sv[0] ** 2):
+    if not _below_gram_limit(sv, N, M):
         return _exact(rows), "gram>svd"  # accurate, but a value sits on a rank tolerance
     k = _cluster(lam, N, M) if trd is not None else None
     if k is None or (rows.whole is None and 2 * N * k > M * M):
