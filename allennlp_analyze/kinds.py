@@ -60,6 +60,12 @@ _MODULE_KINDS = {
     "MultiheadAttention": "attention",
     "Bilinear": "tensor",
 }
+#: Module types (ONNX's elementwise and normalization ops) that take a [1, n] or [n, 1] weight
+#: as a vector, broadcast over the rows or columns, not as a matrix.
+VECTOR_OPS = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
+                        "PRelu", "LayerNormalization", "BatchNormalization",
+                        "InstanceNormalization", "GroupNormalization",
+                        "SimplifiedLayerNormalization", "RMSNormalization"))
 _EMBEDDING_HEADS = {"embedding", "embeddings", "embed", "embeds", "embedder", "emb", "embs",
                     "wte", "wpe"}
 _CONV_WORDS = {"conv", "convs", "convolution", "convolutions", "conv1d", "conv2d", "conv3d"}
@@ -122,6 +128,8 @@ def _classify(t: TensorInfo, configured, shapes, gates) -> Kind:
         return Kind("buffer", "module", module_type=t.module_type)
     if len(t.shape) < 2 or (len(t.shape) > 2 and sum(d > 1 for d in t.shape) <= 1):
         return Kind("vector", "structure", module_type=t.module_type)
+    if t.module_type in VECTOR_OPS and 1 in t.shape:  # a [1, n] scale or shift of a graph
+        return Kind("vector", "module", module_type=t.module_type)
     for found in (_by_module(t), _by_config(t, configured), _by_structure(t, shapes)):
         if found is not None:
             kind, kind_from, parts, detail = found

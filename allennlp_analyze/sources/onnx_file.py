@@ -1,0 +1,263 @@
+"""ONNX models (``.onnx``), read with the ``onnx`` package's protobuf classes (an optional extra,
+imported when a file is opened); nothing in the model is executed.
+
+Weights are the graph's initializers and the tensors of its ``Constant`` nodes, in the main
+graph and in every subgraph (``If`` branches, ``Loop`` / ``Scan`` bodies). Each is followed
+through the ops that only move it (:data:`PASS_THROUGH`: ``Cast``, ``Transpose``, ``Reshape``,
+``Slice``, ``Concat``...) to the op that uses it, and that op says what it is
+(:mod:`.onnx_graph`): the module type (``Linear``, ``Conv2d``, ``LSTM``, ``Embedding``...) that
+:mod:`allennlp_analyze.kinds` reads as its best evidence, the orientation of a ``MatMul`` /
+``Gemm`` weight (records give it out x in, as torch's ``Linear`` stores it) and the gates of a
+recurrent weight. Names: the tensor's own where it is a parameter name, else one made from the
+consuming node's (``/encoder/layer.0/query/MatMul`` -> ``encoder.layer.0.query.weight``).
+
+Resources: a protobuf file is parsed whole, so files above protobuf's 2 GiB limit, or larger
+than memory allows (:func:`~allennlp_analyze.limits.check_memory`), are refused before they are
+read; every tensor's declared size is checked against the bytes it holds; external data are
+read only from files inside the model's folder, within their size.
+"""
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .. import limits
+from ..errors import AnalyzeError
+from ..tensors import TensorInfo
+from ._common import one_line, safe_relative
+from .onnx_graph import Use, find_use, graph_uses, readable_name
+
+#: protobuf's own limit on a message: larger models keep their weights as external data.
+MAX_PROTOBUF = 2**31 - 1
+#: Subgraph nesting followed at most (an ``If`` inside a ``Loop`` inside an ``If``...).
+MAX_DEPTH = 64
+#: Working memory taken to parse a file, in multiples of its size (its bytes and the message).
+PARSE_FACTOR = 2
+
+#: ONNX element types read as weights -> the dtype name records report (numpy's / torch's).
+FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16",
+               17: "float8_e4m3fn", 18: "float8_e4m3fnuz", 19: "float8_e5m2",
+               20: "float8_e5m2fnuz"}
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise AnalyzeError("reading .onnx files needs the onnx package: "
+                           "pip install 'allennlp-analyze[onnx]'") from None
+    return onnx
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where a listed tensor comes from: the stored tensor ``proto``, an index into its first
+    axis (one direction of a recurrent weight) or None, and whether the record is its
+    transpose."""
+
+    proto: object
+    index: Optional[int]
+    transpose: bool
+
+
+def dtype_name(onnx, data_type: int) -> str:
+    """The dtype name a record reports for an ONNX element type."""
+    if data_type in FLOAT_TYPES:
+        return FLOAT_TYPES[data_type]
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).name
+    except (KeyError, ValueError, TypeError):
+        return f"onnx-type-{data_type}"
+
+
+def read_model(path: Path):
+    """The ``ModelProto`` of ``path`` without its external data, within the memory policy."""
+    onnx = _onnx()
+    try:
+        with limits.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_PROTOBUF:
+                raise AnalyzeError(f"{path} is {limits.format_bytes(size)}, above protobuf's "
+                                   f"2 GiB limit: not a valid ONNX file (large models keep "
+                                   f"their weights as external data)")
+            limits.check_memory(PARSE_FACTOR * size, f"{path} (parsed whole)")
+            raw = f.read()
+    except OSError as e:
+        raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(raw)
+    except Exception as e:  # protobuf's DecodeError, or a recursion limit
+        raise AnalyzeError(f"{path} is not a valid ONNX model (truncated or corrupt: "
+                           f"{one_line(e) or type(e).__name__})") from None
+    if not model.HasField("graph"):
+        raise AnalyzeError(f"{path} is not a valid ONNX model (no graph)")
+    return model
+
+
+class OnnxSource:
+    """One ``.onnx`` file (see the module docstring)."""
+
+    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None):
+        self.path = Path(path)
+        self.label = label or self.path.name
+        self._onnx = _onnx()
+        model = read_model(self.path)
+        self._entries: Dict[str, _Entry] = {}
+        self._infos: List[TensorInfo] = []
+        stored, uses = graph_uses(model.graph, MAX_DEPTH, str(self.path),
+                                  lambda t: t.data_type in FLOAT_TYPES)
+        for key, proto in stored:
+            self._add(key, proto, find_use(key, uses, len(proto.dims)))
+
+    # -- listing ------------------------------------------------------------------------------
+
+    def _add(self, key: str, proto, use: Optional[Use]) -> None:
+        shape = tuple(int(d) for d in proto.dims)
+        if any(d < 0 for d in shape):
+            raise AnalyzeError(f"{self.path}: tensor {key!r} has a negative dimension {shape}")
+        dtype = dtype_name(self._onnx, proto.data_type)
+        role = use.role if use is not None else None
+        module_type = use.module_type if use is not None else None
+        name = key if readable_name(key) or use is None else use.name
+        if len(shape) == {"recurrent": 3, "recurrent_bias": 2}.get(role or ""):
+            # directions x (gates * H) [x in]: one tensor per direction, as torch keeps them
+            for d in range(shape[0]):
+                suffix = "_reverse" if d == 1 else ("" if d == 0 else f"_d{d}")
+                self._list(f"{name}{suffix}", _Entry(proto, d, False), shape[1:], dtype,
+                           module_type, use.parts(shape[1]) if len(shape) == 3 else ())
+            return
+        transpose = use is not None and use.transpose and len(shape) == 2
+        parts = use.parts(shape[0]) if use is not None and len(shape) == 2 else ()
+        self._list(name, _Entry(proto, None, transpose), shape[::-1] if transpose else shape,
+                   dtype, module_type, parts)
+
+    def _list(self, name: str, entry: _Entry, shape: Tuple[int, ...], dtype: str,
+              module_type: Optional[str], parts) -> None:
+        unique, k = name, 1
+        while unique in self._entries:
+            k += 1
+            unique = f"{name}#{k}"
+        self._entries[unique] = entry
+        self._infos.append(TensorInfo(unique, tuple(shape), dtype, module_type, parts=parts))
+
+    def tensors(self) -> Sequence[TensorInfo]:
+        return list(self._infos)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def load(self, name: str) -> np.ndarray:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise AnalyzeError(f"{self.path} has no tensor named {name!r}")
+        array = self._array(entry.proto, name)
+        if entry.index is not None:
+            array = array[entry.index]
+        if entry.transpose:
+            array = array.T
+        return array if array.flags.c_contiguous else array.copy(order="C")
+
+    def _array(self, proto, name: str) -> np.ndarray:
+        """The stored tensor as numpy in its stored precision (bfloat16 / float8 widened to
+        float32 and 4-bit integers to int8, exactly)."""
+        onnx = self._onnx
+        shape = tuple(int(d) for d in proto.dims)
+        count = math.prod(shape)
+        try:
+            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)
+        except (KeyError, ValueError, TypeError):
+            raise AnalyzeError(f"{self.path}: tensor {name!r} has an unsupported element type "
+                               f"{proto.data_type}") from None
+        if np_dtype.kind in "OSU":
+            raise AnalyzeError(f"{self.path}: tensor {name!r} holds strings, not numbers")
+        nbytes = _stored_bytes(np_dtype, count)
+        if proto.data_location == onnx.TensorProto.EXTERNAL:
+            raw = self._external(proto, name, nbytes)
+            proto = onnx.TensorProto(dims=proto.dims, data_type=proto.data_type, raw_data=raw)
+        elif proto.HasField("raw_data"):
+            if len(proto.raw_data) != nbytes:
+                raise AnalyzeError(f"{self.path}: tensor {name!r} of shape {shape} needs "
+                                   f"{nbytes} bytes, its data hold {len(proto.raw_data)}")
+        else:
+            held = _typed_count(proto)
+            if held != _typed_needed(np_dtype, count, proto.data_type):
+                raise AnalyzeError(f"{self.path}: tensor {name!r} of shape {shape} holds "
+                                   f"{held} values, not {count}")
+        try:
+            array = onnx.numpy_helper.to_array(proto)
+        except Exception as e:
+            raise AnalyzeError(f"{self.path}: cannot read tensor {name!r}: {one_line(e)}") from None
+        if array.dtype.name in FLOAT_TYPES.values() and array.dtype.kind not in "f":
+            array = array.astype(np.float32)  # ml_dtypes' bfloat16 / float8: exact
+        elif array.dtype.name in ("int4", "uint4", "int2", "uint2"):
+            array = array.astype(np.int8 if array.dtype.name[0] == "i" else np.uint8)
+        return array
+
+    def _external(self, proto, name: str, nbytes: int) -> bytes:
+        """The bytes of an external-data tensor, from a file inside the model's folder only."""
+        info = {e.key: e.value for e in proto.external_data}
+        location = info.get("location", "")
+        folder = self.path.parent
+        target = folder / location
+        inside = os.path.realpath(target)
+        base = os.path.realpath(folder)
+        if (not location or not safe_relative(location)
+                or os.path.commonpath([inside, base]) != base):
+            raise AnalyzeError(f"{self.path}: tensor {name!r} has its data at {location!r}, "
+                               f"outside the model's folder: refused")
+        try:
+            offset = int(info.get("offset", "0"))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise AnalyzeError(f"{self.path}: tensor {name!r} has a bad external-data offset "
+                               f"or length") from None
+        if offset < 0 or (length is not None and length != nbytes):
+            raise AnalyzeError(f"{self.path}: tensor {name!r} has external data of offset "
+                               f"{offset} and length {length}, its shape needs {nbytes} bytes")
+        try:
+            with limits.open_regular(target) as f:
+                size = os.fstat(f.fileno()).st_size
+                if offset + nbytes > size:
+                    raise AnalyzeError(f"{target} is truncated (tensor {name!r} ends at byte "
+                                       f"{offset + nbytes}, the file holds {size})")
+                f.seek(offset)
+                return f.read(nbytes)
+        except OSError as e:
+            raise AnalyzeError(f"cannot read {target} (external data of {self.path}): "
+                               f"{e.strerror or one_line(e)}") from None
+
+    def __repr__(self) -> str:
+        return f"<OnnxSource {self.label!r}>"
+
+
+def _stored_bytes(np_dtype: np.dtype, count: int) -> int:
+    """Bytes of ``count`` packed values (4-bit and 2-bit types pack two / four to a byte)."""
+    bits = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4, "int2": 2, "uint2": 2}.get(np_dtype.name)
+    if bits is not None:
+        return -(-count * bits // 8)
+    return count * np_dtype.itemsize
+
+
+def _typed_count(proto) -> int:
+    """Values a tensor holds in its typed fields."""
+    return max(len(proto.float_data), len(proto.int32_data), len(proto.int64_data),
+               len(proto.double_data), len(proto.uint64_data))
+
+
+def _typed_needed(np_dtype: np.dtype, count: int, data_type: int) -> int:
+    """Values of the typed field that ``count`` elements take (packed 4-bit types: 2 a value,
+    complex numbers: 2 each)."""
+    if np_dtype.kind == "c":
+        return 2 * count
+    bits = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4, "int2": 2, "uint2": 2}.get(np_dtype.name)
+    return -(-count * bits // 8) if bits is not None else count
+
+
+def looks_like_onnx(head: bytes) -> bool:
+    """Sniff: a ``ModelProto`` starts with its ``ir_version`` (field 1, a small varint) and
+    then the tag of another of its fields."""
+    return (len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 32
+            and head[2] in (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72))
