@@ -129,6 +129,61 @@ def deep_json(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
+# -- ONNX (the onnx package builds them) -------------------------------------------------------
+
+def onnx_matmul_model(weights: Dict[str, np.ndarray]):
+    """An ONNX ``ModelProto``: ``x`` multiplied by each float32 weight in turn (``MatMul``,
+    weights as initializers, shapes chained in x in)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, value = [], "x"
+    first = next(iter(weights.values()))
+    for i, name in enumerate(weights):
+        nodes.append(helper.make_node("MatMul", [value, name], [f"h{i}"], name=f"/mm{i}/MatMul"))
+        value = f"h{i}"
+    last = list(weights.values())[-1]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, first.shape[0]])],
+        [helper.make_tensor_value_info(value, TensorProto.FLOAT, [1, last.shape[1]])],
+        [numpy_helper.from_array(np.asarray(w, dtype=np.float32), name)
+         for name, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def onnx_external(folder: Path, weights: Dict[str, np.ndarray], location: str = "weights.bin",
+                  offset: Optional[int] = None) -> Path:
+    """``model.onnx`` in ``folder`` with its weights in the external file ``weights.bin``; the
+    first tensor's recorded ``location`` (and ``offset``, where given) then replaced."""
+    import onnx
+
+    model = onnx_matmul_model(weights)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, folder / "model.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    entries = model.graph.initializer[0].external_data
+    for entry in entries:
+        if entry.key == "location":
+            entry.value = location
+        if entry.key == "offset" and offset is not None:
+            entry.value = str(offset)
+    if offset is not None and not any(e.key == "offset" for e in entries):
+        entries.add(key="offset", value=str(offset))
+    onnx.save_model(model, folder / "model.onnx")
+    return folder / "model.onnx"
+
+
+def onnx_absurd_dims(path: Path) -> Path:
+    """An ONNX file whose one initializer declares 10**12 x 10**12 floats and holds 16 bytes."""
+    import onnx
+
+    model = onnx_matmul_model({"w": np.ones((2, 2))})
+    del model.graph.initializer[0].dims[:]
+    model.graph.initializer[0].dims.extend([10**12, 10**12])
+    onnx.save_model(model, path)
+    return path
+
+
 # -- HTTP -------------------------------------------------------------------------------------
 
 class Routes:

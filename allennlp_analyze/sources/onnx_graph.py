@@ -142,14 +142,17 @@ def _use(node, i: int, role: str, module_type: Optional[str], transpose: bool = 
 
 def _node_param_name(node, i: int, role: str) -> str:
     """A name for a weight from its consuming node: torch's ``/a/b/MatMul`` -> ``a.b.weight``,
-    ``/lstm/LSTM_1`` -> ``lstm.weight_ih_l1``; another node name ``N`` -> ``N.weight`` (or the
-    input's position for an op of unknown meaning)."""
+    ``/lstm/LSTM_1`` -> ``lstm.weight_ih_l1``, ``/ln/Mul_1`` -> ``ln.Mul_1.input1`` (an op that
+    is no layer: the input's position); another node name ``N`` -> ``N.weight``."""
     m = _TORCH_SCOPE.match(node.name)
     scope = (m.group("scope") or "").replace("/", ".") if m else node.name
     layer = int(m.group("k") or 0) if m else 0
     param = {"linear": "weight", "conv": "weight", "embedding": "weight", "bias": "bias",
-             "vector": "weight", "recurrent_bias": f"bias_l{layer}",
-             "recurrent": f"weight_{'ih' if i == 1 else 'hh'}_l{layer}"}.get(role, f"input{i}")
+             "recurrent_bias": f"bias_l{layer}",
+             "recurrent": f"weight_{'ih' if i == 1 else 'hh'}_l{layer}"}.get(role)
+    if param is None:  # an op that is no layer: its own name and the input's position
+        op = node.name.rpartition("/")[2] if m else ""
+        param = f"{op}.input{i}" if op else f"input{i}"
     return f"{scope or node.op_type}.{param}"
 
 
