@@ -183,17 +183,17 @@ class OnnxSource:
                                    f"{nbytes} bytes, its data hold {len(proto.raw_data)}")
         else:
             held = _typed_count(proto)
-            if held != _typed_needed(np_dtype, count, proto.data_type):
+            if held != _typed_needed(np_dtype, count):
                 raise AnalyzeError(f"{self.path}: tensor {name!r} of shape {shape} holds "
                                    f"{held} values, not {count}")
         try:
             array = onnx.numpy_helper.to_array(proto)
         except Exception as e:
             raise AnalyzeError(f"{self.path}: cannot read tensor {name!r}: {one_line(e)}") from None
-        if array.dtype.name in FLOAT_TYPES.values() and array.dtype.kind not in "f":
-            array = array.astype(np.float32)  # ml_dtypes' bfloat16 / float8: exact
-        elif array.dtype.name in ("int4", "uint4", "int2", "uint2"):
-            array = array.astype(np.int8 if array.dtype.name[0] == "i" else np.uint8)
+        kind = array.dtype.name
+        if array.dtype.kind == "V":  # ml_dtypes' bfloat16, float8, float4, int4...: widened exactly
+            array = array.astype(np.float32 if "float" in kind else
+                                 np.int8 if kind.startswith("int") else np.uint8)
         return array
 
     def _external(self, proto, name: str, nbytes: int) -> bytes:
@@ -233,12 +233,14 @@ class OnnxSource:
         return f"<OnnxSource {self.label!r}>"
 
 
+#: Bits of the element types packed several to a byte.
+_PACKED_BITS = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4, "int2": 2, "uint2": 2}
+
+
 def _stored_bytes(np_dtype: np.dtype, count: int) -> int:
-    """Bytes of ``count`` packed values (4-bit and 2-bit types pack two / four to a byte)."""
-    bits = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4, "int2": 2, "uint2": 2}.get(np_dtype.name)
-    if bits is not None:
-        return -(-count * bits // 8)
-    return count * np_dtype.itemsize
+    """Bytes of ``count`` values as stored (4-bit and 2-bit types pack two / four a byte)."""
+    bits = _PACKED_BITS.get(np_dtype.name)
+    return count * np_dtype.itemsize if bits is None else -(-count * bits // 8)
 
 
 def _typed_count(proto) -> int:
@@ -247,13 +249,13 @@ def _typed_count(proto) -> int:
                len(proto.double_data), len(proto.uint64_data))
 
 
-def _typed_needed(np_dtype: np.dtype, count: int, data_type: int) -> int:
-    """Values of the typed field that ``count`` elements take (packed 4-bit types: 2 a value,
-    complex numbers: 2 each)."""
+def _typed_needed(np_dtype: np.dtype, count: int) -> int:
+    """Values of the typed field that ``count`` elements take (packed types: several to a
+    value, as to a byte; complex numbers: 2 each)."""
     if np_dtype.kind == "c":
         return 2 * count
-    bits = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4, "int2": 2, "uint2": 2}.get(np_dtype.name)
-    return -(-count * bits // 8) if bits is not None else count
+    bits = _PACKED_BITS.get(np_dtype.name)
+    return count if bits is None else -(-count * bits // 8)
 
 
 def looks_like_onnx(head: bytes) -> bool:
