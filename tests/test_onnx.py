@@ -343,3 +343,83 @@ def test_same_records_in_every_format(tmp_path):
         assert set(found) == set(reference)
         for key in reference:
             same_record(found[key], reference[key], origin=True)
+
+
+def _qdq_model(W: np.ndarray, codes: np.ndarray, scale: np.ndarray, zero_point, axis: int,
+               block_size: int = 0):
+    """x @ DequantizeLinear(codes, scale, zero_point): the weight of a MatMul (in x out)."""
+    inits = [numpy_helper.from_array(codes, "proj.weight_quantized"),
+             numpy_helper.from_array(scale.astype(np.float32), "proj.weight_scale")]
+    inputs = ["proj.weight_quantized", "proj.weight_scale"]
+    if zero_point is not None:
+        inits.append(numpy_helper.from_array(zero_point, "proj.weight_zero_point"))
+        inputs.append("proj.weight_zero_point")
+    attrs = dict(axis=axis, **({"block_size": block_size} if block_size else {}))
+    nodes = [helper.make_node("DequantizeLinear", inputs, ["w"], **attrs),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="/proj/MatMul")]
+    return _model(nodes, [_float("x", [1, W.shape[0]])], [_float("y", [1, W.shape[1]])], inits,
+                  opset=21)
+
+
+def _quantize(W, scale, zero_point, lo, hi):
+    """ONNX QuantizeLinear by hand: round half to even, saturate."""
+    return np.clip(np.rint(W / scale) + (0 if zero_point is None else zero_point), lo, hi)
+
+
+@pytest.mark.parametrize("scheme", ["int8-per-channel", "uint8-per-tensor", "int4-blocked"])
+def test_qdq_weights_dequantized_with_their_steps(tmp_path, scheme):
+    from allennlp_analyze.noise_floor import quantization_noise
+
+    rng = np.random.default_rng(6)
+    W = rng.standard_normal((24, 16)).astype(np.float32)  # in x out, as MatMul's B
+    if scheme == "int8-per-channel":
+        scale = np.abs(W).max(axis=0) / 127  # one per output column (axis 1)
+        zp, axis, block, dtype = None, 1, 0, np.int8
+        codes = _quantize(W, scale, None, -128, 127)
+        steps = np.broadcast_to(scale, W.shape)
+    elif scheme == "uint8-per-tensor":
+        scale = np.array((W.max() - W.min()) / 255, dtype=np.float32)
+        zp = np.array(np.round(-W.min() / scale), dtype=np.uint8)
+        axis, block, dtype = 1, 0, np.uint8
+        codes = _quantize(W, scale, zp.astype(np.float64), 0, 255)
+        steps = np.full(W.shape, float(scale))
+    else:  # int4, blocks of 8 rows (the input axis) per column
+        blocks = W.reshape(3, 8, 16)
+        scale = np.abs(blocks).max(axis=1) / 7  # 3 x 16
+        zp, axis, block, dtype = None, 0, 8, np.int8
+        full = np.repeat(scale, 8, axis=0)
+        codes = _quantize(W, full, None, -8, 7)
+        steps = full
+    model = _qdq_model(W, codes.astype(dtype) if block == 0 else codes.astype(np.int8), scale,
+                       zp, axis, block)
+    if block:  # stored as packed int4
+        model.graph.initializer[0].CopyFrom(helper.make_tensor(
+            "proj.weight_quantized", TensorProto.INT4, codes.shape, codes.astype(np.int8).ravel()))
+    onnx.checker.check_model(model)
+    onnx.save_model(model, tmp_path / "qdq.onnx")
+    source = OnnxSource(tmp_path / "qdq.onnx")
+    stored = {t.name: numpy_helper.to_array(t)
+              for t in onnx.load(str(tmp_path / "qdq.onnx")).graph.initializer}
+    code_dtype = {"int8-per-channel": "int8", "uint8-per-tensor": "uint8",
+                  "int4-blocked": "int4"}[scheme]
+    info = next(t for t in source.tensors() if t.name == "proj.weight_quantized")
+    assert (info.shape, info.dtype, info.module_type) == ((16, 24), f"qdq-{code_dtype}", "Linear")
+    # onnx's own arrays, dequantized by the operator's definition, in float64
+    x = stored["proj.weight_quantized"].astype(np.float64)
+    s = np.asarray(stored["proj.weight_scale"], dtype=np.float64)
+    s_full = np.repeat(s, 8, axis=0) if block else s
+    z = stored.get("proj.weight_zero_point")
+    expected = (x - (0 if z is None else z.astype(np.float64))) * s_full
+    assert np.array_equal(source.load("proj.weight_quantized"), expected.T)
+    q = source.quantized("proj.weight_quantized")
+    rows = q.rows(0, 16)
+    assert q.shape == (16, 24) and q.scheme == f"qdq-{code_dtype}"
+    assert np.array_equal(rows.values, expected.T)
+    assert np.allclose(rows.step, np.asarray(steps, np.float64).T, rtol=1e-7)
+    # the noise model against the exact quantization error of this matrix
+    E = expected.T - W.T.astype(np.float64)
+    assert np.abs(E).max() <= rows.worst.max() * (1 + 1e-6)
+    exact = np.linalg.norm(E, 2)
+    noise = quantization_noise(rows.step, rows.worst)
+    assert noise.bound >= exact
+    assert 0.5 * exact <= noise.estimate <= 2.5 * exact

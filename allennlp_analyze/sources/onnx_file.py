@@ -28,7 +28,8 @@ from .. import limits
 from ..errors import AnalyzeError
 from ..tensors import TensorInfo
 from ._common import one_line, safe_relative
-from .onnx_graph import Use, find_use, graph_uses, readable_name
+from .onnx_graph import Use, find_use, graph_uses, node_attr, readable_name
+from .onnx_qdq import Dequantize, QdqMatrix, dequantize
 
 #: protobuf's own limit on a message: larger models keep their weights as external data.
 MAX_PROTOBUF = 2**31 - 1
@@ -43,6 +44,11 @@ FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16",
                20: "float8_e5m2fnuz"}
 
 
+#: Integer element types a ``DequantizeLinear`` reads as codes: uint8, int8, uint16, int16,
+#: uint4, int4 (``Constant`` nodes of these are listed; int32 / int64 ones are shape arithmetic).
+CODES = {2, 3, 4, 5, 21, 22}
+
+
 def _onnx():
     try:
         import onnx
@@ -55,12 +61,13 @@ def _onnx():
 @dataclass(frozen=True)
 class _Entry:
     """Where a listed tensor comes from: the stored tensor ``proto``, an index into its first
-    axis (one direction of a recurrent weight) or None, and whether the record is its
-    transpose."""
+    axis (one direction of a recurrent weight) or None, whether the record is its transpose,
+    and the ``DequantizeLinear`` that makes it a weight (QDQ), if any."""
 
     proto: object
     index: Optional[int]
     transpose: bool
+    dequantize: Optional[Dequantize] = None
 
 
 def dtype_name(onnx, data_type: int) -> str:
@@ -108,8 +115,12 @@ class OnnxSource:
         model = read_model(self.path)
         self._entries: Dict[str, _Entry] = {}
         self._infos: List[TensorInfo] = []
+        self._infos_by_name: Dict[str, TensorInfo] = {}
         stored, uses = graph_uses(model.graph, MAX_DEPTH, str(self.path),
-                                  lambda t: t.data_type in FLOAT_TYPES)
+                                  lambda t: t.data_type in FLOAT_TYPES or t.data_type in CODES)
+        self._stored = {}
+        for key, proto in stored:
+            self._stored.setdefault(key, proto)
         for key, proto in stored:
             self._add(key, proto, find_use(key, uses, len(proto.dims)))
 
@@ -123,16 +134,22 @@ class OnnxSource:
         role = use.role if use is not None else None
         module_type = use.module_type if use is not None else None
         name = key if readable_name(key) or use is None else use.name
+        dq = None
+        if use is not None and use.dequantize is not None:
+            node = use.dequantize
+            dq = Dequantize(node.input[1], node.input[2] if len(node.input) > 2 and node.input[2]
+                            else None, node_attr(node, "axis", 1), node_attr(node, "block_size", 0))
+            dtype = f"qdq-{dtype}"
         if len(shape) == {"recurrent": 3, "recurrent_bias": 2}.get(role or ""):
             # directions x (gates * H) [x in]: one tensor per direction, as torch keeps them
             for d in range(shape[0]):
                 suffix = "_reverse" if d == 1 else ("" if d == 0 else f"_d{d}")
-                self._list(f"{name}{suffix}", _Entry(proto, d, False), shape[1:], dtype,
+                self._list(f"{name}{suffix}", _Entry(proto, d, False, dq), shape[1:], dtype,
                            module_type, use.parts(shape[1]) if len(shape) == 3 else ())
             return
         transpose = use is not None and use.transpose and len(shape) == 2
         parts = use.parts(shape[0]) if use is not None and len(shape) == 2 else ()
-        self._list(name, _Entry(proto, None, transpose), shape[::-1] if transpose else shape,
+        self._list(name, _Entry(proto, None, transpose, dq), shape[::-1] if transpose else shape,
                    dtype, module_type, parts)
 
     def _list(self, name: str, entry: _Entry, shape: Tuple[int, ...], dtype: str,
@@ -143,6 +160,7 @@ class OnnxSource:
             unique = f"{name}#{k}"
         self._entries[unique] = entry
         self._infos.append(TensorInfo(unique, tuple(shape), dtype, module_type, parts=parts))
+        self._infos_by_name[unique] = self._infos[-1]
 
     def tensors(self) -> Sequence[TensorInfo]:
         return list(self._infos)
@@ -150,15 +168,44 @@ class OnnxSource:
     # -- reading ------------------------------------------------------------------------------
 
     def load(self, name: str) -> np.ndarray:
+        """The tensor as the model uses it (a QDQ weight dequantized, in float64)."""
+        entry = self._entry(name)
+        if entry.dequantize is not None:
+            return self._dequantized(entry, name)[0]
+        return _oriented(self._array(entry.proto, name), entry)
+
+    def quantized(self, name: str) -> QdqMatrix:
+        """A QDQ weight (dtype ``qdq-*``) as a
+        :class:`~allennlp_analyze.quantized.QuantizedMatrix`: its values and steps."""
+        entry = self._entry(name)
+        if entry.dequantize is None:
+            raise AnalyzeError(f"{self.path}: tensor {name!r} is not quantized")
+        values, step = self._dequantized(entry, name)
+        if values.ndim != 2:
+            raise AnalyzeError(f"{self.path}: quantized tensor {name!r} is not a matrix")
+        return QdqMatrix(values, step, self._infos_by_name[name].dtype)
+
+    def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)
         if entry is None:
             raise AnalyzeError(f"{self.path} has no tensor named {name!r}")
-        array = self._array(entry.proto, name)
-        if entry.index is not None:
-            array = array[entry.index]
-        if entry.transpose:
-            array = array.T
-        return array if array.flags.c_contiguous else array.copy(order="C")
+        return entry
+
+    def _dequantized(self, entry: _Entry, name: str) -> Tuple[np.ndarray, np.ndarray]:
+        """A QDQ weight's values and steps, oriented as listed."""
+        q = entry.dequantize
+        what = f"{self.path}: quantized tensor {name!r}"
+        params = []
+        for value in (q.scale, q.zero_point):
+            if value is None:
+                params.append(None)
+            elif value not in self._stored:
+                raise AnalyzeError(f"{what}: its scale or zero point {value!r} is not stored "
+                                   f"in the file (computed by the graph): not read")
+            else:
+                params.append(self._array(self._stored[value], value))
+        values, step = dequantize(self._array(entry.proto, name), params[0], params[1], q, what)
+        return _oriented(values, entry), _oriented(step, entry)
 
     def _array(self, proto, name: str) -> np.ndarray:
         """The stored tensor as numpy in its stored precision (bfloat16 / float8 widened to
@@ -235,6 +282,15 @@ class OnnxSource:
 
 #: Bits of the element types packed several to a byte.
 _PACKED_BITS = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4, "int2": 2, "uint2": 2}
+
+
+def _oriented(array: np.ndarray, entry: _Entry) -> np.ndarray:
+    """A stored array as listed: one direction of it, transposed, C-contiguous."""
+    if entry.index is not None:
+        array = array[entry.index]
+    if entry.transpose:
+        array = array.T
+    return array if array.flags.c_contiguous else array.copy(order="C")
 
 
 def _stored_bytes(np_dtype: np.dtype, count: int) -> int:

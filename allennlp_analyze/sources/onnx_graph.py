@@ -6,7 +6,7 @@ Works on the ``onnx`` package's protobuf messages; imports nothing itself.
 """
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import AnalyzeError
@@ -39,6 +39,8 @@ class Use:
     name: str
     transpose: bool = False
     gates: Tuple[str, ...] = ()
+    #: The ``DequantizeLinear`` node the stored (quantized) tensor goes through, if any.
+    dequantize: Optional[object] = None
 
     def parts(self, rows: int) -> Tuple[Tuple[str, int], ...]:
         """The row blocks ``((gate, rows), ...)`` of a stacked recurrent weight of ``rows``."""
@@ -88,25 +90,34 @@ def readable_name(name: str) -> bool:
 
 def find_use(name: str, consumers: Consumers, ndim: int) -> Optional[Use]:
     """The first op (graph order, breadth first) that uses the stored tensor ``name`` of
-    ``ndim`` dimensions, followed through :data:`PASS_THROUGH` ops; None where nothing uses it."""
+    ``ndim`` dimensions, followed through :data:`PASS_THROUGH` ops (and a ``DequantizeLinear``
+    that takes it as its quantized input, straight from storage: :attr:`Use.dequantize`);
+    None where nothing uses it."""
     seen = {name}
-    pending = deque([(name, False, True)])  # value, transposed on the way, rows unchanged
+    # value, transposed on the way, rows unchanged, the DequantizeLinear passed
+    pending = deque([(name, False, True, None)])
     while pending:
-        value, flipped, direct = pending.popleft()
+        value, flipped, direct, dequantize = pending.popleft()
         for node, i in consumers.get(value, ()):
             op = node.op_type
+            if op == "DequantizeLinear" and i == 0 and dequantize is None and node.output \
+                    and value == name and node.output[0] not in seen:
+                seen.add(node.output[0])
+                pending.append((node.output[0], flipped, direct, node))
+                continue
             if op in PASS_THROUGH and (i == 0 or op == "Concat"):
                 if op == "Transpose":
-                    perm = list(_attr(node, "perm", []))
+                    perm = list(node_attr(node, "perm", []))
                     if ndim != 2 or perm not in ([], [1, 0]):
-                        return _use(node, i, "other", None, False)
+                        return replace(_use(node, i, "other", None), dequantize=dequantize)
                     flipped = not flipped
                 out = node.output[0] if node.output else ""
                 if out and out not in seen:
                     seen.add(out)
-                    pending.append((out, flipped, direct and op not in _REARRANGING))
+                    pending.append((out, flipped, direct and op not in _REARRANGING,
+                                    dequantize))
                 continue
-            return _role(node, i, ndim, flipped, direct)
+            return replace(_role(node, i, ndim, flipped, direct), dequantize=dequantize)
     return None
 
 
@@ -116,7 +127,7 @@ def _role(node, i: int, ndim: int, flipped: bool, direct: bool) -> Use:
         # A (i = 0) is used as out x in as it arrives, B (i = 1) as in x out
         return _use(node, i, "linear", "Linear", flipped if i == 0 else not flipped)
     if op == "Gemm" and i in (0, 1):
-        trans = bool(_attr(node, "transA" if i == 0 else "transB", 0)) != flipped
+        trans = bool(node_attr(node, "transA" if i == 0 else "transB", 0)) != flipped
         return _use(node, i, "linear", "Linear", trans if i == 0 else not trans)
     if op in ("Conv", "ConvTranspose") and i == 1:
         return _use(node, i, "conv", f"{op}{max(ndim - 2, 1)}d")
@@ -156,7 +167,7 @@ def _node_param_name(node, i: int, role: str) -> str:
     return f"{scope or node.op_type}.{param}"
 
 
-def _attr(node, name: str, default):
+def node_attr(node, name: str, default):
     for attr in node.attribute:
         if attr.name == name:
             if attr.ints:
