@@ -30,12 +30,13 @@ from typing import List, Optional, Tuple
 from ..errors import AnalyzeError
 from ..tensors import WeightSource
 from ._common import one_line, read_index
-from .folder import GENERIC, HF_NAMES, open_folder
+from . import registry
+from .folder import HF_NAMES, open_folder
+from .local import open_path
 
 _ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?$")
 #: Names that are files, not repositories: a missing ``dir/model.safetensors`` stays a path.
-_FILE_SUFFIXES = (".safetensors", ".json", ".th", ".pt", ".pth", ".bin", ".ckpt", ".tar.gz",
-                  ".tgz", ".npz", ".npy")
+_FILE_SUFFIXES = (".json",) + tuple(s for f in registry.FORMATS for s in f.suffixes)
 DEFAULT_TIMEOUT_S = 10.0
 
 
@@ -98,8 +99,6 @@ def open_hub(text: str, progress: Optional[bool] = None,
              checkpoint_key: Optional[str] = None) -> WeightSource:
     """The weights of hub id ``text`` (``ORG/NAME[@REVISION]``), labelled ``text``: its
     snapshot folder opened as any local folder (:func:`~allennlp_analyze.sources.open_path`)."""
-    from . import open_path
-
     return open_path(resolve_hub(text, progress), label=text, checkpoint_key=checkpoint_key)
 
 
@@ -153,8 +152,8 @@ def weight_files(names: List[str]) -> List[str]:
             chosen = [name]
             break
     else:
-        for patterns, _ in GENERIC:
-            found = sorted({n for n in top for p in patterns if fnmatch.fnmatch(n, p)})
+        for fmt in registry.FORMATS:
+            found = sorted({n for n in top for p in fmt.folder_globs if fnmatch.fnmatch(n, p)})
             if found:
                 chosen = found
                 break
