@@ -35,8 +35,6 @@ from .folder import HF_NAMES, open_folder
 from .local import open_path
 
 _ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?$")
-#: Names that are files, not repositories: a missing ``dir/model.safetensors`` stays a path.
-_FILE_SUFFIXES = (".json",) + tuple(s for f in registry.FORMATS for s in f.suffixes)
 DEFAULT_TIMEOUT_S = 10.0
 
 
@@ -48,7 +46,7 @@ def parse_hub_id(text: str) -> Optional[Tuple[str, Optional[str]]]:
     repo = m.group("repo")
     org, name = repo.split("/")
     if ("--" in repo or ".." in repo or len(name) > 96 or repo.endswith(".git")
-            or repo.lower().endswith(_FILE_SUFFIXES)
+            or repo.lower().endswith((".json",) + registry.suffixes())  # a file: a path
             or any(part[i] in ".-" for part in (org, name) for i in (0, -1))):
         return None
     return repo, m.group("revision")

@@ -130,3 +130,8 @@ def expected() -> str:
 def folder_globs() -> List[str]:
     """Every glob that picks a weights file in a model folder, in preference order."""
     return [g for f in FORMATS for g in f.folder_globs]
+
+
+def suffixes() -> Tuple[str, ...]:
+    """Every file-name ending that some format claims (a name with one is a file's)."""
+    return tuple(s for f in FORMATS for s in f.suffixes)
