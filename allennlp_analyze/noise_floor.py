@@ -177,35 +177,9 @@ class NoiseAccumulator:
         if self.rows == 0:
             return StorageNoise(0.0, 0.0)
         unit = self._scale * self._fmt.eps  # ulp = unit * (binade / scale)
-        return _spectral_noise(unit, self._row_sq, float(self._col_sq.max()), self._row_abs,
-                               float(self._col_abs.max()))
-
-
-def _spectral_noise(unit: float, row_sq: float, col_sq: float, row_abs: float,
-                    col_abs: float) -> StorageNoise:
-    """The estimate and bound of ||E||_2 (module docstring) from the largest row and column
-    sums of the elements' rounding spacings (ulp, or quantization step) squared (``*_sq``) and
-    plain (``*_abs``), in units of ``unit``: errors uniform on +-spacing / 2 (variance
-    spacing**2 / 12) for the estimate, at most spacing / 2 for the bound."""
-    estimate = unit * (np.sqrt(row_sq / 12.0) + np.sqrt(col_sq / 12.0))
-    bound = unit / 2.0 * np.sqrt(row_abs * col_abs)
-    return StorageNoise(float(estimate), float(bound))
-
-
-def quantization_noise(step: np.ndarray, worst: np.ndarray) -> StorageNoise:
-    """The rounding E of a quantized 2-D matrix (weights' units) whose elements have the
-    quantization ``step`` and the rigorous error bound ``worst`` (``|e_ij| <= worst_ij``; half
-    the step for round to nearest): the estimate from variances ``step**2 / 12`` and the bound
-    ``sqrt(||E||_1 ||E||_inf)``, by the formulas of a floating-point storage's (module
-    docstring), the step in place of the ulp."""
-    step, worst = np.asarray(step, dtype=np.float64), np.asarray(worst, dtype=np.float64)
-    if step.ndim != 2 or step.shape != worst.shape:
-        raise ValueError(f"expected two 2-D arrays of one shape, got {step.shape}, {worst.shape}")
-    if step.size == 0:
-        return StorageNoise(0.0, 0.0)
-    squares, spacing = step * step, 2.0 * worst  # a bound of spacing / 2 per element
-    return _spectral_noise(1.0, float(squares.sum(axis=1).max()), float(squares.sum(axis=0).max()),
-                           float(spacing.sum(axis=1).max()), float(spacing.sum(axis=0).max()))
+        estimate = unit * (np.sqrt(self._row_sq / 12.0) + np.sqrt(self._col_sq.max() / 12.0))
+        bound = unit / 2.0 * np.sqrt(self._row_abs * self._col_abs.max())
+        return StorageNoise(float(estimate), float(bound))
 
 
 def storage_noise(W: np.ndarray, dtype: str) -> StorageNoise:

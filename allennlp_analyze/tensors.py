@@ -31,6 +31,8 @@ class TensorInfo:
     parameter) and ``parts``: the row blocks ``((label, rows), ...)`` of a fused weight whose
     module says how it is split (AllenNLP's ``_combined_projection``: q, k, v of the attention
     and values sizes). :mod:`allennlp_analyze.kinds` reads them as the best evidence.
+    ``quantized``: ``dtype`` names a quantization scheme (``"qdq-int8"``), and
+    :meth:`WeightSource.load` gives a :class:`~allennlp_analyze.quantized.QuantizedMatrix`.
     """
 
     name: str
@@ -39,6 +41,7 @@ class TensorInfo:
     module_type: Optional[str] = None
     buffer: Optional[bool] = None
     parts: Tuple[Tuple[str, int], ...] = ()
+    quantized: bool = False
 
 
 class WeightSource(Protocol):

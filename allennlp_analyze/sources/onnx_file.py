@@ -25,9 +25,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import limits
-from ..errors import AnalyzeError
+from ..errors import AnalyzeError, one_line
 from ..tensors import TensorInfo
-from ._common import one_line, safe_relative
+from ._common import safe_relative
 from .onnx_graph import Use, find_use, graph_uses, node_attr, readable_name
 from .onnx_qdq import Dequantize, QdqMatrix, dequantize
 
@@ -159,7 +159,10 @@ class OnnxSource:
             k += 1
             unique = f"{name}#{k}"
         self._entries[unique] = entry
-        self._infos.append(TensorInfo(unique, tuple(shape), dtype, module_type, parts=parts))
+        # a QDQ matrix is read as quantized; a QDQ kernel of more dimensions is not read
+        quantized = entry.dequantize is not None and len(shape) == 2
+        self._infos.append(TensorInfo(unique, tuple(shape), dtype, module_type, parts=parts,
+                                      quantized=quantized))
         self._infos_by_name[unique] = self._infos[-1]
 
     def tensors(self) -> Sequence[TensorInfo]:
@@ -167,22 +170,17 @@ class OnnxSource:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def load(self, name: str) -> np.ndarray:
-        """The tensor as the model uses it (a QDQ weight dequantized, in float64)."""
-        entry = self._entry(name)
-        if entry.dequantize is not None:
-            return self._dequantized(entry, name)[0]
-        return _oriented(self._array(entry.proto, name), entry)
-
-    def quantized(self, name: str) -> QdqMatrix:
-        """A QDQ weight (dtype ``qdq-*``) as a
-        :class:`~allennlp_analyze.quantized.QuantizedMatrix`: its values and steps."""
+    def load(self, name: str) -> Union[np.ndarray, QdqMatrix]:
+        """The tensor as the model uses it; a QDQ matrix (``quantized`` in its
+        :class:`TensorInfo`) as a :class:`~allennlp_analyze.quantized.QuantizedMatrix`: its
+        values dequantized in float64 and each element's step."""
         entry = self._entry(name)
         if entry.dequantize is None:
-            raise AnalyzeError(f"{self.path}: tensor {name!r} is not quantized")
+            return _oriented(self._array(entry.proto, name), entry)
         values, step = self._dequantized(entry, name)
         if values.ndim != 2:
-            raise AnalyzeError(f"{self.path}: quantized tensor {name!r} is not a matrix")
+            raise AnalyzeError(f"{self.path}: quantized tensor {name!r} is not a matrix "
+                               f"(shape {values.shape}): not read")
         return QdqMatrix(values, step, self._infos_by_name[name].dtype)
 
     def _entry(self, name: str) -> _Entry:

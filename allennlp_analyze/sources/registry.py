@@ -19,6 +19,7 @@ from ..tensors import WeightSource
 from ._common import read_index
 from .archive import ArchiveSource
 from .numpy_file import NpySource, NpzSource, looks_like_npz
+from .onnx_file import OnnxSource, looks_like_onnx
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
 from .torch_file import ShardedTorchSource, TorchFileSource
 
@@ -96,6 +97,9 @@ FORMATS: List[SourceFormat] = [
                  folder_globs=("*.npz",), expected="a numpy .npy/.npz file"),
     SourceFormat("npy", (".npy",), _plain(NpySource),
                  sniff=lambda path, head: head[:4] == b"\x93NUM", folder_globs=("*.npy",)),
+    SourceFormat("onnx", (".onnx",), _plain(OnnxSource),
+                 sniff=lambda path, head: looks_like_onnx(head), folder_globs=("*.onnx",),
+                 expected="an ONNX model (.onnx)"),
 ]
 
 
