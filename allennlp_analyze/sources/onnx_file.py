@@ -122,6 +122,8 @@ class OnnxSource:
         for key, proto in stored:
             self._stored.setdefault(key, proto)
         for key, proto in stored:
+            if proto.data_location == self._onnx.TensorProto.EXTERNAL:
+                self._external_span(proto, key, self._layout(proto, key)[2])
             self._add(key, proto, find_use(key, uses, len(proto.dims)))
 
     # -- listing ------------------------------------------------------------------------------
@@ -205,22 +207,35 @@ class OnnxSource:
         values, step = dequantize(self._array(entry.proto, name), params[0], params[1], q, what)
         return _oriented(values, entry), _oriented(step, entry)
 
-    def _array(self, proto, name: str) -> np.ndarray:
-        """The stored tensor as numpy in its stored precision (bfloat16 / float8 widened to
-        float32 and 4-bit integers to int8, exactly)."""
-        onnx = self._onnx
-        shape = tuple(int(d) for d in proto.dims)
-        count = math.prod(shape)
+    def _layout(self, proto, name: str) -> Tuple[np.dtype, int, int]:
+        """``(numpy dtype, element count, stored bytes)`` of a numeric stored tensor."""
         try:
-            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)
+            np_dtype = self._onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)
         except (KeyError, ValueError, TypeError):
             raise AnalyzeError(f"{self.path}: tensor {name!r} has an unsupported element type "
                                f"{proto.data_type}") from None
         if np_dtype.kind in "OSU":
             raise AnalyzeError(f"{self.path}: tensor {name!r} holds strings, not numbers")
-        nbytes = _stored_bytes(np_dtype, count)
+        count = math.prod(int(d) for d in proto.dims)
+        return np_dtype, count, _stored_bytes(np_dtype, count)
+
+    def _array(self, proto, name: str) -> np.ndarray:
+        """The stored tensor as numpy in its stored precision (bfloat16 / float8 widened to
+        float32 and 4-bit integers to int8, exactly)."""
+        onnx = self._onnx
+        np_dtype, count, nbytes = self._layout(proto, name)
+        shape = tuple(proto.dims)
         if proto.data_location == onnx.TensorProto.EXTERNAL:
-            raw = self._external(proto, name, nbytes)
+            target, offset = self._external_span(proto, name, nbytes)
+            try:
+                with limits.open_regular(target) as f:
+                    f.seek(offset)
+                    raw = f.read(nbytes)
+            except OSError as e:
+                raise AnalyzeError(f"cannot read {target} (external data of {self.path}): "
+                                   f"{e.strerror or one_line(e)}") from None
+            if len(raw) != nbytes:
+                raise AnalyzeError(f"{target} is truncated (tensor {name!r})")
             proto = onnx.TensorProto(dims=proto.dims, data_type=proto.data_type, raw_data=raw)
         elif proto.HasField("raw_data"):
             if len(proto.raw_data) != nbytes:
@@ -241,8 +256,10 @@ class OnnxSource:
                                  np.int8 if kind.startswith("int") else np.uint8)
         return array
 
-    def _external(self, proto, name: str, nbytes: int) -> bytes:
-        """The bytes of an external-data tensor, from a file inside the model's folder only."""
+    def _external_span(self, proto, name: str, nbytes: int) -> Tuple[Path, int]:
+        """``(file, offset)`` of an external-data tensor's ``nbytes`` bytes, checked: a file
+        inside the model's folder (no absolute path, no ``..``, no link leading out), holding
+        them within its size. Checked for every tensor when the model is opened."""
         info = {e.key: e.value for e in proto.external_data}
         location = info.get("location", "")
         folder = self.path.parent
@@ -265,14 +282,13 @@ class OnnxSource:
         try:
             with limits.open_regular(target) as f:
                 size = os.fstat(f.fileno()).st_size
-                if offset + nbytes > size:
-                    raise AnalyzeError(f"{target} is truncated (tensor {name!r} ends at byte "
-                                       f"{offset + nbytes}, the file holds {size})")
-                f.seek(offset)
-                return f.read(nbytes)
         except OSError as e:
             raise AnalyzeError(f"cannot read {target} (external data of {self.path}): "
                                f"{e.strerror or one_line(e)}") from None
+        if offset + nbytes > size:
+            raise AnalyzeError(f"{target} is truncated (tensor {name!r} ends at byte "
+                               f"{offset + nbytes}, the file holds {size})")
+        return target, offset
 
     def __repr__(self) -> str:
         return f"<OnnxSource {self.label!r}>"
