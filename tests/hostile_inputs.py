@@ -313,3 +313,19 @@ class HostileServer:
 def fifo(path: Path) -> Path:
     os.mkfifo(path)
     return path
+
+
+def onnx_nested_ifs(path: Path, depth: int) -> Path:
+    """An ONNX file of ``depth`` ``If`` nodes, each in the previous one's ``then`` branch."""
+    from onnx import TensorProto, helper
+
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Constant", [], ["y"], value_float=1.0)],
+                              "leaf", [], [out])
+    leaf = graph
+    for level in range(depth):
+        node = helper.make_node("If", ["c"], ["y"], then_branch=graph, else_branch=leaf)
+        graph = helper.make_graph([node], f"g{level}", [], [out])
+    graph.input.extend([helper.make_tensor_value_info("c", TensorProto.BOOL, [])])
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    return path

@@ -54,6 +54,7 @@ def inputs(tmp_path_factory):
     tagger = _members(TAGGER)
     config, weights = tagger["config.json"], tagger["weights.th"]
     small = H.torch_bytes({"fc.weight": torch.randn(30, 10, generator=torch.Generator().manual_seed(0))})
+    rng0 = np.random.default_rng(0)
     doubled = H.torch_bytes({"fc.weight": 2 * torch.load(__import__("io").BytesIO(small),
                                                          weights_only=True)["fc.weight"]})
     f = {}
@@ -114,6 +115,21 @@ def inputs(tmp_path_factory):
         {"w": {"dtype": "F32", "shape": [0, 64, 10**12], "data_offsets": [0, 0]},
          "v": {"dtype": "F32", "shape": [4, 3], "data_offsets": [0, 48]}},
         np.random.default_rng(1).standard_normal(12).astype("<f4").tobytes()))
+    # ONNX: truncated protobuf, external data past the end or outside the folder, absurd dims,
+    # subgraphs nested past our limit and past protobuf's
+    onnx_good = H.onnx_matmul_model({"w": rng0.standard_normal((64, 32))}).SerializeToString()
+    f["onnx_truncated"] = d / "truncated.onnx"
+    f["onnx_truncated"].write_bytes(onnx_good[: len(onnx_good) // 2])
+    (d / "outside.bin").write_bytes(b"\0" * 48)
+    f["onnx_past_end"] = H.onnx_external(d / "onnx_past", {"w": np.ones((4, 3))}, offset=10**9)
+    f["onnx_escape"] = H.onnx_external(d / "onnx_escape", {"w": np.ones((4, 3))},
+                                       location="../outside.bin")
+    f["onnx_symlink"] = H.onnx_external(d / "onnx_symlink", {"w": np.ones((4, 3))},
+                                        location="link.bin")
+    (d / "onnx_symlink" / "link.bin").symlink_to(d / "outside.bin")
+    f["onnx_absurd"] = H.onnx_absurd_dims(d / "absurd.onnx")
+    f["onnx_deep"] = H.onnx_nested_ifs(d / "deep.onnx", 20)
+    f["onnx_deeper"] = H.onnx_nested_ifs(d / "deeper.onnx", 32)
     f["sparse"] = H.sparse_safetensors(d / "sparse.safetensors", 40000, 20000)
     f["tiny"] = H.tiny_matrices(d / "tiny.safetensors", 100_000)
     names = ["plain.weight", "new\nline.weight", "esc\x1b[2J\x1b[31m.weight", "rtl\u202eexe.weight"]
@@ -162,6 +178,8 @@ def _cases(f, base, backlog, work):
         # safetensors and JSON
         **{f"header:{n}": ([str(f[n])], {}) for n in (
             "deep_header", "deep_index", "shape_float", "shape_huge", "shape_overflow")},
+        **{f"onnx:{n}": ([str(f[f"onnx_{n}"]), "--min-q", "1"], {}) for n in (
+            "truncated", "past_end", "escape", "symlink", "absurd", "deep", "deeper")},
         "empty_conv": ([str(f["empty_conv"]), "--include", "conv", "--format", "json"], {}),
         "sparse": ([str(f["sparse"])], {}),
         "tiny": ([str(f["tiny"]), "--match", r"^m77777\.weight$", "--format", "json"], {}),
@@ -367,6 +385,24 @@ def test_deep_json_is_refused_without_recursion(batches, inputs):
 def test_impossible_shapes_are_refused(batches, case, fragment):
     found = _both_errors(batches, f"header:{case}", "corrupt safetensors header", fragment)
     assert found["standalone"] == found["plugin"]
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("truncated", ["truncated.onnx is not a valid ONNX model (truncated or corrupt"]),
+    ("past_end", ["weights.bin is truncated (tensor 'w' ends at byte 1000000048, the file "
+                  "holds 48)"]),
+    ("escape", ["has its data at '../outside.bin', outside the model's folder: refused"]),
+    ("symlink", ["has its data at 'link.bin', outside the model's folder: refused"]),
+    ("absurd", ["w (1000000000000 x 1000000000000) needs", "of memory"]),
+    ("deep", ["deep.onnx nests subgraphs more than 16 levels deep"]),
+    ("deeper", ["deeper.onnx is not a valid ONNX model", "MaxDepth"]),
+])
+def test_hostile_onnx_files(batches, case, fragments):
+    found = _both_errors(batches, f"onnx:{case}", *fragments)
+    if case != "absurd":  # there the fronts' memory limits differ
+        assert found["standalone"] == found["plugin"]
+    for front in FRONTS:
+        assert batches[front][f"onnx:{case}"]["seconds"] < 30
 
 
 def test_empty_tensors_with_countless_positions(batches):

@@ -33,8 +33,9 @@ from .onnx_qdq import Dequantize, QdqMatrix, dequantize
 
 #: protobuf's own limit on a message: larger models keep their weights as external data.
 MAX_PROTOBUF = 2**31 - 1
-#: Subgraph nesting followed at most (an ``If`` inside a ``Loop`` inside an ``If``...).
-MAX_DEPTH = 64
+#: Subgraph nesting followed at most (an ``If`` inside a ``Loop`` inside an ``If``...; real
+#: models nest a few levels; protobuf's own parser stops near 32).
+MAX_DEPTH = 16
 #: Working memory taken to parse a file, in multiples of its size (its bytes and the message).
 PARSE_FACTOR = 2
 
