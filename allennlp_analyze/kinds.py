@@ -4,7 +4,9 @@ Evidence, strongest first (the record's ``kind_from``):
 
 * ``module``: the owning module's type, where the model is built or an ``nn.Module`` is given
   (``Linear``, ``Embedding``, ``Conv2d``, ``LSTM``, ``MultiheadAttention``...; any subclass
-  counts as the ``torch.nn`` layer it derives from), and whether the tensor is a registered
+  counts as the ``torch.nn`` layer it derives from), or the op of an ONNX graph that uses the
+  tensor, named as the layer it implies (``MatMul`` -> ``Linear``; a [1, n] input of an
+  elementwise op, :data:`VECTOR_OPS`, is a vector), and whether the tensor is a registered
   buffer;
 * ``config``: the checkpoint's config where it names the layer
   (:mod:`allennlp_analyze.checkpoint_config`);

@@ -130,6 +130,38 @@ def test_lstm_gates_split_in_torch_names(tagger):
         same_record(ours[name], theirs[name])
 
 
+class Recurrent(nn.Module):
+    """A 2-layer bidirectional LSTM feeding a GRU."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(10, 7, batch_first=True)
+
+    def forward(self, x):
+        h, _ = self.lstm(x)
+        return self.gru(h)[0]
+
+
+def test_bidirectional_layers_and_gru_gates(tmp_path):
+    """ONNX's direction axis gives torch's ``_reverse`` matrices, its layers torch's ``_l1``,
+    and GRU's z, r, h gates are torch's z, r, n rows."""
+    torch.manual_seed(0)
+    model = Recurrent()
+    path = export(model, (torch.randn(2, 4, 6),), tmp_path / "rnn.onnx")
+    for split in (False, True):
+        ours = records(OnnxSource(path), split_fused=split)
+        theirs = records(model.state_dict(), split_fused=split)
+        assert set(ours) == set(theirs) and len(ours) == (8 + 2) * (4 if split else 1) - 2 * split
+        for name, rec in ours.items():
+            assert rec["kind"] == "recurrent"
+            if split:
+                same_record(rec, theirs[name])
+            else:  # the whole stack, its rows in another order
+                assert rec["sv_max"] == pytest.approx(theirs[name]["sv_max"], rel=1e-12)
+                assert rec["sv_min"] == pytest.approx(theirs[name]["sv_min"], rel=1e-9)
+
+
 def test_bert_encoder_export(tmp_path):
     """A BERT-shaped encoder (``transformers.BertConfig``, random init): every matrix under its
     state-dict name, with the state dict's record, equal to numpy on the stored tensor."""
