@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -65,7 +65,7 @@ class _Entry:
     axis (one direction of a recurrent weight) or None, whether the record is its transpose,
     and the ``DequantizeLinear`` that makes it a weight (QDQ), if any."""
 
-    proto: object
+    proto: Any
     index: Optional[int]
     transpose: bool
     dequantize: Optional[Dequantize] = None
@@ -119,7 +119,7 @@ class OnnxSource:
         self._infos_by_name: Dict[str, TensorInfo] = {}
         stored, uses = graph_uses(model.graph, MAX_DEPTH, str(self.path),
                                   lambda t: t.data_type in FLOAT_TYPES or t.data_type in CODES)
-        self._stored = {}
+        self._stored: Dict[str, Any] = {}
         for key, proto in stored:
             self._stored.setdefault(key, proto)
         for key, proto in stored:
@@ -143,14 +143,14 @@ class OnnxSource:
             dq = Dequantize(node.input[1], node.input[2] if len(node.input) > 2 and node.input[2]
                             else None, node_attr(node, "axis", 1), node_attr(node, "block_size", 0))
             dtype = f"qdq-{dtype}"
-        if len(shape) == {"recurrent": 3, "recurrent_bias": 2}.get(role or ""):
+        if use is not None and len(shape) == {"recurrent": 3, "recurrent_bias": 2}.get(role or ""):
             # directions x (gates * H) [x in]: one tensor per direction, as torch keeps them
             for d in range(shape[0]):
                 suffix = "_reverse" if d == 1 else ("" if d == 0 else f"_d{d}")
                 self._list(f"{name}{suffix}", _Entry(proto, d, False, dq), shape[1:], dtype,
                            module_type, use.parts(shape[1]) if len(shape) == 3 else ())
             return
-        transpose = use is not None and use.transpose and len(shape) == 2
+        transpose = bool(use is not None and use.transpose and len(shape) == 2)
         parts = use.parts(shape[0]) if use is not None and len(shape) == 2 else ()
         self._list(name, _Entry(proto, None, transpose, dq), shape[::-1] if transpose else shape,
                    dtype, module_type, parts)
@@ -195,8 +195,9 @@ class OnnxSource:
     def _dequantized(self, entry: _Entry, name: str) -> Tuple[np.ndarray, np.ndarray]:
         """A QDQ weight's values and steps, oriented as listed."""
         q = entry.dequantize
+        assert q is not None
         what = f"{self.path}: quantized tensor {name!r}"
-        params = []
+        params: List[Optional[np.ndarray]] = []
         for value in (q.scale, q.zero_point):
             if value is None:
                 params.append(None)
@@ -205,7 +206,10 @@ class OnnxSource:
                                    f"in the file (computed by the graph): not read")
             else:
                 params.append(self._array(self._stored[value], value))
-        values, step = dequantize(self._array(entry.proto, name), params[0], params[1], q, what)
+        scale, zero_point = params
+        if scale is None:
+            raise AnalyzeError(f"{what}: its DequantizeLinear has no scale")
+        values, step = dequantize(self._array(entry.proto, name), scale, zero_point, q, what)
         return _oriented(values, entry), _oriented(step, entry)
 
     def _layout(self, proto, name: str) -> Tuple[np.dtype, int, int]:

@@ -7,7 +7,7 @@ Works on the ``onnx`` package's protobuf messages; imports nothing itself.
 import re
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import AnalyzeError
 from ..kinds import VECTOR_OPS
@@ -40,7 +40,7 @@ class Use:
     transpose: bool = False
     gates: Tuple[str, ...] = ()
     #: The ``DequantizeLinear`` node the stored (quantized) tensor goes through, if any.
-    dequantize: Optional[object] = None
+    dequantize: Optional[Any] = None
 
     def parts(self, rows: int) -> Tuple[Tuple[str, int], ...]:
         """The row blocks ``((gate, rows), ...)`` of a stacked recurrent weight of ``rows``."""
@@ -50,16 +50,16 @@ class Use:
 
 
 #: Consumers of each value: value name -> [(node, input index)].
-Consumers = Dict[str, List[Tuple[object, int]]]
+Consumers = Dict[str, List[Tuple[Any, int]]]
 
 
-def graph_uses(graph, max_depth: int, origin: str, is_weight: Callable[[object], bool]
-               ) -> Tuple[List[Tuple[str, object]], Consumers]:
+def graph_uses(graph, max_depth: int, origin: str, is_weight: Callable[[Any], bool]
+               ) -> Tuple[List[Tuple[str, Any]], Consumers]:
     """The stored tensors of ``graph`` and its subgraphs (initializers, and the values of
     ``Constant`` nodes that ``is_weight`` takes: not the integers of shape arithmetic; graph by
     graph, as ``(name, TensorProto)``) and every value's consumers.
     Subgraphs nested deeper than ``max_depth`` are an :class:`AnalyzeError`."""
-    stored: List[Tuple[str, object]] = []
+    stored: List[Tuple[str, Any]] = []
     consumers: Consumers = {}
     pending = deque([(graph, 0)])
     while pending:
