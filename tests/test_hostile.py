@@ -130,6 +130,8 @@ def inputs(tmp_path_factory):
     f["onnx_absurd"] = H.onnx_absurd_dims(d / "absurd.onnx")
     f["onnx_deep"] = H.onnx_nested_ifs(d / "deep.onnx", 20)
     f["onnx_deeper"] = H.onnx_nested_ifs(d / "deeper.onnx", 32)
+    f["onnx_ok"] = d / "ok.onnx"
+    f["onnx_ok"].write_bytes(onnx_good)
     f["sparse"] = H.sparse_safetensors(d / "sparse.safetensors", 40000, 20000)
     f["tiny"] = H.tiny_matrices(d / "tiny.safetensors", 100_000)
     names = ["plain.weight", "new\nline.weight", "esc\x1b[2J\x1b[31m.weight", "rtl\u202eexe.weight"]
@@ -180,6 +182,7 @@ def _cases(f, base, backlog, work):
             "deep_header", "deep_index", "shape_float", "shape_huge", "shape_overflow")},
         **{f"onnx:{n}": ([str(f[f"onnx_{n}"]), "--min-q", "1"], {}) for n in (
             "truncated", "past_end", "escape", "symlink", "absurd", "deep", "deeper")},
+        "onnx:ok": ([str(f["onnx_ok"]), "--format", "json"], {}),
         "empty_conv": ([str(f["empty_conv"]), "--include", "conv", "--format", "json"], {}),
         "sparse": ([str(f["sparse"])], {}),
         "tiny": ([str(f["tiny"]), "--match", r"^m77777\.weight$", "--format", "json"], {}),
@@ -403,6 +406,26 @@ def test_hostile_onnx_files(batches, case, fragments):
         assert found["standalone"] == found["plugin"]
     for front in FRONTS:
         assert batches[front][f"onnx:{case}"]["seconds"] < 30
+
+
+def test_onnx_file_in_both_front_ends(batches, inputs):
+    """The plugin and the standalone command read an ONNX file alike: its MatMul weight (in x
+    out as stored) as the out x in matrix the model uses, equal to numpy's SVD."""
+    import onnx
+    from onnx import numpy_helper
+
+    W = numpy_helper.to_array(onnx.load(str(inputs["onnx_ok"])).graph.initializer[0]).T
+    sv = np.linalg.svd(W.astype(np.float64), compute_uv=False)
+    found = []
+    for front in FRONTS:
+        r = batches[front]["onnx:ok"]
+        assert r["rc"] == 0, r
+        (rec,) = json.loads(r["out"])["records"]
+        assert (rec["name"], rec["shape"], rec["kind"]) == ("w", [32, 64], "linear")
+        assert rec["sv_max"] == pytest.approx(sv[0], rel=1e-9)
+        assert rec["sv_min"] == pytest.approx(sv[-1], rel=1e-7)
+        found.append({k: v for k, v in rec.items() if k != "model"})
+    assert found[0] == found[1]
 
 
 def test_empty_tensors_with_countless_positions(batches):
