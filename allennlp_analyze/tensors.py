@@ -31,8 +31,9 @@ class TensorInfo:
     parameter) and ``parts``: the row blocks ``((label, rows), ...)`` of a fused weight whose
     module says how it is split (AllenNLP's ``_combined_projection``: q, k, v of the attention
     and values sizes). :mod:`allennlp_analyze.kinds` reads them as the best evidence.
-    ``quantized``: ``dtype`` names a quantization scheme (``"qdq-int8"``), and
-    :meth:`WeightSource.load` gives a :class:`~allennlp_analyze.quantized.QuantizedMatrix`.
+    ``quantized``: ``dtype`` names a quantization scheme (``"Q4_K"``), and :meth:`WeightSource.load`
+    gives a :class:`~allennlp_analyze.quantized.QuantizedMatrix`; ``stored_name``: the name in
+    the file where the source maps it to another (GGUF's ``blk.0.attn_q.weight``).
     """
 
     name: str
@@ -42,6 +43,7 @@ class TensorInfo:
     buffer: Optional[bool] = None
     parts: Tuple[Tuple[str, int], ...] = ()
     quantized: bool = False
+    stored_name: Optional[str] = None
 
 
 class WeightSource(Protocol):
