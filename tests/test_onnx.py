@@ -130,6 +130,27 @@ def test_lstm_gates_split_in_torch_names(tagger):
         same_record(ours[name], theirs[name])
 
 
+def test_weights_followed_through_transpose_slice_and_concat(tmp_path):
+    """Exported without constant folding, the parameters keep their names and reach their ops
+    through ``Transpose`` (Linear) and ``Slice`` / ``Concat`` (the LSTM's gates reordered):
+    the state dict's records, gates included (the stored rows are torch's)."""
+    torch.manual_seed(0)
+    model = Tagger()
+    path = export(model, (torch.randint(0, 40, (2, 5)), torch.randn(1, 3, 8, 8)),
+                  tmp_path / "unfolded.onnx", do_constant_folding=False)
+    names = {t.name for t in onnx.load(str(path)).graph.initializer}
+    assert {"fc.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0"} <= names
+    source = OnnxSource(path)
+    kinds = {t.name: t.module_type for t in source.tensors()}
+    assert kinds["fc.weight"] == "Linear" and kinds["conv.weight"] == "Conv2d"
+    assert kinds["lstm.weight_ih_l0"] is None  # rows rearranged on the way: its name decides
+    ours = records(source, split_fused=True)
+    theirs = records(model.state_dict(), split_fused=True)
+    assert set(ours) == set(theirs)
+    for name in ours:
+        same_record(ours[name], theirs[name])
+
+
 class Recurrent(nn.Module):
     """A 2-layer bidirectional LSTM feeding a GRU."""
 
