@@ -277,8 +277,9 @@ def test_gemm_orientation_and_broadcast_vectors(tmp_path):
         "not a matrix (a vector: one dimension above 1)": 1}
 
 
-@pytest.mark.parametrize("data_type, dtype", [(TensorProto.FLOAT16, "float16"),
-                                              (TensorProto.BFLOAT16, "bfloat16")])
+@pytest.mark.parametrize("data_type, dtype", [
+    (TensorProto.FLOAT16, "float16"), (TensorProto.BFLOAT16, "bfloat16"),
+    (TensorProto.FLOAT8E4M3FN, "float8_e4m3fn"), (TensorProto.FLOAT8E5M2, "float8_e5m2")])
 def test_narrow_weights_behind_cast_keep_their_storage(tmp_path, data_type, dtype):
     rng = np.random.default_rng(3)
     values = rng.standard_normal((12, 20)).astype(np.float32)
@@ -302,7 +303,7 @@ def test_narrow_weights_behind_cast_keep_their_storage(tmp_path, data_type, dtyp
     assert rec["sv_min"] == pytest.approx(sv[-1], rel=1e-7)
     # the storage-noise floor of the narrow dtype, as for the same values in a state dict
     theirs = records({"w16": torch.from_numpy(stored.T.astype(np.float32)).to(
-        torch.float16 if dtype == "float16" else torch.bfloat16)})["w16"]
+        getattr(torch, dtype))})["w16"]
     same_record(rec, theirs, skip=("kind",))  # the state dict has no op: a "matrix"
     assert rec["noise_floor"] > 1e-4 * rec["sv_max"]
 

@@ -10,6 +10,8 @@ through the ops that only move it (:data:`PASS_THROUGH`: ``Cast``, ``Transpose``
 ``Gemm`` weight (records give it out x in, as torch's ``Linear`` stores it) and the gates of a
 recurrent weight. Names: the tensor's own where it is a parameter name, else one made from the
 consuming node's (``/encoder/layer.0/query/MatMul`` -> ``encoder.layer.0.query.weight``).
+Floating-point weights keep their storage dtype (its noise floor); QDQ weights (integer codes
+that a ``DequantizeLinear`` turns into the weight) are quantized matrices (:mod:`.onnx_qdq`).
 
 Resources: a protobuf file is parsed whole, so files above protobuf's 2 GiB limit, or larger
 than memory allows (:func:`~allennlp_analyze.limits.check_memory`), are refused before they are
@@ -256,9 +258,12 @@ class OnnxSource:
         except Exception as e:
             raise AnalyzeError(f"{self.path}: cannot read tensor {name!r}: {one_line(e)}") from None
         kind = array.dtype.name
-        if array.dtype.kind == "V":  # ml_dtypes' bfloat16, float8, float4, int4...: widened exactly
-            array = array.astype(np.float32 if "float" in kind else
-                                 np.int8 if kind.startswith("int") else np.uint8)
+        # ml_dtypes' bfloat16, float8, float4 (kind "V", or "f" for some), int4...: widened
+        # exactly to numpy's own types
+        if "float" in kind and kind not in ("float16", "float32", "float64"):
+            array = array.astype(np.float32)
+        elif array.dtype.kind == "V":
+            array = array.astype(np.int8 if kind.startswith("int") else np.uint8)
         return array
 
     def _external_span(self, proto, name: str, nbytes: int) -> Tuple[Path, int]:
