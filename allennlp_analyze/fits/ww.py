@@ -80,18 +80,16 @@ def detx(evals: np.ndarray) -> DetXEstimate:
     down from the largest, the first index i >= 1 where ``prod(s lambda[i:]) < 1`` gives
     ``detx_num = N - i`` and ``detx_val = lambda[i]`` (WeightWatcher's ``(s lambda[i]) / s``).
     Where no product drops below 1 it reports ``N`` and ``lambda[1]``, as WeightWatcher does.
+    Needs two distinct positive eigenvalues (else the status says why; WeightWatcher reports 0).
     The power law is then fitted with xmin fixed at ``lambda[i]`` (``powerlaw.Fit(positive,
     xmin=lambda[i])``; no alpha where that tail has fewer than 2 distinct values)."""
     x = as_eigenvalues(evals)
-    if not np.isfinite(x).all():
-        return failed("nonfinite", DetXEstimate)
+    bad = screen(x)
+    if bad:
+        return failed(bad, DetXEstimate)
     n = x.size
-    if n < 2:
-        return failed("too_few", DetXEstimate)
     wscale = np.sqrt(n) / np.sqrt(np.sum(x))
     scaled = (wscale * wscale) * x
-    if not scaled[0] < scaled[-1]:
-        return failed("all_equal", DetXEstimate)
     idx, num = _first_product_below_one(scaled)
     if idx is None:
         idx, num = 1, n
