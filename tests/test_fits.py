@@ -38,6 +38,7 @@ from allennlp_analyze.fits import (
     hill_mid,
     hill_peak,
     parse_fits,
+    run_warning,
     tpl,
     warning,
     xmin_peak,
@@ -379,3 +380,18 @@ def test_parse_fits_and_columns():
     assert columns("hill-mid", est["hill-mid"])["alpha_hill_mid"] == est["hill-mid"].alpha
     assert "clip_xmax_fingers" in columns("clip-xmax", est["clip-xmax"])
     assert {"detx_num", "detx_val", "alpha_detx"} <= set(columns("detx", est["detx"]))
+
+
+def test_run_warning_and_inputs():
+    """The record's warning: the first estimator's label, plus "fingers" from clip-xmax; the
+    CSN-type estimators see only the fitted eigenvalues, the others all of them."""
+    assert run_warning({"csn": Estimate("ok", alpha=7.0),
+                        "clip-xmax": ClippedEstimate("ok", alpha=3.0, num_fingers=2)},
+                       "csn") == "under-trained,fingers"
+    assert run_warning({"clip-xmax": ClippedEstimate("ok", alpha=1.5, num_fingers=1)},
+                       "clip-xmax") == "over-trained,fingers"
+    assert run_warning({"tpl": Estimate("too_few")}, "tpl") == ""
+    everything = np.r_[np.full(30, 1e-9), np.linspace(1.0, 50.0, 40) ** 2]
+    fitted = everything[everything > 1e-6]
+    est = estimate_all(everything, ["csn", "hill-mid"], fitted=fitted)
+    assert est["csn"] == csn(fitted) and est["hill-mid"] == hill_mid(everything)

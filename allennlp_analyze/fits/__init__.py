@@ -10,7 +10,7 @@ Each estimator is a function of the eigenvalues (any order, float64, the weights
 returning an :class:`~.estimate.Estimate` whose ``status`` says why it has no numbers, if so.
 Formulas, sources and differences: ``docs/estimators.md``.
 """
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,6 +40,10 @@ ESTIMATORS: Dict[str, Callable[[np.ndarray], Estimate]] = {
 }
 #: Other names accepted for an estimator.
 ALIASES = {"xmax": "csn-xmax"}
+#: The estimators that take only the eigenvalues above the storage's round-off level (the CSN
+#: fit as the original analysis ran it); the others take every eigenvalue and filter as their
+#: source does (WeightWatcher: > 1e-5; the Hill estimators: > 0).
+FITTED_ONLY = frozenset({"csn", "csn-xmax", "tpl"})
 
 
 def parse_fits(text: str) -> Tuple[str, ...]:
@@ -58,10 +62,25 @@ def parse_fits(text: str) -> Tuple[str, ...]:
     return tuple(names)
 
 
-def estimate_all(evals: np.ndarray, names: Sequence[str]) -> Dict[str, Estimate]:
-    """Every named estimator on the same eigenvalues (one copy, float64)."""
+def estimate_all(evals: np.ndarray, names: Sequence[str],
+                 fitted: Optional[np.ndarray] = None) -> Dict[str, Estimate]:
+    """Every named estimator on one spectrum: ``evals`` (every eigenvalue), and for those in
+    :data:`FITTED_ONLY` ``fitted`` (the ones above round-off; default: ``evals``)."""
     x = np.asarray(evals, dtype=np.float64).ravel()
-    return {name: ESTIMATORS[name](x) for name in names}
+    f = x if fitted is None else np.asarray(fitted, dtype=np.float64).ravel()
+    return {name: ESTIMATORS[name](f if name in FITTED_ONLY else x) for name in names}
+
+
+def run_warning(estimates: Dict[str, Estimate], first: str) -> str:
+    """The record's ``warning``: WeightWatcher's label of the first estimator's alpha, with
+    "fingers" added where clip-xmax (if run) removed eigenvalues."""
+    labels = [warning(estimates[first])] if first != "clip-xmax" else []
+    clip = estimates.get("clip-xmax")
+    if clip is not None:
+        labels.append(warning(clip) if first == "clip-xmax" else
+                      ("fingers" if isinstance(clip, ClippedEstimate) and clip.num_fingers
+                       else ""))
+    return ",".join(filter(None, labels))
 
 
 def columns(name: str, est: Estimate) -> Dict[str, object]:
@@ -80,6 +99,7 @@ def columns(name: str, est: Estimate) -> Dict[str, object]:
     return out
 
 
-__all__ = ["ALIASES", "ESTIMATORS", "STATUS_TEXT", "ClippedEstimate", "DetXEstimate", "Estimate",
-           "TruncatedEstimate", "clip_xmax", "columns", "csn", "csn_xmax", "detx",
-           "estimate_all", "hill_mid", "hill_peak", "parse_fits", "tpl", "warning", "xmin_peak"]
+__all__ = ["ALIASES", "ESTIMATORS", "FITTED_ONLY", "STATUS_TEXT", "ClippedEstimate",
+           "DetXEstimate", "Estimate", "TruncatedEstimate", "clip_xmax", "columns", "csn",
+           "csn_xmax", "detx", "estimate_all", "hill_mid", "hill_peak", "parse_fits",
+           "run_warning", "tpl", "warning", "xmin_peak"]
