@@ -47,6 +47,7 @@ def roundoff_criterion(dtype: str) -> str:
 STATUS_TEXT = {
     "ok": "analyzed and fitted",
     "too_few_eigenvalues": "fewer than 2 distinct positive eigenvalues above round-off: no fit",
+    "no_fit": "the first --fit estimator found no tail to fit (no xmin candidate in its range)",
     "single_row": "1 x N matrix (one singular value): ranks only, no fit",
     "all_zero": "all-zero matrix: rank 0, no fit",
     "nonfinite": "NaN or Inf in the weights: not analyzed",

@@ -395,3 +395,72 @@ def test_run_warning_and_inputs():
     fitted = everything[everything > 1e-6]
     est = estimate_all(everything, ["csn", "hill-mid"], fitted=fitted)
     assert est["csn"] == csn(fitted) and est["hill-mid"] == hill_mid(everything)
+
+
+# ---------------------------------------------------------------- one run, every estimator
+
+DONE_FITS = "csn,xmin-peak,tpl,hill-mid,detx"
+
+
+@pytest.fixture(scope="module")
+def minilm_run(minilm_path):
+    from allennlp_analyze import analyze
+
+    return analyze(str(minilm_path), min_q=1.0, include=("embeddings",), fit=DONE_FITS,
+                   keep_spectra=True)
+
+
+def test_minilm_one_run_every_estimator(minilm_run, minilm_path, golden_matrices):
+    """``--fit csn,xmin-peak,tpl,hill-mid,detx`` on MiniLM: one run gives, for every matrix,
+    WeightWatcher's xmin-peak alpha and detX, the Hill formula's alpha, and the first
+    estimator's (csn) alpha in ``alpha`` with WeightWatcher's thresholds in ``warning``."""
+    golden = {x["name"]: x for x in _golden("minilm")["layers"]}
+    records = [r for r in minilm_run.records if r.name in golden]
+    # WeightWatcher skips matrices with fewer than 8 eigenvalues (its min_evals)
+    assert all(r.M < 8 for r in minilm_run.records if r.name not in golden)
+    assert len(records) == len(golden)
+    for rec in records:
+        ww = golden[rec.name]
+        evals = _eigenvalues(golden_matrices["minilm"][rec.name])
+        assert rec.fit == "csn" and rec.alpha == rec.alpha_csn and rec.xmin == rec.xmin_csn
+        assert rec.alpha_xmin_peak == pytest.approx(ww["xmin_peak"]["alpha"], rel=1e-8)
+        assert rec.xmin_xmin_peak == pytest.approx(ww["xmin_peak"]["xmin"], rel=1e-9)
+        assert rec.detx_num == ww["detx"]["detX_num"]
+        assert rec.detx_val == pytest.approx(ww["detx"]["detX_val"], rel=1e-9)
+        positive = evals[evals > 0]
+        alpha, D = _hill_at(positive, positive.size // 2)
+        assert rec.alpha_hill_mid == pytest.approx(alpha, rel=1e-9)
+        assert rec.D_hill_mid == pytest.approx(D, rel=1e-9)
+        expected = "over-trained" if rec.alpha < 2 else "under-trained" if rec.alpha > 6 else ""
+        assert rec.warning == expected
+        assert rec.tpl_alpha is not None and rec.tpl_R <= 1e-12 and 0 <= rec.tpl_p <= 1
+        assert rec.alpha_clip_xmax is None and rec.alpha_hill_peak is None  # not requested
+
+
+def test_minilm_one_run_tpl_and_csn_equal_powerlaw(minilm_run, powerlaw15, pl_reference):
+    """The same run's csn and tpl columns against powerlaw 1.5 (on three matrices: its TPL fit
+    is slow); the eigenvalues the fit sees are the record's (``num_evals`` above round-off)."""
+    for rec in [r for r in minilm_run.records if "intermediate" in r.name][:3]:
+        evals = np.sort(minilm_run.spectra[minilm_run.records.index(rec)] ** 2)[::-1]
+        fitted = evals[:rec.num_evals]
+        ref = pl_reference(fitted)
+        assert rec.xmin_csn == ref.xmin and rec.alpha_csn == pytest.approx(ref.alpha, rel=1e-9)
+        xmin, alpha, lam, R, p, ll, loglik = _powerlaw_tpl(powerlaw15, fitted)
+        assert rec.tpl_xmin == xmin
+        assert loglik(max(rec.tpl_alpha, 1 + 1e-12), rec.tpl_lambda) >= ll - 1e-9 * abs(ll)
+        assert rec.tpl_R <= R + 1e-9 * abs(ll)
+
+
+def test_fit_option_through_the_cli(tmp_path, minilm_path):
+    """``--fit`` on the command line: the first estimator fills alpha, each its columns (CSV)."""
+    import csv
+
+    from allennlp_analyze.cli import main
+
+    out = tmp_path / "out.csv"
+    assert main([str(minilm_path), "--fit", "hill-mid,clip-xmax", "--match", "layer.0.output",
+                 "--format", "csv", "--output-file", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert rows and all(r["fit"] == "hill-mid" and r["alpha"] == r["alpha_hill_mid"] != ""
+                        and r["alpha_clip_xmax"] != "" and r["alpha_csn"] == "" for r in rows)
+    assert main([str(minilm_path), "--fit", "hill"]) == 2
