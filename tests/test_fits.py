@@ -464,3 +464,25 @@ def test_fit_option_through_the_cli(tmp_path, minilm_path):
     assert rows and all(r["fit"] == "hill-mid" and r["alpha"] == r["alpha_hill_mid"] != ""
                         and r["alpha_clip_xmax"] != "" and r["alpha_csn"] == "" for r in rows)
     assert main([str(minilm_path), "--fit", "hill"]) == 2
+
+
+def test_esd_figure_draws_each_fitted_line(minilm_run):
+    """The tail panel: one fitted line per estimator with a result, the first's first; the
+    tpl line is a density (it integrates to its tail's share)."""
+    from allennlp_analyze.plots import esd_figure
+
+    i = next(k for k, r in enumerate(minilm_run.records) if "intermediate" in r.name)
+    rec = minilm_run.records[i]
+    drawn = esd_figure(rec, minilm_run.spectra[i])
+    tail = drawn.figure.axes[2]
+    labels = [line.get_label() for line in tail.get_lines() if not line.get_label().startswith(
+        ("_", "xmin ="))]
+    assert [label.split(":")[0] for label in labels] == ["csn", "xmin-peak", "tpl", "hill-mid",
+                                                           "detx"]
+    assert f"α = {rec.alpha:.3f}" in labels[0]
+    line = next(x for x in tail.get_lines() if x.get_label().startswith("tpl"))
+    x, y = line.get_data()
+    n_in = np.count_nonzero(minilm_run.spectra[i] ** 2 >= rec.tpl_xmin)
+    # trapezoid on the drawn grid (xmin to lambda_max): at most the tail's share, and close
+    share = np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) * rec.M / n_in
+    assert 0.9 < share <= 1.0 + 1e-6

@@ -71,6 +71,12 @@ def truncated_mle(tail: np.ndarray, xmin: float) -> Tuple[float, float, float, f
     return 1.0 + beta, c / xmin, loglik, loglik_pl
 
 
+def log_normalizer(alpha: float, lam: float, xmin: float) -> float:
+    """ln Z of the truncated power law, Z = int_xmin^inf x**-alpha exp(-lam x) dx
+    = xmin**(1 - alpha) J(alpha, lam xmin) (alpha >= 1, lam >= 0, not alpha = 1 with lam = 0)."""
+    return (1.0 - alpha) * math.log(xmin) + _moments(alpha - 1.0, lam * xmin)[0]
+
+
 def _maximize(s_log: float, s_lin: float, beta_pl: float) -> Tuple[float, float]:
     """(beta, c) maximizing the concave f(beta, c) = -(1 + beta) s_log - c s_lin - ln J over
     beta >= 0, c > 0, given that its maximum has c > 0. The profile over beta,
