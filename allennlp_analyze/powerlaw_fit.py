@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
+import numpy.typing as npt
 
 from ._bounded_fit import bounded_alphas
 
@@ -249,7 +250,7 @@ def _grid_lower_bounds(lu: np.ndarray, first: np.ndarray, n: int, alphas: np.nda
     return lower
 
 
-def fit_points(values: np.ndarray, candidates: np.ndarray) -> Optional[PowerLawFit]:
+def fit_points(values: np.ndarray, candidates: "npt.ArrayLike") -> Optional[PowerLawFit]:
     """The point-wise variant of the KS search used by AlphaPruning and TempBalance: with ``x``
     the sorted sample (n values), each index ``i`` in ``candidates`` proposes xmin = x[i] with
     the tail ``x[i:]`` (ties below index i left out), ``alpha_i = 1 + m / sum(ln(x[i:] / x[i]))``

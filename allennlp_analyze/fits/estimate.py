@@ -5,7 +5,7 @@ Units: ``xmin`` (and every eigenvalue field) in the units of the eigenvalues giv
 weights' units squared; ``alpha`` is the exponent of the density p(lambda) ~ lambda**-alpha.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Type, TypeVar
 
 import numpy as np
 
@@ -72,7 +72,10 @@ class DetXEstimate(Estimate):
     detx_val: Optional[float] = None
 
 
-def failed(status: str, cls: type = Estimate) -> Estimate:
+E = TypeVar("E", bound=Estimate)
+
+
+def failed(status: str, cls: Type[E] = Estimate) -> E:  # type: ignore[assignment]
     """An estimate without numbers, for a status other than "ok"."""
     assert status in STATUS_TEXT and status != "ok", status
     return cls(status=status)

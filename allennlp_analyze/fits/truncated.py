@@ -45,6 +45,8 @@ def tpl(evals: np.ndarray) -> TruncatedEstimate:
         return failed(bad, TruncatedEstimate)
     x = x[x > 0]
     fit = fit_power_law(x)
+    if fit is None:  # (screen() leaves two distinct values: not reached)
+        return failed("too_few", TruncatedEstimate)
     tail = x[x >= fit.xmin]
     alpha, lam, loglik, loglik_pl = truncated_mle(tail, fit.xmin)
     R = loglik_pl - loglik

@@ -62,11 +62,13 @@ def clip_xmax(evals: np.ndarray) -> ClippedEstimate:
     if bad:
         return failed(bad, ClippedEstimate)
     first = fit_power_law(nz)
+    if first is None:  # (screen() leaves two distinct values: not reached)
+        return failed("too_few", ClippedEstimate)
     best, fingers = first, 0
     for k in range(2, MAX_FINGERS):
         fit = fit_power_law(nz[:-k]) if nz.size > k else None
         alpha = np.nan if fit is None else fit.alpha  # powerlaw returns nan: no test passes
-        if alpha + FINGER_THRESH < first.alpha:
+        if fit is not None and alpha + FINGER_THRESH < first.alpha:
             best, fingers = fit, k - 1
             break
         if alpha <= MIN_ALPHA:
