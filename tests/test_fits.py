@@ -486,3 +486,24 @@ def test_esd_figure_draws_each_fitted_line(minilm_run):
     # trapezoid on the drawn grid (xmin to lambda_max): at most the tail's share, and close
     share = np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) * rec.M / n_in
     assert 0.9 < share <= 1.0 + 1e-6
+
+
+def test_fit_xmax_is_the_csn_xmax_alias(pl_reference):
+    """``--fit-xmax max`` = ``--fit csn-xmax``: the record's xmax is lambda_max and its fit
+    powerlaw's bounded one; naming an estimator list without csn with it is an error."""
+    from allennlp_analyze.errors import AnalyzeError
+    from allennlp_analyze.matrix import analyze_matrix
+    from allennlp_analyze.options import AnalysisOptions
+
+    assert AnalysisOptions(fit_xmax="max").fit == ("csn-xmax",)
+    assert AnalysisOptions(fit="tpl,csn", fit_xmax="max").fit == ("tpl", "csn-xmax")
+    with pytest.raises(AnalyzeError, match="does not name csn"):
+        AnalysisOptions(fit="hill-mid", fit_xmax="max")
+    W = np.random.default_rng(3).standard_normal((90, 40))
+    rec = analyze_matrix(W, AnalysisOptions(fit_xmax="max"))
+    lam = np.linalg.svd(W, compute_uv=False) ** 2
+    ref = pl_reference(lam, xmax=lam.max())
+    assert rec.fit == "csn-xmax" and rec.xmax == pytest.approx(lam.max(), rel=1e-12)
+    assert rec.xmin == pytest.approx(ref.xmin, rel=1e-12)
+    assert rec.alpha == pytest.approx(ref.alpha, rel=1e-9) == rec.alpha_csn_xmax
+    assert rec.alpha_csn is None
