@@ -186,9 +186,17 @@ def _ww_cases():
             for i in range(len(_golden(source)["layers"]))]
 
 
+_EIGENVALUES = {}
+
+
 def _eigenvalues(W):
-    """WeightWatcher's: squared singular values of the float32 weights taken as float64."""
-    return np.sort(np.linalg.svd(np.asarray(W, dtype=np.float64), compute_uv=False) ** 2)
+    """WeightWatcher's: squared singular values of the float32 weights taken as float64
+    (computed once per matrix in this module)."""
+    key = id(W)
+    if key not in _EIGENVALUES:
+        _EIGENVALUES[key] = (W, np.sort(np.linalg.svd(np.asarray(W, dtype=np.float64),
+                                                      compute_uv=False) ** 2))
+    return _EIGENVALUES[key][1]
 
 
 @pytest.mark.parametrize("source,index", _ww_cases())
