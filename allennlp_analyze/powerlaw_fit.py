@@ -45,7 +45,7 @@ class PowerLawFit:
     ``xmin``: chosen lower cutoff (same units as the data); ``xmax``: the upper bound used, or
     ``None`` for the untruncated fit; ``D``: KS distance of the tail, in [0, 1];
     ``num_tail``: sample points >= xmin (as ``powerlaw``'s ``n_tail``, points above xmax
-    included); ``num_candidates``: number of xmin candidates examined."""
+    included); ``num_candidates``: number of xmin candidates (in ``xmin_range`` where given)."""
 
     alpha: float
     xmin: float
@@ -95,9 +95,11 @@ def fit_power_law(values: np.ndarray, xmax: Optional[float] = None,
         valid = alphas > 1.0  # powerlaw's in_range(); it ignores the others if any is valid
         if exact and valid.any() and not valid.all():
             rows = np.flatnonzero(valid)
+    num_candidates = u.size - 1
     if xmin_range is not None:
         lo, hi = min(xmin_range), max(xmin_range)
         inside = np.flatnonzero((u >= lo) & (u <= hi))[:-1]
+        num_candidates = inside.size
         rows = inside if rows is None else np.intersect1d(rows, inside)
         if rows.size == 0:
             return None
@@ -114,8 +116,7 @@ def fit_power_law(values: np.ndarray, xmax: Optional[float] = None,
         alpha = 1.0 + tail.size / np.sum(np.log(tail / xmin))
     D = _ks_direct(u[best:], first[best:], n, alpha, xmax)
     return PowerLawFit(alpha=float(alpha), xmin=xmin, xmax=xmax, D=D,
-                       num_tail=int(tail.size + n_above),
-                       num_candidates=int(u.size - 1 if rows is None else rows.size))
+                       num_tail=int(tail.size + n_above), num_candidates=int(num_candidates))
 
 
 def fit_at_xmin(values: np.ndarray, xmin: float) -> Optional[PowerLawFit]:
