@@ -515,3 +515,14 @@ def test_fit_xmax_is_the_csn_xmax_alias(pl_reference):
     assert rec.xmin == pytest.approx(ref.xmin, rel=1e-12)
     assert rec.alpha == pytest.approx(ref.alpha, rel=1e-9) == rec.alpha_csn_xmax
     assert rec.alpha_csn is None
+
+
+@pytest.mark.parametrize("name,evals", _heavy_samples()[:3])
+def test_detx_alpha_equals_powerlaw_fixed_xmin(powerlaw15, name, evals):
+    """``alpha_detx``, ``D_detx``: ``powerlaw.Fit(positive, xmin=detx cutoff)``."""
+    est = detx(evals)
+    with _quiet():
+        ref = powerlaw15.Fit(evals[evals > 0], xmin=est.xmin, verbose=False)
+    assert est.alpha == pytest.approx(ref.alpha, rel=1e-10)
+    assert est.D == pytest.approx(ref.D, rel=1e-9)
+    assert est.num_tail == int(ref.n_tail)
