@@ -130,12 +130,20 @@ def fit_at_xmin(values: np.ndarray, xmin: float) -> Optional[PowerLawFit]:
     if tail.size < 2 or tail[0] == tail[-1]:
         return None
     first = np.flatnonzero(np.r_[True, tail[1:] != tail[:-1]])
-    alpha = 1.0 + tail.size / np.sum(np.log(tail / xmin))
+    alpha = 1.0 + tail.size / np.sum(_tail_logs(tail, xmin))
     # the empirical CDF restarts at xmin: points below it are not part of the tail's sample
     D = _ks_direct(np.r_[float(xmin), tail[first]] if tail[0] != xmin else tail[first],
                    np.r_[0, first] if tail[0] != xmin else first, tail.size, alpha, None)
     return PowerLawFit(alpha=float(alpha), xmin=float(xmin), xmax=None, D=D,
                        num_tail=int(tail.size), num_candidates=1)
+
+
+def _tail_logs(tail: np.ndarray, xmin: float) -> np.ndarray:
+    """``log(tail / xmin)`` as ``powerlaw`` computes it, or by :func:`_log_ratio` where a ratio
+    leaves float64's range (a subnormal xmin)."""
+    with np.errstate(over="ignore"):
+        ratio = tail / xmin
+    return np.log(ratio) if np.isfinite(ratio[-1]) else _log_ratio(tail, xmin)
 
 
 def _log_ratio(x: np.ndarray, ref: float) -> np.ndarray:
@@ -273,7 +281,7 @@ def fit_points(values: np.ndarray, candidates: "npt.ArrayLike") -> Optional[Powe
     best = _argmin_ks(y, points, n, alphas, None, rows)
     tail = x[best:]
     xmin = float(x[best])
-    alpha = 1.0 + tail.size / np.sum(np.log(tail / xmin))
+    alpha = 1.0 + tail.size / np.sum(_tail_logs(tail, xmin))
     D = _ks_direct(tail, np.arange(tail.size), tail.size, alpha, None)
     return PowerLawFit(alpha=float(alpha), xmin=xmin, xmax=None, D=D, num_tail=int(tail.size),
                        num_candidates=int(rows.size))

@@ -333,7 +333,8 @@ def test_hill_equals_published_formula(seed):
 BAD = {"empty": (np.array([]), "too_few"), "one": (np.array([3.0]), "too_few"),
        "zeros": (np.zeros(5), "too_few"), "equal": (np.full(6, 2.5), "all_equal"),
        "nan": (np.array([1.0, np.nan, 2.0, 3.0]), "nonfinite"),
-       "inf": (np.array([1.0, np.inf, 2.0]), "nonfinite")}
+       "inf": (np.array([1.0, np.inf, 2.0]), "nonfinite"),
+       "negative": (np.array([-1e-9, 2.0, 3.0, 5.0]), "negative")}
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -343,6 +344,10 @@ def test_bad_spectra_give_a_status(name, case):
     est = ESTIMATORS[name](evals)
     assert est.status == status
     assert est.alpha is None and est.xmin is None and est.D is None
+
+
+def test_tpl_on_a_tail_narrower_than_it_resolves():
+    assert tpl(np.array([1.0, 1.0 + 2e-16])).status == "all_equal"
 
 
 def test_ties_and_small_spectra(powerlaw15):

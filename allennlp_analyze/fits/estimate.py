@@ -13,8 +13,9 @@ import numpy as np
 STATUS_TEXT = {
     "ok": "fitted",
     "too_few": "fewer than 2 distinct positive eigenvalues (after the estimator's own filter)",
-    "all_equal": "all eigenvalues equal: no tail to fit",
-    "nonfinite": "NaN or Inf among the eigenvalues: not fitted",
+    "all_equal": "all eigenvalues equal (tpl: its tail within 1e-9 relative): no tail to fit",
+    "nonfinite": "NaN or Inf among the eigenvalues (or, tpl, ratios beyond float64): not fitted",
+    "negative": "negative eigenvalues (those of W^T W are >= 0): not fitted",
     "no_candidate": "no xmin candidate in the estimator's search range",
 }
 
@@ -83,9 +84,12 @@ def failed(status: str, cls: Type[E] = Estimate) -> E:  # type: ignore[assignmen
 
 def screen(evals: np.ndarray) -> Optional[str]:
     """The status that ``evals`` (1-D float64) allow before any estimator looks at them: None if
-    a fit may be tried; "nonfinite", "too_few" or "all_equal" otherwise (on the positive ones)."""
+    a fit may be tried; "nonfinite", "negative", "too_few" or "all_equal" otherwise (the last two
+    on the positive ones)."""
     if not np.isfinite(evals).all():
         return "nonfinite"
+    if evals.size and evals.min() < 0:
+        return "negative"
     positive = evals[evals > 0]
     if positive.size < 2:
         return "too_few"

@@ -33,6 +33,8 @@ _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(12)
 #: e**-1 across each interval, to e**-48 (negligible) at the last.
 _LEVELS = np.arange(0.0, 49.0, 1.0)
 _MAX_NEWTON = 100
+#: Narrowest tail fitted, as (largest / xmin) - 1.
+_MIN_SPREAD = 1e-9
 #: Newton steps for the interval ends (quadratic convergence from above; ends need no accuracy).
 _BREAK_STEPS = 6
 
@@ -48,6 +50,12 @@ def tpl(evals: np.ndarray) -> TruncatedEstimate:
     if fit is None:  # (screen() leaves two distinct values: not reached)
         return failed("too_few", TruncatedEstimate)
     tail = x[x >= fit.xmin]
+    with np.errstate(over="ignore"):
+        top = tail[-1] / fit.xmin
+    if not np.isfinite(top):  # ratios beyond float64: no likelihood
+        return failed("nonfinite", TruncatedEstimate)
+    if top - 1.0 < _MIN_SPREAD:  # the quadrature cannot resolve a tail this narrow
+        return failed("all_equal", TruncatedEstimate)
     alpha, lam, loglik, loglik_pl = truncated_mle(tail, fit.xmin)
     R = loglik_pl - loglik
     return TruncatedEstimate(status="ok", alpha=alpha, xmin=fit.xmin, D=None,
