@@ -78,6 +78,8 @@ def truncated_mle(tail: np.ndarray, xmin: float) -> Tuple[float, float, float, f
     beta, c = _maximize(s_log, s_lin, beta_pl)
     log_j = _moments(beta, c)[0]
     loglik = m * (-(1.0 + beta) * s_log - c * s_lin - log_j - math.log(xmin))
+    if loglik < loglik_pl:  # the optimum within round-off of Lambda = 0: the power law is
+        return 1.0 + beta_pl, 0.0, loglik_pl, loglik_pl  # the better point of the two
     return 1.0 + beta, c / xmin, loglik, loglik_pl
 
 
