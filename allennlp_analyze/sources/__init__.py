@@ -24,6 +24,7 @@ from .module import ModuleSource
 from .numpy_file import NpySource, NpzSource, looks_like_npz
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
 from .torch_file import ShardedTorchSource, TorchFileSource
+from .unsupported import refuse, unsupported_file
 
 __all__ = [
     "open_source", "open_path", "ArchiveSource", "SerializationDirSource", "SafetensorsSource",
@@ -31,6 +32,7 @@ __all__ = [
     "TensorDictSource", "NpySource", "NpzSource",
 ]
 
+_PICKLED = (".th", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _KNOWN = ("a .tar.gz model archive, a .safetensors file or index, a PyTorch state dict or "
           "checkpoint (.th/.pt/.pth/.bin/.ckpt), a numpy .npy/.npz file, or a model folder")
@@ -71,13 +73,15 @@ def _open_path(p: Path, label: Optional[str], checkpoint_key: Optional[str]) -> 
     except OSError as e:
         raise AnalyzeError(f"cannot read {p}: {e.strerror or e}") from None
     name = p.name.lower()
+    if not name.endswith((".tar.gz", ".tgz", ".index.json", ".safetensors", ".npz", ".npy")):
+        refuse(unsupported_file(p, readable_suffix=name.endswith(_PICKLED)), p)
     if name.endswith((".tar.gz", ".tgz")):
         return ArchiveSource(p, label, checkpoint_key)
     if name.endswith(".index.json"):
         return _index_kind(p)(p, label)
     if name.endswith(".safetensors"):
         return SafetensorsSource(p, label)
-    if name.endswith((".th", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")):
+    if name.endswith(_PICKLED):
         return TorchFileSource(p, label, checkpoint_key)
     if name.endswith(".npz"):
         return NpzSource(p, label)

@@ -5,7 +5,9 @@ Hugging Face names (``model.safetensors.index.json``, ``model.safetensors``,
 ``pytorch_model.bin.index.json``, ``pytorch_model.bin``; safetensors preferred); then a single
 file of a known kind (one ``*.safetensors``, one ``*.th``/``*.pt``/..., one ``*.tar.gz``, one
 ``*.npz`` or one ``*.npy``).
-Several candidates of the same kind are refused rather than guessed between.
+Several candidates of the same kind are refused rather than guessed between. A folder with none
+that is, or holds, a format that is not read (a SavedModel, a ``.gguf``...) is named as such
+(:mod:`.unsupported`).
 """
 from pathlib import Path
 from typing import Optional
@@ -15,6 +17,7 @@ from .archive import ArchiveSource, SerializationDirSource, find_serialization_w
 from .numpy_file import NpySource, NpzSource
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource
 from .torch_file import ShardedTorchSource, TorchFileSource
+from .unsupported import refuse, unsupported_file, unsupported_folder, unsupported_in
 
 HF_NAMES = (
     ("model.safetensors.index.json", ShardedSafetensorsSource),
@@ -54,6 +57,10 @@ def open_folder(folder: Path, label: Optional[str] = None, checkpoint_key: Optio
         if len(found) > 1:
             names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
             raise AnalyzeError(f"{folder} holds several weight files ({names}); name the one to analyze")
+    refuse(unsupported_folder(folder), folder)  # a SavedModel, a Core ML package
+    other = unsupported_in(folder)  # a folder holding only an .onnx, a .gguf ...
+    if other is not None:
+        refuse(unsupported_folder(other) if other.is_dir() else unsupported_file(other), other)
     raise AnalyzeError(
         f"{folder} holds no model weights (looked for best.th, weights.th, model_state_*.th, "
         "*.safetensors, pytorch_model.bin, *.th/*.pt/*.pth/*.bin, *.tar.gz, *.npz, *.npy)"
