@@ -61,7 +61,7 @@ UNSUPPORTED: Tuple[Unsupported, ...] = (
                 f"{_TO_SAFETENSORS}", (".onnx",)),
     Unsupported("keras", "a Keras / HDF5 weights file",
                 "save the weights as .npz (numpy: np.savez of each layer's get_weights()) or "
-                f"convert it to ONNX (tf2onnx)", (".keras", ".h5", ".hdf5", ".weights.h5"),
+                "convert it to ONNX (tf2onnx)", (".keras", ".h5", ".hdf5", ".weights.h5"),
                 magic=((0, b"\x89HDF\r\n\x1a\n"),)),
 )
 
