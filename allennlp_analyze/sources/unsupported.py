@@ -60,8 +60,8 @@ UNSUPPORTED: Tuple[Unsupported, ...] = (
                 "save its initializers as .npz (onnx.numpy_helper.to_array of each) or "
                 f"{_TO_SAFETENSORS}", (".onnx",)),
     Unsupported("keras", "a Keras / HDF5 weights file",
-                "save the weights as .npz (numpy: np.savez of each layer's get_weights()) or "
-                "convert it to ONNX (tf2onnx)", (".keras", ".h5", ".hdf5", ".weights.h5"),
+                "save its weight datasets as .npz (numpy: read each with h5py; a .keras file is "
+                "a zip holding model.weights.h5) or convert it to ONNX (tf2onnx)", (".keras", ".h5", ".hdf5", ".weights.h5"),
                 magic=((0, b"\x89HDF\r\n\x1a\n"),)),
 )
 
