@@ -220,7 +220,7 @@ def _by_name(t: TensorInfo):
         return "recurrent", "name", (), None
     if words and words[-1] in ("mask", "masks"):
         return "mask", "name", (), None
-    if words and words[-1] in _LAYER_WORDS:
+    if names_layer(t.name):
         return "linear", "name", (), None
     if _names_embedding(component, words, t.name):
         return "embedding", "name", (), None
