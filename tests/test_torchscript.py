@@ -197,3 +197,14 @@ def test_a_class_without_its_code_gives_its_tensor_attributes(archives, tmp_path
                                                               .state_dict())
     assert all(t.buffer is None for t in source.tensors())
     assert "without declarations" in source.note
+
+
+def test_a_frozen_module_is_named_as_such(tmp_path):
+    """torch.jit.freeze turns the weights into unnamed constants of the code: refused in one
+    line that says so (4 constant records: two weights, two biases)."""
+    module = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    path = tmp_path / "frozen.pt"
+    torch.jit.save(torch.jit.freeze(torch.jit.script(module)), str(path))
+    with pytest.raises(AnalyzeError, match=r"without parameters or buffers: its 4 constant "
+                                           r"tensors \(torch.jit.freeze"):
+        open_source(path)

@@ -598,7 +598,8 @@ def _read_zip(buffer, zf: zipfile.ZipFile) -> Tuple[Any, Set[str]]:
             data, start = zf.read(info), 0
         storage.buffer, storage.start, storage.big_endian = data, start, big
     if prefix + "constants.pkl" in infos:  # TorchScript: the module and its classes' declarations
-        root = ScriptArchive(root, declarations(_code(zf, prefix + "code/")))
+        constants = sum(n.startswith(prefix + "constants/") for n in infos)
+        root = ScriptArchive(root, declarations(_code(zf, prefix + "code/")), constants)
     return root, inert
 
 

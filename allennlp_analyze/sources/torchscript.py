@@ -41,10 +41,12 @@ _NAME = re.compile(r'"([^"\\]*)"')
 class ScriptArchive:
     """What a TorchScript archive's pickle holds: the top ``module`` (an inert object) and,
     per class (``__torch__.torch.nn.modules.linear.Linear``), its declared parameter and buffer
-    names (:func:`declarations`)."""
+    names (:func:`declarations`); ``constants``: how many tensor records its code's constants
+    have (``constants/<key>``: where ``torch.jit.freeze`` moves the weights, without names)."""
 
     module: Any
     declared: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = field(default_factory=dict)
+    constants: int = 0
 
 
 def declarations(sources: Dict[str, str]) -> Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]]:
@@ -121,7 +123,11 @@ def script_weights(archive: ScriptArchive, origin: str, is_tensor: Callable[[Any
         types = {n[len(start):]: t for n, t in types.items() if n.startswith(start)}
         buffers = {n[len(start):] for n in buffers if n.startswith(start)}
     if not tensors:
-        raise AnalyzeError(f"{origin} is a TorchScript archive without parameters or buffers")
+        frozen = (f": its {archive.constants} constant tensors (torch.jit.freeze puts the "
+                  "weights there) have no names; save the module before freezing it"
+                  if archive.constants else "")
+        raise AnalyzeError(f"{origin} is a TorchScript archive without parameters or "
+                           f"buffers{frozen}")
     note = "a TorchScript archive: parameters and buffers read from its pickle (its code was " \
            "neither compiled nor run)"
     if undeclared:
