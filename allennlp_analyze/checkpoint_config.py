@@ -76,7 +76,8 @@ def load_config(path: Path) -> Optional[dict]:
 
 def config_kinds(config: Optional[Mapping], tensors: Sequence[TensorInfo]
                  ) -> Dict[str, Configured]:
-    """``{tensor name: (kind, parts)}`` for the tensors ``config`` names."""
+    """``{tensor name: (kind, parts, module type or None)}`` for the tensors ``config``
+    names."""
     if not isinstance(config, Mapping):
         return {}
     model = config.get("model")

@@ -106,10 +106,10 @@ class Kind:
 
 
 def classify(tensors: Sequence[TensorInfo],
-             configured: Optional[Mapping[str, Tuple[str, Tuple[Tuple[str, int], ...]]]] = None
-             ) -> Dict[str, Kind]:
-    """The kind of every tensor, by name. ``configured`` maps names to ``(kind, parts)`` as the
-    checkpoint's config gives them (:func:`~allennlp_analyze.checkpoint_config.config_kinds`)."""
+             configured: Optional[Mapping[str, Tuple]] = None) -> Dict[str, Kind]:
+    """The kind of every tensor, by name. ``configured`` maps names to ``(kind, parts[,
+    module type])`` as the checkpoint's config gives them
+    (:func:`~allennlp_analyze.checkpoint_config.config_kinds`)."""
     configured = configured or {}
     shapes = {t.name: t.shape for t in tensors}
     gates = _gates_by_layer(tensors)
