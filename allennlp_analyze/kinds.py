@@ -176,7 +176,7 @@ def _by_module(t: TensorInfo):
     if kind == "attention":
         return kind, "module", t.parts or _thirds(t, param == "in_proj_weight"), None
     if kind == "recurrent":
-        return kind, "module", t.parts or _equal_parts(t, _GATES_OF_TYPE[t.module_type]), None
+        return kind, "module", t.parts or _equal_parts(t, _GATES_OF_TYPE[t.module_type or ""]), None
     if kind == "linear" and t.parts:  # a Linear whose module computes q, k, v with it at once
         return "attention", "module", t.parts, None
     return kind, "module", t.parts, t.module_type if kind == "tensor" else None

@@ -61,7 +61,8 @@ UNSUPPORTED: Tuple[Unsupported, ...] = (
                 f"{_TO_SAFETENSORS}", (".onnx",)),
     Unsupported("keras", "a Keras / HDF5 weights file",
                 "save its weight datasets as .npz (numpy: read each with h5py; a .keras file is "
-                "a zip holding model.weights.h5) or convert it to ONNX (tf2onnx)", (".keras", ".h5", ".hdf5", ".weights.h5"),
+                "a zip holding model.weights.h5) or convert it to ONNX (tf2onnx)",
+                (".keras", ".h5", ".hdf5", ".weights.h5"),
                 magic=((0, b"\x89HDF\r\n\x1a\n"),)),
 )
 
