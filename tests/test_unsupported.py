@@ -120,3 +120,23 @@ def test_readable_files_are_not_taken_for_them(tmp_path):
     save_file({"fc.weight": np.ones((3, 2), np.float32)}, str(tmp_path / "m.safetensors"))
     for path in (tmp_path / "pytorch_model.bin", tmp_path / "m.safetensors", tmp_path):
         assert [t.name for t in open_source(path).tensors()] == ["fc.weight"]
+
+
+def test_registry_entries_come_last_and_once(tmp_path):
+    """Each format that is not read has one registry entry, after every readable one (a folder
+    holding a readable file and an .onnx is read), never fetched from the hub."""
+    from allennlp_analyze.sources import open_source, registry
+    from allennlp_analyze.sources.hub import refused_listing, weight_files
+
+    names = [f.name for f in registry.FORMATS]
+    for key in FORMATS:
+        assert names.count(key) == 1
+    readable = [f.readable for f in registry.FORMATS]
+    assert readable == sorted(readable, reverse=True)
+    np = pytest.importorskip("numpy")
+    np.save(tmp_path / "w.npy", np.ones((3, 2)))
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
+    assert [t.name for t in open_source(tmp_path).tensors()] == ["w"]
+    assert weight_files(["model.gguf", "model-q4.gguf", "README.md"]) == []
+    assert refused_listing(["model.gguf", "README.md"]).key == "gguf"
+    assert weight_files(["model.safetensors", "model.onnx"]) == ["model.safetensors"]

@@ -20,6 +20,7 @@ from ._common import MappedSource, map_file, read_index, shard_order
 from .checkpoint import find_weights
 from .torch_format import Corrupt, PickledTensor, check, read_torch
 from .torchscript import ScriptArchive, script_weights
+from .unsupported import by_magic
 
 SUFFIXES = (".th", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -35,6 +36,9 @@ def read_weights(buffer, origin: str, checkpoint_key: Optional[str] = None):
     quantized and meta tensors)."""
     if len(buffer) == 0:
         raise AnalyzeError(f"{origin} is empty")
+    refused = by_magic(bytes(memoryview(buffer)[:16]))  # a GGUF or TFLite file named .bin
+    if refused is not None:
+        raise AnalyzeError(refused.message(origin))
     root, inert = read_torch(buffer, origin)
     if isinstance(root, ScriptArchive):
         weights = script_weights(root, origin, _is_pickled_tensor, checkpoint_key)

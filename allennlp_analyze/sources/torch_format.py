@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import AnalyzeError
 from ._common import one_line, zip_member_data
-from .safetensors_file import _widen
+from .safetensors_file import widen
 from .torchscript import MAX_CODE_BYTES, ScriptArchive, declarations
 from .unpickle import MAX_PICKLE_BYTES, PickleTooLarge, Window, load
 
@@ -176,7 +176,7 @@ class StridedTensor(PickledTensor):
         elif not array.flags.aligned:  # legacy files: BLAS takes another path, other round-off
             array = array.copy()
         if code is not None:
-            array = _widen(array, code)
+            array = widen(array, code)
         if self.negative:
             array = np.negative(array)
         return array
