@@ -127,7 +127,7 @@ def test_readable_files_are_not_taken_for_them(tmp_path):
 
 def test_registry_entries_come_last_and_once(tmp_path):
     """Each format that is not read has one registry entry, after every readable one (a folder
-    holding a readable file and an .onnx is read), never fetched from the hub."""
+    holding a readable file and a .tflite is read), never fetched from the hub."""
     from allennlp_analyze.sources import open_source
     from allennlp_analyze.sources.hub import refused_listing, weight_files
 
