@@ -74,10 +74,15 @@ class Selection:
 
 
 def plan(tensors: Sequence[TensorInfo], options: AnalysisOptions,
-         config: Optional[Mapping] = None) -> Selection:
+         config: Optional[Mapping] = None,
+         context: Optional[Sequence[TensorInfo]] = None) -> Selection:
     """The matrices to analyze among ``tensors`` (whose checkpoint's ``config.json``, if any, is
-    ``config``), with every left-out parameter (or part of one) counted by reason."""
-    kinds = classify(tensors, config_kinds(config, tensors))
+    ``config``), with every left-out parameter (or part of one) counted by reason.
+    ``context``: every tensor of the checkpoint ``tensors`` belong to, where they are one shard
+    of it: the kinds are those of the whole checkpoint (a weight's bias may sit in the next
+    shard)."""
+    whole = context if context else tensors
+    kinds = classify(whole, config_kinds(config, whole))
     skipped: Counter = Counter()
     plans: List[MatrixPlan] = []
     decisions = []

@@ -189,3 +189,40 @@ def test_lm_head_is_linear_in_its_shard_alone_and_in_the_folder(llama_shards):
     assert (record.name, record.kind, record.shape) == ("lm_head.weight", "linear", (1000, 64))
     W = load_file(str(last))["lm_head.weight"].astype(np.float64)
     np.testing.assert_allclose(sv, np.linalg.svd(W, compute_uv=False), rtol=1e-10, atol=0)
+
+
+def test_a_shard_alone_has_the_kinds_of_the_whole_checkpoint(tmp_path):
+    """A weight in one shard, its bias in the next (a shard boundary between them): the shard
+    read alone classifies with the whole checkpoint's headers (the index beside it), so the
+    1-D audio kernel is a convolution and the bias-less-looking 2-D weight a Linear either way;
+    without the index the shard has only its own evidence."""
+    rng = np.random.default_rng(3)
+    f32 = np.float32
+    first = {"frontend.weight": rng.standard_normal((16, 8, 512, 1)).astype(f32),
+             "mixer.weight": rng.standard_normal((30, 10)).astype(f32)}
+    second = {"frontend.bias": rng.standard_normal(16).astype(f32),
+              "mixer.bias": rng.standard_normal(30).astype(f32)}
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file(first, str(tmp_path / names[0]))
+    save_file(second, str(tmp_path / names[1]))
+    index = {"metadata": {}, "weight_map": {**{n: names[0] for n in first},
+                                            **{n: names[1] for n in second}}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    def kinds(path):
+        s = open_source(path)
+        return {d.info.name: (d.kind.kind, d.kind.kind_from) for d in plan(
+            s.tensors(), AnalysisOptions(), s.config, getattr(s, "context", None)).decisions}
+
+    alone, whole = kinds(tmp_path / names[0]), kinds(tmp_path)
+    assert set(alone) == set(first)
+    assert alone["frontend.weight"] == whole["frontend.weight"] == ("conv", "structure")
+    assert alone["mixer.weight"] == whole["mixer.weight"] == ("linear", "structure")
+    d = describe(str(tmp_path / names[0]))
+    assert {t.name: t.kind for t in d.tensors} == {"frontend.weight": "conv",
+                                                     "mixer.weight": "linear"}
+    result = analyze(str(tmp_path / names[0]), include=("conv",), conv_min_dim=1)
+    assert len(result.records) == 512 + 1  # the kernel's slices and the Linear
+    (tmp_path / "model.safetensors.index.json").unlink()
+    assert kinds(tmp_path / names[0]) == {"frontend.weight": ("tensor", "structure"),
+                                          "mixer.weight": ("matrix", "default")}
