@@ -41,7 +41,13 @@ Rules revised against real files (issue 21), and why:
   alone, a ``matrix`` beside ``embed_tokens`` (same shape) in the whole folder. Now it is a
   ``linear`` layer by its name either way; the config's table rule skips layer names and no
   longer counts the other tensors of a shape, so that a tensor's kind does not depend on which
-  files are read with it (only on its own name and shape, its config, and its own bias).
+  files are read with it (only on its own name and shape, its config, and its own bias). A
+  safetensors shard read alone is classified among the whole checkpoint's tensors (the headers
+  of the shards its index names: ``selection.plan(..., context=)``), so that a bias that landed
+  in the next shard still makes its weight a Linear or a kernel.
+* The configs of AllenNLP models name what was left to the default on the real archives:
+  dialog_qa's marker embeddings, the language model's softmax, the CRF's transitions, bilinear
+  attention matrices (:mod:`allennlp_analyze.checkpoint_config`).
 
 Whether a tensor's values are a 0/1 mask or a constant is known only once it is read
 (:func:`value_kind`): the analysis checks every tensor it reads and leaves such ones out, counted
