@@ -105,7 +105,6 @@ class AnalysisOptions:
             if not ok:
                 raise AnalyzeError(message)
 
-
     def _resolve_fit(self) -> None:
         """``fit`` as a tuple of estimator names, ``fit_xmax="max"`` applied to it."""
         text = self.fit if isinstance(self.fit, str) else ",".join(self.fit or ())
