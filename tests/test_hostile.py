@@ -132,6 +132,8 @@ def inputs(tmp_path_factory):
     f["onnx_deeper"] = H.onnx_nested_ifs(d / "deeper.onnx", 32)
     f["onnx_ok"] = d / "ok.onnx"
     f["onnx_ok"].write_bytes(onnx_good)
+    f["ts_missing"] = H.torchscript_archive(d / "ts_missing.pt", drop="data/1")
+    f["ts_lying"] = H.torchscript_archive(d / "ts_lying.pt", cut="data/0")
     f["sparse"] = H.sparse_safetensors(d / "sparse.safetensors", 40000, 20000)
     f["tiny"] = H.tiny_matrices(d / "tiny.safetensors", 100_000)
     names = ["plain.weight", "new\nline.weight", "esc\x1b[2J\x1b[31m.weight", "rtl\u202eexe.weight"]
@@ -183,6 +185,7 @@ def _cases(f, base, backlog, work):
         **{f"onnx:{n}": ([str(f[f"onnx_{n}"]), "--min-q", "1"], {}) for n in (
             "truncated", "past_end", "escape", "symlink", "absurd", "deep", "deeper")},
         "onnx:ok": ([str(f["onnx_ok"]), "--format", "json"], {}),
+        **{f"torchscript:{n}": ([str(f[n])], {}) for n in ("ts_missing", "ts_lying")},
         "empty_conv": ([str(f["empty_conv"]), "--include", "conv", "--format", "json"], {}),
         "sparse": ([str(f["sparse"])], {}),
         "tiny": ([str(f["tiny"]), "--match", r"^m77777\.weight$", "--format", "json"], {}),
@@ -426,6 +429,18 @@ def test_onnx_file_in_both_front_ends(batches, inputs):
         assert rec["sv_min"] == pytest.approx(sv[-1], rel=1e-7)
         found.append({k: v for k, v in rec.items() if k != "model"})
     assert found[0] == found[1]
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("ts_missing", "storage 1 is missing from the zip"),
+    ("ts_lying", "storage 0 holds 44 bytes, the pickle says 48"),
+])
+def test_broken_torchscript_archives(batches, inputs, case, fragment):
+    """A TorchScript archive whose data.pkl names a record that is not there, or whose record
+    is shorter than the tensor it holds: one line, exit 2, from either front."""
+    found = _both_errors(batches, f"torchscript:{case}", str(inputs[case]),
+                         "not a valid PyTorch file", fragment)
+    assert found["standalone"] == found["plugin"]
 
 
 def test_empty_tensors_with_countless_positions(batches):
