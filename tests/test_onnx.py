@@ -352,8 +352,9 @@ def test_hostile_onnx_files(tmp_path):
 
 
 def test_same_records_in_every_format(tmp_path):
-    """One small model as a torch state dict, safetensors, ONNX with initializers and ONNX with
-    Constant nodes: identical records (and with the module itself, identical to the field)."""
+    """One small model as a torch state dict, safetensors, TorchScript, ONNX with initializers
+    and ONNX with Constant nodes: identical records (ONNX's identical to the field with the
+    module's own, kind evidence and module types included)."""
     from safetensors.torch import save_file
 
     class Small(nn.Module):
@@ -382,11 +383,15 @@ def test_same_records_in_every_format(tmp_path):
     onnx.save_model(constants, tmp_path / "small_constants.onnx")
     assert not onnx.load(str(tmp_path / "small_constants.onnx")).graph.initializer
 
+    with warnings.catch_warnings():  # torch.jit.script is deprecated, TorchScript files are not
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(model).save(str(tmp_path / "small_scripted.pt"))
+
     from allennlp_analyze.sources import open_source
 
     reference = records(model)
     assert set(reference) == {"emb.weight", "fc1.weight", "fc2.weight"}
-    for name in ("small.pt", "small.safetensors"):
+    for name in ("small.pt", "small.safetensors", "small_scripted.pt"):
         found = records(open_source(tmp_path / name))
         assert set(found) == set(reference)
         for key in reference:
