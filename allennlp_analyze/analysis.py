@@ -31,7 +31,8 @@ from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, mat
                                mp_bulk_fit, permuted)
 from .spectrum import (Parallel, Spectrum, batch_size, enable_scratch, release_scratch,
                        singular_values_many)
-from .tensors import DTYPE_EPS, WeightSource
+from .quantized import QuantizedView, is_quantized
+from .tensors import DTYPE_EPS, WeightSource, storage_eps
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -84,7 +85,7 @@ def _analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optiona
     own); ``parallel`` runs a matrix's independent Gram panels (``spectrum.Parallel``)."""
     prepared = [_prepare(W, options, *rest) for W, *rest in items]
     specs = singular_values_many([W for _, W in prepared],
-                                 [DTYPE_EPS[rec.dtype] for rec, _ in prepared],
+                                 [storage_eps(rec.dtype) for rec, _ in prepared],
                                  loose_tol=options.loose_tol, method=options.method,
                                  device=options.device, parallel=parallel,
                                  noise_dtypes=[rec.dtype for rec, _ in prepared])
@@ -109,12 +110,16 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
              ) -> Tuple[MatrixRecord, np.ndarray]:
     """The record's identity fields, and W (any array-like that slices; it is read in
     blocks, and NaN/Inf is found there)."""
+    if is_quantized(W):  # read in row blocks, decoded with each element's quantization step
+        W = QuantizedView(W)
+    if isinstance(W, QuantizedView):
+        dtype = W.matrix.scheme
     if not hasattr(W, "shape"):
         W = np.asarray(W)
     if W.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D matrix, got shape {W.shape}")
     dtype = dtype or W.dtype.name
-    if dtype not in DTYPE_EPS:
+    if dtype not in DTYPE_EPS and not isinstance(W, QuantizedView):
         raise ValueError(f"{name}: unsupported dtype {dtype}")
     N, M = max(W.shape), min(W.shape)
     rec = MatrixRecord(model=model, name=name, module_type=module_type, shape=tuple(W.shape),
@@ -122,7 +127,7 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
     return rec, W
 
 
-def _eps_ranks(rec: MatrixRecord, spec: Spectrum, bound: float
+def _eps_ranks(rec: MatrixRecord, spec: Spectrum, bound: Optional[float]
                ) -> Tuple[Optional[int], Optional[int], Optional[str]]:
     """numpy's and Numerical Recipes' ranks, each None where it says nothing about W, and why.
 
@@ -134,7 +139,9 @@ def _eps_ranks(rec: MatrixRecord, spec: Spectrum, bound: float
     the image of a nonzero singular value of the unrounded matrix, so a tolerance that calls
     them noise contradicts the storage it models. float32 / float64 ranks are the formulas."""
     sv, tol = spec.sv, spec.tolerances
-    certain = None if rec.dtype in WIDE_DTYPES else spec.rank(bound)
+    if rec.dtype not in DTYPE_EPS:
+        return None, None, f"{rec.dtype} quantization has no machine epsilon: no numpy / nr rank"
+    certain = None if rec.dtype in WIDE_DTYPES or bound is None else spec.rank(bound)
     ranks: Dict[str, Optional[int]] = {c: spec.rank(getattr(tol, c)) for c in ("numpy", "nr")}
     at_max = [c for c in ranks if sv[0] > 0.0 and getattr(tol, c) >= sv[0]]
     reasons = [f"{' and '.join(at_max)} tolerance >= sv_max for {rec.dtype} "
@@ -165,6 +172,9 @@ def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: Ana
     rec.rank_loose, rec.rank_noise = spec.rank(tol.loose), spec.rank(tol.noise)
     rec.noise_floor, rec.noise_bound = tol.noise, noise.bound
     rec.rank_numpy, rec.rank_nr, rec.rank_note = _eps_ranks(rec, spec, noise.bound)
+    if noise.bound_reason:
+        rec.rank_note = "; ".join(filter(None, (rec.rank_note,
+                                                f"no noise_bound: {noise.bound_reason}")))
     rec.rank_criterion = criterion_for(options.rank_criterion, rec.dtype)
     rank = rec.rank(rec.rank_criterion)
     rec.rank_loss = None if rank is None else M - rank
@@ -221,9 +231,13 @@ def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spec
     mats = [permuted(np.asarray(prepared[j][1]), options.seed, prepared[j][0].name)
             for j in keep]
     dtypes = [prepared[j][0].dtype for j in keep]
+    # a quantized matrix's permuted values are plain floats: its own noise estimate serves
+    estimates = [getattr(specs[j].noise, "estimate", 0.0) if d not in DTYPE_EPS else 0.0
+                 for j, d in zip(keep, dtypes)]
     rand_specs = singular_values_many(
-        mats, [DTYPE_EPS[d] for d in dtypes], loose_tol=options.loose_tol,
-        method=options.method, device=options.device, noise_dtypes=dtypes)
+        mats, [storage_eps(d) for d in dtypes], loose_tol=options.loose_tol,
+        method=options.method, device=options.device, noise_estimates=estimates,
+        noise_dtypes=[d if d in DTYPE_EPS else None for d in dtypes])
     out = [np.zeros(0)] * len(prepared)
     for j, rand in zip(keep, rand_specs):
         rec = prepared[j][0]
@@ -265,6 +279,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     depend on the worker count or the order."""
     label = label or source.label
     selection = plan_source(source, options, label)
+    stored = {t.name: t.stored_name for t in source.tensors() if t.stored_name}
     plans = selection.plans if names is None else [p for p in selection.plans if p.name in names]
     largest = max(plans, key=lambda p: limits.analysis_memory(*p.shape), default=None)
     if largest is not None:  # before any weight is read, let alone widened to float64
@@ -284,7 +299,9 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
             p = plans[i]
             if p.param != loaded_name:
                 loaded_name, loaded = p.param, load(p.param)
-                not_weight = value_kind(loaded)
+                if is_quantized(loaded):
+                    loaded = QuantizedView(loaded)
+                not_weight = None if isinstance(loaded, QuantizedView) else value_kind(loaded)
             if not_weight:
                 selection.skipped[NOT_WEIGHT_VALUES[not_weight]] += 1
                 continue
@@ -318,6 +335,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
                                  for _, p, W in batch], options, cores.lend)
         for (_, p, _), (rec, _, _) in zip(batch, results):
             rec.kind, rec.kind_from = p.kind, p.kind_from
+            rec.stored_name = stored.get(p.param)
         return [(i, result) for (i, _, _), result in zip(batch, results)]
 
     done: List[Optional[Tuple[MatrixRecord, np.ndarray, np.ndarray]]] = [None] * len(plans)

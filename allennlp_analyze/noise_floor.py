@@ -56,9 +56,11 @@ float64, in units of the largest binade seen (powers of two: exact rescaling), s
 tiny nor huge float64 weights underflow or overflow.
 """
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
+
+from .quantized import DecodedRows
 
 _EPS64 = 2.0**-52
 #: Rows are fed to the accumulator in blocks of about this many entries, whatever the matrix's
@@ -98,10 +100,13 @@ _EXPONENT_MASK = {np.dtype(np.float64): np.uint64(0x7FF0000000000000),
 @dataclass(frozen=True)
 class StorageNoise:
     """The rounding E of a stored matrix (weights' units): the independent-entries ``estimate``
-    of ||E||_2 and a rigorous upper ``bound`` on it (module docstring)."""
+    of ||E||_2 and a rigorous upper ``bound`` on it (module docstring); ``bound`` is None where
+    the storage guarantees no per-element error (quantized formats: ``bound_reason`` says
+    why)."""
 
     estimate: float
-    bound: float
+    bound: Optional[float]
+    bound_reason: Optional[str] = None
 
 
 def binade(values: np.ndarray, fmt: StorageFormat) -> np.ndarray:
@@ -179,6 +184,53 @@ class NoiseAccumulator:
         unit = self._scale * self._fmt.eps  # ulp = unit * (binade / scale)
         estimate = unit * (np.sqrt(self._row_sq / 12.0) + np.sqrt(self._col_sq.max() / 12.0))
         bound = unit / 2.0 * np.sqrt(self._row_abs * self._col_abs.max())
+        return StorageNoise(float(estimate), float(bound))
+
+
+class QuantizationNoiseAccumulator:
+    """The quantization error of an N x M quantized matrix, fed row blocks of its
+    :class:`~allennlp_analyze.quantized.DecodedRows` with :meth:`update`. The model is the
+    storage rounding's, with the quantization step in place of the ulp: per element variance
+    ``step**2 / 12`` (the estimate ``sigma_row + sigma_col``) and the per-element worst case
+    ``|e_ij| <= worst_ij`` (the bound ``sqrt(max_j sum_i worst_ij * max_i sum_j worst_ij)``)
+    where the format guarantees one; else the bound is None and ``bound_reason`` says why.
+    Values of quantized formats lie in float32's range, so the sums need no rescaling."""
+
+    def __init__(self, ncols: int, bound_reason: Optional[str] = None):
+        self._col_sq = np.zeros(ncols)    # sum_i step_ij**2, per column
+        self._col_abs = np.zeros(ncols)   # sum_i worst_ij, per column
+        self._row_sq = 0.0                # max_i sum_j step_ij**2
+        self._row_abs = 0.0               # max_i sum_j worst_ij
+        self._reason = bound_reason
+        self.rows = 0
+
+    def update(self, block: DecodedRows) -> None:
+        """Add the rows of ``block`` (k x M) to the sums."""
+        step = np.asarray(block.step, dtype=np.float64)
+        if step.ndim != 2 or step.shape[1] != self._col_sq.size:
+            raise ValueError(f"expected a block of {self._col_sq.size} columns, got {step.shape}")
+        if step.size == 0:
+            return
+        ones_r, ones_c = np.ones(step.shape[0]), np.ones(step.shape[1])
+        sq = step * step
+        self._col_sq += ones_r @ sq
+        self._row_sq = max(self._row_sq, float((sq @ ones_c).max()))
+        if block.worst is None:
+            self._reason = self._reason or "the format gives no per-element error bound"
+        elif self._reason is None:
+            worst = np.asarray(block.worst, dtype=np.float64)
+            self._col_abs += ones_r @ worst
+            self._row_abs = max(self._row_abs, float((worst @ ones_c).max()))
+        self.rows += step.shape[0]
+
+    def result(self) -> StorageNoise:
+        """The :class:`StorageNoise` of the rows added so far (zeros before any)."""
+        if self.rows == 0:
+            return StorageNoise(0.0, 0.0 if self._reason is None else None, self._reason)
+        estimate = np.sqrt(self._row_sq / 12.0) + np.sqrt(self._col_sq.max() / 12.0)
+        if self._reason is not None:
+            return StorageNoise(float(estimate), None, self._reason)
+        bound = np.sqrt(self._row_abs * self._col_abs.max())
         return StorageNoise(float(estimate), float(bound))
 
 

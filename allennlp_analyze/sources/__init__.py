@@ -20,6 +20,7 @@ from ._common import TensorDictSource, is_tensor, read_index
 from .archive import ArchiveSource, SerializationDirSource
 from .checkpoint import find_weights
 from .folder import open_folder
+from .gguf_file import GGUFSource
 from .module import ModuleSource
 from .numpy_file import NpySource, NpzSource, looks_like_npz
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
@@ -28,12 +29,13 @@ from .torch_file import ShardedTorchSource, TorchFileSource
 __all__ = [
     "open_source", "open_path", "ArchiveSource", "SerializationDirSource", "SafetensorsSource",
     "ShardedSafetensorsSource", "TorchFileSource", "ShardedTorchSource", "ModuleSource",
-    "TensorDictSource", "NpySource", "NpzSource",
+    "TensorDictSource", "NpySource", "NpzSource", "GGUFSource",
 ]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _KNOWN = ("a .tar.gz model archive, a .safetensors file or index, a PyTorch state dict or "
-          "checkpoint (.th/.pt/.pth/.bin/.ckpt), a numpy .npy/.npz file, or a model folder")
+          "checkpoint (.th/.pt/.pth/.bin/.ckpt), a numpy .npy/.npz file, a .gguf file, or a "
+          "model folder")
 
 
 def _index_kind(path: Path):
@@ -83,6 +85,8 @@ def _open_path(p: Path, label: Optional[str], checkpoint_key: Optional[str]) -> 
         return NpzSource(p, label)
     if name.endswith(".npy"):
         return NpySource(p, label)
+    if name.endswith(".gguf"):
+        return GGUFSource(p, label)
     # No telling name (e.g. a cached download): look at the content.
     try:
         with limits.open_regular(p) as f:
@@ -91,6 +95,8 @@ def _open_path(p: Path, label: Optional[str], checkpoint_key: Optional[str]) -> 
         raise AnalyzeError(f"cannot read {p}: {e.strerror or e}") from None
     if looks_like_safetensors(p):
         return SafetensorsSource(p, label)
+    if head == b"GGUF":
+        return GGUFSource(p, label)
     if head[:2] == b"\x1f\x8b":
         return ArchiveSource(p, label, checkpoint_key)
     if head == b"\x93NUM":
