@@ -113,12 +113,15 @@ class QuantizedView:
         step = max(1, self._chunk // max(1, self.matrix.shape[1]))
         cut = slice(self._start, self._stop)
         values, steps, worst = [], [], []
+        bounded = True
         for a in range(0, n, step):
             rows = self.matrix.rows(a, min(a + step, n))
             values.append(rows.values[:, cut].copy())
             steps.append(rows.step[:, cut].copy())
-            worst.append(None if rows.worst is None else rows.worst[:, cut].copy())
-        bounded = all(w is not None for w in worst)
+            if rows.worst is None:
+                bounded = False
+            else:
+                worst.append(rows.worst[:, cut].copy())
         return DecodedRows(np.concatenate(values), np.concatenate(steps),
                            np.concatenate(worst) if bounded else None)
 

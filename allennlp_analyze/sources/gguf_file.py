@@ -16,9 +16,10 @@ where this reader lists that tensor as undecodable and goes on.)
 Names: GGUF's (``blk.0.attn_q.weight``) become the Hugging Face names of the file's
 architecture through the ``gguf`` package's own tensor-name map (``gguf.TensorNameMap``,
 inverted: of the Hugging Face names that map to a GGUF name, the one transformers'
-Llama-style models use is preferred, :func:`_hf_preference`; other families' checkpoints may
-name some tensors differently). The stored name stays in ``TensorInfo.stored_name``. llama.cpp's converter permutes
-the rows of ``attn_q`` / ``attn_k`` head by head for the architectures in
+Llama-style models use is preferred, :func:`_hf_preference`; other families' checkpoints
+may name some tensors differently). The stored name stays in ``TensorInfo.stored_name``.
+llama.cpp's converter permutes the rows of ``attn_q`` / ``attn_k`` head by head for the
+architectures in
 :data:`PERMUTED_ARCHITECTURES`; the rows are put back in the Hugging Face order here (from the
 file's head counts), so that a record's matrix equals the source checkpoint's element-wise.
 3-D expert stacks (``*_exps``) give one matrix per expert (``...experts.<e>...``).
@@ -59,7 +60,7 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _STRING, _ARRAY = 8, 9
 #: GGML types read as plain arrays: type number -> (numpy storage, dtype name); integer
 #: tensors are listed (and left out as not floating-point).
-_FLOATS = {0: (np.dtype("<f4"), "float32"), 1: (np.dtype("<f2"), "float16"),
+_FLOATS: Dict[int, Tuple[np.dtype, str]] = {0: (np.dtype("<f4"), "float32"), 1: (np.dtype("<f2"), "float16"),
            28: (np.dtype("<f8"), "float64"), 30: (np.dtype("<u2"), "bfloat16"),
            24: (np.dtype("i1"), "int8"), 25: (np.dtype("<i2"), "int16"),
            26: (np.dtype("<i4"), "int32"), 27: (np.dtype("<i8"), "int64")}
@@ -75,6 +76,11 @@ class TensorEntry:
     qtype: int
     start: int
     nbytes: Optional[int]
+
+    @property
+    def count(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.ne, dtype=object))
 
 
 @dataclass(frozen=True)
@@ -400,7 +406,8 @@ class GGUFSource:
         if found is None:
             raise AnalyzeError(f"{self.path} has no tensor named {name!r}")
         t, expert = found
-        raw = self._map()[t.start:t.start + (t.nbytes or 0)]
+        nbytes = t.nbytes or 0  # listed tensors all have a size
+        raw = self._map()[t.start:t.start + nbytes]
         shape = tuple(reversed(t.ne))
         order = self._row_order(t, shape)
         if t.qtype in _FLOATS:
@@ -414,11 +421,9 @@ class GGUFSource:
 
                 array = quants.dequantize(np.asarray(array), GGMLQuantizationType.BF16)
             return np.array(array)
-        rows = raw.reshape(-1, t.nbytes // max(1, int(np.prod(shape[:-1], dtype=np.int64))))
+        rows = raw.reshape(-1, nbytes // max(1, t.count // t.ne[0]))  # stored rows x bytes
         if expert is not None:
             rows = rows[expert * shape[1]:(expert + 1) * shape[1]]
-        elif len(shape) != 2:
-            rows = rows.reshape(-1, rows.shape[-1])
         from .quant.gguf_blocks import IMATRIX_REASON
 
         return GGUFMatrix(rows, t.qtype, shape[-1], order,

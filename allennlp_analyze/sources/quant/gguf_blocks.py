@@ -156,7 +156,7 @@ def _linear(blocks: np.ndarray, values: np.ndarray, kind: _Linear, with_worst: b
     step = np.broadcast_to(np.abs(d), values.shape)
     if not with_worst:
         return step, None
-    m = _f16(blocks, kind.m_at) if kind.m_at is not None else 0.0
+    m = _f16(blocks, kind.m_at) if kind.m_at is not None else np.zeros_like(d)
     half_d = ulp(d, "float16") / 2.0
     # codes from the values (exact: w_q = d q + m in float32 with |q| <= 127); |q| <= qmax
     # where d is 0 (the stored scale underflowed: the codes say nothing)
