@@ -60,10 +60,11 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _STRING, _ARRAY = 8, 9
 #: GGML types read as plain arrays: type number -> (numpy storage, dtype name); integer
 #: tensors are listed (and left out as not floating-point).
-_FLOATS: Dict[int, Tuple[np.dtype, str]] = {0: (np.dtype("<f4"), "float32"), 1: (np.dtype("<f2"), "float16"),
-           28: (np.dtype("<f8"), "float64"), 30: (np.dtype("<u2"), "bfloat16"),
-           24: (np.dtype("i1"), "int8"), 25: (np.dtype("<i2"), "int16"),
-           26: (np.dtype("<i4"), "int32"), 27: (np.dtype("<i8"), "int64")}
+_FLOATS: Dict[int, Tuple[np.dtype, str]] = {
+    0: (np.dtype("<f4"), "float32"), 1: (np.dtype("<f2"), "float16"),
+    28: (np.dtype("<f8"), "float64"), 30: (np.dtype("<u2"), "bfloat16"),
+    24: (np.dtype("i1"), "int8"), 25: (np.dtype("<i2"), "int16"),
+    26: (np.dtype("<i4"), "int32"), 27: (np.dtype("<i8"), "int64")}
 
 
 @dataclass(frozen=True)
