@@ -420,7 +420,8 @@ class GGUFSource:
             if t.qtype == 30:
                 from gguf import GGMLQuantizationType, quants
 
-                array = quants.dequantize(np.asarray(array), GGMLQuantizationType.BF16)
+                array = quants.dequantize(np.asarray(array).view(np.uint8),
+                                          GGMLQuantizationType.BF16)
             return np.array(array)
         rows = raw.reshape(-1, nbytes // max(1, t.count // t.ne[0]))  # stored rows x bytes
         if expert is not None:
