@@ -3,6 +3,7 @@ package: the ``gguf`` package's own ``GGUFWriter`` / ``GGUFReader`` / ``quants.q
 ``quants.dequantize``, numpy's SVD, the exact error W_q - W in float64, and the source
 checkpoint the file was converted from."""
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -384,3 +385,45 @@ def test_one_command_json(llama, capsys):
     down = recs["model.layers.0.mlp.down_proj.weight"]
     assert down["stored_name"] == "blk.0.ffn_down.weight" and down["dtype"] == "Q8_0"
     assert down["noise_bound"] is not None and down["rank_numpy"] is None
+
+
+# -- hostile headers (also through both front-ends in test_hostile.py) -----------------------
+
+def hostile_gguf(tmp_path):
+    """Hostile GGUF files and a fragment of the one line each must give."""
+    import hostile_inputs as H
+
+    good = H.gguf_bytes()
+    cases = {
+        "count": (H.gguf_bytes(n_tensors=2**62), "4611686018427387904 tensor infos"),
+        "offset": (H.gguf_bytes([("w.weight", (64, 8), 0, 2**40)]), "past the end"),
+        "shape": (H.gguf_bytes([("w.weight", (2**32, 2**32), 0, 0)], data=b""),
+                  "more elements than the file has bits"),
+        "truncated": (good[:len(good) - 100], "truncated"),
+        "string": (H.gguf_bytes(kv=H.gguf_string("k", 2**63) + b"\0" * 16, n_kv=1),
+                   "claims 9223372036854775808 bytes"),
+        "array": (H.gguf_bytes(kv=H.gguf_string("a") + struct.pack("<IIQ", 9, 0, 2**60),
+                               n_kv=1), "1152921504606846976 items"),
+        "dims": (H.gguf_bytes([("w.weight", (8, 8, 8, 8, 8), 0, 0)]), "5 dimensions"),
+    }
+    paths = {}
+    for name, (data, fragment) in cases.items():
+        (tmp_path / f"{name}.gguf").write_bytes(data)
+        paths[name] = (tmp_path / f"{name}.gguf", fragment)
+    return paths
+
+
+def test_hostile_headers_give_one_line(tmp_path):
+    import hostile_inputs as H
+
+    from allennlp_analyze.errors import AnalyzeError
+
+    (tmp_path / "good.gguf").write_bytes(H.gguf_bytes())
+    (rec,) = analyze(str(tmp_path / "good.gguf")).records
+    assert rec.shape == (8, 64) and rec.dtype == "float32"
+
+    for name, (path, fragment) in hostile_gguf(tmp_path).items():
+        with pytest.raises(AnalyzeError) as e:
+            open_source(str(path))
+        message = str(e.value)
+        assert fragment in message and "\n" not in message, (name, message)
