@@ -24,7 +24,7 @@ architectures in
 file's head counts), so that a record's matrix equals the source checkpoint's element-wise.
 3-D expert stacks (``*_exps``) give one matrix per expert (``...experts.<e>...``).
 
-Needs the optional ``gguf`` package (``pip install allennlp-analyze[formats]``).
+Needs the optional ``gguf`` package (``pip install allennlp-analyze[gguf]``).
 """
 import functools
 import mmap
@@ -342,7 +342,7 @@ class GGUFSource:
             import gguf  # noqa: F401
         except ImportError:
             raise AnalyzeError(f"{self.path}: reading GGUF files needs the gguf package "
-                               "(pip install 'allennlp-analyze[formats]')") from None
+                               "(pip install 'allennlp-analyze[gguf]')") from None
         header = scan(self.path)
         meta = header.metadata
         self.metadata = meta
