@@ -202,6 +202,7 @@ class QuantizationNoiseAccumulator:
         self._row_sq = 0.0                # max_i sum_j step_ij**2
         self._row_abs = 0.0               # max_i sum_j worst_ij
         self._reason = bound_reason
+        self._buffer: Optional[np.ndarray] = None  # step**2 of a block, reused
         self.rows = 0
 
     def update(self, block: DecodedRows) -> None:
@@ -212,7 +213,9 @@ class QuantizationNoiseAccumulator:
         if step.size == 0:
             return
         ones_r, ones_c = np.ones(step.shape[0]), np.ones(step.shape[1])
-        sq = step * step
+        if self._buffer is None or self._buffer.size < step.size:
+            self._buffer = np.empty(step.size)
+        sq = np.multiply(step, step, out=self._buffer[:step.size].reshape(step.shape))
         self._col_sq += ones_r @ sq
         self._row_sq = max(self._row_sq, float((sq @ ones_c).max()))
         if block.worst is None:

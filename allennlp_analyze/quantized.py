@@ -19,7 +19,9 @@ class DecodedRows:
     """Rows ``start:stop`` of a quantized matrix, all float64 of shape (rows, M), oriented out × in
     as the model uses the matrix: ``values`` the dequantized weights; ``step`` the quantization
     step of each element (weights' units); ``worst`` a rigorous bound on ``|w_q - w|`` per element
-    where the format guarantees one, else None."""
+    where the format guarantees one, else None. ``values`` may also be float32 where that holds
+    the decoded values exactly (the decoder's own output: the spectrum widens it as it copies
+    the block); ``step`` may be a broadcast view (one value per block)."""
 
     values: np.ndarray
     step: np.ndarray

@@ -99,14 +99,15 @@ IMATRIX_REASON = ("quantized with an importance matrix (quantize.imatrix.*): lla
 
 def decode(qtype: int, raw: np.ndarray, with_worst: bool = True) -> DecodedRows:
     """Rows of a stored tensor: ``raw`` (rows x bytes, uint8, whole blocks) of GGML type
-    ``qtype``, decoded to float64 (rows x elements) with each element's step, and its worst
-    case where ``with_worst`` and the type guarantees one (module docstring)."""
+    ``qtype``, decoded (rows x elements: gguf's float32 values, which the spectrum widens to
+    float64 as it copies them) with each element's step, and its worst case where
+    ``with_worst`` and the type guarantees one (module docstring)."""
     gguf = _gguf()
     t = gguf.GGMLQuantizationType(qtype)
     block, size = gguf.GGML_QUANT_SIZES[t]
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     rows = raw.shape[0]
-    values = gguf.quants.dequantize(raw, t).astype(np.float64).reshape(rows, -1)
+    values = gguf.quants.dequantize(raw, t).reshape(rows, -1)
     blocks = raw.reshape(-1, size)
     linear = _LINEAR.get(t.name)
     if linear is not None:
@@ -151,25 +152,39 @@ def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
 def _linear(blocks: np.ndarray, values: np.ndarray, kind: _Linear, with_worst: bool
             ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Step and worst case (module docstring) of the blocks of a legacy type; ``values``
-    (n_blocks x block) are their dequantized elements."""
+    (n_blocks x block) are their dequantized elements. The worst case is ``base + |q| coef``
+    with per-block ``base = (|d| + u/2) / 2 (+ u_m / 2) + 2**-20 (|d| + |m|)`` and
+    ``coef = u / 2 + 2**-19 |d|`` (the float32 slack, with ``|w_q| <= |d| |q| + |m|``), plus
+    ``(|d| + u/2) / 2`` more for the top code of Q4_0 / Q5_0; computed in place."""
     d = _f16(blocks, kind.d_at)
-    step = np.broadcast_to(np.abs(d), values.shape)
+    absd = np.abs(d)
+    step = np.broadcast_to(absd, values.shape)
     if not with_worst:
         return step, None
-    m = _f16(blocks, kind.m_at) if kind.m_at is not None else np.zeros_like(d)
     half_d = ulp(d, "float16") / 2.0
-    # codes from the values (exact: w_q = d q + m in float32 with |q| <= 127); |q| <= qmax
+    rounding = (absd + half_d) / 2.0
+    base = rounding + _F32_SLACK * absd
+    coef = half_d + 2.0 * _F32_SLACK * absd
+    # codes from the values (exact: w_q = d q + m in float32 with |q| <= 127); |q| = qmax
     # where d is 0 (the stored scale underflowed: the codes say nothing)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        code = np.rint((values - m) / np.where(d != 0.0, d, 1.0))
-    q = np.where(d != 0.0, np.abs(code), float(kind.qmax))
-    rounding = np.broadcast_to((np.abs(d) + half_d) / 2.0, values.shape)
-    if kind.clamped_code is not None:  # the top code may hold a clamped element: a full step
-        rounding = np.where((code == kind.clamped_code) | (d == 0.0), 2.0 * rounding, rounding)
-    worst = rounding + q * half_d + _F32_SLACK * ((q + 1.0) * np.abs(d) + np.abs(values))
+    inverse = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0.0)
     if kind.m_at is not None:
-        worst = worst + ulp(m, "float16") / 2.0
-    return step, worst
+        m = _f16(blocks, kind.m_at)
+        base += ulp(m, "float16") / 2.0 + _F32_SLACK * np.abs(m)
+        q = values - m
+        q *= inverse
+    else:
+        q = values * inverse
+    np.rint(q, out=q)
+    top = None if kind.clamped_code is None else (q == kind.clamped_code) | (d == 0.0)
+    np.abs(q, out=q)
+    if (d == 0.0).any():
+        np.copyto(q, float(kind.qmax), where=d == 0.0)
+    q *= coef
+    q += base
+    if top is not None:  # the top code may hold a clamped element: a full step
+        np.add(q, np.broadcast_to(rounding, q.shape), out=q, where=top)
+    return step, q
 
 
 def _kquant_4_5(blocks: np.ndarray) -> np.ndarray:

@@ -1,0 +1,169 @@
+"""What reading a GGUF costs next to the spectrum: dequantization plus the quantization noise,
+and a whole TinyLlama-shaped model as GGUF against the same model in bf16 safetensors.
+
+    .venv/bin/python benchmarks/gguf_cost.py [--rounds 3] [--no-model] [--cache .cache/bench]
+
+One thread throughout (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS = 1 before numpy is imported;
+the model runs with ``workers=1``), CPU seconds (``time.process_time``) so that other jobs on a
+shared machine matter less, best of ``--rounds`` interleaved rounds, every ratio measured side
+by side in one run.
+
+1. Per matrix, Q8_0 (real quantization by ``gguf.quants.quantize`` of Gaussian weights) and
+   Q4_K (random blocks with sane fp16 scales: the ``gguf`` package has no K-quantizer; the
+   decoding cost does not depend on the values), 5632 x 2048 (tall: row blocks), 2048 x 5632
+   (wide: column blocks) and 2048 x 2048: the time to decode every row block of the oriented
+   matrix with its steps (and worst cases) and feed the noise accumulator, against
+   :func:`~allennlp_analyze.spectrum.singular_values` of the same matrix already in float64.
+2. The model: TinyLlama-1.1B's shapes, 2 layers (``make_llama.py``, bf16 safetensors shards),
+   and a GGUF of the same shapes in a Q4_K_M-style mix (Q6_K for attn_v, ffn_down and output,
+   Q4_K for the other matrices, F32 norms; K-quant blocks random as above), ``analyze()`` of
+   each with the default options.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+os.environ["OMP_NUM_THREADS"] = "1"
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gguf  # noqa: E402
+
+from allennlp_analyze import analyze  # noqa: E402
+from allennlp_analyze.noise_floor import QuantizationNoiseAccumulator  # noqa: E402
+from allennlp_analyze.quantized import QuantizedView  # noqa: E402
+from allennlp_analyze.sources.gguf_file import GGUFMatrix  # noqa: E402
+from allennlp_analyze.spectrum import BLOCK_ROWS, singular_values  # noqa: E402
+
+T = gguf.GGMLQuantizationType
+#: Byte offsets of the fp16 scales (d, dmin) in a K-quant block.
+_SCALES = {"Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def kquant_bytes(rng, qtype: str, rows: int, cols: int) -> np.ndarray:
+    """rows x bytes of random ``qtype`` blocks whose fp16 scales are 1e-3-ish."""
+    block, size = gguf.GGML_QUANT_SIZES[T[qtype]]
+    raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    for at in _SCALES[qtype]:
+        raw[:, at:at + 2] = (rng.uniform(0.5, 2.0, (len(raw), 1)) * 1e-3).astype(
+            np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def stored(rng, qtype: str, rows: int, cols: int) -> np.ndarray:
+    if qtype == "Q8_0":
+        W = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+        return gguf.quants.quantize(W, T.Q8_0)
+    return kquant_bytes(rng, qtype, rows, cols)
+
+
+def decode_and_noise(matrix: GGUFMatrix) -> float:
+    """CPU seconds to decode every row block of the oriented matrix and accumulate its noise
+    (what the analysis does on top of the spectrum)."""
+    view = QuantizedView(matrix)
+    if view.shape[0] < view.shape[1]:
+        view = view.T
+    start = time.process_time()
+    acc = QuantizationNoiseAccumulator(view.shape[1], matrix.bound_reason)
+    for a in range(0, view.shape[0], BLOCK_ROWS):
+        part = view[a:a + BLOCK_ROWS].decode()
+        np.ascontiguousarray(part.values)  # the spectrum's float64 copy of the block
+        acc.update(part)
+    acc.result()
+    return time.process_time() - start
+
+
+def spectral(W: np.ndarray) -> float:
+    start = time.process_time()
+    singular_values(W, 0.0)
+    return time.process_time() - start
+
+
+def per_matrix(rounds: int) -> None:
+    rng = np.random.default_rng(0)
+    cases = []
+    for qtype in ("Q4_K", "Q8_0"):
+        for rows, cols in ((5632, 2048), (2048, 5632), (2048, 2048)):
+            m = GGUFMatrix(stored(rng, qtype, rows, cols), int(T[qtype]), cols, None, None)
+            cases.append((f"{qtype} {rows} x {cols}", m, m.rows(0, rows).values))
+    best = {label: [np.inf, np.inf] for label, _, _ in cases}
+    for _ in range(rounds):
+        for label, m, dense in cases:
+            best[label][0] = min(best[label][0], decode_and_noise(m))
+            best[label][1] = min(best[label][1], spectral(dense))
+    print("per matrix, one thread, CPU s (best of %d): dequant+noise  spectrum  ratio" % rounds)
+    for label, (d, s) in best.items():
+        print(f"  {label:20s} {d:8.3f} {s:9.3f} {d / s:7.3f}")
+
+
+def gguf_model(path: Path, layers: int = 2) -> Path:
+    """The Q4_K_M-style GGUF of TinyLlama's shapes (module docstring), once."""
+    if path.exists():
+        return path
+    rng = np.random.default_rng(1)
+    h, f, kv, vocab = 2048, 5632, 256, 32000
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_head_count(32)
+    w.add_head_count_kv(4)
+    w.add_context_length(2048)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    mats = {"token_embd": (vocab, h, "Q4_K"), "output": (vocab, h, "Q6_K")}
+    for i in range(layers):
+        for name, (rows, cols) in {"attn_q": (h, h), "attn_k": (kv, h), "attn_v": (kv, h),
+                                   "attn_output": (h, h), "ffn_gate": (f, h),
+                                   "ffn_up": (f, h), "ffn_down": (h, f)}.items():
+            mats[f"blk.{i}.{name}"] = (rows, cols,
+                                       "Q6_K" if name in ("attn_v", "ffn_down") else "Q4_K")
+        for norm in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(h, np.float32))
+    w.add_tensor("output_norm.weight", np.ones(h, np.float32))
+    for name, (rows, cols, qtype) in mats.items():
+        w.add_tensor(f"{name}.weight", kquant_bytes(rng, qtype, rows, cols),
+                     raw_dtype=T[qtype])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def model(cache: Path, rounds: int) -> None:
+    from make_llama import make
+
+    bf16 = make(cache / "tinyllama-2l")
+    q4km = gguf_model(cache / "tinyllama-2l-q4_k_m.gguf")
+    best = {"bf16 safetensors": np.inf, "GGUF Q4_K_M mix": np.inf}
+    n = {}
+    for _ in range(rounds):
+        for label, src in (("bf16 safetensors", str(bf16)), ("GGUF Q4_K_M mix", str(q4km))):
+            start = time.process_time()
+            result = analyze(src, workers=1)
+            best[label] = min(best[label], time.process_time() - start)
+            n[label] = len(result.records)
+    print("TinyLlama-shaped, 2 layers, default options, workers=1, CPU s (best of %d):" % rounds)
+    for label, t in best.items():
+        print(f"  {label:18s} {t:8.2f}  ({n[label]} matrices)")
+    print(f"  ratio GGUF / bf16: {best['GGUF Q4_K_M mix'] / best['bf16 safetensors']:.3f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-model", action="store_true")
+    parser.add_argument("--cache", type=Path,
+                        default=Path(__file__).resolve().parents[1] / ".cache" / "bench")
+    args = parser.parse_args(argv)
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    per_matrix(args.rounds)
+    if not args.no_model:
+        args.cache.mkdir(parents=True, exist_ok=True)
+        model(args.cache, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
