@@ -56,7 +56,7 @@ float64, in units of the largest binade seen (powers of two: exact rescaling), s
 tiny nor huge float64 weights underflow or overflow.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -206,25 +206,39 @@ class QuantizationNoiseAccumulator:
         self.rows = 0
 
     def update(self, block: DecodedRows) -> None:
-        """Add the rows of ``block`` (k x M) to the sums."""
+        """Add the rows of ``block`` (k x M) to the sums. A block that is the transpose of a
+        C-ordered array (a wide matrix read by columns) is summed in that array's order."""
         step = np.asarray(block.step, dtype=np.float64)
         if step.ndim != 2 or step.shape[1] != self._col_sq.size:
             raise ValueError(f"expected a block of {self._col_sq.size} columns, got {step.shape}")
         if step.size == 0:
             return
-        ones_r, ones_c = np.ones(step.shape[0]), np.ones(step.shape[1])
+        flipped = not step.flags.c_contiguous and step.T.flags.c_contiguous
+        if flipped:
+            step = step.T  # M x k: its rows are this block's columns
         if self._buffer is None or self._buffer.size < step.size:
             self._buffer = np.empty(step.size)
         sq = np.multiply(step, step, out=self._buffer[:step.size].reshape(step.shape))
-        self._col_sq += ones_r @ sq
-        self._row_sq = max(self._row_sq, float((sq @ ones_c).max()))
+        col_sq, row_sq = self._sums(sq, flipped)
+        self._col_sq += col_sq
+        self._row_sq = max(self._row_sq, row_sq)
         if block.worst is None:
             self._reason = self._reason or "the format gives no per-element error bound"
         elif self._reason is None:
             worst = np.asarray(block.worst, dtype=np.float64)
-            self._col_abs += ones_r @ worst
-            self._row_abs = max(self._row_abs, float((worst @ ones_c).max()))
-        self.rows += step.shape[0]
+            col_abs, row_abs = self._sums(worst.T if flipped else worst, flipped)
+            self._col_abs += col_abs
+            self._row_abs = max(self._row_abs, row_abs)
+        self.rows += block.step.shape[0]
+
+    @staticmethod
+    def _sums(a: np.ndarray, flipped: bool) -> Tuple[np.ndarray, float]:
+        """Per-column sums and the largest row sum of the block that ``a`` holds (``a`` is
+        the block's transpose where ``flipped``), as matrix-vector products."""
+        ones_r, ones_c = np.ones(a.shape[0]), np.ones(a.shape[1])
+        if flipped:
+            return a @ ones_c, float((ones_r @ a).max())
+        return ones_r @ a, float((a @ ones_c).max())
 
     def result(self) -> StorageNoise:
         """The :class:`StorageNoise` of the rows added so far (zeros before any)."""

@@ -313,13 +313,15 @@ class GGUFMatrix:
         b0, b1 = start // self._block, -(-stop // self._block)
         cut = slice(start - b0 * self._block, stop - b0 * self._block)
         parts = []
-        chunk = max(1, (1 << 20) // max(1, (b1 - b0) * self._block))
+        chunk = max(1, (1 << 22) // max(1, (b1 - b0) * self._block))
         for a in range(0, self.shape[0], chunk):
             raw = self._stored(a, min(a + chunk, self.shape[0]))
             d = decode(self.qtype, raw[:, b0 * self._type_size:b1 * self._type_size],
                        self.bound_reason is None)
             parts.append(DecodedRows(d.values[:, cut], d.step[:, cut],
                                      None if d.worst is None else d.worst[:, cut]))
+        if len(parts) == 1:
+            return parts[0]
         worst = [p.worst for p in parts]
         return DecodedRows(np.concatenate([p.values for p in parts]),
                            np.concatenate([p.step for p in parts]),
