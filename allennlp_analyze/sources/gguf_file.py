@@ -38,10 +38,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import limits
-from ..errors import AnalyzeError
+from ..errors import AnalyzeError, one_line
 from ..quantized import DecodedRows
 from ..tensors import TensorInfo
-from ._common import one_line
 
 MAGIC = b"GGUF"
 #: GGML_MAX_DIMS.
