@@ -13,7 +13,7 @@ from .records import WIDE_DTYPES, MatrixRecord, criterion_for, roundoff_criterio
 from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
                                mp_bulk_fit, permuted)
 from .spectrum import Parallel, Spectrum, singular_values_many
-from .quantized import QuantizedView, is_quantized
+from .quantized import QuantizedView, readable
 from .tensors import DTYPE_EPS, storage_eps
 
 
@@ -70,8 +70,7 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
              ) -> Tuple[MatrixRecord, np.ndarray]:
     """The record's identity fields, and W (any array-like that slices; it is read in
     blocks, and NaN/Inf is found there)."""
-    if is_quantized(W):  # read in row blocks, decoded with each element's quantization step
-        W = QuantizedView(W)
+    W = readable(W)  # a quantized matrix: row blocks decoded with each element's step
     if isinstance(W, QuantizedView):
         dtype = W.matrix.scheme
     if not hasattr(W, "shape"):

@@ -9,7 +9,7 @@ Decoders (GGUF block types, GPTQ, AWQ, compressed-tensors, bitsandbytes, ONNX QD
 block so that peak memory does not grow with the matrix's height.
 """
 from dataclasses import dataclass
-from typing import Optional, Protocol, Tuple
+from typing import Any, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -130,3 +130,9 @@ class QuantizedView:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         values = np.asarray(self.decode().values, dtype=np.float64)
         return values if dtype is None else values.astype(dtype, copy=False)
+
+
+def readable(array: Any) -> Any:
+    """A loaded tensor as the analysis reads it: a :class:`QuantizedMatrix` in a
+    :class:`QuantizedView`, anything else as it is."""
+    return QuantizedView(array) if is_quantized(array) else array

@@ -15,7 +15,7 @@ from .errors import AnalyzeError
 from .kinds import value_kind
 from .matrix import analyze_many
 from .options import AnalysisOptions
-from .quantized import QuantizedView, is_quantized
+from .quantized import QuantizedView, readable
 from .records import MatrixRecord, SourceInfo
 from .scheduler import (Cores, blas_threads, bounded_map, cpu_count, has_threadpoolctl,
                         progress_bar, resolve_workers)
@@ -65,9 +65,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         for i in _largest_first(plans):
             p = plans[i]
             if p.param != loaded_name:
-                loaded_name, loaded = p.param, load(p.param)
-                if is_quantized(loaded):
-                    loaded = QuantizedView(loaded)
+                loaded_name, loaded = p.param, readable(load(p.param))
                 not_weight = None if isinstance(loaded, QuantizedView) else value_kind(loaded)
             if not_weight:
                 selection.skipped[NOT_WEIGHT_VALUES[not_weight]] += 1
