@@ -17,6 +17,7 @@ from allennlp_analyze.sources import open_source  # noqa: E402
 from allennlp_analyze.sources.gguf_file import head_permutation  # noqa: E402
 from allennlp_analyze.sources.quant.gguf_blocks import decode  # noqa: E402
 from allennlp_analyze.spectrum import BLOCK_ROWS, singular_values  # noqa: E402
+from kquants import quantize_q4_k, quantize_q6_k  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -333,15 +334,28 @@ def llama(tmp_path_factory):
             W = llama_permute(W, 8, 4)
         tensors[names.get_name(key, try_suffixes=(".weight",))] = \
             (W, "Q8_0" if W.ndim == 2 else "F32")
-    path = write_gguf(folder / "model-q8_0.gguf", tensors, meta={
-        "llama.block_count": 2, "llama.attention.head_count": 8,
-        "llama.attention.head_count_kv": 4, "llama.context_length": 256,
-        "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0)})
-    return folder, path, state
+    meta = {"llama.block_count": 2, "llama.attention.head_count": 8,
+            "llama.attention.head_count_kv": 4, "llama.context_length": 256}
+    path = write_gguf(folder / "model-q8_0.gguf", tensors, meta=dict(
+        meta, **{"general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0)}))
+    # a Q4_K_M-style mix: Q6_K for attn_v, ffn_down and output, Q4_K for the other matrices,
+    # F32 norms (K-quant bytes from tests/kquants.py: llama.cpp's quantizer is not built here)
+    steps = {}
+    mixed = {}
+    for name, (W, qtype) in tensors.items():
+        if qtype == "F32":
+            mixed[name] = (W, "F32")
+            continue
+        six = name.startswith(("output", "blk.0.attn_v", "blk.1.attn_v")) or "ffn_down" in name
+        raw, steps[name] = (quantize_q6_k if six else quantize_q4_k)(W)
+        mixed[name] = (raw, "Q6_K" if six else "Q4_K", True)
+    q4km = write_gguf(folder / "model-q4_k_m.gguf", mixed, meta=dict(
+        meta, **{"general.file_type": int(gguf.LlamaFileType.MOSTLY_Q4_K_M)}))
+    return folder, path, state, q4km, steps
 
 
 def test_llama_gguf_records_line_up_with_the_checkpoint(llama):
-    folder, path, state = llama
+    folder, path, state, _, _ = llama
     opts = dict(min_q=1.0, include=("embeddings",))
     ours = analyze(str(path), **opts)
     theirs = analyze(str(folder / "model.safetensors"), keep_spectra=True, **opts)
@@ -366,7 +380,7 @@ def test_llama_gguf_records_line_up_with_the_checkpoint(llama):
 def test_llama_attention_rows_are_back_in_hugging_face_order(llama):
     """attn_q / attn_k dequantized and un-permuted equal the checkpoint's q_proj / k_proj
     element-wise, within each element's worst case (a row out of place would be far off)."""
-    _, path, state = llama
+    _, path, state, _, _ = llama
     source = open_source(str(path))
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         name = f"model.layers.1.self_attn.{proj}.weight"
@@ -377,8 +391,41 @@ def test_llama_attention_rows_are_back_in_hugging_face_order(llama):
     assert sorted(perm) == list(range(128)) and not (perm == np.arange(128)).all()
 
 
+def test_llama_q4_k_m_mix(llama):
+    """The mixed K-quant file: every matrix under its checkpoint name, its spectrum numpy's SVD
+    of gguf's dequantization, its step the quantizer's own d * sc, no bound (with the reason),
+    rank_noise the auto rank, and a floor that the checkpoint's spectrum stands out from."""
+    folder, _, state, path, steps = llama
+    ref = reference(path)
+    result = analyze(str(path), min_q=1.0, include=("embeddings",), keep_spectra=True)
+    names = {r.name for r in result.records}
+    assert names == {k for k, v in state.items() if v.ndim == 2}
+    source = open_source(str(path))
+    for rec, sv in zip(result.records, result.spectra):
+        W = ref[rec.stored_name]
+        expected = np.linalg.svd(W, compute_uv=False)
+        np.testing.assert_allclose(sv, expected, rtol=0, atol=1e-12 * expected[0])
+        six = "v_proj" in rec.name or "down_proj" in rec.name or rec.name == "lm_head.weight"
+        assert rec.dtype == ("Q6_K" if six else "Q4_K")
+        assert rec.noise_bound is None and "clamps codes" in rec.rank_note
+        assert rec.rank_criterion == "noise" and rec.rank_loss == rec.M - rec.rank_noise
+        m = source.load(rec.name)
+        got = m.rows(0, m.shape[0])
+        expected_step = steps[rec.stored_name]
+        if "q_proj" in rec.name or "k_proj" in rec.name:  # GGUF's rows back in HF order
+            heads = 8 if "q_proj" in rec.name else 4
+            expected_step = expected_step[np.argsort(head_permutation(m.shape[0], heads))]
+        assert np.array_equal(got.step, expected_step)
+        # the floor against the exact quantization error of the checkpoint's weights: measured
+        # 1.09-1.20 x ||E||_2 for Q4_K, 0.80-0.92 x for Q6_K (its clamped top codes add error
+        # beyond step**2 / 12: the estimate is not a bound)
+        E = np.linalg.norm(got.values - state[rec.name], 2)
+        assert 0.75 < rec.noise_floor / E < 1.3, (rec.name, rec.noise_floor / E)
+    assert "file type Q4_K_M" in result.summary.notes[0]
+
+
 def test_one_command_json(llama, capsys):
-    _, path, _ = llama
+    _, path, _, _, _ = llama
     assert cli.main([str(path), "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     recs = {r["name"]: r for r in doc["records"]}
