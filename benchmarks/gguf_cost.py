@@ -8,17 +8,16 @@ the model runs with ``workers=1``), CPU seconds (``time.process_time``) so that 
 shared machine matter less, best of ``--rounds`` interleaved rounds, every ratio measured side
 by side in one run.
 
-1. Per matrix, Q8_0 (real quantization by ``gguf.quants.quantize`` of Gaussian weights) and
-   Q4_K (random blocks with sane fp16 scales: the ``gguf`` package has no K-quantizer; the
-   decoding cost does not depend on the values), 5632 x 2048 (tall: row blocks), 2048 x 5632
+1. Per matrix, Gaussian weights in Q8_0 (``gguf.quants.quantize``) and Q4_K (``tests/kquants.py``:
+   the ``gguf`` package has no K-quantizer), 5632 x 2048 (tall: row blocks), 2048 x 5632
    (wide: column blocks) and 2048 x 2048: the time to decode every row block of the oriented
    matrix with its steps (and worst cases) and feed the noise accumulator, against
    :func:`~allennlp_analyze.spectrum.singular_values` of a float64 Gaussian matrix of the same
    shape (the Gram path, which trained weights take).
 2. The model: TinyLlama-1.1B's shapes, 2 layers (``make_llama.py``, bf16 safetensors shards),
-   and a GGUF of the same shapes in a Q4_K_M-style mix (Q6_K for attn_v, ffn_down and output,
-   Q4_K for the other matrices, F32 norms; K-quant blocks random as above), ``analyze()`` of
-   each with the default options.
+   and the same weights as a GGUF in a Q4_K_M-style mix (Q6_K for attn_v, ffn_down and output,
+   Q4_K for the other matrices, F32 norms; quantized by ``tests/kquants.py``, the exact block
+   layouts with range-based scales), ``analyze()`` of each with the default options.
 """
 import argparse
 import os
@@ -31,6 +30,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # kquants.py
 import gguf  # noqa: E402
 
 from allennlp_analyze import analyze  # noqa: E402
@@ -40,25 +40,14 @@ from allennlp_analyze.sources.gguf_file import GGUFMatrix  # noqa: E402
 from allennlp_analyze.spectrum import BLOCK_ROWS, singular_values  # noqa: E402
 
 T = gguf.GGMLQuantizationType
-#: Byte offsets of the fp16 scales (d, dmin) in a K-quant block.
-_SCALES = {"Q4_K": (0, 2), "Q6_K": (208,)}
-
-
-def kquant_bytes(rng, qtype: str, rows: int, cols: int) -> np.ndarray:
-    """rows x bytes of random ``qtype`` blocks whose fp16 scales are 1e-3-ish."""
-    block, size = gguf.GGML_QUANT_SIZES[T[qtype]]
-    raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
-    for at in _SCALES[qtype]:
-        raw[:, at:at + 2] = (rng.uniform(0.5, 2.0, (len(raw), 1)) * 1e-3).astype(
-            np.float16).view(np.uint8)
-    return raw.reshape(rows, -1)
-
-
 def stored(rng, qtype: str, rows: int, cols: int) -> np.ndarray:
+    """Gaussian weights (std 0.02) quantized to ``qtype`` (rows x bytes)."""
+    from kquants import quantize_q4_k
+
+    W = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
     if qtype == "Q8_0":
-        W = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
         return gguf.quants.quantize(W, T.Q8_0)
-    return kquant_bytes(rng, qtype, rows, cols)
+    return quantize_q4_k(W)[0]
 
 
 def decode_and_noise(matrix: GGUFMatrix) -> float:
@@ -86,8 +75,7 @@ def spectral(W: np.ndarray) -> float:
 def per_matrix(rounds: int) -> None:
     rng = np.random.default_rng(0)
     shapes = ((5632, 2048), (2048, 5632), (2048, 2048))
-    # the spectrum of a Gaussian matrix of each shape: the Gram path, as trained weights take
-    # it (the random Q4_K blocks' values, all offset by their mins, would send it to the SVD)
+    # the spectrum of a Gaussian matrix of each shape (the Gram path, as trained weights take)
     dense = {shape: rng.standard_normal(shape) * 0.02 for shape in shapes}
     cases = [(qtype, shape, GGUFMatrix(stored(rng, qtype, *shape), int(T[qtype]), shape[1],
                                        None, None))
@@ -106,31 +94,31 @@ def per_matrix(rounds: int) -> None:
               f"{t / spectra[shape]:7.3f}")
 
 
-def gguf_model(path: Path, layers: int = 2) -> Path:
-    """The Q4_K_M-style GGUF of TinyLlama's shapes (module docstring), once."""
+def gguf_model(path: Path, checkpoint: Path) -> Path:
+    """The bf16 checkpoint's weights as a Q4_K_M-style GGUF (module docstring), once."""
     if path.exists():
         return path
-    rng = np.random.default_rng(1)
-    h, f, kv, vocab = 2048, 5632, 256, 32000
+    from kquants import quantize_q4_k, quantize_q6_k
+
+    from allennlp_analyze.sources import open_source
+
+    source = open_source(str(checkpoint / "model.safetensors.index.json"))
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, 2)
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(layers)
+    w.add_block_count(2)
     w.add_head_count(32)
     w.add_head_count_kv(4)
     w.add_context_length(2048)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    mats = {"token_embd": (vocab, h, "Q4_K"), "output": (vocab, h, "Q6_K")}
-    for i in range(layers):
-        for name, (rows, cols) in {"attn_q": (h, h), "attn_k": (kv, h), "attn_v": (kv, h),
-                                   "attn_output": (h, h), "ffn_gate": (f, h),
-                                   "ffn_up": (f, h), "ffn_down": (h, f)}.items():
-            mats[f"blk.{i}.{name}"] = (rows, cols,
-                                       "Q6_K" if name in ("attn_v", "ffn_down") else "Q4_K")
-        for norm in ("attn_norm", "ffn_norm"):
-            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(h, np.float32))
-    w.add_tensor("output_norm.weight", np.ones(h, np.float32))
-    for name, (rows, cols, qtype) in mats.items():
-        w.add_tensor(f"{name}.weight", kquant_bytes(rng, qtype, rows, cols),
-                     raw_dtype=T[qtype])
+    for t in source.tensors():
+        name = names.get_name(t.name, try_suffixes=(".weight",))
+        W = np.asarray(source.load(t.name), dtype=np.float32)
+        if W.ndim < 2:
+            w.add_tensor(name, W)
+            continue
+        six = name.startswith("output") or "attn_v" in name or "ffn_down" in name
+        raw, _ = (quantize_q6_k if six else quantize_q4_k)(W)
+        w.add_tensor(name, raw, raw_dtype=T.Q6_K if six else T.Q4_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -142,7 +130,7 @@ def model(cache: Path, rounds: int) -> None:
     from make_llama import make
 
     bf16 = make(cache / "tinyllama-2l")
-    q4km = gguf_model(cache / "tinyllama-2l-q4_k_m.gguf")
+    q4km = gguf_model(cache / "tinyllama-2l-q4_k_m.gguf", bf16)
     best = {"bf16 safetensors": np.inf, "GGUF Q4_K_M mix": np.inf}
     n = {}
     for _ in range(rounds):
