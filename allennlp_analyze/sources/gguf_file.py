@@ -304,6 +304,12 @@ class GGUFMatrix:
 
         return decode(self.qtype, self._stored(start, stop), self.bound_reason is None)
 
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """The whole matrix decoded, float64 (for callers that want the values as an array,
+        e.g. ``--base``'s element-wise difference)."""
+        values = np.asarray(self.rows(0, self.shape[0]).values, dtype=np.float64)
+        return values if dtype is None else values.astype(dtype, copy=False)
+
     def columns(self, start: int, stop: int) -> DecodedRows:
         """Columns start:stop of every row (out x (stop - start)): only the blocks holding
         them are decoded, in row chunks."""
