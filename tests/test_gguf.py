@@ -474,3 +474,26 @@ def test_hostile_headers_give_one_line(tmp_path):
             open_source(str(path))
         message = str(e.value)
         assert fragment in message and "\n" not in message, (name, message)
+
+
+def test_base_gives_the_measured_error_beside_the_floor_and_bound(llama):
+    """``--base`` with the checkpoint the GGUF came from: each record's measured quantization
+    error ||W_q - W||_2 (``delta_sv_max``) beside its predicted floor and bound (Q8_0: the bound
+    is rigorous, so it holds), and the base's directions below that error."""
+    pytest.importorskip("allennlp_analyze.compare")  # --base: issue 24
+    folder, path, state, _, _ = llama
+    result = analyze(str(path), base=str(folder / "model.safetensors"), min_q=1.0)
+    source = open_source(str(path))
+    assert len(result.records) == 15  # 7 per layer and lm_head
+    for rec in result.records:
+        W = state[rec.name].astype(np.float64)
+        E = np.asarray(source.load(rec.name)) - W
+        measured = np.linalg.norm(E, 2)
+        assert rec.base_name == rec.name
+        assert rec.delta_sv_max == pytest.approx(measured, rel=1e-9)
+        assert rec.delta_rel == pytest.approx(np.linalg.norm(E) / np.linalg.norm(W), rel=1e-9)
+        assert rec.noise_bound >= measured
+        assert 1.0 <= rec.noise_floor / measured <= 1.6, (rec.name, rec.noise_floor / measured)
+        sv_base = np.linalg.svd(W, compute_uv=False)
+        assert rec.base_sv_below_delta == np.count_nonzero(sv_base < measured)
+        assert rec.d_sv_max == pytest.approx(rec.sv_max - sv_base[0], rel=1e-6, abs=1e-12)
