@@ -199,13 +199,16 @@ def test_q4_0_top_code_reaches_a_full_step():
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """One file mixing types: every legacy type, BF16, F16, F32, hand-packed Q4_K and Q6_K,
-    and a Q8_1 tensor (no decoder in gguf)."""
+    MXFP4 and TQ2_0 (codebooks), and a Q8_1 tensor (no decoder in gguf)."""
     rng = np.random.default_rng(1)
     tensors = {f"blk.0.{t.lower()}.weight": ((rng.standard_normal((96, 256)) * 0.05)
                                              .astype(np.float32), t)
                for t in LEGACY + ("BF16", "F16", "F32")}
     for t in ("Q4_K", "Q6_K"):
         tensors[f"blk.0.{t.lower()}.weight"] = (random_kquant(rng, t, 80, 512), t, True)
+    for t in ("MXFP4", "TQ2_0"):  # codebook types the package can quantize
+        tensors[f"blk.0.{t.lower()}.weight"] = ((rng.standard_normal((64, 512)) * 0.05)
+                                                .astype(np.float32), t)
     block, size = gguf.GGML_QUANT_SIZES[T.Q8_1]
     tensors["blk.0.q8_1.weight"] = (rng.integers(0, 256, (64, 256 // block * size),
                                                  dtype=np.uint8), "Q8_1", True)
@@ -233,7 +236,9 @@ def test_every_record_is_numpys_svd_of_the_dequantized_tensor(mixed):
             assert rec.rank_noise == int(np.count_nonzero(expected > rec.noise_floor))
             assert rec.rank_criterion == "noise"
         if qtype.endswith("_K"):
-            assert rec.noise_bound is None and "no per-element error bound" in rec.rank_note
+            assert rec.noise_bound is None and "clamps codes" in rec.rank_note
+        if qtype in ("MXFP4", "TQ2_0"):
+            assert rec.noise_bound is None and "non-uniform codebook" in rec.rank_note
     note = result.summary.notes[0]
     assert "architecture llama" in note and "blk.0.q8_1.weight (Q8_1)" in note
 
@@ -249,6 +254,22 @@ def test_q8_0_noise_estimate_from_the_block_scales(mixed):
     expected = np.sqrt(var.sum(axis=1).max()) + np.sqrt(var.sum(axis=0).max())
     rec = next(r for r in analyze(str(path), min_q=1.0, match=["q8_0"]).records)
     assert rec.noise_floor == pytest.approx(expected, rel=1e-12)
+
+
+def test_expert_stacks_are_one_matrix_per_expert(tmp_path):
+    rng = np.random.default_rng(7)
+    W = (rng.standard_normal((3, 64, 32)) * 0.05).astype(np.float32)  # experts x out x in
+    path = write_gguf(tmp_path / "moe.gguf", {"blk.0.ffn_gate_exps.weight": (W, "Q8_0")},
+                      meta={"llama.block_count": 1})
+    result = analyze(str(path))
+    ref = reference(path)["blk.0.ffn_gate_exps.weight"].reshape(3, 64, 32)
+    assert [r.name for r in result.records] == [
+        f"model.layers.0.mlp.experts.{e}.gate_proj.weight" for e in range(3)]
+    source = open_source(str(path))
+    for e, rec in enumerate(result.records):
+        assert rec.stored_name == f"blk.0.ffn_gate_exps.weight[{e}]" and rec.shape == (64, 32)
+        assert np.array_equal(np.asarray(source.load(rec.name)), ref[e])
+        assert rec.sv_max == pytest.approx(np.linalg.norm(ref[e], 2), rel=1e-12)
 
 
 # -- known rank --------------------------------------------------------------------------

@@ -118,7 +118,8 @@ def decode(qtype: int, raw: np.ndarray, with_worst: bool = True) -> DecodedRows:
             sub = scale(blocks)
             step = np.repeat(sub, block // sub.shape[1], axis=1)
         else:
-            step = _codebook_step(values.reshape(blocks.shape[0], block), 8 * size // block)
+            step = np.broadcast_to(_codebook_step(values.reshape(blocks.shape[0], block),
+                                                  8 * size // block), (blocks.shape[0], block))
         worst = None
     step = step.reshape(values.shape)
     return DecodedRows(values, step, None if worst is None else worst.reshape(values.shape))
