@@ -50,7 +50,10 @@ def write_gguf(path, tensors, arch="llama", meta=None):
     type name, True)``) written by ``gguf.GGUFWriter``."""
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in (meta or {}).items():
-        (w.add_uint32 if isinstance(value, int) else w.add_string)(key, value)
+        if isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            (w.add_uint32 if isinstance(value, int) else w.add_string)(key, value)
     for name, spec in tensors.items():
         array, qtype = spec[0], spec[1]
         data = array if len(spec) > 2 else stored(array, qtype)
@@ -356,7 +359,9 @@ def llama(tmp_path_factory):
         tensors[names.get_name(key, try_suffixes=(".weight",))] = \
             (W, "Q8_0" if W.ndim == 2 else "F32")
     meta = {"llama.block_count": 2, "llama.attention.head_count": 8,
-            "llama.attention.head_count_kv": 4, "llama.context_length": 256}
+            "llama.attention.head_count_kv": 4, "llama.context_length": 256,
+            "tokenizer.ggml.tokens": [f"token{i}" for i in range(320)],
+            "tokenizer.ggml.scores": [float(i) for i in range(320)]}
     path = write_gguf(folder / "model-q8_0.gguf", tensors, meta=dict(
         meta, **{"general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0)}))
     # a Q4_K_M-style mix: Q6_K for attn_v, ffn_down and output, Q4_K for the other matrices,

@@ -67,6 +67,14 @@ _FLOATS: Dict[int, Tuple[np.dtype, str]] = {
 
 
 @dataclass(frozen=True)
+class MetadataArray:
+    """A metadata array, kept as its item type number and length (the items are skipped)."""
+
+    item_type: int
+    length: int
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     """One tensor of the header: stored name, ``ne`` (row length first), GGML type number,
     the byte offset of its data in the file, and its byte size (None: a type unknown here)."""
@@ -85,7 +93,7 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Header:
-    """What :func:`scan` found: the version, the scalar metadata (arrays as their length),
+    """What :func:`scan` found: the version, the metadata (arrays as :class:`MetadataArray`),
     the tensors, and the file's size."""
 
     version: int
@@ -146,7 +154,7 @@ class _Cursor:
                     self.string(what, keep=False)
                 else:
                     self.value(_ARRAY, what, depth + 1)
-        return count  # arrays are kept as their length
+        return MetadataArray(itype, count)
 
 
 def scan(path: Path) -> Header:
