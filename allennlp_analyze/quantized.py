@@ -84,8 +84,8 @@ class QuantizedView:
 
     @property
     def T(self) -> "QuantizedView":
-        if self._start != 0 or self._stop != self.shape[0] + self._start or \
-                self._stop != (self.matrix.shape[1] if self._transposed else self.matrix.shape[0]):
+        whole = self.matrix.shape[1] if self._transposed else self.matrix.shape[0]
+        if (self._start, self._stop) != (0, whole):
             raise ValueError("only a whole quantized matrix can be transposed")
         return QuantizedView(self.matrix, not self._transposed, chunk_elements=self._chunk)
 
