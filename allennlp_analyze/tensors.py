@@ -19,6 +19,13 @@ from .noise_floor import FORMATS
 DTYPE_EPS = {name: fmt.eps for name, fmt in FORMATS.items()}
 
 
+def storage_eps(dtype: str) -> float:
+    """Machine epsilon of storage ``dtype`` (:data:`DTYPE_EPS`); 0 for a quantization scheme
+    (``"Q4_K"``...): no floating-point grid, its noise is its quantization step's
+    (:mod:`allennlp_analyze.quantized`), and numpy's / NR's eps-based ranks say nothing."""
+    return DTYPE_EPS.get(dtype, 0.0)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One named parameter of a model, without its data.

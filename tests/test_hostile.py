@@ -135,6 +135,15 @@ def inputs(tmp_path_factory):
     f["ts_missing"] = H.torchscript_archive(d / "ts_missing.pt", drop="data/1")
     f["ts_lying"] = H.torchscript_archive(d / "ts_lying.pt", cut="data/0")
     f["sparse"] = H.sparse_safetensors(d / "sparse.safetensors", 40000, 20000)
+    good_gguf = H.gguf_bytes()
+    for name, data in {
+            "count": H.gguf_bytes(n_tensors=2**62),
+            "offset": H.gguf_bytes([("w.weight", (64, 8), 0, 2**40)]),
+            "shape": H.gguf_bytes([("w.weight", (2**32, 2**32), 0, 0)], data=b""),
+            "truncated": good_gguf[:len(good_gguf) - 100],
+            "string": H.gguf_bytes(kv=H.gguf_string("k", 2**63) + b"\0" * 16, n_kv=1)}.items():
+        f[f"gguf_{name}"] = d / f"{name}.gguf"
+        f[f"gguf_{name}"].write_bytes(data)
     f["tiny"] = H.tiny_matrices(d / "tiny.safetensors", 100_000)
     names = ["plain.weight", "new\nline.weight", "esc\x1b[2J\x1b[31m.weight", "rtl\u202eexe.weight"]
     rng = np.random.default_rng(0)
@@ -185,6 +194,8 @@ def _cases(f, base, backlog, work):
         **{f"onnx:{n}": ([str(f[f"onnx_{n}"]), "--min-q", "1"], {}) for n in (
             "truncated", "past_end", "escape", "symlink", "absurd", "deep", "deeper")},
         "onnx:ok": ([str(f["onnx_ok"]), "--format", "json"], {}),
+        **{f"gguf:{n}": ([str(f[f"gguf_{n}"])], {}) for n in (
+            "count", "offset", "shape", "truncated", "string")},
         **{f"torchscript:{n}": ([str(f[n])], {}) for n in ("ts_missing", "ts_lying")},
         "empty_conv": ([str(f["empty_conv"]), "--include", "conv", "--format", "json"], {}),
         "sparse": ([str(f["sparse"])], {}),
@@ -429,6 +440,16 @@ def test_onnx_file_in_both_front_ends(batches, inputs):
         assert rec["sv_min"] == pytest.approx(sv[-1], rel=1e-7)
         found.append({k: v for k, v in rec.items() if k != "model"})
     assert found[0] == found[1]
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("count", "4611686018427387904 tensor infos"), ("offset", "past the end"),
+    ("shape", "more elements than the file has bits"), ("truncated", "truncated"),
+    ("string", "claims 9223372036854775808 bytes")])
+def test_hostile_gguf_headers(batches, case, fragment):
+    """Checked by the header scan before anything is allocated (within the memory limit)."""
+    found = _both_errors(batches, f"gguf:{case}", "is not a valid GGUF file", fragment)
+    assert found["standalone"] == found["plugin"]
 
 
 @pytest.mark.parametrize("case, fragment", [
