@@ -319,7 +319,7 @@ class _Walk:
         """``(key, object)`` of a group's members, hard links only, bounded."""
         if depth > MAX_DEPTH:
             raise AnalyzeError(f"{self.where}: groups nested more than {MAX_DEPTH} levels deep "
-                               f"(at {path!r}): refused")
+                               f"(at {path[:200]!r}): refused")
         out = []
         for key in group:
             self.count += 1
@@ -328,8 +328,8 @@ class _Walk:
                                    "HDF5 objects (not a Keras weights file?)")
             link = group.get(key, getlink=True)
             if not isinstance(link, self.h5py.HardLink):
-                raise AnalyzeError(f"{self.where}: {path}/{key} is a {type(link).__name__}, "
-                                   "which is not followed")
+                raise AnalyzeError(f"{self.where}: {path}/{key} is a link "
+                                   f"({type(link).__name__}), which is not followed")
             out.append((key, group[key]))
         return out
 
@@ -409,7 +409,8 @@ class _Walk:
             if not isinstance(group, self.h5py.Group):
                 raise AnalyzeError(f"{self.where}: layer_names lists {layer_name!r}, which is "
                                    "not a group of the file")
-            cls, cfg = self.configs.get(layer_name, (None, {}))
+            # without a config, a name Keras made up says the class (``dense_1``: Dense)
+            cls, cfg = self.configs.get(layer_name, (class_of_key(layer_name, "", None), {}))
             layer = Layer(cls, layer_name, cfg)
             for weight_name in self._names(group.attrs.get("weight_names"), "weight_names",
                                            optional=True):
@@ -418,6 +419,8 @@ class _Walk:
                     raise AnalyzeError(f"{self.where}: layer {layer_name!r} lists weight "
                                        f"{weight_name!r}, which is not a dataset of the file")
                 parts = re.sub(r":\d+$", "", weight_name).split("/")
+                if layer_name in parts:  # Keras 3 writes a Sequential's name first
+                    parts = parts[parts.index(layer_name):]
                 owner = self._legacy_owner(layer, parts)
                 self._add(".".join(parts), dataset, owner, parts[-1])
 

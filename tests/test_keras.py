@@ -1,0 +1,337 @@
+"""Keras files (``.keras``, ``.weights.h5``, legacy ``.h5``) written by Keras 3 itself (torch
+backend) and by h5py by hand, read by :mod:`allennlp_analyze.sources.keras_file`: records equal
+numpy's SVD of h5py's own arrays (as the layer uses them: out x in), names are Keras's variable
+paths, kinds those of the layer classes in the config, the same layer from PyTorch gives the same
+record, and a ``Lambda`` layer in the file never runs."""
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import hostile_inputs as H
+from conftest import assert_record_matches_reference
+
+from allennlp_analyze import analyze, describe
+from allennlp_analyze.errors import AnalyzeError
+from allennlp_analyze.sources import open_source
+from allennlp_analyze.sources.keras_file import KerasSource
+
+#: Options under which every kernel of the test models is analyzed.
+ALL = dict(min_q=1.0, include=("conv", "embeddings"), conv_min_dim=1)
+#: Kind of each layer class's kernel (the issue's list).
+KERNEL_KIND = {"Dense": "linear", "Conv2D": "conv", "LSTM": "recurrent", "Embedding": "embedding",
+               "MultiHeadAttention": "linear"}
+MARKER_ENV = "ALLENNLP_ANALYZE_TEST_LAMBDA_MARKER"
+
+
+@pytest.fixture(scope="module")
+def keras(tmp_path_factory):
+    os.environ["KERAS_BACKEND"] = "torch"
+    os.environ.setdefault("KERAS_HOME", str(tmp_path_factory.mktemp("keras_home")))
+    keras = pytest.importorskip("keras")
+    assert keras.backend.backend() == "torch"
+    keras.utils.set_random_seed(0)
+    return keras
+
+
+def _save(model, folder: Path, name: str) -> dict:
+    """``name.keras``, ``name.weights.h5`` (alone in a folder of its own) and Keras's legacy
+    ``name.h5``; with Keras's own variables by path (within the model)."""
+    folder.mkdir()
+    paths = {"keras": folder / f"{name}.keras", "weights": folder / "w" / f"{name}.weights.h5",
+             "legacy": folder / f"{name}.h5"}
+    paths["weights"].parent.mkdir()
+    model.save(paths["keras"])
+    model.save_weights(paths["weights"])
+    model.save(paths["legacy"])
+    # Keras's variable paths, less the model's own name (a Sequential's variables have it)
+    return {**paths, "variables": {v.path.removeprefix(model.name + "/"): np.asarray(v.numpy())
+                                   for v in model.weights}}
+
+
+@pytest.fixture(scope="module")
+def models(keras, tmp_path_factory):
+    """Tiny Dense, Conv2D, LSTM, Embedding and MultiHeadAttention models, saved three ways."""
+    root = tmp_path_factory.mktemp("keras_models")
+    L = keras.layers
+    built = {
+        "dense": keras.Sequential([keras.Input((24,)), L.Dense(16, name="dense_1"),
+                                   L.Dense(9, use_bias=False, name="out")]),
+        "conv": keras.Sequential([keras.Input((8, 8, 5)), L.Conv2D(7, (3, 2), name="conv")]),
+        "lstm": keras.Sequential([keras.Input((4, 12)), L.LSTM(6, name="lstm")]),
+        "embedding": keras.Sequential([keras.Input((3,), dtype="int32"),
+                                       L.Embedding(40, 8, name="embedding")]),
+    }
+    x = keras.Input((5, 16))
+    built["mha"] = keras.Model(x, L.MultiHeadAttention(num_heads=2, key_dim=5, name="mha")(x, x))
+    return {name: _save(model, root / name, name) for name, model in built.items()}
+
+
+def _h5(path: Path, folder: Path) -> h5py.File:
+    """A Keras file's HDF5 weights opened by h5py (a .keras file's member extracted first)."""
+    if path.suffix == ".keras":
+        with zipfile.ZipFile(path) as z:
+            path = Path(z.extract("model.weights.h5", folder))
+    return h5py.File(path, "r")
+
+
+def _config(path: Path) -> dict:
+    with zipfile.ZipFile(path) as z:
+        return json.loads(z.read("config.json"))
+
+
+#: Where Keras 3 stores each kernel (h5 path), the Keras variable it is, and the matrix the
+#: layer applies (written from Keras's documented layouts, not from the reader).
+KERNELS = {
+    "dense": [("layers/dense/vars/0", "dense_1/kernel", lambda k: k.T),
+              ("layers/dense_1/vars/0", "out/kernel", lambda k: k.T)],
+    "conv": [("layers/conv2d/vars/0", "conv/kernel", None)],
+    "lstm": [("layers/lstm/cell/vars/0", "lstm/lstm_cell/kernel", None),
+             ("layers/lstm/cell/vars/1", "lstm/lstm_cell/recurrent_kernel", None)],
+    "embedding": [("layers/embedding/vars/0", "embedding/embeddings", lambda k: k)],
+    "mha": [(f"layers/multi_head_attention/{key}/vars/0", f"mha/{name}/kernel",
+             (lambda k: k.reshape(-1, k.shape[-1]).T) if name == "attention_output"
+             else (lambda k: k.reshape(k.shape[0], -1).T))
+            for key, name in (("query_dense", "query"), ("key_dense", "key"),
+                              ("value_dense", "value"), ("output_dense", "attention_output"))],
+}
+
+
+def _references(model: str, kernel: np.ndarray, transform):
+    """``{record slice: matrix}`` of one kernel: whole, per convolution position (out x in) or
+    per LSTM gate in Keras's order i, f, c, o (``--split-fused``)."""
+    if model == "conv":
+        return {f"{i},{j}": kernel[i, j].T for i in range(kernel.shape[0])
+                for j in range(kernel.shape[1])}
+    if model == "lstm":
+        h = kernel.shape[1] // 4
+        return {g: kernel[:, n * h:(n + 1) * h].T for n, g in enumerate("ifco")}
+    return {None: transform(kernel)}
+
+
+@pytest.mark.parametrize("fmt", ["keras", "weights", "legacy"])
+@pytest.mark.parametrize("model", list(KERNELS))
+def test_records_equal_numpy_on_h5py_arrays(models, model, fmt, tmp_path):
+    files = models[model]
+    result = analyze(KerasSource(files[fmt]), split_fused=True, **ALL)
+    records = {(r["name"].split("[")[0], r["slice"]): r for r in result.to_dicts()}
+    expected = set()
+    with _h5(files["keras"], tmp_path) as h5:
+        for h5_path, keras_path, transform in KERNELS[model]:
+            kernel = h5[h5_path][()]
+            # the h5 dataset is the Keras variable of that path (names are Keras's)
+            assert np.array_equal(kernel, files["variables"][keras_path])
+            name = keras_path.replace("/", ".")
+            for part, W in _references(model, kernel, transform).items():
+                assert_record_matches_reference(records[(name, part)], W)
+                expected.add((name, part))
+    assert set(records) == expected
+
+
+@pytest.mark.parametrize("model", list(KERNELS))
+def test_kinds_and_module_types_as_the_config_says(models, model):
+    files = models[model]
+    classes = {layer["config"]["name"]: layer["class_name"]
+               for layer in _config(files["keras"])["config"]["layers"]}
+    for fmt in ("keras", "weights", "legacy"):  # .weights.h5 alone: the classes from its keys
+        tensors = describe(KerasSource(files[fmt]), **ALL).tensors
+        assert tensors, fmt
+        for t in tensors:
+            cls = classes[t.name.split(".")[0]]
+            param = t.name.rpartition(".")[2]
+            if param.endswith("kernel") or param == "embeddings":
+                assert t.kind == KERNEL_KIND[cls], (fmt, t)
+                assert t.module_type == ("EinsumDense" if cls == "MultiHeadAttention" else cls)
+                assert t.kind_from == "module" and t.matrices >= 1
+            else:
+                assert param == "bias" and t.kind == "vector" and t.matrices == 0, (fmt, t)
+
+
+def test_three_files_of_one_model_give_the_same_records(models):
+    for files in models.values():
+        runs = [analyze(KerasSource(files[fmt]), split_fused=True, **ALL).to_dicts()
+                for fmt in ("keras", "weights", "legacy")]
+        for run in runs:
+            for r in run:
+                r.pop("model")
+        by_name = [sorted(run, key=lambda r: (r["name"], r["slice"] or "")) for run in runs]
+        assert by_name[0] == by_name[1] == by_name[2]
+
+
+def test_same_layer_from_pytorch_gives_the_same_record(models):
+    """The Keras kernels as PyTorch's Linear / Conv2d / LSTM / MultiheadAttention-style linear
+    weights in a state dict: the same records (but for the name and module type)."""
+    torch = pytest.importorskip("torch")
+    v = {name: models[m]["variables"][name] for m in models for name in models[m]["variables"]}
+    state = {
+        "fc.weight": v["dense_1/kernel"].T, "fc.bias": v["dense_1/bias"],
+        "conv.weight": v["conv/kernel"].transpose(3, 2, 0, 1), "conv.bias": v["conv/bias"],
+        "rnn.weight_ih_l0": v["lstm/lstm_cell/kernel"].T,
+        "rnn.weight_hh_l0": v["lstm/lstm_cell/recurrent_kernel"].T,
+        "q_proj.weight": v["mha/query/kernel"].reshape(16, 10).T,
+    }
+    state = {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in state.items()}
+    ours = {r["name"]: r for r in analyze(open_source(state), split_fused=True, **ALL).to_dicts()}
+    keras_records = {}
+    for m in ("dense", "conv", "lstm", "mha"):
+        for r in analyze(KerasSource(models[m]["keras"]), split_fused=True, **ALL).to_dicts():
+            keras_records[r["name"]] = r
+    pairs = {"fc.weight": "dense_1.kernel", "q_proj.weight": "mha.query.kernel",
+             **{f"conv.weight[{i},{j}]": f"conv.kernel[{i},{j}]"
+                for i in range(3) for j in range(2)},
+             **{f"rnn.weight_ih_l0[{t}]": f"lstm.lstm_cell.kernel[{k}]"
+                for t, k in zip("ifgo", "ifco")},
+             **{f"rnn.weight_hh_l0[{t}]": f"lstm.lstm_cell.recurrent_kernel[{k}]"
+                for t, k in zip("ifgo", "ifco")}}
+    for torch_name, keras_name in pairs.items():
+        a, b = dict(ours[torch_name]), dict(keras_records[keras_name])
+        for r in (a, b):
+            for key in ("model", "name", "module_type", "kind_from", "slice"):
+                r.pop(key)
+        if a["kind"] == "matrix":  # a bare q_proj: the name says nothing more
+            a["kind"] = "linear"
+        assert a == b, torch_name
+
+
+def _legacy_file(path: Path, weights_only: bool) -> dict:
+    """A Keras 2 style ``.h5`` built with h5py: Dense ``dense_1`` (10 -> 7) and LSTM ``lstm``
+    (7 -> 3 units, weights ``lstm/lstm_cell/...:0``), as ``model.save`` (``model_config``,
+    ``model_weights``) or ``save_weights`` (``layer_names`` at the root) wrote them."""
+    rng = np.random.default_rng(7)
+    arrays = {"dense_1/kernel:0": rng.standard_normal((10, 7)).astype("f4"),
+              "dense_1/bias:0": rng.standard_normal(7).astype("f4"),
+              "lstm/lstm_cell/kernel:0": rng.standard_normal((7, 12)).astype("f4"),
+              "lstm/lstm_cell/recurrent_kernel:0": rng.standard_normal((3, 12)).astype("f4"),
+              "lstm/lstm_cell/bias:0": rng.standard_normal(12).astype("f4")}
+    config = {"class_name": "Sequential", "config": {"name": "sequential", "layers": [
+        {"class_name": "Dense", "config": {"name": "dense_1", "units": 7}},
+        {"class_name": "LSTM", "config": {"name": "lstm", "units": 3}}]}}
+    with h5py.File(path, "w") as f:
+        if weights_only:
+            group = f
+        else:
+            f.attrs["model_config"] = json.dumps(config).encode()
+            group = f.create_group("model_weights")
+        f.attrs["keras_version"] = b"2.13.1"
+        group.attrs["layer_names"] = np.array([b"dense_1", b"lstm"])
+        for layer in ("dense_1", "lstm"):
+            names = [n for n in arrays if n.startswith(layer + "/")]
+            g = group.create_group(layer)
+            g.attrs["weight_names"] = np.array([n.encode() for n in names])
+            for n in names:
+                g[n] = arrays[n]
+    return arrays
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_legacy_h5_built_by_hand(tmp_path, weights_only):
+    path = tmp_path / "legacy.h5"
+    arrays = _legacy_file(path, weights_only)
+    source = KerasSource(path)
+    assert [t.name for t in source.tensors()] == [n[:-2].replace("/", ".") for n in arrays]
+    records = {r["name"]: r for r in analyze(source, split_fused=True, **ALL).to_dicts()}
+    with h5py.File(path, "r") as f:
+        group = f if weights_only else f["model_weights"]
+        kernel = group["dense_1/dense_1/kernel:0"][()]
+        assert_record_matches_reference(records["dense_1.kernel"], kernel.T)
+        for name in ("kernel", "recurrent_kernel"):
+            k = group[f"lstm/lstm/lstm_cell/{name}:0"][()]
+            for n, gate in enumerate("ifco"):
+                assert_record_matches_reference(records[f"lstm.lstm_cell.{name}[{gate}]"],
+                                                k[:, 3 * n:3 * n + 3].T)
+    # without a config (weights_only), the names Keras gave the layers say their classes
+    kinds = {t.name: (t.kind, t.module_type) for t in describe(source, **ALL).tensors}
+    assert kinds["dense_1.kernel"] == ("linear", "Dense")
+    assert kinds["lstm.lstm_cell.kernel"] == ("recurrent", "LSTM")
+    assert len(records) == 1 + 2 * 4
+
+
+def test_legacy_h5_of_unknown_layers_falls_back_to_structure(tmp_path):
+    """A layer named by its user (``head``) in a file without a config: its class is unknown,
+    its kernel is read as stored (in x out) and is a plain matrix."""
+    kernel = np.random.default_rng(3).standard_normal((12, 5)).astype("f4")
+    with h5py.File(tmp_path / "w.h5", "w") as f:
+        f.attrs["layer_names"] = np.array([b"head"])
+        g = f.create_group("head")
+        g.attrs["weight_names"] = np.array([b"head/kernel:0"])
+        g["head/kernel:0"] = kernel
+    source = KerasSource(tmp_path / "w.h5")
+    (t,) = describe(source, **ALL).tensors
+    assert (t.name, t.kind, t.kind_from, t.module_type) == \
+        ("head.kernel", "matrix", "default", None)
+    (record,) = analyze(source, **ALL).to_dicts()
+    assert_record_matches_reference(record, kernel)
+
+
+def test_lambda_layer_never_runs(keras, tmp_path, monkeypatch):
+    """A model whose Lambda writes a marker when called: analyzing and describing the file does
+    not call it; Keras's own loader, told to trust the file, does (the control)."""
+    L = keras.layers
+    x = keras.Input((12,))
+    # a Python lambda: Keras stores its bytecode in the file; called with the marker's path in
+    # the environment, it creates that file
+    body = lambda t: (__import__("os").environ.get("ALLENNLP_ANALYZE_TEST_LAMBDA_MARKER")  # noqa
+                      and open(__import__("os").environ["ALLENNLP_ANALYZE_TEST_LAMBDA_MARKER"],
+                               "w").close(), t * 2.0)[1]
+    model = keras.Model(x, L.Lambda(body, name="lam")(L.Dense(6, name="d")(x)))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    assert any(layer["class_name"] == "Lambda" for layer in _config(path)["config"]["layers"])
+    marker = tmp_path / "ran"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    result = analyze(KerasSource(path), **ALL)
+    assert [r["name"] for r in result.to_dicts()] == ["d.kernel"]
+    describe(KerasSource(path), **ALL)
+    assert not marker.exists()
+    loaded = keras.saving.load_model(path, safe_mode=False)  # the control: Keras runs it
+    loaded(np.zeros((1, 12), "f4"))
+    assert marker.exists()
+
+
+def test_source_is_taken_by_the_api_and_closes(models):
+    source = KerasSource(models["dense"]["keras"])
+    assert open_source(source) is source
+    assert source.label == "dense.keras" and source.config["class_name"] == "Sequential"
+    kernel = source.load("dense_1.kernel")
+    assert kernel.shape == (16, 24) and kernel.flags.writeable
+    source.close()
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    return H.keras_hostile(tmp_path_factory.mktemp("keras_hostile"))
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("truncated_h5", "truncated file"),
+    ("unwritten", "has no data (its 1000000x1000000 values were never written)"),
+    ("chunk_bomb", "would expand to 4000000000000 bytes from 0"),
+    ("external_data", "keeps its data in an external file: not read"),
+    ("external_link", "is a link (ExternalLink), which is not followed"),
+    ("deep_groups", "groups nested more than 32 levels deep"),
+    ("not_keras_h5", "is an HDF5 file but not Keras weights"),
+    ("zip_dotdot", "holds a member '../model.weights.h5' that leaves the archive's folder"),
+    ("zip_bomb", "zip member model.weights.h5 would expand"),
+    ("zip_big_config", "its config.json declares 11534336 bytes"),
+    ("truncated_keras", "is not a valid .keras zip"),
+    ("contradicting_config", "has a kernel of shape 6x4, but its config says units = 5"),
+    ("class_contradiction", "the config says layer 'dense' is a Conv2D"),
+    ("deep_config", "nested more than 64 levels deep"),
+])
+def test_hostile_keras_files_are_one_line_errors(hostile, case, fragment):
+    with pytest.raises(AnalyzeError) as e:
+        KerasSource(hostile[case])
+    message = str(e.value)
+    assert "\n" not in message and str(hostile[case]) in message and fragment in message
+
+
+def test_good_hostile_baseline_reads(hostile):
+    """The file the hostile cases are made from reads: the refusals are the cases' own."""
+    source = KerasSource(hostile["good"])
+    assert [t.name for t in source.tensors()] == ["dense.kernel", "dense.bias"]
+    with h5py.File(hostile["good"], "r") as f:
+        assert np.array_equal(source.load("dense.kernel"), f["layers/dense/vars/0"][()].T)
