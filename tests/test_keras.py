@@ -335,3 +335,24 @@ def test_good_hostile_baseline_reads(hostile):
     assert [t.name for t in source.tensors()] == ["dense.kernel", "dense.bias"]
     with h5py.File(hostile["good"], "r") as f:
         assert np.array_equal(source.load("dense.kernel"), f["layers/dense/vars/0"][()].T)
+
+
+def test_bfloat16_and_float16_kernels(keras, tmp_path):
+    """Keras stores a bfloat16 variable as an opaque 2-byte HDF5 type (attribute ``dtype``):
+    read as bfloat16 (its values widened exactly, as Keras's own float32 cast gives them), a
+    float16 one as float16; their records carry the storage dtype."""
+    L = keras.layers
+    for dtype in ("bfloat16", "float16"):
+        model = keras.Sequential([keras.Input((24,)), L.Dense(10, dtype=dtype, name="d")])
+        path = tmp_path / f"{dtype}.keras"
+        model.save(path)
+        kernel = np.asarray(keras.ops.convert_to_numpy(
+            keras.ops.cast(model.layers[0].kernel, "float32")))
+        source = KerasSource(path)
+        assert [(t.name, t.dtype) for t in source.tensors()][0] == ("d.kernel", dtype)
+        assert np.array_equal(source.load("d.kernel"), kernel.T)
+        (record,) = analyze(source, **ALL).to_dicts()
+        sv = np.linalg.svd(kernel.astype(np.float64), compute_uv=False)
+        assert record["dtype"] == dtype and record["shape"] == [10, 24]
+        assert record["sv_max"] == pytest.approx(sv[0], rel=1e-12)
+        assert record["sv_min"] == pytest.approx(sv[-1], rel=1e-9)

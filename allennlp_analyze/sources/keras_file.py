@@ -43,6 +43,7 @@ from ..checkpoint_config import MAX_CONFIG_BYTES, load_config
 from ..errors import AnalyzeError
 from ..tensors import TensorInfo
 from ._common import MappedSource, map_file, natural_key, one_line, safe_relative, zip_member_data
+from .safetensors_file import widen_bits
 from .keras_layers import (Layer, Placement, class_of_key, contradiction, layer_configs, place,
                            variable_names)
 
@@ -56,19 +57,25 @@ MAX_DEPTH = 32
 MAX_NAME = 1000
 #: Root groups of a Keras 3 file that are not the model's weights.
 _NOT_MODEL = ("optimizer", "metrics", "compile_metrics", "compile_loss")
+#: Keras's opaque HDF5 types (named by the dataset's ``dtype`` attribute): the numpy dtype of
+#: their bits and the safetensors code that widens them to float32, exactly.
+_OPAQUE = {"bfloat16": (np.dtype("<u2"), "BF16"), "float8_e4m3fn": (np.dtype("u1"), "F8_E4M3"),
+           "float8_e5m2": (np.dtype("u1"), "F8_E5M2")}
 
 
 @dataclass
 class _Variable:
-    """One stored variable: the dataset's HDF5 path, its shape and dtype as stored, where its
-    raw bytes are (``offset`` into the mapped HDF5 data, None: read through h5py), and how it is
-    read (``placement``)."""
+    """One stored variable: the dataset's HDF5 path, its shape and dtype as stored (for
+    bfloat16 / float8: of its bits, ``code`` saying how they widen), where its raw bytes are
+    (``offset`` into the mapped HDF5 data, None: read through h5py), and how it is read
+    (``placement``)."""
 
     path: str
     shape: Tuple[int, ...]
     dtype: np.dtype
     offset: Optional[int]
     placement: Placement
+    code: Optional[str] = None
 
 
 def is_hdf5(head: bytes) -> bool:
@@ -171,7 +178,7 @@ class KerasSource(MappedSource):
             walk.legacy(self._h5)
         else:
             walk.keras3(self._h5)
-        infos = [TensorInfo(name, v.placement.shape(v.shape), v.dtype.name,
+        infos = [TensorInfo(name, v.placement.shape(v.shape), _dtype_name(v),
                             v.placement.module_type, parts=v.placement.parts)
                  for name, v in walk.variables.items()]
         super().__init__(label or self.path.name, origin, walk.variables, infos)
@@ -245,7 +252,7 @@ class KerasSource(MappedSource):
             if v.offset is None:
                 limits.check_memory(prod(v.shape) * v.dtype.itemsize,
                                     f"reading {name} of {self._origin}")
-                raw = np.asarray(self._h5[v.path][()])
+                raw = np.asarray(self._h5[v.path][()]).view(v.dtype)
             else:
                 raw = np.frombuffer(self._buffer, dtype=v.dtype, count=prod(v.shape),
                                     offset=self._start + v.offset).reshape(v.shape)
@@ -256,7 +263,7 @@ class KerasSource(MappedSource):
             raw = raw.astype(raw.dtype.newbyteorder("="))
         elif not raw.flags.aligned:
             raw = raw.copy()
-        return v.placement.apply(raw)
+        return v.placement.apply(raw if v.code is None else widen_bits(raw, v.code))
 
     def close(self) -> None:
         self._h5.close()
@@ -450,15 +457,19 @@ class _Walk:
     def _add(self, name: str, dataset, owner: Layer, param: str) -> None:
         shape = tuple(int(d) for d in dataset.shape) if dataset.shape is not None else ()
         where = f"{self.where}: {dataset.name}"
-        dtype = dataset.dtype
+        dtype, code = np.dtype(dataset.dtype), None
+        if dtype.kind == "V":
+            tag = _text(dataset.attrs.get("dtype"))
+            if tag in _OPAQUE and _OPAQUE[tag][0].itemsize == dtype.itemsize:
+                dtype, code = _OPAQUE[tag]
         problem = contradiction(owner, param, shape)
         if problem:
             raise AnalyzeError(f"{self.where}: {problem}: the config contradicts the weights")
-        offset = self._check(dataset, shape, dtype, where) if dtype.kind == "f" else None
+        offset = self._check(dataset, shape, dtype, where) if dtype.kind == "f" or code else None
         placement = place(owner, param, shape)
         if name in self.variables or not name:
             name = dataset.name.strip("/").replace("/", ".")
-        self.variables[name] = _Variable(dataset.name, shape, np.dtype(dtype), offset, placement)
+        self.variables[name] = _Variable(dataset.name, shape, dtype, offset, placement, code)
 
     def _check(self, dataset, shape: Tuple[int, ...], dtype: np.dtype, where: str) -> Optional[int]:
         """Where a float dataset's raw bytes are (None: chunked or compact, read through h5py),
@@ -497,6 +508,11 @@ class _Walk:
                                    f"{limits.max_expansion():g}x: refused "
                                    f"({limits.ENV_MAX_EXPANSION} allows more)")
         return None
+
+
+def _dtype_name(v: _Variable) -> str:
+    """The storage dtype's name as :data:`~allennlp_analyze.tensors.DTYPE_EPS` knows it."""
+    return next((name for name, (_, code) in _OPAQUE.items() if code == v.code), v.dtype.name)
 
 
 def _shape(shape: Tuple[int, ...]) -> str:
