@@ -5,6 +5,8 @@ paths, kinds those of the layer classes in the config, the same layer from PyTor
 record, and a ``Lambda`` layer in the file never runs."""
 import json
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -356,3 +358,49 @@ def test_bfloat16_and_float16_kernels(keras, tmp_path):
         assert record["dtype"] == dtype and record["shape"] == [10, 24]
         assert record["sv_max"] == pytest.approx(sv[0], rel=1e-12)
         assert record["sv_min"] == pytest.approx(sv[-1], rel=1e-9)
+
+
+def _rewrite_config(path: Path, out: Path, edit) -> Path:
+    """A copy of a .keras file with ``edit(config)`` applied to its config.json."""
+    with zipfile.ZipFile(path) as z, zipfile.ZipFile(out, "w") as w:
+        for info in z.infolist():
+            data = z.read(info)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                edit(config)
+                data = json.dumps(config).encode()
+            w.writestr(info, data)
+    return out
+
+
+def test_config_contradicting_the_attention_heads_is_refused(models, tmp_path):
+    def heads(config):
+        config["config"]["layers"][1]["config"]["num_heads"] = 3
+    path = _rewrite_config(models["mha"]["keras"], tmp_path / "heads.keras", heads)
+    with pytest.raises(AnalyzeError, match=r"layer '(query|key|value|attention_output)' "
+                                           r"\(EinsumDense\) has a kernel of shape \S+, but its "
+                                           r"config says num_heads = 3"):
+        KerasSource(path)
+
+
+def test_user_layers_named_like_keras_parts(keras, tmp_path):
+    """A user's Dense named ``query`` beside an attention layer (whose own part is named
+    ``query`` too): each keeps its class."""
+    L = keras.layers
+    x = keras.Input((5, 16))
+    y = L.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")(x, x)
+    model = keras.Model(x, L.Dense(3, name="query")(y))
+    model.save(tmp_path / "m.keras")
+    kinds = {t.name: t.module_type for t in KerasSource(tmp_path / "m.keras").tensors()}
+    assert kinds["query.kernel"] == "Dense" and kinds["mha.query.kernel"] == "EinsumDense"
+
+
+def test_reading_imports_neither_keras_nor_torch(models):
+    code = ("import sys; from allennlp_analyze import analyze; "
+            "from allennlp_analyze.sources.keras_file import KerasSource; "
+            f"r = analyze(KerasSource({str(models['lstm']['keras'])!r}), min_q=1.0); "
+            "assert r.records; print(sorted(m for m in ('keras', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

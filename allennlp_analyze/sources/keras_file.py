@@ -355,10 +355,10 @@ class _Walk:
     # -- Keras 3 ----------------------------------------------------------------------------
 
     def keras3(self, root) -> None:
-        stack = [(root, "", (), Layer(None, ""), 0)]
+        stack = [(root, "", (), Layer(None, ""), 0, True)]
         found: List[Tuple[tuple, str, list]] = []
         while stack:
-            group, path, names, owner, depth = stack.pop()
+            group, path, names, owner, depth, listed = stack.pop()
             children = self._children(group, path or "/", depth)
             objects = []
             for key, obj in children:
@@ -373,20 +373,22 @@ class _Walk:
                 child_path = f"{path}/{key}"
                 if "vars" in obj:  # an object (layer, cell, sublayer)
                     name = _text(obj["vars"].attrs.get("name")) or key
-                    layer = self._layer(key, name, owner, child_path)
-                    stack.append((obj, child_path, names + (name,), layer, depth + 1))
+                    layer = self._layer(key, name, owner, child_path, listed)
+                    stack.append((obj, child_path, names + (name,), layer, depth + 1, False))
                 else:  # a container (``layers``)
-                    stack.append((obj, child_path, names, owner, depth + 1))
+                    stack.append((obj, child_path, names, owner, depth + 1, True))
         found.sort(key=lambda f: [(self.order.get(n, len(self.order)), natural_key(n))
                                   for n in f[0]])
         for names, path, ((owner, vars_group),) in found:
             self._variables(names, path, owner, vars_group)
 
-    def _layer(self, key: str, name: str, parent: Layer, path: str) -> Layer:
-        """The object stored under ``key`` (named ``name``) inside ``parent``: its class from
-        the config where it names it, else from the key; they must agree."""
+    def _layer(self, key: str, name: str, parent: Layer, path: str, listed: bool) -> Layer:
+        """The object stored under ``key`` (named ``name``) inside ``parent``: for a model's
+        layer (``listed`` in its ``layers``, or at the top) its class from the config where it
+        names it, else from the key; they must agree. A layer's own parts (a cell, the query
+        of an attention) are not looked up in the config: their names are Keras's, not unique."""
         by_key = class_of_key(key, name, parent.class_name)
-        configured = self.configs.get(name)
+        configured = self.configs.get(name) if listed else None
         if configured is not None and by_key is not None and configured[0] != by_key:
             raise AnalyzeError(f"{self.where}: the config says layer {name!r} is a "
                                f"{configured[0]}, but the weights store it as a {by_key} "
