@@ -404,3 +404,29 @@ def test_reading_imports_neither_keras_nor_torch(models):
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_optimizer_state_left_out_and_compressed_member_read(keras, tmp_path):
+    """A trained model's file holds Adam's moments (kernel-shaped) under ``optimizer``: not
+    weights of the model. The same file with its members deflated (Keras stores them) gives
+    the same records."""
+    L = keras.layers
+    model = keras.Sequential([keras.Input((12,)), L.Dense(5, name="d")])
+    model.compile("adam", "mse")
+    model.fit(np.ones((8, 12), "f4"), np.ones((8, 5), "f4"), verbose=0)
+    path = tmp_path / "fit.keras"
+    model.save(path)
+    with _h5(path, tmp_path) as h5:
+        assert h5["optimizer/vars/2"].shape == (12, 5)  # a moment of the kernel
+    with zipfile.ZipFile(path) as z:
+        deflated = tmp_path / "deflated.keras"
+        with zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as w:
+            for info in z.infolist():
+                w.writestr(info.filename, z.read(info))
+    assert [t.name for t in KerasSource(path).tensors()] == ["d.kernel", "d.bias"]
+    records = [analyze(KerasSource(p), **ALL).to_dicts() for p in (path, deflated)]
+    for run in records:
+        for r in run:
+            r.pop("model")
+    assert records[0] == records[1] and len(records[0]) == 1
+    assert_record_matches_reference(records[0][0], model.layers[0].kernel.numpy().T)
