@@ -40,12 +40,12 @@ import numpy as np
 
 from .. import limits
 from ..checkpoint_config import MAX_CONFIG_BYTES, load_config
-from ..errors import AnalyzeError
+from ..errors import AnalyzeError, one_line
 from ..tensors import TensorInfo
-from ._common import MappedSource, map_file, natural_key, one_line, safe_relative, zip_member_data
-from .safetensors_file import widen_bits
+from ._common import MappedSource, map_file, natural_key, safe_relative, zip_member_data
 from .keras_layers import (Layer, Placement, class_of_key, contradiction, layer_configs, place,
                            variable_names)
+from .safetensors_file import widen
 
 SUFFIXES = (".keras", ".weights.h5", ".h5", ".hdf5")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -263,7 +263,7 @@ class KerasSource(MappedSource):
             raw = raw.astype(raw.dtype.newbyteorder("="))
         elif not raw.flags.aligned:
             raw = raw.copy()
-        return v.placement.apply(raw if v.code is None else widen_bits(raw, v.code))
+        return v.placement.apply(raw if v.code is None else widen(raw, v.code))
 
     def close(self) -> None:
         self._h5.close()
