@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -19,7 +20,7 @@ from conftest import assert_record_matches_reference
 
 from allennlp_analyze import analyze, describe
 from allennlp_analyze.errors import AnalyzeError
-from allennlp_analyze.sources import open_source
+from allennlp_analyze.sources import open_source, registry
 from allennlp_analyze.sources.keras_file import KerasSource
 
 #: Options under which every kernel of the test models is analyzed.
@@ -430,3 +431,60 @@ def test_optimizer_state_left_out_and_compressed_member_read(keras, tmp_path):
             r.pop("model")
     assert records[0] == records[1] and len(records[0]) == 1
     assert_record_matches_reference(records[0][0], model.layers[0].kernel.numpy().T)
+
+
+# -- through the registry: by name, by content, in a folder; the CLI, --describe, executors ----
+
+def _records(result_dicts):
+    return [{k: v for k, v in r.items() if k != "model"} for r in result_dicts]
+
+
+def test_opened_by_name_by_content_and_in_a_folder(models, tmp_path):
+    files = models["lstm"]
+    reference = _records(analyze(KerasSource(files["keras"]), **ALL).to_dicts())
+    for fmt in ("keras", "weights", "legacy"):
+        path = files[fmt]
+        assert registry.by_name(path).name == "keras"
+        assert registry.by_content(path, registry.read_head(path)).name == "keras"
+        blob = tmp_path / f"blob-{fmt}"
+        blob.write_bytes(path.read_bytes())
+        for spec in (path, blob, str(path)):
+            source = open_source(spec)
+            assert isinstance(source, KerasSource), (fmt, spec)
+            assert _records(analyze(source, **ALL).to_dicts()) == reference
+    # a .keras file unzipped: its config.json beside model.weights.h5 names the classes
+    folder = tmp_path / "unzipped"
+    with zipfile.ZipFile(files["keras"]) as z:
+        z.extractall(folder)
+    source = open_source(folder)
+    assert isinstance(source, KerasSource) and source.config["class_name"] == "Sequential"
+    assert _records(analyze(source, **ALL).to_dicts()) == reference
+    # an .h5 file that is not HDF5 is left to the other formats (none claims it)
+    (tmp_path / "notes.h5").write_text("not HDF5")
+    assert registry.by_name(tmp_path / "notes.h5") is None
+    with pytest.raises(AnalyzeError, match="is not a recognised weights file"):
+        open_source(tmp_path / "notes.h5")
+
+
+def test_cli_and_describe(models, capsys):
+    from allennlp_analyze import cli
+
+    path = models["conv"]["keras"]
+    expected = _records(analyze(KerasSource(path), **ALL).to_dicts())
+    assert cli.main([str(path), "--format", "json", "--min-q", "1", "--include", "conv",
+                     "--conv-min-dim", "1"]) in (0, None)
+    doc = json.loads(capsys.readouterr().out)
+    assert _records(doc["records"]) == expected
+    assert cli.main([str(path), "--describe", "--format", "json", "--include", "conv",
+                     "--conv-min-dim", "1", "--min-q", "1"]) in (0, None)
+    described = json.loads(capsys.readouterr().out)
+    rows = {t["name"]: t for t in described["tensors"]}
+    assert rows["conv.kernel"]["kind"] == "conv" and rows["conv.kernel"]["shape"] == [7, 5, 3, 2]
+    assert rows["conv.kernel"]["matrices"] == 6 and rows["conv.bias"]["kind"] == "vector"
+
+
+def test_executor_run_equals_the_local_run(models):
+    paths = [str(models[m]["keras"]) for m in ("dense", "mha")]
+    local = analyze(*paths, **ALL).to_dicts()
+    with ThreadPoolExecutor(1) as pool:
+        assert analyze(*paths, executor=pool, **ALL).to_dicts() == local

@@ -82,17 +82,31 @@ def is_hdf5(head: bytes) -> bool:
     return head[:8] == HDF5_MAGIC
 
 
-def looks_like_keras_h5(path: Path) -> bool:
-    """Sniff: an HDF5 file laid out as Keras writes weights (a legacy ``layer_names`` /
-    ``model_config``, or Keras 3's ``layers`` / ``vars`` groups)."""
+def looks_like_keras(path: Path, head: bytes) -> bool:
+    """Sniff (``head``: the file's first bytes): a zip holding ``model.weights.h5`` (a
+    ``.keras`` file), or an HDF5 file laid out as Keras writes weights (a legacy
+    ``layer_names`` / ``model_config``, or Keras 3's ``layers`` / ``vars`` groups)."""
+    try:
+        if head[:4] == ZIP_MAGIC:
+            with zipfile.ZipFile(path) as zf:
+                return WEIGHTS_MEMBER in zf.namelist()
+        if not is_hdf5(head):
+            return False
+        with _h5py().File(path, "r") as h5:
+            return _layout(h5) is not None
+    except (OSError, AnalyzeError, ValueError, RuntimeError, KeyError, zipfile.BadZipFile):
+        return False
+
+
+def claims_name(path: Path) -> bool:
+    """Whether a file named as Keras names them is read as one: a ``.keras`` file, or an
+    ``.h5`` / ``.hdf5`` file that is HDF5 (other ``.h5`` files are left to other formats)."""
+    if path.name.lower().endswith(".keras"):
+        return True
     try:
         with limits.open_regular(path) as f:
-            if not is_hdf5(f.read(8)):
-                return False
-        h5py = _h5py()
-        with h5py.File(path, "r") as h5:
-            return _layout(h5) is not None
-    except (OSError, AnalyzeError, ValueError, RuntimeError, KeyError):
+            return is_hdf5(f.read(8))
+    except (OSError, AnalyzeError):
         return False
 
 

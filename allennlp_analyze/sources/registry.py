@@ -18,6 +18,7 @@ from .. import limits
 from ..tensors import WeightSource
 from ._common import read_index
 from .archive import ArchiveSource
+from .keras_file import KerasSource, claims_name, looks_like_keras
 from .numpy_file import NpySource, NpzSource, looks_like_npz
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
 from .torch_file import ShardedTorchSource, TorchFileSource
@@ -96,6 +97,9 @@ FORMATS: List[SourceFormat] = [
                  folder_globs=("*.npz",), expected="a numpy .npy/.npz file"),
     SourceFormat("npy", (".npy",), _plain(NpySource),
                  sniff=lambda path, head: head[:4] == b"\x93NUM", folder_globs=("*.npy",)),
+    SourceFormat("keras", (".keras", ".h5", ".hdf5"), _plain(KerasSource), sniff=looks_like_keras,
+                 name_check=claims_name, folder_globs=("*.keras", "*.h5"),
+                 expected="a Keras .keras/.weights.h5/.h5 file"),
 ]
 
 
