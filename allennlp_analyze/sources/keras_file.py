@@ -34,7 +34,7 @@ import zipfile
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -59,8 +59,9 @@ MAX_NAME = 1000
 _NOT_MODEL = ("optimizer", "metrics", "compile_metrics", "compile_loss")
 #: Keras's opaque HDF5 types (named by the dataset's ``dtype`` attribute): the numpy dtype of
 #: their bits and the safetensors code that widens them to float32, exactly.
-_OPAQUE = {"bfloat16": (np.dtype("<u2"), "BF16"), "float8_e4m3fn": (np.dtype("u1"), "F8_E4M3"),
-           "float8_e5m2": (np.dtype("u1"), "F8_E5M2")}
+_OPAQUE: Dict[str, Tuple[np.dtype, str]] = {
+    "bfloat16": (np.dtype("<u2"), "BF16"), "float8_e4m3fn": (np.dtype("u1"), "F8_E4M3"),
+    "float8_e5m2": (np.dtype("u1"), "F8_E5M2")}
 
 
 @dataclass
@@ -230,8 +231,8 @@ class KerasSource(MappedSource):
             raise AnalyzeError(f"{origin}: {one_line(e)}") from None
         if data is not None:
             return data, start, weights.file_size, config
-        self._temp = self._extract(zf, weights, origin)
-        mapped = mmap.mmap(self._temp.fileno(), 0, access=mmap.ACCESS_READ)
+        self._temp = temp = self._extract(zf, weights, origin)
+        mapped = mmap.mmap(temp.fileno(), 0, access=mmap.ACCESS_READ)
         return mapped, 0, len(mapped), config
 
     @staticmethod
@@ -369,7 +370,8 @@ class _Walk:
     # -- Keras 3 ----------------------------------------------------------------------------
 
     def keras3(self, root) -> None:
-        stack = [(root, "", (), Layer(None, ""), 0, True)]
+        stack: List[Tuple[Any, str, Tuple[str, ...], Layer, int, bool]] = \
+            [(root, "", (), Layer(None, ""), 0, True)]
         found: List[Tuple[tuple, str, list]] = []
         while stack:
             group, path, names, owner, depth, listed = stack.pop()
@@ -451,8 +453,9 @@ class _Walk:
         if value is None and optional:
             return []
         items = list(value) if isinstance(value, np.ndarray) and value.ndim == 1 else None
-        names = None if items is None else [_text(x) for x in items]
-        if names is None or None in names or len(names) > limits.MAX_ARCHIVE_MEMBERS:
+        texts = [] if items is None else [_text(x) for x in items]
+        names = [n for n in texts if n is not None]
+        if items is None or len(names) < len(texts) or len(names) > limits.MAX_ARCHIVE_MEMBERS:
             raise AnalyzeError(f"{self.where}: its {what} attribute is not a list of names")
         return names
 

@@ -63,7 +63,7 @@ class Layer:
 
     class_name: Optional[str]
     name: str
-    config: Mapping = None
+    config: Optional[Mapping] = None
     parent: Optional[str] = None
 
 
