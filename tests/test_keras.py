@@ -488,3 +488,15 @@ def test_executor_run_equals_the_local_run(models):
     local = analyze(*paths, **ALL).to_dicts()
     with ThreadPoolExecutor(1) as pool:
         assert analyze(*paths, executor=pool, **ALL).to_dicts() == local
+
+
+def test_without_h5py_a_keras_file_is_one_line(models):
+    """h5py is the optional ``[keras]`` extra: without it, a Keras file is one line naming it
+    (and other formats still open: it is imported only when a Keras file is read)."""
+    code = ("import sys; sys.modules['h5py'] = None; from allennlp_analyze import cli; "
+            f"sys.exit(cli.main([{str(models['dense']['keras'])!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == ("allennlp-analyze: error: reading Keras files needs h5py "
+                          "(pip install 'allennlp-analyze[keras]')\n")

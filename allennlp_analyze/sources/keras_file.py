@@ -115,7 +115,8 @@ def _h5py():
     try:
         import h5py
     except ImportError:
-        raise AnalyzeError("reading Keras files needs h5py (pip install h5py)") from None
+        raise AnalyzeError("reading Keras files needs h5py "
+                           "(pip install 'allennlp-analyze[keras]')") from None
     return h5py
 
 
