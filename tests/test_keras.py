@@ -500,3 +500,41 @@ def test_without_h5py_a_keras_file_is_one_line(models):
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == ("allennlp-analyze: error: reading Keras files needs h5py "
                           "(pip install 'allennlp-analyze[keras]')\n")
+
+
+def test_more_layer_classes(keras, tmp_path):
+    """Conv1D (a 3-D kernel: not GPT-2's Conv1D), GRU (gates z, r, h), a Bidirectional
+    SimpleRNN and an EinsumDense whose kernel lists its output axis first ("ab,cb->ac"):
+    kinds from the classes, each matrix as the layer applies it, against h5py's arrays."""
+    L = keras.layers
+    x = keras.Input((6, 10))
+    y = L.Conv1D(8, 3, name="c1")(x)
+    y = L.GRU(5, return_sequences=True, name="gru")(y)
+    y = L.Bidirectional(L.SimpleRNN(4), name="bi")(y)
+    y = L.EinsumDense("ab,cb->ac", output_shape=7, name="ein")(y)
+    path = tmp_path / "more.keras"
+    keras.Model(x, y).save(path)
+    source = KerasSource(path)
+    kinds = {t.name: (t.kind, t.module_type, t.matrices)
+             for t in describe(source, split_fused=True, **ALL).tensors}
+    assert kinds["c1.kernel"] == ("conv", "Conv1D", 3)
+    assert kinds["gru.gru_cell.kernel"] == ("recurrent", "GRU", 3)
+    assert kinds["gru.gru_cell.bias"][0] == "vector"  # 2 x 15: input and recurrent biases
+    assert kinds["bi.forward_simple_rnn.simple_rnn_cell.recurrent_kernel"] == \
+        ("recurrent", "SimpleRNN", 1)
+    assert kinds["ein.kernel"] == ("linear", "EinsumDense", 1)
+    records = {r["name"]: r for r in analyze(source, split_fused=True, **ALL).to_dicts()}
+    with _h5(path, tmp_path) as h5:
+        conv = h5["layers/conv1d/vars/0"][()]  # (3, 10, 8): k, in, out
+        for k in range(3):
+            assert_record_matches_reference(records[f"c1.kernel[{k}]"], conv[k].T)
+        gru = h5["layers/gru/cell/vars/0"][()]  # (8, 15): in, (z, r, h) x 5
+        for n, gate in enumerate("zrh"):
+            assert_record_matches_reference(records[f"gru.gru_cell.kernel[{gate}]"],
+                                            gru[:, 5 * n:5 * n + 5].T)
+        rnn = h5["layers/bidirectional/backward_layer/cell/vars/0"][()]  # (5, 4)
+        assert_record_matches_reference(records["bi.backward_simple_rnn.simple_rnn_cell.kernel"],
+                                        rnn.T)
+        ein = h5["layers/einsum_dense/vars/0"][()]  # "cb": (7, 8), out x in already
+        assert ein.shape == (7, 8)
+        assert_record_matches_reference(records["ein.kernel"], ein)
