@@ -538,3 +538,25 @@ def test_more_layer_classes(keras, tmp_path):
         ein = h5["layers/einsum_dense/vars/0"][()]  # "cb": (7, 8), out x in already
         assert ein.shape == (7, 8)
         assert_record_matches_reference(records["ein.kernel"], ein)
+
+
+def test_files_without_object_names(models, tmp_path):
+    """Keras 3 versions before the ``name`` attribute of each ``vars`` group: a layer is the
+    config's layer that Keras keys so (``dense_1`` is the second Dense: here the user's
+    ``out``), names and records as with the attribute; without a config, the keys name them."""
+    files = models["dense"]
+    folder = tmp_path / "unnamed"
+    with zipfile.ZipFile(files["keras"]) as z:
+        z.extractall(folder)
+    with h5py.File(folder / "model.weights.h5", "r+") as f:
+        groups: list = []
+        f.visit(groups.append)
+        for name in groups:
+            if name.endswith("vars"):
+                f[name].attrs.pop("name", None)
+        assert not any("name" in f[n].attrs for n in ("layers/dense/vars", "layers/dense_1/vars"))
+    with_names = _records(analyze(KerasSource(files["keras"]), **ALL).to_dicts())
+    assert _records(analyze(open_source(folder), **ALL).to_dicts()) == with_names
+    (folder / "config.json").unlink()
+    names = [t.name for t in KerasSource(folder / "model.weights.h5").tensors()]
+    assert names == ["dense.kernel", "dense.bias", "dense_1.kernel"]

@@ -43,8 +43,8 @@ from ..checkpoint_config import MAX_CONFIG_BYTES, load_config
 from ..errors import AnalyzeError, one_line
 from ..tensors import TensorInfo
 from ._common import MappedSource, map_file, natural_key, safe_relative, zip_member_data
-from .keras_layers import (Layer, Placement, class_of_key, contradiction, layer_configs, place,
-                           variable_names)
+from .keras_layers import (Layer, Placement, class_of_key, contradiction, layer_configs,
+                           layer_keys, place, variable_names)
 from .safetensors_file import widen
 
 SUFFIXES = (".keras", ".weights.h5", ".h5", ".hdf5")
@@ -189,7 +189,7 @@ class KerasSource(MappedSource):
             config = beside if _is_keras_config(beside) else None
         self.config: Mapping = config or {}
         self._buffer, self._start, self._size, self._where = buffer, start, size, where
-        walk = _Walk(self, layer_configs(config) if config else {}, where)
+        walk = _Walk(self.config, size, where)
         if layout == "legacy":
             walk.legacy(self._h5)
         else:
@@ -329,12 +329,17 @@ def _text(value) -> Optional[str]:
 class _Walk:
     """The variables of one HDF5 weights file, checked and named (``variables``, in order)."""
 
-    def __init__(self, source: KerasSource, configs: Dict[str, Tuple[str, Mapping]], where: str):
+    def __init__(self, config: Mapping, size: int, where: str):
+        """``config``: the model's Keras config (``{}`` where there is none); ``size``: bytes
+        of the HDF5 data; ``where``: the file, for messages."""
         self.h5py = _h5py()
-        self.source, self.configs, self.where = source, configs, where
-        self.order = {name: i for i, name in enumerate(configs)}
+        self.configs = layer_configs(config) if config else {}
+        self.size, self.where = size, where
+        self.order = {name: i for i, name in enumerate(self.configs)}
         self.variables: Dict[str, _Variable] = {}
         self.count = 0
+        inner = config.get("config")
+        self.model_config = inner if isinstance(inner, dict) else {"layers": inner}
 
     # -- structure --------------------------------------------------------------------------
 
@@ -371,11 +376,12 @@ class _Walk:
     # -- Keras 3 ----------------------------------------------------------------------------
 
     def keras3(self, root) -> None:
-        stack: List[Tuple[Any, str, Tuple[str, ...], Layer, int, bool]] = \
-            [(root, "", (), Layer(None, ""), 0, True)]
+        model = self.model_config
+        stack: List[Tuple[Any, str, Tuple[str, ...], Layer, int, Optional[dict]]] = \
+            [(root, "", (), Layer(None, "", model), 0, {})]
         found: List[Tuple[tuple, str, list]] = []
         while stack:
-            group, path, names, owner, depth, listed = stack.pop()
+            group, path, names, owner, depth, keyed = stack.pop()
             children = self._children(group, path or "/", depth)
             objects = []
             for key, obj in children:
@@ -389,23 +395,30 @@ class _Walk:
             for key, obj in objects:
                 child_path = f"{path}/{key}"
                 if "vars" in obj:  # an object (layer, cell, sublayer)
-                    name = _text(obj["vars"].attrs.get("name")) or key
-                    layer = self._layer(key, name, owner, child_path, listed)
-                    stack.append((obj, child_path, names + (name,), layer, depth + 1, False))
-                else:  # a container (``layers``)
-                    stack.append((obj, child_path, names, owner, depth + 1, True))
+                    named = _text(obj["vars"].attrs.get("name"))
+                    layer = self._layer(key, named, owner, child_path, keyed)
+                    stack.append((obj, child_path, names + (layer.name,), layer, depth + 1, None))
+                else:  # a container (a model's ``layers``)
+                    stack.append((obj, child_path, names, owner, depth + 1,
+                                  layer_keys(owner.config)))
         found.sort(key=lambda f: [(self.order.get(n, len(self.order)), natural_key(n))
                                   for n in f[0]])
         for names, path, ((owner, vars_group),) in found:
             self._variables(names, path, owner, vars_group)
 
-    def _layer(self, key: str, name: str, parent: Layer, path: str, listed: bool) -> Layer:
-        """The object stored under ``key`` (named ``name``) inside ``parent``: for a model's
-        layer (``listed`` in its ``layers``, or at the top) its class from the config where it
-        names it, else from the key; they must agree. A layer's own parts (a cell, the query
-        of an attention) are not looked up in the config: their names are Keras's, not unique."""
+    def _layer(self, key: str, named: Optional[str], parent: Layer, path: str,
+               keyed: Optional[dict]) -> Layer:
+        """The object stored under ``key`` inside ``parent``, named ``named`` (its ``vars``
+        attribute; files of Keras versions that wrote none: the config's layer that Keras
+        keys so, from its model's layer list, else the key). A model's layer (``keyed``: the
+        keys of its model's layers) takes its class from the config where it names it, else
+        from the key; they must agree. A layer's own parts (a cell, the query of an attention)
+        are not looked up in the config: their names are Keras's, not unique."""
+        configured = None
+        if keyed is not None:
+            configured = self.configs.get(named) if named else keyed.get(key)
+        name = named or (configured[1].get("name") if configured else None) or key
         by_key = class_of_key(key, name, parent.class_name)
-        configured = self.configs.get(name) if listed else None
         if configured is not None and by_key is not None and configured[0] != by_key:
             raise AnalyzeError(f"{self.where}: the config says layer {name!r} is a "
                                f"{configured[0]}, but the weights store it as a {by_key} "
@@ -504,7 +517,7 @@ class _Walk:
             raise AnalyzeError(f"{where} keeps its data in an external file: not read")
         if nbytes == 0:
             return None
-        size = self.source._size
+        size = self.size
         if layout == h5d.CONTIGUOUS:
             offset = dataset.id.get_offset()
             if offset is None:

@@ -151,6 +151,31 @@ def layer_configs(config) -> Dict[str, Tuple[str, Mapping]]:
     return found
 
 
+def snake_case(class_name: str) -> str:
+    """Keras's ``to_snake_case``: ``MultiHeadAttention`` -> ``multi_head_attention``."""
+    name = re.sub(r"\W+", "", class_name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def layer_keys(model_config: Optional[Mapping]) -> Dict[str, Tuple[str, Mapping]]:
+    """``{key: (class_name, config)}``: the keys a Keras 3 weights file stores a model's
+    layers under (its class in snake case, numbered in order within the class: ``dense``,
+    ``dense_1``), from the model's config (its ``layers`` list)."""
+    layers = (model_config or {}).get("layers")
+    keys: Dict[str, Tuple[str, Mapping]] = {}
+    used: Dict[str, int] = {}
+    for layer in layers if isinstance(layers, list) else ():
+        cls = layer.get("class_name") if isinstance(layer, dict) else None
+        cfg = layer.get("config") if isinstance(layer, dict) else None
+        if not isinstance(cls, str) or not isinstance(cfg, dict):
+            continue
+        base = snake_case(cls)
+        used[base] = used.get(base, -1) + 1
+        keys[f"{base}_{used[base]}" if used[base] else base] = (cls, cfg)
+    return keys
+
+
 def place(layer: Layer, param: str, stored: Tuple[int, ...]) -> Placement:
     """How the variable ``param`` of ``layer``, stored with shape ``stored``, is read."""
     cls = layer.class_name or ""
