@@ -166,7 +166,8 @@ class KerasSource(MappedSource):
         head = bytes(memoryview(buffer)[:8])
         config = None
         self._temp = None
-        if head[:4] == ZIP_MAGIC:
+        zipped = head[:4] == ZIP_MAGIC
+        if zipped:
             buffer, start, size, config = self._open_zip(buffer, origin)
             where = f"{origin} (member {WEIGHTS_MEMBER})"
         elif is_hdf5(head):
@@ -184,7 +185,8 @@ class KerasSource(MappedSource):
                                "'vars' or 'layer_names')")
         if layout == "legacy":
             config = _legacy_config(self._h5, where)
-        elif config is None:  # a .weights.h5: the Keras config.json beside it, if any
+        if config is None and not zipped:
+            # an HDF5 file without a config of its own: the Keras config.json beside it
             beside = load_config(self.path.parent / "config.json")
             config = beside if _is_keras_config(beside) else None
         self.config: Mapping = config or {}
