@@ -560,3 +560,22 @@ def test_files_without_object_names(models, tmp_path):
     (folder / "config.json").unlink()
     names = [t.name for t in KerasSource(folder / "model.weights.h5").tensors()]
     assert names == ["dense.kernel", "dense.bias", "dense_1.kernel"]
+
+
+def test_nested_model(keras, tmp_path):
+    """A Sequential inside a Functional model: named by Keras's paths (``inner/d/kernel``),
+    the same records from the three files, kinds from the nested model's classes."""
+    L = keras.layers
+    inner = keras.Sequential([keras.Input((8,)), L.Dense(6, name="d")], name="inner")
+    x = keras.Input((8,))
+    model = keras.Model(x, L.Dense(3, name="head")(inner(x)), name="outer")
+    files = _save(model, tmp_path / "nested", "nested")
+    runs = []
+    for fmt in ("keras", "weights", "legacy"):
+        source = KerasSource(files[fmt])
+        assert {t.name: t.module_type for t in source.tensors() if t.name.endswith("kernel")} \
+            == {"inner.d.kernel": "Dense", "head.kernel": "Dense"}, fmt
+        runs.append(sorted(_records(analyze(source, **ALL).to_dicts()), key=lambda r: r["name"]))
+    assert runs[0] == runs[1] == runs[2]
+    for r in runs[0]:
+        assert_record_matches_reference(r, files["variables"][r["name"].replace(".", "/")].T)

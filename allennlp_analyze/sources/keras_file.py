@@ -476,16 +476,19 @@ class _Walk:
         return names
 
     def _legacy_owner(self, layer: Layer, parts: List[str]) -> Layer:
-        """The object owning a legacy weight ``layer/[sub/...]/param``."""
-        if len(parts) <= 2 or layer.class_name is None:
-            return layer
-        owner_name = parts[-2]
-        inner = (layer.config or {}).get("layer") if layer.class_name == "Bidirectional" else None
-        parent = inner.get("class_name") if isinstance(inner, dict) else layer.class_name
-        cls = "EinsumDense" if parent == "MultiHeadAttention" else \
-            class_of_key(owner_name, owner_name, parent) or parent
-        cfg = inner.get("config") if isinstance(inner, dict) else layer.config
-        return Layer(cls, owner_name, cfg if isinstance(cfg, dict) else {}, parent)
+        """The object owning a legacy weight ``layer/[sub/...]/param``: each component below
+        the layer is a layer of a nested model (as the config lists it) or a part of the layer
+        above it."""
+        owner = layer
+        for part in parts[1:-1]:
+            if owner.class_name is None:
+                break
+            if isinstance((owner.config or {}).get("layers"), list) and part in self.configs:
+                cls, cfg = self.configs[part]
+                owner = Layer(cls, part, cfg, owner.class_name)
+            else:
+                owner = _part_of(owner, part)
+        return owner
 
     # -- one variable -----------------------------------------------------------------------
 
@@ -543,6 +546,20 @@ class _Walk:
                                    f"{limits.max_expansion():g}x: refused "
                                    f"({limits.ENV_MAX_EXPANSION} allows more)")
         return None
+
+
+def _part_of(layer: Layer, name: str) -> Layer:
+    """The part ``name`` of ``layer`` in a legacy file: an attention's projections are
+    ``EinsumDense``, a ``Bidirectional``'s halves its wrapped layer's class, a recurrent
+    layer's cell its cell class; the layer's config comes along (it says the sizes)."""
+    cls = layer.class_name
+    if cls == "MultiHeadAttention":
+        return Layer("EinsumDense", name, layer.config, cls)
+    inner = (layer.config or {}).get("layer") if cls == "Bidirectional" else None
+    if isinstance(inner, dict) and isinstance(inner.get("class_name"), str):
+        cfg = inner.get("config")
+        return Layer(inner["class_name"], name, cfg if isinstance(cfg, dict) else {}, cls)
+    return Layer(class_of_key(name, name, cls) or cls, name, layer.config, cls)
 
 
 def _dtype_name(v: _Variable) -> str:
