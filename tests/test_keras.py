@@ -295,13 +295,12 @@ def test_lambda_layer_never_runs(keras, tmp_path, monkeypatch):
     assert marker.exists()
 
 
-def test_source_is_taken_by_the_api_and_closes(models):
+def test_source_is_taken_by_the_api(models):
     source = KerasSource(models["dense"]["keras"])
     assert open_source(source) is source
     assert source.label == "dense.keras" and source.config["class_name"] == "Sequential"
     kernel = source.load("dense_1.kernel")
     assert kernel.shape == (16, 24) and kernel.flags.writeable
-    source.close()
 
 
 @pytest.fixture(scope="module")

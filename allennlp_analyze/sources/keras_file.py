@@ -14,8 +14,12 @@ Three layouts:
   (the config, JSON) and ``layer_names``, and per layer ``weight_names`` (``dense_1/kernel:0``).
 
 Tensors are named by their Keras path (``dense_1.kernel``, ``mha.query.kernel``,
-``lstm.lstm_cell.recurrent_kernel``), listed in the model's order, and oriented as PyTorch lays
-out the same layer (:mod:`.keras_layers`), module types from the layer classes.
+``lstm.lstm_cell.recurrent_kernel``), listed in the config's order (without one: by name), and
+oriented as PyTorch lays out the same layer (:mod:`.keras_layers`), module types from the layer
+classes. A trained model's optimizer state (a root ``optimizer`` group) is not read. bfloat16
+and float8 variables (opaque HDF5 types named by a ``dtype`` attribute) are widened exactly.
+Not read: Keras 3's sharded weights (``*.weights.json`` and its shards; each shard alone is an
+ordinary ``.weights.h5``).
 
 Bounds (:mod:`allennlp_analyze.limits`): groups nested at most ``MAX_DEPTH`` deep and at most
 ``limits.MAX_ARCHIVE_MEMBERS`` objects; only hard links are followed; a dataset whose data lie
@@ -165,7 +169,7 @@ class KerasSource(MappedSource):
         buffer = map_file(self.path)
         head = bytes(memoryview(buffer)[:8])
         config = None
-        self._temp = None
+        self._temp = None  # the anonymous copy of a compressed weights member, if any
         zipped = head[:4] == ZIP_MAGIC
         if zipped:
             buffer, start, size, config = self._open_zip(buffer, origin)
@@ -282,11 +286,6 @@ class KerasSource(MappedSource):
         elif not raw.flags.aligned:
             raw = raw.copy()
         return v.placement.apply(raw if v.code is None else widen(raw, v.code))
-
-    def close(self) -> None:
-        self._h5.close()
-        if self._temp is not None:
-            self._temp.close()
 
 
 def _parse_config(data: bytes, where: str):
