@@ -305,6 +305,9 @@ def keras_hostile(d: Path) -> Dict[str, Path]:
     data = good.read_bytes()
     (d / "truncated.weights.h5").write_bytes(data[: len(data) * 2 // 3])
     f["truncated_h5"] = d / "truncated.weights.h5"
+    last = data.rfind(b"SNOD")  # a group's symbol table node, its signature broken
+    (d / "corrupt.weights.h5").write_bytes(data[:last] + b"XXXX" + data[last + 4:])
+    f["corrupt_h5"] = d / "corrupt.weights.h5"
 
     def unwritten(h5):  # 10^6 x 10^6 float32 declared, never written: no storage at all
         h5["layers/dense/vars"].create_dataset("2", shape=(10**6, 10**6), dtype="f4")

@@ -487,6 +487,7 @@ def test_bad_downloads(batches, case, fragments):
 #: Keras hostile inputs (``hostile_inputs.keras_hostile``) and what their one line says.
 KERAS_CASES = [
     ("truncated_h5", "truncated file"),
+    ("corrupt_h5", "is corrupt HDF5 (Unable to get group info (bad symbol table node signature))"),
     ("unwritten", "has no data (its 1000000x1000000 values were never written)"),
     ("chunk_bomb", "would expand to 4000000000000 bytes from 0"),
     ("external_data", "keeps its data in an external file: not read"),

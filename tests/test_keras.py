@@ -310,6 +310,7 @@ def hostile(tmp_path_factory):
 
 @pytest.mark.parametrize("case, fragment", [
     ("truncated_h5", "truncated file"),
+    ("corrupt_h5", "is corrupt HDF5 (Unable to get group info (bad symbol table node signature))"),
     ("unwritten", "has no data (its 1000000x1000000 values were never written)"),
     ("chunk_bomb", "would expand to 4000000000000 bytes from 0"),
     ("external_data", "keeps its data in an external file: not read"),

@@ -61,6 +61,8 @@ MAX_DEPTH = 32
 MAX_NAME = 1000
 #: Root groups of a Keras 3 file that are not the model's weights.
 _NOT_MODEL = ("optimizer", "metrics", "compile_metrics", "compile_loss")
+#: What h5py raises on a corrupt file (the HDF5 library's checks, surfacing as any of these).
+_HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeError)
 #: Keras's opaque HDF5 types (named by the dataset's ``dtype`` attribute): the numpy dtype of
 #: their bits and the safetensors code that widens them to float32, exactly.
 _OPAQUE: Dict[str, Tuple[np.dtype, str]] = {
@@ -180,30 +182,38 @@ class KerasSource(MappedSource):
             raise AnalyzeError(f"{origin} is not a Keras file (neither a .keras zip nor HDF5)")
         try:
             self._h5 = h5py.File(_Window(buffer, start, size), "r")
-        except (OSError, ValueError, RuntimeError) as e:
+        except _HDF5_ERRORS as e:
             raise AnalyzeError(f"{where} is not a readable HDF5 file "
                                f"({one_line(e)[:300]})") from None
-        layout = _layout(self._h5)
-        if layout is None:
-            raise AnalyzeError(f"{where} is an HDF5 file but not Keras weights (no 'layers', "
-                               "'vars' or 'layer_names')")
-        if layout == "legacy":
-            config = _legacy_config(self._h5, where)
-        if config is None and not zipped:
-            # an HDF5 file without a config of its own: the Keras config.json beside it
-            beside = load_config(self.path.parent / "config.json")
-            config = beside if _is_keras_config(beside) else None
-        self.config: Mapping = config or {}
         self._buffer, self._start, self._size, self._where = buffer, start, size, where
-        walk = _Walk(self.config, size, where)
-        if layout == "legacy":
-            walk.legacy(self._h5)
-        else:
-            walk.keras3(self._h5)
+        try:  # HDF5's own checks of a corrupt file surface as any of these, anywhere
+            walk = self._walk(config, zipped)
+        except _HDF5_ERRORS as e:
+            raise AnalyzeError(f"{where} is corrupt HDF5 ({one_line(e)[:300]})") from None
         infos = [TensorInfo(name, v.placement.shape(v.shape), _dtype_name(v),
                             v.placement.module_type, parts=v.placement.parts)
                  for name, v in walk.variables.items()]
         super().__init__(label or self.path.name, origin, walk.variables, infos)
+
+    def _walk(self, config: Optional[Mapping], zipped: bool) -> "_Walk":
+        """The file's variables, with its config (its own, else a Keras ``config.json``
+        beside an HDF5 file) in ``self.config``."""
+        layout = _layout(self._h5)
+        if layout is None:
+            raise AnalyzeError(f"{self._where} is an HDF5 file but not Keras weights (no "
+                               "'layers', 'vars' or 'layer_names')")
+        if layout == "legacy":
+            config = _legacy_config(self._h5, self._where)
+        if config is None and not zipped:
+            beside = load_config(self.path.parent / "config.json")
+            config = beside if _is_keras_config(beside) else None
+        self.config: Mapping = config or {}
+        walk = _Walk(self.config, self._size, self._where)
+        if layout == "legacy":
+            walk.legacy(self._h5)
+        else:
+            walk.keras3(self._h5)
+        return walk
 
     def _open_zip(self, buffer, origin: str):
         """The weights member's bytes (buffer, start, size) and the parsed ``config.json``."""
@@ -248,7 +258,7 @@ class KerasSource(MappedSource):
             zip_member_data(buffer, info)  # headers, truncation, expansion ratio
             with zf.open(info) as f:
                 return f.read(MAX_CONFIG_BYTES + 1)
-        except (ValueError, zipfile.BadZipFile, OSError, EOFError) as e:
+        except (ValueError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
             raise AnalyzeError(f"{origin}: member {info.filename} is unreadable "
                                f"({one_line(e)})") from None
 
@@ -263,7 +273,7 @@ class KerasSource(MappedSource):
             temp.flush()
             if temp.tell() == 0:
                 raise AnalyzeError(f"{origin}: its {WEIGHTS_MEMBER} is empty")
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
             temp.close()
             raise AnalyzeError(f"{origin}: member {WEIGHTS_MEMBER} is unreadable "
                                f"({one_line(e)})") from None
@@ -278,7 +288,7 @@ class KerasSource(MappedSource):
             else:
                 raw = np.frombuffer(self._buffer, dtype=v.dtype, count=prod(v.shape),
                                     offset=self._start + v.offset).reshape(v.shape)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
+        except _HDF5_ERRORS as e:
             raise AnalyzeError(f"cannot read {name!r} of {self._where}: "
                                f"{one_line(e)[:300]}") from None
         if not raw.dtype.isnative:
