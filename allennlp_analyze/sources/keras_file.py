@@ -26,7 +26,11 @@ Bounds (:mod:`allennlp_analyze.limits`): groups nested at most ``MAX_DEPTH`` dee
 in another file (external storage, virtual datasets), beyond the end of the file, were never
 written, or would decompress more than ``limits.expanded_limit`` allows is refused when the file
 is opened, before anything is read. Uncompressed contiguous data are memory-mapped; chunked
-data are read through h5py after a memory check.
+data are read through h5py after a memory check. Whatever h5py raises on a corrupt file is one
+:class:`AnalyzeError` line. Not bounded here: the HDF5 library walks the file's own structures
+(heaps, B-trees) itself, and a corrupt one can make it loop (seen once in 1500 randomly mutated
+files: a global-heap object of a legacy ``model_config``); only a separate process with a
+deadline would bound that.
 """
 import io
 import mmap
