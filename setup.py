@@ -19,6 +19,7 @@ setup(
         "hub": ["huggingface_hub>=0.25"],
         "dask": ["dask[distributed]"],
         "keras": ["h5py"],
+        "gguf": ["gguf>=0.19"],
     },
     entry_points={"console_scripts": ["allennlp-analyze=allennlp_analyze.cli:main"]},
 )
