@@ -8,7 +8,7 @@ from .aggregate import Aggregate, aggregate, aggregate_text
 from .analysis import Analysis
 from .errors import escape
 from .journal import write_jsonl
-from .records import RECORD_FIELDS, STATUS_TEXT, MatrixRecord, Summary
+from .records import RECORD_FIELDS, STATUS_TEXT, BaseSummary, MatrixRecord, Summary
 
 FORMATS = ("table", "json", "csv", "jsonl")
 
@@ -154,6 +154,8 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
         if t.with_traps is not None:
             lines.append(f"  correlation traps (--randomize): {t.with_traps} of {t.randomized} "
                          f"randomized matrices, {t.num_traps} traps in all")
+    if s.base is not None:
+        lines.extend(base_summary_lines(s.base))
     for note in s.notes:
         lines.append(f"  note: {note}")
     for err in s.errors:
@@ -161,6 +163,25 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
     if not s.complete:
         lines.append("  INCOMPLETE: some sources or matrices could not be analyzed (see above)")
     return "".join(escape(line) + "\n" for line in lines)
+
+
+def base_summary_lines(b: BaseSummary, top: int = 10) -> List[str]:
+    """The comparison with the base as summary lines: what paired, the ``top`` layers that
+    moved most (relative change ||W - W_base||_F / ||W_base||_F), what did not pair."""
+    lines = [f"  base {b.label}: {b.paired} matrices paired, {len(b.unmatched)} unmatched, "
+             f"{len(b.unmatched_base)} of the base unmatched, {len(b.ambiguous)} ambiguous"]
+    for name, rel in b.moved[:top]:
+        lines.append(f"          moved {rel:.3g}: {name}")
+    if len(b.moved) > top:
+        lines.append(f"          ... and {len(b.moved) - top} more")
+    for what, names in (("unmatched", b.unmatched), ("unmatched in the base", b.unmatched_base)):
+        for name in names[:top]:
+            lines.append(f"          {what}: {name}")
+        if len(names) > top:
+            lines.append(f"          ... and {len(names) - top} more {what}")
+    for name, candidates in list(b.ambiguous.items())[:top]:
+        lines.append(f"          ambiguous: {name} (candidates {', '.join(candidates)})")
+    return lines
 
 
 #: Columns that ``--wide`` adds to the table (and with ``--randomize`` the second set).
