@@ -47,7 +47,7 @@ two models' own analyses (see ``benchmarks/lora_cost.py`` for a measured ratio).
 """
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -68,7 +68,23 @@ BASE_FIELDS = ("base_name", "delta_rel", "delta_sv_max", "delta_rank", "delta_no
 MatrixLoader = Callable[[MatrixRecord], np.ndarray]
 
 
-def record_key(r: MatrixRecord) -> str:
+class Matrix(Protocol):
+    """What pairing reads of a record (or of a plan's :class:`MatrixKey`)."""
+
+    name: str
+    shape: Tuple[int, ...]
+    slice: Optional[str]
+
+
+class MatrixKey(NamedTuple):
+    """A planned matrix's name, shape and slice: pairing from metadata alone (``--describe``)."""
+
+    name: str
+    shape: Tuple[int, ...]
+    slice: Optional[str]
+
+
+def record_key(r: Matrix) -> str:
     """What pairing compares: the record's name (that of a fused part or a convolution position
     ends in its slice, ``in_proj_weight[q]``)."""
     return r.name
@@ -86,7 +102,7 @@ class Pairing:
     ambiguous: Dict[str, List[str]] = field(default_factory=dict)
 
 
-def _fits(a: MatrixRecord, b: MatrixRecord) -> Optional[bool]:
+def _fits(a: Matrix, b: Matrix) -> Optional[bool]:
     """Whether ``b`` pairs with ``a`` as itself (False) or transposed (True); None if neither."""
     if a.slice != b.slice:
         return None
@@ -107,9 +123,10 @@ def _common_suffix(a: Tuple[str, ...], b: Tuple[str, ...]) -> int:
     return n
 
 
-def pair_records(records: Sequence[MatrixRecord], base: Sequence[MatrixRecord]) -> Pairing:
+def pair_records(records: Sequence[Matrix], base: Sequence[Matrix]) -> Pairing:
     """Pair the model's ``records`` with the ``base``'s (module docstring: identical names,
-    then the longest common dotted suffix, shapes equal or transposed; ties never paired)."""
+    then the longest common dotted suffix, shapes equal or transposed; ties never paired).
+    Records or :class:`MatrixKey` of plans."""
     out = Pairing()
     base_by_key: Dict[str, int] = {record_key(b): j for j, b in enumerate(base)}
     taken: Dict[int, int] = {}

@@ -74,10 +74,13 @@ def write_table(analysis: Analysis, out: IO[str], wide: bool = False) -> None:
     multi = len(analysis.summary.models) > 1
     rand = analysis.options.randomize
     extra = (WIDE_COLUMNS + (RAND_COLUMNS if rand else ())) if wide else ()
+    based = analysis.summary.base is not None
     header = (["model"] if multi else []) + [
         "name", "type", "N x M", "Q", "sv_max", "sv_min", "log10 sv_min",
-        "rank loose/numpy/nr/noise", "alpha", "D", "xmin", "tail", *extra, "status"]
-    rows = [[escape(c) for c in ([r.model] if multi else []) + _table_row(r, wide, rand)]
+        "rank loose/numpy/nr/noise", "alpha", "D", "xmin", "tail", *extra,
+        *(BASE_COLUMNS if based else ()), "status"]
+    rows = [[escape(c) for c in ([r.model] if multi else []) + _table_row(r, wide, rand)[:-1]
+             + (_base_cells(r) if based else []) + [r.status]]
             for r in analysis.records]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     left = {"model", "name", "type", "status"}
@@ -204,6 +207,16 @@ def _table_row(r: MatrixRecord, wide: bool = False, rand: bool = False) -> List[
     return [r.name, r.module_type or "-", f"{r.N} x {r.M}", f"{r.Q:.2f}", _num(r.sv_max),
             _num(r.sv_min), _num(r.log10_sv_min, fixed=True), ranks, _num(r.alpha, fixed=True),
             _num(r.D, fixed=True), _num(r.xmin), _int(r.num_tail), *extra, r.status]
+
+
+#: Columns of a run with ``--base``: relative change, ||dW||_2, rank of dW above the operands'
+#: noise, change of alpha.
+BASE_COLUMNS = ("d rel", "|dW|_2", "d rank", "d alpha")
+
+
+def _base_cells(r: MatrixRecord) -> List[str]:
+    return [_num(r.delta_rel), _num(r.delta_sv_max), _int(r.delta_rank),
+            _num(r.d_alpha, fixed=True)]
 
 
 def _int(v: Optional[int]) -> str:
