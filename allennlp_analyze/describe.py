@@ -51,6 +51,8 @@ class TensorDescription:
     def to_dict(self) -> Dict[str, object]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if self.base is None:  # described without a base model
+            del d["base"]
         return d
 
 
@@ -188,7 +190,8 @@ def write_description(description: Description, fmt: str, out: IO[str]) -> None:
         json.dump(doc, out, indent=1, default=list)
         out.write("\n")
     elif fmt == "csv":
-        names = [f for f in TensorDescription.__dataclass_fields__ if f != "skipped"]
+        left_out = ("skipped",) if description.base_label is not None else ("skipped", "base")
+        names = [f for f in TensorDescription.__dataclass_fields__ if f not in left_out]
         writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         for t in description.tensors:
