@@ -29,6 +29,7 @@ from .records import (WIDE_DTYPES, MatrixRecord, SourceInfo, Summary, criterion_
 from .selection import NOT_WEIGHT_VALUES, MatrixPlan, Selection, extract, plan
 from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
                                mp_bulk_fit, permuted)
+from .sources.lora import adapter_of, adapter_records
 from .spectrum import (Parallel, Spectrum, batch_size, enable_scratch, release_scratch,
                        singular_values_many)
 from .tensors import DTYPE_EPS, WeightSource
@@ -554,6 +555,11 @@ def one_source(source: WeightSource, options: AnalysisOptions, progress: Optiona
     rand_spectra: List[np.ndarray] = []
     recs, svs, skips = analyze_source(source, options, progress=progress,
                                       rand_spectra=rand_spectra, names=names, parallel=parallel)
+    adapter = adapter_of(source)
+    if adapter is not None and names is None:  # a LoRA adapter's modules, after its tensors
+        lora_recs, lora_svs = adapter_records(adapter, options)
+        recs, svs = recs + lora_recs, svs + lora_svs
+        rand_spectra.extend(np.zeros(0) for _ in lora_recs)
     info = SourceInfo(None, source.label, source.label, len(recs), dict(skips),
                       getattr(source, "note", None))
     return SourceResult(info, recs, svs, rand_spectra)
@@ -568,6 +574,8 @@ def _run_here(sources: tuple, todo: List[int], options: AnalysisOptions, *,
         try:
             source = open_one(sources[i], opener, cache_dir=cache_dir, progress=progress,
                               checkpoint_key=checkpoint_key)
+            if base is not None:
+                source = base.prepare(source)
             result = one_source(source, options, progress)
             if base is not None:
                 result = base.compare(result, source)

@@ -19,6 +19,7 @@ from .compare import MatrixLoader, compare_records, ranked_by_change
 from .options import AnalysisOptions
 from .records import BaseSummary, MatrixRecord, criterion_for
 from .selection import extract
+from .sources.lora import LoraAdapter, MergedSource
 from .tensors import WeightSource
 
 #: Prefix of the names of ``--delta`` records.
@@ -51,28 +52,39 @@ class BaseRun:
     spectra: List[np.ndarray]
     load: MatrixLoader
     options: AnalysisOptions
+    source: WeightSource
     delta: bool = False
     paired: int = 0
     unmatched: List[str] = field(default_factory=list)
     claimed: set = field(default_factory=set)
     ambiguous: Dict[str, List[str]] = field(default_factory=dict)
 
+    def prepare(self, source: WeightSource) -> WeightSource:
+        """The source to analyze: a LoRA adapter merged into the base, any other as it is."""
+        if isinstance(source, LoraAdapter):
+            return MergedSource(self.source, source)
+        return source
+
     def compare(self, result: SourceResult, source: WeightSource) -> SourceResult:
         """``result`` (of ``source``, still open) with its records' base fields filled, and
         with ``delta`` the ΔW records after them."""
         o = self.options
-        cmp = compare_records(result.records, result.spectra, self.records, self.spectra,
-                              matrix_loader(source, o), self.load, o.loose_tol, o.method,
-                              keep_deltas=self.delta)
+        # a LoRA adapter's own records (its r singular values) are no weights to pair
+        own = [i for i, r in enumerate(result.records) if r.lora_r is None]
+        cmp = compare_records([result.records[i] for i in own], [result.spectra[i] for i in own],
+                              self.records, self.spectra, matrix_loader(source, o), self.load,
+                              o.loose_tol, o.method, keep_deltas=self.delta)
         label = result.info.label
         self.paired += len(cmp.pairing.pairs)
         self.unmatched.extend(f"{label}:{k}" for k in cmp.pairing.unmatched)
         self.claimed.update(j for _, j, _ in cmp.pairing.pairs)
         self.ambiguous.update({f"{label}:{k}": v for k, v in cmp.pairing.ambiguous.items()})
-        records, spectra = list(cmp.records), list(result.spectra)
+        records, spectra = list(result.records), list(result.spectra)
+        for k, i in enumerate(own):
+            records[i] = cmp.records[k]
         rand = list(result.rand_spectra)
-        for i, (D, sv) in cmp.deltas.items():
-            records.append(delta_record(D, cmp.records[i], self._base_of(cmp.records[i]), o))
+        for k, (D, sv) in cmp.deltas.items():
+            records.append(delta_record(D, cmp.records[k], self._base_of(cmp.records[k]), o))
             spectra.append(sv)
             if rand:
                 rand.append(np.zeros(0))
@@ -116,5 +128,5 @@ def open_base(spec, options: AnalysisOptions, opener: Callable[..., WeightSource
     source = open_one(spec, opener, **open_kwargs)
     res = one_source(source, options, progress=open_kwargs.get("progress"))
     return BaseRun(res.info.label, res.records, res.spectra, matrix_loader(source, options),
-                   options, delta)
+                   options, source, delta)
 

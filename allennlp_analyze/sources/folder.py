@@ -1,6 +1,7 @@
 """Model folders: an AllenNLP serialization directory or a Hugging Face model folder.
 
-Resolution order: AllenNLP weights (``best.th``, ``weights.th``, ``model_state_*.th``); the
+Resolution order: a PEFT LoRA adapter (``adapter_config.json`` with its weights,
+:mod:`.lora`); AllenNLP weights (``best.th``, ``weights.th``, ``model_state_*.th``); the
 Hugging Face names (``model.safetensors.index.json``, ``model.safetensors``,
 ``pytorch_model.bin.index.json``, ``pytorch_model.bin``; safetensors preferred); then a single
 file of a known kind (one ``*.safetensors``, one ``*.th``/``*.pt``/..., one ``*.tar.gz``, one
@@ -12,6 +13,7 @@ from typing import Optional
 
 from ..errors import AnalyzeError
 from .archive import ArchiveSource, SerializationDirSource, find_serialization_weights
+from .lora import LoraAdapter, is_adapter_folder
 from .numpy_file import NpySource, NpzSource
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource
 from .torch_file import ShardedTorchSource, TorchFileSource
@@ -36,6 +38,8 @@ GENERIC = (
 def open_folder(folder: Path, label: Optional[str] = None, checkpoint_key: Optional[str] = None):
     folder = Path(folder)
     label = label or folder.resolve().name
+    if is_adapter_folder(folder):
+        return LoraAdapter(folder, label=label)
     if find_serialization_weights(folder) is not None:
         return SerializationDirSource(folder, label=label, checkpoint_key=checkpoint_key)
 
