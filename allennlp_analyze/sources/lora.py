@@ -232,7 +232,7 @@ class MergedSource:
     def __init__(self, base: WeightSource, adapter: LoraAdapter):
         self.base, self.adapter = base, adapter
         self.label = adapter.label
-        self.note = f"{adapter.label} merged into {base.label}"
+        self.note = f"the LoRA adapter merged into {base.label}"
         infos = {t.name: t for t in base.tensors()}
         self._modules: Dict[str, LoraModule] = {}
         for m in adapter.modules:
