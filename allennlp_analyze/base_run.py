@@ -7,7 +7,9 @@ base fields (:func:`allennlp_analyze.compare.compare_records`) while that source
 matrix of its own: a full record named ``delta:<name>`` (spectrum, ranks, fit) whose noise floor
 and bound are the two operands' added (ΔW is exact in float64, its storage noise that of its
 operands), its noise rank and, for narrow operands, its rank criterion ("noise") following from
-them.
+them. Its other fields are those of a float64 matrix: numpy's and Numerical Recipes' ranks use
+float64's eps, and the power-law fit takes the eigenvalues above float64's numpy tolerance,
+which can include values below the operands' noise (``rank_noise`` counts those above it).
 """
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List

@@ -24,6 +24,7 @@ from .compare import MatrixKey, pair_records
 from .errors import escape
 from .options import AnalysisOptions
 from .selection import Decision, MatrixPlan, plan
+from .sources.lora import RECORD_PREFIX, LoraAdapter, MergedSource, adapter_of
 from .tensors import WeightSource
 
 NOTE = ("Values were not read: a planned tensor whose values are all 0/1 (a mask) or all equal "
@@ -86,10 +87,20 @@ class Description:
 
 def describe_source(source: WeightSource, options: AnalysisOptions,
                     label: Optional[str] = None) -> List[TensorDescription]:
-    """The description of one source's tensors (``source.load`` is never called)."""
+    """The description of one source's tensors (``source.load`` is never called), and of a
+    LoRA adapter's modules (:mod:`allennlp_analyze.sources.lora`)."""
     label = label or source.label
     selection = plan(source.tensors(), options, getattr(source, "config", None))
-    return [_describe(label, d) for d in selection.decisions]
+    described = [_describe(label, d) for d in selection.decisions]
+    adapter = adapter_of(source)
+    for m in adapter.modules if adapter is not None else ():
+        described.append(TensorDescription(
+            model=label, name=RECORD_PREFIX + m.name, shape=m.shape, dtype=m.dtype,
+            module_type="LoRA", kind="lora", kind_from="adapter", matrices=1, skipped={},
+            decision=f"LoRA r = {m.r}, scale {m.scale:.4g}"
+                     f"{', DoRA' if m.magnitude else ''}: the r singular values of "
+                     f"s B A ({m.shape[0]} x {m.shape[1]})"))
+    return described
 
 
 def describe(*sources, options: Optional[AnalysisOptions] = None, on_error: str = "raise",
@@ -112,9 +123,10 @@ def describe(*sources, options: Optional[AnalysisOptions] = None, on_error: str 
         base_label = base_source.label
         base_keys = _keys(plan(base_source.tensors(), options,
                                getattr(base_source, "config", None)).plans)
-        del base_source
 
     def one(source: WeightSource, label: str) -> None:
+        if base_keys is not None and isinstance(source, LoraAdapter):
+            source = MergedSource(base_source, source)  # checks the adapter against the base
         described = describe_source(source, options, label)
         if base_keys is not None:
             _pair(described, source, options, base_keys)
