@@ -136,3 +136,13 @@ def test_merge_equals_peft_merge_and_unload(built, name):
             s = np.linalg.svd(D, compute_uv=False)
             assert ours[key]["delta_sv_max"] == pytest.approx(s[0], rel=1e-6)
             assert ours[f"lora:{key}"]["lora_used_rank"] == ours[key]["delta_rank"]
+
+
+def test_hub_fetches_an_adapter_config_and_its_weights():
+    from allennlp_analyze.sources.hub import weight_files
+
+    listing = ["README.md", "adapter_config.json", "adapter_model.bin",
+               "adapter_model.safetensors", "training_args.bin"]
+    assert weight_files(listing) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert weight_files(["config.json", "model.safetensors"]) == ["config.json",
+                                                                 "model.safetensors"]
