@@ -262,6 +262,8 @@ class Summary:
     def to_dict(self) -> Dict[str, object]:
         d = asdict(self)
         d["complete"] = self.complete
+        if self.base is None:  # a run without --base: the summary as ever
+            del d["base"]
         return d
 
 
