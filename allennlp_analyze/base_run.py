@@ -12,11 +12,12 @@ float64's eps, and the power-law fit takes the eigenvalues above float64's numpy
 which can include values below the operands' noise (``rank_noise`` counts those above it).
 """
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from .analysis import SourceResult, analyze_matrix, one_source, open_one, plan_source
+from .matrix import analyze_matrix
+from .source_run import SourceResult, one_source, plan_source
 from .compare import MatrixLoader, compare_records, ranked_by_change
 from .options import AnalysisOptions
 from .records import BaseSummary, MatrixRecord, criterion_for
@@ -124,11 +125,10 @@ def delta_record(D: np.ndarray, rec: MatrixRecord, base: MatrixRecord, options: 
     return out
 
 
-def open_base(spec, options: AnalysisOptions, opener: Callable[..., WeightSource],
-              delta: bool = False, **open_kwargs) -> BaseRun:
-    """Open and analyze the base model ``spec`` (any source the tool reads)."""
-    source = open_one(spec, opener, **open_kwargs)
-    res = one_source(source, options, progress=open_kwargs.get("progress"))
+def open_base(source: WeightSource, options: AnalysisOptions, delta: bool = False,
+              progress: Optional[bool] = False) -> BaseRun:
+    """Analyze the base model ``source`` (opened: any source the tool reads), kept open."""
+    res = one_source(source, options, progress=progress)
     return BaseRun(res.info.label, res.records, res.spectra, matrix_loader(source, options),
                    options, source, delta)
 

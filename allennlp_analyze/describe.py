@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import IO, Callable, Dict, List, Optional, Tuple
 
-from .analysis import for_each_source, open_one, options_from
+from .api import for_each_source, open_one, options_from
 from .compare import MatrixKey, pair_records
 from .errors import escape
 from .options import AnalysisOptions

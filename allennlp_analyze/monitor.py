@@ -44,15 +44,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .analysis import analyze_source
 from .base_run import matrix_loader
 from .compare import compare_records
 from .errors import AnalyzeError
 from .options import AnalysisOptions
 from .records import MatrixRecord, summarize
 from .selection import plan
-from .sources._common import torch_to_numpy
-from .sources.module import ModuleSource
+from .source_run import analyze_source
+from .sources import ModuleSource, torch_to_numpy
 from .tensors import TensorInfo
 
 PER = ("epoch", "step")
