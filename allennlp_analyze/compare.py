@@ -47,7 +47,7 @@ two models' own analyses (see ``benchmarks/lora_cost.py`` for a measured ratio).
 """
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -71,9 +71,14 @@ MatrixLoader = Callable[[MatrixRecord], np.ndarray]
 class Matrix(Protocol):
     """What pairing reads of a record (or of a plan's :class:`MatrixKey`)."""
 
-    name: str
-    shape: Tuple[int, ...]
-    slice: Optional[str]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> Tuple[int, ...]: ...
+
+    @property
+    def slice(self) -> Optional[str]: ...
 
 
 class MatrixKey(NamedTuple):
@@ -134,7 +139,7 @@ def pair_records(records: Sequence[Matrix], base: Sequence[Matrix]) -> Pairing:
     for i, r in enumerate(records):
         j = base_by_key.get(record_key(r))
         t = None if j is None else _fits(r, base[j])
-        if t is None:
+        if j is None or t is None:
             rest.append(i)
         else:
             out.pairs.append((i, j, t))
@@ -194,7 +199,7 @@ def ww_cka(W: np.ndarray, W_base: np.ndarray, sv: np.ndarray, sv_base: np.ndarra
 
 def delta_fields(W: np.ndarray, W_base: np.ndarray, rec: MatrixRecord, base: MatrixRecord,
                  sv: np.ndarray, sv_base: np.ndarray, loose_tol: float = 1e-3,
-                 method: str = "auto") -> Tuple[Dict[str, object], np.ndarray, np.ndarray]:
+                 method: str = "auto") -> Tuple[Dict[str, Any], np.ndarray, np.ndarray]:
     """The base fields (:data:`BASE_FIELDS`, module docstring) of one pair, W_base already in
     W's orientation; ``sv`` / ``sv_base``: the two records' singular values (descending). Also
     returns ΔW (float64) and its singular values."""

@@ -116,10 +116,10 @@ def describe(*sources, options: Optional[AnalysisOptions] = None, on_error: str 
     base_keys: Optional[List[MatrixKey]] = None
     base_label = None
     if base is not None:
-        if opener is None:
-            from .sources import open_source as opener
-        base_source = open_one(base, opener, cache_dir=cache_dir, progress=progress,
-                               checkpoint_key=checkpoint_key)
+        from .sources import open_source
+
+        base_source = open_one(base, opener or open_source, cache_dir=cache_dir,
+                               progress=progress, checkpoint_key=checkpoint_key)
         base_label = base_source.label
         base_keys = _keys(plan(base_source.tensors(), options,
                                getattr(base_source, "config", None)).plans)

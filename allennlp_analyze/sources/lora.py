@@ -236,7 +236,7 @@ class MergedSource:
         infos = {t.name: t for t in base.tensors()}
         self._modules: Dict[str, LoraModule] = {}
         for m in adapter.modules:
-            info = infos.get(m.name) or infos.get(_suffix_match(m.name, infos))
+            info = infos.get(m.name) or infos.get(_suffix_match(m.name, infos) or "")
             if info is None:
                 raise AnalyzeError(f"{adapter.folder}: adapted module {m.name} is not in the "
                                    f"base model {base.label}")
