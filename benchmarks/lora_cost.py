@@ -123,6 +123,7 @@ def main():
     out["dense_extrapolated_seconds"] = round(sum(d["modules"] * d["seconds_each"]
                                                   for d in dense.values()), 1)
     out["dense_over_lora"] = round(out["dense_extrapolated_seconds"] / t_lora, 1)
+    print(json.dumps(out), flush=True)  # the adapter's half, in case the rest is cut short
 
     base = make_llama.make(args.work / "tinyllama_2l")
     moved = moved_copy(base, args.work / "tinyllama_2l_moved")
