@@ -18,9 +18,9 @@ subtraction exact for float32 and narrower operands):
 
 * ``delta_rel`` = ‖ΔW‖_F / ‖W_base‖_F (None where W_base is all zero);
 * ``delta_sv_max`` = ‖ΔW‖₂, the largest singular value of ΔW from its full spectrum
-  (:func:`allennlp_analyze.spectrum.singular_values`, the analysis's own path: a Gram
-  eigen-decomposition, or LAPACK's SVD where the Gram cannot resolve the values near the noise
-  floor; either way sv_max to about 1e-15 relative, no power iteration);
+  (:func:`delta_singular_values`: a Gram eigen-decomposition, or LAPACK's SVD where the Gram
+  cannot resolve the values near the noise floor; either way sv_max to about 1e-14 relative,
+  no power iteration);
 * ``delta_noise_floor``: the storage noise of ΔW, W's ``noise_floor`` + W_base's (each operand's
   rounding E, ‖E₁ - E₂‖₂ <= ‖E₁‖₂ + ‖E₂‖₂), raised to float64's SVD round-off
   ``sv_max(ΔW) * max(N, M) * eps64`` where that is larger; ``delta_rank``: singular values of ΔW
@@ -197,6 +197,27 @@ def ww_cka(W: np.ndarray, W_base: np.ndarray, sv: np.ndarray, sv_base: np.ndarra
     return cross / (norm + 1e-6 if norm < 1e-6 else norm)
 
 
+def delta_singular_values(D: np.ndarray, floor: float, method: str = "auto") -> np.ndarray:
+    """ΔW's singular values (descending). "auto": the Gram path alone
+    (:func:`~allennlp_analyze.spectrum.singular_values` with ``method="gram"``), kept where it
+    resolves what the fields need: sv_max (to about (N + M) eps64 relative) and the count above
+    ``floor``, i.e. no eigenvalue within the Gram's absolute error dλ = 4 (N + M) eps64 λ_max of
+    floor², and floor² > 2 dλ; else LAPACK's SVD. (The rank tolerances of the analysis, whose
+    absolute loose bound and eps64 tolerances would send nearly every ΔW to the SVD, play no
+    part here.) The small values of a kept Gram spectrum are within sqrt(dλ) of the truth: the
+    effective rank takes them as they are. "svd" / "gram": that path."""
+    eps64 = DTYPE_EPS["float64"]
+    if method != "auto":
+        return singular_values(D, eps64, 0.0, method).sv
+    sv = singular_values(D, eps64, 0.0, "gram").sv
+    if sv.size and sv[0] > 0.0:
+        lam, f2 = sv ** 2, floor ** 2
+        dlam = 4.0 * sum(D.shape) * eps64 * lam[0]
+        if f2 <= 2.0 * dlam or bool(np.any(np.abs(lam - f2) <= dlam)):
+            return singular_values(D, eps64, 0.0, "svd").sv
+    return sv
+
+
 def delta_fields(W: np.ndarray, W_base: np.ndarray, rec: MatrixRecord, base: MatrixRecord,
                  sv: np.ndarray, sv_base: np.ndarray, loose_tol: float = 1e-3,
                  method: str = "auto") -> Tuple[Dict[str, Any], np.ndarray, np.ndarray]:
@@ -207,8 +228,7 @@ def delta_fields(W: np.ndarray, W_base: np.ndarray, rec: MatrixRecord, base: Mat
     fro_d = float(np.linalg.norm(D))
     fro_b = float(np.linalg.norm(np.asarray(W_base, dtype=np.float64)))
     operands = (rec.noise_floor or 0.0) + (base.noise_floor or 0.0)
-    spec = singular_values(D, DTYPE_EPS["float64"], loose_tol, method, noise_estimate=operands)
-    d_sv = spec.sv
+    d_sv = delta_singular_values(D, operands, method)
     top = float(d_sv[0]) if d_sv.size else 0.0
     floor = max(operands, top * max(D.shape) * DTYPE_EPS["float64"])
     fields = {

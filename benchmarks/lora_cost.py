@@ -87,18 +87,26 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dense", type=int, default=1,
                     help="dense SVDs timed per shape (square, rectangular)")
+    ap.add_argument("--parts", default="lora,base",
+                    help="which halves to run (comma-separated: lora, base)")
     args = ap.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
+    out = {"threads": args.threads}
+    if "lora" in args.parts:
+        lora_half(args, out)
+    if "base" in args.parts:
+        base_half(args, out)
+    print(json.dumps(out, indent=1))
+
+
+def lora_half(args, out: dict) -> None:
     import numpy as np
     from threadpoolctl import threadpool_limits
 
     from allennlp_analyze import analyze
     from allennlp_analyze.sources.lora import LoraAdapter
 
-    import make_llama
-
-    out = {"threads": args.threads}
     adapter = make_adapter(args.work / "llama2_7b_lora_r16")
     t_lora, result = timed(lambda: analyze(str(adapter), workers=args.threads))
     modules = [r for r in result.records if r.lora_r is not None]
@@ -125,6 +133,12 @@ def main():
     out["dense_over_lora"] = round(out["dense_extrapolated_seconds"] / t_lora, 1)
     print(json.dumps(out), flush=True)  # the adapter's half, in case the rest is cut short
 
+
+def base_half(args, out: dict) -> None:
+    from allennlp_analyze import analyze
+
+    import make_llama
+
     base = make_llama.make(args.work / "tinyllama_2l")
     moved = moved_copy(base, args.work / "tinyllama_2l_moved")
     t_one, one = timed(lambda: analyze(str(moved), min_q=1.0, workers=args.threads))
@@ -135,7 +149,7 @@ def main():
     out["base_over_one"] = round(t_base / t_one, 2)
     out["paired"] = both.summary.base.paired
     out["matrices"] = len(one.records)
-    print(json.dumps(out, indent=1))
+
 
 
 if __name__ == "__main__":
