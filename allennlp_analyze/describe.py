@@ -90,7 +90,8 @@ def describe_source(source: WeightSource, options: AnalysisOptions,
     """The description of one source's tensors (``source.load`` is never called), and of a
     LoRA adapter's modules (:mod:`allennlp_analyze.sources.lora`)."""
     label = label or source.label
-    selection = plan(source.tensors(), options, getattr(source, "config", None))
+    selection = plan(source.tensors(), options, getattr(source, "config", None),
+                     getattr(source, "context", None))
     described = [_describe(label, d) for d in selection.decisions]
     adapter = adapter_of(source)
     for m in adapter.modules if adapter is not None else ():
@@ -122,7 +123,8 @@ def describe(*sources, options: Optional[AnalysisOptions] = None, on_error: str 
                                progress=progress, checkpoint_key=checkpoint_key)
         base_label = base_source.label
         base_keys = _keys(plan(base_source.tensors(), options,
-                               getattr(base_source, "config", None)).plans)
+                               getattr(base_source, "config", None),
+                               getattr(base_source, "context", None)).plans)
 
     def one(source: WeightSource, label: str) -> None:
         if base_keys is not None and isinstance(source, LoraAdapter):
@@ -146,7 +148,8 @@ def _keys(plans: List[MatrixPlan]) -> List[MatrixKey]:
 def _pair(described: List[TensorDescription], source: WeightSource, options: AnalysisOptions,
           base_keys: List[MatrixKey]) -> None:
     """Fill each tensor's ``base``: its planned matrices' partners in the base (or why none)."""
-    plans = plan(source.tensors(), options, getattr(source, "config", None)).plans
+    plans = plan(source.tensors(), options, getattr(source, "config", None),
+                 getattr(source, "context", None)).plans
     keys = _keys(plans)
     pairing = pair_records(keys, base_keys)
     said: Dict[str, str] = {keys[i].name: base_keys[j].name + (" (transposed)" if t else "")

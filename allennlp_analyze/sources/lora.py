@@ -252,6 +252,7 @@ class MergedSource:
                                    f"{t.shape}, the base's {infos[name].shape}")
         self._infos = [self._saved.get(t.name, t) for t in base.tensors()]
         self.config = getattr(base, "config", None)
+        self.context = getattr(base, "context", None)
 
     def tensors(self) -> Sequence[TensorInfo]:
         return list(self._infos)
