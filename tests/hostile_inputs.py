@@ -128,6 +128,16 @@ def safetensors_file(path: Path, tensors: Dict[str, np.ndarray]) -> Path:
     return path
 
 
+def lora_adapter(folder: Path, config: dict, tensors: Dict[str, np.ndarray]) -> Path:
+    """A PEFT LoRA adapter folder: ``adapter_config.json`` (``config`` over PEFT's defaults)
+    and ``adapter_model.safetensors`` holding ``tensors``."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["fc"], **config}))
+    safetensors_file(folder / "adapter_model.safetensors", tensors)
+    return folder
+
+
 def tiny_matrices(path: Path, n: int) -> Path:
     """``n`` float32 3 x 2 matrices named ``m{i}.weight``."""
     header = {f"m{i}.weight": {"dtype": "F32", "shape": [3, 2], "data_offsets": [24 * i, 24 * i + 24]}

@@ -141,6 +141,11 @@ def inputs(tmp_path_factory):
     f["nul_list"].write_text(f"{good}\x00x\n")
     f["st"] = H.safetensors_file(d / "st.safetensors", {"fc.weight": rng.standard_normal((30, 10))})
     f.update({f"keras:{name}": path for name, path in H.keras_hostile(d / "keras").items()})
+    lora = {"base_model.model.fc.lora_A.weight": rng.standard_normal((4, 10)),
+            "base_model.model.fc.lora_B.weight": rng.standard_normal((30, 4))}
+    f["lora_lying_r"] = H.lora_adapter(d / "lora_lying_r", {"r": 8}, lora)
+    f["lora_absent"] = H.lora_adapter(d / "lora_absent", {}, {
+        k.replace(".fc.", ".gc."): v for k, v in lora.items()})
     f["www"] = d / "www"
     f["www"].mkdir()
     for name in ("tagger.tar.gz", "model.tar.gz"):
@@ -180,6 +185,9 @@ def _cases(f, base, backlog, work):
         "empty_conv": ([str(f["empty_conv"]), "--include", "conv", "--format", "json"], {}),
         "sparse": ([str(f["sparse"])], {}),
         "tiny": ([str(f["tiny"]), "--match", r"^m77777\.weight$", "--format", "json"], {}),
+        # LoRA adapters whose adapter_config.json lies
+        "lora_lying_r": ([str(f["lora_lying_r"])], {}),
+        "lora_absent": ([str(f["lora_absent"]), "--base", st], {}),
         # options
         **{f"option:{' '.join(o)}": ([st, *o], {}) for o in (
             ["--min-q", "inf"], ["--loose-tol", "inf"], ["--min-q", "nan"],
@@ -375,6 +383,14 @@ def test_deep_json_is_refused_without_recursion(batches, inputs):
     assert "nested more than 64 levels deep" in r["err"] and "analyzing the raw weights" in r["err"]
     assert len(json.loads(r["out"])["records"]) == 5
     assert batches["standalone"]["deep_config"]["rc"] == 0
+
+
+def test_lying_lora_adapters_are_one_line(batches):
+    found = _both_errors(batches, "lora_lying_r", "adapter_config.json gives fc rank r = 8",
+                         "lora_A is 4 x 10")
+    assert found["standalone"] == found["plugin"]
+    found = _both_errors(batches, "lora_absent", "adapted module gc.weight is not in the base")
+    assert found["standalone"] == found["plugin"]
 
 
 @pytest.mark.parametrize("case, fragment", [
