@@ -1,0 +1,381 @@
+"""Packed quantized layers (GPTQ, AWQ, compressed-tensors, bitsandbytes) decoded by
+:mod:`allennlp_analyze.sources.quant`, checked against the libraries' own code:
+compressed-tensors' quantize / pack / unpack / dequantize, bitsandbytes' quantize_4bit /
+dequantize_4bit / int8_vectorwise_quant, and for GPTQ / AWQ (whose libraries need a GPU) the
+packing loops and the CPU dequantization formulas of AutoGPTQ / GPTQModel / AutoAWQ written here
+from their source. Our float64 values, rounded once to the library's output precision, equal the
+library's values exactly; the per-element bound holds against ``W_q - W`` for the
+round-to-nearest quantizers on random and MiniLM weights."""
+import numpy as np
+import pytest
+import torch
+
+from allennlp_analyze.errors import AnalyzeError
+from allennlp_analyze.sources.quant.awq import AWQMatrix
+from allennlp_analyze.sources.quant.bnb import FourBitMatrix, Int8RowMatrix
+from allennlp_analyze.sources.quant.ctensors import (CTIntMatrix, naive_reader,
+                                                      packed_reader, packed_zero_points)
+from allennlp_analyze.sources.quant.gptq import GPTQMatrix
+from allennlp_analyze.sources.quant.intgrid import UNIT_ROUNDOFF
+
+ct_forward = pytest.importorskip("compressed_tensors.quantization.lifecycle.forward")
+ct_pack = pytest.importorskip(
+    "compressed_tensors.compressors.quantized_compressors.pack_quantized")
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
+from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
+
+
+def _all_rows(matrix, block: int = 7):
+    """Decode in row blocks of ``block`` (exercises block edges), stacked."""
+    parts = [matrix.rows(a, min(a + block, matrix.shape[0]))
+             for a in range(0, matrix.shape[0], block)]
+    values = np.vstack([p.values for p in parts])
+    step = np.vstack([p.step for p in parts])
+    worst = None if parts[0].worst is None else np.vstack([p.worst for p in parts])
+    return values, step, worst
+
+
+def _rounded(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """float64 -> the library's precision, one rounding."""
+    return torch.from_numpy(values).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def minilm_weight(minilm_path) -> np.ndarray:
+    """MiniLM's first FFN input matrix (1536 x 384) as stored (float32), first 96 rows."""
+    from allennlp_analyze.sources.safetensors_file import SafetensorsSource
+    source = SafetensorsSource(minilm_path)
+    name = next(t.name for t in source.tensors() if t.name.endswith("intermediate.dense.weight"))
+    return source.load(name)[:96].astype(np.float32)
+
+
+# --------------------------------------------------------------------------- compressed-tensors
+
+def _ct_quantize(w: torch.Tensor, bits: int, symmetric: bool, group_size, g_idx=None):
+    """compressed-tensors' own min/max qparams and quantize: (codes int8, scale, zero point)."""
+    strategy = "group" if group_size else "channel"
+    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy=strategy,
+                            group_size=group_size)
+    out, columns = w.shape
+    if group_size:
+        order = torch.argsort(g_idx) if g_idx is not None else torch.arange(columns)
+        grouped = w[:, order].reshape(out, -1, group_size)
+        lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
+    else:
+        lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    scale, zero = calculate_qparams(lo, hi, args)
+    scale = scale.to(w.dtype)  # stored in the weight's dtype, and used so by the quantizer
+    zero = zero.to(torch.int8)
+    codes = ct_forward.quantize(w, scale, zero, args, dtype=torch.int8, g_idx=g_idx)
+    return codes, scale, zero
+
+
+@pytest.mark.parametrize("bits,symmetric,group_size,actorder", [
+    (4, True, 32, False), (4, False, 32, False), (8, True, None, False), (8, False, None, False),
+    (4, True, 32, True), (2, False, 16, False)])
+def test_ct_pack_quantized_matches_library(bits, symmetric, group_size, actorder, minilm_weight):
+    """Word-aligned packing (compressed-tensors 0.12's pack_to_int32), sym/asym, group/channel,
+    act-order g_idx: values equal the library's dequantize (bf16), bound holds on MiniLM."""
+    w = torch.from_numpy(minilm_weight).to(torch.bfloat16)
+    g_idx = None
+    if actorder:
+        perm = torch.from_numpy(np.random.default_rng(0).permutation(w.shape[1]))
+        g_idx = torch.empty(w.shape[1], dtype=torch.int32)
+        g_idx[perm] = (torch.arange(w.shape[1]) // group_size).to(torch.int32)
+    codes, scale, zero = _ct_quantize(w, bits, symmetric, group_size, g_idx)
+    packed = ct_pack.pack_to_int32(codes, bits)
+    reference = ct_forward.dequantize(ct_pack.unpack_from_int32(packed, bits, w.shape), scale,
+                                      None if symmetric else zero, g_idx=g_idx)
+    zp = None
+    if not symmetric:
+        zp = packed_zero_points("l.weight_zero_point",
+                                ct_pack.pack_to_int32(zero, bits, packed_dim=0).numpy(),
+                                w.shape[0], scale.shape[1], bits, None)
+    matrix = CTIntMatrix("l", tuple(w.shape), packed_reader("l.weight_packed", packed.numpy(),
+                                                            tuple(w.shape), bits, None),
+                         scale.float().numpy(), zp, None if g_idx is None else g_idx.numpy(),
+                         group_size, bits, UNIT_ROUNDOFF["bfloat16"], None)
+    values, step, worst = _all_rows(matrix)
+    assert torch.equal(_rounded(values, torch.bfloat16), reference)
+    error = np.abs(values - w.double().numpy())
+    assert np.all(error <= worst)
+    # Not vacuous: the bound is within a few percent of half a step, and errors reach 40% of it.
+    assert np.all(worst <= step * (0.5 + 2.0**-8 * (2**bits + 2 + 2**(bits - 1) + 1)))
+    assert error.max() > 0.4 * step[error.argmax() // step.shape[1], error.argmax() % step.shape[1]]
+    expected = f"ct-int{bits}-" + (f"g{group_size}" if group_size else "channel")
+    assert matrix.scheme == expected
+
+
+def _dense_pack(codes: torch.Tensor, bits: int) -> np.ndarray:
+    """compressed-tensors >= 0.18's dense packing (helpers.pack_to_int32), restated: code ``i``
+    of a row, offset to unsigned, at bit ``i * bits`` of the row's little-endian stream."""
+    unsigned = (codes.numpy().astype(np.int64) + (1 << (bits - 1)))
+    rows, cols = unsigned.shape
+    stream = np.zeros((rows, -(-cols * bits // 32) * 32), dtype=np.uint8)
+    for b in range(bits):
+        stream[:, np.arange(cols) * bits + b] = (unsigned >> b) & 1
+    weights = (1 << np.arange(32, dtype=np.uint64))
+    return (stream.reshape(rows, -1, 32) * weights).sum(axis=2).astype(np.uint32).view(np.int32)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 4])
+def test_ct_dense_and_legacy_packing(bits):
+    """Dense (>= 0.18) and word-aligned (0.12's pack_to_int32) layouts of the same codes decode to
+    the same matrix; widths tell them apart, the version where the widths agree."""
+    rng = np.random.default_rng(bits)
+    w = torch.from_numpy(rng.standard_normal((12, 70)).astype(np.float32)).to(torch.bfloat16)
+    codes, scale, _ = _ct_quantize(w, bits, True, None)
+    reference = ct_forward.dequantize(codes, scale)
+    for packed, hint in ((_dense_pack(codes, bits), True),
+                         (ct_pack.pack_to_int32(codes, bits).numpy(), False)):
+        matrix = CTIntMatrix("l", (12, 70), packed_reader("l", packed, (12, 70), bits, hint),
+                             scale.float().numpy(), None, None, None, bits, None, "test")
+        values = _all_rows(matrix, 5)[0]
+        assert torch.equal(_rounded(values, torch.bfloat16), reference)
+    if bits == 3:  # 70 codes: 7 dense words, 7 word-aligned words: only the version decides
+        with pytest.raises(AnalyzeError, match="cannot tell dense"):
+            packed_reader("l", _dense_pack(codes, bits), (12, 70), bits, None)
+
+
+def test_ct_naive_int8_matches_library():
+    rng = np.random.default_rng(1)
+    w = torch.from_numpy(rng.standard_normal((20, 64)).astype(np.float32)).to(torch.float16)
+    codes, scale, _ = _ct_quantize(w, 8, True, 16)
+    reference = ct_forward.dequantize(codes, scale)
+    matrix = CTIntMatrix("l", (20, 64), naive_reader("l.weight", codes.numpy(), 8),
+                         scale.float().numpy(), None, None, 16, 8, UNIT_ROUNDOFF["float16"], None)
+    values, _, worst = _all_rows(matrix)
+    assert torch.equal(_rounded(values, torch.float16), reference)
+    assert np.all(np.abs(values - w.double().numpy()) <= worst)
+
+
+# --------------------------------------------------------------------------- GPTQ
+
+def _gptq_pack(intweight: np.ndarray, zeros: np.ndarray, bits: int, v1: bool):
+    """AutoGPTQ's QuantLinear.pack loops (qlinear_cuda_old.py), restated: ``intweight`` (in, out)
+    codes, ``zeros`` (G, out); v1 stores ``zeros - 1``."""
+    intweight = intweight.astype(np.uint32)
+    per = 32 // bits
+    qweight = np.zeros((intweight.shape[0] // 32 * bits, intweight.shape[1]), dtype=np.uint32)
+    i = row = 0
+    while row < qweight.shape[0]:
+        for j in range(i, i + per):
+            qweight[row] |= intweight[j] << (bits * (j - i))
+        i += per
+        row += 1
+    stored = (zeros.astype(np.int64) - (1 if v1 else 0)).astype(np.uint32) & ((1 << bits) - 1)
+    qzeros = np.zeros((stored.shape[0], stored.shape[1] // 32 * bits), dtype=np.uint32)
+    i = col = 0
+    while col < qzeros.shape[1]:
+        for j in range(i, i + per):
+            qzeros[:, col] |= stored[:, j] << (bits * (j - i))
+        i += per
+        col += 1
+    return qweight.view(np.int32), qzeros.view(np.int32)
+
+
+def _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits, v1: bool) -> torch.Tensor:
+    """GPTQModel's TorchQuantLinear.dequantize_weight (v2 zeros; v1 converted by +1), fp16."""
+    qweight, qzeros = torch.from_numpy(qweight), torch.from_numpy(qzeros)
+    per = 32 // bits
+    wf = torch.arange(0, 32, bits, dtype=torch.int32)
+    zeros = torch.bitwise_right_shift(qzeros.unsqueeze(2).expand(-1, -1, per), wf.unsqueeze(0))
+    zeros = torch.bitwise_and(zeros, (1 << bits) - 1).reshape(qzeros.shape[0], -1)
+    if v1:
+        zeros = zeros + 1
+    weight = torch.bitwise_right_shift(qweight.unsqueeze(1).expand(-1, per, -1), wf.unsqueeze(-1))
+    weight = torch.bitwise_and(weight, (1 << bits) - 1)
+    weight = weight.reshape(-1, weight.shape[2])
+    g = torch.from_numpy(g_idx).long()
+    scales = torch.from_numpy(scales)
+    return (scales[g] * (weight - zeros[g]).to(torch.float16)).T
+
+
+def _gptq_fixture(bits: int, sym: bool, actorder: bool, v1: bool, out=64, columns=128, gs=32):
+    """Codes, zeros and fp16 scales as a GPTQ quantizer leaves them (rounding only: the
+    decoder's job is the layout), packed AutoGPTQ's way."""
+    rng = np.random.default_rng(bits * 10 + sym + 2 * actorder + 4 * v1)
+    groups = columns // gs
+    maxq = (1 << bits) - 1
+    intweight = rng.integers(0, maxq + 1, size=(columns, out))
+    zeros = (np.full((groups, out), (maxq + 1) // 2) if sym
+             else rng.integers(1, maxq + 1, size=(groups, out)))
+    scales = (rng.random((groups, out)) * 0.02 + 1e-3).astype(np.float16)
+    g_idx = np.arange(columns) // gs
+    if actorder:
+        g_idx = g_idx[rng.permutation(columns)]
+    qweight, qzeros = _gptq_pack(intweight, zeros, bits, v1)
+    return qweight, qzeros, scales, g_idx.astype(np.int32), intweight, zeros
+
+
+@pytest.mark.parametrize("bits,sym,actorder,v1", [
+    (4, True, False, True), (4, True, True, False), (4, False, True, True),
+    (2, False, False, False),
+    (8, True, False, True), (8, False, True, False)])
+def test_gptq_matches_gptqmodel_dequantize(bits, sym, actorder, v1):
+    qweight, qzeros, scales, g_idx, _, _ = _gptq_fixture(bits, sym, actorder, v1)
+    reference = _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits, v1)
+    label = "gptq" if v1 else "gptq_v2"
+    stored_g_idx = g_idx if actorder or not sym else None  # g_idx is optional when monotone
+    matrix = GPTQMatrix("l", qweight, qzeros, scales, stored_g_idx, bits, 32, label, sym)
+    values, step, worst = _all_rows(matrix)
+    assert torch.equal(_rounded(values, torch.float16), reference)
+    assert worst is None and matrix.bound_reason and "error feedback" in matrix.note
+    assert np.array_equal(step, np.abs(scales.astype(np.float64))[g_idx].T)
+    assert matrix.scheme == f"gptq-int{bits}-g32" + ("-actorder" if actorder else "")
+
+
+def test_gptq_zero_convention_from_data_not_label():
+    """Symmetric v2 zeros under a v1 label (and the reverse) decode by the data."""
+    for v1, label in ((False, "gptq"), (True, "gptq_v2")):
+        qweight, qzeros, scales, g_idx, _, _ = _gptq_fixture(4, True, False, v1)
+        reference = _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, 4, v1)
+        matrix = GPTQMatrix("l", qweight, qzeros, scales, None, 4, 32, label, None)
+        assert torch.equal(_rounded(_all_rows(matrix)[0], torch.float16), reference)
+        assert matrix.convention.startswith("v1" if v1 else "v2")
+
+
+# --------------------------------------------------------------------------- AWQ
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def _awq_gemm_pack(intweight: np.ndarray, zeros: np.ndarray):
+    """AutoAWQ's WQLinear_GEMM.from_linear packing loops, restated: ``intweight`` (in, out),
+    ``zeros`` (G, out)."""
+    def pack(values):
+        values = values.astype(np.uint32)
+        packed = np.zeros((values.shape[0], values.shape[1] // 8), dtype=np.uint32)
+        for col in range(values.shape[1] // 8):
+            for i in range(8):
+                packed[:, col] |= values[:, col * 8 + AWQ_ORDER[i]] << (i * 4)
+        return packed.view(np.int32)
+    return pack(intweight), pack(zeros)
+
+
+def _awq_dequantize_gemm(qweight, qzeros, scales, group_size) -> torch.Tensor:
+    """AutoAWQ's awq/utils/packing_utils.py dequantize_gemm (unpack_awq, reverse_awq_order),
+    in fp16."""
+    qweight, qzeros, scales = map(torch.from_numpy, (qweight, qzeros, scales))
+    shifts = torch.arange(0, 32, 4)
+    iweights = torch.bitwise_right_shift(qweight[:, :, None], shifts[None, None, :]).to(torch.int8)
+    iweights = iweights.view(iweights.shape[0], -1)
+    izeros = torch.bitwise_right_shift(qzeros[:, :, None], shifts[None, None, :]).to(torch.int8)
+    izeros = izeros.view(izeros.shape[0], -1)
+    order = torch.arange(iweights.shape[-1]).view(-1, 8)[:, AWQ_REVERSE_ORDER].view(-1)
+    iweights, izeros = iweights[:, order] & 15, izeros[:, order] & 15
+    scales = scales.repeat_interleave(group_size, dim=0)
+    izeros = izeros.repeat_interleave(group_size, dim=0)
+    return ((iweights - izeros) * scales).T
+
+
+def test_awq_gemm_matches_autoawq_dequantize():
+    rng = np.random.default_rng(5)
+    columns, out, gs = 128, 48, 32
+    intweight = rng.integers(0, 16, size=(columns, out))
+    zeros = rng.integers(0, 16, size=(columns // gs, out))
+    scales = (rng.random((columns // gs, out)) * 0.02 + 1e-3).astype(np.float16)
+    qweight, qzeros = _awq_gemm_pack(intweight, zeros)
+    reference = _awq_dequantize_gemm(qweight, qzeros, scales, gs)
+    matrix = AWQMatrix("l", qweight, qzeros, scales, 4, gs, "gemm")
+    values, _, worst = _all_rows(matrix, 5)  # blocks of 5 rows cut packed words of 8 columns
+    assert torch.equal(_rounded(values, torch.float16), reference)
+    assert worst is None and matrix.scheme == "awq-int4-g32" and "W diag(s)" in matrix.note
+
+
+def test_awq_gemv_layout():
+    """WQLinear_GEMV.from_linear's layout: (out, in/8) natural order; padded zeros/scales."""
+    rng = np.random.default_rng(6)
+    columns, out, gs = 256, 16, 64
+    groups = columns // gs
+    intweight = rng.integers(0, 16, size=(out, columns))
+    zeros = rng.integers(0, 16, size=(out, groups))
+    scales = (rng.random((out, groups)) * 0.02 + 1e-3).astype(np.float16)
+    width = 2  # calculate_zeros_width(256, 64): ceil(4 / 8) = 1 -> rounded up to a multiple of 2
+    qscales = np.zeros((out, width * 8), np.float16)
+    qscales[:, :groups] = scales
+    qweight = np.zeros((out, columns // 8), np.uint32)
+    for col in range(columns // 8):
+        for i in range(8):
+            qweight[:, col] |= intweight[:, col * 8 + i].astype(np.uint32) << (i * 4)
+    qzeros = np.zeros((out, width), np.uint32)
+    for col in range(-(-groups // 8)):
+        for i in range(8):
+            if col * 8 + i < groups:
+                qzeros[:, col] |= zeros[:, col * 8 + i].astype(np.uint32) << (i * 4)
+    matrix = AWQMatrix("l", qweight.view(np.int32), qzeros.view(np.int32), qscales, 4, gs, "gemv")
+    values = _all_rows(matrix)[0]
+    group = np.arange(columns) // gs
+    expected = ((intweight - zeros[:, group]) * scales.astype(np.float64)[:, group])
+    assert np.array_equal(values, expected)
+
+
+# --------------------------------------------------------------------------- bitsandbytes
+
+def _bnb_four_bit(w: torch.Tensor, quant_type: str, nested: bool, blocksize=64):
+    """bitsandbytes' own quantize_4bit and its serialized (transformers) state."""
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                                 compress_statistics=nested)
+    saved = {k: v for k, v in state.as_dict(packed=True).items()}
+    meta = next(v for k, v in saved.items() if k.startswith("quant_state."))
+    import json
+    info = json.loads(bytes(meta.numpy().tolist()).decode())
+    return packed, state, saved, info
+
+
+def _four_bit_matrix(packed, saved, info) -> FourBitMatrix:
+    nested = "nested_absmax" in saved
+    return FourBitMatrix("l.weight", packed.numpy(), saved["absmax"].numpy(),
+                         saved["quant_map"].numpy(), info,
+                         saved["nested_absmax"].numpy() if nested else None,
+                         saved["nested_quant_map"].numpy() if nested else None)
+
+
+@pytest.mark.parametrize("quant_type,nested,columns", [
+    ("nf4", False, 128), ("nf4", True, 688), ("fp4", False, 688), ("fp4", True, 128)])
+def test_bnb_four_bit_matches_library(quant_type, nested, columns, minilm_weight):
+    """Values equal bitsandbytes' reference 4-bit dequantization (the ``default`` backend's
+    ``_dequantize_4bit_compute``: code[k] * absmax[k // blocksize] over the flattened matrix in
+    float32, cast to the state's dtype; the same definition as its quantizer). Row length 688 is
+    not a multiple of the block size: there bitsandbytes' own CPU kernel
+    (``bitsandbytes.functional.dequantize_4bit`` on CPU, 0.50.2) decodes the blocks that cross a
+    row end wrongly (errors of the size of the weights); the test records that it differs."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+    rng = np.random.default_rng(columns)
+    w = torch.from_numpy(rng.standard_normal((24, columns)).astype(np.float32) * 0.05)
+    if columns == 128:
+        w = torch.from_numpy(minilm_weight[:24, :128].copy())
+    w = w.to(torch.bfloat16)
+    packed, state, saved, info = _bnb_four_bit(w, quant_type, nested)
+    absmax = state.absmax
+    if nested:
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    reference = _dequantize_4bit_compute.__wrapped__(  # not torch.compile'd: slow to start
+        packed.reshape(-1), absmax,
+                                         _get_4bit_code(quant_type, packed.device), 64,
+                                         list(w.shape), torch.bfloat16)
+    matrix = _four_bit_matrix(packed, saved, info)
+    values, step, worst = _all_rows(matrix, 5)
+    assert torch.equal(torch.from_numpy(values).float().to(torch.bfloat16), reference)
+    cpu = bnb_functional.dequantize_4bit(packed, state)
+    assert torch.equal(cpu, reference) == (columns % 64 == 0)
+    error = np.abs(values - w.double().numpy())
+    assert np.all(error <= worst)
+    # Not vacuous: errors reach 30% of the largest bound; bounds are about half the cell.
+    assert error.max() > 0.3 * worst.max() and np.median(worst / step) < 0.75
+    assert matrix.scheme == f"{quant_type}-b64"
+
+
+def test_bnb_int8_matches_library(minilm_weight):
+    w = torch.from_numpy(minilm_weight[:40]).to(torch.float16)
+    codes, scb, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(w.clone())
+    reference = bnb_functional.int8_vectorwise_dequant(codes, scb)
+    matrix = Int8RowMatrix("l.weight", codes.numpy(), scb.numpy())
+    values, step, worst = _all_rows(matrix)
+    assert np.allclose(values, reference.double().numpy(), rtol=3 * 2.0**-24, atol=0)
+    error = np.abs(values - w.double().numpy())
+    assert np.all(error <= worst) and error.max() > 0.4 * step.max()
+    assert np.all(worst <= step * (0.5 + 2.0**-15))
