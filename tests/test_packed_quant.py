@@ -379,3 +379,168 @@ def test_bnb_int8_matches_library(minilm_weight):
     error = np.abs(values - w.double().numpy())
     assert np.all(error <= worst) and error.max() > 0.4 * step.max()
     assert np.all(worst <= step * (0.5 + 2.0**-15))
+
+
+# --------------------------------------------------------------------------- checkpoint folders
+
+def _folder(tmp_path, tensors: dict, config=None, recipe=None):
+    """A safetensors model folder; ``tensors`` numpy or torch arrays."""
+    import json
+
+    from safetensors.torch import save_file
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    save_file({k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
+               for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    if recipe is not None:
+        (tmp_path / "recipe.yaml").write_text(recipe)
+    return tmp_path
+
+
+def _open(folder):
+    from allennlp_analyze.sources.quant.packed import open_packed
+    from allennlp_analyze.sources.safetensors_file import SafetensorsSource
+    return open_packed(SafetensorsSource(folder / "model.safetensors"), folder)
+
+
+GPTQ_CONFIG = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                       "sym": True, "desc_act": True,
+                                       "checkpoint_format": "gptq"}}
+
+
+def _gptq_tensors(prefix="model.layers.0.self_attn.q_proj", bits=4, sym=True, actorder=True):
+    qweight, qzeros, scales, g_idx, _, _ = _gptq_fixture(bits, sym, actorder, True)
+    return {f"{prefix}.qweight": qweight, f"{prefix}.qzeros": qzeros, f"{prefix}.scales": scales,
+            f"{prefix}.g_idx": g_idx, f"{prefix}.bias": np.zeros(64, np.float16)}, \
+        _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits, True)
+
+
+def test_gptq_folder_lists_layers_once_under_their_names(tmp_path):
+    tensors, reference = _gptq_tensors()
+    tensors["model.embed_tokens.weight"] = np.ones((10, 128), np.float32)
+    source = _open(_folder(tmp_path, tensors, GPTQ_CONFIG))
+    listing = {t.name: t for t in source.tensors()}
+    layer = "model.layers.0.self_attn.q_proj.weight"
+    assert set(listing) == {layer, "model.layers.0.self_attn.q_proj.bias",
+                            "model.embed_tokens.weight"}
+    assert listing[layer].shape == (64, 128) and listing[layer].dtype == "gptq-int4-g32-actorder"
+    assert source.metadata == {f"model.layers.0.self_attn.q_proj.{s}"
+                               for s in ("qzeros", "scales", "g_idx")}
+    assert source.metadata_bytes == (tensors[layer[:-6] + "qzeros"].nbytes
+                                     + tensors[layer[:-6] + "scales"].nbytes
+                                     + tensors[layer[:-6] + "g_idx"].nbytes)
+    assert torch.equal(_rounded(source.load(layer), torch.float16), reference)
+    assert source.quantized(layer).bound_reason is not None
+
+
+def test_awq_and_gptq_told_apart_without_config(tmp_path):
+    tensors, reference = _gptq_tensors(actorder=False)
+    rng = np.random.default_rng(8)
+    intweight, zeros = rng.integers(0, 16, (128, 48)), rng.integers(0, 16, (4, 48))
+    scales = (rng.random((4, 48)) * 0.01 + 1e-3).astype(np.float16)
+    qweight, qzeros = _awq_gemm_pack(intweight, zeros)
+    tensors.update({"awq.qweight": qweight, "awq.qzeros": qzeros, "awq.scales": scales})
+    source = _open(_folder(tmp_path, tensors))
+    dtypes = {t.name: t.dtype for t in source.tensors()}
+    assert dtypes["awq.weight"] == "awq-int4-g32"
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == "gptq-int4-g32"
+    assert torch.equal(_rounded(source.load("awq.weight"), torch.float16),
+                       _awq_dequantize_gemm(qweight, qzeros, scales, 32))
+    assert torch.equal(_rounded(source.load("model.layers.0.self_attn.q_proj.weight"),
+                                torch.float16), reference)
+
+
+def _ct_folder(tmp_path, w: torch.Tensor, recipe, bits=4, symmetric=False, version="0.12.2"):
+    codes, scale, zero = _ct_quantize(w, bits, symmetric, 32)
+    tensors = {"l.weight_packed": ct_pack.pack_to_int32(codes, bits),
+               "l.weight_scale": scale, "l.weight_shape": torch.tensor(w.shape)}
+    if not symmetric:
+        tensors["l.weight_zero_point"] = ct_pack.pack_to_int32(zero, bits,
+                                                              packed_dim=0).contiguous()
+    config = {"quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "version": version,
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group",
+            "group_size": 32, "observer": "minmax"}}}}}
+    reference = ct_forward.dequantize(codes, scale, None if symmetric else zero)
+    return _folder(tmp_path, tensors, config, recipe), reference
+
+
+def test_ct_folder_bound_from_the_recipe(tmp_path, minilm_weight):
+    w = torch.from_numpy(minilm_weight[:40]).to(torch.bfloat16)
+    rtn = "quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      targets: [Linear]\n"
+    folder, reference = _ct_folder(tmp_path / "rtn", w, rtn)
+    source = _open(folder)
+    assert [t.dtype for t in source.tensors()] == ["ct-int4-g32"]
+    matrix = source.quantized("l.weight")
+    rows = matrix.rows(0, 40)
+    assert torch.equal(_rounded(rows.values, torch.bfloat16), reference)
+    assert matrix.bound_reason is None and np.all(np.abs(rows.values - w.double().numpy())
+                                                  <= rows.worst)
+    gptq = rtn.replace("QuantizationModifier", "GPTQModifier")
+    for sub, text in (("gptq", gptq), ("none", None)):
+        matrix = _open(_ct_folder(tmp_path / sub, w, text)[0]).quantized("l.weight")
+        assert matrix.rows(0, 3).worst is None and matrix.bound_reason
+
+
+def test_bnb_folder_nf4_double_quant_and_int8(tmp_path, minilm_weight):
+    w = torch.from_numpy(minilm_weight[:32, :128].copy()).to(torch.bfloat16)
+    packed, state, saved, info = _bnb_four_bit(w, "nf4", True)
+    tensors = {"q.weight": packed}
+    tensors.update({f"q.weight.{k}": v for k, v in saved.items()})
+    codes, scb, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(w.half().clone())
+    tensors.update({"k.weight": codes, "k.SCB": scb})
+    config = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
+    source = _open(_folder(tmp_path, tensors, config))
+    assert {t.name: (t.dtype, t.shape) for t in source.tensors()} == {
+        "q.weight": ("nf4-b64", (32, 128)), "k.weight": ("int8-rowwise", (32, 128))}
+    assert "k.SCB" in source.metadata and "q.weight.nested_absmax" in source.metadata
+    for name in ("q.weight", "k.weight"):
+        rows = source.quantized(name).rows(0, 32)
+        assert np.all(np.abs(rows.values - w.double().numpy()) <= rows.worst)
+
+
+@pytest.mark.parametrize("case", ["bits-lie", "scales-shape", "g_idx-range", "ct-width",
+                                  "marlin", "exl2", "gptq-3bit", "bnb-state"])
+def test_hostile_packed_layers(tmp_path, case):
+    """Each is one AnalyzeError line naming the problem."""
+    tensors, _ = _gptq_tensors()
+    config = GPTQ_CONFIG
+    p = "model.layers.0.self_attn.q_proj"
+    expected = {"bits-lie": "config says 8 bits", "scales-shape": "scales has shape",
+                "g_idx-range": "names groups", "ct-width": "words per row",
+                "marlin": "Marlin layout", "exl2": "EXL2", "gptq-3bit": "3-bit",
+                "bnb-state": "quant state"}[case]
+    if case == "bits-lie":
+        config = {"quantization_config": dict(GPTQ_CONFIG["quantization_config"], bits=8)}
+    elif case == "scales-shape":
+        tensors[f"{p}.scales"] = tensors[f"{p}.scales"][:, :32]
+    elif case == "g_idx-range":
+        tensors[f"{p}.g_idx"] = tensors[f"{p}.g_idx"] + 3
+    elif case == "ct-width":
+        folder, _ = _ct_folder(tmp_path / "ct", torch.ones(8, 64, dtype=torch.bfloat16), None)
+        from safetensors.torch import load_file, save_file
+        data = load_file(str(folder / "model.safetensors"))
+        data["l.weight_packed"] = data["l.weight_packed"][:, :5].contiguous()
+        save_file(data, str(folder / "model.safetensors"))
+        tmp_path, tensors, config = folder, None, None
+    elif case == "marlin":
+        config = {"quantization_config": dict(GPTQ_CONFIG["quantization_config"],
+                                              checkpoint_format="marlin")}
+    elif case == "exl2":
+        tensors = {"m.q_weight": np.zeros((4, 4), np.int32),
+                   "m.q_scale_max": np.ones(4, np.float16)}
+    elif case == "gptq-3bit":
+        tensors[f"{p}.qzeros"] = np.zeros((4, 6), np.int32)
+        config = None
+    elif case == "bnb-state":
+        tensors = {"q.weight": np.zeros((8, 1), np.uint8),
+                   "q.weight.absmax": np.ones(1, np.float32),
+                   "q.weight.quant_map": np.linspace(-1, 1, 16).astype(np.float32),
+                   "q.weight.quant_state.bitsandbytes__nf4":
+                       np.frombuffer(b"{nope", np.uint8).copy()}
+    folder = tmp_path if tensors is None else _folder(tmp_path, tensors, config)
+    with pytest.raises(AnalyzeError, match=expected) as info:
+        _open(folder)
+    assert "\n" not in str(info.value)

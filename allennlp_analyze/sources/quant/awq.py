@@ -9,7 +9,7 @@ Element ``W[o, i] = s[g, o] * (q - z)`` with ``g = i // group_size``, zeros stor
 
 AWQ stores ``W diag(s)`` for activation-aware column scales ``s`` (``1 / s`` folded into the
 previous layer) and searches a clipping range: no per-element bound against the trained W."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -38,8 +38,10 @@ def _check_groups(name: str, columns: int, group_size: Optional[int]) -> int:
 class AWQMatrix:
     """One AWQ-packed linear layer (GEMM or GEMV layout) as a QuantizedMatrix."""
 
-    bound_reason = AWQ_NO_BOUND
-    note = AWQ_NOTE
+    bound_reason: Optional[str] = AWQ_NO_BOUND
+    note: Optional[str] = AWQ_NOTE
+    shape: Tuple[int, int]
+    scheme: str
 
     def __init__(self, name: str, qweight, qzeros, scales, bits: int, group_size: Optional[int],
                  version: str = "gemm"):
@@ -53,6 +55,8 @@ class AWQMatrix:
         self._gemm = version == "gemm"
         if self._gemm:
             columns, out = qweight.shape[0], qweight.shape[1] * 8
+            if group_size is None and scales.shape[0]:  # not said: the scales' groups
+                group_size = columns // scales.shape[0]
             size = _check_groups(name, columns, group_size)
             groups = columns // size
             check_shape(f"{name}.scales", scales.shape, (groups, out), "groups x output")
@@ -61,7 +65,7 @@ class AWQMatrix:
             self._zeros = zeros.reshape(groups, out).T  # (out, G)
         else:
             out, columns = qweight.shape[0], qweight.shape[1] * 8
-            size = _check_groups(name, columns, group_size)
+            size = _check_groups(name, columns, 128 if group_size is None else group_size)
             groups = columns // size
             width = qzeros.shape[1]
             if qzeros.shape[0] != out or width * 8 < groups:

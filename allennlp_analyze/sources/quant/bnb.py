@@ -19,7 +19,7 @@ value by the midpoints of the sorted code table; int8 rounds ``127 w / absmax``)
 """
 import json
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -77,8 +77,10 @@ class FourBitMatrix:
     error of a double-quantized absmax (half its own 8-bit code cell times the nested absmax) and
     float32 margins."""
 
-    note = None
-    bound_reason = None
+    note: Optional[str] = None
+    bound_reason: Optional[str] = None
+    shape: Tuple[int, int]
+    scheme: str
 
     def __init__(self, name: str, weight, absmax, quant_map, state: dict,
                  nested_absmax=None, nested_map=None):
@@ -163,9 +165,10 @@ class Int8RowMatrix:
     """LLM.int8 (``weight`` int8, ``SCB`` row absmax) as a QuantizedMatrix: step ``SCB / 127``,
     worst half a step plus the float32 arithmetic of the quantizer."""
 
-    note = None
-    bound_reason = None
-    scheme = "int8-rowwise"
+    note: Optional[str] = None
+    bound_reason: Optional[str] = None
+    scheme: str = "int8-rowwise"
+    shape: Tuple[int, int]
 
     def __init__(self, name: str, weight, scb):
         if np.dtype(weight.dtype) != np.int8 or len(weight.shape) != 2:

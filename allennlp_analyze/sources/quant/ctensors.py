@@ -13,7 +13,7 @@
 Both: ``P.weight_scale`` ``(out, G)`` (group), ``(out, 1)`` (channel) or one value (tensor),
 ``P.weight_g_idx`` ``(in,)`` with activation ordering; ``W = (q - z) * s``.
 """
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -94,7 +94,10 @@ def naive_reader(name: str, weight, bits: int) -> CodeReader:
 class CTIntMatrix:
     """One compressed-tensors integer layer as a QuantizedMatrix."""
 
-    note = None
+    note: Optional[str] = None
+    bound_reason: Optional[str]
+    shape: Tuple[int, int]
+    scheme: str
 
     def __init__(self, name: str, shape, codes: CodeReader, scale, zero_point: Optional[np.ndarray],
                  g_idx, group_size: Optional[int], bits: int, roundoff: Optional[float],

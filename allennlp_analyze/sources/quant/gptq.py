@@ -51,7 +51,10 @@ class GPTQMatrix:
     """One GPTQ-packed linear layer as a :class:`~allennlp_analyze.quantized.QuantizedMatrix`
     (out x in, float64 rows)."""
 
-    bound_reason = GPTQ_NO_BOUND
+    bound_reason: Optional[str] = GPTQ_NO_BOUND
+    note: Optional[str]
+    shape: Tuple[int, int]
+    scheme: str
 
     def __init__(self, name: str, qweight, qzeros, scales, g_idx, bits: int,
                  group_size: Optional[int], label: Optional[str] = None,
@@ -69,7 +72,7 @@ class GPTQMatrix:
             if group_size <= 0 or -(-columns // group_size) != groups:
                 raise AnalyzeError(f"{escape(name)}: {groups} scale groups for {columns} input "
                                    f"columns in groups of {group_size}")
-        size = group_size if group_size not in (None, -1) else columns
+        size = group_size if group_size not in (None, -1) else -(-columns // max(groups, 1))
         self._group = group_index(None if g_idx is None else np.asarray(g_idx), columns,
                                   max(size, 1), groups, f"{name}.g_idx")
         if out * bits % 32:
