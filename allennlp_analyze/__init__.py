@@ -3,9 +3,10 @@
 The core (``spectrum``, ``powerlaw_fit``, ``records``) needs numpy only; torch is imported only
 for pickled weights and modules, AllenNLP only by ``allennlp_analyze.plugin``.
 """
-from .analysis import Analysis, analyze, analyze_matrix
+from .api import Analysis, analyze
 from .describe import Description, TensorDescription, describe
 from .errors import AnalyzeError
+from .matrix import analyze_matrix
 from .options import AnalysisOptions
 from .powerlaw_fit import PowerLawFit, fit_power_law
 from .records import MatrixRecord, Summary

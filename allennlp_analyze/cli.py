@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 
 from . import limits
 from . import options as analysis_options
-from .analysis import Analysis, analyze
+from .api import Analysis, analyze
 from .describe import Description, describe, write_description
 from .errors import AnalyzeError, escape
 from .report import FORMATS, write

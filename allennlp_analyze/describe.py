@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import IO, Callable, Dict, List, Optional, Tuple
 
-from .analysis import for_each_source, options_from
+from .api import for_each_source, options_from
 from .errors import escape
 from .options import AnalysisOptions
 from .selection import Decision, plan

@@ -1,6 +1,8 @@
 """The one exception type for problems a user can cause (bad path, corrupt archive, bad option),
-and the escaping of text from the input (file names, URLs, tensor names) wherever it is printed."""
+the escaping of text from the input (file names, URLs, tensor names) wherever it is printed, and
+the squeezing of a library's error detail onto one line."""
 import re
+from typing import Any
 
 
 class AnalyzeError(Exception):
@@ -27,3 +29,8 @@ def escape(text: object) -> str:
     as a backslash escape (``\\n``, ``\\x1b``, ``\\u202e``, ``\\udcff``): one line, and nothing a
     terminal would act on. Other characters (backslashes included) are kept as they are."""
     return _UNPRINTABLE.sub(_escaped, str(text))
+
+
+def one_line(text: Any) -> str:
+    """``text`` squeezed onto one line (error details from libraries may span several)."""
+    return " ".join(str(text).split())

@@ -35,13 +35,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .analysis import analyze_source
 from .errors import AnalyzeError
 from .options import AnalysisOptions
 from .records import MatrixRecord, summarize
 from .selection import plan
-from .sources._common import torch_to_numpy
-from .sources.module import ModuleSource
+from .source_run import analyze_source
+from .sources import ModuleSource, torch_to_numpy
 from .tensors import TensorInfo
 
 PER = ("epoch", "step")

@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
 from .aggregate import aggregate
-from .analysis import Analysis
+from .api import Analysis
 from .errors import AnalyzeError
 from .mp import estimate_sigma2, mp_density, mp_support
 from .options import AnalysisOptions

@@ -5,7 +5,7 @@ import math
 from typing import IO, List, Optional
 
 from .aggregate import Aggregate, aggregate, aggregate_text
-from .analysis import Analysis
+from .api import Analysis
 from .errors import escape
 from .journal import write_jsonl
 from .records import RECORD_FIELDS, STATUS_TEXT, MatrixRecord, Summary

@@ -42,13 +42,12 @@ from dataclasses import dataclass, replace
 from itertools import groupby
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-from .analysis import (Outcomes, SourceResult, _blas_threads, _progress_bar, _source_name,
-                       one_source, plan_source)
-from .errors import AnalyzeError
+from .errors import AnalyzeError, one_line
 from .options import AnalysisOptions
 from .records import SourceInfo
+from .scheduler import blas_threads, progress_bar
 from .selection import MatrixPlan
-from .sources._common import one_line
+from .source_run import Outcomes, SourceResult, one_source, plan_source, source_name
 from .tensors import WeightSource
 
 #: Planned work (sum of N * M**2) of one part of a split source; see the module docstring.
@@ -111,7 +110,7 @@ def source_task(spec: str, options: AnalysisOptions, open_kwargs: dict,
         if len(parts) > 1:
             return _Parts(source.label, parts, dict(selection.skipped),
                           getattr(source, "note", None))
-        with _blas_threads(1):
+        with blas_threads(1):
             result = one_source(source, options, parallel=False)
     except AnalyzeError as e:
         return e
@@ -125,7 +124,7 @@ def part_task(spec: str, names: List[str], options: AnalysisOptions, open_kwargs
     plan's and those found in these parameters' values)."""
     try:
         source = opener(spec, progress=False, **open_kwargs)
-        with _blas_threads(1):
+        with blas_threads(1):
             result = one_source(source, options, names=set(names), parallel=False)
     except AnalyzeError as e:
         return e
@@ -151,7 +150,7 @@ def run_tasks(executor: Executor, sources: Sequence, todo: List[int], options: A
     for i in todo:
         submit(source_task, specs[i], options, open_kwargs, opener, keep_spectra, key=(i, None))
     try:
-        with _progress_bar(len(todo), f"{len(todo)} sources", progress, unit="task") as bar:
+        with progress_bar(len(todo), f"{len(todo)} sources", progress, unit="task") as bar:
             while pending:
                 done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for future in done:
@@ -210,7 +209,7 @@ def _joined(how: _Parts, answers: List[Union[SourceResult, AnalyzeError]]
 
 def _task_spec(spec) -> str:
     """A source as a task names it: a path or URL string, local relative paths made absolute."""
-    text = _source_name(spec)
+    text = source_name(spec)
     if text is None:
         raise TypeError(f"a run on an executor takes paths or URLs, which each worker opens "
                         f"itself, not a {type(spec).__name__}")

@@ -387,7 +387,7 @@ def models_section(models_, rounds: int, with_ww: bool, quick: bool) -> None:
     from memory import run_measured
 
     from allennlp_analyze import analyze
-    from allennlp_analyze.analysis import resolve_workers
+    from allennlp_analyze.scheduler import resolve_workers
     from allennlp_analyze.options import AnalysisOptions
     from allennlp_analyze.sources import open_source
 
@@ -508,15 +508,15 @@ def parallel_config(path: Path, workers: int, blas: int, opts: dict) -> float:
     oversubscribes the cores, which the default never does)."""
     from threadpoolctl import threadpool_limits
 
-    from allennlp_analyze import analysis
+    from allennlp_analyze import analyze, source_run
 
-    real = analysis._blas_threads
-    analysis._blas_threads = lambda limit: contextlib.nullcontext()
+    real = source_run.blas_threads
+    source_run.blas_threads = lambda limit: contextlib.nullcontext()
     try:
         with threadpool_limits(blas):
-            return best_of(lambda: analysis.analyze(str(path), workers=workers, **opts), 5)
+            return best_of(lambda: analyze(str(path), workers=workers, **opts), 5)
     finally:
-        analysis._blas_threads = real
+        source_run.blas_threads = real
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from allennlp_analyze import analyze, cli, describe
-from allennlp_analyze import analysis, spectrum
+from allennlp_analyze import matrix, spectrum
 from allennlp_analyze.sources import safetensors_file
 
 TAGGER = Path(__file__).resolve().parents[1] / "fixtures" / "archives" / "tagger_lstm.tar.gz"
@@ -29,7 +29,7 @@ def nothing_computed(monkeypatch):
     from allennlp_analyze.sources._common import TensorDictSource
 
     monkeypatch.setattr(TensorDictSource, "load", fail)
-    monkeypatch.setattr(analysis, "singular_values_many", fail)
+    monkeypatch.setattr(matrix, "singular_values_many", fail)
     monkeypatch.setattr(spectrum, "singular_values_many", fail)
     monkeypatch.setattr(np.linalg, "svd", fail)
     monkeypatch.setattr(np.linalg, "eigvalsh", fail)

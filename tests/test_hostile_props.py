@@ -30,7 +30,7 @@ import hostile_inputs as H
 from conftest import MAX_EXAMPLES
 
 from allennlp_analyze import AnalyzeError, analyze, limits, spectrum
-from allennlp_analyze.analysis import Analysis
+from allennlp_analyze.api import Analysis
 from allennlp_analyze.errors import escape
 from allennlp_analyze.options import AnalysisOptions
 from allennlp_analyze.records import MatrixRecord, summarize

@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from allennlp_analyze import AnalysisOptions, _lapack, analysis, analyze, analyze_matrix, spectrum
+from allennlp_analyze import (AnalysisOptions, _lapack, analyze, analyze_matrix, matrix,
+                              source_run, spectrum)
 from allennlp_analyze.spectrum import ACCURACY_C, singular_values
 
 from conftest import MAX_EXAMPLES, powerlaw_reference
@@ -289,8 +290,8 @@ def test_streamed_and_whole_matrices_give_the_same_records(tmp_path, monkeypatch
         assert a.keys() == set(in_memory)
         for name in a:
             W, dtype = in_memory[name]
-            rec, sv, _ = analysis._analyze(W, options, name, dtype, streamed.records[0].model,
-                                        None, None)
+            rec, sv, _ = matrix._analyze(W, options, name, dtype, streamed.records[0].model,
+                                      None, None)
             rec.kind, rec.kind_from = streamed.records[0].kind, streamed.records[0].kind_from
             assert a[name][0] == rec.to_dict(), name
             np.testing.assert_array_equal(a[name][1], sv)
@@ -353,8 +354,8 @@ def test_records_identical_for_any_worker_count_and_order(monkeypatch):
     assert [r["name"] for r in ref_records] == list(weights)  # model order
     assert {r["method"] for r in ref_records} >= {"gram", "gram+ritz"}
     runs = [run(2), run(3)]
-    real = analysis._largest_first
-    monkeypatch.setattr(analysis, "_largest_first", lambda plans: real(plans)[::-1])
+    real = source_run._largest_first
+    monkeypatch.setattr(source_run, "_largest_first", lambda plans: real(plans)[::-1])
     runs += [run(1), run(2)]
     for records, spectra in runs:
         assert records == ref_records
@@ -369,7 +370,7 @@ def test_largest_first_keeps_parts_of_a_parameter_together():
              MatrixPlan("a[k]", "a", None, "float32", (10, 10), rows=(10, 20), part="k"),
              MatrixPlan("b", "b", None, "float32", (100, 50)),
              MatrixPlan("c", "c", None, "float32", (30, 30))]
-    assert analysis._largest_first(plans) == [2, 3, 0, 1]
+    assert source_run._largest_first(plans) == [2, 3, 0, 1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from scipy.stats import entropy as shannon
 
 from allennlp_analyze import analyze
 from allennlp_analyze.aggregate import aggregate
-from allennlp_analyze.analysis import analyze_matrix
+from allennlp_analyze.matrix import analyze_matrix
 from allennlp_analyze.errors import AnalyzeError
 from allennlp_analyze.options import AnalysisOptions
 from allennlp_analyze.sources._common import TensorDictSource

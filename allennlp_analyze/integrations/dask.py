@@ -11,8 +11,7 @@ import socket
 from concurrent.futures import Executor
 from typing import Iterator
 
-from ..errors import AnalyzeError
-from ..sources._common import one_line
+from ..errors import AnalyzeError, one_line
 
 #: Seconds to reach the scheduler before giving up.
 CONNECT_TIMEOUT = 10

@@ -41,9 +41,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 from .. import limits
-from ..errors import AnalyzeError, escape
-from ..sources import is_hub_id, open_path, remote
-from ..sources._common import one_line
+from ..errors import AnalyzeError, escape, one_line
+from ..sources import is_hub_id, open_path, registry, remote
 from ..sources.archive import find_serialization_weights, member_parts, scan_archive
 from ..sources.hub import resolve_hub
 from ..sources.module import ModuleSource
@@ -55,7 +54,6 @@ FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 #: Config keys that fetch or load other archives / remote code while a model is built.
 UNSAFE_KEYS = ("_pretrained", "archive_file", "trust_remote_code", "override_weights_file")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class NotBuilt(Exception):
@@ -149,11 +147,12 @@ def cache_directory(cache_dir: Optional[str] = None) -> str:
 
 
 def _looks_like_archive(path: Path) -> bool:
+    """Whether ``path`` is a file whose content is an archive's (the registry's sniffer)."""
     if not path.is_file():
         return False
+    archive = registry.get("archive")
     try:
-        with limits.open_regular(path) as f:
-            return f.read(2) == _GZIP_MAGIC
+        return archive.sniff(path, registry.read_head(path))
     except (OSError, AnalyzeError):
         return False
 

@@ -11,10 +11,9 @@ from typing import List, Optional
 from allennlp.commands.subcommand import Subcommand
 
 from .. import cli
-from ..analysis import Analysis, analyze
+from ..api import Analysis, analyze
 from ..describe import Description, describe
-from ..errors import AnalyzeError
-from ..sources._common import one_line
+from ..errors import AnalyzeError, one_line
 from .loading import open_model_source
 
 PROG = "allennlp analyze"

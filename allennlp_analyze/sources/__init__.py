@@ -1,105 +1,35 @@
 """Where weights come from: :func:`open_source` turns a path, URL, state dict or module into a
 :class:`~allennlp_analyze.tensors.WeightSource` (tensor list first, arrays on demand).
 
-One module per kind of source; torch is imported only for live modules: safetensors, pickled
-torch files (read by this package's own reader, :mod:`.torch_format`) and numpy files need
-numpy alone.
+One module per kind of source, each file format an entry of :mod:`.registry` (how it is
+recognized, its reader); torch is imported only for live modules: safetensors, pickled torch
+files (read by this package's own reader, :mod:`.torch_format`) and numpy files need numpy
+alone.
 """
 import os
 import re
 import sys
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
-from .. import limits
-from ..checkpoint_config import load_config
 from ..errors import AnalyzeError
 from ..tensors import WeightSource
-from ._common import TensorDictSource, is_tensor, read_index
+from ._common import TensorDictSource, is_tensor, torch_to_numpy
 from .archive import ArchiveSource, SerializationDirSource
 from .checkpoint import find_weights
-from .folder import open_folder
+from .local import open_path
 from .module import ModuleSource
-from .numpy_file import NpySource, NpzSource, looks_like_npz
-from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
+from .numpy_file import NpySource, NpzSource
+from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource
 from .torch_file import ShardedTorchSource, TorchFileSource
 
 __all__ = [
     "open_source", "open_path", "ArchiveSource", "SerializationDirSource", "SafetensorsSource",
     "ShardedSafetensorsSource", "TorchFileSource", "ShardedTorchSource", "ModuleSource",
-    "TensorDictSource", "NpySource", "NpzSource",
+    "TensorDictSource", "NpySource", "NpzSource", "torch_to_numpy",
 ]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_KNOWN = ("a .tar.gz model archive, a .safetensors file or index, a PyTorch state dict or "
-          "checkpoint (.th/.pt/.pth/.bin/.ckpt), a numpy .npy/.npz file, or a model folder")
-
-
-def _index_kind(path: Path):
-    shards = list(read_index(path).values())
-    if all(s.endswith(".safetensors") for s in shards):
-        return ShardedSafetensorsSource
-    return ShardedTorchSource
-
-
-def open_path(path: Union[str, os.PathLike], label: Optional[str] = None,
-              checkpoint_key: Optional[str] = None) -> WeightSource:
-    """Open a local file or folder, choosing the source by name (and by content where the name
-    says nothing). ``checkpoint_key`` picks the part of a pickled checkpoint to analyze
-    (:mod:`.checkpoint`); other kinds of file ignore it. The ``config.json`` of an archive, or
-    else the one in the folder (or beside the file), becomes the source's ``config``: evidence
-    of what its tensors are (:mod:`allennlp_analyze.checkpoint_config`)."""
-    source = _open_path(Path(path), label, checkpoint_key)
-    if getattr(source, "config", None) is None and not isinstance(source, ArchiveSource):
-        p = Path(path)
-        source.config = load_config((p if p.is_dir() else p.parent) / "config.json")
-    return source
-
-
-def _open_path(p: Path, label: Optional[str], checkpoint_key: Optional[str]) -> WeightSource:
-    try:
-        exists, is_dir = p.exists(), p.is_dir()
-    except OSError as e:
-        raise AnalyzeError(f"cannot read {p}: {e.strerror or e}") from None
-    if not exists:
-        raise AnalyzeError(f"{p} does not exist")
-    if is_dir:
-        return open_folder(p, label, checkpoint_key)
-    try:
-        limits.require_regular(p)  # a FIFO would block, /dev/zero never end
-    except OSError as e:
-        raise AnalyzeError(f"cannot read {p}: {e.strerror or e}") from None
-    name = p.name.lower()
-    if name.endswith((".tar.gz", ".tgz")):
-        return ArchiveSource(p, label, checkpoint_key)
-    if name.endswith(".index.json"):
-        return _index_kind(p)(p, label)
-    if name.endswith(".safetensors"):
-        return SafetensorsSource(p, label)
-    if name.endswith((".th", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")):
-        return TorchFileSource(p, label, checkpoint_key)
-    if name.endswith(".npz"):
-        return NpzSource(p, label)
-    if name.endswith(".npy"):
-        return NpySource(p, label)
-    # No telling name (e.g. a cached download): look at the content.
-    try:
-        with limits.open_regular(p) as f:
-            head = f.read(4)
-    except OSError as e:
-        raise AnalyzeError(f"cannot read {p}: {e.strerror or e}") from None
-    if looks_like_safetensors(p):
-        return SafetensorsSource(p, label)
-    if head[:2] == b"\x1f\x8b":
-        return ArchiveSource(p, label, checkpoint_key)
-    if head == b"\x93NUM":
-        return NpySource(p, label)
-    if head == b"PK\x03\x04" and looks_like_npz(p):
-        return NpzSource(p, label)
-    if head == b"PK\x03\x04" or head[:1] == b"\x80":
-        return TorchFileSource(p, label, checkpoint_key)
-    raise AnalyzeError(f"{p} is not a recognised weights file (expected {_KNOWN})")
 
 
 def is_hub_id(text: str) -> bool:

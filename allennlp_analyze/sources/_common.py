@@ -16,12 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import limits
-from ..errors import AnalyzeError
+from ..errors import AnalyzeError, one_line
 from ..tensors import TensorInfo
-
-def one_line(text: Any) -> str:
-    """``text`` squeezed onto one line (error details from libraries may span several)."""
-    return " ".join(str(text).split())
 
 
 def natural_key(name: str):

@@ -30,12 +30,11 @@ from typing import List, Optional, Tuple
 from ..errors import AnalyzeError
 from ..tensors import WeightSource
 from ._common import one_line, read_index
-from .folder import GENERIC, HF_NAMES, open_folder
+from . import registry
+from .folder import HF_NAMES, open_folder
+from .local import open_path
 
 _ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?$")
-#: Names that are files, not repositories: a missing ``dir/model.safetensors`` stays a path.
-_FILE_SUFFIXES = (".safetensors", ".json", ".th", ".pt", ".pth", ".bin", ".ckpt", ".tar.gz",
-                  ".tgz", ".npz", ".npy")
 DEFAULT_TIMEOUT_S = 10.0
 
 
@@ -47,7 +46,7 @@ def parse_hub_id(text: str) -> Optional[Tuple[str, Optional[str]]]:
     repo = m.group("repo")
     org, name = repo.split("/")
     if ("--" in repo or ".." in repo or len(name) > 96 or repo.endswith(".git")
-            or repo.lower().endswith(_FILE_SUFFIXES)
+            or repo.lower().endswith((".json",) + registry.suffixes())  # a file: a path
             or any(part[i] in ".-" for part in (org, name) for i in (0, -1))):
         return None
     return repo, m.group("revision")
@@ -98,8 +97,6 @@ def open_hub(text: str, progress: Optional[bool] = None,
              checkpoint_key: Optional[str] = None) -> WeightSource:
     """The weights of hub id ``text`` (``ORG/NAME[@REVISION]``), labelled ``text``: its
     snapshot folder opened as any local folder (:func:`~allennlp_analyze.sources.open_path`)."""
-    from . import open_path
-
     return open_path(resolve_hub(text, progress), label=text, checkpoint_key=checkpoint_key)
 
 
@@ -153,8 +150,8 @@ def weight_files(names: List[str]) -> List[str]:
             chosen = [name]
             break
     else:
-        for patterns, _ in GENERIC:
-            found = sorted({n for n in top for p in patterns if fnmatch.fnmatch(n, p)})
+        for fmt in registry.FORMATS:
+            found = sorted({n for n in top for p in fmt.folder_globs if fnmatch.fnmatch(n, p)})
             if found:
                 chosen = found
                 break

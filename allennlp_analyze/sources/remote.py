@@ -39,6 +39,7 @@ from typing import Callable, Optional
 from .. import limits
 from ..errors import AnalyzeError, escape
 from ._common import one_line, read_index, safe_relative, shard_order
+from .local import open_path
 
 ENV_CACHE = "ALLENNLP_ANALYZE_CACHE"
 CHUNK = 1 << 20
@@ -378,8 +379,6 @@ def download(url: str, dest: Path, progress: Optional[bool] = None,
 def fetch(url: str, cache_dir=None, progress: Optional[bool] = None) -> Path:
     """The local copy of ``url``, downloading it only if it is not cached yet; for a sharded
     checkpoint index, the shards too (into the same cache folder)."""
-    from . import open_path
-
     path = cache_path(url, cache_dir)
     is_index = path.name.endswith(".index.json")
     if not path.is_file():
@@ -408,8 +407,6 @@ def open_cached(url: str, path: Path, open_fn: Optional[Callable] = None):
     """``open_fn(path)`` (default: :func:`~allennlp_analyze.sources.open_path`) for the cached
     copy of ``url``. When that fails and the file itself does not open, it is removed from the
     cache so that the next run fetches it again (the one rule for both front-ends)."""
-    from . import open_path
-
     try:
         return open_fn(path) if open_fn is not None else open_path(path, label=url_basename(url))
     except AnalyzeError as e:
@@ -422,8 +419,6 @@ def open_cached(url: str, path: Path, open_fn: Optional[Callable] = None):
 
 
 def _opens(path: Path) -> bool:
-    from . import open_path
-
     try:
         open_path(path)
     except AnalyzeError:
@@ -433,8 +428,6 @@ def _opens(path: Path) -> bool:
 
 def open_url(url: str, cache_dir=None, progress: Optional[bool] = None,
              checkpoint_key: Optional[str] = None):
-    from . import open_path
-
     def open_fn(path: Path):
         return open_path(path, label=url_basename(url), checkpoint_key=checkpoint_key)
 

@@ -65,14 +65,14 @@ _DTYPES = {
     "U8": (np.dtype("u1"), "uint8"),
     "BOOL": (np.dtype("?"), "bool"),
 }
-#: The float8 codes that :func:`_widen` decodes -> ``_float8_table`` arguments; the FNUZ ones
+#: The float8 codes that :func:`widen` decodes -> ``_float8_table`` arguments; the FNUZ ones
 #: are torch's (no safetensors dtype), for torch files.
 _FLOAT8_FORMATS = {"F8_E4M3": (4, 3, 7, False), "F8_E5M2": (5, 2, 15, True),
                    "F8_E4M3FNUZ": (4, 3, 8, False, True), "F8_E5M2FNUZ": (5, 2, 16, False, True)}
 _FLOAT8 = {}
 
 
-def _widen(raw: np.ndarray, st_dtype: str) -> np.ndarray:
+def widen(raw: np.ndarray, st_dtype: str) -> np.ndarray:
     """Stored bits -> numpy array of the stored precision (bfloat16/float8 -> float32, exactly)."""
     if st_dtype == "BF16":
         bits = raw.astype(np.uint32)
@@ -153,7 +153,7 @@ def read_tensor(path: Path, entry: _Entry):
     storage = _DTYPES[entry.st_dtype][0]
     nbytes = entry.end - entry.begin
     if nbytes == 0:
-        return _widen(np.empty(entry.info.shape, dtype=storage), entry.st_dtype)
+        return widen(np.empty(entry.info.shape, dtype=storage), entry.st_dtype)
     start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
     try:
         with limits.open_regular(path) as f:
@@ -165,10 +165,10 @@ def read_tensor(path: Path, entry: _Entry):
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
     raw = np.frombuffer(mapped, dtype=storage, count=nbytes // storage.itemsize,
                         offset=entry.begin - start).reshape(entry.info.shape)
-    widen = None
+    decode = None
     if entry.st_dtype == "BF16" or entry.st_dtype in _FLOAT8_FORMATS:
-        widen = lambda bits, st_dtype=entry.st_dtype: _widen(bits, st_dtype)  # noqa: E731
-    return Mapped(raw, widen, mapped)
+        decode = lambda bits, st_dtype=entry.st_dtype: widen(bits, st_dtype)  # noqa: E731
+    return Mapped(raw, decode, mapped)
 
 
 def _owned(array) -> np.ndarray:

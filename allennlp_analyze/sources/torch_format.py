@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import AnalyzeError
 from ._common import one_line, zip_member_data
-from .safetensors_file import _widen
+from .safetensors_file import widen
 from .unpickle import MAX_PICKLE_BYTES, PickleTooLarge, Window, load
 
 #: torch dtype name -> (numpy dtype of its stored bits, safetensors code where numpy widens it).
@@ -172,7 +172,7 @@ class StridedTensor(PickledTensor):
         elif not array.flags.aligned:  # legacy files: BLAS takes another path, other round-off
             array = array.copy()
         if code is not None:
-            array = _widen(array, code)
+            array = widen(array, code)
         if self.negative:
             array = np.negative(array)
         return array

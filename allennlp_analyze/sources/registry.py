@@ -1,0 +1,137 @@
+"""The formats of weight files, one :class:`SourceFormat` entry each, in :data:`FORMATS`: how a
+file of the format is recognized (by its name, else by its first bytes), which globs pick it
+in a model folder, and the reader that opens it (a
+:class:`~allennlp_analyze.tensors.WeightSource`).
+
+Order matters, and is the folder preference order: a file is claimed by the first entry whose
+suffix (and ``name_check``) matches its name; a file whose name says nothing by the first
+entry whose ``sniff`` claims its content (entries with ``sniff_last``, whose sniffers claim a
+broad family such as any zip or any pickle, after all the others); a folder by the first entry
+with exactly one file matching its ``folder_globs``. Adding a format is one reader module and
+one entry here (CONTRIBUTING.md).
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+from .. import limits
+from ..tensors import WeightSource
+from ._common import read_index
+from .archive import ArchiveSource
+from .numpy_file import NpySource, NpzSource, looks_like_npz
+from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
+from .torch_file import ShardedTorchSource, TorchFileSource
+
+#: Bytes of a file that content sniffers see (``head``); shorter where the file is.
+HEAD_BYTES = 16
+#: An opener: ``(path, label or None, checkpoint_key or None) -> WeightSource``.
+Opener = Callable[[Path, Optional[str], Optional[str]], WeightSource]
+#: A content sniffer: ``(path, head) -> bool``; it may read the file, never raises.
+Sniffer = Callable[[Path, bytes], bool]
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """One format of weight file."""
+
+    #: Short name (``"safetensors"``).
+    name: str
+    #: Lower-case endings of the file names it claims (``(".safetensors",)``).
+    suffixes: Tuple[str, ...]
+    #: Opens one file of the format.
+    opener: Opener
+    #: Claims a file whose name says nothing, from its first ``HEAD_BYTES`` (and its path).
+    sniff: Optional[Sniffer] = None
+    #: The sniffer claims a broad family (any zip, any pickle): tried after all the others.
+    sniff_last: bool = False
+    #: A further test of a file its suffix matched (it may read the file).
+    name_check: Optional[Callable[[Path], bool]] = None
+    #: Globs that pick its file in a model folder (several matches are refused).
+    folder_globs: Tuple[str, ...] = ()
+    #: How the "not a recognised weights file" message names it ("" where another entry's
+    #: phrase covers it).
+    expected: str = ""
+
+    def claims_name(self, path: Path) -> bool:
+        """Whether ``path``'s name says it is of this format."""
+        return (path.name.lower().endswith(self.suffixes)
+                and (self.name_check is None or self.name_check(path)))
+
+
+def _safetensors_shards(path: Path) -> bool:
+    """Whether every shard of the checkpoint index ``path`` is a safetensors file."""
+    return all(s.endswith(".safetensors") for s in read_index(path).values())
+
+
+def _checkpoint(cls) -> Opener:
+    """The opener of a pickled kind, which takes the checkpoint key."""
+    return lambda path, label, checkpoint_key: cls(path, label, checkpoint_key)
+
+
+def _plain(cls) -> Opener:
+    """The opener of a kind that holds tensors only (no checkpoint key)."""
+    return lambda path, label, checkpoint_key: cls(path, label)
+
+
+_ZIP = b"PK\x03\x04"
+
+FORMATS: List[SourceFormat] = [
+    SourceFormat("sharded-safetensors", (".index.json",), _plain(ShardedSafetensorsSource),
+                 name_check=_safetensors_shards, folder_globs=("*.safetensors.index.json",)),
+    SourceFormat("safetensors", (".safetensors",), _plain(SafetensorsSource),
+                 sniff=lambda path, head: looks_like_safetensors(path),
+                 folder_globs=("*.safetensors",), expected="a .safetensors file or index"),
+    SourceFormat("sharded-torch", (".index.json",), _plain(ShardedTorchSource),
+                 folder_globs=("*.bin.index.json", "*.pt.index.json", "*.pth.index.json")),
+    SourceFormat("torch", (".th", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"),
+                 _checkpoint(TorchFileSource),
+                 sniff=lambda path, head: head[:4] == _ZIP or head[:1] == b"\x80",
+                 sniff_last=True, folder_globs=("*.th", "*.pt", "*.pth", "*.bin", "*.ckpt"),
+                 expected="a PyTorch state dict or checkpoint (.th/.pt/.pth/.bin/.ckpt)"),
+    SourceFormat("archive", (".tar.gz", ".tgz"), _checkpoint(ArchiveSource),
+                 sniff=lambda path, head: head[:2] == b"\x1f\x8b",
+                 folder_globs=("*.tar.gz", "*.tgz"), expected="a .tar.gz model archive"),
+    SourceFormat("npz", (".npz",), _plain(NpzSource),
+                 sniff=lambda path, head: head[:4] == _ZIP and looks_like_npz(path),
+                 folder_globs=("*.npz",), expected="a numpy .npy/.npz file"),
+    SourceFormat("npy", (".npy",), _plain(NpySource),
+                 sniff=lambda path, head: head[:4] == b"\x93NUM", folder_globs=("*.npy",)),
+]
+
+
+def get(name: str) -> SourceFormat:
+    """The format called ``name``."""
+    return next(f for f in FORMATS if f.name == name)
+
+
+def by_name(path: Path) -> Optional[SourceFormat]:
+    """The first format whose name test claims ``path``; None where the name says nothing."""
+    return next((f for f in FORMATS if f.claims_name(path)), None)
+
+
+def read_head(path: Path) -> bytes:
+    """The first ``HEAD_BYTES`` of the regular file ``path`` (raises OSError, AnalyzeError)."""
+    with limits.open_regular(path) as f:
+        return f.read(HEAD_BYTES)
+
+
+def by_content(path: Path, head: bytes) -> Optional[SourceFormat]:
+    """The first format whose sniffer claims ``path`` (``head``: its first bytes), the
+    ``sniff_last`` ones last; None where none does."""
+    ordered = sorted((f for f in FORMATS if f.sniff is not None), key=lambda f: f.sniff_last)
+    return next((f for f in ordered if f.sniff(path, head)), None)
+
+
+def expected() -> str:
+    """What a weights file may be, for the message about a file no format claims."""
+    return ", ".join(f.expected for f in FORMATS if f.expected) + ", or a model folder"
+
+
+def folder_globs() -> List[str]:
+    """Every glob that picks a weights file in a model folder, in preference order."""
+    return [g for f in FORMATS for g in f.folder_globs]
+
+
+def suffixes() -> Tuple[str, ...]:
+    """Every file-name ending that some format claims (a name with one is a file's)."""
+    return tuple(s for f in FORMATS for s in f.suffixes)
