@@ -26,7 +26,8 @@ OPT_IN_KINDS = {"embedding": ("embeddings", "embedding table (add --include embe
 #: Why a tensor of each other kind is never analyzed (see also :func:`_skip_reason`), and why
 #: one whose values turn out not to be a weight's (:func:`~allennlp_analyze.kinds.value_kind`).
 NOT_WEIGHTS = {"buffer": "not a weight: a buffer of its module",
-               "mask": "not a weight: a mask (by its name)"}
+               "mask": "not a weight: a mask (by its name)",
+               "quant_metadata": "quantization metadata (scales, zero points, g_idx, absmax...)"}
 NOT_WEIGHT_VALUES = {"mask": "not a weight: a mask (all values 0 or 1)",
                      "constant": "not a weight: all values equal (and not 0)"}
 

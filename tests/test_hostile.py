@@ -115,6 +115,21 @@ def inputs(tmp_path_factory):
          "v": {"dtype": "F32", "shape": [4, 3], "data_offsets": [0, 48]}},
         np.random.default_rng(1).standard_normal(12).astype("<f4").tobytes()))
     f["sparse"] = H.sparse_safetensors(d / "sparse.safetensors", 40000, 20000)
+    gptq = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                    "sym": True, "checkpoint_format": "gptq"}}
+    layer, p = H.gptq_layer(), "model.layers.0.mlp.up_proj"
+    ct_layer = {"l.weight_packed": np.zeros((8, 5), np.int32),
+                "l.weight_scale": np.ones((8, 2), np.float16),
+                "l.weight_shape": np.array([8, 64], np.int64)}
+    for name, (tensors, config) in {
+            "bits": (layer, {"quantization_config": dict(gptq["quantization_config"], bits=8)}),
+            "scales": ({**layer, f"{p}.scales": layer[f"{p}.scales"][:, :32]}, gptq),
+            "g_idx": ({**layer, f"{p}.g_idx": layer[f"{p}.g_idx"] + 3}, gptq),
+            "width": (ct_layer, None),
+            "marlin": (layer, {"quantization_config": dict(gptq["quantization_config"],
+                                                           checkpoint_format="marlin")}),
+            "3bit": ({**layer, f"{p}.qzeros": np.zeros((4, 6), np.int32)}, None)}.items():
+        f[f"packed_{name}"] = H.packed_folder(d / f"packed_{name}", tensors, config)
     f["tiny"] = H.tiny_matrices(d / "tiny.safetensors", 100_000)
     names = ["plain.weight", "new\nline.weight", "esc\x1b[2J\x1b[31m.weight", "rtl\u202eexe.weight"]
     rng = np.random.default_rng(0)
@@ -162,6 +177,8 @@ def _cases(f, base, backlog, work):
         # safetensors and JSON
         **{f"header:{n}": ([str(f[n])], {}) for n in (
             "deep_header", "deep_index", "shape_float", "shape_huge", "shape_overflow")},
+        **{f"packed:{n}": ([str(f[f"packed_{n}"])], {}) for n in (
+            "bits", "scales", "g_idx", "width", "marlin", "3bit")},
         "empty_conv": ([str(f["empty_conv"]), "--include", "conv", "--format", "json"], {}),
         "sparse": ([str(f["sparse"])], {}),
         "tiny": ([str(f["tiny"]), "--match", r"^m77777\.weight$", "--format", "json"], {}),
@@ -366,6 +383,17 @@ def test_deep_json_is_refused_without_recursion(batches, inputs):
 ])
 def test_impossible_shapes_are_refused(batches, case, fragment):
     found = _both_errors(batches, f"header:{case}", "corrupt safetensors header", fragment)
+    assert found["standalone"] == found["plugin"]
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("bits", "the config says 8 bits, but"), ("scales", "scales has shape (4, 32)"),
+    ("g_idx", "names groups 3..6, the scales hold 4"), ("width", "5 words per row"),
+    ("marlin", "the Marlin layout is re-tiled"), ("3bit", "3-bit GPTQ packing is not supported")])
+def test_hostile_packed_layers(batches, case, fragment):
+    """GPTQ / compressed-tensors folders whose config lies or whose side tensors do not fit,
+    and a kernel-tiled layout: one line naming the problem."""
+    found = _both_errors(batches, f"packed:{case}", fragment)
     assert found["standalone"] == found["plugin"]
 
 

@@ -13,6 +13,7 @@ Families (suffixes of a layer prefix ``P``): GPTQ / AWQ ``P.qweight`` (+ ``qzero
 Kernel re-tiled layouts (Marlin, bitblas, ExLlama v2's EXL2) are refused in one line.
 """
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
 
@@ -21,6 +22,7 @@ import numpy as np
 from ... import limits
 from ...checkpoint_config import load_config
 from ...errors import AnalyzeError, escape
+from ...kinds import QUANT_METADATA
 from ...quantized import QuantizedMatrix
 from ...tensors import TensorInfo
 from .awq import AWQMatrix
@@ -280,9 +282,13 @@ class PackedLayers:
 class PackedSource:
     """A weight source whose packed layers read as the matrices they encode: :meth:`tensors`
     lists each packed layer once, under its own name, with ``dtype`` its scheme and shape
-    out x in; side tensors are left out (``metadata`` names them, ``metadata_bytes`` their
-    size); :meth:`quantized` gives a layer's :class:`QuantizedMatrix`; other tensors pass
-    through."""
+    out x in (``metadata`` names the side tensors, ``metadata_bytes`` their size);
+    :meth:`quantized` gives a layer's :class:`QuantizedMatrix`; other tensors pass
+    through.
+
+    Side tensors stay in the listing with ``module_type``
+    :data:`~allennlp_analyze.kinds.QUANT_METADATA`: the selection counts them as quantization
+    metadata, never as matrices."""
 
     def __init__(self, inner, config: Optional[Mapping], recipe: Optional[str] = None):
         self._inner = inner
@@ -299,7 +305,9 @@ class PackedSource:
                 layer = by_stored[info.name]
                 matrix = self._layers.matrices[layer]
                 listing.append(TensorInfo(layer, tuple(matrix.shape), matrix.scheme, "Linear"))
-            elif info.name not in self.metadata and info.name not in self._layers.matrices:
+            elif info.name in self.metadata:
+                listing.append(replace(info, module_type=QUANT_METADATA))
+            elif info.name not in self._layers.matrices:
                 listing.append(info)
         self._listing = listing
 
@@ -349,6 +357,12 @@ def has_packed_layers(infos: Sequence[TensorInfo]) -> bool:
     names = {t.name for t in infos}
     return any(n.endswith((".qweight", ".weight_packed", ".SCB")) or f"{n}.absmax" in names
                or (n.endswith(".weight") and f"{n}_scale" in names) for n in names)
+
+
+def packed_opener(cls):
+    """A registry opener of a safetensors kind (``cls(path, label)``) that reads packed layers
+    as matrices (:func:`open_packed`, with the ``config.json`` beside the file)."""
+    return lambda path, label, checkpoint_key: open_packed(cls(path, label), Path(path).parent)
 
 
 def open_packed(source, folder: Path):
