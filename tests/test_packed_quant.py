@@ -13,7 +13,7 @@ import torch
 from allennlp_analyze.errors import AnalyzeError
 from allennlp_analyze.sources.quant.awq import AWQMatrix
 from allennlp_analyze.sources.quant.bnb import FourBitMatrix, Int8RowMatrix
-from allennlp_analyze.sources.quant.ctensors import (CTIntMatrix, naive_reader,
+from allennlp_analyze.sources.quant.ctensors import (CTMatrix, naive_reader,
                                                       packed_reader, packed_zero_points)
 from allennlp_analyze.sources.quant.gptq import GPTQMatrix
 from allennlp_analyze.sources.quant.intgrid import UNIT_ROUNDOFF
@@ -92,7 +92,7 @@ def test_ct_pack_quantized_matches_library(bits, symmetric, group_size, actorder
         zp = packed_zero_points("l.weight_zero_point",
                                 ct_pack.pack_to_int32(zero, bits, packed_dim=0).numpy(),
                                 w.shape[0], scale.shape[1], bits, None)
-    matrix = CTIntMatrix("l", tuple(w.shape), packed_reader("l.weight_packed", packed.numpy(),
+    matrix = CTMatrix("l", tuple(w.shape), packed_reader("l.weight_packed", packed.numpy(),
                                                             tuple(w.shape), bits, None),
                          scale.float().numpy(), zp, None if g_idx is None else g_idx.numpy(),
                          group_size, bits, UNIT_ROUNDOFF["bfloat16"], None)
@@ -129,7 +129,7 @@ def test_ct_dense_and_legacy_packing(bits):
     reference = ct_forward.dequantize(codes, scale)
     for packed, hint in ((_dense_pack(codes, bits), True),
                          (ct_pack.pack_to_int32(codes, bits).numpy(), False)):
-        matrix = CTIntMatrix("l", (12, 70), packed_reader("l", packed, (12, 70), bits, hint),
+        matrix = CTMatrix("l", (12, 70), packed_reader("l", packed, (12, 70), bits, hint),
                              scale.float().numpy(), None, None, None, bits, None, "test")
         values = _all_rows(matrix, 5)[0]
         assert torch.equal(_rounded(values, torch.bfloat16), reference)
@@ -143,7 +143,7 @@ def test_ct_naive_int8_matches_library():
     w = torch.from_numpy(rng.standard_normal((20, 64)).astype(np.float32)).to(torch.float16)
     codes, scale, _ = _ct_quantize(w, 8, True, 16)
     reference = ct_forward.dequantize(codes, scale)
-    matrix = CTIntMatrix("l", (20, 64), naive_reader("l.weight", codes.numpy(), 8),
+    matrix = CTMatrix("l", (20, 64), naive_reader("l.weight", codes.numpy(), 8),
                          scale.float().numpy(), None, None, 16, 8, UNIT_ROUNDOFF["float16"], None)
     values, _, worst = _all_rows(matrix)
     assert torch.equal(_rounded(values, torch.float16), reference)
@@ -546,3 +546,25 @@ def test_hostile_packed_layers(tmp_path, case):
     with pytest.raises(AnalyzeError, match=expected) as info:
         _open(folder)
     assert "\n" not in str(info.value)
+
+
+def test_ct_float_quantized_fp8_folder(tmp_path, minilm_weight):
+    """float-quantized: float8 E4M3 weights times per-channel scales, from compressed-tensors'
+    own qparams and quantize; values equal its dequantize (bf16), the bound holds."""
+    w = torch.from_numpy(minilm_weight[:48]).to(torch.bfloat16)
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
+    scale, _ = calculate_qparams(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True), args)
+    scale = scale.to(torch.bfloat16)
+    codes = ct_forward.quantize(w, scale, None, args, dtype=torch.float8_e4m3fn)
+    reference = ct_forward.dequantize(codes, scale)
+    config = {"quantization_config": {
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}}}}}
+    recipe = "quant_stage:\n  quant_modifiers:\n    QuantizationModifier: {}\n"
+    source = _open(_folder(tmp_path, {"l.weight": codes, "l.weight_scale": scale}, config, recipe))
+    assert [t.dtype for t in source.tensors() if t.name == "l.weight"] == ["ct-fp8-channel"]
+    rows = source.quantized("l.weight").rows(0, 48)
+    assert torch.equal(_rounded(rows.values, torch.bfloat16), reference)
+    error = np.abs(rows.values - w.double().numpy())
+    assert np.all(error <= rows.worst) and error.max() > 0.3 * rows.worst.max()

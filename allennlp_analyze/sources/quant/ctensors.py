@@ -91,8 +91,10 @@ def naive_reader(name: str, weight, bits: int) -> CodeReader:
     return read
 
 
-class CTIntMatrix:
-    """One compressed-tensors integer layer as a QuantizedMatrix."""
+class CTMatrix:
+    """One compressed-tensors layer as a QuantizedMatrix: integer codes (``bits`` 1..8), or with
+    ``fp8`` the float8 E4M3 values of ``float-quantized`` (``codes`` then reads them as float32,
+    exactly), times the scale."""
 
     note: Optional[str] = None
     bound_reason: Optional[str]
@@ -101,7 +103,7 @@ class CTIntMatrix:
 
     def __init__(self, name: str, shape, codes: CodeReader, scale, zero_point: Optional[np.ndarray],
                  g_idx, group_size: Optional[int], bits: int, roundoff: Optional[float],
-                 bound_reason: Optional[str]):
+                 bound_reason: Optional[str], fp8: bool = False):
         out, columns = shape
         scale_shape = tuple(scale.shape)
         if len(scale_shape) <= 1 or scale_shape == (1, 1):
@@ -129,10 +131,10 @@ class CTIntMatrix:
                 raise AnalyzeError(f"{escape(name)}.weight_zero_point has shape "
                                    f"{zero_point.shape}, expected {(out, groups)}")
         self._codes, self._scale, self._zeros = codes, scale, zero_point
-        self._roundoff, self.bound_reason = roundoff, bound_reason
+        self._roundoff, self.bound_reason, self._fp8 = roundoff, bound_reason, fp8
         self.shape = (out, columns)
         kind = "tensor" if self._tensor else ("channel" if groups == 1 else f"g{size}")
-        self.scheme = f"ct-int{bits}-{kind}"
+        self.scheme = f"ct-fp8-{kind}" if fp8 else f"ct-int{bits}-{kind}"
 
     def rows(self, start: int, stop: int) -> DecodedRows:
         codes = self._codes(start, stop)
@@ -144,4 +146,33 @@ class CTIntMatrix:
         zeros = self._zeros
         if zeros is not None:
             zeros = np.broadcast_to(zeros, (r, 1)) if zeros.shape == (1, 1) else zeros[start:stop]
+        if self._fp8:
+            return fp8_rows(codes, scale, self._group, self._roundoff)
         return grouped_rows(codes, zeros, scale, self._group, self._roundoff)
+
+
+def fp8_reader(name: str, weight) -> CodeReader:
+    """A :data:`CodeReader` over a float8 E4M3 ``weight`` (read as float32, exactly)."""
+    return lambda start, stop: np.asarray(weight[start:stop], dtype=np.float32)
+
+
+def e4m3_spacing(values: np.ndarray) -> np.ndarray:
+    """The spacing of float8 E4M3 numbers at each value: ``2**(e - 3)`` in binade ``e``,
+    ``2**-9`` among the subnormals (below ``2**-6``)."""
+    magnitude = np.abs(values.astype(np.float64))
+    exponent = np.floor(np.log2(np.maximum(magnitude, 2.0**-6)))
+    return np.exp2(exponent - 3)
+
+
+def fp8_rows(values8: np.ndarray, scales: np.ndarray, group: np.ndarray,
+             roundoff: Optional[float]) -> DecodedRows:
+    """``f * s`` for float8 values ``f``: the step is the E4M3 spacing at ``f`` times ``|s|``;
+    ``worst`` (round to nearest of ``x / s`` to E4M3, the quotient in precision ``roundoff``)
+    ``|s| (spacing / 2 + u (|f| + spacing))``."""
+    s = np.asarray(scales, dtype=np.float64)[:, group]
+    f = values8.astype(np.float64)
+    spacing = e4m3_spacing(f)
+    step = spacing * np.abs(s)
+    worst = None if roundoff is None else \
+        np.abs(s) * (spacing / 2 + roundoff * (np.abs(f) + spacing))
+    return DecodedRows(f * s, step, worst)

@@ -27,7 +27,7 @@ from ...quantized import QuantizedMatrix
 from ...tensors import TensorInfo
 from .awq import AWQMatrix
 from .bnb import FourBitMatrix, Int8RowMatrix, read_state
-from .ctensors import (CTIntMatrix, naive_reader, packed_reader, packed_words,
+from .ctensors import (CTMatrix, fp8_reader, naive_reader, packed_reader, packed_words,
                        packed_zero_points)
 from .gptq import GPTQMatrix
 from .intgrid import int_bits, unit_roundoff
@@ -171,7 +171,7 @@ class PackedLayers:
             elif name.endswith(".weight") and name[:-len("weight")] + "SCB" in names:
                 self._int8(name)
             elif name.endswith(".weight") and f"{name}_scale" in names and \
-                    self._info[name].dtype == "int8":
+                    self._info[name].dtype in ("int8", "float8_e4m3fn"):
                 self._ct(name[:-len(".weight")], packed=False)
 
     # -- helpers
@@ -232,6 +232,7 @@ class PackedLayers:
         zero = self._opt(f"{prefix}.weight_zero_point")
         g_idx = self._opt(f"{prefix}.weight_g_idx")
         dense = _version_dense(self.qconfig)
+        fp8 = False
         if packed:
             stored = f"{prefix}.weight_packed"
             words_array = self._need(stored)
@@ -250,14 +251,17 @@ class PackedLayers:
         else:
             stored = f"{prefix}.weight"
             weight = self._need(stored)
-            shape = tuple(weight.shape)
+            if len(weight.shape) != 2:
+                raise AnalyzeError(f"{escape(stored)} is not a matrix")
+            shape = (int(weight.shape[0]), int(weight.shape[1]))
             bits = int_bits(weights.get("num_bits", 8), f"{stored} num_bits", range(2, 9))
-            codes = naive_reader(stored, weight, bits)
+            fp8 = self._info[stored].dtype == "float8_e4m3fn"
+            codes = fp8_reader(stored, weight) if fp8 else naive_reader(stored, weight, bits)
         if zero is not None and not np.any(np.asarray(zero)):
             zero = None  # a symmetric scheme may store its zeros
         reason = _rtn_reason(self.qconfig, weights, self.recipe, g_idx is not None)
-        matrix = CTIntMatrix(prefix, shape, codes, scale, zero, g_idx, weights.get("group_size"),
-                             bits, None if reason else u, reason)
+        matrix = CTMatrix(prefix, shape, codes, scale, zero, g_idx, weights.get("group_size"),
+                          bits, None if reason else u, reason, fp8=not packed and fp8)
         self._add(f"{prefix}.weight", stored, matrix, [prefix + s for s in CT_SIDE])
 
     def _four_bit(self, name: str) -> None:
