@@ -568,3 +568,106 @@ def test_ct_float_quantized_fp8_folder(tmp_path, minilm_weight):
     assert torch.equal(_rounded(rows.values, torch.bfloat16), reference)
     error = np.abs(rows.values - w.double().numpy())
     assert np.all(error <= rows.worst) and error.max() > 0.3 * rows.worst.max()
+
+
+# --------------------------------------------------------------------------- Llama-shaped
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _gptq_rtn(w: np.ndarray, group_size: int = 128, bits: int = 4):
+    """AutoGPTQ's symmetric Quantizer (scale = 2 absmax / maxq, zero = (maxq + 1) / 2, codes
+    clamp(round(w / scale) + zero)) per group, without the error feedback: (intweight (in, out),
+    zeros (G, out), fp16 scales (G, out))."""
+    out, columns = w.shape
+    maxq = (1 << bits) - 1
+    groups = w.reshape(out, columns // group_size, group_size)
+    absmax = np.maximum(np.abs(groups).max(axis=2), 1e-8)
+    scales = (2 * absmax / maxq).astype(np.float16)
+    zero = (maxq + 1) // 2
+    codes = np.clip(np.round(groups / scales[:, :, None].astype(np.float32)) + zero, 0, maxq)
+    return codes.reshape(out, columns).T.astype(np.int64), np.full(scales.T.shape, zero), \
+        scales.T.copy()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A Llama-shaped model (transformers.LlamaConfig, random init, 2 layers) and three packed
+    checkpoints of it: GPTQ int4 g128 (AutoGPTQ's quantizer without error feedback, packed
+    AutoGPTQ's way), compressed-tensors int4 g128 (its own quantize and pack) and NF4 with double
+    quantization (bitsandbytes' quantize_4bit): ``(float weights, {scheme: (folder, references)})``
+    with the libraries' dequantizations as references."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    state = {k: v.to(torch.bfloat16) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    root = tmp_path_factory.mktemp("llama")
+    base = config.to_dict()
+    linear = [f"model.layers.{i}.{m}" for i in range(2) for m in LINEARS]
+    plain = {k: v for k, v in state.items() if not any(k == f"{p}.weight" for p in linear)}
+    out = {}
+    # GPTQ
+    tensors, refs = dict(plain), {}
+    for p in linear:
+        w = state[f"{p}.weight"].float().numpy()
+        intweight, zeros, scales = _gptq_rtn(w)
+        qweight, qzeros = _gptq_pack(intweight, zeros, 4, True)
+        g_idx = (np.arange(w.shape[1]) // 128).astype(np.int32)
+        tensors.update({f"{p}.qweight": qweight, f"{p}.qzeros": qzeros, f"{p}.scales": scales,
+                        f"{p}.g_idx": g_idx})
+        refs[f"{p}.weight"] = _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, 4, True)
+    gptq = dict(base, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128,
+                                           "sym": True, "desc_act": False,
+                                           "checkpoint_format": "gptq"})
+    out["gptq"] = (_folder(root / "gptq", tensors, gptq), refs)
+    # compressed-tensors
+    tensors, refs = dict(plain), {}
+    for p in linear:
+        w = state[f"{p}.weight"]
+        codes, scale, _ = _ct_quantize(w, 4, True, 128)
+        tensors.update({f"{p}.weight_packed": ct_pack.pack_to_int32(codes, 4),
+                        f"{p}.weight_scale": scale, f"{p}.weight_shape": torch.tensor(w.shape)})
+        refs[f"{p}.weight"] = ct_forward.dequantize(codes, scale)
+    ct = dict(base, quantization_config={
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "version": "0.12.2",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+            "group_size": 128}}}, "ignore": ["lm_head"]})
+    recipe = "quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      scheme: W4A16\n"
+    out["ct"] = (_folder(root / "ct", tensors, ct, recipe), refs)
+    # NF4
+    tensors, refs = dict(plain), {}
+    for p in linear:
+        w = state[f"{p}.weight"]
+        packed, st, saved, _ = _bnb_four_bit(w, "nf4", True)
+        tensors[f"{p}.weight"] = packed
+        tensors.update({f"{p}.weight.{k}": v for k, v in saved.items()})
+        refs[f"{p}.weight"] = bnb_functional.dequantize_4bit(packed, st)  # rows of 256/512
+    nf4 = dict(base, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                          "bnb_4bit_quant_type": "nf4",
+                                          "bnb_4bit_use_double_quant": True})
+    out["nf4"] = (_folder(root / "nf4", tensors, nf4), refs)
+    return {k: v.float().numpy() for k, v in state.items()}, out
+
+
+@pytest.mark.parametrize("scheme,dtype", [("gptq", "gptq-int4-g128"), ("ct", "ct-int4-g128"),
+                                          ("nf4", "nf4-b64")])
+def test_llama_checkpoints_read_as_their_layers(llama, scheme, dtype):
+    """Every linear layer of both blocks once, under the unquantized model's name and shape,
+    equal to the library's dequantization; bounds hold for the round-to-nearest schemes."""
+    weights, out = llama
+    folder, refs = out[scheme]
+    source = _open(folder)
+    listing = {t.name: t for t in source.tensors() if t.name not in source.metadata}
+    assert set(listing) == set(weights)
+    for name, ref in refs.items():
+        assert listing[name].dtype == dtype and listing[name].shape == weights[name].shape
+        rows = source.quantized(name).rows(0, ref.shape[0])
+        values = torch.from_numpy(rows.values)
+        if scheme == "nf4":  # bitsandbytes: float32 products, then cast
+            values = values.float()
+        assert torch.equal(values.to(ref.dtype), ref), name
+        if scheme != "gptq":
+            assert np.all(np.abs(rows.values - weights[name]) <= rows.worst), name
