@@ -671,3 +671,25 @@ def test_llama_checkpoints_read_as_their_layers(llama, scheme, dtype):
         assert torch.equal(values.to(ref.dtype), ref), name
         if scheme != "gptq":
             assert np.all(np.abs(rows.values - weights[name]) <= rows.worst), name
+
+
+def test_describe_shows_each_packed_layer_once(llama, tmp_path, capsys):
+    """``--describe`` (JSON): each linear layer once, as the matrix it encodes, with its scheme;
+    the side tensors are quantization metadata, never planned."""
+    import json
+
+    from allennlp_analyze import cli
+    weights, out = llama
+    path = tmp_path / "describe.json"
+    assert cli.main([str(out["gptq"][0]), "--describe", "--format", "json", "-o", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    rows = doc["tensors"]
+    by_name = {}
+    for row in rows:
+        by_name.setdefault(row["name"], []).append(row)
+    layer = "model.layers.1.mlp.down_proj.weight"
+    assert len(by_name[layer]) == 1 and by_name[layer][0]["dtype"] == "gptq-int4-g128"
+    assert by_name[layer][0]["shape"] == [256, 512]
+    side = [r for r in rows if r["name"].endswith((".qzeros", ".scales", ".g_idx"))]
+    assert len(side) == 3 * 14 and all(r["kind"] == "quant_metadata" for r in side)
+    assert not any(r["name"].endswith(".qweight") for r in rows)
