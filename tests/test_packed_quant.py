@@ -226,6 +226,15 @@ def test_gptq_matches_gptqmodel_dequantize(bits, sym, actorder, v1):
     assert matrix.scheme == f"gptq-int{bits}-g32" + ("-actorder" if actorder else "")
 
 
+def test_gptq_per_channel():
+    """group_size -1: one scale and zero per output feature."""
+    qweight, qzeros, scales, g_idx, _, _ = _gptq_fixture(4, False, False, True, gs=128)
+    reference = _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, 4, True)
+    matrix = GPTQMatrix("l", qweight, qzeros, scales, None, 4, -1, "gptq", False)
+    assert torch.equal(_rounded(_all_rows(matrix)[0], torch.float16), reference)
+    assert matrix.scheme == "gptq-int4-channel"
+
+
 def test_gptq_zero_convention_from_data_not_label():
     """Symmetric v2 zeros under a v1 label (and the reverse) decode by the data."""
     for v1, label in ((False, "gptq"), (True, "gptq_v2")):
