@@ -442,6 +442,8 @@ def test_gptq_folder_lists_layers_once_under_their_names(tmp_path):
                                      + tensors[layer[:-6] + "g_idx"].nbytes)
     assert torch.equal(_rounded(source.load(layer), torch.float16), reference)
     assert source.quantized(layer).bound_reason is not None
+    assert source.note == ("quantization gptq: 1 packed layers (1 gptq-int4-g32-actorder); "
+                           "3 side tensors (1.1 KiB) of quantization metadata")
 
 
 def test_awq_and_gptq_told_apart_without_config(tmp_path):

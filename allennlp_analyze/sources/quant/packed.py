@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from ... import limits
+from ...limits import format_bytes
 from ...checkpoint_config import load_config
 from ...errors import AnalyzeError, escape
 from ...kinds import QUANT_METADATA
@@ -316,6 +317,19 @@ class PackedSource:
         self._listing = listing
 
     method = property(lambda self: self._layers.method)
+
+    @property
+    def note(self) -> str:
+        """The run's note on this source: the family, the schemes of its packed layers, and the
+        side tensors counted as quantization metadata."""
+        schemes: Dict[str, int] = {}
+        for matrix in self._layers.matrices.values():
+            schemes[matrix.scheme] = schemes.get(matrix.scheme, 0) + 1
+        listed = ", ".join(f"{n} {s}" for s, n in sorted(schemes.items()))
+        return (f"quantization {self.method or 'detected from the tensors'}: "
+                f"{len(self._layers.matrices)} packed layers ({listed}); "
+                f"{len(self.metadata)} side tensors ({format_bytes(self.metadata_bytes)}) of "
+                "quantization metadata")
 
     def tensors(self) -> Sequence[TensorInfo]:
         return list(self._listing)
