@@ -49,6 +49,8 @@ NOT_RTN = ("GPTQModifier", "AWQModifier", "SmoothQuantModifier", "SpinQuantModif
            "QuIPModifier", "SparseGPTModifier")
 #: Observers that take the scale from the plain min/max (no clipping search).
 MINMAX_OBSERVERS = (None, "minmax", "memoryless_minmax", "static_minmax", "memoryless")
+#: The ``quant_method`` values of the families decoded here.
+METHODS = ("gptq", "awq", "compressed-tensors", "compressed_tensors", "bitsandbytes")
 #: Largest recipe.yaml read.
 MAX_RECIPE = 1 << 20
 
@@ -385,8 +387,16 @@ def packed_opener(cls):
 
 def open_packed(source, folder: Path):
     """``source`` (a safetensors source of ``folder``) as a :class:`PackedSource` when its config
-    declares a quantization or its tensors hold packed layers, else ``source`` itself."""
+    declares a quantization or its tensors hold packed layers, else ``source`` itself. A
+    quantization method we do not decode is refused in one line (its tensors are not the
+    matrices they encode)."""
     config = load_config(folder / "config.json")
-    if quantization_config(config) is None and not has_packed_layers(source.tensors()):
+    qconfig = quantization_config(config)
+    if qconfig is None and not has_packed_layers(source.tensors()):
         return source
+    method = str((qconfig or {}).get("quant_method") or "").lower()
+    if method and method not in METHODS:
+        raise AnalyzeError(f"{escape(folder / 'config.json')}: quantization method "
+                           f"{escape(method)!s} is not supported (gptq, awq, compressed-tensors "
+                           "and bitsandbytes are)")
     return PackedSource(source, config, read_recipe(folder))
