@@ -515,7 +515,8 @@ def test_bnb_folder_nf4_double_quant_and_int8(tmp_path, minilm_weight):
 
 
 @pytest.mark.parametrize("case", ["bits-lie", "scales-shape", "g_idx-range", "ct-width",
-                                  "marlin", "exl2", "gptq-3bit", "bnb-state", "method"])
+                                  "marlin", "exl2", "gptq-3bit", "bnb-state", "method",
+                                  "ct-format"])
 def test_hostile_packed_layers(tmp_path, case):
     """Each is one AnalyzeError line naming the problem."""
     tensors, _ = _gptq_tensors()
@@ -524,7 +525,8 @@ def test_hostile_packed_layers(tmp_path, case):
     expected = {"bits-lie": "config says 8 bits", "scales-shape": "scales has shape",
                 "g_idx-range": "names groups", "ct-width": "words per row",
                 "marlin": "Marlin layout", "exl2": "EXL2", "gptq-3bit": "3-bit",
-                "bnb-state": "quant state", "method": "method hqq is not supported"}[case]
+                "bnb-state": "quant state", "method": "method hqq is not supported",
+                "ct-format": "format sparse-24-bitmask is not supported"}[case]
     if case == "bits-lie":
         config = {"quantization_config": dict(GPTQ_CONFIG["quantization_config"], bits=8)}
     elif case == "scales-shape":
@@ -547,6 +549,9 @@ def test_hostile_packed_layers(tmp_path, case):
     elif case == "gptq-3bit":
         tensors[f"{p}.qzeros"] = np.zeros((4, 6), np.int32)
         config = None
+    elif case == "ct-format":
+        config = {"quantization_config": {"quant_method": "compressed-tensors",
+                                          "format": "sparse-24-bitmask"}}
     elif case == "method":
         config = {"quantization_config": {"quant_method": "hqq", "nbits": 4}}
     elif case == "bnb-state":

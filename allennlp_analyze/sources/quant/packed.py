@@ -51,6 +51,9 @@ NOT_RTN = ("GPTQModifier", "AWQModifier", "SmoothQuantModifier", "SpinQuantModif
 MINMAX_OBSERVERS = (None, "minmax", "memoryless_minmax", "static_minmax", "memoryless")
 #: The ``quant_method`` values of the families decoded here.
 METHODS = ("gptq", "awq", "compressed-tensors", "compressed_tensors", "bitsandbytes")
+#: compressed-tensors formats read here (``dense``: plain float weights).
+CT_FORMATS = {"pack-quantized", "naive-quantized", "int-quantized", "float-quantized", "dense",
+              "mixed-precision"}
 #: Largest recipe.yaml read.
 MAX_RECIPE = 1 << 20
 
@@ -72,7 +75,7 @@ def _refuse_retiled(qconfig: Optional[dict], names: Set[str]) -> None:
         if qconfig.get("is_marlin_format"):
             said.add("marlin")
         for layout, shown in (("marlin", "Marlin"), ("bitblas", "BitBLAS")):
-            if layout in said:
+            if any(layout in value for value in said):
                 raise AnalyzeError(f"the {shown} layout is re-tiled for its GPU kernel and "
                                    "cannot be read as a matrix (convert the checkpoint back to "
                                    "plain GPTQ/AWQ)")
@@ -395,6 +398,14 @@ def open_packed(source, folder: Path):
     if qconfig is None and not has_packed_layers(source.tensors()):
         return source
     method = str((qconfig or {}).get("quant_method") or "").lower()
+    groups = (qconfig or {}).get("config_groups")
+    formats = {str((qconfig or {}).get("format") or "pack-quantized")} | (
+        {str(g.get("format")) for g in groups.values() if isinstance(g, dict) and g.get("format")}
+        if isinstance(groups, dict) else set())
+    if method.startswith("compressed") and not formats <= CT_FORMATS:
+        raise AnalyzeError(f"{escape(folder / 'config.json')}: compressed-tensors format "
+                           f"{escape(sorted(formats - CT_FORMATS)[0])} is not supported "
+                           f"({', '.join(sorted(CT_FORMATS))} are)")
     if method and method not in METHODS:
         raise AnalyzeError(f"{escape(folder / 'config.json')}: quantization method "
                            f"{escape(method)!s} is not supported (gptq, awq, compressed-tensors "
