@@ -516,7 +516,7 @@ def test_bnb_folder_nf4_double_quant_and_int8(tmp_path, minilm_weight):
 
 @pytest.mark.parametrize("case", ["bits-lie", "scales-shape", "g_idx-range", "ct-width",
                                   "marlin", "exl2", "gptq-3bit", "bnb-state", "method",
-                                  "ct-format"])
+                                  "ct-format", "group-type"])
 def test_hostile_packed_layers(tmp_path, case):
     """Each is one AnalyzeError line naming the problem."""
     tensors, _ = _gptq_tensors()
@@ -526,7 +526,8 @@ def test_hostile_packed_layers(tmp_path, case):
                 "g_idx-range": "names groups", "ct-width": "words per row",
                 "marlin": "Marlin layout", "exl2": "EXL2", "gptq-3bit": "3-bit",
                 "bnb-state": "quant state", "method": "method hqq is not supported",
-                "ct-format": "format sparse-24-bitmask is not supported"}[case]
+                "ct-format": "format sparse-24-bitmask is not supported",
+                "group-type": "group_size 32 is not an integer"}[case]
     if case == "bits-lie":
         config = {"quantization_config": dict(GPTQ_CONFIG["quantization_config"], bits=8)}
     elif case == "scales-shape":
@@ -549,6 +550,9 @@ def test_hostile_packed_layers(tmp_path, case):
     elif case == "gptq-3bit":
         tensors[f"{p}.qzeros"] = np.zeros((4, 6), np.int32)
         config = None
+    elif case == "group-type":
+        config = {"quantization_config": dict(GPTQ_CONFIG["quantization_config"],
+                                              group_size="32")}
     elif case == "ct-format":
         config = {"quantization_config": {"quant_method": "compressed-tensors",
                                           "format": "sparse-24-bitmask"}}

@@ -106,3 +106,13 @@ def int_bits(value, what: str, allowed: Sequence[int]) -> int:
         raise AnalyzeError(f"{escape(what)}: {escape(value)} bits is not supported "
                            f"(supported: {', '.join(map(str, allowed))})")
     return value
+
+
+def config_int(value, what: str) -> Optional[int]:
+    """An optional integer from a config (``group_size``...): None stays None; anything but an
+    integer is an AnalyzeError naming ``what``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AnalyzeError(f"{escape(what)} {escape(value)} is not an integer")
+    return value

@@ -31,7 +31,7 @@ from .bnb import FourBitMatrix, Int8RowMatrix, read_state
 from .ctensors import (CTMatrix, fp8_reader, naive_reader, packed_reader, packed_words,
                        packed_zero_points)
 from .gptq import GPTQMatrix
-from .intgrid import int_bits, unit_roundoff
+from .intgrid import config_int, int_bits, unit_roundoff
 
 #: Side tensors of each family, by suffix after the layer prefix.
 GPTQ_SIDE = (".qzeros", ".scales", ".g_idx")
@@ -88,8 +88,7 @@ def _refuse_retiled(qconfig: Optional[dict], names: Set[str]) -> None:
                                "kernel and cannot be read as a matrix")
 
 
-def _rtn_reason(qconfig: Optional[dict], weights: Mapping, recipe: Optional[str],
-                has_g_idx: bool) -> Optional[str]:
+def _rtn_reason(weights: Mapping, recipe: Optional[str], has_g_idx: bool) -> Optional[str]:
     """None where the compressed-tensors weights were rounded to nearest from min/max scales,
     else why not (what the record's null bound says)."""
     if has_g_idx:
@@ -117,13 +116,20 @@ def _ct_weights_args(qconfig: Optional[dict], layer: str) -> dict:
     for group in candidates:
         targets = group.get("targets") or []
         for target in targets if isinstance(targets, list) else []:
-            if isinstance(target, str) and target.startswith("re:") and \
-                    re.match(target[3:], layer):
+            if isinstance(target, str) and target.startswith("re:") and _matches(target, layer):
                 return group.get("weights") or {}
     linear = [g for g in candidates if "Linear" in (g.get("targets") or [])]
     chosen = linear[0] if len(linear) == 1 else (candidates[0] if len(candidates) == 1 else {})
     weights = chosen.get("weights") if isinstance(chosen, dict) else None
     return weights if isinstance(weights, dict) else {}
+
+
+def _matches(target: str, layer: str) -> bool:
+    """Whether a ``re:`` target of a config group matches the layer (a bad pattern: no)."""
+    try:
+        return re.match(target[3:], layer) is not None
+    except re.error:
+        return False
 
 
 def _ct_bits(name: str, declared, packed_shape: Tuple[int, ...], columns: int) -> int:
@@ -211,8 +217,8 @@ class PackedLayers:
                 str(q.get("version") or "gemm").lower()  # the data decide where they can
             version = "gemv" if layout == "gemv" else "gemm"  # exllama loads GEMM checkpoints
             bits = int_bits(q.get("bits", q.get("w_bit", 4)), f"{prefix} AWQ bits", (4,))
-            matrix = AWQMatrix(prefix, qweight, qzeros, scales, bits, q.get("group_size",
-                               q.get("q_group_size")), version)
+            size = config_int(q.get("group_size", q.get("q_group_size")), f"{prefix} group_size")
+            matrix = AWQMatrix(prefix, qweight, qzeros, scales, bits, size, version)
         else:
             out = qweight.shape[-1]
             if len(qzeros.shape) != 2 or not out or (qzeros.shape[1] * 32) % out:
@@ -227,7 +233,8 @@ class PackedLayers:
             label = q.get("checkpoint_format") or q.get("format")
             matrix = GPTQMatrix(prefix, qweight, qzeros, scales,
                                 None if g_idx is None else np.asarray(g_idx), data_bits,
-                                q.get("group_size"), label, q.get("sym"))
+                                config_int(q.get("group_size"), f"{prefix} group_size"), label,
+                                q.get("sym"))
         self._add(f"{prefix}.weight", f"{prefix}.qweight", matrix, side)
 
     def _ct(self, prefix: str, packed: bool) -> None:
@@ -265,9 +272,10 @@ class PackedLayers:
             codes = fp8_reader(stored, weight) if fp8 else naive_reader(stored, weight, bits)
         if zero is not None and not np.any(np.asarray(zero)):
             zero = None  # a symmetric scheme may store its zeros
-        reason = _rtn_reason(self.qconfig, weights, self.recipe, g_idx is not None)
-        matrix = CTMatrix(prefix, shape, codes, scale, zero, g_idx, weights.get("group_size"),
-                          bits, None if reason else u, reason, fp8=not packed and fp8)
+        reason = _rtn_reason(weights, self.recipe, g_idx is not None)
+        size = config_int(weights.get("group_size"), f"{prefix} group_size")
+        matrix = CTMatrix(prefix, shape, codes, scale, zero, g_idx, size, bits,
+                          None if reason else u, reason, fp8=not packed and fp8)
         self._add(f"{prefix}.weight", stored, matrix, [prefix + s for s in CT_SIDE])
 
     def _four_bit(self, name: str) -> None:
