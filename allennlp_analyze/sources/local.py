@@ -12,6 +12,7 @@ from ..tensors import WeightSource
 from . import registry
 from .archive import ArchiveSource
 from .folder import open_folder
+from .safetensors_file import SafetensorsSource, shard_context
 
 
 def open_path(path: Union[str, os.PathLike], label: Optional[str] = None,
@@ -25,6 +26,8 @@ def open_path(path: Union[str, os.PathLike], label: Optional[str] = None,
     if getattr(source, "config", None) is None and not isinstance(source, ArchiveSource):
         p = Path(path)
         source.config = load_config((p if p.is_dir() else p.parent) / "config.json")
+    if isinstance(source, SafetensorsSource):  # one shard of a checkpoint: kinds of the whole
+        source.context = shard_context(source.path)
     return source
 
 
