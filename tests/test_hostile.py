@@ -132,6 +132,15 @@ def inputs(tmp_path_factory):
                                                            checkpoint_format="marlin")}),
             "3bit": ({**layer, f"{p}.qzeros": np.zeros((4, 6), np.int32)}, None)}.items():
         f[f"packed_{name}"] = H.packed_folder(d / f"packed_{name}", tensors, config)
+    good_gguf = H.gguf_bytes()
+    for name, data in {
+            "count": H.gguf_bytes(n_tensors=2**62),
+            "offset": H.gguf_bytes([("w.weight", (64, 8), 0, 2**40)]),
+            "shape": H.gguf_bytes([("w.weight", (2**32, 2**32), 0, 0)], data=b""),
+            "truncated": good_gguf[:len(good_gguf) - 100],
+            "string": H.gguf_bytes(kv=H.gguf_string("k", 2**63) + b"\0" * 16, n_kv=1)}.items():
+        f[f"gguf_{name}"] = d / f"{name}.gguf"
+        f[f"gguf_{name}"].write_bytes(data)
     f["tiny"] = H.tiny_matrices(d / "tiny.safetensors", 100_000)
     names = ["plain.weight", "new\nline.weight", "esc\x1b[2J\x1b[31m.weight", "rtl\u202eexe.weight"]
     rng = np.random.default_rng(0)
@@ -181,6 +190,8 @@ def _cases(f, base, backlog, work):
             "deep_header", "deep_index", "shape_float", "shape_huge", "shape_overflow")},
         **{f"packed:{n}": ([str(f[f"packed_{n}"])], {}) for n in (
             "bits", "scales", "g_idx", "width", "marlin", "3bit")},
+        **{f"gguf:{n}": ([str(f[f"gguf_{n}"])], {}) for n in (
+            "count", "offset", "shape", "truncated", "string")},
         **{f"torchscript:{n}": ([str(f[n])], {}) for n in ("ts_missing", "ts_lying")},
         "empty_conv": ([str(f["empty_conv"]), "--include", "conv", "--format", "json"], {}),
         "sparse": ([str(f["sparse"])], {}),
@@ -397,6 +408,16 @@ def test_hostile_packed_layers(batches, case, fragment):
     """GPTQ / compressed-tensors folders whose config lies or whose side tensors do not fit,
     and a kernel-tiled layout: one line naming the problem."""
     found = _both_errors(batches, f"packed:{case}", fragment)
+    assert found["standalone"] == found["plugin"]
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("count", "4611686018427387904 tensor infos"), ("offset", "past the end"),
+    ("shape", "more elements than the file has bits"), ("truncated", "truncated"),
+    ("string", "claims 9223372036854775808 bytes")])
+def test_hostile_gguf_headers(batches, case, fragment):
+    """Checked by the header scan before anything is allocated (within the memory limit)."""
+    found = _both_errors(batches, f"gguf:{case}", "is not a valid GGUF file", fragment)
     assert found["standalone"] == found["plugin"]
 
 

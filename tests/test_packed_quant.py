@@ -175,8 +175,10 @@ def _gptq_pack(intweight: np.ndarray, zeros: np.ndarray, bits: int, v1: bool):
     return qweight.view(np.int32), qzeros.view(np.int32)
 
 
-def _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits, v1: bool) -> torch.Tensor:
-    """GPTQModel's TorchQuantLinear.dequantize_weight (v2 zeros; v1 converted by +1), fp16."""
+def _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits, v1: bool,
+                          dtype=torch.float16) -> torch.Tensor:
+    """GPTQModel's TorchQuantLinear.dequantize_weight (v2 zeros; v1 converted by +1), in fp16
+    (its dequant dtype) or, given float64 ``dtype``, exactly."""
     qweight, qzeros = torch.from_numpy(qweight), torch.from_numpy(qzeros)
     per = 32 // bits
     wf = torch.arange(0, 32, bits, dtype=torch.int32)
@@ -188,8 +190,8 @@ def _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, bits, v1: bool) -> tor
     weight = torch.bitwise_and(weight, (1 << bits) - 1)
     weight = weight.reshape(-1, weight.shape[2])
     g = torch.from_numpy(g_idx).long()
-    scales = torch.from_numpy(scales)
-    return (scales[g] * (weight - zeros[g]).to(torch.float16)).T
+    scales = torch.from_numpy(scales).to(dtype)
+    return (scales[g] * (weight - zeros[g]).to(dtype)).T
 
 
 def _gptq_fixture(bits: int, sym: bool, actorder: bool, v1: bool, out=64, columns=128, gs=32):
@@ -440,7 +442,9 @@ def test_gptq_folder_lists_layers_once_under_their_names(tmp_path):
     assert source.metadata_bytes == (tensors[layer[:-6] + "qzeros"].nbytes
                                      + tensors[layer[:-6] + "scales"].nbytes
                                      + tensors[layer[:-6] + "g_idx"].nbytes)
-    assert torch.equal(_rounded(source.load(layer), torch.float16), reference)
+    assert source.load(layer) is source.quantized(layer)
+    assert torch.equal(_rounded(source.quantized(layer).rows(0, 64).values, torch.float16),
+                       reference)
     assert source.quantized(layer).bound_reason is not None
     assert source.note == ("quantization gptq: 1 packed layers (1 gptq-int4-g32-actorder); "
                            "3 side tensors (1.1 KiB) of quantization metadata")
@@ -457,10 +461,10 @@ def test_awq_and_gptq_told_apart_without_config(tmp_path):
     dtypes = {t.name: t.dtype for t in source.tensors()}
     assert dtypes["awq.weight"] == "awq-int4-g32"
     assert dtypes["model.layers.0.self_attn.q_proj.weight"] == "gptq-int4-g32"
-    assert torch.equal(_rounded(source.load("awq.weight"), torch.float16),
-                       _awq_dequantize_gemm(qweight, qzeros, scales, 32))
-    assert torch.equal(_rounded(source.load("model.layers.0.self_attn.q_proj.weight"),
-                                torch.float16), reference)
+    assert torch.equal(_rounded(source.quantized("awq.weight").rows(0, 48).values,
+                                torch.float16), _awq_dequantize_gemm(qweight, qzeros, scales, 32))
+    assert torch.equal(_rounded(source.quantized("model.layers.0.self_attn.q_proj.weight")
+                                .rows(0, 64).values, torch.float16), reference)
 
 
 def _ct_folder(tmp_path, w: torch.Tensor, recipe, bits=4, symmetric=False, version="0.12.2"):
@@ -619,7 +623,10 @@ def llama(tmp_path_factory):
     checkpoints of it: GPTQ int4 g128 (AutoGPTQ's quantizer without error feedback, packed
     AutoGPTQ's way), compressed-tensors int4 g128 (its own quantize and pack) and NF4 with double
     quantization (bitsandbytes' quantize_4bit): ``(float weights, {scheme: (folder, references)})``
-    with the libraries' dequantizations as references."""
+    with the libraries' dequantizations as references: ``(folder, in the library's precision,
+    in float64)`` (the libraries' own dequantize functions given float64 scales)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -629,7 +636,7 @@ def llama(tmp_path_factory):
     base = config.to_dict()
     linear = [f"model.layers.{i}.{m}" for i in range(2) for m in LINEARS]
     plain = {k: v for k, v in state.items() if not any(k == f"{p}.weight" for p in linear)}
-    out = {}
+    out, exact = {}, {}
     # GPTQ
     tensors, refs = dict(plain), {}
     for p in linear:
@@ -640,6 +647,8 @@ def llama(tmp_path_factory):
         tensors.update({f"{p}.qweight": qweight, f"{p}.qzeros": qzeros, f"{p}.scales": scales,
                         f"{p}.g_idx": g_idx})
         refs[f"{p}.weight"] = _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, 4, True)
+        exact[("gptq", p)] = _gptqmodel_dequantize(qweight, qzeros, scales, g_idx, 4, True,
+                                                   torch.float64).numpy()
     gptq = dict(base, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128,
                                            "sym": True, "desc_act": False,
                                            "checkpoint_format": "gptq"})
@@ -652,6 +661,7 @@ def llama(tmp_path_factory):
         tensors.update({f"{p}.weight_packed": ct_pack.pack_to_int32(codes, 4),
                         f"{p}.weight_scale": scale, f"{p}.weight_shape": torch.tensor(w.shape)})
         refs[f"{p}.weight"] = ct_forward.dequantize(codes, scale)
+        exact[("ct", p)] = ct_forward.dequantize(codes, scale.double()).numpy()
     ct = dict(base, quantization_config={
         "quant_method": "compressed-tensors", "format": "pack-quantized", "version": "0.12.2",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
@@ -667,10 +677,16 @@ def llama(tmp_path_factory):
         tensors[f"{p}.weight"] = packed
         tensors.update({f"{p}.weight.{k}": v for k, v in saved.items()})
         refs[f"{p}.weight"] = bnb_functional.dequantize_4bit(packed, st)  # rows of 256/512
+        absmax = bnb_functional.dequantize_blockwise(st.absmax, st.state2) + st.offset
+        exact[("nf4", p)] = _dequantize_4bit_compute.__wrapped__(
+            packed.reshape(-1), absmax.double(), _get_4bit_code("nf4", packed.device).double(),
+            64, list(w.shape), torch.float64).numpy()
     nf4 = dict(base, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True,
                                           "bnb_4bit_quant_type": "nf4",
                                           "bnb_4bit_use_double_quant": True})
     out["nf4"] = (_folder(root / "nf4", tensors, nf4), refs)
+    for scheme, (folder, refs) in out.items():
+        out[scheme] = (folder, refs, {f"{p}.weight": exact[(scheme, p)] for p in linear})
     return {k: v.float().numpy() for k, v in state.items()}, out
 
 
@@ -680,7 +696,7 @@ def test_llama_checkpoints_read_as_their_layers(llama, scheme, dtype):
     """Every linear layer of both blocks once, under the unquantized model's name and shape,
     equal to the library's dequantization; bounds hold for the round-to-nearest schemes."""
     weights, out = llama
-    folder, refs = out[scheme]
+    folder, refs, _ = out[scheme]
     source = _open(folder)
     listing = {t.name: t for t in source.tensors() if t.name not in source.metadata}
     assert set(listing) == set(weights)
@@ -703,7 +719,8 @@ def test_describe_shows_each_packed_layer_once(llama, tmp_path, capsys):
     from allennlp_analyze import cli
     weights, out = llama
     path = tmp_path / "describe.json"
-    assert cli.main([str(out["gptq"][0]), "--describe", "--format", "json", "-o", str(path)]) == 0
+    assert cli.main([str(out["gptq"][0]), "--describe", "--min-q", "1", "--format", "json",
+                     "-o", str(path)]) == 0
     doc = json.loads(path.read_text())
     rows = doc["tensors"]
     by_name = {}
@@ -711,7 +728,38 @@ def test_describe_shows_each_packed_layer_once(llama, tmp_path, capsys):
         by_name.setdefault(row["name"], []).append(row)
     layer = "model.layers.1.mlp.down_proj.weight"
     assert len(by_name[layer]) == 1 and by_name[layer][0]["dtype"] == "gptq-int4-g128"
-    assert by_name[layer][0]["shape"] == [256, 512]
+    assert by_name[layer][0]["shape"] == [256, 512] and by_name[layer][0]["kind"] == "linear"
+    assert doc["summary"]["matrices"] == 15  # 14 packed layers and the float lm_head
     side = [r for r in rows if r["name"].endswith((".qzeros", ".scales", ".g_idx"))]
     assert len(side) == 3 * 14 and all(r["kind"] == "quant_metadata" for r in side)
     assert not any(r["name"].endswith(".qweight") for r in rows)
+
+
+@pytest.mark.parametrize("scheme", ["gptq", "ct", "nf4"])
+def test_llama_records_are_numpys_svd_and_within_the_bound(llama, scheme):
+    """One command per checkpoint: every linear layer has a record under its own name, with
+    alpha and a quantization noise floor; its singular values are numpy's SVD of the library's
+    dequantization (float64); for the round-to-nearest schemes the noise bound is >= the
+    measured ||W_q - W||_2 against the unquantized weights; GPTQ has none, and says why."""
+    from allennlp_analyze import analyze
+    weights, out = llama
+    folder, _, exact = out[scheme]
+    result = analyze(str(folder), min_q=1.0, keep_spectra=True)
+    records = dict(zip((r.name for r in result.records), zip(result.records, result.spectra)))
+    assert set(exact) <= set(records)
+    ratios = []
+    for name, R in exact.items():
+        rec, sv = records[name]
+        expected = np.linalg.svd(R, compute_uv=False)
+        np.testing.assert_allclose(sv, expected, rtol=0, atol=1e-12 * expected[0])
+        assert rec.shape == R.shape and rec.kind == "linear" and rec.alpha is not None
+        assert rec.noise_floor > 0 and rec.rank_numpy is None
+        assert rec.rank_noise == int(np.count_nonzero(expected > rec.noise_floor))
+        error = np.linalg.norm(R - weights[name], 2)
+        ratios.append(rec.noise_floor / error)
+        if scheme == "gptq":
+            assert rec.noise_bound is None and "error feedback" in rec.rank_note
+        else:
+            assert rec.noise_bound >= error, name
+    # The estimate (variance step^2 / 12 per element) against the measured error.
+    assert 0.8 <= min(ratios) and max(ratios) <= 1.6, (min(ratios), max(ratios))

@@ -20,8 +20,9 @@ from .. import limits
 from ..tensors import WeightSource
 from ._common import read_index
 from .archive import ArchiveSource
-from .quant.packed import packed_opener
+from .gguf_file import GGUFSource
 from .numpy_file import NpySource, NpzSource, looks_like_npz
+from .quant.packed import packed_opener
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
 from .torch_file import ShardedTorchSource, TorchFileSource
 from .unsupported import UNSUPPORTED, Unsupported, refuse
@@ -103,6 +104,9 @@ FORMATS: List[SourceFormat] = [
                  folder_globs=("*.npz",), expected="a numpy .npy/.npz file"),
     SourceFormat("npy", (".npy",), _plain(NpySource),
                  sniff=lambda path, head: head[:4] == b"\x93NUM", folder_globs=("*.npy",)),
+    SourceFormat("gguf", (".gguf",), _plain(GGUFSource),
+                 sniff=lambda path, head: head[:4] == b"GGUF", folder_globs=("*.gguf",),
+                 expected="a .gguf file"),
 ]
 
 

@@ -299,10 +299,10 @@ class PackedLayers:
 
 class PackedSource:
     """A weight source whose packed layers read as the matrices they encode: :meth:`tensors`
-    lists each packed layer once, under its own name, with ``dtype`` its scheme and shape
-    out x in (``metadata`` names the side tensors, ``metadata_bytes`` their size);
-    :meth:`quantized` gives a layer's :class:`QuantizedMatrix`; other tensors pass
-    through.
+    lists each packed layer once, under its own name (``stored_name`` the tensor holding its
+    codes, ``quantized`` True), with ``dtype`` its scheme and shape out x in (``metadata`` names
+    the side tensors, ``metadata_bytes`` their size); :meth:`load` and :meth:`quantized` give a
+    layer's :class:`QuantizedMatrix`; other tensors pass through.
 
     Side tensors stay in the listing with ``module_type``
     :data:`~allennlp_analyze.kinds.QUANT_METADATA`: the selection counts them as quantization
@@ -322,7 +322,9 @@ class PackedSource:
             if info.name in by_stored:
                 layer = by_stored[info.name]
                 matrix = self._layers.matrices[layer]
-                listing.append(TensorInfo(layer, tuple(matrix.shape), matrix.scheme, "Linear"))
+                listing.append(TensorInfo(layer, tuple(matrix.shape), matrix.scheme, "Linear",
+                                          quantized=True,
+                                          stored_name=info.name if info.name != layer else None))
             elif info.name in self.metadata:
                 listing.append(replace(info, module_type=QUANT_METADATA))
             elif info.name not in self._layers.matrices:
@@ -350,18 +352,15 @@ class PackedSource:
     def quantized(self, name: str) -> Optional[QuantizedMatrix]:
         return self._layers.matrices.get(name)
 
-    def load(self, name: str) -> np.ndarray:
-        """A packed layer dequantized whole (float64, out x in; the analysis reads row blocks
-        through :meth:`quantized` instead); any other tensor as the inner source gives it."""
+    def load(self, name: str):
+        """A packed layer as its :class:`QuantizedMatrix` (decoded row block by row block when
+        read); any other tensor as the inner source gives it."""
         matrix = self._layers.matrices.get(name)
-        if matrix is None:
-            return self._inner.load(name)
-        return matrix.rows(0, matrix.shape[0]).values
+        return self._inner.load(name) if matrix is None else matrix
 
     def load_mapped(self, name: str):
-        if name in self._layers.matrices:
-            return self.load(name)
-        return self._inner.load_mapped(name)
+        matrix = self._layers.matrices.get(name)
+        return self._inner.load_mapped(name) if matrix is None else matrix
 
     def __repr__(self) -> str:
         return f"<PackedSource {self.label!r} ({self.method or 'detected from tensors'})>"
