@@ -5,7 +5,10 @@ Evidence, strongest first (the record's ``kind_from``):
 * ``module``: the owning module's type, where the model is built or an ``nn.Module`` is given
   (``Linear``, ``Embedding``, ``Conv2d``, ``LSTM``, ``MultiheadAttention``...; any subclass
   counts as the ``torch.nn`` layer it derives from), and whether the tensor is a registered
-  buffer;
+  buffer; or a Keras layer's class, which Keras files name (``Dense``, ``Conv2D``, ``LSTM``...,
+  their kernels read as PyTorch lays them out: :mod:`allennlp_analyze.sources.keras_layers`).
+  A module's ``bias`` is a vector whatever its shape (Keras's GRU stacks two, its attention
+  keeps one per head);
 * ``config``: the checkpoint's config where it names the layer
   (:mod:`allennlp_analyze.checkpoint_config`);
 * ``structure``: what the header says. A non-float tensor is not a weight; 0-D/1-D (or more
@@ -70,7 +73,8 @@ QUANT_METADATA = "QuantizationMetadata"
 MAX_KERNEL = 32
 #: Gate names of stacked recurrent weights, by gate count (PyTorch's order).
 RNN_GATES = {4: ("i", "f", "g", "o"), 3: ("r", "z", "n")}
-_GATES_OF_TYPE = {"LSTM": 4, "LSTMCell": 4, "GRU": 3, "GRUCell": 3, "RNN": 1, "RNNCell": 1}
+_GATES_OF_TYPE = {"LSTM": 4, "LSTMCell": 4, "GRU": 3, "GRUCell": 3, "RNN": 1, "RNNCell": 1,
+                  "SimpleRNN": 1}
 _RECURRENT = re.compile(r"(?:^|\.)weight_(ih|hh|hr)(_l\d+)?(?:_reverse)?$")
 _FUSED_ATTENTION = re.compile(r"(?:^|\.)in_proj_weight$")
 #: A module's own parameter names: such a tensor is described by its module's name.
@@ -87,6 +91,10 @@ _MODULE_KINDS = {
     **dict.fromkeys(_GATES_OF_TYPE, "recurrent"),
     "MultiheadAttention": "attention",
     "Bilinear": "tensor",
+    # Keras (Conv1D above is GPT-2's 2-D Linear; Keras's 3-D Conv1D kernel: see _by_module)
+    **dict.fromkeys(("Dense", "EinsumDense"), "linear"),
+    **dict.fromkeys([f"Conv{d}D{t}" for d in (1, 2, 3) for t in ("", "Transpose")
+                     if (d, t) != (1, "")], "conv"),
 }
 _EMBEDDING_HEADS = {"embedding", "embeddings", "embed", "embeds", "embedder", "emb", "embs",
                     "wte", "wpe"}
@@ -183,9 +191,13 @@ def _classify(t: TensorInfo, configured, shapes, gates) -> Kind:
 
 def _by_module(t: TensorInfo):
     kind = _MODULE_KINDS.get(t.module_type or "")
+    if t.module_type == "Conv1D" and len(t.shape) == 3:
+        kind = "conv"  # Keras's Conv1D kernel (GPT-2's Conv1D weight is 2-D)
     if kind is None:
         return None  # no type, or a module that is not a standard layer: other evidence decides
     param = t.name.rpartition(".")[2]
+    if param == "bias":
+        return "vector", "module", (), None
     if kind == "attention":
         return kind, "module", t.parts or _thirds(t, param == "in_proj_weight"), None
     if kind == "recurrent":

@@ -141,8 +141,10 @@ def _skip_reason(t: TensorInfo, kind: Kind) -> str:
     if k == "non_float":
         return f"not a floating-point tensor ({t.dtype})"
     if k == "vector":
-        return "not a matrix (0-D/1-D: biases, norms, scalars)" if len(t.shape) < 2 else \
-            "not a matrix (a vector: one dimension above 1)"
+        if len(t.shape) < 2:
+            return "not a matrix (0-D/1-D: biases, norms, scalars)"
+        return "not a matrix (a vector: one dimension above 1)" \
+            if sum(d > 1 for d in t.shape) <= 1 else "not a matrix (a bias)"
     if k == "tensor":
         detail = f", {kind.detail or kind.module_type}" if kind.detail or kind.module_type else ""
         return f"not a matrix or convolution kernel ({len(t.shape)}-D{detail})"

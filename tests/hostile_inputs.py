@@ -10,6 +10,7 @@ import struct
 import tarfile
 import threading
 import time
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Dict, Iterable, Optional
@@ -159,6 +160,16 @@ def gptq_layer(prefix: str = "model.layers.0.mlp.up_proj", out: int = 64, column
             f"{prefix}.qzeros": np.full((groups, out // 8), 0x77777777, np.int32),
             f"{prefix}.scales": (rng.random((groups, out)) * 0.01 + 1e-3).astype(np.float16),
             f"{prefix}.g_idx": (np.arange(columns) // group_size).astype(np.int32)}
+
+
+def lora_adapter(folder: Path, config: dict, tensors: Dict[str, np.ndarray]) -> Path:
+    """A PEFT LoRA adapter folder: ``adapter_config.json`` (``config`` over PEFT's defaults)
+    and ``adapter_model.safetensors`` holding ``tensors``."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["fc"], **config}))
+    safetensors_file(folder / "adapter_model.safetensors", tensors)
+    return folder
 
 
 def tiny_matrices(path: Path, n: int) -> Path:
@@ -335,3 +346,99 @@ class HostileServer:
 def fifo(path: Path) -> Path:
     os.mkfifo(path)
     return path
+
+
+# -- Keras ------------------------------------------------------------------------------------
+
+def keras_weights_h5(path: Path, build=None) -> Path:
+    """A Keras 3 ``.weights.h5`` with one Dense layer (kernel 6 x 4, bias 4), written with h5py
+    as Keras writes it; ``build(h5py.File)`` adds to it."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f.create_group("vars").attrs["name"] = "sequential"
+        g = f.create_group("layers/dense/vars")
+        g.attrs["name"] = "dense"
+        g["0"] = rng.standard_normal((6, 4)).astype("f4")
+        g["1"] = np.zeros(4, "f4")
+        if build is not None:
+            build(f)
+    return path
+
+
+def keras_zip(path: Path, members: Iterable, compression=None) -> Path:
+    """A ``.keras``-like zip of ``(name, bytes)`` members (stored unless ``compression``)."""
+    with zipfile.ZipFile(path, "w", compression or zipfile.ZIP_STORED) as z:
+        for name, data in members:
+            z.writestr(name, data)
+    return path
+
+
+def keras_dense_config(units: int = 4, class_name: str = "Dense") -> bytes:
+    layer = {"module": "keras.layers", "class_name": class_name,
+             "config": {"name": "dense", "units": units, "use_bias": True}}
+    return json.dumps({"module": "keras", "class_name": "Sequential",
+                       "config": {"name": "sequential", "layers": [layer]}}).encode()
+
+
+def keras_hostile(d: Path) -> Dict[str, Path]:
+    """Hostile and broken Keras files, by case name (see ``test_keras`` / ``test_hostile``)."""
+    import h5py
+
+    d.mkdir(parents=True, exist_ok=True)
+    f: Dict[str, Path] = {}
+    good = keras_weights_h5(d / "good.weights.h5")
+    data = good.read_bytes()
+    (d / "truncated.weights.h5").write_bytes(data[: len(data) * 2 // 3])
+    f["truncated_h5"] = d / "truncated.weights.h5"
+    last = data.rfind(b"SNOD")  # a group's symbol table node, its signature broken
+    (d / "corrupt.weights.h5").write_bytes(data[:last] + b"XXXX" + data[last + 4:])
+    f["corrupt_h5"] = d / "corrupt.weights.h5"
+
+    def unwritten(h5):  # 10^6 x 10^6 float32 declared, never written: no storage at all
+        h5["layers/dense/vars"].create_dataset("2", shape=(10**6, 10**6), dtype="f4")
+    f["unwritten"] = keras_weights_h5(d / "unwritten.weights.h5", unwritten)
+
+    def bomb(h5):  # chunked + gzip, 4 TB declared, no chunk stored
+        h5["layers/dense/vars"].create_dataset("2", shape=(10**6, 10**6), dtype="f4",
+                                               chunks=(100, 100), compression="gzip")
+    f["chunk_bomb"] = keras_weights_h5(d / "chunk_bomb.weights.h5", bomb)
+
+    def external(h5):  # data from another file on this machine
+        h5["layers/dense/vars"].create_dataset("2", shape=(8, 8), dtype="f4",
+                                               external=[(str(good), 0, 256)])
+    f["external_data"] = keras_weights_h5(d / "external_data.weights.h5", external)
+
+    def link(h5):
+        h5["layers/other"] = h5py.ExternalLink(str(good), "/layers/dense")
+    f["external_link"] = keras_weights_h5(d / "external_link.weights.h5", link)
+
+    def deep(h5):
+        h5.create_group("layers/" + "/".join(["g"] * 40))
+    f["deep_groups"] = keras_weights_h5(d / "deep_groups.weights.h5", deep)
+    with h5py.File(d / "other.h5", "w") as h5:
+        h5["data"] = np.zeros((3, 3))
+    f["not_keras_h5"] = d / "other.h5"
+    f["zip_dotdot"] = keras_zip(d / "dotdot.keras", [
+        ("config.json", keras_dense_config()), ("../model.weights.h5", data),
+        ("model.weights.h5", data)])
+    f["zip_bomb"] = keras_zip(d / "bomb.keras", [
+        ("config.json", keras_dense_config()), ("model.weights.h5", data + b"\0" * 2**26)],
+        compression=zipfile.ZIP_DEFLATED)
+    f["zip_big_config"] = keras_zip(d / "big_config.keras", [
+        ("config.json", b" " * (11 * 2**20)), ("model.weights.h5", data)],
+        compression=zipfile.ZIP_DEFLATED)
+    whole = keras_zip(d / "whole.keras", [("config.json", keras_dense_config()),
+                                          ("model.weights.h5", data)]).read_bytes()
+    (d / "truncated.keras").write_bytes(whole[: len(whole) // 2])
+    f["truncated_keras"] = d / "truncated.keras"
+    f["contradicting_config"] = keras_zip(d / "contradicting.keras", [
+        ("config.json", keras_dense_config(units=5)), ("model.weights.h5", data)])
+    f["class_contradiction"] = keras_zip(d / "class_contradiction.keras", [
+        ("config.json", keras_dense_config(class_name="Conv2D")), ("model.weights.h5", data)])
+    f["deep_config"] = keras_zip(d / "deep_config.keras", [
+        ("config.json", ('{"class_name": "Sequential", "config": ' + deep_json(3000) + "}")
+         .encode()), ("model.weights.h5", data)])
+    f["good"] = good
+    return f

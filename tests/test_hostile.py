@@ -155,6 +155,12 @@ def inputs(tmp_path_factory):
     f["nul_list"] = d / "nul.txt"
     f["nul_list"].write_text(f"{good}\x00x\n")
     f["st"] = H.safetensors_file(d / "st.safetensors", {"fc.weight": rng.standard_normal((30, 10))})
+    f.update({f"keras:{name}": path for name, path in H.keras_hostile(d / "keras").items()})
+    lora = {"base_model.model.fc.lora_A.weight": rng.standard_normal((4, 10)),
+            "base_model.model.fc.lora_B.weight": rng.standard_normal((30, 4))}
+    f["lora_lying_r"] = H.lora_adapter(d / "lora_lying_r", {"r": 8}, lora)
+    f["lora_absent"] = H.lora_adapter(d / "lora_absent", {}, {
+        k.replace(".fc.", ".gc."): v for k, v in lora.items()})
     f["www"] = d / "www"
     f["www"].mkdir()
     for name in ("tagger.tar.gz", "model.tar.gz"):
@@ -196,6 +202,9 @@ def _cases(f, base, backlog, work):
         "empty_conv": ([str(f["empty_conv"]), "--include", "conv", "--format", "json"], {}),
         "sparse": ([str(f["sparse"])], {}),
         "tiny": ([str(f["tiny"]), "--match", r"^m77777\.weight$", "--format", "json"], {}),
+        # LoRA adapters whose adapter_config.json lies
+        "lora_lying_r": ([str(f["lora_lying_r"])], {}),
+        "lora_absent": ([str(f["lora_absent"]), "--base", st], {}),
         # options
         **{f"option:{' '.join(o)}": ([st, *o], {}) for o in (
             ["--min-q", "inf"], ["--loose-tol", "inf"], ["--min-q", "nan"],
@@ -232,6 +241,9 @@ def _cases(f, base, backlog, work):
         "net:deflate_encoded": ([f"{base}/deflate-encoded/model.tar.gz", *c, "--format", "json"],
                                 FAST_NET),
         "net:ok": ([f"{base}/file/model.tar.gz", *c, "--format", "json"], FAST_NET),
+        # Keras files (h5py only): lying HDF5, zip tricks, configs contradicting the weights
+        **{f"keras:{n}": ([str(f[f"keras:{n}"])], {}) for n, _ in KERAS_CASES},
+        "keras:good": ([str(f["keras:good"]), "--min-q", "1", "--format", "json"], {}),
         "net:ok_again": ([f"{base}/file/model.tar.gz", *c, "--format", "json"], FAST_NET),
         "net:html_again": ([f"{base}/html/model.tar.gz", *c], FAST_NET),
     }
@@ -390,6 +402,14 @@ def test_deep_json_is_refused_without_recursion(batches, inputs):
     assert batches["standalone"]["deep_config"]["rc"] == 0
 
 
+def test_lying_lora_adapters_are_one_line(batches):
+    found = _both_errors(batches, "lora_lying_r", "adapter_config.json gives fc rank r = 8",
+                         "lora_A is 4 x 10")
+    assert found["standalone"] == found["plugin"]
+    found = _both_errors(batches, "lora_absent", "adapted module gc.weight is not in the base")
+    assert found["standalone"] == found["plugin"]
+
+
 @pytest.mark.parametrize("case, fragment", [
     ("shape_float", "has a bad shape [1e+30]"),
     ("shape_huge", "do not match shape [1000000000000000000000000000000]"),
@@ -542,6 +562,51 @@ def test_bad_downloads(batches, case, fragments):
     assert same["standalone"] == same["plugin"]
     for front in FRONTS:
         assert batches[front][f"net:{case}"]["seconds"] < 20, batches[front][f"net:{case}"]
+
+
+#: Keras hostile inputs (``hostile_inputs.keras_hostile``) and what their one line says.
+KERAS_CASES = [
+    ("truncated_h5", "truncated file"),
+    ("corrupt_h5", "is corrupt HDF5 (Unable to get group info (bad symbol table node signature))"),
+    ("unwritten", "has no data (its 1000000x1000000 values were never written)"),
+    ("chunk_bomb", "would expand to 4000000000000 bytes from 0"),
+    ("external_data", "keeps its data in an external file: not read"),
+    ("external_link", "is a link (ExternalLink), which is not followed"),
+    ("deep_groups", "groups nested more than 32 levels deep"),
+    ("not_keras_h5", "is an HDF5 file but not Keras weights"),
+    ("zip_dotdot", "that leaves the archive's folder: refused"),
+    ("zip_bomb", "zip member model.weights.h5 would expand"),
+    ("zip_big_config", "its config.json declares 11534336 bytes"),
+    ("truncated_keras", "is not a valid .keras zip"),
+    ("contradicting_config", "but its config says units = 5: the config contradicts the weights"),
+    ("class_contradiction", "the config says layer 'dense' is a Conv2D"),
+    ("deep_config", "nested more than 64 levels deep"),
+]
+
+
+@pytest.mark.parametrize("case, fragment", KERAS_CASES)
+def test_hostile_keras_files(batches, inputs, case, fragment):
+    """Both front-ends refuse each with the same one line, under the memory limit, quickly."""
+    found = _both_errors(batches, f"keras:{case}", str(inputs[f"keras:{case}"]), fragment)
+    assert found["standalone"] == found["plugin"]
+    for front in FRONTS:
+        r = batches[front][f"keras:{case}"]
+        assert r["out"] == "" and r["seconds"] < 30, r
+
+
+def test_keras_file_through_both_front_ends(batches, inputs):
+    """The file the hostile cases are made from: both front-ends analyze it alike."""
+    import h5py
+
+    with h5py.File(inputs["keras:good"], "r") as f:
+        kernel = f["layers/dense/vars/0"][()]
+    sv = np.linalg.svd(kernel.astype(np.float64).T, compute_uv=False)
+    for front in FRONTS:
+        r = batches[front]["keras:good"]
+        assert r["rc"] == 0 and r["err"] == "", r
+        (record,) = json.loads(r["out"])["records"]
+        assert record["name"] == "dense.kernel" and record["shape"] == [4, 6]
+        assert record["sv_max"] == pytest.approx(sv[0], rel=1e-12)
 
 
 def test_cache_keeps_only_complete_usable_downloads(batches, inputs):

@@ -49,7 +49,7 @@ def library_files(tmp_path_factory):
 
 def test_every_sniffable_format_is_recognized_by_content_as_by_name(library_files):
     sniffable = {f.name for f in registry.FORMATS if f.sniff is not None and f.readable}
-    assert sniffable == {"npy", "npz", "safetensors", "torch", "archive", "gguf"}
+    assert sniffable == {"npy", "npz", "safetensors", "torch", "archive", "keras", "gguf"}
     for key, path in library_files.items():
         fmt = registry.by_name(path)
         assert fmt is not None and fmt.name == key.split("-")[0], key

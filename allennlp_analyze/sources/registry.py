@@ -21,6 +21,7 @@ from ..tensors import WeightSource
 from ._common import read_index
 from .archive import ArchiveSource
 from .gguf_file import GGUFSource
+from .keras_file import KerasSource, claims_name, looks_like_keras
 from .numpy_file import NpySource, NpzSource, looks_like_npz
 from .quant.packed import packed_opener
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
@@ -104,6 +105,9 @@ FORMATS: List[SourceFormat] = [
                  folder_globs=("*.npz",), expected="a numpy .npy/.npz file"),
     SourceFormat("npy", (".npy",), _plain(NpySource),
                  sniff=lambda path, head: head[:4] == b"\x93NUM", folder_globs=("*.npy",)),
+    SourceFormat("keras", (".keras", ".h5", ".hdf5"), _plain(KerasSource), sniff=looks_like_keras,
+                 name_check=claims_name, folder_globs=("*.keras", "*.h5"),
+                 expected="a Keras .keras/.weights.h5/.h5 file"),
     SourceFormat("gguf", (".gguf",), _plain(GGUFSource),
                  sniff=lambda path, head: head[:4] == b"GGUF", folder_globs=("*.gguf",),
                  expected="a .gguf file"),
