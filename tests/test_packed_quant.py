@@ -763,3 +763,24 @@ def test_llama_records_are_numpys_svd_and_within_the_bound(llama, scheme):
             assert rec.noise_bound >= error, name
     # The estimate (variance step^2 / 12 per element) against the measured error.
     assert 0.8 <= min(ratios) and max(ratios) <= 1.6, (min(ratios), max(ratios))
+
+
+@pytest.mark.parametrize("scheme", ["ct", "nf4"])
+def test_llama_base_measured_error_within_the_bound(llama, tmp_path, scheme):
+    """``--base`` with the unquantized model: each packed layer's measured ||W_q - W_base||_2
+    (delta_sv_max) equals numpy's on the libraries' dequantization, and lies within the
+    record's rigorous noise bound (round-to-nearest schemes)."""
+    pytest.importorskip("allennlp_analyze.compare")
+    from allennlp_analyze import analyze
+    weights, out = llama
+    folder, _, exact = out[scheme]
+    base = _folder(tmp_path / "base", {k: torch.from_numpy(v).to(torch.bfloat16)
+                                       for k, v in weights.items()})
+    result = analyze(str(folder), base=str(base / "model.safetensors"), min_q=1.0)
+    records = {r.name: r for r in result.records}
+    for name, R in exact.items():
+        rec = records[name]
+        measured = np.linalg.norm(R - weights[name], 2)
+        assert rec.base_name == name
+        assert rec.delta_sv_max == pytest.approx(measured, rel=1e-6)
+        assert rec.noise_bound >= rec.delta_sv_max

@@ -15,7 +15,7 @@ import numpy as np
 
 from ...errors import AnalyzeError, escape
 from ...quantized import DecodedRows
-from .intgrid import check_shape, group_index, grouped_rows, unpack_last, words
+from .intgrid import WholeArray, check_shape, group_index, grouped_rows, unpack_last, words
 
 #: Nibble k of a GEMM word holds output column ORDER[k] of its eight.
 ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])
@@ -35,7 +35,7 @@ def _check_groups(name: str, columns: int, group_size: Optional[int]) -> int:
     return size
 
 
-class AWQMatrix:
+class AWQMatrix(WholeArray):
     """One AWQ-packed linear layer (GEMM or GEMV layout) as a QuantizedMatrix."""
 
     bound_reason: Optional[str] = AWQ_NO_BOUND

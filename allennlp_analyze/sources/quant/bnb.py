@@ -25,7 +25,7 @@ import numpy as np
 
 from ...errors import AnalyzeError, escape
 from ...quantized import DecodedRows
-from .intgrid import check_shape, grouped_rows
+from .intgrid import WholeArray, check_shape, grouped_rows
 
 #: float32 unit roundoff: the quantizers' arithmetic.
 F32_U = 2.0**-24
@@ -71,7 +71,7 @@ def _positive_int(state: dict, key: str, name: str) -> int:
     return value
 
 
-class FourBitMatrix:
+class FourBitMatrix(WholeArray):
     """A bitsandbytes NF4/FP4 layer as a QuantizedMatrix. ``step`` is the width of the element's
     code cell times its block's absmax; ``worst`` the far end of the cell times absmax, plus the
     error of a double-quantized absmax (half its own 8-bit code cell times the nested absmax) and
@@ -161,7 +161,7 @@ class FourBitMatrix:
                            worst.reshape(r, columns))
 
 
-class Int8RowMatrix:
+class Int8RowMatrix(WholeArray):
     """LLM.int8 (``weight`` int8, ``SCB`` row absmax) as a QuantizedMatrix: step ``SCB / 127``,
     worst half a step plus the float32 arithmetic of the quantizer."""
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from ...errors import AnalyzeError, escape
 from ...quantized import DecodedRows
-from .intgrid import check_shape, group_index, grouped_rows, unpack_dense, unpack_last, words
+from .intgrid import (WholeArray, check_shape, group_index, grouped_rows, unpack_dense,
+                      unpack_last, words)
 
 #: Read the codes of rows ``start:stop`` as signed integers, shape (r, in).
 CodeReader = Callable[[int, int], np.ndarray]
@@ -91,7 +92,7 @@ def naive_reader(name: str, weight, bits: int) -> CodeReader:
     return read
 
 
-class CTMatrix:
+class CTMatrix(WholeArray):
     """One compressed-tensors layer as a QuantizedMatrix: integer codes (``bits`` 1..8), or with
     ``fp8`` the float8 E4M3 values of ``float-quantized`` (``codes`` then reads them as float32,
     exactly), times the scale."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from ...errors import AnalyzeError, escape
 from ...quantized import DecodedRows
-from .intgrid import check_shape, group_index, grouped_rows, unpack_last, words
+from .intgrid import WholeArray, check_shape, group_index, grouped_rows, unpack_last, words
 
 GPTQ_NOTE = ("GPTQ error feedback: each column was rounded after absorbing the rounding error of "
              "the columns before it, so the stored matrix is not the trained one rounded; the "
@@ -47,7 +47,7 @@ def zero_offset(stored: np.ndarray, bits: int, label: Optional[str], sym: Option
     raise AnalyzeError(f"{escape(name)}: unknown GPTQ checkpoint format {escape(label)!s}")
 
 
-class GPTQMatrix:
+class GPTQMatrix(WholeArray):
     """One GPTQ-packed linear layer as a :class:`~allennlp_analyze.quantized.QuantizedMatrix`
     (out x in, float64 rows)."""
 

@@ -116,3 +116,17 @@ def config_int(value, what: str) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, int):
         raise AnalyzeError(f"{escape(what)} {escape(value)} is not an integer")
     return value
+
+
+class WholeArray:
+    """``numpy.asarray(matrix)``: the whole matrix decoded, float64 out x in (for element-wise
+    users such as ``--base``; the spectrum reads row blocks through ``rows``)."""
+
+    shape: Tuple[int, int]
+
+    def rows(self, start: int, stop: int) -> DecodedRows:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        values = np.asarray(self.rows(0, self.shape[0]).values, dtype=np.float64)
+        return values if dtype is None else values.astype(dtype, copy=False)
