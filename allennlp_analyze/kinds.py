@@ -32,7 +32,8 @@ Evidence, strongest first (the record's ``kind_from``):
 
 The kinds: ``linear``, ``attention`` (fused q/k/v where it has parts), ``recurrent`` (gates
 stacked), ``matrix`` (analyzed by default); ``embedding``, ``conv`` (on request); ``tensor``,
-``vector``, ``mask``, ``buffer``, ``non_float`` (never).
+``vector``, ``mask``, ``buffer``, ``non_float``, ``quant_metadata`` (the side tensors of a packed
+quantized layer: its source says so with ``module_type`` :data:`QUANT_METADATA`) (never).
 
 Rules revised against real files (issue 21), and why:
 
@@ -65,6 +66,10 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .tensors import DTYPE_EPS, TensorInfo
+
+#: The ``module_type`` a source gives the side tensors of a packed quantized layer (scales, zero
+#: points, ``g_idx``, absmax, quant maps...): kind ``quant_metadata``, never analyzed.
+QUANT_METADATA = "QuantizationMetadata"
 
 #: Largest spatial size of a convolution kernel recognised without a bias beside it.
 MAX_KERNEL = 32
@@ -170,6 +175,8 @@ def value_kind(array: np.ndarray) -> Optional[str]:
 # -- the evidence, in order ------------------------------------------------------------------
 
 def _classify(t: TensorInfo, configured, shapes, gates) -> Kind:
+    if t.module_type == QUANT_METADATA:
+        return Kind("quant_metadata", "module", module_type=t.module_type)
     if t.dtype not in DTYPE_EPS and not t.quantized:
         return Kind("non_float", "structure", module_type=t.module_type)
     if t.buffer:

@@ -27,7 +27,8 @@ OPT_IN_KINDS = {"embedding": ("embeddings", "embedding table (add --include embe
 #: Why a tensor of each other kind is never analyzed (see also :func:`_skip_reason`), and why
 #: one whose values turn out not to be a weight's (:func:`~allennlp_analyze.kinds.value_kind`).
 NOT_WEIGHTS = {"buffer": "not a weight: a buffer of its module",
-               "mask": "not a weight: a mask (by its name)"}
+               "mask": "not a weight: a mask (by its name)",
+               "quant_metadata": "quantization metadata (scales, zero points, g_idx, absmax...)"}
 #: Convolution kernels with more spatial positions than this are recognised (kind ``conv``) but
 #: not sliced: each position would be one matrix and one record (a 64 x 64 x 64 3-D kernel:
 #: 262144). Real kernels have a few to a few hundred (wav2vec2's positional one: 128).

@@ -128,6 +128,40 @@ def safetensors_file(path: Path, tensors: Dict[str, np.ndarray]) -> Path:
     return path
 
 
+_SAFETENSORS_DTYPES = {"int32": "I32", "float16": "F16", "float32": "F32", "uint8": "U8",
+                       "int8": "I8", "int64": "I64"}
+
+
+def packed_folder(path: Path, tensors: Dict[str, np.ndarray], config: Optional[dict]) -> Path:
+    """A model folder of packed quantized layers: ``model.safetensors`` holding ``tensors`` in
+    their own dtypes, and ``config.json`` when ``config`` is given."""
+    path.mkdir(parents=True, exist_ok=True)
+    header, chunks, offset = {}, [], 0
+    for name, array in tensors.items():
+        data = np.ascontiguousarray(array).tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name],
+                        "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    (path / "model.safetensors").write_bytes(safetensors_bytes(header, b"".join(chunks)))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def gptq_layer(prefix: str = "model.layers.0.mlp.up_proj", out: int = 64, columns: int = 128,
+               group_size: int = 32) -> Dict[str, np.ndarray]:
+    """One symmetric 4-bit GPTQ layer (v1 zeros) of random codes: qweight, qzeros, scales,
+    g_idx."""
+    rng = np.random.default_rng(0)
+    groups = columns // group_size
+    return {f"{prefix}.qweight": rng.integers(-2**31, 2**31, (columns // 8, out), dtype=np.int64)
+            .astype(np.int32),
+            f"{prefix}.qzeros": np.full((groups, out // 8), 0x77777777, np.int32),
+            f"{prefix}.scales": (rng.random((groups, out)) * 0.01 + 1e-3).astype(np.float16),
+            f"{prefix}.g_idx": (np.arange(columns) // group_size).astype(np.int32)}
+
+
 def lora_adapter(folder: Path, config: dict, tensors: Dict[str, np.ndarray]) -> Path:
     """A PEFT LoRA adapter folder: ``adapter_config.json`` (``config`` over PEFT's defaults)
     and ``adapter_model.safetensors`` holding ``tensors``."""

@@ -135,6 +135,21 @@ def inputs(tmp_path_factory):
     f["ts_missing"] = H.torchscript_archive(d / "ts_missing.pt", drop="data/1")
     f["ts_lying"] = H.torchscript_archive(d / "ts_lying.pt", cut="data/0")
     f["sparse"] = H.sparse_safetensors(d / "sparse.safetensors", 40000, 20000)
+    gptq = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                    "sym": True, "checkpoint_format": "gptq"}}
+    layer, p = H.gptq_layer(), "model.layers.0.mlp.up_proj"
+    ct_layer = {"l.weight_packed": np.zeros((8, 5), np.int32),
+                "l.weight_scale": np.ones((8, 2), np.float16),
+                "l.weight_shape": np.array([8, 64], np.int64)}
+    for name, (tensors, config) in {
+            "bits": (layer, {"quantization_config": dict(gptq["quantization_config"], bits=8)}),
+            "scales": ({**layer, f"{p}.scales": layer[f"{p}.scales"][:, :32]}, gptq),
+            "g_idx": ({**layer, f"{p}.g_idx": layer[f"{p}.g_idx"] + 3}, gptq),
+            "width": (ct_layer, None),
+            "marlin": (layer, {"quantization_config": dict(gptq["quantization_config"],
+                                                           checkpoint_format="marlin")}),
+            "3bit": ({**layer, f"{p}.qzeros": np.zeros((4, 6), np.int32)}, None)}.items():
+        f[f"packed_{name}"] = H.packed_folder(d / f"packed_{name}", tensors, config)
     good_gguf = H.gguf_bytes()
     for name, data in {
             "count": H.gguf_bytes(n_tensors=2**62),
@@ -200,6 +215,8 @@ def _cases(f, base, backlog, work):
         **{f"onnx:{n}": ([str(f[f"onnx_{n}"]), "--min-q", "1"], {}) for n in (
             "truncated", "past_end", "escape", "symlink", "absurd", "deep", "deeper")},
         "onnx:ok": ([str(f["onnx_ok"]), "--format", "json"], {}),
+        **{f"packed:{n}": ([str(f[f"packed_{n}"])], {}) for n in (
+            "bits", "scales", "g_idx", "width", "marlin", "3bit")},
         **{f"gguf:{n}": ([str(f[f"gguf_{n}"])], {}) for n in (
             "count", "offset", "shape", "truncated", "string")},
         **{f"torchscript:{n}": ([str(f[n])], {}) for n in ("ts_missing", "ts_lying")},
@@ -460,6 +477,17 @@ def test_onnx_file_in_both_front_ends(batches, inputs):
         assert rec["sv_min"] == pytest.approx(sv[-1], rel=1e-7)
         found.append({k: v for k, v in rec.items() if k != "model"})
     assert found[0] == found[1]
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("bits", "the config says 8 bits, but"), ("scales", "scales has shape (4, 32)"),
+    ("g_idx", "names groups 3..6, the scales hold 4"), ("width", "5 words per row"),
+    ("marlin", "the Marlin layout is re-tiled"), ("3bit", "3-bit GPTQ packing is not supported")])
+def test_hostile_packed_layers(batches, case, fragment):
+    """GPTQ / compressed-tensors folders whose config lies or whose side tensors do not fit,
+    and a kernel-tiled layout: one line naming the problem."""
+    found = _both_errors(batches, f"packed:{case}", fragment)
+    assert found["standalone"] == found["plugin"]
 
 
 @pytest.mark.parametrize("case, fragment", [

@@ -24,6 +24,7 @@ from .gguf_file import GGUFSource
 from .keras_file import KerasSource, claims_name, looks_like_keras
 from .numpy_file import NpySource, NpzSource, looks_like_npz
 from .onnx_file import OnnxSource, looks_like_onnx
+from .quant.packed import packed_opener
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
 from .torch_file import ShardedTorchSource, TorchFileSource
 from .unsupported import UNSUPPORTED, Unsupported, refuse
@@ -85,9 +86,9 @@ def _plain(cls) -> Opener:
 _ZIP = b"PK\x03\x04"
 
 FORMATS: List[SourceFormat] = [
-    SourceFormat("sharded-safetensors", (".index.json",), _plain(ShardedSafetensorsSource),
+    SourceFormat("sharded-safetensors", (".index.json",), packed_opener(ShardedSafetensorsSource),
                  name_check=_safetensors_shards, folder_globs=("*.safetensors.index.json",)),
-    SourceFormat("safetensors", (".safetensors",), _plain(SafetensorsSource),
+    SourceFormat("safetensors", (".safetensors",), packed_opener(SafetensorsSource),
                  sniff=lambda path, head: looks_like_safetensors(path),
                  folder_globs=("*.safetensors",), expected="a .safetensors file or index"),
     SourceFormat("sharded-torch", (".index.json",), _plain(ShardedTorchSource),
