@@ -17,6 +17,7 @@ from allennlp_analyze.sources import open_source  # noqa: E402
 from allennlp_analyze.sources.gguf_file import head_permutation  # noqa: E402
 from allennlp_analyze.sources.quant.gguf_blocks import decode  # noqa: E402
 from allennlp_analyze.spectrum import BLOCK_ROWS, singular_values  # noqa: E402
+from gguf_writer import llama_gguf, stored, write_gguf  # noqa: E402
 from kquants import quantize_q4_k, quantize_q6_k  # noqa: E402
 
 T = gguf.GGMLQuantizationType
@@ -33,39 +34,6 @@ def minilm_weights():
     from safetensors.numpy import load_file
 
     return load_file(str(Path(gt.__file__).parent / "model" / "model.safetensors"))
-
-
-def stored(W: np.ndarray, qtype: str) -> np.ndarray:
-    """W as GGUF stores it in ``qtype`` (the package's own quantizer; floats as they are)."""
-    t = T[qtype]
-    if t == T.F32:
-        return W.astype(np.float32)
-    if t == T.F16:
-        return W.astype(np.float16)
-    return gguf.quants.quantize(W.astype(np.float32), t)
-
-
-def write_gguf(path, tensors, arch="llama", meta=None):
-    """A GGUF file of ``tensors`` (name -> (array, type name) or raw ``(bytes array,
-    type name, True)``) written by ``gguf.GGUFWriter``."""
-    w = gguf.GGUFWriter(str(path), arch)
-    for key, value in (meta or {}).items():
-        if isinstance(value, list):
-            w.add_array(key, value)
-        else:
-            (w.add_uint32 if isinstance(value, int) else w.add_string)(key, value)
-    for name, spec in tensors.items():
-        array, qtype = spec[0], spec[1]
-        data = array if len(spec) > 2 else stored(array, qtype)
-        if T[qtype] in (T.F32, T.F16):
-            w.add_tensor(name, data)
-        else:
-            w.add_tensor(name, data, raw_dtype=T[qtype])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def reference(path):
@@ -326,14 +294,6 @@ def test_tall_and_wide_matrices_stream_in_row_blocks(tmp_path, shape):
 
 # -- a Llama checkpoint converted as llama.cpp does ----------------------------------------
 
-def llama_permute(w, n_head, n_head_kv):
-    """``LlamaModel.permute`` of llama.cpp's convert_hf_to_gguf.py, verbatim."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """A 2-layer Llama (transformers.LlamaConfig, random init) saved as a Hugging Face folder
@@ -349,19 +309,7 @@ def llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama")
     model.save_pretrained(folder, safe_serialization=True)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, 2)
-    tensors = {}
-    for key, W in state.items():
-        if key.endswith("q_proj.weight"):
-            W = llama_permute(W, 8, 8)
-        elif key.endswith("k_proj.weight"):
-            W = llama_permute(W, 8, 4)
-        tensors[names.get_name(key, try_suffixes=(".weight",))] = \
-            (W, "Q8_0" if W.ndim == 2 else "F32")
-    meta = {"llama.block_count": 2, "llama.attention.head_count": 8,
-            "llama.attention.head_count_kv": 4, "llama.context_length": 256,
-            "tokenizer.ggml.tokens": [f"token{i}" for i in range(320)],
-            "tokenizer.ggml.scores": [float(i) for i in range(320)]}
+    tensors, meta = llama_gguf(state, cfg, "Q8_0")
     path = write_gguf(folder / "model-q8_0.gguf", tensors, meta=dict(
         meta, **{"general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0)}))
     # a Q4_K_M-style mix: Q6_K for attn_v, ffn_down and output, Q4_K for the other matrices,
