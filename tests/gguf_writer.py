@@ -2,7 +2,7 @@
 ``gguf.quants.quantize``), and a Hugging Face Llama state dict converted to GGUF tensors and
 metadata as llama.cpp's ``convert_hf_to_gguf.py`` does: shared by the tests and by
 ``fixtures/make_kquant_gguf.py``, which feeds the result to llama.cpp's quantizer."""
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import gguf
 import numpy as np
