@@ -1,0 +1,98 @@
+"""GGUF files quantized by llama.cpp's own ``llama-quantize`` (``tests/data/gguf/``, written
+once by ``fixtures/make_kquant_gguf.py``; CI does not build llama.cpp), against references
+independent of this package: ``gguf.GGUFReader`` and ``gguf.quants.dequantize``, numpy's SVD,
+the ``gguf`` package's ``TensorNameMap``, llama.cpp's type-choice rules (``llama_tensor_get_type``)
+and the float16 source file the quantizer read (the exact W of every error W_q - W)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from allennlp_analyze import analyze  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data" / "gguf"
+SOURCE = DATA / "llama-F16.gguf"
+FTYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS")
+LAYERS = 1
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def expected_type(ftype: str, name: str) -> str:
+    """The type llama.cpp's ``llama_tensor_get_type`` (llama-cpp-python 0.3.2's vendored copy)
+    gives tensor ``name`` of this model (1 layer, 4 query heads per KV head, every row 256
+    long, no imatrix): ``output`` Q6_K; ``attn_v`` / ``ffn_down`` Q6_K for Q4_K_M / Q5_K_M in
+    the layers ``use_more_bits`` picks (i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2: layer 0 of
+    1); ``attn_v`` Q5_K for IQ4_XS (n_gqa >= 4); the rest the file type's base type."""
+    base = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "IQ4_XS": "IQ4_XS"}[ftype]
+    if name == "output.weight":
+        return "Q6_K"
+    if ftype in ("Q4_K_M", "Q5_K_M") and name.endswith(("attn_v.weight", "ffn_down.weight")):
+        return "Q6_K"
+    if ftype == "IQ4_XS" and name.endswith("attn_v.weight"):
+        return "Q5_K"
+    return base
+
+
+def hf_names():
+    """The Hugging Face names of the model's matrices, written out by hand."""
+    names = {"model.embed_tokens.weight", "lm_head.weight"}
+    for i in range(LAYERS):
+        names |= {f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "qkvo"}
+        names |= {f"model.layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    return names
+
+
+def read(path):
+    """name -> (GGML type name, gguf's float64 dequantization, out x in as stored)."""
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        raw = np.array(t.data)
+        values = gguf.quants.dequantize(raw.view(np.uint8) if raw.dtype != np.float32 else raw,
+                                        t.tensor_type).astype(np.float64)
+        out[t.name] = (t.tensor_type.name, values)
+    return out
+
+
+@pytest.fixture(scope="module")
+def source():
+    return read(SOURCE)
+
+
+@pytest.mark.parametrize("ftype", FTYPES)
+def test_type_mix_is_llama_cpps(ftype):
+    """Read by gguf's own reader: every 2-D tensor of the type llama.cpp's rules give it (Q4_K_M
+    holds Q4_K and Q6_K, ...), every vector F32, the file type in the metadata."""
+    reader = gguf.GGUFReader(str(DATA / f"llama-{ftype}.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    matrices = {"token_embd.weight", "output.weight"} | {
+        f"blk.{i}.{m}.weight" for i in range(LAYERS) for m in MATRICES}
+    assert {n for n, t in types.items() if t != "F32"} == matrices
+    for name in matrices:
+        assert types[name] == expected_type(ftype, name), name
+    field = reader.fields["general.file_type"]
+    assert gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name == f"MOSTLY_{ftype}"
+    assert "quantize.imatrix.file" not in reader.fields
+
+
+@pytest.mark.parametrize("ftype", FTYPES)
+def test_records_are_numpys_svd_under_hugging_face_names(ftype):
+    """Every record: numpy's SVD of gguf's dequantization of its tensor, its dtype the tensor's
+    type, its name the Hugging Face one (gguf's TensorNameMap maps it back to the stored one),
+    no bound (null with the format's reason), rank_noise the auto rank."""
+    path = DATA / f"llama-{ftype}.gguf"
+    ref = read(path)
+    result = analyze(str(path), min_q=1.0, include=("embeddings",), keep_spectra=True)
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, LAYERS)
+    assert {r.name for r in result.records} == hf_names()
+    for rec, sv in zip(result.records, result.spectra):
+        assert names.get_name(rec.name, try_suffixes=(".weight",)) == rec.stored_name
+        qtype, W = ref[rec.stored_name]
+        expected = np.linalg.svd(W, compute_uv=False)
+        np.testing.assert_allclose(sv, expected, rtol=0, atol=1e-12 * expected[0])
+        assert rec.dtype == qtype and rec.shape == W.shape
+        reason = "non-uniform codebook" if qtype.startswith("IQ") else "clamps codes"
+        assert rec.noise_bound is None and reason in rec.rank_note, rec.name
+        assert rec.rank_criterion == "noise" and rec.rank_loss == rec.M - rec.rank_noise
+    assert f"file type {ftype}" in result.summary.notes[0]
