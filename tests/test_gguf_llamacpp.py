@@ -11,6 +11,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from allennlp_analyze import analyze  # noqa: E402
+from allennlp_analyze.sources.quant.gguf_blocks import decode  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "gguf"
 SOURCE = DATA / "llama-F16.gguf"
@@ -96,3 +97,57 @@ def test_records_are_numpys_svd_under_hugging_face_names(ftype):
         assert rec.noise_bound is None and reason in rec.rank_note, rec.name
         assert rec.rank_criterion == "noise" and rec.rank_loss == rec.M - rec.rank_noise
     assert f"file type {ftype}" in result.summary.notes[0]
+
+
+#: noise_floor / ||W_q - W||_2 on these files, by the matrix's type: measured 1.25-1.32 (Q4_K),
+#: 1.18-1.25 (Q5_K), 1.20-1.29 (Q6_K), 1.60-1.72 (IQ4_XS, whose step is a uniform-grid
+#: heuristic); asserted within these bands.
+FLOOR_OVER_ERROR = {"Q4_K": (1.1, 1.45), "Q5_K": (1.1, 1.4), "Q6_K": (1.1, 1.4),
+                    "IQ4_XS": (1.45, 1.9)}
+
+
+@pytest.mark.parametrize("ftype", FTYPES)
+def test_base_measured_error_beside_the_floor(ftype, source):
+    """``--base`` the float16 file llama.cpp quantized: each record's measured ||W_q - W||_2
+    (``delta_sv_max``, against the exact error in float64), the floor estimate within the
+    stated factor of it, no bound, and the base's singular values below the error."""
+    path = DATA / f"llama-{ftype}.gguf"
+    ref = read(path)
+    result = analyze(str(path), base=str(SOURCE), min_q=1.0, include=("embeddings",))
+    assert len(result.records) == len(hf_names())
+    for rec in result.records:
+        qtype, W_q = ref[rec.stored_name]
+        W = source[rec.stored_name][1]
+        E = W_q - W
+        measured = np.linalg.norm(E, 2)
+        assert rec.base_name == rec.name
+        assert rec.delta_sv_max == pytest.approx(measured, rel=1e-9)
+        assert rec.delta_rel == pytest.approx(np.linalg.norm(E) / np.linalg.norm(W), rel=1e-9)
+        assert rec.noise_bound is None
+        lo, hi = FLOOR_OVER_ERROR[qtype]
+        assert lo <= rec.noise_floor / measured <= hi, (rec.name, rec.noise_floor / measured)
+        sv_base = np.linalg.svd(W, compute_uv=False)
+        assert rec.base_sv_below_delta == np.count_nonzero(sv_base < measured)
+
+
+@pytest.mark.parametrize("ftype", ("Q4_K_M", "Q5_K_M", "Q6_K"))
+def test_k_quants_clamp_beyond_half_a_step(ftype, source):
+    """Why a K-quant record's bound is null, on llama.cpp's own output: in every matrix some
+    elements lie more than half their step d*sc from W (measured up to 1.06 steps in Q4_K,
+    1.14 in Q5_K, 0.74 in Q6_K; 1e-4 to 3e-3 of the elements), and each of them is clamped at
+    an end of its sub-block's range (its value the sub-block's least or greatest), the
+    elements of interior codes being within half a step (to float32 rounding)."""
+    reader = gguf.GGUFReader(str(DATA / f"llama-{ftype}.gguf"))
+    for t in reader.tensors:
+        if not t.tensor_type.name.endswith("_K"):
+            continue
+        W = source[t.name][1]
+        got = decode(t.tensor_type, np.array(t.data).view(np.uint8).reshape(W.shape[0], -1))
+        assert got.worst is None and (got.step > 0).all()
+        E = np.abs(got.values - W)
+        beyond = E > got.step * (0.5 + 1e-5)
+        assert beyond.any(), t.name
+        sub = 16 if t.tensor_type.name == "Q6_K" else 32
+        v = got.values.reshape(-1, sub)
+        at_end = (v == v.min(axis=1, keepdims=True)) | (v == v.max(axis=1, keepdims=True))
+        assert at_end.reshape(W.shape)[beyond].all(), t.name
