@@ -313,7 +313,8 @@ def llama(tmp_path_factory):
     path = write_gguf(folder / "model-q8_0.gguf", tensors, meta=dict(
         meta, **{"general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0)}))
     # a Q4_K_M-style mix: Q6_K for attn_v, ffn_down and output, Q4_K for the other matrices,
-    # F32 norms (K-quant bytes from tests/kquants.py: llama.cpp's quantizer is not built here)
+    # F32 norms; K-quant bytes from tests/kquants.py, whose steps are known here (llama.cpp's own
+    # files and type mix: tests/data/gguf, tests/test_gguf_llamacpp.py)
     steps = {}
     mixed = {}
     for name, (W, qtype) in tensors.items():

@@ -130,11 +130,12 @@ def test_base_measured_error_beside_the_floor(ftype, source):
         assert rec.base_sv_below_delta == np.count_nonzero(sv_base < measured)
 
 
-@pytest.mark.parametrize("ftype", ("Q4_K_M", "Q5_K_M", "Q6_K"))
+@pytest.mark.parametrize("ftype", FTYPES)
 def test_k_quants_clamp_beyond_half_a_step(ftype, source):
     """Why a K-quant record's bound is null, on llama.cpp's own output: in every matrix some
     elements lie more than half their step d*sc from W (measured up to 1.06 steps in Q4_K,
-    1.14 in Q5_K, 0.74 in Q6_K; 1e-4 to 3e-3 of the elements), and each of them is clamped at
+    1.14 in Q5_K, 1.56 in the IQ4_XS file's Q5_K attn_v, 0.74 in Q6_K; 1e-4 to 3e-3 of the
+    elements), and each of them is clamped at
     an end of its sub-block's range (its value the sub-block's least or greatest), the
     elements of interior codes being within half a step (to float32 rounding)."""
     reader = gguf.GGUFReader(str(DATA / f"llama-{ftype}.gguf"))
