@@ -17,7 +17,7 @@ from allennlp_analyze.sources import open_source  # noqa: E402
 from allennlp_analyze.sources.gguf_file import head_permutation  # noqa: E402
 from allennlp_analyze.sources.quant.gguf_blocks import decode  # noqa: E402
 from allennlp_analyze.spectrum import BLOCK_ROWS, singular_values  # noqa: E402
-from gguf_writer import llama_gguf, stored, write_gguf  # noqa: E402
+from gguf_files import llama_gguf, reference, stored, write_gguf  # noqa: E402
 from kquants import quantize_q4_k, quantize_q6_k  # noqa: E402
 
 T = gguf.GGMLQuantizationType
@@ -34,18 +34,6 @@ def minilm_weights():
     from safetensors.numpy import load_file
 
     return load_file(str(Path(gt.__file__).parent / "model" / "model.safetensors"))
-
-
-def reference(path):
-    """Each tensor of a GGUF file as ``gguf.GGUFReader`` reads it, dequantized by
-    ``gguf.quants.dequantize`` to float64, out x in."""
-    reader = gguf.GGUFReader(str(path))
-    out = {}
-    for t in reader.tensors:
-        if t.tensor_type != T.Q8_1:  # no decoder in gguf
-            raw = np.array(t.data).view(np.uint8)
-            out[t.name] = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float64)
-    return out
 
 
 # -- K-quant blocks packed by the documented layout ------------------------------------------

@@ -12,6 +12,7 @@ gguf = pytest.importorskip("gguf")
 
 from allennlp_analyze import analyze  # noqa: E402
 from allennlp_analyze.sources.quant.gguf_blocks import decode  # noqa: E402
+from gguf_files import reference  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "gguf"
 SOURCE = DATA / "llama-F16.gguf"
@@ -45,20 +46,15 @@ def hf_names():
     return names
 
 
-def read(path):
-    """name -> (GGML type name, gguf's float64 dequantization, out x in as stored)."""
-    out = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        raw = np.array(t.data)
-        values = gguf.quants.dequantize(raw.view(np.uint8) if raw.dtype != np.float32 else raw,
-                                        t.tensor_type).astype(np.float64)
-        out[t.name] = (t.tensor_type.name, values)
-    return out
+def types(path):
+    """name -> GGML type name of each tensor, as ``gguf.GGUFReader`` reads it."""
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
 
 
 @pytest.fixture(scope="module")
 def source():
-    return read(SOURCE)
+    """The quantizer's input, exactly: name -> float64 matrix as stored."""
+    return reference(SOURCE)
 
 
 @pytest.mark.parametrize("ftype", FTYPES)
@@ -83,13 +79,13 @@ def test_records_are_numpys_svd_under_hugging_face_names(ftype):
     type, its name the Hugging Face one (gguf's TensorNameMap maps it back to the stored one),
     no bound (null with the format's reason), rank_noise the auto rank."""
     path = DATA / f"llama-{ftype}.gguf"
-    ref = read(path)
+    ref, qtypes = reference(path), types(path)
     result = analyze(str(path), min_q=1.0, include=("embeddings",), keep_spectra=True)
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, LAYERS)
     assert {r.name for r in result.records} == hf_names()
     for rec, sv in zip(result.records, result.spectra):
         assert names.get_name(rec.name, try_suffixes=(".weight",)) == rec.stored_name
-        qtype, W = ref[rec.stored_name]
+        qtype, W = qtypes[rec.stored_name], ref[rec.stored_name]
         expected = np.linalg.svd(W, compute_uv=False)
         np.testing.assert_allclose(sv, expected, rtol=0, atol=1e-12 * expected[0])
         assert rec.dtype == qtype and rec.shape == W.shape
@@ -112,12 +108,12 @@ def test_base_measured_error_beside_the_floor(ftype, source):
     (``delta_sv_max``, against the exact error in float64), the floor estimate within the
     stated factor of it, no bound, and the base's singular values below the error."""
     path = DATA / f"llama-{ftype}.gguf"
-    ref = read(path)
+    ref, qtypes = reference(path), types(path)
     result = analyze(str(path), base=str(SOURCE), min_q=1.0, include=("embeddings",))
     assert len(result.records) == len(hf_names())
     for rec in result.records:
-        qtype, W_q = ref[rec.stored_name]
-        W = source[rec.stored_name][1]
+        qtype, W_q = qtypes[rec.stored_name], ref[rec.stored_name]
+        W = source[rec.stored_name]
         E = W_q - W
         measured = np.linalg.norm(E, 2)
         assert rec.base_name == rec.name
@@ -142,7 +138,7 @@ def test_k_quants_clamp_beyond_half_a_step(ftype, source):
     for t in reader.tensors:
         if not t.tensor_type.name.endswith("_K"):
             continue
-        W = source[t.name][1]
+        W = source[t.name]
         got = decode(t.tensor_type, np.array(t.data).view(np.uint8).reshape(W.shape[0], -1))
         assert got.worst is None and (got.step > 0).all()
         E = np.abs(got.values - W)

@@ -1,7 +1,8 @@
-"""GGUF files written by the ``gguf`` package's own ``GGUFWriter`` (and quantized by its own
-``gguf.quants.quantize``), and a Hugging Face Llama state dict converted to GGUF tensors and
-metadata as llama.cpp's ``convert_hf_to_gguf.py`` does: shared by the tests and by
-``fixtures/make_kquant_gguf.py``, which feeds the result to llama.cpp's quantizer."""
+"""GGUF files written by the ``gguf`` package's own ``GGUFWriter`` (quantized by its own
+``gguf.quants.quantize``) and read back by its ``GGUFReader`` and ``quants.dequantize``, and a
+Hugging Face Llama state dict converted to GGUF tensors and metadata as llama.cpp's
+``convert_hf_to_gguf.py`` does: shared by the tests and by ``fixtures/make_kquant_gguf.py``,
+which feeds the result to llama.cpp's quantizer."""
 from typing import Any, Dict, Mapping, Tuple
 
 import gguf
@@ -44,6 +45,18 @@ def write_gguf(path, tensors, arch="llama", meta=None):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def reference(path):
+    """Each tensor of a GGUF file as ``gguf.GGUFReader`` reads it, dequantized by
+    ``gguf.quants.dequantize`` to float64, out x in."""
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        if t.tensor_type != T.Q8_1:  # no decoder in gguf
+            raw = np.array(t.data).view(np.uint8)
+            out[t.name] = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float64)
+    return out
 
 
 def llama_permute(w, n_head, n_head_kv):
