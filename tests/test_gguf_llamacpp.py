@@ -131,9 +131,10 @@ def test_k_quants_clamp_beyond_half_a_step(ftype, source):
     """Why a K-quant record's bound is null, on llama.cpp's own output: in every matrix some
     elements lie more than half their step d*sc from W (measured up to 1.06 steps in Q4_K,
     1.14 in Q5_K, 1.56 in the IQ4_XS file's Q5_K attn_v, 0.74 in Q6_K; 1e-4 to 3e-3 of the
-    elements), and each of them is clamped at
-    an end of its sub-block's range (its value the sub-block's least or greatest), the
-    elements of interior codes being within half a step (to float32 rounding)."""
+    elements), and each of them is clamped at an end of its sub-block's range (its value the
+    sub-block's least or greatest), the elements of interior codes being within half a step
+    (to float32 rounding). The decoded
+    step is the spacing of each sub-block's values (fewer than the type's levels apart)."""
     reader = gguf.GGUFReader(str(DATA / f"llama-{ftype}.gguf"))
     for t in reader.tensors:
         if not t.tensor_type.name.endswith("_K"):
@@ -144,7 +145,10 @@ def test_k_quants_clamp_beyond_half_a_step(ftype, source):
         E = np.abs(got.values - W)
         beyond = E > got.step * (0.5 + 1e-5)
         assert beyond.any(), t.name
-        sub = 16 if t.tensor_type.name == "Q6_K" else 32
+        sub, levels = {"Q4_K": (32, 16), "Q5_K": (32, 32), "Q6_K": (16, 64)}[t.tensor_type.name]
         v = got.values.reshape(-1, sub)
+        k = (v - v.min(axis=1, keepdims=True)) / got.step.reshape(-1, sub)
+        assert np.abs(k - np.rint(k)).max() < 1e-3, t.name  # the decoded step is the grid's
+        assert np.ptp(np.rint(k), axis=1).max() <= levels - 1, t.name
         at_end = (v == v.min(axis=1, keepdims=True)) | (v == v.max(axis=1, keepdims=True))
         assert at_end.reshape(W.shape)[beyond].all(), t.name
