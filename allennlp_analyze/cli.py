@@ -7,6 +7,7 @@ of several that could not be read (the others are still analyzed and reported).
 import argparse
 import functools
 import glob
+import importlib.util
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from . import options as analysis_options
 from .api import Analysis, analyze
 from .describe import Description, describe, write_description
 from .errors import AnalyzeError, escape
+from .options import AnalysisOptions
 from .report import FORMATS, write
 
 DESCRIPTION = ("Rank collapse and heavy-tailed spectra of a trained model's weight matrices: "
@@ -127,16 +129,11 @@ def run(args: argparse.Namespace,
     """Analyze (or with ``--describe`` describe), write the report (and figures), and return the
     exit code. ``analyze_fn`` / ``describe_fn`` let the AllenNLP subcommand substitute its own
     loader; ``prog`` names the command in error lines."""
-    opts = analysis_options.from_namespace(args)
+    opts = check_arguments(args)
     sources = expand_sources(args)
     several = len(sources) > 1
     fmt = output_format(args)
     if getattr(args, "describe", False):
-        if args.plot_dir:
-            raise AnalyzeError("--describe computes no spectra: there is nothing to plot "
-                               "(drop --plot-dir)")
-        if fmt == "jsonl":
-            raise AnalyzeError("--describe writes a table, json or csv, not jsonl")
         described = describe_fn(*sources, options=opts, progress=args.progress,
                                 on_error="collect" if several else "raise",
                                 cache_dir=args.cache_dir)
@@ -145,12 +142,6 @@ def run(args: argparse.Namespace,
             print(f"{prog}: error: {escape(err)}", file=sys.stderr)
         return 2 if described.errors else 0
     journal = args.output_file if fmt == "jsonl" else None
-    if args.resume and journal is None:
-        raise AnalyzeError("--resume needs a JSON-lines --output-file (FILE.jsonl, or --format "
-                           "jsonl -o FILE) to resume")
-    if args.resume and args.plot_dir:
-        raise AnalyzeError("--plot-dir cannot be combined with --resume (the sweep file keeps "
-                           "no spectra); plot the finished sweep in a run of its own")
     plots = _plots_module() if args.plot_dir else None
     if plots is not None:
         plots.prepare_plot_dir(args.plot_dir)
@@ -172,6 +163,82 @@ def run(args: argparse.Namespace,
     if args.fail_on_collapse and result.summary.collapsed[opts.rank_criterion]:
         return 1
     return 0
+
+
+def check_arguments(args: argparse.Namespace) -> AnalysisOptions:
+    """Every option checked before any source is opened (or ``--sources-from`` read): the
+    analysis options, the output's options and their combinations, and that the output file's
+    folder, ``--plot-dir`` and ``--cache-dir`` can be written. Returns the analysis options;
+    a problem is one :class:`AnalyzeError` line. Creates nothing."""
+    opts = analysis_options.from_namespace(args)
+    fmt = output_format(args)
+    plot_dir = getattr(args, "plot_dir", None)
+    plot_match = getattr(args, "plot_match", None) or ()
+    plot_max = getattr(args, "plot_max", 100)
+    if plot_max < -1:
+        raise AnalyzeError(f"--plot-max must be -1 (all) or >= 0 (got {plot_max})")
+    analysis_options.compile_patterns(plot_match, "--plot-match")
+    if plot_match and not plot_dir:
+        raise AnalyzeError("--plot-match selects figures: it needs --plot-dir")
+    if getattr(args, "describe", False):
+        for given, option in ((plot_dir, "--plot-dir"), (args.resume, "--resume"),
+                              (args.scheduler, "--scheduler"),
+                              (args.fail_on_collapse, "--fail-on-collapse")):
+            if given:
+                raise AnalyzeError(f"--describe computes no spectra: {option} has nothing to do "
+                                   f"(drop it)")
+        if fmt == "jsonl":
+            raise AnalyzeError("--describe writes a table, json or csv, not jsonl")
+    if args.resume and not (fmt == "jsonl" and args.output_file):
+        raise AnalyzeError("--resume needs a JSON-lines --output-file (FILE.jsonl, or --format "
+                           "jsonl -o FILE) to resume")
+    if args.resume and plot_dir:
+        raise AnalyzeError("--plot-dir cannot be combined with --resume (the sweep file keeps "
+                           "no spectra); plot the finished sweep in a run of its own")
+    if args.scheduler and importlib.util.find_spec("distributed") is None:
+        raise AnalyzeError("--scheduler needs Dask distributed, which is not installed: "
+                           "pip install 'allennlp-analyze[dask]'")
+    if args.output_file:
+        _check_output_file(args.output_file)
+    if plot_dir:
+        _plots_module()
+        _check_creatable_dir(plot_dir, "--plot-dir")
+    if args.cache_dir:
+        _check_creatable_dir(args.cache_dir, "--cache-dir")
+    return opts
+
+
+def _check_output_file(path: str) -> None:
+    """``--output-file``: not a folder, in a folder that exists and can be written, and itself
+    writable where it exists."""
+    what = f"cannot write {path}"
+    if os.path.isdir(path):
+        raise AnalyzeError(f"{what}: it is a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise AnalyzeError(f"{what}: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or \
+            (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise AnalyzeError(f"{what}: permission denied")
+
+
+def _check_creatable_dir(path: str, option: str) -> None:
+    """``path`` is a writable folder, or can be created: its nearest existing ancestor is a
+    writable folder."""
+    what = f"cannot create {option} {path}"
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise AnalyzeError(f"{what}: a file of that name exists")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise AnalyzeError(f"cannot write {option} {path}: permission denied")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise AnalyzeError(f"{what}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AnalyzeError(f"{what}: {parent} cannot be written (permission denied)")
 
 
 def output_format(args: argparse.Namespace) -> str:

@@ -5,7 +5,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, fields
-from typing import Optional, Tuple
+from typing import Iterable, List, Optional, Pattern, Tuple
 
 from .errors import AnalyzeError
 from .records import CRITERION_CHOICES
@@ -70,11 +70,7 @@ class AnalysisOptions:
             object.__setattr__(self, "device", None)
         if self.device is not None:
             _check_device(self.device)
-        for pattern in self.match + self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise AnalyzeError(f"invalid name pattern {pattern!r}: {e}") from None
+        compile_patterns(self.match + self.exclude, "name")
         checks = [
             (math.isfinite(self.min_q), f"--min-q must be a finite number (got {self.min_q})"),
             (math.isfinite(self.loose_tol),
@@ -154,11 +150,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "name (default %(default)s)")
 
 
+def compile_patterns(patterns: Iterable[str], what: str) -> List[Pattern[str]]:
+    """The regexes ``patterns`` compiled; an invalid one is an :class:`AnalyzeError` naming it
+    as a ``what`` pattern (``"name"``, ``"--plot-match"``)."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise AnalyzeError(f"invalid {what} pattern {pattern!r}: {e}") from None
+    return compiled
+
+
 def from_namespace(args: argparse.Namespace) -> AnalysisOptions:
     """Options from parsed arguments (unknown attributes ignored)."""
     names = {f.name for f in fields(AnalysisOptions)}
     return AnalysisOptions(**{k: v for k, v in vars(args).items() if k in names})
-
 
 
 def _check_device(device: str) -> None:

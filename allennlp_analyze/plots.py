@@ -43,7 +43,7 @@ from .aggregate import aggregate
 from .api import Analysis
 from .errors import AnalyzeError
 from .mp import estimate_sigma2, mp_density, mp_support
-from .options import AnalysisOptions
+from .options import AnalysisOptions, compile_patterns
 from .records import MatrixRecord
 from .spectral_metrics import esd_bins
 
@@ -422,12 +422,7 @@ def write_figures(result: Analysis, plot_dir: str, *,
     ``match`` (all when empty), the first ``max_matrices`` of them (None or negative: all).
     ``result.spectra`` is needed for them (``analyze(..., keep_spectra=True)``)."""
     prepare_plot_dir(plot_dir)
-    patterns = []
-    for p in match:
-        try:
-            patterns.append(re.compile(p))
-        except re.error as e:
-            raise AnalyzeError(f"invalid --plot-match pattern {p!r}: {e}") from None
+    patterns = compile_patterns(match, "--plot-match")
     records, opts = result.records, result.options
     models = result.summary.models
     several = len(set(models) | {r.model for r in records}) > 1

@@ -166,14 +166,9 @@ def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: A
     (read as :func:`plain_weights` says; its note, if any, goes to ``weights_note``), in eval
     mode. Raises :class:`NotBuilt` where it cannot be built (and :class:`AnalyzeError` for a
     bad ``--overrides`` / ``--cuda-device``)."""
-    _check_cuda_device(cuda_device)
+    check_cuda_device(cuda_device)
     if weights_file:
-        try:
-            limits.require_regular(weights_file)
-        except OSError as e:
-            raise AnalyzeError(f"--weights-file {weights_file}: {e.strerror or one_line(e)}") from None
-        except AnalyzeError as e:
-            raise AnalyzeError(f"--weights-file: {e}") from None
+        check_weights_file(weights_file)
     with tempfile.TemporaryDirectory(prefix="allennlp-analyze-") as tmp:
         if local.is_dir():
             serialization_dir = local
@@ -243,7 +238,21 @@ def plain_weights(weights: Path, dest: Path, checkpoint_key: Optional[str],
     return dest
 
 
-def _check_cuda_device(cuda_device: int) -> None:
+def check_weights_file(weights_file: str) -> None:
+    """``--weights-file``: a regular file."""
+    try:
+        limits.require_regular(weights_file)
+    except OSError as e:
+        raise AnalyzeError(f"--weights-file {weights_file}: {e.strerror or one_line(e)}") from None
+    except AnalyzeError as e:
+        raise AnalyzeError(f"--weights-file: {e}") from None
+
+
+def check_cuda_device(cuda_device: int) -> None:
+    """``--cuda-device``: -1 (the CPU) or the index of a CUDA device present."""
+    if cuda_device is not None and cuda_device < -1:
+        raise AnalyzeError(f"--cuda-device must be -1 (the CPU) or a GPU's index "
+                           f"(got {cuda_device})")
     if cuda_device is None or cuda_device < 0:
         return
     import torch
@@ -252,6 +261,22 @@ def _check_cuda_device(cuda_device: int) -> None:
     if cuda_device >= count:
         raise AnalyzeError(f"--cuda-device {cuda_device}: this machine has "
                            f"{count or 'no'} CUDA device{'s' if count != 1 else ''}")
+
+
+def overrides_dict(overrides: Any) -> dict:
+    """``--overrides`` (a JSON / Jsonnet string, or a dict) as a dict; anything else is an
+    :class:`AnalyzeError`."""
+    if isinstance(overrides, str):
+        from allennlp.common.params import parse_overrides
+
+        try:
+            overrides = parse_overrides(overrides)
+        except Exception as e:
+            raise AnalyzeError(f"--overrides is not valid JSON or Jsonnet: "
+                               f"{one_line(e)[:200]}") from None
+    if not isinstance(overrides, dict):
+        raise AnalyzeError("--overrides must be a JSON object")
+    return overrides
 
 
 def read_config(path: Path, overrides: Any = "") -> dict:
@@ -268,18 +293,10 @@ def read_config(path: Path, overrides: Any = "") -> dict:
     if not isinstance(config, dict) or "model" not in config:
         raise NotBuilt("config.json has no 'model' section")
     if overrides:
-        from allennlp.common.params import parse_overrides, with_overrides
+        from allennlp.common.params import with_overrides
 
-        if isinstance(overrides, str):
-            try:
-                overrides = parse_overrides(overrides)
-            except Exception as e:
-                raise AnalyzeError(f"--overrides is not valid JSON or Jsonnet: "
-                                   f"{one_line(e)[:200]}") from None
-        if not isinstance(overrides, dict):
-            raise AnalyzeError("--overrides must be a JSON object")
         try:
-            config = with_overrides(config, overrides)
+            config = with_overrides(config, overrides_dict(overrides))
         except ValueError as e:
             raise AnalyzeError(f"--overrides: {one_line(e)}") from None
     return config

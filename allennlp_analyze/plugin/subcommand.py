@@ -14,7 +14,8 @@ from .. import cli
 from ..api import Analysis, analyze
 from ..describe import Description, describe
 from ..errors import AnalyzeError, one_line
-from .loading import open_model_source
+from .loading import (check_cuda_device, check_weights_file, open_model_source,
+                      overrides_dict)
 
 PROG = "allennlp analyze"
 
@@ -74,6 +75,17 @@ def _include_packages(packages: List[str]) -> None:
                                f"({type(e).__name__}: {one_line(e)})") from None
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The standalone command's checks (:func:`allennlp_analyze.cli.check_arguments`) and
+    AllenNLP's options, before any package is imported or source opened."""
+    cli.check_arguments(args)
+    check_cuda_device(args.cuda_device)
+    if args.overrides:
+        overrides_dict(args.overrides)
+    if args.weights_file:
+        check_weights_file(args.weights_file)
+
+
 def _run(args: argparse.Namespace) -> None:
     _quiet_logging()
 
@@ -87,6 +99,7 @@ def _run(args: argparse.Namespace) -> None:
         return describe(*specs, opener=_opener(**loading), **kwargs)
 
     def run() -> int:
+        check_arguments(args)
         _include_packages(args.packages)
         return cli.run(args, analyze_fn=analyze_fn, prog=PROG, describe_fn=describe_fn)
 
