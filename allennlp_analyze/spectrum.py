@@ -45,7 +45,7 @@ where N + M < 5500, 0.019 for 32000 x 2048) the result is ``"gram"``. Otherwise 
 (k in [j0, j0 + max(4, j0/4)], at the largest gap lambda_{k+1} - lambda_k, k <= M/4) take
 the Ritz step.
 
-**The Ritz bound** (a-posteriori; derived in the README, "Near-square matrices"). With X and P
+**The Ritz bound** (a-posteriori; derived in docs/numerics.md, "Near-square and tall matrices"). With X and P
 orthonormal, ``R1 = W X - P S`` (round-off of forming Y and its SVD: ``||R1|| <= e1``) and the
 residual ``R2 = W^T P - X S`` (computed), W is orthogonally equivalent to
 ``[[S, R2^T X_perp], [0, W22]]`` up to a perturbation of norm ``||R1||``. Its Gram matrix has
