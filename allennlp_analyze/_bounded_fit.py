@@ -1,4 +1,5 @@
-"""``powerlaw`` 1.5's bounded fit (``Fit(data, xmax=...)``), reproduced where it leaves the closed form.
+"""``powerlaw`` 1.5's bounded fit (``Fit(data, xmax=...)``), reproduced where it leaves the
+closed form.
 
 With ``xmax`` set, ``powerlaw`` 1.5 does not use the closed-form exponent: it minimizes its negative
 log-likelihood with ``scipy.optimize.fmin`` (Nelder–Mead, ``xtol = ftol = 1e-4``) started *at* the

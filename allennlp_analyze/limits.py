@@ -165,7 +165,10 @@ def _cgroup_room() -> Optional[int]:
         if parts[0] == "0" and parts[1] == "":
             base, files = "/sys/fs/cgroup", ("memory.max", "memory.current")
         elif "memory" in parts[1].split(","):
-            base, files = "/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            base, files = (
+                "/sys/fs/cgroup/memory",
+                ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+            )
         else:
             continue
         for folder in (base + parts[2], base):
@@ -279,8 +282,12 @@ def parse_json(raw, max_depth: int = MAX_JSON_DEPTH):
         raise deep from None
     level, depth = [value] if type(value) in (dict, list) else [], 1
     while level:  # breadth first, one nesting level at a time
-        level = [child for item in level for child in (item.values() if type(item) is dict else item)
-                 if type(child) in (dict, list)]
+        level = [
+            child
+            for item in level
+            for child in (item.values() if type(item) is dict else item)
+            if type(child) in (dict, list)
+        ]
         depth += bool(level)
         if depth > max_depth:
             raise deep

@@ -38,30 +38,29 @@ Paths to the values (``Spectrum.method``):
   trusted, so the matrix was recomputed by the SVD path.
 
 ``"auto"`` (the default) keeps a Gram value only where its bound guarantees both a relative
-error <= ``GRAM_RTOL`` (1e-8), i.e. ``lambda >= dlam / (2 GRAM_RTOL)``, and an absolute one
-<= ``ACCURACY_C * (N + M) * eps64 * nu_max``, i.e. ``nu >= nu_max / (2 ACCURACY_C)``; if all
-M qualify (``nu_min / nu_max >= max(sqrt((N + M) eps64 / (2 GRAM_RTOL)), 1 / 128)``: 7.8e-3
-where N + M < 5500, 0.019 for 32000 x 2048) the result is ``"gram"``. Otherwise the j0 values below that limit, plus a margin
-(k in [j0, j0 + max(4, j0/4)], at the largest gap lambda_{k+1} - lambda_k, k <= M/4) take
-the Ritz step.
+error <= ``GRAM_RTOL`` (1e-8), i.e. ``lambda >= dlam / (2 GRAM_RTOL)``, and an absolute one <=
+``ACCURACY_C * (N + M) * eps64 * nu_max``, i.e. ``nu >= nu_max / (2 ACCURACY_C)``; if all M
+qualify (``nu_min / nu_max >= max(sqrt((N + M) eps64 / (2 GRAM_RTOL)), 1 / 128)``: 7.8e-3 where
+N + M < 5500, 0.019 for 32000 x 2048) the result is ``"gram"``. Otherwise the j0 values below
+that limit, plus a margin (k in [j0, j0 + max(4, j0/4)], at the largest gap lambda_{k+1} -
+lambda_k, k <= M/4) take the Ritz step.
 
-**The Ritz bound** (a-posteriori; derived in docs/numerics.md, "Near-square and tall matrices"). With X and P
-orthonormal, ``R1 = W X - P S`` (round-off of forming Y and its SVD: ``||R1|| <= e1``) and the
-residual ``R2 = W^T P - X S`` (computed), W is orthogonally equivalent to
-``[[S, R2^T X_perp], [0, W22]]`` up to a perturbation of norm ``||R1||``. Its Gram matrix has
-the off-diagonal block ``S R2^T X_perp`` of norm ``h <= ||R2 S||_F + e2 s_max`` (``e2``: the
+**The Ritz bound** (a-posteriori; derived in docs/numerics.md, "Near-square and tall matrices").
+With X and P orthonormal, ``R1 = W X - P S`` (round-off of forming Y and its SVD: ``||R1|| <=
+e1``) and the residual ``R2 = W^T P - X S`` (computed), W is orthogonally equivalent to ``[[S,
+R2^T X_perp], [0, W22]]`` up to a perturbation of norm ``||R1||``. Its Gram matrix has the
+off-diagonal block ``S R2^T X_perp`` of norm ``h <= ||R2 S||_F + e2 s_max`` (``e2``: the
 round-off of computing R2). The eigenvalues of the bottom-right block are at least
-``lambda_{k+1}(W^T W) - h`` (Weyl) and ``lambda_{k+1} >= (sqrt(lambda^gram_{k+1} - dlam) - e1)^2``,
-so the gap is ``eta = (sqrt(lambda^gram_{k+1} - dlam) - e1)^2 - h - s_max^2``; by the quadratic
-residual bound for Hermitian block matrices (Li & Li, LAA 395, 2005: |lambda_i - theta_i| <=
-h^2 / eta), the i-th smallest singular value of W lies in
-``[sqrt(max(s_i^2 - beta, 0)) - e1, sqrt(s_i^2 + beta) + e1]``, ``beta = h^2 / eta``.
-With ``e1 = e2 = (N + M) eps64 nu_max`` (the normwise round-off model of the Gram bound above;
-numpy's SVD is within the same ``(N + M) eps64 nu_max`` of the exact values), the Ritz values
-are kept when ``eta > 0`` and every interval's half-width plus that SVD error is at most
-``ACCURACY_C * (N + M) * eps64 * nu_max``: then every reported value is within that of
-``numpy.linalg.svd``. Measured errors are ~1 eps64 nu_max (tests); the bound is typically
-1e-3 of the limit.
+``lambda_{k+1}(W^T W) - h`` (Weyl) and ``lambda_{k+1} >= (sqrt(lambda^gram_{k+1} - dlam) -
+e1)^2``, so the gap is ``eta = (sqrt(lambda^gram_{k+1} - dlam) - e1)^2 - h - s_max^2``; by the
+quadratic residual bound for Hermitian block matrices (Li & Li, LAA 395, 2005: |lambda_i -
+theta_i| <= h^2 / eta), the i-th smallest singular value of W lies in ``[sqrt(max(s_i^2 - beta,
+0)) - e1, sqrt(s_i^2 + beta) + e1]``, ``beta = h^2 / eta``. With ``e1 = e2 = (N + M) eps64
+nu_max`` (the normwise round-off model of the Gram bound above; numpy's SVD is within the same
+``(N + M) eps64 nu_max`` of the exact values), the Ritz values are kept when ``eta > 0`` and
+every interval's half-width plus that SVD error is at most ``ACCURACY_C * (N + M) * eps64 *
+nu_max``: then every reported value is within that of ``numpy.linalg.svd``. Measured errors are
+~1 eps64 nu_max (tests); the bound is typically 1e-3 of the limit.
 
 Ranks: where any value lies within its error bound (Gram values: ``2 GRAM_RTOL`` relative;
 Ritz values: the interval above plus the SVD's error) of any rank tolerance, the matrix takes

@@ -78,7 +78,9 @@ def open_model_source(spec: str, *, weights_file: Optional[str] = None, override
     local, label, url = resolve(spec, cache_dir, progress)
 
     def open_local(path: Path) -> WeightSource:
-        buildable = _looks_like_archive(path) or (path.is_dir() and (path / "config.json").is_file())
+        buildable = _looks_like_archive(path) or (
+            path.is_dir() and (path / "config.json").is_file()
+        )
         if not buildable:
             return open_path(weights_file or path, label=label, checkpoint_key=checkpoint_key)
         notes = []
@@ -88,7 +90,9 @@ def open_model_source(spec: str, *, weights_file: Optional[str] = None, override
                                 weights_note=notes.append)
         except NotBuilt as e:
             source = open_path(weights_file or path, label=label, checkpoint_key=checkpoint_key)
-            notice(f"{label}: analyzing the raw weights; the model was not built ({_short(str(e))})")
+            notice(
+                f"{label}: analyzing the raw weights; the model was not built ({_short(str(e))})"
+            )
             return source
         source = ModuleSource(model, label=label)
         source.note = notes[0] if notes else None

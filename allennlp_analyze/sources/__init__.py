@@ -75,7 +75,9 @@ def open_source(spec, *, cache_dir=None, progress: Optional[bool] = None,
 
                 return open_path(urllib.request.url2pathname(urllib.parse.urlsplit(text).path),
                                  checkpoint_key=checkpoint_key)
-            raise AnalyzeError(f"{text}: unsupported URL scheme {scheme!r} (use http, https or a local path)")
+            raise AnalyzeError(
+                f"{text}: unsupported URL scheme {scheme!r} (use http, https or a local path)"
+            )
         if is_hub_id(text):
             from .hub import open_hub
 

@@ -22,7 +22,9 @@ from ..tensors import TensorInfo
 
 def natural_key(name: str):
     """Sort key that orders ``layer.2`` before ``layer.10``."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+    return [
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)
+    ]
 
 
 def is_torch_tensor(value: Any) -> bool:
@@ -101,9 +103,15 @@ class TensorDictSource:
         except KeyError:
             raise AnalyzeError(f"{self._origin} has no tensor named {name!r}") from None
         try:
-            array = torch_to_numpy(value) if is_torch_tensor(value) else numpy_to_numpy(np.asarray(value))
+            array = (
+                torch_to_numpy(value)
+                if is_torch_tensor(value)
+                else numpy_to_numpy(np.asarray(value))
+            )
         except Exception as e:  # e.g. a meta tensor, which has no data
-            raise AnalyzeError(f"cannot read tensor {name!r} of {self._origin}: {one_line(e)}") from None
+            raise AnalyzeError(
+                f"cannot read tensor {name!r} of {self._origin}: {one_line(e)}"
+            ) from None
         array = array.view()
         array.flags.writeable = False
         return array
@@ -156,7 +164,9 @@ def read_index(path: Path) -> Dict[str, str]:
         raise AnalyzeError(f"{path} is not a valid checkpoint index (no 'weight_map')")
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard or not safe_relative(shard):
-            raise AnalyzeError(f"{path} is not a valid checkpoint index (bad shard file {shard!r} for {name!r})")
+            raise AnalyzeError(
+                f"{path} is not a valid checkpoint index (bad shard file {shard!r} for {name!r})"
+            )
     return weight_map
 
 

@@ -218,7 +218,9 @@ class _Scan:
 
     def result(self) -> ArchiveContents:
         if not self.weights:
-            raise AnalyzeError(f"{self.origin} holds no weights.th (not an AllenNLP model archive?)")
+            raise AnalyzeError(
+                f"{self.origin} holds no weights.th (not an AllenNLP model archive?)"
+            )
         chosen = next(self.weights[w] for w in ARCHIVE_WEIGHTS if w in self.weights)
         folder = member_parts(chosen)[:-1]
         if self.extract_to is not None:
@@ -252,7 +254,9 @@ def find_serialization_weights(folder: Path) -> Optional[Path]:
     for name in ("best.th", "weights.th"):
         if (folder / name).is_file():
             return folder / name
-    checkpoints = sorted((p for p in folder.glob("model_state_*.th") if p.is_file()), key=_checkpoint_key)
+    checkpoints = sorted(
+        (p for p in folder.glob("model_state_*.th") if p.is_file()), key=_checkpoint_key
+    )
     return checkpoints[-1] if checkpoints else None
 
 

@@ -216,7 +216,9 @@ def find_weights(root: Any, origin: str, is_tensor: Callable[[Any], bool],
 
 
 def _names(names: List[str], limit: int = 5) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return ", ".join(names[:limit]) + (
+        f" and {len(names) - limit} more" if len(names) > limit else ""
+    )
 
 
 def _not_built(inert: List[str]) -> Optional[str]:

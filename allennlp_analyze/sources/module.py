@@ -1,11 +1,11 @@
 """A live ``torch.nn.Module`` (an AllenNLP ``Model`` included).
 
-Names are the module's ``state_dict()`` keys, in its order (so they match a saved state dict
-of the same model); ``module_type`` is the class name of the submodule that owns each tensor (the standard
-``torch.nn`` layer it derives from, if any: see :func:`layer_type`); ``buffer`` tells registered
-buffers from parameters; ``parts`` gives the q/k/v row blocks of a fused projection where its
-module says how it splits (:func:`fused_parts`).
-Arrays share memory with the parameters where they are on the CPU and are read-only.
+Names are the module's ``state_dict()`` keys, in its order (so they match a saved state dict of
+the same model); ``module_type`` is the class name of the submodule that owns each tensor (the
+standard ``torch.nn`` layer it derives from, if any: see :func:`layer_type`); ``buffer`` tells
+registered buffers from parameters; ``parts`` gives the q/k/v row blocks of a fused projection
+where its module says how it splits (:func:`fused_parts`). Arrays share memory with the
+parameters where they are on the CPU and are read-only.
 """
 from dataclasses import replace
 from typing import Dict, Optional, Sequence, Tuple
@@ -30,7 +30,10 @@ def layer_type(cls) -> str:
 
 
 def _module_types(module, names) -> Dict[str, Optional[str]]:
-    owners = {prefix: layer_type(type(sub)) for prefix, sub in module.named_modules(remove_duplicate=False)}
+    owners = {
+        prefix: layer_type(type(sub))
+        for prefix, sub in module.named_modules(remove_duplicate=False)
+    }
     types = {}
     for name in names:
         prefix = name.rpartition(".")[0]
@@ -49,7 +52,9 @@ def fused_parts(module) -> Dict[str, Tuple[Tuple[str, int], ...]]:
         weight = getattr(proj, "weight", None)
         if isinstance(a, int) and isinstance(v, int) and weight is not None \
                 and weight.dim() == 2 and weight.shape[0] == 2 * a + v:
-            name = f"{prefix}._combined_projection.weight" if prefix else "_combined_projection.weight"
+            name = (
+                f"{prefix}._combined_projection.weight" if prefix else "_combined_projection.weight"
+            )
             found[name] = (("q", a), ("k", a), ("v", v))
     return found
 
@@ -61,7 +66,9 @@ class ModuleSource(TensorDictSource):
         # Extra state (``get_extra_state``) may be any object; only tensors are weights.
         state = {name: value for name, value in state.items() if is_torch_tensor(value)}
         label = label or type(module).__name__
-        super().__init__(label, state, origin=f"module {label}", module_types=_module_types(module, state))
+        super().__init__(
+            label, state, origin=f"module {label}", module_types=_module_types(module, state)
+        )
         self._buffers = {name for name, _ in module.named_buffers(remove_duplicate=False)}
         self._parts = fused_parts(module)
 

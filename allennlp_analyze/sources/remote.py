@@ -326,7 +326,9 @@ def _decode(url: str, path: Path, encoding: str, cap: int) -> None:
                     if not block and (inflater.eof or len(data) < CHUNK):
                         break
         if not inflater.eof:
-            raise AnalyzeError(f"download of {url} is truncated (its {encoding} encoding ends early)")
+            raise AnalyzeError(
+                f"download of {url} is truncated (its {encoding} encoding ends early)"
+            )
     except zlib.error as e:
         raise AnalyzeError(f"download of {url} is not valid {encoding} ({one_line(e)})") from None
     with open(decoded, "rb") as f:
@@ -346,7 +348,9 @@ def download(url: str, dest: Path, progress: Optional[bool] = None,
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".download-"))
     except OSError as e:
-        raise AnalyzeError(f"cannot create the download cache {dest.parent}: {_reason(e)}") from None
+        raise AnalyzeError(
+            f"cannot create the download cache {dest.parent}: {_reason(e)}"
+        ) from None
     done = False
     try:
         tmp = tmpdir / dest.name
@@ -358,7 +362,9 @@ def download(url: str, dest: Path, progress: Optional[bool] = None,
                 detail = str(e).replace(str(tmp), "it")  # the temporary name means nothing
                 if content_type and content_type.split(";")[0].strip().lower() in (
                         "text/html", "application/xhtml+xml"):
-                    detail = f"the server sent a web page (Content-Type {content_type}), not weights"
+                    detail = (
+                        f"the server sent a web page (Content-Type {content_type}), not weights"
+                    )
                 raise AnalyzeError(f"the download of {url} is not usable: {detail}; "
                                    "it was not cached") from None
         try:

@@ -128,7 +128,10 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
         st_dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
         if not isinstance(st_dtype, str) or st_dtype not in _DTYPES:
             raise corrupt(f"tensor {name!r} has unknown dtype {st_dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
             raise corrupt(f"tensor {name!r} has a bad shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
@@ -137,11 +140,16 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
         storage, dtype_name = _DTYPES[st_dtype]
         begin, end = offsets
         if end - begin != math.prod(shape) * storage.itemsize:  # exact: no int64 overflow
-            raise corrupt(f"tensor {name!r}: data offsets {offsets} do not match shape {shape} and dtype {st_dtype}")
+            raise corrupt(
+                f"tensor {name!r}: data offsets {offsets} do not match shape {shape} and "
+                f"dtype {st_dtype}"
+            )
         if end > data_size:
             raise AnalyzeError(f"{path} is truncated (tensor {name!r} ends at data byte {end}, "
                                f"the file holds {data_size})")
-        entries[name] = _Entry(TensorInfo(name, tuple(shape), dtype_name, None), st_dtype, 8 + n + begin, 8 + n + end)
+        entries[name] = _Entry(
+            TensorInfo(name, tuple(shape), dtype_name, None), st_dtype, 8 + n + begin, 8 + n + end
+        )
     return 8 + n, entries
 
 
@@ -220,11 +228,16 @@ class ShardedSafetensorsSource:
             if shard not in headers:
                 path = self.index_path.parent / shard
                 if not path.is_file():
-                    raise AnalyzeError(f"{path} (a shard named in {self.index_path}) does not exist")
+                    raise AnalyzeError(
+                        f"{path} (a shard named in {self.index_path}) does not exist"
+                    )
                 headers[shard] = read_header(path)[1]
             entry = headers[shard].get(name)
             if entry is None:
-                raise AnalyzeError(f"{self.index_path.parent / shard} lacks {name!r}, which {self.index_path} places there")
+                raise AnalyzeError(
+                    f"{self.index_path.parent / shard} lacks {name!r}, which {self.index_path} "
+                    "places there"
+                )
             self._where[name] = (self.index_path.parent / shard, entry)
 
     def tensors(self) -> Sequence[TensorInfo]:

@@ -47,7 +47,8 @@ def _left_note(left: Dict[str, str]) -> Optional[str]:
         return None
     shown = ", ".join(f"{n!r} ({why})" for n, why in list(left.items())[:3])
     more = f" and {len(left) - 3} more" if len(left) > 3 else ""
-    return f"left out {len(left)} tensor{'s' if len(left) > 1 else ''} that are not read: {shown}{more}"
+    plural = "s" if len(left) > 1 else ""
+    return f"left out {len(left)} tensor{plural} that are not read: {shown}{more}"
 
 
 class PickledSource(MappedSource):
@@ -65,7 +66,9 @@ class PickledSource(MappedSource):
         try:
             return tensor.read()
         except Corrupt as e:
-            raise AnalyzeError(f"{self._origin} is not a valid PyTorch file (tensor {name!r}: {e})") from None
+            raise AnalyzeError(
+                f"{self._origin} is not a valid PyTorch file (tensor {name!r}: {e})"
+            ) from None
 
 
 class TorchFileSource(PickledSource):
@@ -91,7 +94,10 @@ class ShardedTorchSource:
         self._current_source: Optional[TorchFileSource] = None
         for shard in shard_order(self._weight_map):
             if not (self.index_path.parent / shard).is_file():
-                raise AnalyzeError(f"{self.index_path.parent / shard} (a shard named in {self.index_path}) does not exist")
+                raise AnalyzeError(
+                    f"{self.index_path.parent / shard} (a shard named in {self.index_path}) "
+                    "does not exist"
+                )
 
     def _shard(self, shard: str) -> TorchFileSource:
         if self._current != shard:
@@ -109,7 +115,8 @@ class ShardedTorchSource:
                 missing = wanted - {i.name for i in found}
                 if missing:
                     raise AnalyzeError(
-                        f"{self.index_path.parent / shard} lacks {sorted(missing)[0]!r}, which {self.index_path} places there"
+                        f"{self.index_path.parent / shard} lacks {sorted(missing)[0]!r}, "
+                        f"which {self.index_path} places there"
                     )
                 infos.extend(found)
             self._infos = infos

@@ -124,7 +124,9 @@ class StridedTensor(PickledTensor):
         self.storage, self.offset, self.dtype = storage, offset, dtype
         self.shape, self.stride = _ints(shape, "shape"), _ints(stride, "stride")
         if len(self.stride) != len(self.shape):
-            raise Corrupt(f"a tensor's shape {self.shape} and stride {self.stride} differ in length")
+            raise Corrupt(
+                f"a tensor's shape {self.shape} and stride {self.stride} differ in length"
+            )
         self.negative = negative
 
     @property
@@ -613,7 +615,9 @@ def read_torch(buffer, origin: str) -> Tuple[Any, Set[str]]:
                 zf = zipfile.ZipFile(io.BytesIO(buffer) if isinstance(buffer, bytes)
                                      else _MapFile(buffer))
             except zipfile.BadZipFile:
-                raise AnalyzeError(f"{origin} is truncated (its zip directory is missing)") from None
+                raise AnalyzeError(
+                    f"{origin} is truncated (its zip directory is missing)"
+                ) from None
             with zf:
                 root, inert = _read_zip(buffer, zf)
         elif bytes(memoryview(buffer)[257:262]) == b"ustar":
@@ -623,18 +627,26 @@ def read_torch(buffer, origin: str) -> Tuple[Any, Set[str]]:
     except AnalyzeError:
         raise
     except PickleTooLarge:
-        raise AnalyzeError(f"{origin}: its pickled objects exceed "
-                           f"{MAX_PICKLE_BYTES >> 20} MiB (not a weights file?)") from None
+        raise AnalyzeError(
+            f"{origin}: its pickled objects exceed "
+            f"{MAX_PICKLE_BYTES >> 20} MiB (not a weights file?)"
+        ) from None
     except Corrupt as e:
         if str(e) == "TORCHSCRIPT":
-            raise AnalyzeError(f"{origin} is a TorchScript archive, not a plain tensor state "
-                               "dict (refused to unpickle arbitrary objects)") from None
+            raise AnalyzeError(
+                f"{origin} is a TorchScript archive, not a plain tensor state "
+                "dict (refused to unpickle arbitrary objects)"
+            ) from None
         raise AnalyzeError(f"{origin} is not a valid PyTorch file ({e})") from None
     except MemoryError:  # the C unpickler allocates what a length field claims, then reads
-        raise AnalyzeError(f"{origin} is not a valid PyTorch file (a length in its pickle "
-                           "claims more memory than there is)") from None
+        raise AnalyzeError(
+            f"{origin} is not a valid PyTorch file (a length in its pickle "
+            "claims more memory than there is)"
+        ) from None
     except (EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise AnalyzeError(f"{origin} is truncated or corrupt ({one_line(e) or 'ran out of data'})") from None
+        raise AnalyzeError(
+            f"{origin} is truncated or corrupt ({one_line(e) or 'ran out of data'})"
+        ) from None
     except Exception as e:  # UnpicklingError, ValueError, TypeError ... of a malformed pickle
         message = one_line(e)
         if "truncated" in message or "ran out of input" in message.lower():
@@ -650,7 +662,9 @@ def check(tensors: Mapping, origin: str) -> None:
         try:
             tensor.check()
         except Corrupt as e:
-            raise AnalyzeError(f"{origin} is not a valid PyTorch file (tensor {name!r}: {e})") from None
+            raise AnalyzeError(
+                f"{origin} is not a valid PyTorch file (tensor {name!r}: {e})"
+            ) from None
 
 
 class _MapFile(io.RawIOBase):

@@ -322,9 +322,14 @@ def summary_table(secs) -> str:
                  met(all(float(g[10]) <= float(g[11]) for g in ns))])
     for m in models(secs):
         f, w = floor(m), weightwatcher(m)
-        rows.append([f"{m['name']}: ≥ {w['target']:g}× WeightWatcher `analyze()`",
-                     f"{x(w['ratio'])} ({rounds(w['rounds'])}): {w['best']:g} s vs {m['analyze']:g} s; "
-                     f"ceiling {x(w['ceiling'])}", met(w["ratio"] >= w["target"])])
+        rows.append(
+            [
+                f"{m['name']}: ≥ {w['target']:g}× WeightWatcher `analyze()`",
+                f"{x(w['ratio'])} ({rounds(w['rounds'])}): {w['best']:g} s vs {m['analyze']:g} s; "
+                f"ceiling {x(w['ceiling'])}",
+                met(w["ratio"] >= w["target"]),
+            ]
+        )
         rows.append([f"{m['name']}: ≤ {f['target']:g}× the floor (ideal 2-thread)",
                      f"{x(f['ratio'])} ({f['rounds']}); in CPU seconds {x(f['cpu_ratio'])}",
                      met(f["ratio"] <= f["target"])])
