@@ -20,7 +20,7 @@ All matrices are float64 in Fortran order; a C-ordered symmetric array is its ow
 """
 import ctypes
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -163,7 +163,7 @@ def _check(name: str, info) -> None:
         raise RuntimeError(f"LAPACK {name} failed (info {info.value})")
 
 
-_CACHE = {}
+_CACHE: Dict[str, Optional[Lapack]] = {}
 
 
 def backend() -> Optional[Lapack]:

@@ -64,7 +64,8 @@ class Aggregate:
 
 def below(r: MatrixRecord, log10_threshold: float) -> bool:
     """Whether record ``r``'s nu_min is under 10**log10_threshold (exact zeros included)."""
-    return r.sv_min is not None and (r.sv_min == 0.0 or r.log10_sv_min < log10_threshold)
+    return r.sv_min is not None and (
+        r.sv_min == 0.0 or (r.log10_sv_min is not None and r.log10_sv_min < log10_threshold))
 
 
 def model_aggregate(model: str, records: Sequence[MatrixRecord],
@@ -72,14 +73,16 @@ def model_aggregate(model: str, records: Sequence[MatrixRecord],
     with_sv = [r for r in records if r.sv_min is not None]
     n_below = sum(below(r, log10_threshold) for r in with_sv)
     alphas = np.array([r.alpha for r in records if r.alpha is not None and math.isfinite(r.alpha)])
-    stats: List[Optional[float]] = [None] * 6
+    stats: Dict[str, Optional[float]] = dict.fromkeys(
+        ("alpha_mean", "alpha_median", "alpha_q1", "alpha_q3", "alpha_min", "alpha_max"))
     if alphas.size:
         q1, med, q3 = np.percentile(alphas, [25, 50, 75])
-        stats = [float(alphas.mean()), float(med), float(q1), float(q3),
-                 float(alphas.min()), float(alphas.max())]
+        stats = dict(alpha_mean=float(alphas.mean()), alpha_median=float(med),
+                     alpha_q1=float(q1), alpha_q3=float(q3), alpha_min=float(alphas.min()),
+                     alpha_max=float(alphas.max()))
     traps = _values(records, "num_traps")
     return ModelAggregate(model, len(records), len(with_sv), n_below,
-                          n_below / len(with_sv) if with_sv else None, int(alphas.size), *stats,
+                          n_below / len(with_sv) if with_sv else None, int(alphas.size), **stats,
                           num_spikes=_total(_values(records, "num_spikes")),
                           mp_softrank_mean=_mean(_values(records, "mp_softrank")),
                           entropy_mean=_mean(_values(records, "entropy")),

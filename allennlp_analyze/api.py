@@ -10,7 +10,7 @@ import os
 from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -73,9 +73,7 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     source's records as soon as the source is complete; with ``resume`` the sources already
     complete in it are taken from it instead of being analyzed again.
     """
-    if opener is None:
-        from .sources import open_source as opener
-
+    open_fn = opener if opener is not None else _default_opener()
     options = options_from(options, option_kwargs)
     if on_error not in ("raise", "collect"):
         raise ValueError("on_error must be 'raise' or 'collect'")
@@ -97,19 +95,19 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
             stack.enter_context(Journal(journal, options, resume, checkpoint_key))
         todo = []
         for i, name in enumerate(names):
-            done = None if log is None else log.take(name)
+            done = None if log is None or name is None else log.take(name)
             if done is None:
                 todo.append(i)
             else:
                 empty = [np.zeros(0) for _ in done[1]]
                 results[i] = SourceResult(done[0], done[1], empty, empty)
         if executor is None:
-            outcomes = _run_here(sources, todo, options, opener=opener, cache_dir=cache_dir,
+            outcomes = _run_here(sources, todo, options, opener=open_fn, cache_dir=cache_dir,
                                  progress=progress, checkpoint_key=checkpoint_key)
         else:
             from .tasks import run_tasks
 
-            outcomes = run_tasks(executor, sources, todo, options, opener=opener,
+            outcomes = run_tasks(executor, sources, todo, options, opener=open_fn,
                                  cache_dir=cache_dir, progress=progress,
                                  checkpoint_key=checkpoint_key, keep_spectra=keep_spectra)
         for i, outcome in stack.enter_context(contextlib.closing(outcomes)):
@@ -169,7 +167,7 @@ def _assemble(results: List[Optional[SourceResult]], errors: List[str], options:
                     sources=infos)
 
 
-def options_from(options: Optional[AnalysisOptions], option_kwargs: Dict[str, object]
+def options_from(options: Optional[AnalysisOptions], option_kwargs: Dict[str, Any]
                  ) -> AnalysisOptions:
     """``options``, or the options named by keyword (not both)."""
     if options is None:
@@ -188,8 +186,7 @@ def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
     made unique; returns the labels of the sources done, the errors collected (with
     ``on_error="collect"``; ``"raise"`` raises the first :class:`AnalyzeError`) and the
     sources' notes (e.g. which part of a nested checkpoint was read)."""
-    if opener is None:
-        from .sources import open_source as opener
+    open_fn = opener if opener is not None else _default_opener()
     if on_error not in ("raise", "collect"):
         raise ValueError("on_error must be 'raise' or 'collect'")
     labels: List[str] = []
@@ -197,7 +194,7 @@ def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
     notes: List[str] = []
     for spec in sources:
         try:
-            source = open_one(spec, opener, cache_dir=cache_dir, progress=progress,
+            source = open_one(spec, open_fn, cache_dir=cache_dir, progress=progress,
                               checkpoint_key=checkpoint_key)
             label = _unique(escape(source.label), labels)  # a display name: one line
             fn(source, label)
@@ -207,10 +204,18 @@ def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
             errors.append(str(e))
             continue
         labels.append(label)
-        if getattr(source, "note", None):
-            notes.append(f"{label}: {source.note}")
+        note = getattr(source, "note", None)
+        if note:
+            notes.append(f"{label}: {note}")
         del source
     return labels, errors, notes
+
+
+def _default_opener() -> Callable[..., WeightSource]:
+    """:func:`allennlp_analyze.sources.open_source` (imported when first needed)."""
+    from .sources import open_source
+
+    return open_source
 
 
 def open_one(spec, opener: Callable[..., WeightSource], **kwargs) -> WeightSource:

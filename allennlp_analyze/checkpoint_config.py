@@ -173,7 +173,7 @@ def _hugging_face(config: Mapping, tensors: Sequence[TensorInfo]) -> Dict[str, T
     count: Dict[Tuple[int, ...], int] = {}
     for t in tensors:
         count[t.shape] = count.get(t.shape, 0) + 1
-    found = {}
+    found: Dict[str, Tuple[str, Tuple[Tuple[str, int], ...]]] = {}
     for t in tensors:
         prefix, _, param = t.name.rpartition(".")
         bias = f"{prefix}.bias" if prefix else "bias"

@@ -211,6 +211,8 @@ def _check_header(path: Path, header: Dict, ours: Dict[str, object]) -> None:
 
 
 def _source_info(path: Path, i: int, d: object) -> SourceInfo:
+    if not isinstance(d, dict):
+        raise _damaged(path, i, "a malformed end line")
     try:
         info = SourceInfo(**d)
     except TypeError:

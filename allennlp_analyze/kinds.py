@@ -142,7 +142,12 @@ def _by_module(t: TensorInfo):
     if kind == "attention":
         return kind, "module", t.parts or _thirds(t, param == "in_proj_weight"), None
     if kind == "recurrent":
-        return kind, "module", t.parts or _equal_parts(t, _GATES_OF_TYPE[t.module_type]), None
+        return (
+            kind,
+            "module",
+            t.parts or _equal_parts(t, _GATES_OF_TYPE.get(t.module_type or "")),
+            None,
+        )
     if kind == "linear" and t.parts:  # a Linear whose module computes q, k, v with it at once
         return "attention", "module", t.parts, None
     return kind, "module", t.parts, t.module_type if kind == "tensor" else None
@@ -272,5 +277,6 @@ def _module_type(t: TensorInfo, kind: str, gates: Optional[int]) -> Optional[str
         return "MultiheadAttention"
     m = _RECURRENT.search(t.name)
     if kind == "recurrent" and m and m.group(2):  # a layer (weight_ih_l0), not a cell
-        return {4: "LSTM", 3: "GRU"}.get(gates, "RNN")
+        layers: Dict[Optional[int], str] = {4: "LSTM", 3: "GRU"}
+        return layers.get(gates, "RNN")
     return None

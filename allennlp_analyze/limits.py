@@ -30,15 +30,23 @@ import math
 import os
 import re
 import stat
+from types import ModuleType
 from typing import Callable, Optional, Tuple, TypeVar
 
 from .errors import AnalyzeError
 from .spectrum import working_memory
 
-try:
-    import resource
-except ImportError:  # pragma: no cover - not on Windows
-    resource = None
+
+def _resource_module() -> Optional[ModuleType]:
+    """The ``resource`` module (rlimits), None where the platform lacks it (Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    return resource
+
+
+resource = _resource_module()
 
 ENV_CONNECT_TIMEOUT = "ALLENNLP_ANALYZE_CONNECT_TIMEOUT"
 ENV_READ_TIMEOUT = "ALLENNLP_ANALYZE_READ_TIMEOUT"
@@ -62,10 +70,11 @@ T = TypeVar("T")
 _SUFFIX = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def _setting(name: str, default: T, parse: Callable[[str], T], what: str) -> T:
+def _setting(name: str, default: T, parse: Callable[[str], Optional[T]], what: str) -> T:
     text = os.environ.get(name, "").strip()
     if not text:
         return default
+    value: Optional[T]
     try:
         value = parse(text)
     except ValueError:
@@ -200,13 +209,13 @@ def available_memory() -> Tuple[Optional[int], str]:
     room = _cgroup_room()
     if room is not None:
         found.append((room, "the memory cgroup's limit"))
-    rlimits = () if resource is None else ((resource.RLIMIT_AS, "VmSize", "ulimit -v"),
-                                           (resource.RLIMIT_DATA, "VmData", "ulimit -d"))
-    for limit_name, field, what in rlimits:
-        soft = resource.getrlimit(limit_name)[0]
-        if soft != resource.RLIM_INFINITY:
-            used = _proc_status_kb(field) or 0
-            found.append((max(0, soft - used), f"the process limit ({what})"))
+    if resource is not None:
+        for limit_name, field, what in ((resource.RLIMIT_AS, "VmSize", "ulimit -v"),
+                                         (resource.RLIMIT_DATA, "VmData", "ulimit -d")):
+            soft = resource.getrlimit(limit_name)[0]
+            if soft != resource.RLIM_INFINITY:
+                used = _proc_status_kb(field) or 0
+                found.append((max(0, soft - used), f"the process limit ({what})"))
     if not found:
         return None, ""
     return min(found)

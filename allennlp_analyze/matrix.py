@@ -6,7 +6,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .noise_floor import StorageNoise
 from .options import AnalysisOptions
 from .powerlaw_fit import fit_power_law
 from .records import WIDE_DTYPES, MatrixRecord, criterion_for, roundoff_criterion
@@ -42,24 +41,26 @@ def analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optional
     oriented shape, their spectra computed by stacked calls (same results as one by one).
     The storage rounding is accumulated from the row blocks the spectrum reads (no pass of its
     own); ``parallel`` runs a matrix's independent Gram panels (``spectrum.Parallel``)."""
-    prepared = [_prepare(W, options, *rest) for W, *rest in items]
+    prepared = [_prepare(W, options, name, dtype, model, module_type, part)
+                for W, name, dtype, model, module_type, part in items]
     specs = singular_values_many([W for _, W in prepared],
                                  [DTYPE_EPS[rec.dtype] for rec, _ in prepared],
                                  loose_tol=options.loose_tol, method=options.method,
                                  device=options.device, parallel=parallel,
                                  noise_dtypes=[rec.dtype for rec, _ in prepared])
     results = []
-    for (rec, _), spec in zip(prepared, specs):
+    done: List[Tuple[int, Spectrum]] = []
+    for i, ((rec, _), spec) in enumerate(zip(prepared, specs)):
         if spec is None:
             rec.status = "nonfinite"
             results.append((rec, np.zeros(0)))
         else:
-            results.append(_finish(rec, spec, spec.noise, options))
-    todo = [i for i, spec in enumerate(specs) if spec is not None]
+            results.append(_finish(rec, spec, options))
+            done.append((i, spec))
     rand = [np.zeros(0)] * len(results)
     if options.randomize:
-        for i, sv in zip(todo, _randomize([prepared[i] for i in todo],
-                                          [specs[i] for i in todo], options)):
+        for (i, _), sv in zip(done, _randomize([prepared[i] for i, _ in done],
+                                               [spec for _, spec in done], options)):
             rand[i] = sv
     return [(rec, sv, r) for (rec, sv), r in zip(results, rand)]
 
@@ -102,18 +103,22 @@ def _eps_ranks(rec: MatrixRecord, spec: Spectrum, bound: float
     for c in ranks:
         if c in at_max:
             ranks[c] = None
-        elif certain is not None and ranks[c] < certain:
+        elif certain is not None and (rank := ranks[c]) is not None and rank < certain:
             reasons.append(f"{c} tolerance ({getattr(tol, c) / sv[0]:.2g} of sv_max) calls "
-                           f"{certain - ranks[c]} values above the {rec.dtype} rounding-error "
+                           f"{certain - rank} values above the {rec.dtype} rounding-error "
                            f"bound ({bound / sv[0]:.2g} of sv_max) noise")
             ranks[c] = None
     note = "; ".join(reasons) + ": no rank" if reasons else None
     return ranks["numpy"], ranks["nr"], note
 
 
-def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: AnalysisOptions
+def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
             ) -> Tuple[MatrixRecord, np.ndarray]:
-    """Fill the record from the spectrum and the noise floor: ranks, norms, the power-law fit."""
+    """Fill the record from the spectrum and its noise floor (``spec.noise``: the spectrum is
+    computed with its storage dtype): ranks, norms, the power-law fit."""
+    noise = spec.noise
+    if noise is None:
+        raise ValueError("the spectrum was computed without its storage noise (noise_dtypes)")
     M = rec.M
     sv, tol = spec.sv, spec.tolerances
     rec.method = spec.method
@@ -149,7 +154,7 @@ def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: Ana
     rec.mp_sigma2, rec.lambda_plus = (_eigenvalue_units(x, spec.exponent)
                                       for x in (bulk.sigma2, bulk.lambda_plus))
     rec.num_spikes, rec.mp_softrank = bulk.num_spikes, bulk.softrank
-    rec.entropy = matrix_entropy(unit, rec.rank(roundoff))
+    rec.entropy = matrix_entropy(unit, spec.rank(getattr(tol, roundoff)))
     fit = fit_power_law(fitted, xmax=lam_max if options.fit_xmax == "max" else None)
     if fit is None:
         rec.status = "too_few_eigenvalues"
@@ -186,6 +191,8 @@ def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spec
         method=options.method, device=options.device, noise_dtypes=dtypes)
     out = [np.zeros(0)] * len(prepared)
     for j, rand in zip(keep, rand_specs):
+        if rand is None:  # a permutation of finite values is finite
+            raise ValueError(f"{prepared[j][0].name}: the permuted matrix is not finite")
         rec = prepared[j][0]
         fit = mp_bulk_fit(rand.unit_sv, rec.N, rec.M)
         rec.rand_sv_max = float(rand.sv[0])

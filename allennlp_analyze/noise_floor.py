@@ -90,9 +90,11 @@ FORMATS: Dict[str, StorageFormat] = {f.name: f for f in (
 
 #: Exponent-field masks of the arrays we may hold stored values in (the values of every narrower
 #: format are normal numbers of float32, which holds them exactly).
-_EXPONENT_MASK = {np.dtype(np.float64): np.uint64(0x7FF0000000000000),
-                  np.dtype(np.float32): np.uint32(0x7F800000),
-                  np.dtype(np.float16): np.uint16(0x7C00)}
+_EXPONENT_MASK: Dict[np.dtype, np.unsignedinteger] = {
+    np.dtype(np.float64): np.uint64(0x7FF0000000000000),
+    np.dtype(np.float32): np.uint32(0x7F800000),
+    np.dtype(np.float16): np.uint16(0x7C00),
+}
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,8 @@ def sanitize(text: str, max_len: int = 120) -> str:
 def figure_names(records: Sequence[MatrixRecord], several_models: bool) -> List[str]:
     """Stable, unique (also case-insensitively) file names, one per record, in record order."""
     seen, names = set(), []
-    next_k = {}  # per base, where the search for a free "-k" resumes (else quadratic in twins)
+    # per base, where the search for a free "-k" resumes (else quadratic in twins)
+    next_k: Dict[str, int] = {}
     for r in records:
         base = sanitize(r.name)
         if several_models:

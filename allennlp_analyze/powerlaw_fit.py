@@ -24,7 +24,7 @@ from broadcasting on a grid of tail points, which bounds every D_k from below; c
 bound exceeds an exactly evaluated D are dropped, and the grid is refined for the rest.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -80,7 +80,7 @@ def fit_power_law(values: np.ndarray, xmax: Optional[float] = None) -> Optional[
     # every log difference below then carries an error small against the tail's own spread.
     y = _log_ratio(x, x[-1])
     alphas = _candidate_alphas(y, cand_first)
-    exact = {}
+    exact: Dict[int, float] = {}
     rows = None
     if xmax is not None:
         # powerlaw 1.5 fits bounded tails by Nelder-Mead from the closed form, which leaves it

@@ -9,7 +9,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from statistics import mean, median
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .spectrum import relative_tolerances
 from .tensors import DTYPE_EPS
@@ -151,7 +151,7 @@ class MatrixRecord:
                 for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: Dict[str, object]) -> "MatrixRecord":
+    def from_dict(cls, d: Mapping[str, Any]) -> "MatrixRecord":
         """The record that :meth:`to_dict` wrote: ``shape`` a tuple again, and the non-finite
         values it can hold restored from their nulls (``log10_sv_min`` = -inf where
         ``sv_min`` is 0, ``Q`` = inf where ``M`` is 0)."""
@@ -224,7 +224,8 @@ def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
               errors: List[str], notes: Sequence[str] = ()) -> Summary:
     """Aggregate ``records`` (any number of models) into a :class:`Summary`."""
     with_sv = [r for r in records if r.sv_min is not None]
-    smallest = min(with_sv, key=lambda r: r.sv_min, default=None)
+    smallest = min(((r.sv_min, r) for r in records if r.sv_min is not None),
+                   key=lambda pair: pair[0], default=None)
     alphas = [r.alpha for r in records if r.alpha is not None]
     label = (lambda r: f"{r.model}:{r.name}") if len(models) > 1 else (lambda r: r.name)
     names = {c: [label(r) for r in records if r.collapsed(c)] for c in CRITERION_CHOICES}
@@ -235,8 +236,8 @@ def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
         status=dict(Counter(r.status for r in records)),
         collapsed={c: len(v) for c, v in names.items()},
         collapsed_names=names,
-        sv_min=None if smallest is None else smallest.sv_min,
-        sv_min_name=None if smallest is None else label(smallest),
+        sv_min=None if smallest is None else smallest[0],
+        sv_min_name=None if smallest is None else label(smallest[1]),
         alpha_mean=mean(alphas) if alphas else None,
         alpha_median=median(alphas) if alphas else None,
         fitted=len(alphas),

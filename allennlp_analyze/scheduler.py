@@ -50,9 +50,10 @@ class Cores:
 
     def lend(self, tasks: List[Callable[[], None]]) -> None:
         """Run independent ``tasks``, on as many free cores as there are (this thread too)."""
+        pool = self._pool
         with self._lock:
             busy = self.running if self.drained else self.workers
-            n = max(0, min(self.cores - busy - self.lent, len(tasks) - 1)) if self._pool else 0
+            n = max(0, min(self.cores - busy - self.lent, len(tasks) - 1)) if pool else 0
             self.lent += n
         pending = iter(tasks)
         lock = threading.Lock()
@@ -65,7 +66,7 @@ class Cores:
                     return
                 task()
 
-        helpers = [self._pool.submit(drain) for _ in range(n)]
+        helpers = [pool.submit(drain) for _ in range(n)] if pool is not None else []
         try:
             drain()
         finally:

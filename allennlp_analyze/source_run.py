@@ -6,7 +6,7 @@ matrix read once and analyzed, largest first, on the scheduler's workers
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Collection, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Collection, Dict, Generator, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         loaded_name, loaded, not_weight = None, None, None
         for i in _largest_first(plans):
             p = plans[i]
-            if p.param != loaded_name:
+            if loaded is None or p.param != loaded_name:
                 loaded_name, loaded = p.param, load(p.param)
                 not_weight = value_kind(loaded)
             if not_weight:
@@ -113,10 +113,10 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     if workers == 1:
         release_scratch()
     records, spectra = [], []
-    for result in done:
-        if result is None:  # left out by its values
+    for entry in done:
+        if entry is None:  # left out by its values
             continue
-        rec, sv, rand_sv = result
+        rec, sv, rand_sv = entry
         records.append(rec)
         spectra.append(sv)
         if rand_spectra is not None:
@@ -167,7 +167,7 @@ class SourceResult:
 
 #: What running the sources gives, source by source: (index of the source, its result or why
 #: it failed), in the order they finish.
-Outcomes = Iterator[Tuple[int, Union[SourceResult, Exception]]]
+Outcomes = Generator[Tuple[int, Union[SourceResult, Exception]], None, None]
 
 
 def one_source(source: WeightSource, options: AnalysisOptions, progress: Optional[bool] = False,

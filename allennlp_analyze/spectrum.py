@@ -93,7 +93,7 @@ where ``eps`` is the machine epsilon of the dtype the weights were *stored* in (
 import threading
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -262,7 +262,7 @@ class _Rows:
         self.whole: Optional[np.ndarray] = None
         self.checked = scan or np.dtype(getattr(W, "dtype", np.float64)).itemsize > 4
         self._noise = None if noise_dtype is None else NoiseAccumulator(noise_dtype, self.M)
-        self._fed = set()
+        self._fed: Set[int] = set()
         if len(self.bounds) <= 1:
             self.whole = self._widened(0, self.N, "w", scale=False, feed=not self.checked)
         if not self.checked:
@@ -513,9 +513,11 @@ def _exact(rows: _Rows) -> np.ndarray:
     """The SVD path: values of the (scaled) W, through a blocked QR for several blocks."""
     if rows.whole is not None:
         return np.linalg.svd(rows.whole, compute_uv=False)
-    R = None
+    R: Optional[np.ndarray] = None
     for _, _, blk in rows.blocks():
         R = np.linalg.qr(blk if R is None else np.vstack([R, blk]), mode="r")
+    if R is None:
+        raise ValueError("a matrix without rows has no SVD")
     return np.linalg.svd(R, compute_uv=False)
 
 

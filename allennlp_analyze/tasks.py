@@ -175,7 +175,7 @@ def run_tasks(executor: Executor, sources: Sequence, todo: List[int], options: A
             future.cancel()
 
 
-def _result(future: Future, spec) -> object:
+def _result(future: Future, spec) -> "Union[SourceResult, _Parts, AnalyzeError]":
     """A task's answer; a task that raised (a worker lost for good, a package missing on a
     worker) is its source's :class:`AnalyzeError`, its cause chained."""
     try:
@@ -196,15 +196,16 @@ def _joined(how: _Parts, answers: List[Union[SourceResult, AnalyzeError]]
     for answer in answers:
         if isinstance(answer, AnalyzeError):
             return answer
+    done = [a for a in answers if isinstance(a, SourceResult)]
     skipped = Counter(how.skipped)
-    for answer in answers:
+    for answer in done:
         for reason, n in answer.info.skipped.items():
             if n > how.skipped.get(reason, 0):
                 skipped[reason] += n - how.skipped.get(reason, 0)
-    records = [r for a in answers for r in a.records]
+    records = [r for a in done for r in a.records]
     info = SourceInfo(None, how.label, how.label, len(records), dict(skipped), how.note)
-    return SourceResult(info, records, [sv for a in answers for sv in a.spectra],
-                        [sv for a in answers for sv in a.rand_spectra])
+    return SourceResult(info, records, [sv for a in done for sv in a.spectra],
+                        [sv for a in done for sv in a.rand_spectra])
 
 
 def _task_spec(spec) -> str:

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from .. import limits
 from ..errors import AnalyzeError, escape, one_line
@@ -83,7 +83,7 @@ def open_model_source(spec: str, *, weights_file: Optional[str] = None, override
         )
         if not buildable:
             return open_path(weights_file or path, label=label, checkpoint_key=checkpoint_key)
-        notes = []
+        notes: List[str] = []
         try:
             model = build_model(path, weights_file=weights_file, overrides=overrides,
                                 cuda_device=cuda_device, checkpoint_key=checkpoint_key,

@@ -116,7 +116,7 @@ def collect(root: Any, is_tensor: Callable[[Any], bool], origin: str
         seen.add(id(node))
         if len(path) >= MAX_DEPTH:
             raise AnalyzeError(f"{origin} is nested more than {MAX_DEPTH} levels deep")
-        here = _module_type(node) if _is_module(node) else None
+        here = _module_type(node) if isinstance(node, Inert) and _is_module(node) else None
         kids = [(path + (seg,), child, here) for seg, child in _children(node)]
         stack.extend(reversed(kids))
     return found
@@ -190,7 +190,8 @@ def find_weights(root: Any, origin: str, is_tensor: Callable[[Any], bool],
             break  # below the top, descend only into a part that holds all its tensors
         path += (holding[0],)
         node = node[holding[0]]
-    chosen, left = [], Counter()
+    chosen: List[Tuple[Path, Any, Optional[str]]] = []
+    left: Counter = Counter()
     for p, tensor, owner in entries:
         rel = p[len(path):]
         cut = _ignored_at(rel) if p[:len(path)] == path else None

@@ -15,7 +15,7 @@ from ..tensors import TensorInfo
 from ._common import TensorDictSource, is_torch_tensor
 
 
-def layer_type(cls) -> str:
+def layer_type(cls: type) -> str:
     """The name of the standard ``torch.nn`` layer a module class is (``Linear`` for
     ``NonDynamicallyQuantizableLinear`` or a user's ``class MyLinear(nn.Linear)``), else the
     class's own name."""
@@ -45,7 +45,7 @@ def fused_parts(module) -> Dict[str, Tuple[Tuple[str, int], ...]]:
     """``{weight name: ((part, rows), ...)}`` of the fused projections whose modules say how they
     split: AllenNLP's ``MultiHeadSelfAttention`` (0.x) computes q, k, v with one Linear,
     ``_combined_projection``, of ``2 * _attention_dim + _values_dim`` outputs, in that order."""
-    found = {}
+    found: Dict[str, Tuple[Tuple[str, int], ...]] = {}
     for prefix, sub in module.named_modules():
         proj = getattr(sub, "_combined_projection", None)
         a, v = getattr(sub, "_attention_dim", None), getattr(sub, "_values_dim", None)

@@ -13,7 +13,7 @@ import os
 import zipfile
 from math import prod
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Literal, Optional, Tuple, Union
 
 import numpy as np
 
@@ -66,8 +66,10 @@ def _check_size(array: _Array, available: int, origin: str) -> None:
 
 def _read(array: _Array, zf: Optional[zipfile.ZipFile]) -> np.ndarray:
     """The array in native byte order; a read-only view of the file where it is aligned."""
-    order = "F" if array.fortran else "C"
+    order: Literal["C", "F"] = "F" if array.fortran else "C"
     if array.buffer is None:
+        if zf is None:
+            raise ValueError(f"{array.member}: a zip member is read through its zip file")
         with zf.open(array.member) as f:
             f.seek(array.start)
             data = f.read(array.nbytes)

@@ -48,7 +48,7 @@ def _float8_table(exp_bits: int, man_bits: int, bias: int, ieee: bool,
 
 
 # safetensors dtype -> (numpy storage dtype, reported dtype name)
-_DTYPES = {
+_DTYPES: Dict[str, Tuple[np.dtype, str]] = {
     "F64": (np.dtype("<f8"), "float64"),
     "F32": (np.dtype("<f4"), "float32"),
     "F16": (np.dtype("<f2"), "float16"),
@@ -67,9 +67,10 @@ _DTYPES = {
 }
 #: The float8 codes that :func:`widen` decodes -> ``_float8_table`` arguments; the FNUZ ones
 #: are torch's (no safetensors dtype), for torch files.
-_FLOAT8_FORMATS = {"F8_E4M3": (4, 3, 7, False), "F8_E5M2": (5, 2, 15, True),
-                   "F8_E4M3FNUZ": (4, 3, 8, False, True), "F8_E5M2FNUZ": (5, 2, 16, False, True)}
-_FLOAT8 = {}
+_FLOAT8_FORMATS: Dict[str, Tuple[int, int, int, bool, bool]] = {
+    "F8_E4M3": (4, 3, 7, False, False), "F8_E5M2": (5, 2, 15, True, False),
+    "F8_E4M3FNUZ": (4, 3, 8, False, True), "F8_E5M2FNUZ": (5, 2, 16, False, True)}
+_FLOAT8: Dict[str, np.ndarray] = {}
 
 
 def widen(raw: np.ndarray, st_dtype: str) -> np.ndarray:

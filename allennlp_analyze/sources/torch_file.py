@@ -100,11 +100,11 @@ class ShardedTorchSource:
                 )
 
     def _shard(self, shard: str) -> TorchFileSource:
-        if self._current != shard:
-            path = self.index_path.parent / shard
-            self._current_source = TorchFileSource(path)
-            self._current = shard
-        return self._current_source
+        source = self._current_source
+        if source is None or self._current != shard:
+            source = TorchFileSource(self.index_path.parent / shard)
+            self._current_source, self._current = source, shard
+        return source
 
     def tensors(self) -> Sequence[TensorInfo]:
         if self._infos is None:

@@ -37,12 +37,17 @@ class Inert:
 
     __slots__ = ("args", "kwargs", "state", "items", "entries")
     global_name = "?"
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    state: Any
+    items: List[Any]
+    entries: List[Tuple[Any, Any]]
 
     def __new__(cls, *args, **kwargs):
         self = object.__new__(cls)
         self.args, self.kwargs, self.state = args, kwargs, None
-        self.items: List[Any] = []
-        self.entries: List[Tuple[Any, Any]] = []
+        self.items = []
+        self.entries = []
         return self
 
     def __call__(self, *args, **kwargs):
@@ -127,8 +132,12 @@ class _Unpickler(pickle.Unpickler):
         self._known = known
         self._classes: Dict[str, type] = {}
         self.inert: Set[str] = set()
-        if persistent_load is not None:
-            self.persistent_load = persistent_load
+        self._persistent_load = persistent_load
+
+    def persistent_load(self, pid):
+        if self._persistent_load is None:  # as pickle.Unpickler without one
+            raise pickle.UnpicklingError("a persistent id, but no persistent_load function")
+        return self._persistent_load(pid)
 
     def find_class(self, module, name):
         if not (isinstance(module, str) and isinstance(name, str)):
