@@ -44,6 +44,6 @@ docs: venv
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 lint: venv
-	$(VENV)/bin/ruff check allennlp_analyze
+	$(VENV)/bin/ruff check allennlp_analyze docs/hooks
 	$(VENV)/bin/ruff format --check allennlp_analyze
 	$(VENV)/bin/mypy

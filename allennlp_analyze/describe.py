@@ -125,7 +125,7 @@ def decision_text(d: Decision) -> str:
         elif d.plans[0].position is not None:
             said.append(f"analyzed as {len(d.plans)} slices of {size} (kernel positions)")
         elif len(shapes) == 1:
-            parts = ", ".join(p.part for p in d.plans)
+            parts = ", ".join(p.part or "" for p in d.plans)
             said.append(f"analyzed as {len(d.plans)} matrices of {size} [{parts}]")
         else:
             said.append("analyzed as " + ", ".join(
@@ -174,7 +174,7 @@ def _write_table(description: Description, out: IO[str]) -> None:
     out.write(f"Described: {s['tensors']} tensors in {models}; {s['matrices']} matrices would be "
               "analyzed\n")
     for by in ("kind", "kind_from"):
-        counts = ", ".join(f"{k} {n}" for k, n in s[by].items())
+        counts = ", ".join(f"{k} {n}" for k, n in description.counts(by).items())
         out.write(f"  tensors by {by}: {counts}\n")
     for err in description.errors:
         out.write(f"  ERROR: {escape(err)}\n")

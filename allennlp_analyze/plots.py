@@ -186,7 +186,7 @@ def esd_figure(record: MatrixRecord, sv: np.ndarray, title: Optional[str] = None
         ax.stairs(lcounts / (M * np.diff(np.log10(ledges))), ledges, fill=True, alpha=0.55,
                   color=_COLORS[0], label=f"ESD ({pos.size} positive λ"
                                           + (f"; {n_zero} zeros not shown)" if n_zero else ")"))
-        if rand_pos is not None:
+        if rand is not None and rand_pos is not None:
             rcounts, _ = np.histogram(rand_pos, ledges)
             ax.stairs(rcounts / (rand.size * np.diff(np.log10(ledges))), ledges,
                       color=_COLORS[1], lw=1.5, label="W randomized")

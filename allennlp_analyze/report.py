@@ -61,8 +61,9 @@ def write_csv(analysis: Analysis, out: IO[str]) -> None:
     ``NxM``, missing values empty, names escaped as in the table (:func:`~.errors.escape`)."""
     writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")
     writer.writeheader()
-    for d in analysis.to_dicts():
-        d["shape"] = "x".join(map(str, d["shape"]))
+    for rec in analysis.records:
+        d = rec.to_dict()
+        d["shape"] = "x".join(map(str, rec.shape))
         writer.writerow({k: ("" if v is None else escape(v) if isinstance(v, str) else v)
                          for k, v in d.items()})
 

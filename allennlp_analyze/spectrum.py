@@ -515,7 +515,8 @@ def _exact(rows: _Rows) -> np.ndarray:
         return np.linalg.svd(rows.whole, compute_uv=False)
     R: Optional[np.ndarray] = None
     for _, _, blk in rows.blocks():
-        R = np.linalg.qr(blk if R is None else np.vstack([R, blk]), mode="r")
+        # numpy's stubs type qr() as QRResult whatever the mode; mode="r" returns R alone
+        R = np.linalg.qr(blk if R is None else np.vstack([R, blk]), mode="r")  # type: ignore[assignment]
     if R is None:
         raise ValueError("a matrix without rows has no SVD")
     return np.linalg.svd(R, compute_uv=False)

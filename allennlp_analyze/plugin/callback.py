@@ -87,7 +87,7 @@ class WeightAnalysisCallback(TrainerCallback):
 
     def on_batch(self, trainer, batch_inputs, batch_outputs, batch_metrics, epoch: int,
                  batch_number: int, is_training: bool, is_primary: bool = True,
-                 **kwargs) -> None:
+                 batch_grad_norm: Optional[float] = None, **kwargs) -> None:
         self._handle(self.monitor.poll())
 
     def on_epoch(self, trainer, metrics: Dict[str, Any], epoch: int, is_primary: bool = True,
@@ -188,7 +188,12 @@ def _constructor_signature() -> inspect.Signature:
     as_list = {"match", "exclude", "include"}
     extra = []
     for f in fields(AnalysisOptions):
-        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.default is not MISSING:
+            default = f.default
+        elif callable(f.default_factory):
+            default = f.default_factory()
+        else:
+            raise TypeError(f"AnalysisOptions.{f.name} has no default")
         annotation = List[str] if f.name in as_list else f.type
         if f.name in as_list:
             default = list(default)

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 from .. import limits
 from ..errors import AnalyzeError, escape, one_line
@@ -154,9 +154,11 @@ def _looks_like_archive(path: Path) -> bool:
     """Whether ``path`` is a file whose content is an archive's (the registry's sniffer)."""
     if not path.is_file():
         return False
-    archive = registry.get("archive")
+    sniff = registry.get("archive").sniff
+    if sniff is None:
+        return False
     try:
-        return archive.sniff(path, registry.read_head(path))
+        return sniff(path, registry.read_head(path))
     except (OSError, AnalyzeError):
         return False
 
@@ -173,6 +175,7 @@ def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: A
     check_cuda_device(cuda_device)
     if weights_file:
         check_weights_file(weights_file)
+    weights: Union[str, Path, None]
     with tempfile.TemporaryDirectory(prefix="allennlp-analyze-") as tmp:
         if local.is_dir():
             serialization_dir = local
@@ -182,6 +185,8 @@ def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: A
             contents = scan_archive(local, extract_to=Path(tmp))
             if contents.unsafe:
                 raise NotBuilt(f"unsafe archive member, not extracted: {contents.unsafe}")
+            if contents.folder is None or contents.weights is None:
+                raise NotBuilt("no weights.th / best.th")
             serialization_dir = contents.folder
             weights = weights_file or serialization_dir / member_parts(contents.weights)[-1]
         if weights is None:

@@ -19,7 +19,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import IO, Dict, List, Optional, Union
 
 from .. import limits
 from ..checkpoint_config import MAX_CONFIG_BYTES, parse_config
@@ -59,6 +59,14 @@ def _unsafe_reason(member: tarfile.TarInfo, parts: List[str]) -> Optional[str]:
     if not (member.isfile() or member.isdir()):
         return f"{member.name!r} is {_kind(member)}"
     return None
+
+
+def _member_file(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """The data of a regular-file member (``extractfile`` gives None for other kinds)."""
+    data = tar.extractfile(member)
+    if data is None:
+        raise AnalyzeError(f"{member.name} is {_kind(member)}, not a regular file")
+    return data
 
 
 def _is_model_file(parts: List[str]) -> bool:
@@ -120,7 +128,8 @@ def scan_archive(path: Path, extract_to: Optional[Path] = None) -> ArchiveConten
             with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
                 stream = _Bounded(gz, limits.expanded_limit(compressed), origin, compressed)
                 found = _Scan(origin, stream, extract_to)
-                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                # typeshed's fileobj protocol asks for write() and close() even to read a stream
+                with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
                     for member in tar:
                         found.member(tar, member)
                 # Read to the end of the gzip stream, so that its CRC and length are checked.
@@ -167,7 +176,9 @@ class _Scan:
         if self.count > limits.MAX_ARCHIVE_MEMBERS:
             raise AnalyzeError(f"{self.origin} holds more than {limits.MAX_ARCHIVE_MEMBERS} "
                                "members (not a model archive?)")
-        tar.members.clear()  # a stream needs no index: keep memory flat however many members
+        # a stream needs no index: keep memory flat however many members (``members``: the
+        # list TarFile appends every member to; typeshed does not declare it)
+        tar.members.clear()  # type: ignore[attr-defined]
         parts = member_parts(member.name)
         name = "/".join(parts)
         if self.unsafe is None:
@@ -191,13 +202,13 @@ class _Scan:
             self.weights[parts[-1]] = name
         if self.extract_to is not None:
             if self.unsafe is None and member.isfile() and (is_weights or _is_model_file(parts)):
-                self._extract(tar, member, parts)
+                self._extract(tar, member, parts, self.extract_to)
         elif is_weights and self._preferred(name):
             limits.check_memory(2 * member.size, f"reading {name} of {self.origin}")
-            self.data, self.data_member = tar.extractfile(member).read(), name
+            self.data, self.data_member = _member_file(tar, member).read(), name
         elif 0 < len(parts) <= 2 and parts[-1] == "config.json" and member.isfile() \
                 and member.size <= MAX_CONFIG_BYTES:
-            self.configs["/".join(parts[:-1])] = tar.extractfile(member).read()
+            self.configs["/".join(parts[:-1])] = _member_file(tar, member).read()
 
     def _preferred(self, name: str) -> bool:
         """Whether ``name`` beats the weights read so far (``weights.th`` over ``best.th``)."""
@@ -206,14 +217,15 @@ class _Scan:
         rank = ARCHIVE_WEIGHTS.index
         return rank(member_parts(name)[-1]) < rank(member_parts(self.data_member)[-1])
 
-    def _extract(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parts: List[str]) -> None:
+    def _extract(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parts: List[str],
+                 extract_to: Path) -> None:
         self.extracted += 1
         if self.extracted > limits.MAX_EXTRACTED_FILES:
             self.unsafe = f"more than {limits.MAX_EXTRACTED_FILES} model files"
             return
-        target = self.extract_to.joinpath(*parts)
+        target = extract_to.joinpath(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tar.extractfile(member) as src, open(target, "xb") as out:
+        with _member_file(tar, member) as src, open(target, "xb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
 
     def result(self) -> ArchiveContents:

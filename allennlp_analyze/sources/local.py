@@ -24,7 +24,8 @@ def open_path(path: Union[str, os.PathLike], label: Optional[str] = None,
     source = _open_path(Path(path), label, checkpoint_key)
     if getattr(source, "config", None) is None and not isinstance(source, ArchiveSource):
         p = Path(path)
-        source.config = load_config((p if p.is_dir() else p.parent) / "config.json")
+        config = load_config((p if p.is_dir() else p.parent) / "config.json")
+        setattr(source, "config", config)  # noqa: B010 - optional evidence, not in WeightSource
     return source
 
 

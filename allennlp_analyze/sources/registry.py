@@ -118,8 +118,9 @@ def read_head(path: Path) -> bytes:
 def by_content(path: Path, head: bytes) -> Optional[SourceFormat]:
     """The first format whose sniffer claims ``path`` (``head``: its first bytes), the
     ``sniff_last`` ones last; None where none does."""
-    ordered = sorted((f for f in FORMATS if f.sniff is not None), key=lambda f: f.sniff_last)
-    return next((f for f in ordered if f.sniff(path, head)), None)
+    ordered = sorted(((f, f.sniff) for f in FORMATS if f.sniff is not None),
+                     key=lambda pair: pair[0].sniff_last)
+    return next((f for f, sniff in ordered if sniff(path, head)), None)
 
 
 def expected() -> str:
