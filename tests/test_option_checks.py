@@ -66,7 +66,7 @@ def runs(tmp_path_factory):
     (tmp / "a_file").write_text("not a folder")
     cases = _cases(tmp)
     argvs = {}
-    for name, argv, fragment in cases:
+    for name, argv, _ in cases:
         argvs[(name, "source")] = [str(tmp / "nothere.safetensors"), *argv]
         if name in LIST_CASES:
             argvs[(name, "list")] = ["--sources-from", str(tmp / "nothere.txt"), *argv]
