@@ -11,13 +11,22 @@ Two kinds of ``config.json`` are read (as plain JSON data; nothing in them is ru
   encoders (``lstm``, ``gru``, ``rnn``, ``lstm_cell``: gates stacked), and AllenNLP's fused
   self-attention ``_combined_projection`` (rows: q and k of the attention size, then v of the
   values size) in ``multi_head_self_attention``, ``stacked_self_attention`` and
-  ``qanet_encoder`` (whose ``_conv_layers`` are convolutions), and the sinusoidal
-  ``_position.positional_encoding`` buffer of ``bidirectional_language_model_transformer``;
+  ``qanet_encoder`` (whose ``_conv_layers`` are convolutions), the sinusoidal
+  ``_position.positional_encoding`` buffer of ``bidirectional_language_model_transformer``, and
+  the layers some models build without a config section of their own: ``dialog_qa``'s marker
+  embeddings (``_question_num_marker``, ``_prev_ans_marker``), ``language_model``'s output
+  softmax (``softmax_w``: a Linear, even where it is held in an ``nn.Embedding`` for sparse
+  gradients; ``softmax_b``: its bias, a vector), ``crf_tagger``'s CRF ``transitions``, the
+  ``_weight_matrix`` of a ``bilinear`` attention and of ``biaffine_parser``'s arc attention
+  (matrices, with their module type);
 * a **Hugging Face** config (``model_type`` / ``architectures``): its table sizes
   (``vocab_size``, ``max_position_embeddings``, ``type_vocab_size``, ...) name the embedding
   tables: a 2-D ``weight`` without a bias whose shape is such a size by a width of the config
-  (``hidden_size``, ``embedding_size``, ``d_model``...) is one, when no other weight has that
-  shape (an untied LM head shares the input embedding's, and is left to the other evidence).
+  (``hidden_size``, ``embedding_size``, ``d_model``...) is one, unless its name says it is a
+  layer (an untied ``lm_head`` has the input embedding's shape: :func:`~.kinds.names_layer`) or
+  it sits in a numbered block (``layers.0.``: a vocabulary or position table is one per
+  model). The rule looks at the tensor alone, never at the others, so a shard read on its own
+  gets the kinds it gets in the whole checkpoint.
 
 Anything else (or a config that does not match the tensors) gives no evidence.
 """
@@ -27,10 +36,13 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import limits
 from .errors import AnalyzeError
-from .kinds import RNN_GATES
+from .kinds import RNN_GATES, names_layer
 from .tensors import TensorInfo
 
 Parts = Tuple[Tuple[str, int], ...]
+#: What the config says of one tensor: its kind, the parts of a fused weight, and the type of
+#: the module that holds it where the config implies one (else None).
+Configured = Tuple[str, Parts, Optional[str]]
 #: config.json files larger than this are not read (real ones are a few KiB).
 MAX_CONFIG_BYTES = 10_000_000
 
@@ -63,8 +75,9 @@ def load_config(path: Path) -> Optional[dict]:
 
 
 def config_kinds(config: Optional[Mapping], tensors: Sequence[TensorInfo]
-                 ) -> Dict[str, Tuple[str, Parts]]:
-    """``{tensor name: (kind, parts)}`` for the tensors ``config`` names."""
+                 ) -> Dict[str, Configured]:
+    """``{tensor name: (kind, parts, module type or None)}`` for the tensors ``config``
+    names."""
     if not isinstance(config, Mapping):
         return {}
     model = config.get("model")
@@ -84,9 +97,9 @@ class _AllenNLP:
         # taken out, as the config knows them
         self.plain = {".".join(p for p in t.name.split(".") if p != "_module"): t.name
                       for t in tensors}
-        self.found: Dict[str, Tuple[str, Parts]] = {}
+        self.found: Dict[str, Configured] = {}
 
-    def walk(self, node: Mapping, prefix: str) -> Dict[str, Tuple[str, Parts]]:
+    def walk(self, node: Mapping, prefix: str) -> Dict[str, Configured]:
         kind = node.get("type")
         if isinstance(kind, str):
             self._layers(kind, node, prefix)
@@ -109,12 +122,13 @@ class _AllenNLP:
                 return path
         return None
 
-    def _mark(self, pattern: str, kind: str, parts_of=lambda rows: ()) -> None:
+    def _mark(self, pattern: str, kind: str, parts_of=lambda rows: (),
+              module_type: Optional[str] = None) -> None:
         regex = re.compile(pattern)
         for plain, name in self.plain.items():
             if regex.fullmatch(plain) and len(self.shapes[name]) >= 2:
                 parts = parts_of(self.shapes[name][0])
-                self.found[name] = (kind, parts)
+                self.found[name] = (kind, parts, module_type)
 
     def _layers(self, kind: str, node: Mapping, prefix: str) -> None:
         p = re.escape(prefix + "." if prefix else "")
@@ -143,6 +157,18 @@ class _AllenNLP:
             blocks = p + r"_encoder_blocks\.\d+\."
             self._attention(blocks + r"attention_layer\._combined_projection\.weight", dim, dim)
             self._mark(blocks + r"_conv_layers\.\d+\.\d+\.weight", "conv")
+        elif kind == "dialog_qa":
+            self._mark(p + r"_(question_num|prev_ans)_marker\.weight", "embedding")
+        elif kind == "language_model":
+            self._mark(p + r"_softmax_loss\.softmax_w(\.weight)?", "linear")
+            self._mark(p + r"_softmax_loss\.softmax_b(\.weight)?", "vector")
+        elif kind == "crf_tagger":
+            self._mark(p + r"crf\.transitions", "matrix", module_type="ConditionalRandomField")
+        elif kind == "bilinear":
+            self._mark(p + r"_weight_matrix", "matrix", module_type="BilinearAttention")
+        elif kind == "biaffine_parser":
+            self._mark(p + r"arc_attention\._weight_matrix", "matrix",
+                       module_type="BilinearMatrixAttention")
 
     def _attention(self, pattern: str, attention_dim, values_dim) -> None:
         if not (isinstance(attention_dim, int) and isinstance(values_dim, int)):
@@ -164,19 +190,19 @@ def _sizes(config: Mapping, keys: Sequence[str]) -> set:
     return {config[k] for k in keys if isinstance(config.get(k), int) and config[k] > 0}
 
 
-def _hugging_face(config: Mapping, tensors: Sequence[TensorInfo]) -> Dict[str, Tuple[str, Parts]]:
+def _hugging_face(config: Mapping, tensors: Sequence[TensorInfo]) -> Dict[str, Configured]:
     widths = _sizes(config, _HF_WIDTHS)
-    shapes = {(s, w) for s in _sizes(config, _HF_TABLES) for w in widths}
+    tables = {(s, w) for s in _sizes(config, _HF_TABLES) for w in widths}
     heads = _sizes(config, _HF_HEADS)
-    shapes |= {(s, h) for s in _sizes(config, ("relative_attention_num_buckets",)) for h in heads}
+    buckets = {(s, h) for s in _sizes(config, ("relative_attention_num_buckets",)) for h in heads}
     names = {t.name for t in tensors}
-    count: Dict[Tuple[int, ...], int] = {}
-    for t in tensors:
-        count[t.shape] = count.get(t.shape, 0) + 1
-    found: Dict[str, Tuple[str, Tuple[Tuple[str, int], ...]]] = {}
+    found: Dict[str, Configured] = {}
     for t in tensors:
         prefix, _, param = t.name.rpartition(".")
         bias = f"{prefix}.bias" if prefix else "bias"
-        if param == "weight" and t.shape in shapes and count[t.shape] == 1 and bias not in names:
-            found[t.name] = ("embedding", ())
+        if param != "weight" or bias in names or names_layer(t.name):
+            continue
+        per_model = not any(part.isdigit() for part in t.name.split("."))
+        if t.shape in buckets or (t.shape in tables and per_model):
+            found[t.name] = ("embedding", (), None)
     return found

@@ -82,7 +82,8 @@ def describe_source(source: WeightSource, options: AnalysisOptions,
                     label: Optional[str] = None) -> List[TensorDescription]:
     """The description of one source's tensors (``source.load`` is never called)."""
     label = label or source.label
-    selection = plan(source.tensors(), options, getattr(source, "config", None))
+    selection = plan(source.tensors(), options, getattr(source, "config", None),
+                     getattr(source, "context", None))
     return [_describe(label, d) for d in selection.decisions]
 
 

@@ -11,20 +11,43 @@ Evidence, strongest first (the record's ``kind_from``):
 * ``structure``: what the header says. A non-float tensor is not a weight; 0-D/1-D (or more
   dimensions, only one above 1: ``1 x 1 x 4``) is a vector; a 2-D ``X.weight`` with a 1-D
   ``X.bias`` of its output size (rows, or columns for the transposed ``Conv1D`` of GPT-2) is a
-  Linear; a 4-D/5-D kernel whose spatial sizes are at most :data:`MAX_KERNEL` is a convolution,
-  and a 3-D one too when it has a bias of its out-channels (``nn.Bilinear``'s out x in1 x in2
-  weight has that layout as well, so there the name decides);
+  Linear; an N-D (N > 2) kernel with a bias of its out-channels is a convolution whatever its
+  spatial sizes (``nn.Bilinear``'s out x in1 x in2 weight has that layout as well, so there the
+  name decides), and a 4-D/5-D one without a bias (batch-normed) when its spatial sizes are at
+  most :data:`MAX_KERNEL`;
 * ``name``: the name's components matched as whole words (``_embedding_proj_layer`` is a layer,
   not an embedding): ``in_proj_weight`` (fused attention), ``weight_ih_l0`` / ``weight_hh``
-  (recurrent), a ``*_mask`` (a mask), a module whose name ends in ``embedding(s)``, ``embed``,
-  ``embedder``, ``emb`` (``embed_tokens``, ``wte``, AllenNLP's ``token_embedder_*``, and the
-  2-D weight of a ``*_bias(es)`` table) (an embedding), ``conv`` / ``bilinear`` in a >2-D name;
+  (recurrent), a ``*_mask`` (a mask), a module named as a layer (``lm_head``, ``q_proj``,
+  ``classifier``, ``output``, ``fc``, ``dense``...: a Linear, :func:`names_layer`), a module
+  whose name ends in ``embedding(s)``, ``embed``, ``embedder``, ``emb`` (``embed_tokens``,
+  ``wte``, AllenNLP's ``token_embedder_*``, and the 2-D weight of a ``*_bias(es)`` table) (an
+  embedding), ``conv`` / ``bilinear`` in a >2-D name;
 * ``default``: a 2-D float weight nothing identifies is a ``matrix`` (analyzed, like a Linear);
   a >2-D one that is not a convolution is a ``tensor`` (never analyzed).
 
 The kinds: ``linear``, ``attention`` (fused q/k/v where it has parts), ``recurrent`` (gates
 stacked), ``matrix`` (analyzed by default); ``embedding``, ``conv`` (on request); ``tensor``,
 ``vector``, ``mask``, ``buffer``, ``non_float`` (never).
+
+Rules revised against real files (issue 21), and why:
+
+* Kernels are recognised by their bias, not bounded by their size: an audio model's 1-D
+  convolutions stored out x in x k x 1 with k = 512 and k = 64, and wav2vec2's positional
+  convolution (k = 128, weight-normed: ``weight_v`` / ``parametrizations.weight.original1``
+  beside the layer's ``bias``), were ``tensor`` under the old "spatial sizes <= 32" rule. What
+  is sliced is bounded instead (:data:`allennlp_analyze.selection.MAX_CONV_POSITIONS`).
+* A name that identifies a layer is not overruled by a shape that equals a config's table size:
+  ``lm_head.weight`` (vocab x hidden) was an ``embedding`` by its config when its shard was read
+  alone, a ``matrix`` beside ``embed_tokens`` (same shape) in the whole folder. Now it is a
+  ``linear`` layer by its name either way; the config's table rule skips layer names and no
+  longer counts the other tensors of a shape, so that a tensor's kind does not depend on which
+  files are read with it (only on its own name and shape, its config, and its own bias). A
+  safetensors shard read alone is classified among the whole checkpoint's tensors (the headers
+  of the shards its index names: ``selection.plan(..., context=)``), so that a bias that landed
+  in the next shard still makes its weight a Linear or a kernel.
+* The configs of AllenNLP models name what was left to the default on the real archives:
+  dialog_qa's marker embeddings, the language model's softmax, the CRF's transitions, bilinear
+  attention matrices (:mod:`allennlp_analyze.checkpoint_config`).
 
 Whether a tensor's values are a 0/1 mask or a constant is known only once it is read
 (:func:`value_kind`): the analysis checks every tensor it reads and leaves such ones out, counted
@@ -38,7 +61,7 @@ import numpy as np
 
 from .tensors import DTYPE_EPS, TensorInfo
 
-#: Largest spatial size of a plausible convolution kernel.
+#: Largest spatial size of a convolution kernel recognised without a bias beside it.
 MAX_KERNEL = 32
 #: Gate names of stacked recurrent weights, by gate count (PyTorch's order).
 RNN_GATES = {4: ("i", "f", "g", "o"), 3: ("r", "z", "n")}
@@ -62,6 +85,14 @@ _MODULE_KINDS = {
 }
 _EMBEDDING_HEADS = {"embedding", "embeddings", "embed", "embeds", "embedder", "emb", "embs",
                     "wte", "wpe"}
+#: The last word of a module that is a Linear layer (``lm_head``, ``q_proj``, ``out_proj``,
+#: ``classifier``, ``output``, ``fc1``, ``dense``, ``score``): names of layers, never of tables.
+_LAYER_WORDS = {"head", "proj", "projection", "projector", "classifier", "output", "outputs",
+                "out", "fc", "dense", "linear", "score", "decoder"}
+#: Parameter names of a layer's (possibly re-parametrized) weight, whose bias is ``<layer>.bias``.
+_WEIGHT_PARAM = re.compile(r"(?:^|\.)(?:weight|weight_v|weight_orig|"
+                           r"parametrizations\.weight\.original1?)$")
+_PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original\d?$")
 _CONV_WORDS = {"conv", "convs", "convolution", "convolutions", "conv1d", "conv2d", "conv3d"}
 
 
@@ -81,14 +112,21 @@ class Kind:
 
 
 def classify(tensors: Sequence[TensorInfo],
-             configured: Optional[Mapping[str, Tuple[str, Tuple[Tuple[str, int], ...]]]] = None
-             ) -> Dict[str, Kind]:
-    """The kind of every tensor, by name. ``configured`` maps names to ``(kind, parts)`` as the
-    checkpoint's config gives them (:func:`~allennlp_analyze.checkpoint_config.config_kinds`)."""
+             configured: Optional[Mapping[str, Tuple]] = None) -> Dict[str, Kind]:
+    """The kind of every tensor, by name. ``configured`` maps names to ``(kind, parts[,
+    module type])`` as the checkpoint's config gives them
+    (:func:`~allennlp_analyze.checkpoint_config.config_kinds`)."""
     configured = configured or {}
     shapes = {t.name: t.shape for t in tensors}
     gates = _gates_by_layer(tensors)
     return {t.name: _classify(t, configured.get(t.name), shapes, gates) for t in tensors}
+
+
+def names_layer(name: str) -> bool:
+    """Whether the module that owns ``name`` (a 2-D weight) is named as a Linear layer
+    (:data:`_LAYER_WORDS`: ``lm_head``, ``q_proj``, ``classifier``, ``output``...)."""
+    words = _words(_described(name))
+    return bool(words) and words[-1] in _LAYER_WORDS
 
 
 def value_kind(array: np.ndarray) -> Optional[str]:
@@ -131,7 +169,9 @@ def _classify(t: TensorInfo, configured, shapes, gates) -> Kind:
     gate_count = gates.get(_recurrent_layer(t.name) or "")
     if kind == "recurrent" and not parts:
         parts = _equal_parts(t, gate_count)
-    return Kind(kind, kind_from, parts, _module_type(t, kind, gate_count), detail)
+    named = configured[2] if kind_from == "config" and len(configured) > 2 else None
+    return Kind(kind, kind_from, parts, t.module_type or named or _module_type(t, kind, gate_count),
+                detail)
 
 
 def _by_module(t: TensorInfo):
@@ -142,12 +182,8 @@ def _by_module(t: TensorInfo):
     if kind == "attention":
         return kind, "module", t.parts or _thirds(t, param == "in_proj_weight"), None
     if kind == "recurrent":
-        return (
-            kind,
-            "module",
-            t.parts or _equal_parts(t, _GATES_OF_TYPE.get(t.module_type or "")),
-            None,
-        )
+        parts = t.parts or _equal_parts(t, _GATES_OF_TYPE[t.module_type or ""])
+        return kind, "module", parts, None
     if kind == "linear" and t.parts:  # a Linear whose module computes q, k, v with it at once
         return "attention", "module", t.parts, None
     return kind, "module", t.parts, t.module_type if kind == "tensor" else None
@@ -156,7 +192,7 @@ def _by_module(t: TensorInfo):
 def _by_config(t: TensorInfo, configured):
     if configured is None:
         return None
-    kind, parts = configured
+    kind, parts = configured[:2]
     return kind, "config", parts, None
 
 
@@ -164,15 +200,16 @@ def _by_structure(t: TensorInfo, shapes):
     bias = _bias_size(t, shapes)
     if len(t.shape) == 2:
         return ("linear", "structure", (), None) if bias in t.shape else None
-    spatial = t.shape[2:]
-    if len(t.shape) > 5 or not all(1 <= k <= MAX_KERNEL for k in spatial):
-        return "tensor", "structure", (), None
-    if len(t.shape) >= 4:
+    words = set(_words(_described(t.name)))
+    if "bilinear" in words:
+        return None  # nn.Bilinear: out x in1 x in2 with a bias of out; the name decides
+    if bias == t.shape[0]:  # a kernel (out, in, *k) with a bias of its out-channels
         return "conv", "structure", (), None
-    if bias == t.shape[0]:  # 3-D out x in x k with a bias of its out-channels
-        return ("tensor", "name", (), "Bilinear") if "bilinear" in _words(_described(t.name)) \
-            else ("conv", "structure", (), None)
-    return None  # 3-D without a bias: the name decides
+    if len(t.shape) in (4, 5) and all(1 <= k <= MAX_KERNEL for k in t.shape[2:]):
+        return "conv", "structure", (), None  # a kernel without a bias (batch-normed)
+    if len(t.shape) == 3 or _CONV_WORDS & words:
+        return None  # the name decides
+    return "tensor", "structure", (), None
 
 
 def _by_name(t: TensorInfo):
@@ -190,6 +227,8 @@ def _by_name(t: TensorInfo):
         return "recurrent", "name", (), None
     if words and words[-1] in ("mask", "masks"):
         return "mask", "name", (), None
+    if names_layer(t.name):
+        return "linear", "name", (), None
     if _names_embedding(component, words, t.name):
         return "embedding", "name", (), None
     return "matrix", "default", (), None
@@ -207,8 +246,9 @@ def _words(component: str) -> Tuple[str, ...]:
 def _described(name: str) -> str:
     """The name component that says what a tensor is: its own name, or for a layer's own
     parameter (``weight``, ``bias``, ``weight_ih_l0``...) its module's, skipping wrappers
-    (``_module``) and list indices."""
-    parts = name.split(".")
+    (``_module``) and list indices; a re-parametrized weight
+    (``conv.parametrizations.weight.original1``) is its layer's ``weight``."""
+    parts = _PARAMETRIZED.sub(r".\1", name).split(".")
     if not _LAYER_PARAM.match(parts[-1]):
         return parts[-1]
     for part in reversed(parts[:-1]):
@@ -228,10 +268,12 @@ def _names_embedding(component: str, words: Tuple[str, ...], name: str) -> bool:
 
 
 def _bias_size(t: TensorInfo, shapes) -> Optional[int]:
-    """Size of the 1-D ``bias`` beside a ``weight``, or None."""
-    prefix, _, param = t.name.rpartition(".")
-    if param != "weight":
+    """Size of the 1-D ``bias`` beside a ``weight`` (or a weight-normed ``weight_v``,
+    ``parametrizations.weight.original1``...), or None."""
+    m = _WEIGHT_PARAM.search(t.name)
+    if m is None:
         return None
+    prefix = t.name[:m.start()]
     shape = shapes.get(f"{prefix}.bias" if prefix else "bias")
     return shape[0] if shape is not None and len(shape) == 1 else None
 

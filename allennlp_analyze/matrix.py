@@ -2,12 +2,13 @@
 power-law fit (:func:`analyze_matrix`); :func:`analyze_many` does matrices of one oriented shape
 in stacked spectral calls, with the same results as one by one.
 """
+from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .fits import FITTED_ONLY, Estimate, TruncatedEstimate, columns, estimate_all, run_warning
 from .options import AnalysisOptions
-from .powerlaw_fit import fit_power_law
 from .records import WIDE_DTYPES, MatrixRecord, criterion_for, roundoff_criterion
 from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
                                mp_bulk_fit, permuted)
@@ -155,16 +156,40 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
                                       for x in (bulk.sigma2, bulk.lambda_plus))
     rec.num_spikes, rec.mp_softrank = bulk.num_spikes, bulk.softrank
     rec.entropy = matrix_entropy(unit, spec.rank(getattr(tol, roundoff)))
-    fit = fit_power_law(fitted, xmax=lam_max if options.fit_xmax == "max" else None)
-    if fit is None:
-        rec.status = "too_few_eigenvalues"
+    # every estimator on this one spectrum: the CSN-type ones on the fitted eigenvalues as the
+    # values were computed (scale-free; their xmin converted below), the others on every
+    # eigenvalue in the weights' units (their thresholds are absolute)
+    with np.errstate(over="ignore", under="ignore"):
+        weight_units = sv[::-1] ** 2
+    estimates = {name: _in_weight_units(name, est, spec.exponent) for name, est in
+                 estimate_all(weight_units, options.fit, fitted=fitted).items()}
+    for name, est in estimates.items():
+        for key, value in columns(name, est).items():
+            setattr(rec, key, value)
+    rec.fit = options.fit[0]
+    fit = estimates[rec.fit]
+    if fit.alpha is None:
+        rec.status = ("too_few_eigenvalues" if fit.status in ("too_few", "all_equal")
+                      else "no_fit")
         return rec, sv
-    rec.alpha, rec.D = fit.alpha, fit.D
-    rec.xmin, rec.xmax = (_eigenvalue_units(x, spec.exponent) for x in (fit.xmin, fit.xmax))
-    rec.num_tail = fit.num_tail
+    rec.alpha, rec.D, rec.xmin, rec.num_tail = fit.alpha, fit.D, fit.xmin, fit.num_tail
+    if rec.fit == "csn-xmax":
+        rec.xmax = _eigenvalue_units(lam_max, spec.exponent)
+    rec.warning = run_warning(estimates, rec.fit)
     rec.alpha_weighted = fit.alpha * rec.log_spectral_norm
     rec.log_alpha_norm = log_alpha_norm(unit, fit.alpha) + fit.alpha * shift
     return rec, sv
+
+
+def _in_weight_units(name: str, est: Estimate, exponent: int) -> Estimate:
+    """An estimate of a CSN-type estimator (fitted on the eigenvalues of W scaled by
+    2**-exponent) with its eigenvalue fields in the weights' units squared."""
+    if name not in FITTED_ONLY or not exponent or est.xmin is None:
+        return est
+    est = replace(est, xmin=_eigenvalue_units(est.xmin, exponent))
+    if isinstance(est, TruncatedEstimate) and est.Lambda is not None:
+        est = replace(est, Lambda=float(np.ldexp(est.Lambda, -2 * exponent)))
+    return est
 
 
 def _eigenvalue_units(x: Optional[float], exponent: int) -> Optional[float]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Iterable, List, Optional, Pattern, Tuple
 
 from .errors import AnalyzeError
+from .fits import ESTIMATORS, parse_fits
 from .records import CRITERION_CHOICES
 
 KINDS = ("conv", "embeddings")
@@ -29,8 +30,11 @@ class AnalysisOptions:
     Numerics: ``loose_tol`` is the absolute singular-value bound of the loose rank;
     ``rank_criterion`` picks the rank behind ``rank_loss`` and "collapsed": "loose", "numpy",
     "nr", "noise", or "auto" (the default: loose for float32 / float64 storage, noise for
-    narrower dtypes; :func:`allennlp_analyze.records.criterion_for`); ``fit_xmax`` "none"
-    fits an unbounded power law (the original analysis), "max" bounds it at lambda_max;
+    narrower dtypes; :func:`allennlp_analyze.records.criterion_for`); ``fit``: the alpha
+    estimators (:mod:`allennlp_analyze.fits`; a tuple or a comma-separated string), the first
+    fills ``alpha``, ``xmin``, ``D`` (default "csn", the unbounded power law of the original
+    analysis); ``fit_xmax`` "max" is the older name of "csn-xmax" (the fit bounded at
+    lambda_max): it turns "csn" into "csn-xmax";
     ``method`` "auto" | "svd" | "gram" (see :mod:`allennlp_analyze.spectrum`); ``device`` None
     (numpy, CPU) or a torch device; ``log10_threshold``: nu_min below 10**this counts as
     collapsed in multi-model aggregates (the study's "generous" -8). ``randomize`` also analyzes
@@ -55,6 +59,7 @@ class AnalysisOptions:
     split_fused: bool = False
     loose_tol: float = 1e-3
     rank_criterion: str = "auto"
+    fit: Tuple[str, ...] = ("csn",)
     fit_xmax: str = "none"
     method: str = "auto"
     device: Optional[str] = None
@@ -66,6 +71,7 @@ class AnalysisOptions:
     def __post_init__(self):
         for name in ("match", "exclude", "include"):
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        self._resolve_fit()
         if self.device in ("", "cpu"):
             object.__setattr__(self, "device", None)
         if self.device is not None:
@@ -94,6 +100,20 @@ class AnalysisOptions:
         for ok, message in checks:
             if not ok:
                 raise AnalyzeError(message)
+
+    def _resolve_fit(self) -> None:
+        """``fit`` as a tuple of estimator names, ``fit_xmax="max"`` applied to it."""
+        text = self.fit if isinstance(self.fit, str) else ",".join(self.fit or ())
+        try:
+            names = parse_fits(text)
+        except ValueError as e:
+            raise AnalyzeError(str(e)) from None
+        if self.fit_xmax == "max":
+            if "csn" not in names and "csn-xmax" not in names:
+                raise AnalyzeError("--fit-xmax max turns the csn estimator into csn-xmax, "
+                                   "but --fit does not name csn")
+            names = tuple(dict.fromkeys("csn-xmax" if n == "csn" else n for n in names))
+        object.__setattr__(self, "fit", names)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,8 +145,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "numpy's or Numerical Recipes' tolerance, or the storage noise floor; "
                         "auto: loose for float32/float64 weights, noise for float16, bfloat16 "
                         "and float8 (default %(default)s)")
+    g.add_argument("--fit", default=",".join(d.fit), metavar="ESTIMATORS",
+                   help="alpha estimators, comma-separated, the first fills alpha/xmin/D: "
+                        f"{', '.join(ESTIMATORS)} (default %(default)s; docs/estimators.md)")
     g.add_argument("--fit-xmax", choices=("none", "max"), default=d.fit_xmax,
-                   help="power-law fit without upper bound, or bounded at lambda_max "
+                   help="max: the csn fit bounded at lambda_max, i.e. --fit csn-xmax "
                         "(default %(default)s)")
     g.add_argument("--method", choices=("auto", "svd", "gram"), default=d.method,
                    help="singular values by Gram eigenvalues with SVD fallback (auto), "

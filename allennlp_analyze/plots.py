@@ -42,6 +42,8 @@ from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 from .aggregate import aggregate
 from .api import Analysis
 from .errors import AnalyzeError
+from .fits import ESTIMATORS
+from .fits.truncated import log_normalizer
 from .mp import estimate_sigma2, mp_density, mp_support
 from .options import AnalysisOptions, compile_patterns
 from .records import MatrixRecord
@@ -52,6 +54,9 @@ DEFAULT_MAX_MATRIX_FIGURES = 100
 DPI = 80
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
+#: The fitted lines, the first estimator's first (red, as the one line always was).
+_FIT_COLORS = (_COLORS[3], _COLORS[1], _COLORS[2], _COLORS[4], _COLORS[5], _COLORS[6], "#7f7f7f",
+               "#17becf")
 
 
 @dataclass
@@ -224,13 +229,13 @@ def esd_figure(record: MatrixRecord, sv: np.ndarray, title: Optional[str] = None
         drawn.counts["tail"] = tcounts
     if record.alpha is not None and record.xmin is not None and pos.size:
         a, xmin = record.alpha, record.xmin
-        xmax = record.xmax if record.xmax is not None else float(pos.max())
         n_tail = int(np.count_nonzero(pos >= xmin))
-        norm = 1.0 - (record.xmax / xmin) ** (1 - a) if record.xmax is not None else 1.0
-        tgrid = np.logspace(math.log10(xmin), math.log10(max(xmax, xmin * 1.0001)), 100)
-        pdf = (a - 1) / xmin * (tgrid / xmin) ** (-a) / norm
-        ax.plot(tgrid, pdf * n_tail / M, color=_COLORS[3], lw=2,
-                label=f"power law ρ ∝ λ^(−α), α = {a:.3f}, D = {record.D:.3f}")
+        for k, (label, density, lo) in enumerate(_fitted_lines(record)):
+            hi = max(float(pos.max()), lo * 1.0001)
+            tgrid = np.logspace(math.log10(lo), math.log10(hi), 100)
+            n_in = int(np.count_nonzero(pos >= lo))
+            ax.plot(tgrid, density(tgrid) * n_in / M, color=_FIT_COLORS[k % len(_FIT_COLORS)],
+                    lw=2 if k == 0 else 1.2, ls="-" if k == 0 else "-.", label=label)
         ax.axvline(xmin, color=_COLORS[3], ls="--", lw=1,
                    label=f"xmin = {xmin:.3g} ({n_tail} of {M} λ in the tail)")
         drawn.extra.update(alpha=a, xmin=xmin, n_tail=n_tail)
@@ -252,6 +257,39 @@ def esd_figure(record: MatrixRecord, sv: np.ndarray, title: Optional[str] = None
     # Fixed margins: tight_layout would cost more than the drawing itself.
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.85, wspace=0.25)
     return drawn
+
+
+def _fitted_lines(record: MatrixRecord):
+    """(legend label, density function of lambda, lower end) of each estimator the record
+    holds, the one behind ``alpha`` first (docs/estimators.md): power laws
+    (a - 1) / xmin (lambda / xmin)**-a (divided by 1 - (xmax / xmin)**(1 - a) when bounded), the
+    truncated power law lambda**-a exp(-Lambda lambda) / Z; each scaled by its tail's share."""
+    lines = []
+    first = record.fit or "csn"
+    for name in [first] + [n for n in ESTIMATORS if n != first]:
+        if name == "tpl":
+            a, lam, xmin = record.tpl_alpha, record.tpl_lambda, record.tpl_xmin
+            if a is None or lam is None or xmin is None or (a <= 1.0 and lam == 0.0):
+                continue
+            log_z = log_normalizer(a, lam, xmin)
+            lines.append((f"tpl: α = {a:.3f}, Λ = {lam:.3g}",
+                          lambda x, a=a, lam=lam, z=log_z: np.exp(-a * np.log(x) - lam * x - z),
+                          xmin))
+            continue
+        key = name.replace("-", "_")
+        a, xmin = getattr(record, f"alpha_{key}"), getattr(record, f"xmin_{key}")
+        if name == first and a is None:  # records written before the estimators' columns
+            a, xmin = record.alpha, record.xmin
+        if a is None or xmin is None or a <= 1.0:
+            continue
+        xmax = record.sv_max ** 2 if name == "csn-xmax" and record.sv_max else None
+        norm = 1.0 - (xmax / xmin) ** (1 - a) if xmax is not None else 1.0
+        D = getattr(record, f"D_{key}", None) if name != first or record.D is None else record.D
+        lines.append((f"{name}: ρ ∝ λ^(−α), α = {a:.3f}" + (f", D = {D:.3f}" if D is not None
+                                                            else ""),
+                      lambda x, a=a, xmin=xmin, norm=norm: (a - 1) / xmin * (x / xmin) ** (-a)
+                      / norm, xmin))
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

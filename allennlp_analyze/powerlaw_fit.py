@@ -24,9 +24,10 @@ from broadcasting on a grid of tail points, which bounds every D_k from below; c
 bound exceeds an exactly evaluated D are dropped, and the grid is refined for the rest.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
+import numpy.typing as npt
 
 from ._bounded_fit import bounded_alphas
 
@@ -44,7 +45,7 @@ class PowerLawFit:
     ``xmin``: chosen lower cutoff (same units as the data); ``xmax``: the upper bound used, or
     ``None`` for the untruncated fit; ``D``: KS distance of the tail, in [0, 1];
     ``num_tail``: sample points >= xmin (as ``powerlaw``'s ``n_tail``, points above xmax
-    included); ``num_candidates``: number of xmin candidates examined."""
+    included); ``num_candidates``: number of xmin candidates (in ``xmin_range`` where given)."""
 
     alpha: float
     xmin: float
@@ -54,12 +55,17 @@ class PowerLawFit:
     num_candidates: int
 
 
-def fit_power_law(values: np.ndarray, xmax: Optional[float] = None) -> Optional[PowerLawFit]:
+def fit_power_law(values: np.ndarray, xmax: Optional[float] = None,
+                  xmin_range: Optional[Tuple[float, float]] = None) -> Optional[PowerLawFit]:
     """Fit a continuous power law to positive, finite ``values`` (any order, 1-D).
 
     ``xmax``: optional upper bound (e.g. the largest value); values above it are left out of the
-    fit as in ``powerlaw``. Returns ``None`` when fewer than two distinct values remain, where no
-    tail with two points exists. Raises ``ValueError`` on non-positive or non-finite values.
+    fit as in ``powerlaw``. ``xmin_range``: ``(lo, hi)`` restricts the xmin candidates as
+    ``powerlaw``'s ``Fit(values, xmin=(lo, hi))`` does: the distinct values v with
+    ``min(lo, hi) <= v <= max(lo, hi)``, the largest of them dropped (every tail keeps all the
+    values above its xmin). Returns ``None`` when fewer than two distinct values remain, where no
+    tail with two points exists, or when no candidate lies in ``xmin_range``. Raises
+    ``ValueError`` on non-positive or non-finite values.
     """
     x = np.sort(np.asarray(values, dtype=np.float64).ravel())
     if x.size and not (np.isfinite(x).all() and x[0] > 0):
@@ -89,6 +95,14 @@ def fit_power_law(values: np.ndarray, xmax: Optional[float] = None) -> Optional[
         valid = alphas > 1.0  # powerlaw's in_range(); it ignores the others if any is valid
         if exact and valid.any() and not valid.all():
             rows = np.flatnonzero(valid)
+    num_candidates = u.size - 1
+    if xmin_range is not None:
+        lo, hi = min(xmin_range), max(xmin_range)
+        inside = np.flatnonzero((u >= lo) & (u <= hi))[:-1]
+        num_candidates = inside.size
+        rows = inside if rows is None else np.intersect1d(rows, inside)
+        if rows.size == 0:
+            return None
     lu = y[first]
     log_xmax = None if xmax is None else float(_log_ratio(np.array([xmax]), x[-1])[0])
     best = _argmin_ks(lu, first, n, alphas, log_xmax, rows)
@@ -102,7 +116,34 @@ def fit_power_law(values: np.ndarray, xmax: Optional[float] = None) -> Optional[
         alpha = 1.0 + tail.size / np.sum(np.log(tail / xmin))
     D = _ks_direct(u[best:], first[best:], n, alpha, xmax)
     return PowerLawFit(alpha=float(alpha), xmin=xmin, xmax=xmax, D=D,
-                       num_tail=int(tail.size + n_above), num_candidates=int(u.size - 1))
+                       num_tail=int(tail.size + n_above), num_candidates=int(num_candidates))
+
+
+def fit_at_xmin(values: np.ndarray, xmin: float) -> Optional[PowerLawFit]:
+    """The power law with a fixed lower cutoff, as ``powerlaw`` 1.5's ``Fit(values, xmin=xmin)``:
+    the closed-form exponent of the values ``>= xmin`` and the KS distance of that tail (empirical
+    CDF on the distinct values). ``None`` when fewer than two distinct values are ``>= xmin``."""
+    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if x.size and not (np.isfinite(x).all() and x[0] > 0):
+        raise ValueError("power-law fit needs positive, finite values")
+    tail = x[int(np.searchsorted(x, xmin, side="left")):]
+    if tail.size < 2 or tail[0] == tail[-1]:
+        return None
+    first = np.flatnonzero(np.r_[True, tail[1:] != tail[:-1]])
+    alpha = 1.0 + tail.size / np.sum(_tail_logs(tail, xmin))
+    # the empirical CDF restarts at xmin: points below it are not part of the tail's sample
+    D = _ks_direct(np.r_[float(xmin), tail[first]] if tail[0] != xmin else tail[first],
+                   np.r_[0, first] if tail[0] != xmin else first, tail.size, alpha, None)
+    return PowerLawFit(alpha=float(alpha), xmin=float(xmin), xmax=None, D=D,
+                       num_tail=int(tail.size), num_candidates=1)
+
+
+def _tail_logs(tail: np.ndarray, xmin: float) -> np.ndarray:
+    """``log(tail / xmin)`` as ``powerlaw`` computes it, or by :func:`_log_ratio` where a ratio
+    leaves float64's range (a subnormal xmin)."""
+    with np.errstate(over="ignore"):
+        ratio = tail / xmin
+    return np.log(ratio) if np.isfinite(ratio[-1]) else _log_ratio(tail, xmin)
 
 
 def _log_ratio(x: np.ndarray, ref: float) -> np.ndarray:
@@ -216,3 +257,31 @@ def _grid_lower_bounds(lu: np.ndarray, first: np.ndarray, n: int, alphas: np.nda
         theory, empirical = _deviations(lu, first, n, alphas[s:s + step], r, grid, log_xmax)
         lower[s:s + step] = np.abs(theory - empirical).max(axis=1)
     return lower
+
+
+def fit_points(values: np.ndarray, candidates: "npt.ArrayLike") -> Optional[PowerLawFit]:
+    """The point-wise variant of the KS search used by AlphaPruning and TempBalance: with ``x``
+    the sorted sample (n values), each index ``i`` in ``candidates`` proposes xmin = x[i] with
+    the tail ``x[i:]`` (ties below index i left out), ``alpha_i = 1 + m / sum(ln(x[i:] / x[i]))``
+    (m = n - i) and ``D_i = max_j |1 - (x[i+j] / x[i])**(1 - alpha_i) - j / m|``; the first
+    smallest D wins. Candidates whose tail holds a single distinct value are skipped. ``None``
+    when no candidate remains."""
+    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if x.size and not (np.isfinite(x).all() and x[0] > 0):
+        raise ValueError("power-law fit needs positive, finite values")
+    rows = np.asarray(candidates, dtype=np.intp)
+    rows = rows[(rows >= 0) & (rows < x.size - 1)]
+    rows = np.unique(rows[x[rows] < x[-1]])
+    if rows.size == 0:
+        return None
+    n = x.size
+    points = np.arange(n)
+    y = _log_ratio(x, x[-1])
+    alphas = _candidate_alphas(y, points[:-1])
+    best = _argmin_ks(y, points, n, alphas, None, rows)
+    tail = x[best:]
+    xmin = float(x[best])
+    alpha = 1.0 + tail.size / np.sum(_tail_logs(tail, xmin))
+    D = _ks_direct(tail, np.arange(tail.size), tail.size, alpha, None)
+    return PowerLawFit(alpha=float(alpha), xmin=xmin, xmax=None, D=D, num_tail=int(tail.size),
+                       num_candidates=int(rows.size))

@@ -47,6 +47,7 @@ def roundoff_criterion(dtype: str) -> str:
 STATUS_TEXT = {
     "ok": "analyzed and fitted",
     "too_few_eigenvalues": "fewer than 2 distinct positive eigenvalues above round-off: no fit",
+    "no_fit": "the first --fit estimator found no tail to fit (no xmin candidate in its range)",
     "single_row": "1 x N matrix (one singular value): ranks only, no fit",
     "all_zero": "all-zero matrix: rank 0, no fit",
     "nonfinite": "NaN or Inf in the weights: not analyzed",
@@ -64,8 +65,15 @@ class MatrixRecord:
     of the spectral norm of W's storage rounding (:mod:`allennlp_analyze.noise_floor`);
     ``rank_noise`` counts singular values above ``noise_floor``; ``rank_loss`` = M - rank under
     ``rank_criterion``, the run's criterion as it applies to this matrix's dtype.
-    ``alpha, xmin, xmax, D, num_tail``: the power-law fit of the eigenvalues' tail
-    (:mod:`allennlp_analyze.powerlaw_fit`); ``num_evals``: eigenvalues given to the fit (those
+    ``alpha, xmin, xmax, D, num_tail``: the power-law fit of the eigenvalues' tail by the
+    first estimator of the run's ``fit`` option, named in ``fit`` (default "csn",
+    :mod:`allennlp_analyze.powerlaw_fit`); every estimator the run names also fills its own
+    columns (``alpha_<estimator>, xmin_<estimator>, D_<estimator>``; ``tpl_*`` for the truncated
+    power law: alpha, Lambda (1 / eigenvalue units), xmin, the likelihood ratio R against the
+    power law and its p; ``clip_xmax_fingers``; ``detx_num, detx_val``), None where not
+    requested (:mod:`allennlp_analyze.fits`, docs/estimators.md). ``warning``: WeightWatcher's
+    label of ``alpha``: "over-trained" (< 2), "under-trained" (> 6), with "fingers" added where
+    clip-xmax removed eigenvalues, "" otherwise. ``num_evals``: eigenvalues given to the fit (those
     whose singular value is above the round-off level of :func:`roundoff_criterion`: numpy's
     tolerance for float32 / float64 storage, the noise floor for narrower dtypes).
     ``stable_rank`` = sum(lambda) / lambda_max; ``log_norm`` = log10 sum(lambda) (squared
@@ -118,6 +126,37 @@ class MatrixRecord:
     log_spectral_norm: Optional[float] = None
     alpha_weighted: Optional[float] = None
     log_alpha_norm: Optional[float] = None
+    fit: Optional[str] = None
+    warning: Optional[str] = None
+    alpha_csn: Optional[float] = None
+    xmin_csn: Optional[float] = None
+    D_csn: Optional[float] = None
+    alpha_csn_xmax: Optional[float] = None
+    xmin_csn_xmax: Optional[float] = None
+    D_csn_xmax: Optional[float] = None
+    alpha_xmin_peak: Optional[float] = None
+    xmin_xmin_peak: Optional[float] = None
+    D_xmin_peak: Optional[float] = None
+    alpha_clip_xmax: Optional[float] = None
+    xmin_clip_xmax: Optional[float] = None
+    D_clip_xmax: Optional[float] = None
+    clip_xmax_fingers: Optional[int] = None
+    tpl_alpha: Optional[float] = None
+    tpl_lambda: Optional[float] = None
+    tpl_xmin: Optional[float] = None
+    tpl_R: Optional[float] = None
+    tpl_p: Optional[float] = None
+    alpha_hill_mid: Optional[float] = None
+    xmin_hill_mid: Optional[float] = None
+    D_hill_mid: Optional[float] = None
+    alpha_hill_peak: Optional[float] = None
+    xmin_hill_peak: Optional[float] = None
+    D_hill_peak: Optional[float] = None
+    alpha_detx: Optional[float] = None
+    xmin_detx: Optional[float] = None
+    D_detx: Optional[float] = None
+    detx_num: Optional[int] = None
+    detx_val: Optional[float] = None
     mp_sigma2: Optional[float] = None
     lambda_plus: Optional[float] = None
     num_spikes: Optional[int] = None

@@ -7,6 +7,7 @@ loaded tensor. What each tensor is comes from :mod:`allennlp_analyze.kinds`: Lin
 recurrent weights and unidentified 2-D weights are analyzed, embedding tables and convolution
 kernels on request (``include``), nothing else.
 """
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ OPT_IN_KINDS = {"embedding": ("embeddings", "embedding table (add --include embe
 #: one whose values turn out not to be a weight's (:func:`~allennlp_analyze.kinds.value_kind`).
 NOT_WEIGHTS = {"buffer": "not a weight: a buffer of its module",
                "mask": "not a weight: a mask (by its name)"}
+#: Convolution kernels with more spatial positions than this are recognised (kind ``conv``) but
+#: not sliced: each position would be one matrix and one record (a 64 x 64 x 64 3-D kernel:
+#: 262144). Real kernels have a few to a few hundred (wav2vec2's positional one: 128).
+MAX_CONV_POSITIONS = 4096
 NOT_WEIGHT_VALUES = {"mask": "not a weight: a mask (all values 0 or 1)",
                      "constant": "not a weight: all values equal (and not 0)"}
 
@@ -69,10 +74,15 @@ class Selection:
 
 
 def plan(tensors: Sequence[TensorInfo], options: AnalysisOptions,
-         config: Optional[Mapping] = None) -> Selection:
+         config: Optional[Mapping] = None,
+         context: Optional[Sequence[TensorInfo]] = None) -> Selection:
     """The matrices to analyze among ``tensors`` (whose checkpoint's ``config.json``, if any, is
-    ``config``), with every left-out parameter (or part of one) counted by reason."""
-    kinds = classify(tensors, config_kinds(config, tensors))
+    ``config``), with every left-out parameter (or part of one) counted by reason.
+    ``context``: every tensor of the checkpoint ``tensors`` belong to, where they are one shard
+    of it: the kinds are those of the whole checkpoint (a weight's bias may sit in the next
+    shard)."""
+    whole = context if context else tensors
+    kinds = classify(whole, config_kinds(config, whole))
     skipped: Counter = Counter()
     plans: List[MatrixPlan] = []
     decisions = []
@@ -115,7 +125,12 @@ def _parameter_skip_reason(t: TensorInfo, kind: Kind, o: AnalysisOptions) -> Opt
         return None
     if k in OPT_IN_KINDS:
         include, reason = OPT_IN_KINDS[k]
-        return None if include in o.include else reason
+        if include not in o.include:
+            return reason
+        positions = math.prod(t.shape[2:]) if k == "conv" else 0
+        if positions > MAX_CONV_POSITIONS:
+            return f"convolution kernel of more than {MAX_CONV_POSITIONS} positions (not sliced)"
+        return None
     return _skip_reason(t, kind)
 
 

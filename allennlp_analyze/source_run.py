@@ -146,7 +146,8 @@ def plan_source(source: WeightSource, options: AnalysisOptions,
     """The plan of one source, from its tensor list (and its config, where it has one); a
     ``--match`` that selects none of its parameters is an :class:`AnalyzeError`."""
     tensors = source.tensors()
-    selection = plan(tensors, options, getattr(source, "config", None))
+    selection = plan(tensors, options, getattr(source, "config", None),
+                     getattr(source, "context", None))
     if options.match and selection.skipped.get("not matched by --match") == len(tensors):
         patterns = " ".join(repr(p) for p in options.match)
         raise AnalyzeError(f"no parameter of {label or source.label} matches --match {patterns}")

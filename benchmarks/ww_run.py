@@ -3,6 +3,7 @@ by ``benchmarks/setup_ww.sh``), started by ``benchmarks/run.py``:
 
     .cache/bench-venv/bin/python benchmarks/ww_run.py MODEL LAYERS.json THREADS OUT.json [REPEAT]
     .cache/bench-venv/bin/python benchmarks/ww_run.py --svd-costs SHAPES.json OUT.json
+    .cache/bench-venv/bin/python benchmarks/ww_run.py --fit-times EVALS.npz OUT.json
 
 Builds a torch module holding exactly the given 2-D weights as ``nn.Linear`` layers (the layers
 ``allennlp-analyze`` analyzes: WeightWatcher cannot open a single safetensors file; MODEL is a
@@ -16,6 +17,10 @@ per-layer details (alpha, sv_min, sv_max, matrix rank, ...).
 ``scipy.linalg.svd(W.astype(float), compute_uv=False)``, for each ``[N, M]`` in SHAPES.json
 (random float64 matrices), and of ``numpy.linalg.qr(W, mode="r")`` (the first step of that SVD
 for tall matrices) where a shape is ``[N, M, "qr"]``; for the benchmark's projection.
+
+``--fit-times``: for each eigenvalue array of EVALS.npz, the one-thread seconds and results of
+``WeightWatcher.fit_powerlaw(evals, fix_fingers=F, pl_package="powerlaw")`` for F = "xmin_peak"
+and "clip_xmax" (the references of ``allennlp_analyze.fits``; ``benchmarks/fit_estimators.py``).
 """
 import json
 import logging
@@ -83,9 +88,33 @@ def svd_costs(shapes_json, out):
         json.dump({"costs": rows, "scipy": scipy.__version__}, f)
 
 
+def fit_times(npz, out):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    logging.disable(logging.WARNING)
+    import numpy as np
+    import weightwatcher as ww
+
+    watcher = ww.WeightWatcher()
+    rows = []
+    with np.load(npz) as z:
+        for key in z.files:
+            evals = np.sort(z[key])
+            for mode in ("xmin_peak", "clip_xmax"):
+                t0 = time.perf_counter()
+                r = watcher.fit_powerlaw(evals, plot=False, fix_fingers=mode,
+                                         pl_package="powerlaw")
+                rows.append({"key": key, "mode": mode, "seconds": time.perf_counter() - t0,
+                             "alpha": float(r[0]), "num_fingers": int(r[7])})
+    with open(out, "w") as f:
+        json.dump({"fits": rows, "weightwatcher": ww.__version__}, f)
+
+
 def main():
     if sys.argv[1] == "--svd-costs":
         return svd_costs(*sys.argv[2:4])
+    if sys.argv[1] == "--fit-times":
+        return fit_times(*sys.argv[2:4])
     path, layers_json, threads, out = sys.argv[1:5]
     repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

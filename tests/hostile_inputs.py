@@ -27,6 +27,26 @@ def torch_bytes(state: dict) -> bytes:
     return buf.getvalue()
 
 
+def torchscript_archive(path: Path, drop: Optional[str] = None, cut: Optional[str] = None) -> Path:
+    """``torch.jit.save`` of a scripted ``nn.Linear(4, 3)`` (storages ``data/0``: weight,
+    ``data/1``: bias), with the record ``drop`` left out or the record ``cut`` one element
+    short (a size that lies)."""
+    import zipfile
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(torch.nn.Linear(4, 3)), buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            folder, _, rest = info.filename.partition("/")
+            data = src.read(info)
+            if rest == drop:
+                continue
+            dst.writestr(info, data[:-4] if rest == cut else data)
+    return path
+
+
 def member_bytes(name: str, data: bytes, size: Optional[int] = None) -> bytes:
     """One tar member as bytes: header (declaring ``size``, default ``len(data)``) and data."""
     info = tarfile.TarInfo(name)

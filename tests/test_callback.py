@@ -249,6 +249,10 @@ def test_constructed_from_params_with_the_analysis_options(tmp_path):
     with pytest.raises(ConfigurationError, match="nonsense"):
         TrainerCallback.from_params(Params({"type": "weight_analysis", "nonsense": 1}),
                                     serialization_dir=str(tmp_path))
+    callback = TrainerCallback.from_params(  # --fit: a list in a config
+        Params({"type": "weight_analysis", "fit": ["tpl", "hill-mid"]}),
+        serialization_dir=str(tmp_path))
+    assert callback.options == AnalysisOptions(fit=("tpl", "hill-mid"))
     import inspect
 
     accepted = set(inspect.signature(WeightAnalysisCallback.__init__).parameters)

@@ -114,6 +114,8 @@ def inputs(tmp_path_factory):
         {"w": {"dtype": "F32", "shape": [0, 64, 10**12], "data_offsets": [0, 0]},
          "v": {"dtype": "F32", "shape": [4, 3], "data_offsets": [0, 48]}},
         np.random.default_rng(1).standard_normal(12).astype("<f4").tobytes()))
+    f["ts_missing"] = H.torchscript_archive(d / "ts_missing.pt", drop="data/1")
+    f["ts_lying"] = H.torchscript_archive(d / "ts_lying.pt", cut="data/0")
     f["sparse"] = H.sparse_safetensors(d / "sparse.safetensors", 40000, 20000)
     f["tiny"] = H.tiny_matrices(d / "tiny.safetensors", 100_000)
     names = ["plain.weight", "new\nline.weight", "esc\x1b[2J\x1b[31m.weight", "rtl\u202eexe.weight"]
@@ -162,6 +164,7 @@ def _cases(f, base, backlog, work):
         # safetensors and JSON
         **{f"header:{n}": ([str(f[n])], {}) for n in (
             "deep_header", "deep_index", "shape_float", "shape_huge", "shape_overflow")},
+        **{f"torchscript:{n}": ([str(f[n])], {}) for n in ("ts_missing", "ts_lying")},
         "empty_conv": ([str(f["empty_conv"]), "--include", "conv", "--format", "json"], {}),
         "sparse": ([str(f["sparse"])], {}),
         "tiny": ([str(f["tiny"]), "--match", r"^m77777\.weight$", "--format", "json"], {}),
@@ -366,6 +369,18 @@ def test_deep_json_is_refused_without_recursion(batches, inputs):
 ])
 def test_impossible_shapes_are_refused(batches, case, fragment):
     found = _both_errors(batches, f"header:{case}", "corrupt safetensors header", fragment)
+    assert found["standalone"] == found["plugin"]
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("ts_missing", "storage 1 is missing from the zip"),
+    ("ts_lying", "storage 0 holds 44 bytes, the pickle says 48"),
+])
+def test_broken_torchscript_archives(batches, inputs, case, fragment):
+    """A TorchScript archive whose data.pkl names a record that is not there, or whose record
+    is shorter than the tensor it holds: one line, exit 2, from either front."""
+    found = _both_errors(batches, f"torchscript:{case}", str(inputs[case]),
+                         "not a valid PyTorch file", fragment)
     assert found["standalone"] == found["plugin"]
 
 

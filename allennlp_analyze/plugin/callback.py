@@ -185,7 +185,7 @@ def _constructor_signature() -> inspect.Signature:
     arguments, then AnalysisOptions' fields with their defaults (tuples as lists)."""
     own = [p for p in inspect.signature(WeightAnalysisCallback.__init__).parameters.values()
            if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    as_list = {"match", "exclude", "include"}
+    as_list = {"match", "exclude", "include", "fit"}
     extra = []
     for f in fields(AnalysisOptions):
         if f.default is not MISSING:

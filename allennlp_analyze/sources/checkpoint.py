@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from ..errors import AnalyzeError
 from .unpickle import Inert
@@ -41,11 +41,14 @@ Path = Tuple[str, ...]
 @dataclass
 class Weights:
     """The tensors chosen (name -> tensor, in file order), the owning module type of those
-    that come from a pickled ``torch.nn`` module, and the note (``None``: nothing to say)."""
+    that come from a pickled ``torch.nn`` module, the note (``None``: nothing to say), and the
+    names of the registered buffers where the file says which tensors are buffers (a
+    TorchScript archive; ``None``: not said)."""
 
     tensors: Dict[str, Any]
     module_types: Dict[str, str] = field(default_factory=dict)
     note: Optional[str] = None
+    buffers: Optional[Set[str]] = None
 
 
 def _segment(key: Any) -> str:

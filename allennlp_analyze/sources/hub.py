@@ -33,6 +33,7 @@ from ._common import one_line, read_index
 from . import registry
 from .folder import HF_NAMES, open_folder
 from .local import open_path
+from .unsupported import UNSUPPORTED, Unsupported
 
 _ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?$")
 DEFAULT_TIMEOUT_S = 10.0
@@ -150,12 +151,20 @@ def weight_files(names: List[str]) -> List[str]:
             chosen = [name]
             break
     else:
-        for fmt in registry.FORMATS:
+        for fmt in (f for f in registry.FORMATS if f.readable):
             found = sorted({n for n in top for p in fmt.folder_globs if fnmatch.fnmatch(n, p)})
             if found:
                 chosen = found
                 break
     return (["config.json"] if "config.json" in top else []) + chosen
+
+
+def refused_listing(names: List[str]) -> Optional[Unsupported]:
+    """The format that is recognised but not read (no reader registered) of a repository listing
+    whose top-level files match its folder globs (a repository of ``.gguf`` files), if any."""
+    top = [n for n in names if "/" not in n]
+    return next((u for u in UNSUPPORTED if not registry.get(u.key).readable and any(
+        fnmatch.fnmatch(n, g) for n in top for g in u.folder_globs)), None)
 
 
 def _download(hub, text: str, repo: str, revision: Optional[str], cache: Path,
@@ -165,8 +174,12 @@ def _download(hub, text: str, repo: str, revision: Optional[str], cache: Path,
     timeout = _timeout()
     try:
         info = hub.HfApi(endpoint=endpoint).model_info(repo, revision=revision, timeout=timeout)
-        files = weight_files([s.rfilename for s in info.siblings or []])
+        names = [s.rfilename for s in info.siblings or []]
+        files = weight_files(names)
         if len(files) <= int("config.json" in files):
+            refused = refused_listing(names)
+            if refused is not None:  # only a format that is not read: named, nothing fetched
+                raise AnalyzeError(refused.message(f"{text}: the repository's weights file"))
             raise AnalyzeError(f"{text}: the Hugging Face repository holds no weight files "
                                "(looked for *.safetensors, pytorch_model.bin, *.th/*.pt/*.bin, "
                                "*.tar.gz)")

@@ -8,7 +8,9 @@ suffix (and ``name_check``) matches its name; a file whose name says nothing by 
 entry whose ``sniff`` claims its content (entries with ``sniff_last``, whose sniffers claim a
 broad family such as any zip or any pickle, after all the others); a folder by the first entry
 with exactly one file matching its ``folder_globs``. Adding a format is one reader module and
-one entry here (CONTRIBUTING.md).
+one entry here (CONTRIBUTING.md). Formats that are recognised but not read (TFLite, SavedModel,
+Core ML; ONNX, Keras, GGUF until their readers are registered) come last, from
+:mod:`.unsupported`: their openers name the format and what to convert it to.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from .archive import ArchiveSource
 from .numpy_file import NpySource, NpzSource, looks_like_npz
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
 from .torch_file import ShardedTorchSource, TorchFileSource
+from .unsupported import UNSUPPORTED, Unsupported, refuse
 
 #: Bytes of a file that content sniffers see (``head``); shorter where the file is.
 HEAD_BYTES = 16
@@ -51,6 +54,9 @@ class SourceFormat:
     #: How the "not a recognised weights file" message names it ("" where another entry's
     #: phrase covers it).
     expected: str = ""
+    #: False for a format that is recognised but not read (:mod:`.unsupported`): its opener
+    #: refuses the file in one line; hub downloads never fetch it.
+    readable: bool = True
 
     def claims_name(self, path: Path) -> bool:
         """Whether ``path``'s name says it is of this format."""
@@ -97,6 +103,18 @@ FORMATS: List[SourceFormat] = [
     SourceFormat("npy", (".npy",), _plain(NpySource),
                  sniff=lambda path, head: head[:4] == b"\x93NUM", folder_globs=("*.npy",)),
 ]
+
+
+def _refused(entry: Unsupported) -> SourceFormat:
+    """The entry of a format that is recognised but not read: its opener raises the one line."""
+    sniff = (lambda path, head: entry.matches_head(head)) if entry.magic else None
+    return SourceFormat(entry.key, entry.suffixes, lambda path, label, key: refuse(entry, path),
+                        sniff=sniff, folder_globs=entry.folder_globs, readable=False)
+
+
+#: Formats recognised but not read, after every readable one (a folder with weights that can be
+#: read is read); a reader registered above under the same name replaces its entry.
+FORMATS += [_refused(u) for u in UNSUPPORTED if u.key not in {f.name for f in FORMATS}]
 
 
 def get(name: str) -> SourceFormat:

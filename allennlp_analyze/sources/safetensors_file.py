@@ -188,7 +188,11 @@ def _owned(array) -> np.ndarray:
 
 
 class SafetensorsSource:
-    """One ``.safetensors`` file."""
+    """One ``.safetensors`` file. ``context``: where it is one shard of a checkpoint, every
+    tensor of the whole (:func:`shard_context`, set by :func:`~.local.open_path`), of which
+    the kinds are decided."""
+
+    context: Optional[Sequence[TensorInfo]] = None
 
     def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None):
         self.path = Path(path)
@@ -259,6 +263,19 @@ class ShardedSafetensorsSource:
 
     def __repr__(self) -> str:
         return f"<ShardedSafetensorsSource {self.label!r}>"
+
+
+def shard_context(path: Path) -> Optional[Sequence[TensorInfo]]:
+    """Every tensor (headers only) of the sharded checkpoint whose ``*.safetensors.index.json``
+    beside ``path`` names it as a shard; None where none does, or where the checkpoint cannot be
+    listed (the shard is then read on its own)."""
+    for index in sorted(path.parent.glob("*.safetensors.index.json")):
+        try:
+            if path.name in read_index(index).values():
+                return ShardedSafetensorsSource(index).tensors()
+        except AnalyzeError:
+            return None
+    return None
 
 
 def looks_like_safetensors(path: Path) -> bool:

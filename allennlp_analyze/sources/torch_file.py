@@ -1,5 +1,6 @@
 """Pickled PyTorch files (``.th``, ``.pt``, ``.pth``, ``.bin``, ``.ckpt``, plain pickles of
-tensors), single or sharded, read without torch and without running any code from the file.
+tensors, TorchScript archives: :mod:`.torchscript`), single or sharded, read without torch and
+without running any code from the file.
 
 The file is memory-mapped and parsed by :mod:`.torch_format` (zip and legacy formats; every
 global but torch's tensor rebuilders inert); the weights are found by
@@ -18,8 +19,14 @@ from ..tensors import TensorInfo
 from ._common import MappedSource, map_file, read_index, shard_order
 from .checkpoint import find_weights
 from .torch_format import Corrupt, PickledTensor, check, read_torch
+from .torchscript import ScriptArchive, script_weights
+from .unsupported import by_magic
 
 SUFFIXES = (".th", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _is_pickled_tensor(value) -> bool:
+    return isinstance(value, PickledTensor)
 
 
 def read_weights(buffer, origin: str, checkpoint_key: Optional[str] = None):
@@ -29,9 +36,14 @@ def read_weights(buffer, origin: str, checkpoint_key: Optional[str] = None):
     quantized and meta tensors)."""
     if len(buffer) == 0:
         raise AnalyzeError(f"{origin} is empty")
+    refused = by_magic(bytes(memoryview(buffer)[:16]))  # a GGUF or TFLite file named .bin
+    if refused is not None:
+        raise AnalyzeError(refused.message(origin))
     root, inert = read_torch(buffer, origin)
-    weights = find_weights(root, origin, lambda x: isinstance(x, PickledTensor),
-                           checkpoint_key, inert)
+    if isinstance(root, ScriptArchive):
+        weights = script_weights(root, origin, _is_pickled_tensor, checkpoint_key)
+    else:
+        weights = find_weights(root, origin, _is_pickled_tensor, checkpoint_key, inert)
     check(weights.tensors, origin)
     left = {n: t.problem() for n, t in weights.tensors.items() if t.problem()}
     if left and len(left) == len(weights.tensors):
@@ -57,7 +69,9 @@ class PickledSource(MappedSource):
 
     def __init__(self, label: str, buffer, origin: str, checkpoint_key: Optional[str] = None):
         weights, left = read_weights(buffer, origin, checkpoint_key)
-        infos = [TensorInfo(name, t.shape, t.dtype, weights.module_types.get(name))
+        buffers = weights.buffers
+        infos = [TensorInfo(name, t.shape, t.dtype, weights.module_types.get(name),
+                            None if buffers is None else name in buffers)
                  for name, t in weights.tensors.items()]
         note = "; ".join(n for n in (weights.note, _left_note(left)) if n) or None
         super().__init__(label, origin, weights.tensors, infos, note)

@@ -7,6 +7,9 @@ stream: five pickles (magic number, protocol 1001, system info, the object, the 
 storage keys) followed by each storage as an int64 element count and its raw little-endian
 bytes. A plain ``pickle.dump`` of tensors holds each storage as a legacy stream of its own
 (``torch.storage._load_from_bytes``).
+A TorchScript archive (``torch.jit.save``) is a zip of the same layout with ``constants.pkl`` and
+``code/`` beside: its ``data.pkl`` is read the same way, and handed on with its classes'
+parameter and buffer declarations as a :class:`~.torchscript.ScriptArchive`.
 
 The pickles are read by :mod:`.unpickle`: torch's tensor-rebuilding functions
 (``torch._utils._rebuild_tensor_v2`` ...) are replaced by functions that only record what
@@ -30,6 +33,7 @@ import numpy as np
 from ..errors import AnalyzeError
 from ._common import one_line, zip_member_data
 from .safetensors_file import widen
+from .torchscript import MAX_CODE_BYTES, ScriptArchive, declarations
 from .unpickle import MAX_PICKLE_BYTES, PickleTooLarge, Window, load
 
 #: torch dtype name -> (numpy dtype of its stored bits, safetensors code where numpy widens it).
@@ -571,12 +575,8 @@ def _read_zip(buffer, zf: zipfile.ZipFile) -> Tuple[Any, Set[str]]:
     infos = {i.filename: i for i in zf.infolist()}
     pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
-        if any(n.endswith("constants.pkl") for n in infos):
-            raise Corrupt("TORCHSCRIPT")
         raise Corrupt("a zip file without exactly one <folder>/data.pkl: not a torch.save file")
     prefix = pickles[0][:-len("data.pkl")]
-    if prefix + "constants.pkl" in infos:
-        raise Corrupt("TORCHSCRIPT")
     pickle_info = infos[pickles[0]]
     if pickle_info.file_size > MAX_PICKLE_BYTES:
         raise PickleTooLarge()
@@ -599,7 +599,26 @@ def _read_zip(buffer, zf: zipfile.ZipFile) -> Tuple[Any, Set[str]]:
         if data is None:
             data, start = zf.read(info), 0
         storage.buffer, storage.start, storage.big_endian = data, start, big
+    if prefix + "constants.pkl" in infos:  # TorchScript: the module and its classes' declarations
+        constants = sum(n.startswith(prefix + "constants/") for n in infos)
+        root = ScriptArchive(root, declarations(_code(zf, prefix + "code/")), constants)
     return root, inert
+
+
+def _code(zf: zipfile.ZipFile, folder: str) -> Dict[str, str]:
+    """The ``.py`` files under ``folder`` of a TorchScript archive, ``{path under it: text}``,
+    up to :data:`~.torchscript.MAX_CODE_BYTES` in all (each file's declared size; the zip
+    reader never inflates past it)."""
+    texts, total = {}, 0
+    for info in zf.infolist():
+        name = info.filename
+        if not (name.startswith(folder) and name.endswith(".py")) or info.is_dir():
+            continue
+        total += info.file_size
+        if total > MAX_CODE_BYTES:
+            break
+        texts[name[len(folder):]] = zf.read(info).decode("utf-8", errors="replace")
+    return texts
 
 
 def read_torch(buffer, origin: str) -> Tuple[Any, Set[str]]:
@@ -632,11 +651,6 @@ def read_torch(buffer, origin: str) -> Tuple[Any, Set[str]]:
             f"{MAX_PICKLE_BYTES >> 20} MiB (not a weights file?)"
         ) from None
     except Corrupt as e:
-        if str(e) == "TORCHSCRIPT":
-            raise AnalyzeError(
-                f"{origin} is a TorchScript archive, not a plain tensor state "
-                "dict (refused to unpickle arbitrary objects)"
-            ) from None
         raise AnalyzeError(f"{origin} is not a valid PyTorch file ({e})") from None
     except MemoryError:  # the C unpickler allocates what a length field claims, then reads
         raise AnalyzeError(
