@@ -18,6 +18,7 @@ setup(
         "allennlp": ["allennlp==2.10.1"],
         "hub": ["huggingface_hub>=0.25"],
         "dask": ["dask[distributed]"],
+        "gguf": ["gguf>=0.19"],
     },
     entry_points={"console_scripts": ["allennlp-analyze=allennlp_analyze.cli:main"]},
 )

@@ -154,7 +154,7 @@ def value_kind(array: np.ndarray) -> Optional[str]:
 # -- the evidence, in order ------------------------------------------------------------------
 
 def _classify(t: TensorInfo, configured, shapes, gates) -> Kind:
-    if t.dtype not in DTYPE_EPS:
+    if t.dtype not in DTYPE_EPS and not t.quantized:
         return Kind("non_float", "structure", module_type=t.module_type)
     if t.buffer:
         return Kind("buffer", "module", module_type=t.module_type)

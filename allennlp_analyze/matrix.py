@@ -13,7 +13,8 @@ from .records import WIDE_DTYPES, MatrixRecord, criterion_for, roundoff_criterio
 from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
                                mp_bulk_fit, permuted)
 from .spectrum import Parallel, Spectrum, singular_values_many
-from .tensors import DTYPE_EPS
+from .quantized import QuantizedView, readable
+from .tensors import DTYPE_EPS, storage_eps
 
 
 def analyze_matrix(W: np.ndarray, options: AnalysisOptions = AnalysisOptions(), *,
@@ -45,7 +46,7 @@ def analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optional
     prepared = [_prepare(W, options, name, dtype, model, module_type, part)
                 for W, name, dtype, model, module_type, part in items]
     specs = singular_values_many([W for _, W in prepared],
-                                 [DTYPE_EPS[rec.dtype] for rec, _ in prepared],
+                                 [storage_eps(rec.dtype) for rec, _ in prepared],
                                  loose_tol=options.loose_tol, method=options.method,
                                  device=options.device, parallel=parallel,
                                  noise_dtypes=[rec.dtype for rec, _ in prepared])
@@ -71,12 +72,15 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
              ) -> Tuple[MatrixRecord, np.ndarray]:
     """The record's identity fields, and W (any array-like that slices; it is read in
     blocks, and NaN/Inf is found there)."""
+    W = readable(W)  # a quantized matrix: row blocks decoded with each element's step
+    if isinstance(W, QuantizedView):
+        dtype = W.matrix.scheme
     if not hasattr(W, "shape"):
         W = np.asarray(W)
     if W.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D matrix, got shape {W.shape}")
     dtype = dtype or W.dtype.name
-    if dtype not in DTYPE_EPS:
+    if dtype not in DTYPE_EPS and not isinstance(W, QuantizedView):
         raise ValueError(f"{name}: unsupported dtype {dtype}")
     N, M = max(W.shape), min(W.shape)
     rec = MatrixRecord(model=model, name=name, module_type=module_type, shape=tuple(W.shape),
@@ -84,7 +88,7 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
     return rec, W
 
 
-def _eps_ranks(rec: MatrixRecord, spec: Spectrum, bound: float
+def _eps_ranks(rec: MatrixRecord, spec: Spectrum, bound: Optional[float]
                ) -> Tuple[Optional[int], Optional[int], Optional[str]]:
     """numpy's and Numerical Recipes' ranks, each None where it says nothing about W, and why.
 
@@ -96,7 +100,9 @@ def _eps_ranks(rec: MatrixRecord, spec: Spectrum, bound: float
     the image of a nonzero singular value of the unrounded matrix, so a tolerance that calls
     them noise contradicts the storage it models. float32 / float64 ranks are the formulas."""
     sv, tol = spec.sv, spec.tolerances
-    certain = None if rec.dtype in WIDE_DTYPES else spec.rank(bound)
+    if rec.dtype not in DTYPE_EPS:
+        return None, None, f"{rec.dtype} quantization has no machine epsilon: no numpy / nr rank"
+    certain = None if rec.dtype in WIDE_DTYPES or bound is None else spec.rank(bound)
     ranks: Dict[str, Optional[int]] = {c: spec.rank(getattr(tol, c)) for c in ("numpy", "nr")}
     at_max = [c for c in ranks if sv[0] > 0.0 and getattr(tol, c) >= sv[0]]
     reasons = [f"{' and '.join(at_max)} tolerance >= sv_max for {rec.dtype} "
@@ -131,6 +137,9 @@ def _finish(rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
     rec.rank_loose, rec.rank_noise = spec.rank(tol.loose), spec.rank(tol.noise)
     rec.noise_floor, rec.noise_bound = tol.noise, noise.bound
     rec.rank_numpy, rec.rank_nr, rec.rank_note = _eps_ranks(rec, spec, noise.bound)
+    if noise.bound_reason:
+        rec.rank_note = "; ".join(filter(None, (rec.rank_note,
+                                                f"no noise_bound: {noise.bound_reason}")))
     rec.rank_criterion = criterion_for(options.rank_criterion, rec.dtype)
     rank = rec.rank(rec.rank_criterion)
     rec.rank_loss = None if rank is None else M - rank
@@ -211,9 +220,13 @@ def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spec
     mats = [permuted(np.asarray(prepared[j][1]), options.seed, prepared[j][0].name)
             for j in keep]
     dtypes = [prepared[j][0].dtype for j in keep]
+    # a quantized matrix's permuted values are plain floats: its own noise estimate serves
+    estimates = [getattr(specs[j].noise, "estimate", 0.0) if d not in DTYPE_EPS else 0.0
+                 for j, d in zip(keep, dtypes)]
     rand_specs = singular_values_many(
-        mats, [DTYPE_EPS[d] for d in dtypes], loose_tol=options.loose_tol,
-        method=options.method, device=options.device, noise_dtypes=dtypes)
+        mats, [storage_eps(d) for d in dtypes], loose_tol=options.loose_tol,
+        method=options.method, device=options.device, noise_estimates=estimates,
+        noise_dtypes=[d if d in DTYPE_EPS else None for d in dtypes])
     out = [np.zeros(0)] * len(prepared)
     for j, rand in zip(keep, rand_specs):
         if rand is None:  # a permutation of finite values is finite

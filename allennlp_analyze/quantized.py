@@ -9,7 +9,7 @@ Decoders (GGUF block types, GPTQ, AWQ, compressed-tensors, bitsandbytes, ONNX QD
 block so that peak memory does not grow with the matrix's height.
 """
 from dataclasses import dataclass
-from typing import Optional, Protocol, Tuple
+from typing import Any, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -19,7 +19,9 @@ class DecodedRows:
     """Rows ``start:stop`` of a quantized matrix, all float64 of shape (rows, M), oriented out × in
     as the model uses the matrix: ``values`` the dequantized weights; ``step`` the quantization
     step of each element (weights' units); ``worst`` a rigorous bound on ``|w_q - w|`` per element
-    where the format guarantees one, else None."""
+    where the format guarantees one, else None. ``values`` may also be float32 where that holds
+    the decoded values exactly (the decoder's own output: the spectrum widens it as it copies
+    the block); ``step`` may be a broadcast view (one value per block)."""
 
     values: np.ndarray
     step: np.ndarray
@@ -41,3 +43,96 @@ class QuantizedMatrix(Protocol):
     def rows(self, start: int, stop: int) -> DecodedRows:
         """Decode rows ``start:stop`` (bounded memory: only these rows' stored blocks are read)."""
         ...
+
+
+def is_quantized(array) -> bool:
+    """Whether a loaded tensor is a :class:`QuantizedMatrix` (rather than an array)."""
+    return hasattr(array, "rows") and hasattr(array, "scheme")
+
+
+class QuantizedView:
+    """A :class:`QuantizedMatrix` as the spectrum reads it: a 2-D array-like of float64 values
+    (``shape``, ``T``, row slices, ``numpy.asarray``) whose reads decode only the rows (or, for
+    the transpose, the columns) they cover; :meth:`decode` gives the part's
+    :class:`DecodedRows` (values, step, worst in the view's orientation) for the noise model.
+
+    Columns come from the matrix's own ``columns(start, stop)`` where it has one (GGUF: only
+    the blocks holding them are decoded), else from its rows decoded in row chunks of about
+    ``chunk_elements`` entries, keeping only those columns (memory bounded by the part)."""
+
+    #: ``dtype`` as the spectrum sees it: the values of every quantized format we decode lie in
+    #: float32's range (small integer codes times fp16 / fp32 scales), so W^T W cannot
+    #: overflow in float64 and no scaling scan is needed.
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, matrix: QuantizedMatrix, transposed: bool = False,
+                 start: int = 0, stop: Optional[int] = None, chunk_elements: int = 1 << 20):
+        self.matrix, self._transposed = matrix, transposed
+        n = matrix.shape[1] if transposed else matrix.shape[0]
+        self._start, self._stop = start, n if stop is None else stop
+        self._chunk = chunk_elements
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        rows, cols = self.matrix.shape
+        return (self._stop - self._start, rows if self._transposed else cols)
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def T(self) -> "QuantizedView":
+        whole = self.matrix.shape[1] if self._transposed else self.matrix.shape[0]
+        if (self._start, self._stop) != (0, whole):
+            raise ValueError("only a whole quantized matrix can be transposed")
+        return QuantizedView(self.matrix, not self._transposed, chunk_elements=self._chunk)
+
+    def __getitem__(self, key) -> "QuantizedView":
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a quantized matrix is read by contiguous row slices")
+        a, b, _ = key.indices(self.shape[0])
+        return QuantizedView(self.matrix, self._transposed, self._start + a,
+                             self._start + max(a, b), self._chunk)
+
+    def decode(self) -> DecodedRows:
+        """The part's values, steps and worst cases, oriented as the view."""
+        if not self._transposed:
+            return self.matrix.rows(self._start, self._stop)
+        columns = getattr(self.matrix, "columns", None)
+        if columns is not None:
+            part = columns(self._start, self._stop)
+        else:
+            part = self._columns_from_rows()
+        return DecodedRows(part.values.T, part.step.T,
+                           None if part.worst is None else part.worst.T)
+
+    def _columns_from_rows(self) -> DecodedRows:
+        """Columns start:stop of the matrix from its rows, decoded chunk by chunk and cut at
+        once (only the part itself is kept)."""
+        n = self.matrix.shape[0]
+        step = max(1, self._chunk // max(1, self.matrix.shape[1]))
+        cut = slice(self._start, self._stop)
+        values, steps, worst = [], [], []
+        bounded = True
+        for a in range(0, n, step):
+            rows = self.matrix.rows(a, min(a + step, n))
+            values.append(rows.values[:, cut].copy())
+            steps.append(rows.step[:, cut].copy())
+            if rows.worst is None:
+                bounded = False
+            else:
+                worst.append(rows.worst[:, cut].copy())
+        return DecodedRows(np.concatenate(values), np.concatenate(steps),
+                           np.concatenate(worst) if bounded else None)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        values = np.asarray(self.decode().values, dtype=np.float64)
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+
+def readable(array: Any) -> Any:
+    """A loaded tensor as the analysis reads it: a :class:`QuantizedMatrix` in a
+    :class:`QuantizedView`, anything else as it is."""
+    return QuantizedView(array) if is_quantized(array) else array

@@ -89,7 +89,11 @@ class MatrixRecord:
     "gram+ritz", "gram>svd", "gram+ritz>svd"; see :mod:`allennlp_analyze.spectrum`).
     ``slice``: spatial position of a convolution slice, or the part of a fused matrix.
     ``kind`` / ``kind_from``: what the tensor is and on what evidence
-    (:mod:`allennlp_analyze.kinds`; None for a matrix given directly).
+    (:mod:`allennlp_analyze.kinds`; None for a matrix given directly). ``stored_name``: the
+    tensor's name in the file where ``name`` is mapped from it (GGUF), else None.
+    Quantized matrices (``dtype`` a scheme such as ``"Q4_K"``): ``noise_floor`` from the
+    quantization steps, ``noise_bound`` None where the format guarantees no per-element error
+    (``rank_note`` says why), ``rank_numpy`` / ``rank_nr`` None (no machine epsilon).
     Fields are ``None`` where the status rules them out.
     """
 
@@ -170,6 +174,7 @@ class MatrixRecord:
     method: Optional[str] = None
     slice: Optional[str] = None
     status: str = "ok"
+    stored_name: Optional[str] = None
 
     def rank(self, criterion: str) -> Optional[int]:
         """Rank under ``criterion`` (one of :data:`CRITERION_CHOICES`; "auto" as it applies to
@@ -291,7 +296,7 @@ def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
 def _tolerance_ratios(records: List[MatrixRecord]) -> Dict[str, float]:
     """Largest numpy / nr tolerance over sv_max among ``records`` that have that rank."""
     ratios: Dict[str, float] = {}
-    for r in records:
+    for r in (r for r in records if r.dtype in DTYPE_EPS):  # quantized: no eps, no such rank
         for c, ratio in zip(("numpy", "nr"), relative_tolerances(r.N, r.M, DTYPE_EPS[r.dtype])):
             if r.rank(c) is not None:
                 ratios[c] = max(ratios.get(c, 0.0), ratio)

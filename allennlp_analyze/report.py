@@ -122,7 +122,7 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
             notes.append(f"no rank for {s.rank_undefined[c]}: see rank_note")
         return f"{s.collapsed[c]}" + (f" ({'; '.join(notes)})" if notes else "")
 
-    chosen = f"{criterion}: loose for float32/float64, noise for narrower dtypes" \
+    chosen = f"{criterion}: loose for float32/float64, noise for narrower and quantized dtypes" \
         if criterion == "auto" else criterion
     lines.append(f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {count('loose')}"
                  f", numpy tolerance: {count('numpy')}"

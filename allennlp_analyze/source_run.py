@@ -15,6 +15,7 @@ from .errors import AnalyzeError
 from .kinds import value_kind
 from .matrix import analyze_many
 from .options import AnalysisOptions
+from .quantized import QuantizedView, readable
 from .records import MatrixRecord, SourceInfo
 from .scheduler import (Cores, blas_threads, bounded_map, cpu_count, has_threadpoolctl,
                         progress_bar, resolve_workers)
@@ -44,6 +45,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     depend on the worker count or the order."""
     label = label or source.label
     selection = plan_source(source, options, label)
+    stored = {t.name: t.stored_name for t in source.tensors() if t.stored_name}
     plans = selection.plans if names is None else [p for p in selection.plans if p.name in names]
     largest = max(plans, key=lambda p: limits.analysis_memory(*p.shape), default=None)
     if largest is not None:  # before any weight is read, let alone widened to float64
@@ -63,8 +65,8 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         for i in _largest_first(plans):
             p = plans[i]
             if loaded is None or p.param != loaded_name:
-                loaded_name, loaded = p.param, load(p.param)
-                not_weight = value_kind(loaded)
+                loaded_name, loaded = p.param, readable(load(p.param))
+                not_weight = None if isinstance(loaded, QuantizedView) else value_kind(loaded)
             if not_weight:
                 selection.skipped[NOT_WEIGHT_VALUES[not_weight]] += 1
                 continue
@@ -98,6 +100,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
                                  for _, p, W in batch], options, cores.lend)
         for (_, p, _), (rec, _, _) in zip(batch, results):
             rec.kind, rec.kind_from = p.kind, p.kind_from
+            rec.stored_name = stored.get(p.param)
         return [(i, result) for (i, _, _), result in zip(batch, results)]
 
     done: List[Optional[Tuple[MatrixRecord, np.ndarray, np.ndarray]]] = [None] * len(plans)

@@ -93,12 +93,14 @@ where ``eps`` is the machine epsilon of the dtype the weights were *stored* in (
 import threading
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Callable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
 from . import _lapack
-from .noise_floor import BLOCK_ELEMENTS, NoiseAccumulator, StorageNoise, noise_floor
+from .noise_floor import (BLOCK_ELEMENTS, NoiseAccumulator, QuantizationNoiseAccumulator,
+                          StorageNoise, noise_floor)
+from .quantized import DecodedRows
 
 #: Guaranteed relative accuracy of every singular value that the Gram path is allowed to report.
 GRAM_RTOL = 1e-8
@@ -249,8 +251,11 @@ class _Rows:
     matrix's diagonal; only float64 storage can need scaling, so it is always scanned.
     ``noise_dtype``: accumulate the storage rounding of the stored values of that dtype
     (:class:`~allennlp_analyze.noise_floor.NoiseAccumulator`) from each block as it is first
-    read, so that no extra pass over W is needed (:attr:`noise`). Raises
-    :class:`NonFiniteError`."""
+    read, so that no extra pass over W is needed (:attr:`noise`). A quantized W (a
+    :class:`~allennlp_analyze.quantized.QuantizedView`: its parts have ``decode()``) feeds
+    each block's steps and worst cases to a
+    :class:`~allennlp_analyze.noise_floor.QuantizationNoiseAccumulator` instead, whatever
+    ``noise_dtype``. Raises :class:`NonFiniteError`."""
 
     def __init__(self, W, scan: bool = True, noise_dtype: Optional[str] = None):
         if not hasattr(W, "shape"):
@@ -261,7 +266,12 @@ class _Rows:
         self.exponent = 0
         self.whole: Optional[np.ndarray] = None
         self.checked = scan or np.dtype(getattr(W, "dtype", np.float64)).itemsize > 4
-        self._noise = None if noise_dtype is None else NoiseAccumulator(noise_dtype, self.M)
+        self._noise: Union[NoiseAccumulator, QuantizationNoiseAccumulator, None] = None
+        if hasattr(self.src, "decode"):
+            self._noise = QuantizationNoiseAccumulator(
+                self.M, getattr(getattr(W, "matrix", None), "bound_reason", None))
+        elif noise_dtype is not None:
+            self._noise = NoiseAccumulator(noise_dtype, self.M)
         self._fed: Set[int] = set()
         if len(self.bounds) <= 1:
             self.whole = self._widened(0, self.N, "w", scale=False, feed=not self.checked)
@@ -291,10 +301,10 @@ class _Rows:
                 self._feed(a, part)
             return part
         out = _empty(slot, (b - a, self.M))
-        values = np.asarray(part)
+        values, stored = _read(part)
         np.copyto(out, values)
         if feed:  # the float64 copy holds the same values, in rows the accumulator reads fast
-            self._feed(a, values if values.flags.c_contiguous else out)
+            self._feed(a, stored if stored is not values or values.flags.c_contiguous else out)
         _release(part)
         if scale and self.exponent:
             _ldexp(out, -self.exponent, out=out)
@@ -302,19 +312,23 @@ class _Rows:
 
     def _scanned(self, a: int, b: int) -> float:
         part = self.src[a:b]
-        values = np.asarray(part)
+        values, stored = _read(part)
         big = _magnitude(values)
         if np.isfinite(big):  # NaN/Inf ends the analysis: nothing to accumulate
-            self._feed(a, values)
+            self._feed(a, stored)
         _release(part)
         return big
 
-    def _feed(self, start: int, values: np.ndarray) -> None:
-        """The stored values of the block at row ``start`` to the noise accumulator, once, in
-        pieces of about ``BLOCK_ELEMENTS`` entries (its cache-sized working copies)."""
+    def _feed(self, start: int, values) -> None:
+        """The stored values (or a quantized block's :class:`DecodedRows`) of the block at row
+        ``start`` to the noise accumulator, once, in pieces of about ``BLOCK_ELEMENTS`` entries
+        (its cache-sized working copies)."""
         if self._noise is None or start in self._fed:
             return
         self._fed.add(start)
+        if isinstance(values, DecodedRows):
+            self._noise.update(values)  # type: ignore[arg-type]
+            return
         step = max(1, BLOCK_ELEMENTS // max(1, self.M))
         for a in range(0, values.shape[0], step):
             self._noise.update(values[a:a + step])
@@ -347,6 +361,17 @@ class _Rows:
         if self.whole is not None:
             return self.whole
         return np.concatenate([np.array(blk) for _, _, blk in self.blocks()])
+
+
+def _read(part) -> Tuple[np.ndarray, object]:
+    """A part of W read: its values, and what the noise accumulator takes of it (the stored
+    values themselves, or a quantized part's :class:`DecodedRows`)."""
+    decode = getattr(part, "decode", None)
+    if decode is None:
+        values = np.asarray(part)
+        return values, values
+    decoded = decode()
+    return decoded.values, decoded
 
 
 def _release(part) -> None:

@@ -19,6 +19,13 @@ from .noise_floor import FORMATS
 DTYPE_EPS = {name: fmt.eps for name, fmt in FORMATS.items()}
 
 
+def storage_eps(dtype: str) -> float:
+    """Machine epsilon of storage ``dtype`` (:data:`DTYPE_EPS`); 0 for a quantization scheme
+    (``"Q4_K"``...): no floating-point grid, its noise is its quantization step's
+    (:mod:`allennlp_analyze.quantized`), and numpy's / NR's eps-based ranks say nothing."""
+    return DTYPE_EPS.get(dtype, 0.0)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One named parameter of a model, without its data.
@@ -31,6 +38,9 @@ class TensorInfo:
     parameter) and ``parts``: the row blocks ``((label, rows), ...)`` of a fused weight whose
     module says how it is split (AllenNLP's ``_combined_projection``: q, k, v of the attention
     and values sizes). :mod:`allennlp_analyze.kinds` reads them as the best evidence.
+    ``quantized``: ``dtype`` names a quantization scheme (``"Q4_K"``), and :meth:`WeightSource.load`
+    gives a :class:`~allennlp_analyze.quantized.QuantizedMatrix`; ``stored_name``: the name in
+    the file where the source maps it to another (GGUF's ``blk.0.attn_q.weight``).
     """
 
     name: str
@@ -39,6 +49,8 @@ class TensorInfo:
     module_type: Optional[str] = None
     buffer: Optional[bool] = None
     parts: Tuple[Tuple[str, int], ...] = ()
+    quantized: bool = False
+    stored_name: Optional[str] = None
 
 
 class WeightSource(Protocol):

@@ -145,6 +145,29 @@ def sparse_safetensors(path: Path, rows: int, cols: int) -> Path:
     return path
 
 
+def gguf_string(text: str, length: Optional[int] = None) -> bytes:
+    """A GGUF string: u64 length (``length``, default the true one) and UTF-8 bytes."""
+    raw = text.encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw
+
+
+def gguf_bytes(tensors=(("w.weight", (64, 8), 0, 0),), n_tensors: Optional[int] = None,
+               kv: bytes = b"", n_kv: int = 0, data: Optional[bytes] = None) -> bytes:
+    """A GGUF v3 file written by hand: ``kv`` (``n_kv`` raw key-value pairs), tensor infos
+    ``(name, ne (row length first), GGML type, offset)`` (``n_tensors`` may lie about their
+    number), then ``data`` at the next multiple of 32 (default: what the infos claim, F32)."""
+    infos = b"".join(gguf_string(name) + struct.pack("<I", len(ne))
+                     + b"".join(struct.pack("<Q", n) for n in ne) + struct.pack("<IQ", t, off)
+                     for name, ne, t, off in tensors)
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors) if n_tensors is None else n_tensors,
+                                 n_kv) + kv + infos
+    head += b"\0" * (-len(head) % 32)
+    if data is None:
+        data = np.random.default_rng(0).standard_normal(
+            sum(int(np.prod(ne)) for _, ne, _, _ in tensors)).astype("<f4").tobytes()
+    return head + data
+
+
 def deep_json(depth: int) -> str:
     return "[" * depth + "]" * depth
 

@@ -117,6 +117,15 @@ def inputs(tmp_path_factory):
     f["ts_missing"] = H.torchscript_archive(d / "ts_missing.pt", drop="data/1")
     f["ts_lying"] = H.torchscript_archive(d / "ts_lying.pt", cut="data/0")
     f["sparse"] = H.sparse_safetensors(d / "sparse.safetensors", 40000, 20000)
+    good_gguf = H.gguf_bytes()
+    for name, data in {
+            "count": H.gguf_bytes(n_tensors=2**62),
+            "offset": H.gguf_bytes([("w.weight", (64, 8), 0, 2**40)]),
+            "shape": H.gguf_bytes([("w.weight", (2**32, 2**32), 0, 0)], data=b""),
+            "truncated": good_gguf[:len(good_gguf) - 100],
+            "string": H.gguf_bytes(kv=H.gguf_string("k", 2**63) + b"\0" * 16, n_kv=1)}.items():
+        f[f"gguf_{name}"] = d / f"{name}.gguf"
+        f[f"gguf_{name}"].write_bytes(data)
     f["tiny"] = H.tiny_matrices(d / "tiny.safetensors", 100_000)
     names = ["plain.weight", "new\nline.weight", "esc\x1b[2J\x1b[31m.weight", "rtl\u202eexe.weight"]
     rng = np.random.default_rng(0)
@@ -164,6 +173,8 @@ def _cases(f, base, backlog, work):
         # safetensors and JSON
         **{f"header:{n}": ([str(f[n])], {}) for n in (
             "deep_header", "deep_index", "shape_float", "shape_huge", "shape_overflow")},
+        **{f"gguf:{n}": ([str(f[f"gguf_{n}"])], {}) for n in (
+            "count", "offset", "shape", "truncated", "string")},
         **{f"torchscript:{n}": ([str(f[n])], {}) for n in ("ts_missing", "ts_lying")},
         "empty_conv": ([str(f["empty_conv"]), "--include", "conv", "--format", "json"], {}),
         "sparse": ([str(f["sparse"])], {}),
@@ -369,6 +380,16 @@ def test_deep_json_is_refused_without_recursion(batches, inputs):
 ])
 def test_impossible_shapes_are_refused(batches, case, fragment):
     found = _both_errors(batches, f"header:{case}", "corrupt safetensors header", fragment)
+    assert found["standalone"] == found["plugin"]
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("count", "4611686018427387904 tensor infos"), ("offset", "past the end"),
+    ("shape", "more elements than the file has bits"), ("truncated", "truncated"),
+    ("string", "claims 9223372036854775808 bytes")])
+def test_hostile_gguf_headers(batches, case, fragment):
+    """Checked by the header scan before anything is allocated (within the memory limit)."""
+    found = _both_errors(batches, f"gguf:{case}", "is not a valid GGUF file", fragment)
     assert found["standalone"] == found["plugin"]
 
 

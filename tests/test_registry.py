@@ -35,13 +35,21 @@ def library_files(tmp_path_factory):
         info.size = len(data.getvalue())
         t.addfile(info, io.BytesIO(data.getvalue()))
     (d / "model.tar.gz").write_bytes(gzip.compress(tar.getvalue()))
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(d / "w.gguf"), "llama")
+    writer.add_tensor("w", W)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return {"npy": d / "w.npy", "npz": d / "w.npz", "safetensors": d / "w.safetensors",
-            "torch": d / "w.pt", "torch-legacy": d / "legacy.th", "archive": d / "model.tar.gz"}
+            "torch": d / "w.pt", "torch-legacy": d / "legacy.th", "archive": d / "model.tar.gz",
+            "gguf": d / "w.gguf"}
 
 
 def test_every_sniffable_format_is_recognized_by_content_as_by_name(library_files):
     sniffable = {f.name for f in registry.FORMATS if f.sniff is not None and f.readable}
-    assert sniffable == {"npy", "npz", "safetensors", "torch", "archive"}
+    assert sniffable == {"npy", "npz", "safetensors", "torch", "archive", "gguf"}
     for key, path in library_files.items():
         fmt = registry.by_name(path)
         assert fmt is not None and fmt.name == key.split("-")[0], key

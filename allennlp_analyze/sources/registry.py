@@ -20,6 +20,7 @@ from .. import limits
 from ..tensors import WeightSource
 from ._common import read_index
 from .archive import ArchiveSource
+from .gguf_file import GGUFSource
 from .numpy_file import NpySource, NpzSource, looks_like_npz
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
 from .torch_file import ShardedTorchSource, TorchFileSource
@@ -102,6 +103,9 @@ FORMATS: List[SourceFormat] = [
                  folder_globs=("*.npz",), expected="a numpy .npy/.npz file"),
     SourceFormat("npy", (".npy",), _plain(NpySource),
                  sniff=lambda path, head: head[:4] == b"\x93NUM", folder_globs=("*.npy",)),
+    SourceFormat("gguf", (".gguf",), _plain(GGUFSource),
+                 sniff=lambda path, head: head[:4] == b"GGUF", folder_globs=("*.gguf",),
+                 expected="a .gguf file"),
 ]
 
 

@@ -1,0 +1,1 @@
+"""Decoders of quantized weight formats (see :mod:`allennlp_analyze.quantized`)."""
