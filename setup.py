@@ -18,7 +18,9 @@ setup(
         "allennlp": ["allennlp==2.10.1"],
         "hub": ["huggingface_hub>=0.25"],
         "dask": ["dask[distributed]"],
+        "keras": ["h5py"],
         "gguf": ["gguf>=0.19"],
+        "onnx": ["onnx"],
     },
     entry_points={"console_scripts": ["allennlp-analyze=allennlp_analyze.cli:main"]},
 )

@@ -46,7 +46,7 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
             keep_spectra: bool = False, opener: Optional[Callable[..., WeightSource]] = None,
             checkpoint_key: Optional[str] = None, executor: Optional[Executor] = None,
             scheduler: Optional[str] = None, journal: Optional[Union[str, os.PathLike]] = None,
-            resume: bool = False, **option_kwargs) -> Analysis:
+            resume: bool = False, base=None, delta: bool = False, **option_kwargs) -> Analysis:
     """Analyze one or more models. Each source is a path or URL (AllenNLP archive or
     serialization directory, state-dict file, safetensors file or folder, Hugging Face folder),
     a ``torch.nn.Module``, a state dict, or a :class:`~allennlp_analyze.tensors.WeightSource`.
@@ -72,6 +72,10 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     ``journal``: a JSON-lines sweep file (:mod:`allennlp_analyze.journal`) that gets each
     source's records as soon as the source is complete; with ``resume`` the sources already
     complete in it are taken from it instead of being analyzed again.
+    ``base``: a base model (any source) that each source is compared with, matrix by matrix
+    (:mod:`allennlp_analyze.compare`: the records' base fields, ``summary.base``); ``delta``
+    also analyzes each pair's W - W_base as a matrix (records ``delta:<name>``). Locally only,
+    without a journal.
     """
     open_fn = opener if opener is not None else _default_opener()
     options = options_from(options, option_kwargs)
@@ -81,6 +85,10 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
         raise ValueError("pass either executor= or scheduler=, not both")
     if resume and (journal is None or keep_spectra):
         raise ValueError("resume=True needs journal= and keeps no spectra (keep_spectra=False)")
+    if delta and base is None:
+        raise ValueError("delta=True needs base=")
+    if base is not None and (executor is not None or scheduler is not None or journal):
+        raise AnalyzeError("--base runs locally and without a JSON-lines journal")
     names = [source_name(spec) for spec in sources]
     if journal is not None and None in names:
         raise ValueError("a journal needs every source named by a path or URL")
@@ -101,9 +109,17 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
             else:
                 empty = [np.zeros(0) for _ in done[1]]
                 results[i] = SourceResult(done[0], done[1], empty, empty)
+        base_run = None
+        if base is not None:
+            from .base_run import open_base
+
+            base_run = open_base(open_one(base, open_fn, cache_dir=cache_dir, progress=progress,
+                                          checkpoint_key=checkpoint_key),
+                                 options, delta, progress)
         if executor is None:
             outcomes = _run_here(sources, todo, options, opener=open_fn, cache_dir=cache_dir,
-                                 progress=progress, checkpoint_key=checkpoint_key)
+                                 progress=progress, checkpoint_key=checkpoint_key,
+                                 base=base_run)
         else:
             from .tasks import run_tasks
 
@@ -121,6 +137,8 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
             else:
                 errors[i] = str(outcome)
         result = _assemble(results, [errors[i] for i in sorted(errors)], options, keep_spectra)
+        if base_run is not None:
+            result.summary.base = base_run.summary(result.records)
         if log is not None:
             log.finish(options, result.sources, result.records)
     return result
@@ -128,13 +146,18 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
 
 def _run_here(sources: tuple, todo: List[int], options: AnalysisOptions, *,
               opener: Callable[..., WeightSource], cache_dir: Optional[str],
-              progress: Optional[bool], checkpoint_key: Optional[str]) -> Outcomes:
-    """The sources ``todo`` analyzed in this process, one after another."""
+              progress: Optional[bool], checkpoint_key: Optional[str], base=None) -> Outcomes:
+    """The sources ``todo`` analyzed in this process, one after another (each compared with
+    ``base``, a :class:`~allennlp_analyze.base_run.BaseRun`, while it is open)."""
     for i in todo:
         try:
             source = open_one(sources[i], opener, cache_dir=cache_dir, progress=progress,
                               checkpoint_key=checkpoint_key)
+            if base is not None:
+                source = base.prepare(source)
             result = one_source(source, options, progress)
+            if base is not None:
+                result = base.compare(result, source)
         except AnalyzeError as e:
             yield i, e
             continue

@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or model.encoder (default: the state dict found under the usual "
                              "keys, optimizer state left out; a note says which part was read)")
     analysis_options.add_arguments(parser)
+    analysis_options.add_base_arguments(parser)
     g = parser.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, default=None,
                    help="table (with summary), json, csv, or jsonl: JSON lines, one per record "
@@ -133,10 +134,12 @@ def run(args: argparse.Namespace,
     sources = expand_sources(args)
     several = len(sources) > 1
     fmt = output_format(args)
+    base = analysis_options.base_arguments(args)
     if getattr(args, "describe", False):
         described = describe_fn(*sources, options=opts, progress=args.progress,
                                 on_error="collect" if several else "raise",
-                                cache_dir=args.cache_dir)
+                                cache_dir=args.cache_dir,
+                                **{k: v for k, v in base.items() if k == "base"})
         _write_report(described, args, fmt, write_description)
         for err in described.errors:
             print(f"{prog}: error: {escape(err)}", file=sys.stderr)
@@ -148,7 +151,8 @@ def run(args: argparse.Namespace,
     result = analyze_fn(*sources, options=opts, progress=args.progress,
                         on_error="collect" if several else "raise", cache_dir=args.cache_dir,
                         keep_spectra=bool(args.plot_dir), checkpoint_key=args.checkpoint_key,
-                        scheduler=args.scheduler, journal=journal, resume=args.resume)
+                        scheduler=args.scheduler, journal=journal, resume=args.resume,
+                        **base)
     if journal is None:
         _write_report(result, args, fmt, functools.partial(write, wide=args.wide))
     if plots is not None:
@@ -171,6 +175,7 @@ def check_arguments(args: argparse.Namespace) -> AnalysisOptions:
     folder, ``--plot-dir`` and ``--cache-dir`` can be written. Returns the analysis options;
     a problem is one :class:`AnalyzeError` line. Creates nothing."""
     opts = analysis_options.from_namespace(args)
+    analysis_options.base_arguments(args)  # --delta without --base
     fmt = output_format(args)
     plot_dir = getattr(args, "plot_dir", None)
     plot_match = getattr(args, "plot_match", None) or ()

@@ -19,10 +19,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import IO, Callable, Dict, List, Optional, Tuple
 
-from .api import for_each_source, options_from
+from .api import for_each_source, open_one, options_from
+from .compare import MatrixKey, pair_records
 from .errors import escape
 from .options import AnalysisOptions
-from .selection import Decision, plan
+from .selection import Decision, MatrixPlan, plan
+from .sources.lora import RECORD_PREFIX, LoraAdapter, MergedSource, adapter_of
 from .tensors import WeightSource
 
 NOTE = ("Values were not read: a planned tensor whose values are all 0/1 (a mask) or all equal "
@@ -45,22 +47,27 @@ class TensorDescription:
     matrices: int
     skipped: Dict[str, int]
     decision: str
+    base: Optional[str] = None
 
     def to_dict(self) -> Dict[str, object]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if self.base is None:  # described without a base model
+            del d["base"]
         return d
 
 
 @dataclass
 class Description:
     """Every tensor of every model described, in order; ``errors``: sources that could not be
-    read."""
+    read. With a base model, each tensor's ``base`` says what its matrices pair with (the base
+    matrix's name, "unmatched", or "ambiguous: candidates") and ``base_label`` names it."""
 
     tensors: List[TensorDescription]
     models: List[str]
     options: AnalysisOptions
     errors: List[str] = field(default_factory=list)
+    base_label: Optional[str] = None
 
     @property
     def matrices(self) -> int:
@@ -75,34 +82,86 @@ class Description:
         return {"models": list(self.models), "tensors": len(self.tensors),
                 "matrices": self.matrices, "kind": self.counts("kind"),
                 "kind_from": self.counts("kind_from"), "errors": list(self.errors),
-                "complete": not self.errors}
+                "complete": not self.errors, "base": self.base_label}
 
 
 def describe_source(source: WeightSource, options: AnalysisOptions,
                     label: Optional[str] = None) -> List[TensorDescription]:
-    """The description of one source's tensors (``source.load`` is never called)."""
+    """The description of one source's tensors (``source.load`` is never called), and of a
+    LoRA adapter's modules (:mod:`allennlp_analyze.sources.lora`)."""
     label = label or source.label
     selection = plan(source.tensors(), options, getattr(source, "config", None),
                      getattr(source, "context", None))
-    return [_describe(label, d) for d in selection.decisions]
+    described = [_describe(label, d) for d in selection.decisions]
+    adapter = adapter_of(source)
+    for m in adapter.modules if adapter is not None else ():
+        described.append(TensorDescription(
+            model=label, name=RECORD_PREFIX + m.name, shape=m.shape, dtype=m.dtype,
+            module_type="LoRA", kind="lora", kind_from="adapter", matrices=1, skipped={},
+            decision=f"LoRA r = {m.r}, scale {m.scale:.4g}"
+                     f"{', DoRA' if m.magnitude else ''}: the r singular values of "
+                     f"s B A ({m.shape[0]} x {m.shape[1]})"))
+    return described
 
 
 def describe(*sources, options: Optional[AnalysisOptions] = None, on_error: str = "raise",
              cache_dir: Optional[str] = None, progress: Optional[bool] = False,
              opener: Optional[Callable[..., WeightSource]] = None,
-             checkpoint_key: Optional[str] = None, **option_kwargs) -> Description:
+             checkpoint_key: Optional[str] = None, base=None, **option_kwargs) -> Description:
     """Describe one or more models, opened as :func:`allennlp_analyze.analyze` opens them (same
-    sources, options, ``on_error``, ``opener`` and model labels), without analyzing them."""
+    sources, options, ``on_error``, ``opener`` and model labels), without analyzing them;
+    ``base``: a base model whose planned matrices each model's are paired with (from the
+    tensor lists, as ``--base`` pairs them)."""
     options = options_from(options, option_kwargs)
     tensors: List[TensorDescription] = []
+    base_keys: Optional[List[MatrixKey]] = None
+    base_label = None
+    if base is not None:
+        from .sources import open_source
+
+        base_source = open_one(base, opener or open_source, cache_dir=cache_dir,
+                               progress=progress, checkpoint_key=checkpoint_key)
+        base_label = base_source.label
+        base_keys = _keys(plan(base_source.tensors(), options,
+                               getattr(base_source, "config", None),
+                               getattr(base_source, "context", None)).plans)
 
     def one(source: WeightSource, label: str) -> None:
-        tensors.extend(describe_source(source, options, label))
+        if base_keys is not None and isinstance(source, LoraAdapter):
+            source = MergedSource(base_source, source)  # checks the adapter against the base
+        described = describe_source(source, options, label)
+        if base_keys is not None:
+            _pair(described, source, options, base_keys)
+        tensors.extend(described)
 
     labels, errors, _ = for_each_source(sources, one, opener=opener, on_error=on_error,
                                         cache_dir=cache_dir, progress=progress,
                                         checkpoint_key=checkpoint_key)
-    return Description(tensors=tensors, models=labels, options=options, errors=errors)
+    return Description(tensors=tensors, models=labels, options=options, errors=errors,
+                       base_label=base_label)
+
+
+def _keys(plans: List[MatrixPlan]) -> List[MatrixKey]:
+    return [MatrixKey(p.name, p.shape, p.part) for p in plans]
+
+
+def _pair(described: List[TensorDescription], source: WeightSource, options: AnalysisOptions,
+          base_keys: List[MatrixKey]) -> None:
+    """Fill each tensor's ``base``: its planned matrices' partners in the base (or why none)."""
+    plans = plan(source.tensors(), options, getattr(source, "config", None),
+                 getattr(source, "context", None)).plans
+    keys = _keys(plans)
+    pairing = pair_records(keys, base_keys)
+    said: Dict[str, str] = {keys[i].name: base_keys[j].name + (" (transposed)" if t else "")
+                            for i, j, t in pairing.pairs}
+    said.update({k: "unmatched" for k in pairing.unmatched})
+    said.update({k: "ambiguous: " + ", ".join(v) for k, v in pairing.ambiguous.items()})
+    by_param: Dict[str, List[str]] = {}
+    for p in plans:
+        by_param.setdefault(p.param, []).append(said[p.name])
+    for t in described:
+        if t.name in by_param:
+            t.base = "; ".join(by_param[t.name])
 
 
 def _describe(label: str, d: Decision) -> TensorDescription:
@@ -146,7 +205,8 @@ def write_description(description: Description, fmt: str, out: IO[str]) -> None:
         json.dump(doc, out, indent=1, default=list)
         out.write("\n")
     elif fmt == "csv":
-        names = [f for f in TensorDescription.__dataclass_fields__ if f != "skipped"]
+        left_out = ("skipped",) if description.base_label is not None else ("skipped", "base")
+        names = [f for f in TensorDescription.__dataclass_fields__ if f not in left_out]
         writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         for t in description.tensors:
@@ -160,10 +220,12 @@ def write_description(description: Description, fmt: str, out: IO[str]) -> None:
 
 def _write_table(description: Description, out: IO[str]) -> None:
     multi = len(description.models) > 1
+    paired = description.base_label is not None
     header = (["model"] if multi else []) + ["name", "shape", "dtype", "kind", "from",
-                                             "decision"]
+                                             "decision"] + (["base"] if paired else [])
     rows = [[escape(c) for c in ([t.model] if multi else []) + [
-        t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.kind, t.kind_from, t.decision]]
+        t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.kind, t.kind_from,
+        t.decision] + ([t.base or "-"] if paired else [])]
             for t in description.tensors]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     if rows:

@@ -5,7 +5,12 @@ Evidence, strongest first (the record's ``kind_from``):
 * ``module``: the owning module's type, where the model is built or an ``nn.Module`` is given
   (``Linear``, ``Embedding``, ``Conv2d``, ``LSTM``, ``MultiheadAttention``...; any subclass
   counts as the ``torch.nn`` layer it derives from), and whether the tensor is a registered
-  buffer;
+  buffer; or a Keras layer's class, which Keras files name (``Dense``, ``Conv2D``, ``LSTM``...,
+  their kernels read as PyTorch lays them out: :mod:`allennlp_analyze.sources.keras_layers`);
+  or the op of an ONNX graph that uses the tensor, named as the layer it implies (``MatMul``
+  -> ``Linear``; a [1, n] input of an elementwise op, :data:`VECTOR_OPS`, is a vector).
+  A module's ``bias`` is a vector whatever its shape (Keras's GRU stacks two, its attention
+  keeps one per head);
 * ``config``: the checkpoint's config where it names the layer
   (:mod:`allennlp_analyze.checkpoint_config`);
 * ``structure``: what the header says. A non-float tensor is not a weight; 0-D/1-D (or more
@@ -27,7 +32,8 @@ Evidence, strongest first (the record's ``kind_from``):
 
 The kinds: ``linear``, ``attention`` (fused q/k/v where it has parts), ``recurrent`` (gates
 stacked), ``matrix`` (analyzed by default); ``embedding``, ``conv`` (on request); ``tensor``,
-``vector``, ``mask``, ``buffer``, ``non_float`` (never).
+``vector``, ``mask``, ``buffer``, ``non_float``, ``quant_metadata`` (the side tensors of a packed
+quantized layer: its source says so with ``module_type`` :data:`QUANT_METADATA`) (never).
 
 Rules revised against real files (issue 21), and why:
 
@@ -61,11 +67,16 @@ import numpy as np
 
 from .tensors import DTYPE_EPS, TensorInfo
 
+#: The ``module_type`` a source gives the side tensors of a packed quantized layer (scales, zero
+#: points, ``g_idx``, absmax, quant maps...): kind ``quant_metadata``, never analyzed.
+QUANT_METADATA = "QuantizationMetadata"
+
 #: Largest spatial size of a convolution kernel recognised without a bias beside it.
 MAX_KERNEL = 32
 #: Gate names of stacked recurrent weights, by gate count (PyTorch's order).
 RNN_GATES = {4: ("i", "f", "g", "o"), 3: ("r", "z", "n")}
-_GATES_OF_TYPE = {"LSTM": 4, "LSTMCell": 4, "GRU": 3, "GRUCell": 3, "RNN": 1, "RNNCell": 1}
+_GATES_OF_TYPE = {"LSTM": 4, "LSTMCell": 4, "GRU": 3, "GRUCell": 3, "RNN": 1, "RNNCell": 1,
+                  "SimpleRNN": 1}
 _RECURRENT = re.compile(r"(?:^|\.)weight_(ih|hh|hr)(_l\d+)?(?:_reverse)?$")
 _FUSED_ATTENTION = re.compile(r"(?:^|\.)in_proj_weight$")
 #: A module's own parameter names: such a tensor is described by its module's name.
@@ -82,7 +93,17 @@ _MODULE_KINDS = {
     **dict.fromkeys(_GATES_OF_TYPE, "recurrent"),
     "MultiheadAttention": "attention",
     "Bilinear": "tensor",
+    # Keras (Conv1D above is GPT-2's 2-D Linear; Keras's 3-D Conv1D kernel: see _by_module)
+    **dict.fromkeys(("Dense", "EinsumDense"), "linear"),
+    **dict.fromkeys([f"Conv{d}D{t}" for d in (1, 2, 3) for t in ("", "Transpose")
+                     if (d, t) != (1, "")], "conv"),
 }
+#: Module types (ONNX's elementwise and normalization ops) that take a [1, n] or [n, 1] weight
+#: as a vector, broadcast over the rows or columns, not as a matrix.
+VECTOR_OPS = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
+                        "PRelu", "LayerNormalization", "BatchNormalization",
+                        "InstanceNormalization", "GroupNormalization",
+                        "SimplifiedLayerNormalization", "RMSNormalization"))
 _EMBEDDING_HEADS = {"embedding", "embeddings", "embed", "embeds", "embedder", "emb", "embs",
                     "wte", "wpe"}
 #: The last word of a module that is a Linear layer (``lm_head``, ``q_proj``, ``out_proj``,
@@ -154,12 +175,16 @@ def value_kind(array: np.ndarray) -> Optional[str]:
 # -- the evidence, in order ------------------------------------------------------------------
 
 def _classify(t: TensorInfo, configured, shapes, gates) -> Kind:
+    if t.module_type == QUANT_METADATA:
+        return Kind("quant_metadata", "module", module_type=t.module_type)
     if t.dtype not in DTYPE_EPS and not t.quantized:
         return Kind("non_float", "structure", module_type=t.module_type)
     if t.buffer:
         return Kind("buffer", "module", module_type=t.module_type)
     if len(t.shape) < 2 or (len(t.shape) > 2 and sum(d > 1 for d in t.shape) <= 1):
         return Kind("vector", "structure", module_type=t.module_type)
+    if t.module_type in VECTOR_OPS and 1 in t.shape:  # a [1, n] scale or shift of a graph
+        return Kind("vector", "module", module_type=t.module_type)
     for found in (_by_module(t), _by_config(t, configured), _by_structure(t, shapes)):
         if found is not None:
             kind, kind_from, parts, detail = found
@@ -176,9 +201,13 @@ def _classify(t: TensorInfo, configured, shapes, gates) -> Kind:
 
 def _by_module(t: TensorInfo):
     kind = _MODULE_KINDS.get(t.module_type or "")
+    if t.module_type == "Conv1D" and len(t.shape) == 3:
+        kind = "conv"  # Keras's Conv1D kernel (GPT-2's Conv1D weight is 2-D)
     if kind is None:
         return None  # no type, or a module that is not a standard layer: other evidence decides
     param = t.name.rpartition(".")[2]
+    if param == "bias":
+        return "vector", "module", (), None
     if kind == "attention":
         return kind, "module", t.parts or _thirds(t, param == "in_proj_weight"), None
     if kind == "recurrent":

@@ -21,6 +21,15 @@ those copies while training continues; results are reported when they are ready 
 waited for (``wait``, and before the next analysis starts). An analysis that fails is logged as
 an error and reported as nothing; it never stops training.
 
+With ``base="init"`` every record also carries its change since training began (the base
+fields of :mod:`allennlp_analyze.compare`: ``delta_rel``, ``delta_sv_max``, ``delta_rank``,
+``d_alpha``...; metric ``<name>_delta_rel_max``): :meth:`WeightMonitor.begin` (the adapters call
+it when training starts; else the first analysis does, and "since" means since then) keeps one
+copy of each monitored matrix, in its storage dtype, and analyzes it once. Memory: that copy,
+the sum over the monitored parameters of numel x bytes per element (``base_bytes``; BERT-base's
+24 feed-forward matrices at the default ``min_q`` in float32: 226 MB), plus M float64 singular
+values per matrix; each comparison widens one pair at a time to float64 (three N x M arrays).
+
 Sharded parameters (FSDP, DeepSpeed ZeRO-3, DTensors) are refused with an
 :class:`~allennlp_analyze.errors.AnalyzeError`: a shard is not the matrix, and gathering it
 takes every process, while only the main one analyzes. Analyze a consolidated checkpoint
@@ -31,10 +40,12 @@ import logging
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .base_run import matrix_loader
+from .compare import compare_records
 from .errors import AnalyzeError
 from .options import AnalysisOptions
 from .records import MatrixRecord, summarize
@@ -44,6 +55,8 @@ from .sources import ModuleSource, torch_to_numpy
 from .tensors import TensorInfo
 
 PER = ("epoch", "step")
+#: What ``base`` takes: nothing, or the weights as training began.
+BASES = (None, "init")
 
 
 @dataclass
@@ -78,6 +91,20 @@ class Snapshot:
 
     def load(self, name: str) -> np.ndarray:
         return torch_to_numpy(self._copies[name])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the copies (storage dtype)."""
+        return sum(t.numel() * t.element_size() for t in self._copies.values())
+
+
+@dataclass
+class _Initial:
+    """The initial weights' records, their singular values and a loader of their matrices."""
+
+    records: List[MatrixRecord]
+    spectra: list
+    load: Callable[[MatrixRecord], np.ndarray]
 
 
 def sharded_reason(model) -> Optional[str]:
@@ -157,7 +184,10 @@ class WeightMonitor:
     def __init__(self, path: Optional[str] = None, *, every: int = 1, per: str = "epoch",
                  stop_on_collapse: bool = False, background: bool = False,
                  options: Optional[AnalysisOptions] = None, name: str = "weight_analysis",
-                 logger: Optional[logging.Logger] = None, **option_kwargs: Any) -> None:
+                 logger: Optional[logging.Logger] = None, base: Optional[str] = None,
+                 **option_kwargs: Any) -> None:
+        if base not in BASES:
+            raise ValueError(f"{name}: base must be None or 'init' (got {base!r})")
         if every < 1:
             raise ValueError(f"{name}: every must be >= 1 (got {every})")
         if per not in PER:
@@ -178,6 +208,31 @@ class WeightMonitor:
         self.last_analyzed: Optional[Tuple[int, Optional[int]]] = None
         #: Every report so far, in order.
         self.history: List[MonitorReport] = []
+        self.base = base
+        self._init: Optional[_Initial] = None
+        #: Bytes held by the initial weights (``base="init"``; 0 before :meth:`begin`).
+        self.base_bytes = 0
+
+    def begin(self, model) -> None:
+        """When training begins: with ``base="init"``, keep the monitored matrices' initial
+        values (once, in their storage dtype) and analyze them; otherwise nothing."""
+        if self.base != "init" or self._init is not None:
+            return
+        snap = snapshot(model, self.options, copy=True)
+        records, spectra, _ = analyze_source(snap, self.options, False)
+        self._init = _Initial(records, spectra, matrix_loader(snap, self.options))
+        self.base_bytes = snap.nbytes
+
+    def _analyze(self, snap: "Snapshot") -> Tuple[List[MatrixRecord], list, Counter]:
+        """:func:`analyze_source` of ``snap``, the records compared with the initial weights
+        where kept."""
+        records, spectra, skipped = analyze_source(snap, self.options, False)
+        if self._init is not None:
+            o = self.options
+            records = compare_records(records, spectra, self._init.records, self._init.spectra,
+                                      matrix_loader(snap, o), self._init.load, o.loose_tol,
+                                      o.method).records
+        return records, spectra, skipped
 
     @property
     def should_stop(self) -> bool:
@@ -225,16 +280,17 @@ class WeightMonitor:
         """Analyze ``model``'s weights now (in the background where configured, except for a
         ``final`` analysis). The reports finished by the time it returns."""
         in_background = self.background and not final
+        self.begin(model)
         snap = snapshot(model, self.options, copy=in_background)
         self.last_analyzed = (epoch, step)
         if in_background:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix=self.name)
-            future = self._executor.submit(analyze_source, snap, self.options, False)
+            future = self._executor.submit(self._analyze, snap)
         else:
             future = Future()
             try:
-                future.set_result(analyze_source(snap, self.options, False))
+                future.set_result(self._analyze(snap))
             except Exception as e:
                 future.set_exception(e)
         self._pending.append(_Pending(future, epoch, step, final,
@@ -293,6 +349,9 @@ class WeightMonitor:
             prefix + "alpha_mean": summary.alpha_mean,
             prefix + "epoch": p.epoch,
         }
+        if self._init is not None:
+            moved = [r.delta_rel for r in records if r.delta_rel is not None]
+            metrics[prefix + "delta_rel_max"] = max(moved) if moved else None
         when = self._when(p.epoch, p.step)
         collapsed = [r for r in records if r.collapsed(criterion)]
         for r in collapsed:

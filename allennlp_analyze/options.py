@@ -185,6 +185,33 @@ def compile_patterns(patterns: Iterable[str], what: str) -> List[Pattern[str]]:
     return compiled
 
 
+def add_base_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--base`` and ``--delta``: compare each source with a base model
+    (:mod:`allennlp_analyze.compare`)."""
+    g = parser.add_argument_group("comparison with a base model")
+    g.add_argument("--base", metavar="SOURCE",
+                   help="compare each model with this base model (any source the tool reads; "
+                        "a PEFT LoRA adapter folder is merged into it): matrices paired by name "
+                        "(identical, else the longest common dotted suffix, equal or transposed "
+                        "shape), each record gets the change from its base (delta_rel, "
+                        "delta_sv_max, delta_rank, ...), the summary ranks layers by relative "
+                        "change and lists what did not pair")
+    g.add_argument("--delta", action="store_true",
+                   help="with --base, also analyze each W - W_base as a matrix of its own "
+                        "(records named delta:NAME)")
+
+
+def base_arguments(args: argparse.Namespace) -> dict:
+    """The keywords of ``analyze`` / ``describe`` that ``--base`` / ``--delta`` set (none
+    without ``--base``; ``--delta`` alone is an error)."""
+    base = getattr(args, "base", None)
+    if base is None:
+        if getattr(args, "delta", False):
+            raise AnalyzeError("--delta needs --base SOURCE")
+        return {}
+    return {"base": base, "delta": bool(getattr(args, "delta", False))}
+
+
 def from_namespace(args: argparse.Namespace) -> AnalysisOptions:
     """Options from parsed arguments (unknown attributes ignored)."""
     names = {f.name for f in fields(AnalysisOptions)}

@@ -95,6 +95,16 @@ class MatrixRecord:
     quantization steps, ``noise_bound`` None where the format guarantees no per-element error
     (``rank_note`` says why), ``rank_numpy`` / ``rank_nr`` None (no machine epsilon).
     Fields are ``None`` where the status rules them out.
+
+    Against a base model (``--base``; None without one, see :mod:`allennlp_analyze.compare`):
+    ``base_name`` the paired base matrix; ``delta_rel`` = ||W - W_base||_F / ||W_base||_F;
+    ``delta_sv_max`` = ||W - W_base||_2; ``delta_rank`` its singular values above
+    ``delta_noise_floor`` (the two operands' noise floors added); ``delta_stable_rank``,
+    ``delta_effective_rank`` of W - W_base; ``d_sv_max``, ``d_sv_min``, ``d_alpha``: this record
+    minus the base's; ``base_sv_below_delta``: W_base's singular values below ``delta_sv_max``;
+    ``distance_raw``, ``distance_euclidean``, ``distance_cka``: WeightWatcher's ``distances()``.
+    A LoRA adapter's module (:mod:`allennlp_analyze.sources.lora`): ``lora_r`` its rank r,
+    ``lora_scale`` s (Delta W = s B A), ``lora_used_rank`` its singular values above round-off.
     """
 
     model: str
@@ -175,6 +185,23 @@ class MatrixRecord:
     slice: Optional[str] = None
     status: str = "ok"
     stored_name: Optional[str] = None
+    base_name: Optional[str] = None
+    delta_rel: Optional[float] = None
+    delta_sv_max: Optional[float] = None
+    delta_rank: Optional[int] = None
+    delta_noise_floor: Optional[float] = None
+    delta_stable_rank: Optional[float] = None
+    delta_effective_rank: Optional[float] = None
+    d_sv_max: Optional[float] = None
+    d_sv_min: Optional[float] = None
+    d_alpha: Optional[float] = None
+    base_sv_below_delta: Optional[int] = None
+    distance_raw: Optional[float] = None
+    distance_euclidean: Optional[float] = None
+    distance_cka: Optional[float] = None
+    lora_r: Optional[int] = None
+    lora_scale: Optional[float] = None
+    lora_used_rank: Optional[int] = None
 
     def rank(self, criterion: str) -> Optional[int]:
         """Rank under ``criterion`` (one of :data:`CRITERION_CHOICES`; "auto" as it applies to
@@ -228,6 +255,22 @@ class SourceInfo:
 
 
 @dataclass
+class BaseSummary:
+    """The comparison with a base model (``--base``, :mod:`allennlp_analyze.compare`): the base's
+    ``label``, the matrices ``paired``; the model's ``unmatched`` matrices and the base's
+    (``unmatched_base``), ``ambiguous`` ones with their tied candidates (never paired), all as
+    ``model:name[slice]``; ``moved``: ``(model:name, delta_rel)`` ranked by relative change,
+    largest first."""
+
+    label: str
+    paired: int
+    unmatched: List[str]
+    unmatched_base: List[str]
+    ambiguous: Dict[str, List[str]]
+    moved: List[Tuple[str, float]]
+
+
+@dataclass
 class Summary:
     """What one run found. ``skipped``: parameters left out, by reason; ``collapsed``: matrices
     with rank < M under each criterion (and "auto"); ``rank_undefined``: matrices with a
@@ -236,7 +279,8 @@ class Summary:
     the matrices ranked under it (it flags any matrix of condition number above its inverse);
     ``sv_min`` / ``sv_min_name``: the smallest nu_min and where; ``errors``: sources that could
     not be read (a run with errors is incomplete); ``notes``: what was read of a source where
-    that is not all of it (the part of a nested checkpoint, tensors left out)."""
+    that is not all of it (the part of a nested checkpoint, tensors left out); ``base``: the
+    comparison with a base model, if any."""
 
     models: List[str]
     analyzed: int
@@ -253,6 +297,7 @@ class Summary:
     notes: List[str] = field(default_factory=list)
     rank_undefined: Dict[str, int] = field(default_factory=dict)
     tolerance_ratio: Dict[str, float] = field(default_factory=dict)
+    base: Optional["BaseSummary"] = None
 
     @property
     def complete(self) -> bool:
@@ -261,6 +306,8 @@ class Summary:
     def to_dict(self) -> Dict[str, object]:
         d = asdict(self)
         d["complete"] = self.complete
+        if self.base is None:  # a run without --base: the summary as ever
+            del d["base"]
         return d
 
 

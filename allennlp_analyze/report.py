@@ -8,7 +8,7 @@ from .aggregate import Aggregate, aggregate, aggregate_text
 from .api import Analysis
 from .errors import escape
 from .journal import write_jsonl
-from .records import RECORD_FIELDS, STATUS_TEXT, MatrixRecord, Summary
+from .records import RECORD_FIELDS, STATUS_TEXT, BaseSummary, MatrixRecord, Summary
 
 FORMATS = ("table", "json", "csv", "jsonl")
 
@@ -75,10 +75,13 @@ def write_table(analysis: Analysis, out: IO[str], wide: bool = False) -> None:
     multi = len(analysis.summary.models) > 1
     rand = analysis.options.randomize
     extra = (WIDE_COLUMNS + (RAND_COLUMNS if rand else ())) if wide else ()
+    based = analysis.summary.base is not None
     header = (["model"] if multi else []) + [
         "name", "type", "N x M", "Q", "sv_max", "sv_min", "log10 sv_min",
-        "rank loose/numpy/nr/noise", "alpha", "D", "xmin", "tail", *extra, "status"]
-    rows = [[escape(c) for c in ([r.model] if multi else []) + _table_row(r, wide, rand)]
+        "rank loose/numpy/nr/noise", "alpha", "D", "xmin", "tail", *extra,
+        *(BASE_COLUMNS if based else ()), "status"]
+    rows = [[escape(c) for c in ([r.model] if multi else []) + _table_row(r, wide, rand)[:-1]
+             + (_base_cells(r) if based else []) + [r.status]]
             for r in analysis.records]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     left = {"model", "name", "type", "status"}
@@ -155,6 +158,8 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
         if t.with_traps is not None:
             lines.append(f"  correlation traps (--randomize): {t.with_traps} of {t.randomized} "
                          f"randomized matrices, {t.num_traps} traps in all")
+    if s.base is not None:
+        lines.extend(base_summary_lines(s.base))
     for note in s.notes:
         lines.append(f"  note: {note}")
     for err in s.errors:
@@ -162,6 +167,25 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
     if not s.complete:
         lines.append("  INCOMPLETE: some sources or matrices could not be analyzed (see above)")
     return "".join(escape(line) + "\n" for line in lines)
+
+
+def base_summary_lines(b: BaseSummary, top: int = 10) -> List[str]:
+    """The comparison with the base as summary lines: what paired, the ``top`` layers that
+    moved most (relative change ||W - W_base||_F / ||W_base||_F), what did not pair."""
+    lines = [f"  base {b.label}: {b.paired} matrices paired, {len(b.unmatched)} unmatched, "
+             f"{len(b.unmatched_base)} of the base unmatched, {len(b.ambiguous)} ambiguous"]
+    for name, rel in b.moved[:top]:
+        lines.append(f"          moved {rel:.3g}: {name}")
+    if len(b.moved) > top:
+        lines.append(f"          ... and {len(b.moved) - top} more")
+    for what, names in (("unmatched", b.unmatched), ("unmatched in the base", b.unmatched_base)):
+        for name in names[:top]:
+            lines.append(f"          {what}: {name}")
+        if len(names) > top:
+            lines.append(f"          ... and {len(names) - top} more {what}")
+    for name, candidates in list(b.ambiguous.items())[:top]:
+        lines.append(f"          ambiguous: {name} (candidates {', '.join(candidates)})")
+    return lines
 
 
 #: Columns that ``--wide`` adds to the table (and with ``--randomize`` the second set).
@@ -184,6 +208,16 @@ def _table_row(r: MatrixRecord, wide: bool = False, rand: bool = False) -> List[
     return [r.name, r.module_type or "-", f"{r.N} x {r.M}", f"{r.Q:.2f}", _num(r.sv_max),
             _num(r.sv_min), _num(r.log10_sv_min, fixed=True), ranks, _num(r.alpha, fixed=True),
             _num(r.D, fixed=True), _num(r.xmin), _int(r.num_tail), *extra, r.status]
+
+
+#: Columns of a run with ``--base``: relative change, ||dW||_2, rank of dW above the operands'
+#: noise, change of alpha.
+BASE_COLUMNS = ("d rel", "|dW|_2", "d rank", "d alpha")
+
+
+def _base_cells(r: MatrixRecord) -> List[str]:
+    return [_num(r.delta_rel), _num(r.delta_sv_max), _int(r.delta_rank),
+            _num(r.d_alpha, fixed=True)]
 
 
 def _int(v: Optional[int]) -> str:

@@ -27,7 +27,8 @@ OPT_IN_KINDS = {"embedding": ("embeddings", "embedding table (add --include embe
 #: Why a tensor of each other kind is never analyzed (see also :func:`_skip_reason`), and why
 #: one whose values turn out not to be a weight's (:func:`~allennlp_analyze.kinds.value_kind`).
 NOT_WEIGHTS = {"buffer": "not a weight: a buffer of its module",
-               "mask": "not a weight: a mask (by its name)"}
+               "mask": "not a weight: a mask (by its name)",
+               "quant_metadata": "quantization metadata (scales, zero points, g_idx, absmax...)"}
 #: Convolution kernels with more spatial positions than this are recognised (kind ``conv``) but
 #: not sliced: each position would be one matrix and one record (a 64 x 64 x 64 3-D kernel:
 #: 262144). Real kernels have a few to a few hundred (wav2vec2's positional one: 128).
@@ -140,8 +141,10 @@ def _skip_reason(t: TensorInfo, kind: Kind) -> str:
     if k == "non_float":
         return f"not a floating-point tensor ({t.dtype})"
     if k == "vector":
-        return "not a matrix (0-D/1-D: biases, norms, scalars)" if len(t.shape) < 2 else \
-            "not a matrix (a vector: one dimension above 1)"
+        if len(t.shape) < 2:
+            return "not a matrix (0-D/1-D: biases, norms, scalars)"
+        return "not a matrix (a vector: one dimension above 1)" \
+            if sum(d > 1 for d in t.shape) <= 1 else "not a matrix (a bias)"
     if k == "tensor":
         detail = f", {kind.detail or kind.module_type}" if kind.detail or kind.module_type else ""
         return f"not a matrix or convolution kernel ({len(t.shape)}-D{detail})"

@@ -20,6 +20,7 @@ from .records import MatrixRecord, SourceInfo
 from .scheduler import (Cores, blas_threads, bounded_map, cpu_count, has_threadpoolctl,
                         progress_bar, resolve_workers)
 from .selection import NOT_WEIGHT_VALUES, MatrixPlan, Selection, extract, plan
+from .sources.lora import adapter_of, adapter_records
 from .spectrum import batch_size, release_scratch
 from .tensors import WeightSource
 
@@ -181,6 +182,11 @@ def one_source(source: WeightSource, options: AnalysisOptions, progress: Optiona
     rand_spectra: List[np.ndarray] = []
     recs, svs, skips = analyze_source(source, options, progress=progress,
                                       rand_spectra=rand_spectra, names=names, parallel=parallel)
+    adapter = adapter_of(source)
+    if adapter is not None and names is None:  # a LoRA adapter's modules, after its tensors
+        lora_recs, lora_svs = adapter_records(adapter, options)
+        recs, svs = recs + lora_recs, svs + lora_svs
+        rand_spectra.extend(np.zeros(0) for _ in lora_recs)
     info = SourceInfo(None, source.label, source.label, len(recs), dict(skips),
                       getattr(source, "note", None))
     return SourceResult(info, recs, svs, rand_spectra)

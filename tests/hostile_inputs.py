@@ -10,6 +10,7 @@ import struct
 import tarfile
 import threading
 import time
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Dict, Iterable, Optional
@@ -127,6 +128,50 @@ def safetensors_file(path: Path, tensors: Dict[str, np.ndarray]) -> Path:
     return path
 
 
+_SAFETENSORS_DTYPES = {"int32": "I32", "float16": "F16", "float32": "F32", "uint8": "U8",
+                       "int8": "I8", "int64": "I64"}
+
+
+def packed_folder(path: Path, tensors: Dict[str, np.ndarray], config: Optional[dict]) -> Path:
+    """A model folder of packed quantized layers: ``model.safetensors`` holding ``tensors`` in
+    their own dtypes, and ``config.json`` when ``config`` is given."""
+    path.mkdir(parents=True, exist_ok=True)
+    header, chunks, offset = {}, [], 0
+    for name, array in tensors.items():
+        data = np.ascontiguousarray(array).tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name],
+                        "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    (path / "model.safetensors").write_bytes(safetensors_bytes(header, b"".join(chunks)))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def gptq_layer(prefix: str = "model.layers.0.mlp.up_proj", out: int = 64, columns: int = 128,
+               group_size: int = 32) -> Dict[str, np.ndarray]:
+    """One symmetric 4-bit GPTQ layer (v1 zeros) of random codes: qweight, qzeros, scales,
+    g_idx."""
+    rng = np.random.default_rng(0)
+    groups = columns // group_size
+    return {f"{prefix}.qweight": rng.integers(-2**31, 2**31, (columns // 8, out), dtype=np.int64)
+            .astype(np.int32),
+            f"{prefix}.qzeros": np.full((groups, out // 8), 0x77777777, np.int32),
+            f"{prefix}.scales": (rng.random((groups, out)) * 0.01 + 1e-3).astype(np.float16),
+            f"{prefix}.g_idx": (np.arange(columns) // group_size).astype(np.int32)}
+
+
+def lora_adapter(folder: Path, config: dict, tensors: Dict[str, np.ndarray]) -> Path:
+    """A PEFT LoRA adapter folder: ``adapter_config.json`` (``config`` over PEFT's defaults)
+    and ``adapter_model.safetensors`` holding ``tensors``."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["fc"], **config}))
+    safetensors_file(folder / "adapter_model.safetensors", tensors)
+    return folder
+
+
 def tiny_matrices(path: Path, n: int) -> Path:
     """``n`` float32 3 x 2 matrices named ``m{i}.weight``."""
     header = {f"m{i}.weight": {"dtype": "F32", "shape": [3, 2], "data_offsets": [24 * i, 24 * i + 24]}
@@ -170,6 +215,61 @@ def gguf_bytes(tensors=(("w.weight", (64, 8), 0, 0),), n_tensors: Optional[int] 
 
 def deep_json(depth: int) -> str:
     return "[" * depth + "]" * depth
+
+
+# -- ONNX (the onnx package builds them) -------------------------------------------------------
+
+def onnx_matmul_model(weights: Dict[str, np.ndarray]):
+    """An ONNX ``ModelProto``: ``x`` multiplied by each float32 weight in turn (``MatMul``,
+    weights as initializers, shapes chained in x in)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, value = [], "x"
+    first = next(iter(weights.values()))
+    for i, name in enumerate(weights):
+        nodes.append(helper.make_node("MatMul", [value, name], [f"h{i}"], name=f"/mm{i}/MatMul"))
+        value = f"h{i}"
+    last = list(weights.values())[-1]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, first.shape[0]])],
+        [helper.make_tensor_value_info(value, TensorProto.FLOAT, [1, last.shape[1]])],
+        [numpy_helper.from_array(np.asarray(w, dtype=np.float32), name)
+         for name, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def onnx_external(folder: Path, weights: Dict[str, np.ndarray], location: str = "weights.bin",
+                  offset: Optional[int] = None) -> Path:
+    """``model.onnx`` in ``folder`` with its weights in the external file ``weights.bin``; the
+    first tensor's recorded ``location`` (and ``offset``, where given) then replaced."""
+    import onnx
+
+    model = onnx_matmul_model(weights)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, folder / "model.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    entries = model.graph.initializer[0].external_data
+    for entry in entries:
+        if entry.key == "location":
+            entry.value = location
+        if entry.key == "offset" and offset is not None:
+            entry.value = str(offset)
+    if offset is not None and not any(e.key == "offset" for e in entries):
+        entries.add(key="offset", value=str(offset))
+    onnx.save_model(model, folder / "model.onnx")
+    return folder / "model.onnx"
+
+
+def onnx_absurd_dims(path: Path) -> Path:
+    """An ONNX file whose one initializer declares 10**12 x 10**12 floats and holds 16 bytes."""
+    import onnx
+
+    model = onnx_matmul_model({"w": np.ones((2, 2))})
+    del model.graph.initializer[0].dims[:]
+    model.graph.initializer[0].dims.extend([10**12, 10**12])
+    onnx.save_model(model, path)
+    return path
 
 
 # -- HTTP -------------------------------------------------------------------------------------
@@ -301,3 +401,115 @@ class HostileServer:
 def fifo(path: Path) -> Path:
     os.mkfifo(path)
     return path
+
+
+def onnx_nested_ifs(path: Path, depth: int) -> Path:
+    """An ONNX file of ``depth`` ``If`` nodes, each in the previous one's ``then`` branch."""
+    from onnx import TensorProto, helper
+
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Constant", [], ["y"], value_float=1.0)],
+                              "leaf", [], [out])
+    leaf = graph
+    for level in range(depth):
+        node = helper.make_node("If", ["c"], ["y"], then_branch=graph, else_branch=leaf)
+        graph = helper.make_graph([node], f"g{level}", [], [out])
+    graph.input.extend([helper.make_tensor_value_info("c", TensorProto.BOOL, [])])
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    return path
+
+
+# -- Keras ------------------------------------------------------------------------------------
+
+def keras_weights_h5(path: Path, build=None) -> Path:
+    """A Keras 3 ``.weights.h5`` with one Dense layer (kernel 6 x 4, bias 4), written with h5py
+    as Keras writes it; ``build(h5py.File)`` adds to it."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f.create_group("vars").attrs["name"] = "sequential"
+        g = f.create_group("layers/dense/vars")
+        g.attrs["name"] = "dense"
+        g["0"] = rng.standard_normal((6, 4)).astype("f4")
+        g["1"] = np.zeros(4, "f4")
+        if build is not None:
+            build(f)
+    return path
+
+
+def keras_zip(path: Path, members: Iterable, compression=None) -> Path:
+    """A ``.keras``-like zip of ``(name, bytes)`` members (stored unless ``compression``)."""
+    with zipfile.ZipFile(path, "w", compression or zipfile.ZIP_STORED) as z:
+        for name, data in members:
+            z.writestr(name, data)
+    return path
+
+
+def keras_dense_config(units: int = 4, class_name: str = "Dense") -> bytes:
+    layer = {"module": "keras.layers", "class_name": class_name,
+             "config": {"name": "dense", "units": units, "use_bias": True}}
+    return json.dumps({"module": "keras", "class_name": "Sequential",
+                       "config": {"name": "sequential", "layers": [layer]}}).encode()
+
+
+def keras_hostile(d: Path) -> Dict[str, Path]:
+    """Hostile and broken Keras files, by case name (see ``test_keras`` / ``test_hostile``)."""
+    import h5py
+
+    d.mkdir(parents=True, exist_ok=True)
+    f: Dict[str, Path] = {}
+    good = keras_weights_h5(d / "good.weights.h5")
+    data = good.read_bytes()
+    (d / "truncated.weights.h5").write_bytes(data[: len(data) * 2 // 3])
+    f["truncated_h5"] = d / "truncated.weights.h5"
+    last = data.rfind(b"SNOD")  # a group's symbol table node, its signature broken
+    (d / "corrupt.weights.h5").write_bytes(data[:last] + b"XXXX" + data[last + 4:])
+    f["corrupt_h5"] = d / "corrupt.weights.h5"
+
+    def unwritten(h5):  # 10^6 x 10^6 float32 declared, never written: no storage at all
+        h5["layers/dense/vars"].create_dataset("2", shape=(10**6, 10**6), dtype="f4")
+    f["unwritten"] = keras_weights_h5(d / "unwritten.weights.h5", unwritten)
+
+    def bomb(h5):  # chunked + gzip, 4 TB declared, no chunk stored
+        h5["layers/dense/vars"].create_dataset("2", shape=(10**6, 10**6), dtype="f4",
+                                               chunks=(100, 100), compression="gzip")
+    f["chunk_bomb"] = keras_weights_h5(d / "chunk_bomb.weights.h5", bomb)
+
+    def external(h5):  # data from another file on this machine
+        h5["layers/dense/vars"].create_dataset("2", shape=(8, 8), dtype="f4",
+                                               external=[(str(good), 0, 256)])
+    f["external_data"] = keras_weights_h5(d / "external_data.weights.h5", external)
+
+    def link(h5):
+        h5["layers/other"] = h5py.ExternalLink(str(good), "/layers/dense")
+    f["external_link"] = keras_weights_h5(d / "external_link.weights.h5", link)
+
+    def deep(h5):
+        h5.create_group("layers/" + "/".join(["g"] * 40))
+    f["deep_groups"] = keras_weights_h5(d / "deep_groups.weights.h5", deep)
+    with h5py.File(d / "other.h5", "w") as h5:
+        h5["data"] = np.zeros((3, 3))
+    f["not_keras_h5"] = d / "other.h5"
+    f["zip_dotdot"] = keras_zip(d / "dotdot.keras", [
+        ("config.json", keras_dense_config()), ("../model.weights.h5", data),
+        ("model.weights.h5", data)])
+    f["zip_bomb"] = keras_zip(d / "bomb.keras", [
+        ("config.json", keras_dense_config()), ("model.weights.h5", data + b"\0" * 2**26)],
+        compression=zipfile.ZIP_DEFLATED)
+    f["zip_big_config"] = keras_zip(d / "big_config.keras", [
+        ("config.json", b" " * (11 * 2**20)), ("model.weights.h5", data)],
+        compression=zipfile.ZIP_DEFLATED)
+    whole = keras_zip(d / "whole.keras", [("config.json", keras_dense_config()),
+                                          ("model.weights.h5", data)]).read_bytes()
+    (d / "truncated.keras").write_bytes(whole[: len(whole) // 2])
+    f["truncated_keras"] = d / "truncated.keras"
+    f["contradicting_config"] = keras_zip(d / "contradicting.keras", [
+        ("config.json", keras_dense_config(units=5)), ("model.weights.h5", data)])
+    f["class_contradiction"] = keras_zip(d / "class_contradiction.keras", [
+        ("config.json", keras_dense_config(class_name="Conv2D")), ("model.weights.h5", data)])
+    f["deep_config"] = keras_zip(d / "deep_config.keras", [
+        ("config.json", ('{"class_name": "Sequential", "config": ' + deep_json(3000) + "}")
+         .encode()), ("model.weights.h5", data)])
+    f["good"] = good
+    return f

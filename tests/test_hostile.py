@@ -54,6 +54,7 @@ def inputs(tmp_path_factory):
     tagger = _members(TAGGER)
     config, weights = tagger["config.json"], tagger["weights.th"]
     small = H.torch_bytes({"fc.weight": torch.randn(30, 10, generator=torch.Generator().manual_seed(0))})
+    rng0 = np.random.default_rng(0)
     doubled = H.torch_bytes({"fc.weight": 2 * torch.load(__import__("io").BytesIO(small),
                                                          weights_only=True)["fc.weight"]})
     f = {}
@@ -114,9 +115,41 @@ def inputs(tmp_path_factory):
         {"w": {"dtype": "F32", "shape": [0, 64, 10**12], "data_offsets": [0, 0]},
          "v": {"dtype": "F32", "shape": [4, 3], "data_offsets": [0, 48]}},
         np.random.default_rng(1).standard_normal(12).astype("<f4").tobytes()))
+    # ONNX: truncated protobuf, external data past the end or outside the folder, absurd dims,
+    # subgraphs nested past our limit and past protobuf's
+    onnx_good = H.onnx_matmul_model({"w": rng0.standard_normal((64, 32))}).SerializeToString()
+    f["onnx_truncated"] = d / "truncated.onnx"
+    f["onnx_truncated"].write_bytes(onnx_good[: len(onnx_good) // 2])
+    (d / "outside.bin").write_bytes(b"\0" * 48)
+    f["onnx_past_end"] = H.onnx_external(d / "onnx_past", {"w": np.ones((4, 3))}, offset=10**9)
+    f["onnx_escape"] = H.onnx_external(d / "onnx_escape", {"w": np.ones((4, 3))},
+                                       location="../outside.bin")
+    f["onnx_symlink"] = H.onnx_external(d / "onnx_symlink", {"w": np.ones((4, 3))},
+                                        location="link.bin")
+    (d / "onnx_symlink" / "link.bin").symlink_to(d / "outside.bin")
+    f["onnx_absurd"] = H.onnx_absurd_dims(d / "absurd.onnx")
+    f["onnx_deep"] = H.onnx_nested_ifs(d / "deep.onnx", 20)
+    f["onnx_deeper"] = H.onnx_nested_ifs(d / "deeper.onnx", 32)
+    f["onnx_ok"] = d / "ok.onnx"
+    f["onnx_ok"].write_bytes(onnx_good)
     f["ts_missing"] = H.torchscript_archive(d / "ts_missing.pt", drop="data/1")
     f["ts_lying"] = H.torchscript_archive(d / "ts_lying.pt", cut="data/0")
     f["sparse"] = H.sparse_safetensors(d / "sparse.safetensors", 40000, 20000)
+    gptq = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                    "sym": True, "checkpoint_format": "gptq"}}
+    layer, p = H.gptq_layer(), "model.layers.0.mlp.up_proj"
+    ct_layer = {"l.weight_packed": np.zeros((8, 5), np.int32),
+                "l.weight_scale": np.ones((8, 2), np.float16),
+                "l.weight_shape": np.array([8, 64], np.int64)}
+    for name, (tensors, config) in {
+            "bits": (layer, {"quantization_config": dict(gptq["quantization_config"], bits=8)}),
+            "scales": ({**layer, f"{p}.scales": layer[f"{p}.scales"][:, :32]}, gptq),
+            "g_idx": ({**layer, f"{p}.g_idx": layer[f"{p}.g_idx"] + 3}, gptq),
+            "width": (ct_layer, None),
+            "marlin": (layer, {"quantization_config": dict(gptq["quantization_config"],
+                                                           checkpoint_format="marlin")}),
+            "3bit": ({**layer, f"{p}.qzeros": np.zeros((4, 6), np.int32)}, None)}.items():
+        f[f"packed_{name}"] = H.packed_folder(d / f"packed_{name}", tensors, config)
     good_gguf = H.gguf_bytes()
     for name, data in {
             "count": H.gguf_bytes(n_tensors=2**62),
@@ -140,6 +173,12 @@ def inputs(tmp_path_factory):
     f["nul_list"] = d / "nul.txt"
     f["nul_list"].write_text(f"{good}\x00x\n")
     f["st"] = H.safetensors_file(d / "st.safetensors", {"fc.weight": rng.standard_normal((30, 10))})
+    f.update({f"keras:{name}": path for name, path in H.keras_hostile(d / "keras").items()})
+    lora = {"base_model.model.fc.lora_A.weight": rng.standard_normal((4, 10)),
+            "base_model.model.fc.lora_B.weight": rng.standard_normal((30, 4))}
+    f["lora_lying_r"] = H.lora_adapter(d / "lora_lying_r", {"r": 8}, lora)
+    f["lora_absent"] = H.lora_adapter(d / "lora_absent", {}, {
+        k.replace(".fc.", ".gc."): v for k, v in lora.items()})
     f["www"] = d / "www"
     f["www"].mkdir()
     for name in ("tagger.tar.gz", "model.tar.gz"):
@@ -173,12 +212,20 @@ def _cases(f, base, backlog, work):
         # safetensors and JSON
         **{f"header:{n}": ([str(f[n])], {}) for n in (
             "deep_header", "deep_index", "shape_float", "shape_huge", "shape_overflow")},
+        **{f"onnx:{n}": ([str(f[f"onnx_{n}"]), "--min-q", "1"], {}) for n in (
+            "truncated", "past_end", "escape", "symlink", "absurd", "deep", "deeper")},
+        "onnx:ok": ([str(f["onnx_ok"]), "--format", "json"], {}),
+        **{f"packed:{n}": ([str(f[f"packed_{n}"])], {}) for n in (
+            "bits", "scales", "g_idx", "width", "marlin", "3bit")},
         **{f"gguf:{n}": ([str(f[f"gguf_{n}"])], {}) for n in (
             "count", "offset", "shape", "truncated", "string")},
         **{f"torchscript:{n}": ([str(f[n])], {}) for n in ("ts_missing", "ts_lying")},
         "empty_conv": ([str(f["empty_conv"]), "--include", "conv", "--format", "json"], {}),
         "sparse": ([str(f["sparse"])], {}),
         "tiny": ([str(f["tiny"]), "--match", r"^m77777\.weight$", "--format", "json"], {}),
+        # LoRA adapters whose adapter_config.json lies
+        "lora_lying_r": ([str(f["lora_lying_r"])], {}),
+        "lora_absent": ([str(f["lora_absent"]), "--base", st], {}),
         # options
         **{f"option:{' '.join(o)}": ([st, *o], {}) for o in (
             ["--min-q", "inf"], ["--loose-tol", "inf"], ["--min-q", "nan"],
@@ -215,6 +262,9 @@ def _cases(f, base, backlog, work):
         "net:deflate_encoded": ([f"{base}/deflate-encoded/model.tar.gz", *c, "--format", "json"],
                                 FAST_NET),
         "net:ok": ([f"{base}/file/model.tar.gz", *c, "--format", "json"], FAST_NET),
+        # Keras files (h5py only): lying HDF5, zip tricks, configs contradicting the weights
+        **{f"keras:{n}": ([str(f[f"keras:{n}"])], {}) for n, _ in KERAS_CASES},
+        "keras:good": ([str(f["keras:good"]), "--min-q", "1", "--format", "json"], {}),
         "net:ok_again": ([f"{base}/file/model.tar.gz", *c, "--format", "json"], FAST_NET),
         "net:html_again": ([f"{base}/html/model.tar.gz", *c], FAST_NET),
     }
@@ -373,6 +423,14 @@ def test_deep_json_is_refused_without_recursion(batches, inputs):
     assert batches["standalone"]["deep_config"]["rc"] == 0
 
 
+def test_lying_lora_adapters_are_one_line(batches):
+    found = _both_errors(batches, "lora_lying_r", "adapter_config.json gives fc rank r = 8",
+                         "lora_A is 4 x 10")
+    assert found["standalone"] == found["plugin"]
+    found = _both_errors(batches, "lora_absent", "adapted module gc.weight is not in the base")
+    assert found["standalone"] == found["plugin"]
+
+
 @pytest.mark.parametrize("case, fragment", [
     ("shape_float", "has a bad shape [1e+30]"),
     ("shape_huge", "do not match shape [1000000000000000000000000000000]"),
@@ -380,6 +438,55 @@ def test_deep_json_is_refused_without_recursion(batches, inputs):
 ])
 def test_impossible_shapes_are_refused(batches, case, fragment):
     found = _both_errors(batches, f"header:{case}", "corrupt safetensors header", fragment)
+    assert found["standalone"] == found["plugin"]
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("truncated", ["truncated.onnx is not a valid ONNX model (truncated or corrupt"]),
+    ("past_end", ["weights.bin is truncated (tensor 'w' ends at byte 1000000048, the file "
+                  "holds 48)"]),
+    ("escape", ["has its data at '../outside.bin', outside the model's folder: refused"]),
+    ("symlink", ["has its data at 'link.bin', outside the model's folder: refused"]),
+    ("absurd", ["w (1000000000000 x 1000000000000) needs", "of memory"]),
+    ("deep", ["deep.onnx nests subgraphs more than 16 levels deep"]),
+    ("deeper", ["deeper.onnx is not a valid ONNX model", "MaxDepth"]),
+])
+def test_hostile_onnx_files(batches, case, fragments):
+    found = _both_errors(batches, f"onnx:{case}", *fragments)
+    if case != "absurd":  # there the fronts' memory limits differ
+        assert found["standalone"] == found["plugin"]
+    for front in FRONTS:
+        assert batches[front][f"onnx:{case}"]["seconds"] < 30
+
+
+def test_onnx_file_in_both_front_ends(batches, inputs):
+    """The plugin and the standalone command read an ONNX file alike: its MatMul weight (in x
+    out as stored) as the out x in matrix the model uses, equal to numpy's SVD."""
+    import onnx
+    from onnx import numpy_helper
+
+    W = numpy_helper.to_array(onnx.load(str(inputs["onnx_ok"])).graph.initializer[0]).T
+    sv = np.linalg.svd(W.astype(np.float64), compute_uv=False)
+    found = []
+    for front in FRONTS:
+        r = batches[front]["onnx:ok"]
+        assert r["rc"] == 0, r
+        (rec,) = json.loads(r["out"])["records"]
+        assert (rec["name"], rec["shape"], rec["kind"]) == ("w", [32, 64], "linear")
+        assert rec["sv_max"] == pytest.approx(sv[0], rel=1e-9)
+        assert rec["sv_min"] == pytest.approx(sv[-1], rel=1e-7)
+        found.append({k: v for k, v in rec.items() if k != "model"})
+    assert found[0] == found[1]
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("bits", "the config says 8 bits, but"), ("scales", "scales has shape (4, 32)"),
+    ("g_idx", "names groups 3..6, the scales hold 4"), ("width", "5 words per row"),
+    ("marlin", "the Marlin layout is re-tiled"), ("3bit", "3-bit GPTQ packing is not supported")])
+def test_hostile_packed_layers(batches, case, fragment):
+    """GPTQ / compressed-tensors folders whose config lies or whose side tensors do not fit,
+    and a kernel-tiled layout: one line naming the problem."""
+    found = _both_errors(batches, f"packed:{case}", fragment)
     assert found["standalone"] == found["plugin"]
 
 
@@ -514,6 +621,51 @@ def test_bad_downloads(batches, case, fragments):
     assert same["standalone"] == same["plugin"]
     for front in FRONTS:
         assert batches[front][f"net:{case}"]["seconds"] < 20, batches[front][f"net:{case}"]
+
+
+#: Keras hostile inputs (``hostile_inputs.keras_hostile``) and what their one line says.
+KERAS_CASES = [
+    ("truncated_h5", "truncated file"),
+    ("corrupt_h5", "is corrupt HDF5 (Unable to get group info (bad symbol table node signature))"),
+    ("unwritten", "has no data (its 1000000x1000000 values were never written)"),
+    ("chunk_bomb", "would expand to 4000000000000 bytes from 0"),
+    ("external_data", "keeps its data in an external file: not read"),
+    ("external_link", "is a link (ExternalLink), which is not followed"),
+    ("deep_groups", "groups nested more than 32 levels deep"),
+    ("not_keras_h5", "is an HDF5 file but not Keras weights"),
+    ("zip_dotdot", "that leaves the archive's folder: refused"),
+    ("zip_bomb", "zip member model.weights.h5 would expand"),
+    ("zip_big_config", "its config.json declares 11534336 bytes"),
+    ("truncated_keras", "is not a valid .keras zip"),
+    ("contradicting_config", "but its config says units = 5: the config contradicts the weights"),
+    ("class_contradiction", "the config says layer 'dense' is a Conv2D"),
+    ("deep_config", "nested more than 64 levels deep"),
+]
+
+
+@pytest.mark.parametrize("case, fragment", KERAS_CASES)
+def test_hostile_keras_files(batches, inputs, case, fragment):
+    """Both front-ends refuse each with the same one line, under the memory limit, quickly."""
+    found = _both_errors(batches, f"keras:{case}", str(inputs[f"keras:{case}"]), fragment)
+    assert found["standalone"] == found["plugin"]
+    for front in FRONTS:
+        r = batches[front][f"keras:{case}"]
+        assert r["out"] == "" and r["seconds"] < 30, r
+
+
+def test_keras_file_through_both_front_ends(batches, inputs):
+    """The file the hostile cases are made from: both front-ends analyze it alike."""
+    import h5py
+
+    with h5py.File(inputs["keras:good"], "r") as f:
+        kernel = f["layers/dense/vars/0"][()]
+    sv = np.linalg.svd(kernel.astype(np.float64).T, compute_uv=False)
+    for front in FRONTS:
+        r = batches[front]["keras:good"]
+        assert r["rc"] == 0 and r["err"] == "", r
+        (record,) = json.loads(r["out"])["records"]
+        assert record["name"] == "dense.kernel" and record["shape"] == [4, 6]
+        assert record["sv_max"] == pytest.approx(sv[0], rel=1e-12)
 
 
 def test_cache_keeps_only_complete_usable_downloads(batches, inputs):

@@ -42,14 +42,24 @@ def library_files(tmp_path_factory):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(W, "w")])
+    onnx.save_model(helper.make_model(graph), d / "w.onnx")
     return {"npy": d / "w.npy", "npz": d / "w.npz", "safetensors": d / "w.safetensors",
             "torch": d / "w.pt", "torch-legacy": d / "legacy.th", "archive": d / "model.tar.gz",
-            "gguf": d / "w.gguf"}
+            "gguf": d / "w.gguf", "onnx": d / "w.onnx"}
 
 
 def test_every_sniffable_format_is_recognized_by_content_as_by_name(library_files):
     sniffable = {f.name for f in registry.FORMATS if f.sniff is not None and f.readable}
-    assert sniffable == {"npy", "npz", "safetensors", "torch", "archive", "gguf"}
+    assert sniffable == {"npy", "npz", "safetensors", "torch", "archive", "keras", "gguf",
+                         "onnx"}
     for key, path in library_files.items():
         fmt = registry.by_name(path)
         assert fmt is not None and fmt.name == key.split("-")[0], key

@@ -741,12 +741,16 @@ def test_bad_sharded_index(tmp_path, src_st_file):
 
 
 def test_unknown_file_type(tmp_path):
-    # (an HDF5 file is named as such: tests/test_unsupported.py)
     for name, data in (("notes.txt", b"hello\n"), ("blob", os.urandom(64))):
         path = _write(tmp_path / name, data)
         with pytest.raises(AnalyzeError) as e:
             open_source(path)
         check_error(e, path, "not a recognised weights file")
+    # an .h5 file is HDF5, read as Keras weights (tests/test_keras.py): a broken one says so
+    path = _write(tmp_path / "weights.h5", b"\x89HDF\r\n\x1a\n")
+    with pytest.raises(AnalyzeError) as e:
+        open_source(path)
+    check_error(e, path, "is not a readable HDF5 file")
 
 
 def test_bad_torch_files(tmp_path):

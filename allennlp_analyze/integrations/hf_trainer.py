@@ -53,7 +53,8 @@ class WeightAnalysisCallback(TrainerCallback):
 
     def __init__(self, every: int = 1, per: str = "epoch", stop_on_collapse: bool = False,
                  background: bool = False, output_file: Optional[str] = None,
-                 options: Optional[AnalysisOptions] = None, **option_kwargs: Any) -> None:
+                 options: Optional[AnalysisOptions] = None, base: Optional[str] = None,
+                 **option_kwargs: Any) -> None:
         if per not in PER:
             raise ValueError(f"weight_analysis: per must be one of {', '.join(PER)} "
                              f"(got {per!r})")
@@ -61,7 +62,8 @@ class WeightAnalysisCallback(TrainerCallback):
         self.output_file = output_file
         self.monitor = WeightMonitor(None, every=every, per="step" if per == "step" else "epoch",
                                      stop_on_collapse=stop_on_collapse, background=background,
-                                     options=options, logger=logger, **option_kwargs)
+                                     options=options, logger=logger, base=base,
+                                     **option_kwargs)
         self._unlogged: Dict[str, Any] = {}
         self._saves = 0
         self._stopped = False
@@ -78,6 +80,7 @@ class WeightAnalysisCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.monitor.path = self.output_file or os.path.join(args.output_dir, FILE_NAME)
             os.makedirs(os.path.dirname(os.path.abspath(self.monitor.path)), exist_ok=True)
+            self.monitor.begin(model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         due = self.per == "step" and state.global_step % self.monitor.every == 0

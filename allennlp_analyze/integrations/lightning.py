@@ -45,11 +45,13 @@ class WeightAnalysisCallback(Callback):
 
     def __init__(self, every: int = 1, per: str = "epoch", stop_on_collapse: bool = False,
                  background: bool = False, output_file: Optional[str] = None,
-                 options: Optional[AnalysisOptions] = None, **option_kwargs: Any) -> None:
+                 options: Optional[AnalysisOptions] = None, base: Optional[str] = None,
+                 **option_kwargs: Any) -> None:
         self.output_file = output_file
         self.monitor = WeightMonitor(None, every=every, per=per,
                                      stop_on_collapse=stop_on_collapse, background=background,
-                                     options=options, logger=logger, **option_kwargs)
+                                     options=options, logger=logger, base=base,
+                                     **option_kwargs)
         self._finished: List[MonitorReport] = []
         self._stopped = False
         self._epoch = 0  # of the last training batch
@@ -67,6 +69,7 @@ class WeightAnalysisCallback(Callback):
             folder = trainer.log_dir or trainer.default_root_dir
             self.monitor.path = self.output_file or os.path.join(folder, FILE_NAME)
             os.makedirs(os.path.dirname(os.path.abspath(self.monitor.path)), exist_ok=True)
+            self.monitor.begin(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._epoch = trainer.current_epoch

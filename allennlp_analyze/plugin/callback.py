@@ -22,6 +22,11 @@ moving average, or an epoch the schedule skipped), it:
 * logs a warning naming each matrix that lost rank, and with ``fail_on_collapse`` stops
   training by raising :class:`RankCollapseError`.
 
+With ``"base": "init"`` each record also carries its change since training began (``delta_rel``,
+``delta_sv_max``, ``delta_rank``, ``d_alpha``...; metric ``weight_analysis_delta_rel_max``): the
+monitored matrices are copied once when training starts, in their storage dtype (the memory
+this costs: :mod:`allennlp_analyze.monitor`).
+
 The analysis options are :class:`~allennlp_analyze.options.AnalysisOptions`' fields, under the
 same names (``min_q``, ``match``, ``exclude``, ``rank_criterion``, ``loose_tol``...).
 
@@ -65,11 +70,11 @@ class WeightAnalysisCallback(TrainerCallback):
 
     def __init__(self, serialization_dir: str, every: int = 1, fail_on_collapse: bool = False,
                  file_name: str = "weight_analysis.jsonl", background: bool = False,
-                 **options: Any) -> None:
+                 base: Optional[str] = None, **options: Any) -> None:
         super().__init__(serialization_dir)
         path = os.path.join(serialization_dir, file_name) if serialization_dir else None
         self.monitor = WeightMonitor(path, every=every, stop_on_collapse=fail_on_collapse,
-                                     background=background, logger=logger, **options)
+                                     background=background, logger=logger, base=base, **options)
         self._metrics: Optional[Dict[str, Any]] = None
 
     every = property(lambda self: self.monitor.every)
@@ -84,6 +89,11 @@ class WeightAnalysisCallback(TrainerCallback):
         return [(r.epoch, r.final, r.records) for r in self.monitor.history]
 
     # -- trainer events ------------------------------------------------------------------------
+
+    def on_start(self, trainer, is_primary: bool = True, **kwargs) -> None:
+        super().on_start(trainer, is_primary=is_primary, **kwargs)
+        if is_primary:
+            self.monitor.begin(trainer.model)  # base="init": the weights before training
 
     def on_batch(self, trainer, batch_inputs, batch_outputs, batch_metrics, epoch: int,
                  batch_number: int, is_training: bool, is_primary: bool = True,

@@ -1,6 +1,7 @@
 """Model folders: an AllenNLP serialization directory or a Hugging Face model folder.
 
-Resolution order: AllenNLP weights (``best.th``, ``weights.th``, ``model_state_*.th``); the
+Resolution order: a PEFT LoRA adapter (``adapter_config.json`` with its weights,
+:mod:`.lora`); AllenNLP weights (``best.th``, ``weights.th``, ``model_state_*.th``); the
 Hugging Face names (``model.safetensors.index.json``, ``model.safetensors``,
 ``pytorch_model.bin.index.json``, ``pytorch_model.bin``; safetensors preferred); then a single
 file picked by a format's folder globs, formats in the registry's order
@@ -15,6 +16,7 @@ from ..errors import AnalyzeError
 from ..tensors import WeightSource
 from . import registry
 from .archive import SerializationDirSource, find_serialization_weights
+from .lora import LoraAdapter, is_adapter_folder
 
 #: The Hugging Face file names, in preference order, and the formats they are read as.
 HF_NAMES = (
@@ -29,6 +31,8 @@ def open_folder(folder: Path, label: Optional[str] = None,
                 checkpoint_key: Optional[str] = None) -> WeightSource:
     folder = Path(folder)
     label = label or folder.resolve().name
+    if is_adapter_folder(folder):
+        return LoraAdapter(folder, label=label)
     if find_serialization_weights(folder) is not None:
         return SerializationDirSource(folder, label=label, checkpoint_key=checkpoint_key)
     for name, format_name in HF_NAMES:

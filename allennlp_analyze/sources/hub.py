@@ -33,6 +33,7 @@ from ._common import one_line, read_index
 from . import registry
 from .folder import HF_NAMES, open_folder
 from .local import open_path
+from .lora import CONFIG_NAME, WEIGHT_NAMES
 from .unsupported import UNSUPPORTED, Unsupported
 
 _ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?$")
@@ -141,10 +142,15 @@ def _cached(hub, repo: str, revision: Optional[str], cache: Path
 
 
 def weight_files(names: List[str]) -> List[str]:
-    """The files of a repository listing to fetch: ``config.json`` (when present) and the
-    weights a model folder would be read from (:func:`~.folder.open_folder`'s order, top-level
-    files only); an index's shards are added once the index is read."""
+    """The files of a repository listing to fetch: a LoRA adapter's ``adapter_config.json`` and
+    weights, else ``config.json`` (when present) and the weights a model folder would be read
+    from (:func:`~.folder.open_folder`'s order, top-level files only); an index's shards are
+    added once the index is read."""
     top = [n for n in names if "/" not in n]
+    if CONFIG_NAME in top:  # a PEFT LoRA adapter (:mod:`.lora`): its config and its weights
+        for name in WEIGHT_NAMES:
+            if name in top:
+                return [CONFIG_NAME, name]
     chosen: List[str] = []
     for name, _ in HF_NAMES:
         if name in top:

@@ -21,7 +21,10 @@ from ..tensors import WeightSource
 from ._common import read_index
 from .archive import ArchiveSource
 from .gguf_file import GGUFSource
+from .keras_file import KerasSource, claims_name, looks_like_keras
 from .numpy_file import NpySource, NpzSource, looks_like_npz
+from .onnx_file import OnnxSource, looks_like_onnx
+from .quant.packed import packed_opener
 from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource, looks_like_safetensors
 from .torch_file import ShardedTorchSource, TorchFileSource
 from .unsupported import UNSUPPORTED, Unsupported, refuse
@@ -83,9 +86,9 @@ def _plain(cls) -> Opener:
 _ZIP = b"PK\x03\x04"
 
 FORMATS: List[SourceFormat] = [
-    SourceFormat("sharded-safetensors", (".index.json",), _plain(ShardedSafetensorsSource),
+    SourceFormat("sharded-safetensors", (".index.json",), packed_opener(ShardedSafetensorsSource),
                  name_check=_safetensors_shards, folder_globs=("*.safetensors.index.json",)),
-    SourceFormat("safetensors", (".safetensors",), _plain(SafetensorsSource),
+    SourceFormat("safetensors", (".safetensors",), packed_opener(SafetensorsSource),
                  sniff=lambda path, head: looks_like_safetensors(path),
                  folder_globs=("*.safetensors",), expected="a .safetensors file or index"),
     SourceFormat("sharded-torch", (".index.json",), _plain(ShardedTorchSource),
@@ -103,9 +106,15 @@ FORMATS: List[SourceFormat] = [
                  folder_globs=("*.npz",), expected="a numpy .npy/.npz file"),
     SourceFormat("npy", (".npy",), _plain(NpySource),
                  sniff=lambda path, head: head[:4] == b"\x93NUM", folder_globs=("*.npy",)),
+    SourceFormat("keras", (".keras", ".h5", ".hdf5"), _plain(KerasSource), sniff=looks_like_keras,
+                 name_check=claims_name, folder_globs=("*.keras", "*.h5"),
+                 expected="a Keras .keras/.weights.h5/.h5 file"),
     SourceFormat("gguf", (".gguf",), _plain(GGUFSource),
                  sniff=lambda path, head: head[:4] == b"GGUF", folder_globs=("*.gguf",),
                  expected="a .gguf file"),
+    SourceFormat("onnx", (".onnx",), _plain(OnnxSource),
+                 sniff=lambda path, head: looks_like_onnx(head), folder_globs=("*.onnx",),
+                 expected="an ONNX model (.onnx)"),
 ]
 
 

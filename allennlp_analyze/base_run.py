@@ -1,0 +1,134 @@
+"""``--base``: a run's sources compared with one base model, matrix by matrix.
+
+The base is opened and analyzed once (:func:`open_base`; kept open, so that its matrices can be
+read again pair by pair); each source's records are then paired with the base's and given their
+base fields (:func:`allennlp_analyze.compare.compare_records`) while that source is open
+(:meth:`BaseRun.compare`). With ``delta`` each pair's ΔW = W - W_base is also analyzed as a
+matrix of its own: a full record named ``delta:<name>`` (spectrum, ranks, fit) whose noise floor
+and bound are the two operands' added (ΔW is exact in float64, its storage noise that of its
+operands), its noise rank and, for narrow operands, its rank criterion ("noise") following from
+them. Its other fields are those of a float64 matrix: numpy's and Numerical Recipes' ranks use
+float64's eps, and the power-law fit takes the eigenvalues above float64's numpy tolerance,
+which can include values below the operands' noise (``rank_noise`` counts those above it).
+"""
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .matrix import analyze_matrix
+from .source_run import SourceResult, one_source, plan_source
+from .compare import MatrixLoader, compare_records, ranked_by_change
+from .options import AnalysisOptions
+from .records import BaseSummary, MatrixRecord, criterion_for
+from .selection import extract
+from .sources.lora import LoraAdapter, MergedSource
+from .tensors import WeightSource
+
+#: Prefix of the names of ``--delta`` records.
+DELTA_PREFIX = "delta:"
+
+
+def matrix_loader(source: WeightSource, options: AnalysisOptions) -> MatrixLoader:
+    """Record -> its matrix as stored, cut out of its parameter as the plan says (the last
+    parameter read is kept, so the parts of a fused one are read once)."""
+    plans = {p.name: p for p in plan_source(source, options).plans}
+    last: Dict[str, np.ndarray] = {}
+
+    def load(rec: MatrixRecord) -> np.ndarray:
+        p = plans[rec.name]
+        if p.param not in last:
+            last.clear()
+            last[p.param] = source.load(p.param)
+        return np.asarray(extract(p, last[p.param]))
+
+    return load
+
+
+@dataclass
+class BaseRun:
+    """The base model, analyzed: its label, records, their singular values, a loader of its
+    matrices, and what the comparisons so far left unpaired."""
+
+    label: str
+    records: List[MatrixRecord]
+    spectra: List[np.ndarray]
+    load: MatrixLoader
+    options: AnalysisOptions
+    source: WeightSource
+    delta: bool = False
+    paired: int = 0
+    unmatched: List[str] = field(default_factory=list)
+    claimed: set = field(default_factory=set)
+    ambiguous: Dict[str, List[str]] = field(default_factory=dict)
+
+    def prepare(self, source: WeightSource) -> WeightSource:
+        """The source to analyze: a LoRA adapter merged into the base, any other as it is."""
+        if isinstance(source, LoraAdapter):
+            return MergedSource(self.source, source)
+        return source
+
+    def compare(self, result: SourceResult, source: WeightSource) -> SourceResult:
+        """``result`` (of ``source``, still open) with its records' base fields filled, and
+        with ``delta`` the ΔW records after them."""
+        o = self.options
+        # a LoRA adapter's own records (its r singular values) are no weights to pair
+        own = [i for i, r in enumerate(result.records) if r.lora_r is None]
+        cmp = compare_records([result.records[i] for i in own], [result.spectra[i] for i in own],
+                              self.records, self.spectra, matrix_loader(source, o), self.load,
+                              o.loose_tol, o.method, keep_deltas=self.delta)
+        label = result.info.label
+        self.paired += len(cmp.pairing.pairs)
+        self.unmatched.extend(f"{label}:{k}" for k in cmp.pairing.unmatched)
+        self.claimed.update(j for _, j, _ in cmp.pairing.pairs)
+        self.ambiguous.update({f"{label}:{k}": v for k, v in cmp.pairing.ambiguous.items()})
+        records, spectra = list(result.records), list(result.spectra)
+        for k, i in enumerate(own):
+            records[i] = cmp.records[k]
+        rand = list(result.rand_spectra)
+        for k, (D, sv) in cmp.deltas.items():
+            records.append(delta_record(D, cmp.records[k], self._base_of(cmp.records[k]), o))
+            spectra.append(sv)
+            if rand:
+                rand.append(np.zeros(0))
+        info = replace(result.info, records=len(records))
+        return SourceResult(info, records, spectra, rand)
+
+    def _base_of(self, rec: MatrixRecord) -> MatrixRecord:
+        return next(b for b in self.records if b.name == rec.base_name)
+
+    def summary(self, records: List[MatrixRecord]) -> BaseSummary:
+        """The comparison's summary over the run's (final) ``records``."""
+        return BaseSummary(
+            label=self.label, paired=self.paired, unmatched=list(self.unmatched),
+            unmatched_base=[b.name for j, b in enumerate(self.records) if j not in self.claimed],
+            ambiguous=dict(self.ambiguous),
+            moved=ranked_by_change([r for r in records if not r.name.startswith(DELTA_PREFIX)]))
+
+
+def delta_record(D: np.ndarray, rec: MatrixRecord, base: MatrixRecord, options: AnalysisOptions
+                 ) -> MatrixRecord:
+    """The full record of ΔW (float64) of the pair ``rec`` / ``base`` (module docstring)."""
+    out = analyze_matrix(D, options, name=DELTA_PREFIX + rec.name, dtype="float64",
+                         model=rec.model, module_type=rec.module_type, part=rec.slice)
+    out.kind, out.kind_from, out.base_name = rec.kind, rec.kind_from, base.name
+    if out.sv_max is None:
+        return out
+    out.noise_floor = rec.delta_noise_floor
+    out.noise_bound = (rec.noise_bound or 0.0) + (base.noise_bound or 0.0)
+    out.rank_noise = rec.delta_rank
+    narrow = [d for d in (rec.dtype, base.dtype) if d not in ("float32", "float64")]
+    if narrow:
+        out.rank_criterion = criterion_for(options.rank_criterion, narrow[0])
+        rank = getattr(out, f"rank_{out.rank_criterion}")
+        out.rank_loss = None if rank is None else out.M - rank
+    return out
+
+
+def open_base(source: WeightSource, options: AnalysisOptions, delta: bool = False,
+              progress: Optional[bool] = False) -> BaseRun:
+    """Analyze the base model ``source`` (opened: any source the tool reads), kept open."""
+    res = one_source(source, options, progress=progress)
+    return BaseRun(res.info.label, res.records, res.spectra, matrix_loader(source, options),
+                   options, source, delta)
+

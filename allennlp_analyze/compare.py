@@ -1,0 +1,293 @@
+"""A model against its base: which matrices pair up, and what changed in each (ΔW = W - W_base).
+
+Pairing (:func:`pair_records`), on the records' names (those of a fused part or a convolution
+position end in their slice; only equal slices pair):
+
+1. identical names whose shapes are equal or transposed;
+2. for the rest, the base matrix whose name shares the longest common dotted suffix with the
+   model's (at least two components, e.g. ``query.weight``), among those of equal or transposed
+   shape: an AllenNLP model that wraps a Hugging Face encoder
+   (``_text_field_embedder.token_embedder_tokens.transformer_model.encoder.layer.0...``) meets
+   the encoder saved alone (``encoder.layer.0...``). Where several base matrices share that
+   longest suffix, or one base matrix is the best for several model matrices, none of them is
+   paired: they are listed as ambiguous. Matrices without a partner are listed as unmatched.
+   Nothing is paired silently on a weaker rule.
+
+Per pair (:func:`delta_fields`; ``W`` and ``W_base`` read as stored, widened to float64, the
+subtraction exact for float32 and narrower operands):
+
+* ``delta_rel`` = ‖ΔW‖_F / ‖W_base‖_F (None where W_base is all zero);
+* ``delta_sv_max`` = ‖ΔW‖₂, the largest singular value of ΔW from its full spectrum
+  (:func:`delta_singular_values`: a Gram eigen-decomposition, or LAPACK's SVD where the Gram
+  cannot resolve the values near the noise floor; either way sv_max to about 1e-14 relative,
+  no power iteration);
+* ``delta_noise_floor``: the storage noise of ΔW, W's ``noise_floor`` + W_base's (each operand's
+  rounding E, ‖E₁ - E₂‖₂ <= ‖E₁‖₂ + ‖E₂‖₂), raised to float64's SVD round-off
+  ``sv_max(ΔW) * max(N, M) * eps64`` where that is larger; ``delta_rank``: singular values of ΔW
+  above it;
+* ``delta_stable_rank`` = ‖ΔW‖_F² / ‖ΔW‖₂², ``delta_effective_rank``: Roy & Vetterli's
+  (:func:`allennlp_analyze.spectral_metrics.effective_rank`) of ΔW's singular values;
+* ``d_sv_max``, ``d_sv_min``, ``d_alpha``: the model's record minus the base's (None where
+  either has none);
+* ``base_sv_below_delta``: how many of W_base's singular values are below ‖ΔW‖₂: directions of
+  the base that a change of this size can no longer resolve (Weyl: each singular value moved
+  by at most ‖ΔW‖₂);
+* WeightWatcher 0.7's ``distances()`` (``WeightWatcher.matrix_distance``) under its method
+  names: ``distance_raw`` and ``distance_euclidean`` are both ``np.linalg.norm(W1 - W2)``, the
+  Frobenius norm of the difference ("raw" on the layer's tensor, "euclidean" averaged over its
+  extracted matrices: one matrix here, so the same value); ``distance_cka`` is its uncentered
+  "CKA", ``‖W1ᵀ W2‖_F / (‖W1ᵀ W1‖_F ‖W2ᵀ W2‖_F)`` with the matrices as stored (out x in),
+  exactly as WeightWatcher divides it: by the product of the two norms, not its square root,
+  so it is not scale-invariant (it is not Kornblith et al.'s CKA); WeightWatcher adds 1e-6 to
+  a denominator below 1e-6, which is kept. ‖WᵀW‖_F = sqrt(Σ σ⁴) is taken from the records'
+  spectra; the cross term costs one product of W and W_base (O(N M min(N, M))).
+
+The comparison costs, per pair, the spectrum of ΔW and the cross product of CKA on top of the
+two models' own analyses (see ``benchmarks/lora_cost.py`` for a measured ratio).
+"""
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+
+from .records import MatrixRecord
+from .spectral_metrics import effective_rank
+from .spectrum import singular_values
+from .tensors import DTYPE_EPS
+
+#: Fewest dotted name components a suffix match needs ("query.weight"; "weight" alone matches
+#: every matrix).
+MIN_SUFFIX = 2
+#: The record fields that a comparison with a base fills (None without a base).
+BASE_FIELDS = ("base_name", "delta_rel", "delta_sv_max", "delta_rank", "delta_noise_floor",
+               "delta_stable_rank", "delta_effective_rank", "d_sv_max", "d_sv_min", "d_alpha",
+               "base_sv_below_delta", "distance_raw", "distance_euclidean", "distance_cka")
+
+#: A matrix as the record describes it (its stored orientation, ``record.shape``), any float dtype.
+MatrixLoader = Callable[[MatrixRecord], np.ndarray]
+
+
+class Matrix(Protocol):
+    """What pairing reads of a record (or of a plan's :class:`MatrixKey`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> Tuple[int, ...]: ...
+
+    @property
+    def slice(self) -> Optional[str]: ...
+
+
+class MatrixKey(NamedTuple):
+    """A planned matrix's name, shape and slice: pairing from metadata alone (``--describe``)."""
+
+    name: str
+    shape: Tuple[int, ...]
+    slice: Optional[str]
+
+
+def record_key(r: Matrix) -> str:
+    """What pairing compares: the record's name (that of a fused part or a convolution position
+    ends in its slice, ``in_proj_weight[q]``)."""
+    return r.name
+
+
+@dataclass
+class Pairing:
+    """How two runs' records pair up: ``pairs`` (index in the model's records, index in the
+    base's, whether the base matrix is the transpose), the model's ``unmatched`` keys, the
+    base's ``unmatched_base`` keys, and ``ambiguous`` model keys with their tied candidates."""
+
+    pairs: List[Tuple[int, int, bool]] = field(default_factory=list)
+    unmatched: List[str] = field(default_factory=list)
+    unmatched_base: List[str] = field(default_factory=list)
+    ambiguous: Dict[str, List[str]] = field(default_factory=dict)
+
+
+def _fits(a: Matrix, b: Matrix) -> Optional[bool]:
+    """Whether ``b`` pairs with ``a`` as itself (False) or transposed (True); None if neither."""
+    if a.slice != b.slice:
+        return None
+    if tuple(a.shape) == tuple(b.shape):
+        return False
+    if tuple(a.shape) == tuple(reversed(b.shape)):
+        return True
+    return None
+
+
+def _common_suffix(a: Tuple[str, ...], b: Tuple[str, ...]) -> int:
+    """Number of trailing components ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(reversed(a), reversed(b)):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def pair_records(records: Sequence[Matrix], base: Sequence[Matrix]) -> Pairing:
+    """Pair the model's ``records`` with the ``base``'s (module docstring: identical names,
+    then the longest common dotted suffix, shapes equal or transposed; ties never paired).
+    Records or :class:`MatrixKey` of plans."""
+    out = Pairing()
+    base_by_key: Dict[str, int] = {record_key(b): j for j, b in enumerate(base)}
+    taken: Dict[int, int] = {}
+    rest: List[int] = []
+    for i, r in enumerate(records):
+        j = base_by_key.get(record_key(r))
+        t = None if j is None else _fits(r, base[j])
+        if j is None or t is None:
+            rest.append(i)
+        else:
+            out.pairs.append((i, j, t))
+            taken[j] = i
+    free = [j for j in range(len(base)) if j not in taken]
+    parts = {j: base[j].name.split(".") for j in free}
+    best: Dict[int, Tuple[int, bool]] = {}
+    claims: Dict[int, List[int]] = {}
+    for i in rest:
+        r, mine = records[i], tuple(records[i].name.split("."))
+        scored = [(_common_suffix(mine, tuple(parts[j])), j, t) for j in free
+                  if (t := _fits(r, base[j])) is not None]
+        top = max((s for s, _, _ in scored), default=0)
+        tied = [(j, t) for s, j, t in scored if s == top]
+        if top < MIN_SUFFIX:
+            out.unmatched.append(record_key(r))
+        elif len(tied) > 1:
+            out.ambiguous[record_key(r)] = [record_key(base[j]) for j, _ in tied]
+        else:
+            best[i] = tied[0]
+            claims.setdefault(tied[0][0], []).append(i)
+    for j, claimants in claims.items():
+        if len(claimants) == 1:
+            out.pairs.append((claimants[0], j, best[claimants[0]][1]))
+            taken[j] = claimants[0]
+        else:
+            for i in claimants:
+                out.ambiguous[record_key(records[i])] = [record_key(base[j])]
+    out.pairs.sort()
+    out.unmatched_base = [record_key(b) for j, b in enumerate(base) if j not in taken]
+    return out
+
+
+def _difference(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None else a - b
+
+
+def _sum_fourth(sv: np.ndarray) -> float:
+    """‖WᵀW‖_F = sqrt(Σ σ⁴) (scaled by σ_max against overflow)."""
+    if sv.size == 0 or sv[0] == 0.0:
+        return 0.0
+    return float(sv[0] ** 2 * math.sqrt(np.sum((sv / sv[0]) ** 4)))
+
+
+def ww_cka(W: np.ndarray, W_base: np.ndarray, sv: np.ndarray, sv_base: np.ndarray) -> float:
+    """WeightWatcher's ``matrix_distance(W1, W2, "cka")``: ‖W1ᵀW2‖_F / (‖W1ᵀW1‖_F ‖W2ᵀW2‖_F),
+    1e-6 added to a denominator below 1e-6 (module docstring); ``sv``, ``sv_base``: the two
+    matrices' singular values. The cross term ‖W1ᵀW2‖_F² = <W1 W1ᵀ, W2 W2ᵀ>_F is formed on the
+    smaller side."""
+    if W.shape[0] >= W.shape[1]:
+        cross = float(np.linalg.norm(W.T @ W_base))
+    else:
+        cross = math.sqrt(max(0.0, float(np.vdot(W @ W.T, W_base @ W_base.T))))
+    norm = _sum_fourth(sv) * _sum_fourth(sv_base)
+    return cross / (norm + 1e-6 if norm < 1e-6 else norm)
+
+
+def delta_singular_values(D: np.ndarray, floor: float, method: str = "auto") -> np.ndarray:
+    """ΔW's singular values (descending). "auto": the Gram path alone
+    (:func:`~allennlp_analyze.spectrum.singular_values` with ``method="gram"``), kept where it
+    resolves what the fields need: sv_max (to about (N + M) eps64 relative) and the count above
+    ``floor``, i.e. no eigenvalue within the Gram's absolute error dλ = 4 (N + M) eps64 λ_max of
+    floor², and floor² > 2 dλ; else LAPACK's SVD. (The rank tolerances of the analysis, whose
+    absolute loose bound and eps64 tolerances would send nearly every ΔW to the SVD, play no
+    part here.) The small values of a kept Gram spectrum are within sqrt(dλ) of the truth: the
+    effective rank takes them as they are. "svd" / "gram": that path."""
+    eps64 = DTYPE_EPS["float64"]
+    if method != "auto":
+        return singular_values(D, eps64, 0.0, method).sv
+    sv = singular_values(D, eps64, 0.0, "gram").sv
+    if sv.size and sv[0] > 0.0:
+        lam, f2 = sv ** 2, floor ** 2
+        dlam = 4.0 * sum(D.shape) * eps64 * lam[0]
+        if f2 <= 2.0 * dlam or bool(np.any(np.abs(lam - f2) <= dlam)):
+            return singular_values(D, eps64, 0.0, "svd").sv
+    return sv
+
+
+def delta_fields(W: np.ndarray, W_base: np.ndarray, rec: MatrixRecord, base: MatrixRecord,
+                 sv: np.ndarray, sv_base: np.ndarray, loose_tol: float = 1e-3,
+                 method: str = "auto") -> Tuple[Dict[str, Any], np.ndarray, np.ndarray]:
+    """The base fields (:data:`BASE_FIELDS`, module docstring) of one pair, W_base already in
+    W's orientation; ``sv`` / ``sv_base``: the two records' singular values (descending). Also
+    returns ΔW (float64) and its singular values."""
+    D = np.asarray(W, dtype=np.float64) - np.asarray(W_base, dtype=np.float64)
+    fro_d = float(np.linalg.norm(D))
+    fro_b = float(np.linalg.norm(np.asarray(W_base, dtype=np.float64)))
+    operands = (rec.noise_floor or 0.0) + (base.noise_floor or 0.0)
+    d_sv = delta_singular_values(D, operands, method)
+    top = float(d_sv[0]) if d_sv.size else 0.0
+    floor = max(operands, top * max(D.shape) * DTYPE_EPS["float64"])
+    fields = {
+        "base_name": base.name,
+        "delta_rel": fro_d / fro_b if fro_b > 0 else None,
+        "delta_sv_max": top,
+        "delta_noise_floor": floor,
+        "delta_rank": int(np.count_nonzero(d_sv > floor)),
+        "delta_stable_rank": float(np.sum((d_sv / top) ** 2)) if top > 0 else None,
+        "delta_effective_rank": effective_rank(d_sv),
+        "d_sv_max": _difference(rec.sv_max, base.sv_max),
+        "d_sv_min": _difference(rec.sv_min, base.sv_min),
+        "d_alpha": _difference(rec.alpha, base.alpha),
+        "base_sv_below_delta": int(np.count_nonzero(sv_base < top)) if sv_base.size else None,
+        "distance_raw": fro_d,
+        "distance_euclidean": fro_d,
+        "distance_cka": ww_cka(np.asarray(W, dtype=np.float64),
+                               np.asarray(W_base, dtype=np.float64), sv, sv_base),
+    }
+    return fields, D, d_sv
+
+
+@dataclass
+class Comparison:
+    """A model's records with their base fields filled (unpaired ones as they were), the
+    pairing, and, when asked for, each pair's ΔW (float64, stored orientation) with its singular
+    values, by record index."""
+
+    records: List[MatrixRecord]
+    pairing: Pairing
+    deltas: Dict[int, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def compare_records(records: Sequence[MatrixRecord], spectra: Sequence[np.ndarray],
+                    base: Sequence[MatrixRecord], base_spectra: Sequence[np.ndarray],
+                    load: MatrixLoader, load_base: MatrixLoader, loose_tol: float = 1e-3,
+                    method: str = "auto", keep_deltas: bool = False) -> Comparison:
+    """Pair ``records`` with the ``base`` records (:func:`pair_records`) and fill each pair's
+    base fields from the two matrices (``load`` / ``load_base``: record -> matrix as stored)
+    and the two records' singular values (``spectra``, ``base_spectra``, aligned with them).
+    One pair's matrices are in memory at a time (both, widened to float64, and ΔW)."""
+    pairing = pair_records(records, base)
+    out = list(records)
+    deltas: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+    for i, j, transposed in pairing.pairs:
+        rec, brec = records[i], base[j]
+        if rec.sv_max is None or brec.sv_max is None:  # nonfinite: nothing to compare
+            continue
+        W_base = np.asarray(load_base(brec))
+        values, D, d_sv = delta_fields(load(rec), W_base.T if transposed else W_base, rec, brec,
+                                 spectra[i], base_spectra[j], loose_tol, method)
+        out[i] = replace(rec, **values)
+        if keep_deltas:
+            deltas[i] = (D, d_sv)
+    return Comparison(out, pairing, deltas)
+
+
+def ranked_by_change(records: Sequence[MatrixRecord]) -> List[Tuple[str, float]]:
+    """``(model:name, delta_rel)`` of the compared records, largest change first."""
+    moved = [(f"{r.model}:{record_key(r)}", r.delta_rel) for r in records
+             if r.delta_rel is not None]
+    return sorted(moved, key=lambda kv: -kv[1])

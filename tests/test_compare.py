@@ -1,0 +1,178 @@
+"""--base: pairing two runs' matrices and the change of each, against numpy on W - W_base."""
+import io
+import json
+import math
+import tarfile
+
+import numpy as np
+import pytest
+
+from allennlp_analyze import analyze, cli
+from allennlp_analyze.compare import MatrixKey, pair_records
+from allennlp_analyze.errors import AnalyzeError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+PREFIX = "_text_field_embedder.token_embedder_tokens.transformer_model."
+#: The matrices that fine-tuning moved in the archive, and the rank of each change.
+MOVED = {"encoder.layer.0.attention.self.query.weight": 3,
+         "encoder.layer.1.intermediate.dense.weight": 2}
+
+
+def _archive(path, state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in (("config.json", b'{"model": {"type": "basic_classifier"}}'),
+                           ("weights.th", buf.getvalue())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A random tiny BERT encoder saved alone (the base), and an AllenNLP archive whose model
+    wraps it (``_text_field_embedder...transformer_model.``) with a classifier head, two of its
+    matrices moved by a low-rank change of known rank."""
+    d = tmp_path_factory.mktemp("compare")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=16)
+    torch.manual_seed(0)
+    encoder = transformers.BertModel(config)
+    encoder.save_pretrained(d / "base")
+    base = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    rng = np.random.default_rng(1)
+    state = {}
+    for k, v in base.items():
+        if k in MOVED:
+            r = MOVED[k]
+            u, w = rng.standard_normal((v.shape[0], r)), rng.standard_normal((r, v.shape[1]))
+            v = v + torch.from_numpy(0.01 * u @ w).float()
+        state[PREFIX + k] = v
+    state["_classification_layer.weight"] = torch.randn(3, 32)
+    return {"base": d / "base", "archive": _archive(d / "model.tar.gz", state),
+            "W": {k[len(PREFIX):]: v.double().numpy() for k, v in state.items()
+                  if k.startswith(PREFIX)},
+            "W_base": {k: v.double().numpy() for k, v in base.items()}}
+
+
+@pytest.fixture(scope="module")
+def compared(models):
+    return analyze(str(models["archive"]), base=str(models["base"]), min_q=1.0)
+
+
+def test_suffix_matching_pairs_the_wrapped_encoder(compared):
+    recs = compared.to_dicts()
+    encoder = [r for r in recs if r["name"].startswith(PREFIX)]
+    assert encoder and all(r["base_name"] == r["name"][len(PREFIX):] for r in encoder)
+    base = compared.summary.base
+    assert base.paired == len(encoder) and not base.ambiguous
+    # the classifier head has no partner, and is listed
+    assert base.unmatched == [f"{compared.summary.models[0]}:_classification_layer.weight"]
+
+
+def test_fields_equal_numpy_on_the_difference(models, compared):
+    by_name = {r["name"][len(PREFIX):]: r for r in compared.to_dicts()
+               if r["name"].startswith(PREFIX)}
+    for name, rec in by_name.items():
+        W, Wb = models["W"][name], models["W_base"][name]
+        D = W - Wb
+        s_d = np.linalg.svd(D, compute_uv=False)
+        s_w, s_b = (np.linalg.svd(X, compute_uv=False) for X in (W, Wb))
+        assert rec["delta_rel"] == pytest.approx(np.linalg.norm(D) / np.linalg.norm(Wb),
+                                                 rel=1e-12, abs=0)
+        assert rec["distance_raw"] == rec["distance_euclidean"] == pytest.approx(
+            np.linalg.norm(D), rel=1e-12, abs=0)
+        assert rec["delta_sv_max"] == pytest.approx(s_d[0], rel=1e-12, abs=1e-300)
+        assert rec["delta_rank"] == MOVED.get(name, 0)
+        assert rec["base_sv_below_delta"] == int(np.sum(s_b < s_d[0]))
+        assert rec["d_sv_max"] == pytest.approx(s_w[0] - s_b[0], abs=1e-12)
+        assert rec["d_sv_min"] == pytest.approx(s_w[-1] - s_b[-1], abs=1e-12)
+        cka = np.linalg.norm(W.T @ Wb) / (np.linalg.norm(W.T @ W) * np.linalg.norm(Wb.T @ Wb))
+        assert rec["distance_cka"] == pytest.approx(cka, rel=1e-10)
+        if name in MOVED:
+            assert rec["delta_stable_rank"] == pytest.approx(np.sum(s_d ** 2) / s_d[0] ** 2,
+                                                             rel=1e-10)
+            p = s_d / s_d.sum()
+            p = p[p > 0]
+            assert rec["delta_effective_rank"] == pytest.approx(
+                math.exp(-np.sum(p * np.log(p))), rel=1e-6)
+        else:
+            assert rec["delta_rel"] == 0.0 and rec["delta_stable_rank"] is None
+
+
+def test_alpha_change_is_against_the_base_run(models, compared):
+    base = {r["name"]: r for r in analyze(str(models["base"]), min_q=1.0).to_dicts()}
+    for rec in compared.to_dicts():
+        if rec["base_name"] is not None and rec["alpha"] is not None:
+            assert rec["d_alpha"] == pytest.approx(rec["alpha"] - base[rec["base_name"]]["alpha"],
+                                                   abs=1e-12)
+
+
+def test_summary_ranks_by_relative_change(models, compared):
+    moved = compared.summary.base.moved
+    expected = sorted(MOVED, key=lambda k: -np.linalg.norm(models["W"][k] - models["W_base"][k])
+                      / np.linalg.norm(models["W_base"][k]))
+    assert [n.split(":", 1)[1][len(PREFIX):] for n, _ in moved[:2]] == expected
+    assert all(rel == 0.0 for _, rel in moved[2:])
+
+
+def test_delta_records_analyze_the_difference(models):
+    result = analyze(str(models["archive"]), base=str(models["base"]), delta=True,
+                     match=["query"], min_q=1.0)
+    deltas = {r["name"]: r for r in result.to_dicts() if r["name"].startswith("delta:")}
+    name = "encoder.layer.0.attention.self.query.weight"
+    rec = deltas[f"delta:{PREFIX}{name}"]
+    s_d = np.linalg.svd(models["W"][name] - models["W_base"][name], compute_uv=False)
+    assert rec["sv_max"] == pytest.approx(s_d[0], rel=1e-12)
+    assert rec["rank_noise"] == 3 and rec["base_name"] == name
+    assert rec["stable_rank"] == pytest.approx(np.sum(s_d ** 2) / s_d[0] ** 2, rel=1e-10)
+
+
+def test_pairing_never_pairs_ties_or_bare_weight():
+    model = [MatrixKey("a.query.weight", (4, 2), None), MatrixKey("head.weight", (4, 2), None),
+             MatrixKey("x.y.value.weight", (4, 2), None), MatrixKey("k.weight", (4, 2), None)]
+    base = [MatrixKey("l0.query.weight", (4, 2), None), MatrixKey("l1.query.weight", (4, 2), None),
+            MatrixKey("y.value.weight", (2, 4), None), MatrixKey("k.weight", (3, 2), None)]
+    p = pair_records(model, base)
+    assert p.pairs == [(2, 2, True)]
+    assert p.ambiguous == {"a.query.weight": ["l0.query.weight", "l1.query.weight"]}
+    assert p.unmatched == ["head.weight", "k.weight"]  # "weight" alone; k: other shape
+    assert p.unmatched_base == ["l0.query.weight", "l1.query.weight", "k.weight"]
+    # two model matrices whose best is one base matrix: neither is paired
+    p = pair_records([MatrixKey("a.q.w", (4, 2), None), MatrixKey("b.q.w", (4, 2), None)],
+                     [MatrixKey("c.q.w", (4, 2), None)])
+    assert p.pairs == [] and set(p.ambiguous) == {"a.q.w", "b.q.w"}
+
+
+def test_cli_describe_and_errors(models, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli.main([str(models["archive"]), "--base", str(models["base"]), "--format", "json",
+                     "-o", str(out), "--no-progress"]) == 0
+    doc = json.loads(out.read_text())
+    paired = [r for r in doc["records"] if r["base_name"] is not None]
+    assert doc["summary"]["base"]["paired"] == len(paired) == 4  # Q >= 1.1: intermediate, output
+    assert all("delta_rel" in r for r in doc["records"])
+    assert cli.main([str(models["archive"]), "--base", str(models["base"]), "--describe"]) == 0
+    text = capsys.readouterr().out
+    assert f"{PREFIX}encoder.layer.0.attention.self.query.weight" in text
+    assert "unmatched" in text
+    assert cli.main([str(models["archive"]), "--delta"]) == 2
+    assert capsys.readouterr().err.strip() == "allennlp-analyze: error: --delta needs --base SOURCE"
+    with pytest.raises(AnalyzeError):
+        analyze(str(models["archive"]), base=str(models["base"]), journal=str(tmp_path / "j.jsonl"))
+
+
+def test_allennlp_subcommand_takes_base(models):
+    pytest.importorskip("allennlp")
+    from allennlp_analyze.plugin.subcommand import analyze_archives
+
+    plugin = analyze_archives(str(models["archive"]), base=str(models["base"]))
+    here = analyze(str(models["archive"]), base=str(models["base"]))
+    keys = ("name", "base_name", "delta_rel", "delta_rank", "delta_sv_max")
+    assert [{k: r[k] for k in keys} for r in plugin.to_dicts()] == \
+        [{k: r[k] for k in keys} for r in here.to_dicts()]
