@@ -25,6 +25,7 @@ build a model, JSON nested at most ``MAX_JSON_DEPTH`` levels, ``MAX_TEXT_FILE`` 
 ``--sources-from`` list. Only regular files are opened (:func:`open_regular`): a FIFO would
 block forever, a device (``/dev/zero``) never ends.
 """
+
 import json
 import math
 import os
@@ -130,6 +131,7 @@ def format_bytes(n: float) -> str:
 
 # -- memory -----------------------------------------------------------------------------------
 
+
 def analysis_memory(N: int, M: int) -> int:
     """Bytes of float64 working memory the analysis of one N x M matrix needs at its peak
     (:func:`allennlp_analyze.spectrum.working_memory`: for a matrix of one row block, its
@@ -210,8 +212,10 @@ def available_memory() -> Tuple[Optional[int], str]:
     if room is not None:
         found.append((room, "the memory cgroup's limit"))
     if resource is not None:
-        for limit_name, field, what in ((resource.RLIMIT_AS, "VmSize", "ulimit -v"),
-                                         (resource.RLIMIT_DATA, "VmData", "ulimit -d")):
+        for limit_name, field, what in (
+            (resource.RLIMIT_AS, "VmSize", "ulimit -v"),
+            (resource.RLIMIT_DATA, "VmData", "ulimit -d"),
+        ):
             soft = resource.getrlimit(limit_name)[0]
             if soft != resource.RLIM_INFINITY:
                 used = _proc_status_kb(field) or 0
@@ -226,16 +230,22 @@ def check_memory(need: int, what: str) -> None:
     leaves; ``what`` names the matrix (or file) for the message."""
     available, source = available_memory()
     if available is not None and need > available:
-        raise AnalyzeError(f"{what} needs {format_bytes(need)} of memory, more than the "
-                           f"{format_bytes(available)} that {source} leaves "
-                           f"(leave it out with --exclude, or set {ENV_MAX_MEMORY})")
+        raise AnalyzeError(
+            f"{what} needs {format_bytes(need)} of memory, more than the "
+            f"{format_bytes(available)} that {source} leaves "
+            f"(leave it out with --exclude, or set {ENV_MAX_MEMORY})"
+        )
 
 
 # -- files ------------------------------------------------------------------------------------
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _not_regular(path, mode: int) -> AnalyzeError:
@@ -277,10 +287,12 @@ def read_regular(path, max_bytes: Optional[int] = None) -> bytes:
 
 # -- JSON -------------------------------------------------------------------------------------
 
+
 def parse_json(raw, max_depth: int = MAX_JSON_DEPTH):
     """``json.loads(raw)``, refusing (ValueError) a document nested more than ``max_depth``
     levels deep, before any recursive code sees it, and numbers such as ``NaN``/``Infinity``
     that JSON does not have."""
+
     def no_constant(name: str):
         raise ValueError(f"{name} is not a JSON number")
 
@@ -301,4 +313,3 @@ def parse_json(raw, max_depth: int = MAX_JSON_DEPTH):
         if depth > max_depth:
             raise deep
     return value
-

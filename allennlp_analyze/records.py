@@ -5,6 +5,7 @@ Units: singular values (``sv_*``) and noise levels (``noise_floor``, ``noise_bou
 weights' own units; eigenvalues (``xmin``, ``xmax``) of X = W^T W in those units squared; logs are
 base 10.
 """
+
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -218,8 +219,9 @@ class MatrixRecord:
         """The record as JSON-ready data (tuples as lists; non-finite floats as ``None``)."""
         d = asdict(self)
         d["shape"] = list(self.shape)
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in d.items()}
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MatrixRecord":
@@ -311,12 +313,20 @@ class Summary:
         return d
 
 
-def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
-              errors: List[str], notes: Sequence[str] = ()) -> Summary:
+def summarize(
+    records: List[MatrixRecord],
+    skipped: Counter,
+    models: List[str],
+    errors: List[str],
+    notes: Sequence[str] = (),
+) -> Summary:
     """Aggregate ``records`` (any number of models) into a :class:`Summary`."""
     with_sv = [r for r in records if r.sv_min is not None]
-    smallest = min(((r.sv_min, r) for r in records if r.sv_min is not None),
-                   key=lambda pair: pair[0], default=None)
+    smallest = min(
+        ((r.sv_min, r) for r in records if r.sv_min is not None),
+        key=lambda pair: pair[0],
+        default=None,
+    )
     alphas = [r.alpha for r in records if r.alpha is not None]
     label = (lambda r: f"{r.model}:{r.name}") if len(models) > 1 else (lambda r: r.name)
     names = {c: [label(r) for r in records if r.collapsed(c)] for c in CRITERION_CHOICES}
@@ -334,8 +344,9 @@ def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
         fitted=len(alphas),
         errors=list(errors),
         notes=list(notes),
-        rank_undefined={c: n for c in RANK_CRITERIA
-                        if (n := sum(r.rank(c) is None for r in with_sv))},
+        rank_undefined={
+            c: n for c in RANK_CRITERIA if (n := sum(r.rank(c) is None for r in with_sv))
+        },
         tolerance_ratio=_tolerance_ratios(with_sv),
     )
 

@@ -6,6 +6,7 @@ count (:func:`blas_threads`) and the progress bar on stderr (:func:`progress_bar
 Nothing here changes a result: the panels are fixed by a matrix's shape and BLAS runs at one
 thread per matrix, whatever the worker count or the order.
 """
+
 import contextlib
 import os
 import sys
@@ -76,7 +77,6 @@ class Cores:
                 self.lent -= n
 
 
-
 def cpu_count() -> int:
     """The CPU cores this process may run on."""
     try:
@@ -118,8 +118,9 @@ def blas_threads(limit: Optional[int]):
     return threadpool_limits(limits=limit, user_api="blas")
 
 
-def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
-                 cores: Optional[Cores] = None) -> Iterator[R]:
+def bounded_map(
+    fn: Callable[[T], R], items: Iterable[T], workers: int, cores: Optional[Cores] = None
+) -> Iterator[R]:
     """``fn`` of each of ``items``, yielded as they complete, ``workers`` at a time, holding at
     most ``workers`` items (the next is taken as soon as any finishes: a large matrix never
     holds a worker idle behind it); ``cores`` learns how many run and when the last one was

@@ -7,6 +7,7 @@ registered buffers from parameters; ``parts`` gives the q/k/v row blocks of a fu
 where its module says how it splits (:func:`fused_parts`). Arrays share memory with the
 parameters where they are on the CPU and are read-only.
 """
+
 from dataclasses import replace
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -50,8 +51,13 @@ def fused_parts(module) -> Dict[str, Tuple[Tuple[str, int], ...]]:
         proj = getattr(sub, "_combined_projection", None)
         a, v = getattr(sub, "_attention_dim", None), getattr(sub, "_values_dim", None)
         weight = getattr(proj, "weight", None)
-        if isinstance(a, int) and isinstance(v, int) and weight is not None \
-                and weight.dim() == 2 and weight.shape[0] == 2 * a + v:
+        if (
+            isinstance(a, int)
+            and isinstance(v, int)
+            and weight is not None
+            and weight.dim() == 2
+            and weight.shape[0] == 2 * a + v
+        ):
             name = (
                 f"{prefix}._combined_projection.weight" if prefix else "_combined_projection.weight"
             )
@@ -73,5 +79,7 @@ class ModuleSource(TensorDictSource):
         self._parts = fused_parts(module)
 
     def tensors(self) -> Sequence[TensorInfo]:
-        return [replace(i, buffer=i.name in self._buffers, parts=self._parts.get(i.name, ()))
-                for i in super().tensors()]
+        return [
+            replace(i, buffer=i.name in self._buffers, parts=self._parts.get(i.name, ()))
+            for i in super().tensors()
+        ]

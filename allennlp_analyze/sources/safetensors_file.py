@@ -6,6 +6,7 @@ data, offsets relative to its start. Each :meth:`load` reads one tensor's bytes 
 safetensors keeps no model order, so names are listed in natural order (``layer.2`` before
 ``layer.10``).
 """
+
 import math
 import mmap
 import os
@@ -24,8 +25,9 @@ from ._common import natural_key, one_line, read_index
 MAX_HEADER = 100_000_000
 
 
-def _float8_table(exp_bits: int, man_bits: int, bias: int, ieee: bool,
-                  fnuz: bool = False) -> np.ndarray:
+def _float8_table(
+    exp_bits: int, man_bits: int, bias: int, ieee: bool, fnuz: bool = False
+) -> np.ndarray:
     """float32 value of each of the 256 float8 bit patterns (E4M3FN: no infinities,
     S.1111.111 is NaN; E5M2: IEEE-like; ``fnuz`` (torch's E4M3FNUZ / E5M2FNUZ): no infinities,
     no negative zero, 1.0000.000 alone is NaN)."""
@@ -68,8 +70,11 @@ _DTYPES: Dict[str, Tuple[np.dtype, str]] = {
 #: The float8 codes that :func:`widen` decodes -> ``_float8_table`` arguments; the FNUZ ones
 #: are torch's (no safetensors dtype), for torch files.
 _FLOAT8_FORMATS: Dict[str, Tuple[int, int, int, bool, bool]] = {
-    "F8_E4M3": (4, 3, 7, False, False), "F8_E5M2": (5, 2, 15, True, False),
-    "F8_E4M3FNUZ": (4, 3, 8, False, True), "F8_E5M2FNUZ": (5, 2, 16, False, True)}
+    "F8_E4M3": (4, 3, 7, False, False),
+    "F8_E5M2": (5, 2, 15, True, False),
+    "F8_E4M3FNUZ": (4, 3, 8, False, True),
+    "F8_E5M2FNUZ": (5, 2, 16, False, True),
+}
 _FLOAT8: Dict[str, np.ndarray] = {}
 
 
@@ -95,6 +100,7 @@ class _Entry:
 
 def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
     """Parse and validate the header: ``(data start offset, {name: entry})``."""
+
     def corrupt(why: str) -> AnalyzeError:
         return AnalyzeError(f"{path} has a corrupt safetensors header ({why})")
 
@@ -108,8 +114,10 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
             if n > MAX_HEADER:
                 raise corrupt(f"header length {n} is implausible")
             if 8 + n > size:
-                raise AnalyzeError(f"{path} is truncated or has a corrupt safetensors header "
-                                   f"(header length {n} exceeds the file size {size})")
+                raise AnalyzeError(
+                    f"{path} is truncated or has a corrupt safetensors header "
+                    f"(header length {n} exceeds the file size {size})"
+                )
             raw = f.read(n)
     except OSError as e:
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
@@ -134,9 +142,12 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
         ):
             raise corrupt(f"tensor {name!r} has a bad shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
             raise corrupt(f"tensor {name!r} has bad data offsets {offsets!r}")
         storage, dtype_name = _DTYPES[st_dtype]
         begin, end = offsets
@@ -146,8 +157,10 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
                 f"dtype {st_dtype}"
             )
         if end > data_size:
-            raise AnalyzeError(f"{path} is truncated (tensor {name!r} ends at data byte {end}, "
-                               f"the file holds {data_size})")
+            raise AnalyzeError(
+                f"{path} is truncated (tensor {name!r} ends at data byte {end}, "
+                f"the file holds {data_size})"
+            )
         entries[name] = _Entry(
             TensorInfo(name, tuple(shape), dtype_name, None), st_dtype, 8 + n + begin, 8 + n + end
         )
@@ -168,12 +181,12 @@ def read_tensor(path: Path, entry: _Entry):
         with limits.open_regular(path) as f:
             if os.fstat(f.fileno()).st_size < entry.end:
                 raise AnalyzeError(f"{path} is truncated (tensor {entry.info.name!r})")
-            mapped = mmap.mmap(f.fileno(), entry.end - start, access=mmap.ACCESS_READ,
-                               offset=start)
+            mapped = mmap.mmap(f.fileno(), entry.end - start, access=mmap.ACCESS_READ, offset=start)
     except OSError as e:
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
-    raw = np.frombuffer(mapped, dtype=storage, count=nbytes // storage.itemsize,
-                        offset=entry.begin - start).reshape(entry.info.shape)
+    raw = np.frombuffer(
+        mapped, dtype=storage, count=nbytes // storage.itemsize, offset=entry.begin - start
+    ).reshape(entry.info.shape)
     decode = None
     if entry.st_dtype == "BF16" or entry.st_dtype in _FLOAT8_FORMATS:
         decode = lambda bits, st_dtype=entry.st_dtype: widen(bits, st_dtype)  # noqa: E731

@@ -8,6 +8,7 @@ global but torch's tensor rebuilders inert); the weights are found by
 modules); each tensor is checked against its storage and the storage against the file before
 anything is listed, and its data are read from the file only when it is loaded.
 """
+
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -70,9 +71,16 @@ class PickledSource(MappedSource):
     def __init__(self, label: str, buffer, origin: str, checkpoint_key: Optional[str] = None):
         weights, left = read_weights(buffer, origin, checkpoint_key)
         buffers = weights.buffers
-        infos = [TensorInfo(name, t.shape, t.dtype, weights.module_types.get(name),
-                            None if buffers is None else name in buffers)
-                 for name, t in weights.tensors.items()]
+        infos = [
+            TensorInfo(
+                name,
+                t.shape,
+                t.dtype,
+                weights.module_types.get(name),
+                None if buffers is None else name in buffers,
+            )
+            for name, t in weights.tensors.items()
+        ]
         note = "; ".join(n for n in (weights.note, _left_note(left)) if n) or None
         super().__init__(label, origin, weights.tensors, infos, note)
 
@@ -88,11 +96,16 @@ class PickledSource(MappedSource):
 class TorchFileSource(PickledSource):
     """A pickled torch file on disk (memory-mapped: only the tensors loaded are read)."""
 
-    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None,
-                 checkpoint_key: Optional[str] = None):
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        label: Optional[str] = None,
+        checkpoint_key: Optional[str] = None,
+    ):
         self.path = Path(path)
-        super().__init__(label or self.path.name, map_file(self.path), str(self.path),
-                         checkpoint_key)
+        super().__init__(
+            label or self.path.name, map_file(self.path), str(self.path), checkpoint_key
+        )
 
 
 class ShardedTorchSource:

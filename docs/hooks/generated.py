@@ -5,6 +5,7 @@
   when a field has no row in that page's table, or a row names a field that does not exist.
 * ``<!-- cli-help -->`` (cli.md): ``allennlp-analyze --help``, from the command's own parser.
 """
+
 import logging
 import os
 import re
@@ -35,8 +36,7 @@ def _record_fields(markdown: str, page: str) -> str:
     if missing:
         log.warning("%s: record fields without a row in the table: %s", page, ", ".join(missing))
     if unknown:
-        log.warning("%s: the table documents fields the record lacks: %s", page,
-                    ", ".join(unknown))
+        log.warning("%s: the table documents fields the record lacks: %s", page, ", ".join(unknown))
     return markdown.replace("<!-- record-fields -->", listed)
 
 

@@ -2,6 +2,7 @@
 (so the links work when the Markdown is read on its own). Images there (the experiment's
 figures) are copied into the site and their links rewritten; links to other repository files
 (scripts, READMEs) become the file's path in code, since the site does not hold them."""
+
 import os
 import posixpath
 import re
