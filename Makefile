@@ -3,6 +3,8 @@
 #                  and the AllenNLP plugin registered in ~/.allennlp/plugins (any directory)
 #   make example   analyze the bundled AllenNLP archive with `allennlp analyze`
 #   make test      the whole test suite
+#   make docs      the documentation site (MkDocs, --strict: a broken link fails) into site/
+#   make lint      ruff (lint, format check) and mypy on the package
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +12,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.stamp-$(shell cat requirements/*.txt setup.py | cksum | cut -d' ' -f1)
 WHEEL09 := .cache/wheels/allennlp-0.9.0-py3-none-any.whl
 
-.PHONY: venv example test bench
+.PHONY: venv example test bench docs lint
 venv: $(STAMP) $(WHEEL09)
 
 # AllenNLP goes in last and --no-deps, after its runtime requirements: its stale pins (torch<1.13...)
@@ -37,3 +39,11 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/run.py
+
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+lint: venv
+	$(VENV)/bin/ruff check allennlp_analyze docs/hooks
+	$(VENV)/bin/ruff format --check allennlp_analyze
+	$(VENV)/bin/mypy

@@ -1,4 +1,5 @@
-"""``powerlaw`` 1.5's bounded fit (``Fit(data, xmax=...)``), reproduced where it leaves the closed form.
+"""``powerlaw`` 1.5's bounded fit (``Fit(data, xmax=...)``), reproduced where it leaves the
+closed form.
 
 With ``xmax`` set, ``powerlaw`` 1.5 does not use the closed-form exponent: it minimizes its negative
 log-likelihood with ``scipy.optimize.fmin`` (Nelder–Mead, ``xtol = ftol = 1e-4``) started *at* the
@@ -20,6 +21,7 @@ round-off of both evaluations), and for the others (typically the few top candid
 same Nelder–Mead on the same floating-point objective, step for step, so the result equals
 ``powerlaw``'s bit for bit. Nothing here needs scipy.
 """
+
 import sys
 from typing import Dict, Tuple
 
@@ -27,7 +29,7 @@ import numpy as np
 
 _EPS = float(np.finfo(np.float64).eps)
 #: ``10 ** sys.float_info.min_10_exp``: what ``powerlaw`` puts in place of zero likelihoods.
-_TINY = 10 ** sys.float_info.min_10_exp
+_TINY = 10**sys.float_info.min_10_exp
 #: ``scipy.optimize.fmin`` defaults for one parameter.
 _XATOL = _FATOL = 1e-4
 _MAXFUN = _MAXITER = 200
@@ -35,8 +37,9 @@ _MAXFUN = _MAXITER = 200
 _LOG_LIMIT = 700.0
 
 
-def bounded_alphas(x: np.ndarray, u: np.ndarray, cand_first: np.ndarray, alphas: np.ndarray
-                   ) -> Tuple[np.ndarray, Dict[int, float]]:
+def bounded_alphas(
+    x: np.ndarray, u: np.ndarray, cand_first: np.ndarray, alphas: np.ndarray
+) -> Tuple[np.ndarray, Dict[int, float]]:
     """The exponents ``powerlaw`` 1.5 reports for each xmin candidate of a bounded fit.
 
     ``x``: the sorted sample, already cut at xmax; ``u``: its distinct values; ``cand_first``:
@@ -52,7 +55,7 @@ def bounded_alphas(x: np.ndarray, u: np.ndarray, cand_first: np.ndarray, alphas:
     alphas = alphas.copy()
     exact: Dict[int, float] = {}
     for k in risky:
-        tail = x[cand_first[k]:]
+        tail = x[cand_first[k] :]
         xmin = u[k]
         alpha0 = 1 + len(tail) / np.sum(np.log(tail / xmin))  # powerlaw's initial parameter
         exact[int(k)] = alphas[k] = float(_fmin(tail, xmin, alpha0))
@@ -66,7 +69,7 @@ def reference_objective(tail: np.ndarray, xmin: np.float64, a: np.float64):
     if not a > 1:
         likelihoods = np.tile(_TINY, tail.size)
     else:
-        likelihoods = tail ** -a * ((a - 1) * xmin ** (a - 1))
+        likelihoods = tail**-a * ((a - 1) * xmin ** (a - 1))
         likelihoods[likelihoods == 0] = _TINY
     return -sum(np.log(likelihoods))
 
@@ -151,8 +154,9 @@ def _sort2(sim: list, fsim: list) -> None:
         fsim.reverse()
 
 
-def _stays_at_start(alpha0: np.ndarray, n: np.ndarray, log_xmin: np.ndarray, log_top: float
-                    ) -> np.ndarray:
+def _stays_at_start(
+    alpha0: np.ndarray, n: np.ndarray, log_xmin: np.ndarray, log_top: float
+) -> np.ndarray:
     """Per candidate: True where ``fmin`` provably returns its start ``alpha0``.
 
     With x0 best, 1-D Nelder–Mead from ``[x0, 1.05 x0]`` only reflects and contracts: it
@@ -184,28 +188,41 @@ def _stays_at_start(alpha0: np.ndarray, n: np.ndarray, log_xmin: np.ndarray, log
         rise = n * delta * delta / (2.0 * np.maximum(1.0 - delta, 1e-300))
         delta = 0.99 * d_min / (a0 - 1.0)
         gain = n * delta * delta / (2.0 * (1.0 + delta))
-        ok = ((lo > 1.0 + 1e-6) & (a0 < 1e9) & (n * _EPS < 1e-6) & (delta < 0.5)
-              & (hi * big <= _LOG_LIMIT) & (t <= _LOG_LIMIT)
-              & (log_am1 + hi * np.abs(log_xmin) <= _LOG_LIMIT)
-              & (rise + 2.0 * err < _FATOL * (1 - 1e-9)) & (gain > 2.02 * err))
+        ok = (
+            (lo > 1.0 + 1e-6)
+            & (a0 < 1e9)
+            & (n * _EPS < 1e-6)
+            & (delta < 0.5)
+            & (hi * big <= _LOG_LIMIT)
+            & (t <= _LOG_LIMIT)
+            & (log_am1 + hi * np.abs(log_xmin) <= _LOG_LIMIT)
+            & (rise + 2.0 * err < _FATOL * (1 - 1e-9))
+            & (gain > 2.02 * err)
+        )
     rest = np.flatnonzero(~ok)
     if rest.size:
-        ok[rest] = _stays_at_start_stepwise(a0[rest], n[rest], log_xmin[rest], big[rest],
-                                            spread[rest])
+        ok[rest] = _stays_at_start_stepwise(
+            a0[rest], n[rest], log_xmin[rest], big[rest], spread[rest]
+        )
     return ok
 
 
-def _stays_at_start_stepwise(a0: np.ndarray, n: np.ndarray, log_xmin: np.ndarray,
-                             big: np.ndarray, spread: np.ndarray) -> np.ndarray:
+def _stays_at_start_stepwise(
+    a0: np.ndarray, n: np.ndarray, log_xmin: np.ndarray, big: np.ndarray, spread: np.ndarray
+) -> np.ndarray:
     """:func:`_stays_at_start` for each trial distance in turn (both sides), until the stopping
     test surely passes."""
     with np.errstate(all="ignore"):
+
         def bound(a):
             """(no overflow at trial point a, round-off bound E(a)) for a > 1."""
             log_am1 = np.abs(np.log(a - 1.0))
             t = log_am1 + a * spread + big
-            fine = ((a * big <= _LOG_LIMIT) & (t <= _LOG_LIMIT)
-                    & (log_am1 + a * np.abs(log_xmin) <= _LOG_LIMIT))
+            fine = (
+                (a * big <= _LOG_LIMIT)
+                & (t <= _LOG_LIMIT)
+                & (log_am1 + a * np.abs(log_xmin) <= _LOG_LIMIT)
+            )
             return fine, _EPS * n * (12.0 + a * np.abs(log_xmin) + (n + 8.0) * t)
 
         ok, e0 = bound(a0)
@@ -229,8 +246,13 @@ def _stays_at_start_stepwise(a0: np.ndarray, n: np.ndarray, log_xmin: np.ndarray
             # Stopping test at this distance: |g(x0 +- d) - g(x0)| <= n h_max(delta) + E.
             delta = 1.01 * d / (a0 - 1.0)
             rise = n * delta * delta / (2.0 * np.maximum(1.0 - delta, 1e-300))
-            done = ((d <= _XATOL * (1 - 1e-9)) & (delta < 0.5) & fine_side[0] & fine_side[1]
-                    & (rise + e0 + np.maximum(*err_side) < _FATOL * (1 - 1e-9)))
+            done = (
+                (d <= _XATOL * (1 - 1e-9))
+                & (delta < 0.5)
+                & fine_side[0]
+                & fine_side[1]
+                & (rise + e0 + np.maximum(*err_side) < _FATOL * (1 - 1e-9))
+            )
             pending &= ~done & ok
             d = np.where(pending, d * 0.5, d)
         ok &= ~pending  # never surely stopped within the call budget

@@ -18,9 +18,10 @@ callers keep to numpy (the Gram eigenvalues, else the SVD).
 All matrices are float64 in Fortran order; a C-ordered symmetric array is its own transpose, so
 "lower" here is the upper triangle of the C array. Every routine works in place where LAPACK does.
 """
+
 import ctypes
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -63,15 +64,38 @@ class Lapack:
             return
         one, b = ctypes.byref(ctypes.c_double(1.0)), ctypes.byref(ctypes.c_double(beta))
         base_b, base_g = B.ctypes.data, G.ctypes.data
-        self._fns["dsyrk"](b"L", b"N", self._i(n), self._i(r), one,
-                           ctypes.c_void_p(base_b + 8 * c0), self._i(M), b,
-                           ctypes.c_void_p(base_g + 8 * (c0 + c0 * M)), self._i(M), _SIZE1, _SIZE1)
+        self._fns["dsyrk"](
+            b"L",
+            b"N",
+            self._i(n),
+            self._i(r),
+            one,
+            ctypes.c_void_p(base_b + 8 * c0),
+            self._i(M),
+            b,
+            ctypes.c_void_p(base_g + 8 * (c0 + c0 * M)),
+            self._i(M),
+            _SIZE1,
+            _SIZE1,
+        )
         if c1 < M:
-            self._fns["dgemm"](b"N", b"T", self._i(M - c1), self._i(n), self._i(r), one,
-                               ctypes.c_void_p(base_b + 8 * c1), self._i(M),
-                               ctypes.c_void_p(base_b + 8 * c0), self._i(M), b,
-                               ctypes.c_void_p(base_g + 8 * (c1 + c0 * M)), self._i(M),
-                               _SIZE1, _SIZE1)
+            self._fns["dgemm"](
+                b"N",
+                b"T",
+                self._i(M - c1),
+                self._i(n),
+                self._i(r),
+                one,
+                ctypes.c_void_p(base_b + 8 * c1),
+                self._i(M),
+                ctypes.c_void_p(base_b + 8 * c0),
+                self._i(M),
+                b,
+                ctypes.c_void_p(base_g + 8 * (c1 + c0 * M)),
+                self._i(M),
+                _SIZE1,
+                _SIZE1,
+            )
 
     def sytrd(self, G: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Reduce symmetric G (lower triangle) to tridiagonal T = Q^T G Q in place: returns T's
@@ -98,12 +122,28 @@ class Lapack:
         info, query, hquery = self._int(0), np.empty(1), np.empty(1)
         head = (b"N", b"L", self._i(n), _ptr(G), self._i(n), _ptr(d), _ptr(e), _ptr(tau))
         fn = self._fns["dsytrd_2stage"]
-        fn(*head, _ptr(hquery), self._i(-1), _ptr(query), self._i(-1), ctypes.byref(info),
-           _SIZE1, _SIZE1)
+        fn(
+            *head,
+            _ptr(hquery),
+            self._i(-1),
+            _ptr(query),
+            self._i(-1),
+            ctypes.byref(info),
+            _SIZE1,
+            _SIZE1,
+        )
         lhous, lwork = max(1, int(hquery[0])), max(1, int(query[0]))
         hous, work = np.empty(lhous), np.empty(lwork)
-        fn(*head, _ptr(hous), self._i(lhous), _ptr(work), self._i(lwork), ctypes.byref(info),
-           _SIZE1, _SIZE1)
+        fn(
+            *head,
+            _ptr(hous),
+            self._i(lhous),
+            _ptr(work),
+            self._i(lwork),
+            ctypes.byref(info),
+            _SIZE1,
+            _SIZE1,
+        )
         _check("dsytrd_2stage", info)
         return self.sterf(d, e[: n - 1])
 
@@ -128,9 +168,21 @@ class Lapack:
         work, iwork = np.empty(5 * n), np.empty(n, dtype=self._idtype)
         ifail, info = np.empty(k, dtype=self._idtype), self._int(0)
         d, w = np.ascontiguousarray(d, dtype=np.float64), np.ascontiguousarray(w, dtype=np.float64)
-        self._fns["dstein"](self._i(n), _ptr(d), _ptr(ee), self._i(k), _ptr(w),
-                            _ptr(iblock), _ptr(isplit), _ptr(Z), self._i(n), _ptr(work),
-                            _ptr(iwork), _ptr(ifail), ctypes.byref(info))
+        self._fns["dstein"](
+            self._i(n),
+            _ptr(d),
+            _ptr(ee),
+            self._i(k),
+            _ptr(w),
+            _ptr(iblock),
+            _ptr(isplit),
+            _ptr(Z),
+            self._i(n),
+            _ptr(work),
+            _ptr(iwork),
+            _ptr(ifail),
+            ctypes.byref(info),
+        )
         if info.value > 0:
             return None
         _check("dstein", info)
@@ -142,14 +194,26 @@ class Lapack:
         k, n = Zt.shape
         info, query = self._int(0), np.empty(1)
         tau = np.ascontiguousarray(tau) if tau.size else np.zeros(1)
-        args = (b"L", b"L", b"N", self._i(n), self._i(k), _ptr(G), self._i(n), _ptr(tau),
-                _ptr(Zt), self._i(n))
-        self._fns["dormtr"](*args, _ptr(query), self._i(-1), ctypes.byref(info),
-                            _SIZE1, _SIZE1, _SIZE1)
+        args = (
+            b"L",
+            b"L",
+            b"N",
+            self._i(n),
+            self._i(k),
+            _ptr(G),
+            self._i(n),
+            _ptr(tau),
+            _ptr(Zt),
+            self._i(n),
+        )
+        self._fns["dormtr"](
+            *args, _ptr(query), self._i(-1), ctypes.byref(info), _SIZE1, _SIZE1, _SIZE1
+        )
         lwork = max(1, int(query[0]))
         work = np.empty(lwork)
-        self._fns["dormtr"](*args, _ptr(work), self._i(lwork), ctypes.byref(info),
-                            _SIZE1, _SIZE1, _SIZE1)
+        self._fns["dormtr"](
+            *args, _ptr(work), self._i(lwork), ctypes.byref(info), _SIZE1, _SIZE1, _SIZE1
+        )
         _check("dormtr", info)
         return Zt
 
@@ -163,7 +227,7 @@ def _check(name: str, info) -> None:
         raise RuntimeError(f"LAPACK {name} failed (info {info.value})")
 
 
-_CACHE = {}
+_CACHE: Dict[str, Optional[Lapack]] = {}
 
 
 def backend() -> Optional[Lapack]:

@@ -4,6 +4,7 @@ and how alpha is distributed.
 Counts are of records, so a convolution kernel counts once per analyzed slice (spatial position)
 and a fused matrix split with ``--split-fused`` once per part.
 """
+
 import math
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
@@ -64,36 +65,53 @@ class Aggregate:
 
 def below(r: MatrixRecord, log10_threshold: float) -> bool:
     """Whether record ``r``'s nu_min is under 10**log10_threshold (exact zeros included)."""
-    return r.sv_min is not None and (r.sv_min == 0.0 or r.log10_sv_min < log10_threshold)
+    return r.sv_min is not None and (
+        r.sv_min == 0.0 or (r.log10_sv_min is not None and r.log10_sv_min < log10_threshold)
+    )
 
 
-def model_aggregate(model: str, records: Sequence[MatrixRecord],
-                    log10_threshold: float) -> ModelAggregate:
+def model_aggregate(
+    model: str, records: Sequence[MatrixRecord], log10_threshold: float
+) -> ModelAggregate:
     with_sv = [r for r in records if r.sv_min is not None]
     n_below = sum(below(r, log10_threshold) for r in with_sv)
     alphas = np.array([r.alpha for r in records if r.alpha is not None and math.isfinite(r.alpha)])
-    stats: List[Optional[float]] = [None] * 6
+    stats: Dict[str, Optional[float]] = dict.fromkeys(
+        ("alpha_mean", "alpha_median", "alpha_q1", "alpha_q3", "alpha_min", "alpha_max")
+    )
     if alphas.size:
         q1, med, q3 = np.percentile(alphas, [25, 50, 75])
-        stats = [float(alphas.mean()), float(med), float(q1), float(q3),
-                 float(alphas.min()), float(alphas.max())]
+        stats = dict(
+            alpha_mean=float(alphas.mean()),
+            alpha_median=float(med),
+            alpha_q1=float(q1),
+            alpha_q3=float(q3),
+            alpha_min=float(alphas.min()),
+            alpha_max=float(alphas.max()),
+        )
     traps = _values(records, "num_traps")
-    return ModelAggregate(model, len(records), len(with_sv), n_below,
-                          n_below / len(with_sv) if with_sv else None, int(alphas.size), *stats,
-                          num_spikes=_total(_values(records, "num_spikes")),
-                          mp_softrank_mean=_mean(_values(records, "mp_softrank")),
-                          entropy_mean=_mean(_values(records, "entropy")),
-                          effective_rank_mean=_mean(_values(records, "effective_rank")),
-                          log_alpha_norm_mean=_mean(_values(records, "log_alpha_norm")),
-                          randomized=len(traps) if traps else None,
-                          with_traps=sum(t > 0 for t in traps) if traps else None,
-                          num_traps=_total(traps),
-                          rand_distance_mean=_mean(_values(records, "rand_distance")))
+    return ModelAggregate(
+        model,
+        len(records),
+        len(with_sv),
+        n_below,
+        n_below / len(with_sv) if with_sv else None,
+        int(alphas.size),
+        **stats,
+        num_spikes=_total(_values(records, "num_spikes")),
+        mp_softrank_mean=_mean(_values(records, "mp_softrank")),
+        entropy_mean=_mean(_values(records, "entropy")),
+        effective_rank_mean=_mean(_values(records, "effective_rank")),
+        log_alpha_norm_mean=_mean(_values(records, "log_alpha_norm")),
+        randomized=len(traps) if traps else None,
+        with_traps=sum(t > 0 for t in traps) if traps else None,
+        num_traps=_total(traps),
+        rand_distance_mean=_mean(_values(records, "rand_distance")),
+    )
 
 
 def _values(records: Sequence[MatrixRecord], name: str) -> list:
-    return [v for v in (getattr(r, name) for r in records)
-            if v is not None and math.isfinite(v)]
+    return [v for v in (getattr(r, name) for r in records) if v is not None and math.isfinite(v)]
 
 
 def _mean(values: list) -> Optional[float]:
@@ -104,8 +122,9 @@ def _total(values: list) -> Optional[int]:
     return int(sum(values)) if values else None
 
 
-def aggregate(records: Sequence[MatrixRecord], models: Sequence[str] = (),
-              log10_threshold: float = -8.0) -> Aggregate:
+def aggregate(
+    records: Sequence[MatrixRecord], models: Sequence[str] = (), log10_threshold: float = -8.0
+) -> Aggregate:
     """Aggregates of ``records`` per model (``models`` gives the order; models of the records
     that it does not name follow in order of appearance) and over all records."""
     order = list(dict.fromkeys(list(models) + [r.model for r in records]))
@@ -115,7 +134,8 @@ def aggregate(records: Sequence[MatrixRecord], models: Sequence[str] = (),
     return Aggregate(
         log10_threshold=float(log10_threshold),
         models=[model_aggregate(m, by_model[m], log10_threshold) for m in order],
-        total=model_aggregate("all", records, log10_threshold))
+        total=model_aggregate("all", records, log10_threshold),
+    )
 
 
 def aggregate_text(agg: Aggregate, wide: bool = False) -> str:
@@ -123,29 +143,51 @@ def aggregate_text(agg: Aggregate, wide: bool = False) -> str:
     adds the spectral metrics' columns (spikes, mean MP soft rank, entropy, effective rank and,
     with ``randomize``, matrices with traps)."""
     thr = f"{agg.log10_threshold:g}"
-    header = ["model", "matrices", f"log10 sv_min < {thr}", "fitted", "alpha mean", "median",
-              "q1", "q3"]
+    header = [
+        "model",
+        "matrices",
+        f"log10 sv_min < {thr}",
+        "fitted",
+        "alpha mean",
+        "median",
+        "q1",
+        "q3",
+    ]
     rows = agg.models + ([agg.total] if len(agg.models) > 1 else [])
-    cells = [[a.model, str(a.matrices), _fraction(a), str(a.fitted)]
-             + [_f(v) for v in (a.alpha_mean, a.alpha_median, a.alpha_q1, a.alpha_q3)]
-             for a in rows]
+    cells = [
+        [a.model, str(a.matrices), _fraction(a), str(a.fitted)]
+        + [_f(v) for v in (a.alpha_mean, a.alpha_median, a.alpha_q1, a.alpha_q3)]
+        for a in rows
+    ]
     if wide:
         traps = agg.total.with_traps is not None
-        header += ["spikes", "mp_softrank", "entropy", "eff. rank"] + (["with traps"] if traps
-                                                                        else [])
+        header += ["spikes", "mp_softrank", "entropy", "eff. rank"] + (
+            ["with traps"] if traps else []
+        )
         for a, c in zip(rows, cells):
-            c += [_f(a.num_spikes, "{:d}"), _f(a.mp_softrank_mean), _f(a.entropy_mean),
-                  _f(a.effective_rank_mean, "{:.1f}")] + ([_f(a.with_traps, "{:d}")] if traps
-                                                          else [])
+            c += [
+                _f(a.num_spikes, "{:d}"),
+                _f(a.mp_softrank_mean),
+                _f(a.entropy_mean),
+                _f(a.effective_rank_mean, "{:.1f}"),
+            ] + ([_f(a.with_traps, "{:d}")] if traps else [])
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(header)]
 
     def line(c: List[str]) -> str:
-        return "    " + "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                                  for i, (v, w) in enumerate(zip(c, widths))).rstrip()
+        return (
+            "    "
+            + "  ".join(
+                v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))
+            ).rstrip()
+        )
 
-    out = [f"  per model (alpha quartiles q1/q3; sv_min under 10^{thr}, --log10-threshold"
-           + ("; spikes summed, spectral metrics' means" if wide else "") + "):",
-           line(header), "    " + "  ".join("-" * w for w in widths)]
+    out = [
+        f"  per model (alpha quartiles q1/q3; sv_min under 10^{thr}, --log10-threshold"
+        + ("; spikes summed, spectral metrics' means" if wide else "")
+        + "):",
+        line(header),
+        "    " + "  ".join("-" * w for w in widths),
+    ]
     out += [line(c) for c in cells]
     return "\n".join(out) + "\n"
 

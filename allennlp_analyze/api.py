@@ -5,12 +5,13 @@ tasks on an executor) into an :class:`Analysis`; :func:`for_each_source` opens s
     >>> result = analyze("model.tar.gz", min_q=1.1)
     >>> result.summary.collapsed["loose"], result.to_dicts()[0]["alpha"]
 """
+
 import contextlib
 import os
 from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -41,12 +42,23 @@ class Analysis:
         return [r.to_dict() for r in self.records]
 
 
-def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optional[bool] = False,
-            on_error: str = "raise", cache_dir: Optional[str] = None,
-            keep_spectra: bool = False, opener: Optional[Callable[..., WeightSource]] = None,
-            checkpoint_key: Optional[str] = None, executor: Optional[Executor] = None,
-            scheduler: Optional[str] = None, journal: Optional[Union[str, os.PathLike]] = None,
-            resume: bool = False, base=None, delta: bool = False, **option_kwargs) -> Analysis:
+def analyze(
+    *sources,
+    options: Optional[AnalysisOptions] = None,
+    progress: Optional[bool] = False,
+    on_error: str = "raise",
+    cache_dir: Optional[str] = None,
+    keep_spectra: bool = False,
+    opener: Optional[Callable[..., WeightSource]] = None,
+    checkpoint_key: Optional[str] = None,
+    executor: Optional[Executor] = None,
+    scheduler: Optional[str] = None,
+    journal: Optional[Union[str, os.PathLike]] = None,
+    resume: bool = False,
+    base=None,
+    delta: bool = False,
+    **option_kwargs,
+) -> Analysis:
     """Analyze one or more models. Each source is a path or URL (AllenNLP archive or
     serialization directory, state-dict file, safetensors file or folder, Hugging Face folder),
     a ``torch.nn.Module``, a state dict, or a :class:`~allennlp_analyze.tensors.WeightSource`.
@@ -77,9 +89,7 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     also analyzes each pair's W - W_base as a matrix (records ``delta:<name>``). Locally only,
     without a journal.
     """
-    if opener is None:
-        from .sources import open_source as opener
-
+    open_fn = opener if opener is not None else _default_opener()
     options = options_from(options, option_kwargs)
     if on_error not in ("raise", "collect"):
         raise ValueError("on_error must be 'raise' or 'collect'")
@@ -101,11 +111,14 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
             from .integrations.dask import scheduler_executor
 
             executor = stack.enter_context(scheduler_executor(scheduler))
-        log = None if journal is None else \
-            stack.enter_context(Journal(journal, options, resume, checkpoint_key))
+        log = (
+            None
+            if journal is None
+            else stack.enter_context(Journal(journal, options, resume, checkpoint_key))
+        )
         todo = []
         for i, name in enumerate(names):
-            done = None if log is None else log.take(name)
+            done = None if log is None or name is None else log.take(name)
             if done is None:
                 todo.append(i)
             else:
@@ -115,19 +128,43 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
         if base is not None:
             from .base_run import open_base
 
-            base_run = open_base(open_one(base, opener, cache_dir=cache_dir, progress=progress,
-                                          checkpoint_key=checkpoint_key),
-                                 options, delta, progress)
+            base_run = open_base(
+                open_one(
+                    base,
+                    open_fn,
+                    cache_dir=cache_dir,
+                    progress=progress,
+                    checkpoint_key=checkpoint_key,
+                ),
+                options,
+                delta,
+                progress,
+            )
         if executor is None:
-            outcomes = _run_here(sources, todo, options, opener=opener, cache_dir=cache_dir,
-                                 progress=progress, checkpoint_key=checkpoint_key,
-                                 base=base_run)
+            outcomes = _run_here(
+                sources,
+                todo,
+                options,
+                opener=open_fn,
+                cache_dir=cache_dir,
+                progress=progress,
+                checkpoint_key=checkpoint_key,
+                base=base_run,
+            )
         else:
             from .tasks import run_tasks
 
-            outcomes = run_tasks(executor, sources, todo, options, opener=opener,
-                                 cache_dir=cache_dir, progress=progress,
-                                 checkpoint_key=checkpoint_key, keep_spectra=keep_spectra)
+            outcomes = run_tasks(
+                executor,
+                sources,
+                todo,
+                options,
+                opener=open_fn,
+                cache_dir=cache_dir,
+                progress=progress,
+                checkpoint_key=checkpoint_key,
+                keep_spectra=keep_spectra,
+            )
         for i, outcome in stack.enter_context(contextlib.closing(outcomes)):
             if isinstance(outcome, SourceResult):
                 outcome = replace(outcome, info=replace(outcome.info, source=names[i]))
@@ -146,15 +183,28 @@ def analyze(*sources, options: Optional[AnalysisOptions] = None, progress: Optio
     return result
 
 
-def _run_here(sources: tuple, todo: List[int], options: AnalysisOptions, *,
-              opener: Callable[..., WeightSource], cache_dir: Optional[str],
-              progress: Optional[bool], checkpoint_key: Optional[str], base=None) -> Outcomes:
+def _run_here(
+    sources: tuple,
+    todo: List[int],
+    options: AnalysisOptions,
+    *,
+    opener: Callable[..., WeightSource],
+    cache_dir: Optional[str],
+    progress: Optional[bool],
+    checkpoint_key: Optional[str],
+    base=None,
+) -> Outcomes:
     """The sources ``todo`` analyzed in this process, one after another (each compared with
     ``base``, a :class:`~allennlp_analyze.base_run.BaseRun`, while it is open)."""
     for i in todo:
         try:
-            source = open_one(sources[i], opener, cache_dir=cache_dir, progress=progress,
-                              checkpoint_key=checkpoint_key)
+            source = open_one(
+                sources[i],
+                opener,
+                cache_dir=cache_dir,
+                progress=progress,
+                checkpoint_key=checkpoint_key,
+            )
             if base is not None:
                 source = base.prepare(source)
             result = one_source(source, options, progress)
@@ -167,8 +217,12 @@ def _run_here(sources: tuple, todo: List[int], options: AnalysisOptions, *,
         yield i, result
 
 
-def _assemble(results: List[Optional[SourceResult]], errors: List[str], options: AnalysisOptions,
-              keep_spectra: bool) -> Analysis:
+def _assemble(
+    results: List[Optional[SourceResult]],
+    errors: List[str],
+    options: AnalysisOptions,
+    keep_spectra: bool,
+) -> Analysis:
     """The run from its sources' results (None: failed) in order: models labelled uniquely."""
     records: List[MatrixRecord] = []
     spectra: List[np.ndarray] = []
@@ -186,14 +240,19 @@ def _assemble(results: List[Optional[SourceResult]], errors: List[str], options:
         skipped.update(res.info.skipped)
     labels = [info.model for info in infos]
     notes = [f"{info.model}: {info.note}" for info in infos if info.note]
-    return Analysis(records=records, summary=summarize(records, skipped, labels, errors, notes),
-                    options=options, spectra=spectra if keep_spectra else None,
-                    rand_spectra=rand_spectra if keep_spectra and options.randomize else None,
-                    sources=infos)
+    return Analysis(
+        records=records,
+        summary=summarize(records, skipped, labels, errors, notes),
+        options=options,
+        spectra=spectra if keep_spectra else None,
+        rand_spectra=rand_spectra if keep_spectra and options.randomize else None,
+        sources=infos,
+    )
 
 
-def options_from(options: Optional[AnalysisOptions], option_kwargs: Dict[str, object]
-                 ) -> AnalysisOptions:
+def options_from(
+    options: Optional[AnalysisOptions], option_kwargs: Dict[str, Any]
+) -> AnalysisOptions:
     """``options``, or the options named by keyword (not both)."""
     if options is None:
         return AnalysisOptions(**option_kwargs)
@@ -202,17 +261,21 @@ def options_from(options: Optional[AnalysisOptions], option_kwargs: Dict[str, ob
     return options
 
 
-def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
-                    opener: Optional[Callable[..., WeightSource]] = None, on_error: str = "raise",
-                    cache_dir: Optional[str] = None, progress: Optional[bool] = False,
-                    checkpoint_key: Optional[str] = None
-                    ) -> Tuple[List[str], List[str], List[str]]:
+def for_each_source(
+    sources,
+    fn: Callable[[WeightSource, str], None],
+    *,
+    opener: Optional[Callable[..., WeightSource]] = None,
+    on_error: str = "raise",
+    cache_dir: Optional[str] = None,
+    progress: Optional[bool] = False,
+    checkpoint_key: Optional[str] = None,
+) -> Tuple[List[str], List[str], List[str]]:
     """``fn(source, label)`` for each source opened in turn (one in memory at a time), labels
     made unique; returns the labels of the sources done, the errors collected (with
     ``on_error="collect"``; ``"raise"`` raises the first :class:`AnalyzeError`) and the
     sources' notes (e.g. which part of a nested checkpoint was read)."""
-    if opener is None:
-        from .sources import open_source as opener
+    open_fn = opener if opener is not None else _default_opener()
     if on_error not in ("raise", "collect"):
         raise ValueError("on_error must be 'raise' or 'collect'")
     labels: List[str] = []
@@ -220,8 +283,9 @@ def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
     notes: List[str] = []
     for spec in sources:
         try:
-            source = open_one(spec, opener, cache_dir=cache_dir, progress=progress,
-                              checkpoint_key=checkpoint_key)
+            source = open_one(
+                spec, open_fn, cache_dir=cache_dir, progress=progress, checkpoint_key=checkpoint_key
+            )
             label = _unique(escape(source.label), labels)  # a display name: one line
             fn(source, label)
         except AnalyzeError as e:
@@ -230,10 +294,18 @@ def for_each_source(sources, fn: Callable[[WeightSource, str], None], *,
             errors.append(str(e))
             continue
         labels.append(label)
-        if getattr(source, "note", None):
-            notes.append(f"{label}: {source.note}")
+        note = getattr(source, "note", None)
+        if note:
+            notes.append(f"{label}: {note}")
         del source
     return labels, errors, notes
+
+
+def _default_opener() -> Callable[..., WeightSource]:
+    """:func:`allennlp_analyze.sources.open_source` (imported when first needed)."""
+    from .sources import open_source
+
+    return open_source
 
 
 def open_one(spec, opener: Callable[..., WeightSource], **kwargs) -> WeightSource:

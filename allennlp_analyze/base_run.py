@@ -11,6 +11,7 @@ them. Its other fields are those of a float64 matrix: numpy's and Numerical Reci
 float64's eps, and the power-law fit takes the eigenvalues above float64's numpy tolerance,
 which can include values below the operands' noise (``rank_noise`` counts those above it).
 """
+
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
@@ -74,9 +75,17 @@ class BaseRun:
         o = self.options
         # a LoRA adapter's own records (its r singular values) are no weights to pair
         own = [i for i, r in enumerate(result.records) if r.lora_r is None]
-        cmp = compare_records([result.records[i] for i in own], [result.spectra[i] for i in own],
-                              self.records, self.spectra, matrix_loader(source, o), self.load,
-                              o.loose_tol, o.method, keep_deltas=self.delta)
+        cmp = compare_records(
+            [result.records[i] for i in own],
+            [result.spectra[i] for i in own],
+            self.records,
+            self.spectra,
+            matrix_loader(source, o),
+            self.load,
+            o.loose_tol,
+            o.method,
+            keep_deltas=self.delta,
+        )
         label = result.info.label
         self.paired += len(cmp.pairing.pairs)
         self.unmatched.extend(f"{label}:{k}" for k in cmp.pairing.unmatched)
@@ -100,17 +109,28 @@ class BaseRun:
     def summary(self, records: List[MatrixRecord]) -> BaseSummary:
         """The comparison's summary over the run's (final) ``records``."""
         return BaseSummary(
-            label=self.label, paired=self.paired, unmatched=list(self.unmatched),
+            label=self.label,
+            paired=self.paired,
+            unmatched=list(self.unmatched),
             unmatched_base=[b.name for j, b in enumerate(self.records) if j not in self.claimed],
             ambiguous=dict(self.ambiguous),
-            moved=ranked_by_change([r for r in records if not r.name.startswith(DELTA_PREFIX)]))
+            moved=ranked_by_change([r for r in records if not r.name.startswith(DELTA_PREFIX)]),
+        )
 
 
-def delta_record(D: np.ndarray, rec: MatrixRecord, base: MatrixRecord, options: AnalysisOptions
-                 ) -> MatrixRecord:
+def delta_record(
+    D: np.ndarray, rec: MatrixRecord, base: MatrixRecord, options: AnalysisOptions
+) -> MatrixRecord:
     """The full record of ΔW (float64) of the pair ``rec`` / ``base`` (module docstring)."""
-    out = analyze_matrix(D, options, name=DELTA_PREFIX + rec.name, dtype="float64",
-                         model=rec.model, module_type=rec.module_type, part=rec.slice)
+    out = analyze_matrix(
+        D,
+        options,
+        name=DELTA_PREFIX + rec.name,
+        dtype="float64",
+        model=rec.model,
+        module_type=rec.module_type,
+        part=rec.slice,
+    )
     out.kind, out.kind_from, out.base_name = rec.kind, rec.kind_from, base.name
     if out.sv_max is None:
         return out
@@ -125,10 +145,20 @@ def delta_record(D: np.ndarray, rec: MatrixRecord, base: MatrixRecord, options: 
     return out
 
 
-def open_base(source: WeightSource, options: AnalysisOptions, delta: bool = False,
-              progress: Optional[bool] = False) -> BaseRun:
+def open_base(
+    source: WeightSource,
+    options: AnalysisOptions,
+    delta: bool = False,
+    progress: Optional[bool] = False,
+) -> BaseRun:
     """Analyze the base model ``source`` (opened: any source the tool reads), kept open."""
     res = one_source(source, options, progress=progress)
-    return BaseRun(res.info.label, res.records, res.spectra, matrix_loader(source, options),
-                   options, source, delta)
-
+    return BaseRun(
+        res.info.label,
+        res.records,
+        res.spectra,
+        matrix_loader(source, options),
+        options,
+        source,
+        delta,
+    )

@@ -30,6 +30,7 @@ Two kinds of ``config.json`` are read (as plain JSON data; nothing in them is ru
 
 Anything else (or a config that does not match the tensors) gives no evidence.
 """
+
 import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -74,8 +75,7 @@ def load_config(path: Path) -> Optional[dict]:
         return None
 
 
-def config_kinds(config: Optional[Mapping], tensors: Sequence[TensorInfo]
-                 ) -> Dict[str, Configured]:
+def config_kinds(config: Optional[Mapping], tensors: Sequence[TensorInfo]) -> Dict[str, Configured]:
     """``{tensor name: (kind, parts, module type or None)}`` for the tensors ``config``
     names."""
     if not isinstance(config, Mapping):
@@ -90,13 +90,15 @@ def config_kinds(config: Optional[Mapping], tensors: Sequence[TensorInfo]
 
 # -- AllenNLP --------------------------------------------------------------------------------
 
+
 class _AllenNLP:
     def __init__(self, tensors: Sequence[TensorInfo]):
         self.shapes = {t.name: t.shape for t in tensors}
         # names with the wrapper components (TimeDistributed's / encoder wrappers' ``_module``)
         # taken out, as the config knows them
-        self.plain = {".".join(p for p in t.name.split(".") if p != "_module"): t.name
-                      for t in tensors}
+        self.plain = {
+            ".".join(p for p in t.name.split(".") if p != "_module"): t.name for t in tensors
+        }
         self.found: Dict[str, Configured] = {}
 
     def walk(self, node: Mapping, prefix: str) -> Dict[str, Configured]:
@@ -122,8 +124,9 @@ class _AllenNLP:
                 return path
         return None
 
-    def _mark(self, pattern: str, kind: str, parts_of=lambda rows: (),
-              module_type: Optional[str] = None) -> None:
+    def _mark(
+        self, pattern: str, kind: str, parts_of=lambda rows: (), module_type: Optional[str] = None
+    ) -> None:
         regex = re.compile(pattern)
         for plain, name in self.plain.items():
             if regex.fullmatch(plain) and len(self.shapes[name]) >= 2:
@@ -142,11 +145,17 @@ class _AllenNLP:
             self._mark(p + r"char_conv_\d+\.weight", "conv")
         elif kind in _GATES:
             gates = _GATES[kind]
-            self._mark(p + _RECURRENT_PARAM, "recurrent",
-                       lambda rows: _split(rows, [(g, rows // len(gates)) for g in gates]))
+            self._mark(
+                p + _RECURRENT_PARAM,
+                "recurrent",
+                lambda rows: _split(rows, [(g, rows // len(gates)) for g in gates]),
+            )
         elif kind == "multi_head_self_attention":
-            self._attention(p + r"_combined_projection\.weight",
-                            node.get("attention_dim"), node.get("values_dim"))
+            self._attention(
+                p + r"_combined_projection\.weight",
+                node.get("attention_dim"),
+                node.get("values_dim"),
+            )
         elif kind == "stacked_self_attention":
             dim = node.get("projection_dim")
             self._attention(p + r"self_attention_\d+\._combined_projection\.weight", dim, dim)
@@ -167,14 +176,22 @@ class _AllenNLP:
         elif kind == "bilinear":
             self._mark(p + r"_weight_matrix", "matrix", module_type="BilinearAttention")
         elif kind == "biaffine_parser":
-            self._mark(p + r"arc_attention\._weight_matrix", "matrix",
-                       module_type="BilinearMatrixAttention")
+            self._mark(
+                p + r"arc_attention\._weight_matrix",
+                "matrix",
+                module_type="BilinearMatrixAttention",
+            )
 
     def _attention(self, pattern: str, attention_dim, values_dim) -> None:
         if not (isinstance(attention_dim, int) and isinstance(values_dim, int)):
             return
-        self._mark(pattern, "attention", lambda rows: _split(
-            rows, [("q", attention_dim), ("k", attention_dim), ("v", values_dim)]))
+        self._mark(
+            pattern,
+            "attention",
+            lambda rows: _split(
+                rows, [("q", attention_dim), ("k", attention_dim), ("v", values_dim)]
+            ),
+        )
 
 
 def _split(rows: int, parts: List[Tuple[str, int]]) -> Parts:
@@ -185,6 +202,7 @@ def _split(rows: int, parts: List[Tuple[str, int]]) -> Parts:
 
 
 # -- Hugging Face ----------------------------------------------------------------------------
+
 
 def _sizes(config: Mapping, keys: Sequence[str]) -> set:
     return {config[k] for k in keys if isinstance(config.get(k), int) and config[k] > 0}

@@ -45,6 +45,7 @@ subtraction exact for float32 and narrower operands):
 The comparison costs, per pair, the spectrum of ΔW and the cross product of CKA on top of the
 two models' own analyses (see ``benchmarks/lora_cost.py`` for a measured ratio).
 """
+
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
@@ -60,9 +61,22 @@ from .tensors import DTYPE_EPS
 #: every matrix).
 MIN_SUFFIX = 2
 #: The record fields that a comparison with a base fills (None without a base).
-BASE_FIELDS = ("base_name", "delta_rel", "delta_sv_max", "delta_rank", "delta_noise_floor",
-               "delta_stable_rank", "delta_effective_rank", "d_sv_max", "d_sv_min", "d_alpha",
-               "base_sv_below_delta", "distance_raw", "distance_euclidean", "distance_cka")
+BASE_FIELDS = (
+    "base_name",
+    "delta_rel",
+    "delta_sv_max",
+    "delta_rank",
+    "delta_noise_floor",
+    "delta_stable_rank",
+    "delta_effective_rank",
+    "d_sv_max",
+    "d_sv_min",
+    "d_alpha",
+    "base_sv_below_delta",
+    "distance_raw",
+    "distance_euclidean",
+    "distance_cka",
+)
 
 #: A matrix as the record describes it (its stored orientation, ``record.shape``), any float dtype.
 MatrixLoader = Callable[[MatrixRecord], np.ndarray]
@@ -150,8 +164,11 @@ def pair_records(records: Sequence[Matrix], base: Sequence[Matrix]) -> Pairing:
     claims: Dict[int, List[int]] = {}
     for i in rest:
         r, mine = records[i], tuple(records[i].name.split("."))
-        scored = [(_common_suffix(mine, tuple(parts[j])), j, t) for j in free
-                  if (t := _fits(r, base[j])) is not None]
+        scored = [
+            (_common_suffix(mine, tuple(parts[j])), j, t)
+            for j in free
+            if (t := _fits(r, base[j])) is not None
+        ]
         top = max((s for s, _, _ in scored), default=0)
         tied = [(j, t) for s, j, t in scored if s == top]
         if top < MIN_SUFFIX:
@@ -211,16 +228,23 @@ def delta_singular_values(D: np.ndarray, floor: float, method: str = "auto") -> 
         return singular_values(D, eps64, 0.0, method).sv
     sv = singular_values(D, eps64, 0.0, "gram").sv
     if sv.size and sv[0] > 0.0:
-        lam, f2 = sv ** 2, floor ** 2
+        lam, f2 = sv**2, floor**2
         dlam = 4.0 * sum(D.shape) * eps64 * lam[0]
         if f2 <= 2.0 * dlam or bool(np.any(np.abs(lam - f2) <= dlam)):
             return singular_values(D, eps64, 0.0, "svd").sv
     return sv
 
 
-def delta_fields(W: np.ndarray, W_base: np.ndarray, rec: MatrixRecord, base: MatrixRecord,
-                 sv: np.ndarray, sv_base: np.ndarray, loose_tol: float = 1e-3,
-                 method: str = "auto") -> Tuple[Dict[str, Any], np.ndarray, np.ndarray]:
+def delta_fields(
+    W: np.ndarray,
+    W_base: np.ndarray,
+    rec: MatrixRecord,
+    base: MatrixRecord,
+    sv: np.ndarray,
+    sv_base: np.ndarray,
+    loose_tol: float = 1e-3,
+    method: str = "auto",
+) -> Tuple[Dict[str, Any], np.ndarray, np.ndarray]:
     """The base fields (:data:`BASE_FIELDS`, module docstring) of one pair, W_base already in
     W's orientation; ``sv`` / ``sv_base``: the two records' singular values (descending). Also
     returns ΔW (float64) and its singular values."""
@@ -245,8 +269,9 @@ def delta_fields(W: np.ndarray, W_base: np.ndarray, rec: MatrixRecord, base: Mat
         "base_sv_below_delta": int(np.count_nonzero(sv_base < top)) if sv_base.size else None,
         "distance_raw": fro_d,
         "distance_euclidean": fro_d,
-        "distance_cka": ww_cka(np.asarray(W, dtype=np.float64),
-                               np.asarray(W_base, dtype=np.float64), sv, sv_base),
+        "distance_cka": ww_cka(
+            np.asarray(W, dtype=np.float64), np.asarray(W_base, dtype=np.float64), sv, sv_base
+        ),
     }
     return fields, D, d_sv
 
@@ -262,10 +287,17 @@ class Comparison:
     deltas: Dict[int, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
-def compare_records(records: Sequence[MatrixRecord], spectra: Sequence[np.ndarray],
-                    base: Sequence[MatrixRecord], base_spectra: Sequence[np.ndarray],
-                    load: MatrixLoader, load_base: MatrixLoader, loose_tol: float = 1e-3,
-                    method: str = "auto", keep_deltas: bool = False) -> Comparison:
+def compare_records(
+    records: Sequence[MatrixRecord],
+    spectra: Sequence[np.ndarray],
+    base: Sequence[MatrixRecord],
+    base_spectra: Sequence[np.ndarray],
+    load: MatrixLoader,
+    load_base: MatrixLoader,
+    loose_tol: float = 1e-3,
+    method: str = "auto",
+    keep_deltas: bool = False,
+) -> Comparison:
     """Pair ``records`` with the ``base`` records (:func:`pair_records`) and fill each pair's
     base fields from the two matrices (``load`` / ``load_base``: record -> matrix as stored)
     and the two records' singular values (``spectra``, ``base_spectra``, aligned with them).
@@ -278,8 +310,16 @@ def compare_records(records: Sequence[MatrixRecord], spectra: Sequence[np.ndarra
         if rec.sv_max is None or brec.sv_max is None:  # nonfinite: nothing to compare
             continue
         W_base = np.asarray(load_base(brec))
-        values, D, d_sv = delta_fields(load(rec), W_base.T if transposed else W_base, rec, brec,
-                                 spectra[i], base_spectra[j], loose_tol, method)
+        values, D, d_sv = delta_fields(
+            load(rec),
+            W_base.T if transposed else W_base,
+            rec,
+            brec,
+            spectra[i],
+            base_spectra[j],
+            loose_tol,
+            method,
+        )
         out[i] = replace(rec, **values)
         if keep_deltas:
             deltas[i] = (D, d_sv)
@@ -288,6 +328,7 @@ def compare_records(records: Sequence[MatrixRecord], spectra: Sequence[np.ndarra
 
 def ranked_by_change(records: Sequence[MatrixRecord]) -> List[Tuple[str, float]]:
     """``(model:name, delta_rel)`` of the compared records, largest change first."""
-    moved = [(f"{r.model}:{record_key(r)}", r.delta_rel) for r in records
-             if r.delta_rel is not None]
+    moved = [
+        (f"{r.model}:{record_key(r)}", r.delta_rel) for r in records if r.delta_rel is not None
+    ]
     return sorted(moved, key=lambda kv: -kv[1])

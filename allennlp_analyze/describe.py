@@ -13,6 +13,7 @@ to list it (memory-mapped where the format allows), and the AllenNLP subcommand 
 values are not looked at, so the check the analysis makes on every tensor it reads (a 0/1 mask or
 a constant is left out: :func:`allennlp_analyze.kinds.value_kind`) cannot be made here.
 """
+
 import csv
 import json
 from collections import Counter
@@ -27,8 +28,10 @@ from .selection import Decision, MatrixPlan, plan
 from .sources.lora import RECORD_PREFIX, LoraAdapter, MergedSource, adapter_of
 from .tensors import WeightSource
 
-NOTE = ("Values were not read: a planned tensor whose values are all 0/1 (a mask) or all equal "
-        "is left out when analyzed.")
+NOTE = (
+    "Values were not read: a planned tensor whose values are all 0/1 (a mask) or all equal "
+    "is left out when analyzed."
+)
 
 
 @dataclass
@@ -79,35 +82,60 @@ class Description:
         return dict(Counter(getattr(t, by) for t in self.tensors).most_common())
 
     def summary(self) -> Dict[str, object]:
-        return {"models": list(self.models), "tensors": len(self.tensors),
-                "matrices": self.matrices, "kind": self.counts("kind"),
-                "kind_from": self.counts("kind_from"), "errors": list(self.errors),
-                "complete": not self.errors, "base": self.base_label}
+        return {
+            "models": list(self.models),
+            "tensors": len(self.tensors),
+            "matrices": self.matrices,
+            "kind": self.counts("kind"),
+            "kind_from": self.counts("kind_from"),
+            "errors": list(self.errors),
+            "complete": not self.errors,
+            "base": self.base_label,
+        }
 
 
-def describe_source(source: WeightSource, options: AnalysisOptions,
-                    label: Optional[str] = None) -> List[TensorDescription]:
+def describe_source(
+    source: WeightSource, options: AnalysisOptions, label: Optional[str] = None
+) -> List[TensorDescription]:
     """The description of one source's tensors (``source.load`` is never called), and of a
     LoRA adapter's modules (:mod:`allennlp_analyze.sources.lora`)."""
     label = label or source.label
-    selection = plan(source.tensors(), options, getattr(source, "config", None),
-                     getattr(source, "context", None))
+    selection = plan(
+        source.tensors(), options, getattr(source, "config", None), getattr(source, "context", None)
+    )
     described = [_describe(label, d) for d in selection.decisions]
     adapter = adapter_of(source)
     for m in adapter.modules if adapter is not None else ():
-        described.append(TensorDescription(
-            model=label, name=RECORD_PREFIX + m.name, shape=m.shape, dtype=m.dtype,
-            module_type="LoRA", kind="lora", kind_from="adapter", matrices=1, skipped={},
-            decision=f"LoRA r = {m.r}, scale {m.scale:.4g}"
-                     f"{', DoRA' if m.magnitude else ''}: the r singular values of "
-                     f"s B A ({m.shape[0]} x {m.shape[1]})"))
+        described.append(
+            TensorDescription(
+                model=label,
+                name=RECORD_PREFIX + m.name,
+                shape=m.shape,
+                dtype=m.dtype,
+                module_type="LoRA",
+                kind="lora",
+                kind_from="adapter",
+                matrices=1,
+                skipped={},
+                decision=f"LoRA r = {m.r}, scale {m.scale:.4g}"
+                f"{', DoRA' if m.magnitude else ''}: the r singular values of "
+                f"s B A ({m.shape[0]} x {m.shape[1]})",
+            )
+        )
     return described
 
 
-def describe(*sources, options: Optional[AnalysisOptions] = None, on_error: str = "raise",
-             cache_dir: Optional[str] = None, progress: Optional[bool] = False,
-             opener: Optional[Callable[..., WeightSource]] = None,
-             checkpoint_key: Optional[str] = None, base=None, **option_kwargs) -> Description:
+def describe(
+    *sources,
+    options: Optional[AnalysisOptions] = None,
+    on_error: str = "raise",
+    cache_dir: Optional[str] = None,
+    progress: Optional[bool] = False,
+    opener: Optional[Callable[..., WeightSource]] = None,
+    checkpoint_key: Optional[str] = None,
+    base=None,
+    **option_kwargs,
+) -> Description:
     """Describe one or more models, opened as :func:`allennlp_analyze.analyze` opens them (same
     sources, options, ``on_error``, ``opener`` and model labels), without analyzing them;
     ``base``: a base model whose planned matrices each model's are paired with (from the
@@ -119,12 +147,22 @@ def describe(*sources, options: Optional[AnalysisOptions] = None, on_error: str 
     if base is not None:
         from .sources import open_source
 
-        base_source = open_one(base, opener or open_source, cache_dir=cache_dir,
-                               progress=progress, checkpoint_key=checkpoint_key)
+        base_source = open_one(
+            base,
+            opener or open_source,
+            cache_dir=cache_dir,
+            progress=progress,
+            checkpoint_key=checkpoint_key,
+        )
         base_label = base_source.label
-        base_keys = _keys(plan(base_source.tensors(), options,
-                               getattr(base_source, "config", None),
-                               getattr(base_source, "context", None)).plans)
+        base_keys = _keys(
+            plan(
+                base_source.tensors(),
+                options,
+                getattr(base_source, "config", None),
+                getattr(base_source, "context", None),
+            ).plans
+        )
 
     def one(source: WeightSource, label: str) -> None:
         if base_keys is not None and isinstance(source, LoraAdapter):
@@ -134,26 +172,40 @@ def describe(*sources, options: Optional[AnalysisOptions] = None, on_error: str 
             _pair(described, source, options, base_keys)
         tensors.extend(described)
 
-    labels, errors, _ = for_each_source(sources, one, opener=opener, on_error=on_error,
-                                        cache_dir=cache_dir, progress=progress,
-                                        checkpoint_key=checkpoint_key)
-    return Description(tensors=tensors, models=labels, options=options, errors=errors,
-                       base_label=base_label)
+    labels, errors, _ = for_each_source(
+        sources,
+        one,
+        opener=opener,
+        on_error=on_error,
+        cache_dir=cache_dir,
+        progress=progress,
+        checkpoint_key=checkpoint_key,
+    )
+    return Description(
+        tensors=tensors, models=labels, options=options, errors=errors, base_label=base_label
+    )
 
 
 def _keys(plans: List[MatrixPlan]) -> List[MatrixKey]:
     return [MatrixKey(p.name, p.shape, p.part) for p in plans]
 
 
-def _pair(described: List[TensorDescription], source: WeightSource, options: AnalysisOptions,
-          base_keys: List[MatrixKey]) -> None:
+def _pair(
+    described: List[TensorDescription],
+    source: WeightSource,
+    options: AnalysisOptions,
+    base_keys: List[MatrixKey],
+) -> None:
     """Fill each tensor's ``base``: its planned matrices' partners in the base (or why none)."""
-    plans = plan(source.tensors(), options, getattr(source, "config", None),
-                 getattr(source, "context", None)).plans
+    plans = plan(
+        source.tensors(), options, getattr(source, "config", None), getattr(source, "context", None)
+    ).plans
     keys = _keys(plans)
     pairing = pair_records(keys, base_keys)
-    said: Dict[str, str] = {keys[i].name: base_keys[j].name + (" (transposed)" if t else "")
-                            for i, j, t in pairing.pairs}
+    said: Dict[str, str] = {
+        keys[i].name: base_keys[j].name + (" (transposed)" if t else "")
+        for i, j, t in pairing.pairs
+    }
     said.update({k: "unmatched" for k in pairing.unmatched})
     said.update({k: "ambiguous: " + ", ".join(v) for k, v in pairing.ambiguous.items()})
     by_param: Dict[str, List[str]] = {}
@@ -166,10 +218,18 @@ def _pair(described: List[TensorDescription], source: WeightSource, options: Ana
 
 def _describe(label: str, d: Decision) -> TensorDescription:
     t = d.info
-    return TensorDescription(model=label, name=t.name, shape=tuple(t.shape), dtype=t.dtype,
-                             module_type=d.kind.module_type, kind=d.kind.kind,
-                             kind_from=d.kind.kind_from, matrices=len(d.plans),
-                             skipped=dict(d.skipped), decision=decision_text(d))
+    return TensorDescription(
+        model=label,
+        name=t.name,
+        shape=tuple(t.shape),
+        dtype=t.dtype,
+        module_type=d.kind.module_type,
+        kind=d.kind.kind,
+        kind_from=d.kind.kind_from,
+        matrices=len(d.plans),
+        skipped=dict(d.skipped),
+        decision=decision_text(d),
+    )
 
 
 def decision_text(d: Decision) -> str:
@@ -185,11 +245,12 @@ def decision_text(d: Decision) -> str:
         elif d.plans[0].position is not None:
             said.append(f"analyzed as {len(d.plans)} slices of {size} (kernel positions)")
         elif len(shapes) == 1:
-            parts = ", ".join(p.part for p in d.plans)
+            parts = ", ".join(p.part or "" for p in d.plans)
             said.append(f"analyzed as {len(d.plans)} matrices of {size} [{parts}]")
         else:
-            said.append("analyzed as " + ", ".join(
-                f"{p.part} {p.shape[0]} x {p.shape[1]}" for p in d.plans))
+            said.append(
+                "analyzed as " + ", ".join(f"{p.part} {p.shape[0]} x {p.shape[1]}" for p in d.plans)
+            )
     for reason, n in d.skipped.items():
         said.append(f"skipped: {reason}" + (f" ({n} parts)" if n > 1 else ""))
     return "; ".join(said)
@@ -197,11 +258,15 @@ def decision_text(d: Decision) -> str:
 
 # -- writers ---------------------------------------------------------------------------------
 
+
 def write_description(description: Description, fmt: str, out: IO[str]) -> None:
     """Write ``description`` as "table" (one line per tensor, then counts), "json" or "csv"."""
     if fmt == "json":
-        doc = {"tensors": [t.to_dict() for t in description.tensors],
-               "summary": description.summary(), "options": vars(description.options)}
+        doc = {
+            "tensors": [t.to_dict() for t in description.tensors],
+            "summary": description.summary(),
+            "options": vars(description.options),
+        }
         json.dump(doc, out, indent=1, default=list)
         out.write("\n")
     elif fmt == "csv":
@@ -212,8 +277,12 @@ def write_description(description: Description, fmt: str, out: IO[str]) -> None:
         for t in description.tensors:
             row = t.to_dict()
             row["shape"] = "x".join(map(str, t.shape))
-            writer.writerow({k: "" if v is None else escape(v) if isinstance(v, str) else v
-                             for k, v in row.items()})
+            writer.writerow(
+                {
+                    k: "" if v is None else escape(v) if isinstance(v, str) else v
+                    for k, v in row.items()
+                }
+            )
     else:
         _write_table(description, out)
 
@@ -221,12 +290,27 @@ def write_description(description: Description, fmt: str, out: IO[str]) -> None:
 def _write_table(description: Description, out: IO[str]) -> None:
     multi = len(description.models) > 1
     paired = description.base_label is not None
-    header = (["model"] if multi else []) + ["name", "shape", "dtype", "kind", "from",
-                                             "decision"] + (["base"] if paired else [])
-    rows = [[escape(c) for c in ([t.model] if multi else []) + [
-        t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.kind, t.kind_from,
-        t.decision] + ([t.base or "-"] if paired else [])]
-            for t in description.tensors]
+    header = (
+        (["model"] if multi else [])
+        + ["name", "shape", "dtype", "kind", "from", "decision"]
+        + (["base"] if paired else [])
+    )
+    rows = [
+        [
+            escape(c)
+            for c in ([t.model] if multi else [])
+            + [
+                t.name,
+                "x".join(map(str, t.shape)) or "scalar",
+                t.dtype,
+                t.kind,
+                t.kind_from,
+                t.decision,
+            ]
+            + ([t.base or "-"] if paired else [])
+        ]
+        for t in description.tensors
+    ]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     if rows:
         for row in [header, ["-" * w for w in widths]] + rows:
@@ -234,10 +318,12 @@ def _write_table(description: Description, out: IO[str]) -> None:
         out.write("\n")
     s = description.summary()
     models = f"{len(description.models)} model{'s' if len(description.models) != 1 else ''}"
-    out.write(f"Described: {s['tensors']} tensors in {models}; {s['matrices']} matrices would be "
-              "analyzed\n")
+    out.write(
+        f"Described: {s['tensors']} tensors in {models}; {s['matrices']} matrices would be "
+        "analyzed\n"
+    )
     for by in ("kind", "kind_from"):
-        counts = ", ".join(f"{k} {n}" for k, n in s[by].items())
+        counts = ", ".join(f"{k} {n}" for k, n in description.counts(by).items())
         out.write(f"  tensors by {by}: {counts}\n")
     for err in description.errors:
         out.write(f"  ERROR: {escape(err)}\n")

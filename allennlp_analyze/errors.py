@@ -1,6 +1,7 @@
 """The one exception type for problems a user can cause (bad path, corrupt archive, bad option),
 the escaping of text from the input (file names, URLs, tensor names) wherever it is printed, and
 the squeezing of a library's error detail onto one line."""
+
 import re
 from typing import Any
 
@@ -14,8 +15,9 @@ class AnalyzeError(Exception):
 #: ESC, ...), the line and paragraph separators, bidirectional overrides (which reorder what a
 #: terminal shows) and lone surrogates (undecodable bytes of a file name, which a strict UTF-8
 #: stream cannot even write).
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e"
-                          "\u2066-\u2069\ud800-\udfff]")
+_UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

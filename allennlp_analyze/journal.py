@@ -25,6 +25,7 @@ run would have written. Blocks of sources that the run did not name are kept, af
 Reading the records back: every line that has neither the key ``allennlp_analyze_sweep`` nor
 ``source_complete``.
 """
+
 import json
 import os
 import tempfile
@@ -57,15 +58,19 @@ def block_text(info: SourceInfo, records: Sequence[MatrixRecord]) -> str:
     return "".join([_line(r.to_dict()) for r in records] + [_line({END_KEY: asdict(info)})])
 
 
-def write_jsonl(options: AnalysisOptions, sources: Sequence[SourceInfo],
-                records: Sequence[MatrixRecord], out: IO[str],
-                checkpoint_key: Optional[str] = None) -> None:
+def write_jsonl(
+    options: AnalysisOptions,
+    sources: Sequence[SourceInfo],
+    records: Sequence[MatrixRecord],
+    out: IO[str],
+    checkpoint_key: Optional[str] = None,
+) -> None:
     """The header, then the block of each source (its ``info.records`` records, taken from
     ``records`` in order)."""
     out.write(header_line(options, checkpoint_key))
     start = 0
     for info in sources:
-        out.write(block_text(info, records[start:start + info.records]))
+        out.write(block_text(info, records[start : start + info.records]))
         start += info.records
     if start != len(records):
         raise ValueError(f"{len(records)} records, but the sources account for {start}")
@@ -76,8 +81,13 @@ class Journal:
     ``resume``, read back for its complete sources (:meth:`take`); :meth:`append` adds a
     complete source, :meth:`finish` rewrites the file in the run's order. A context manager."""
 
-    def __init__(self, path: Union[str, os.PathLike], options: AnalysisOptions, resume: bool,
-                 checkpoint_key: Optional[str] = None):
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        options: AnalysisOptions,
+        resume: bool,
+        checkpoint_key: Optional[str] = None,
+    ):
         self.path = Path(path)
         self.checkpoint_key = checkpoint_key
         self._blocks: List[Tuple[Block, str]] = []
@@ -123,8 +133,12 @@ class Journal:
         except OSError as e:
             raise AnalyzeError(f"cannot write {self.path}: {e.strerror or e}") from None
 
-    def finish(self, options: AnalysisOptions, sources: Sequence[SourceInfo],
-               records: Sequence[MatrixRecord]) -> None:
+    def finish(
+        self,
+        options: AnalysisOptions,
+        sources: Sequence[SourceInfo],
+        records: Sequence[MatrixRecord],
+    ) -> None:
         """Rewrite the file as :func:`write_jsonl` of the run, followed by the blocks read at
         the start that the run did not take; atomically (a new file renamed over the old)."""
         self.close()
@@ -163,8 +177,10 @@ def _read(path: Path, options: Dict[str, object]) -> Tuple[int, List[Tuple[Block
     if not parsed:
         return 0, []  # empty, or killed before the header was complete: start afresh
     if not (isinstance(parsed[0], dict) and HEADER_KEY in parsed[0]):
-        raise AnalyzeError(f"{path} is not a sweep file of allennlp-analyze "
-                           "(--format jsonl); leave out --resume to overwrite it")
+        raise AnalyzeError(
+            f"{path} is not a sweep file of allennlp-analyze "
+            "(--format jsonl); leave out --resume to overwrite it"
+        )
     _check_header(path, parsed[0], options)
     ends = [i for i, obj in enumerate(parsed) if isinstance(obj, dict) and END_KEY in obj]
     last = ends[-1] if ends else 0
@@ -176,9 +192,13 @@ def _read(path: Path, options: Dict[str, object]) -> Tuple[int, List[Tuple[Block
         if isinstance(obj, dict) and END_KEY in obj:
             info = _source_info(path, i, obj[END_KEY])
             if info.records != len(pending):
-                raise _damaged(path, i, f"the end line of {info.source} counts {info.records} "
-                                        f"records, {len(pending)} precede it")
-            text = b"\n".join(lines[first:i + 1]).decode("utf-8") + "\n"
+                raise _damaged(
+                    path,
+                    i,
+                    f"the end line of {info.source} counts {info.records} "
+                    f"records, {len(pending)} precede it",
+                )
+            text = b"\n".join(lines[first : i + 1]).decode("utf-8") + "\n"
             blocks.append(((info, pending), text))
             pending, first = [], i + 1
         elif isinstance(obj, dict) and set(obj) == set(RECORD_FIELDS):
@@ -188,7 +208,7 @@ def _read(path: Path, options: Dict[str, object]) -> Tuple[int, List[Tuple[Block
                 raise _damaged(path, i, "a malformed record") from None
         else:
             raise _damaged(path, i, "not a record or end line of this version of allennlp-analyze")
-    return sum(len(line) + 1 for line in lines[:last + 1]), blocks
+    return sum(len(line) + 1 for line in lines[: last + 1]), blocks
 
 
 def _parse(line: bytes) -> Optional[object]:
@@ -200,17 +220,23 @@ def _parse(line: bytes) -> Optional[object]:
 
 def _check_header(path: Path, header: Dict, ours: Dict[str, object]) -> None:
     if header.get(HEADER_KEY) != VERSION:
-        raise AnalyzeError(f"{path} is a sweep file of another version "
-                           f"({header.get(HEADER_KEY)!r}, this is {VERSION}); it cannot be resumed")
+        raise AnalyzeError(
+            f"{path} is a sweep file of another version "
+            f"({header.get(HEADER_KEY)!r}, this is {VERSION}); it cannot be resumed"
+        )
     theirs = header.get("options") or {}
     differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     if differ:
         what = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:3])
-        raise AnalyzeError(f"{path} was written with other options ({what}); resume with the "
-                           "same options, or leave out --resume to start afresh")
+        raise AnalyzeError(
+            f"{path} was written with other options ({what}); resume with the "
+            "same options, or leave out --resume to start afresh"
+        )
 
 
 def _source_info(path: Path, i: int, d: object) -> SourceInfo:
+    if not isinstance(d, dict):
+        raise _damaged(path, i, "a malformed end line")
     try:
         info = SourceInfo(**d)
     except TypeError:
@@ -224,12 +250,16 @@ def _damaged(path: Path, i: int, why: str) -> AnalyzeError:
     return AnalyzeError(f"{path} is damaged at line {i + 1} ({why}); it cannot be resumed")
 
 
-def _options_dict(options: AnalysisOptions, checkpoint_key: Optional[str] = None
-                  ) -> Dict[str, object]:
+def _options_dict(
+    options: AnalysisOptions, checkpoint_key: Optional[str] = None
+) -> Dict[str, object]:
     """The options that make the records, as JSON values (tuples as lists), and the
     ``checkpoint_key`` where one is given."""
-    d = {k: v for k, v in json.loads(json.dumps(vars(options), default=list)).items()
-         if k not in _SPEED_OPTIONS}
+    d = {
+        k: v
+        for k, v in json.loads(json.dumps(vars(options), default=list)).items()
+        if k not in _SPEED_OPTIONS
+    }
     if checkpoint_key is not None:
         d["checkpoint_key"] = checkpoint_key
     return d

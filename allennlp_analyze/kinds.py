@@ -59,6 +59,7 @@ Whether a tensor's values are a 0/1 mask or a constant is known only once it is 
 (:func:`value_kind`): the analysis checks every tensor it reads and leaves such ones out, counted
 as skipped; ``--describe``, which reads none, cannot.
 """
+
 import re
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple
@@ -75,44 +76,102 @@ QUANT_METADATA = "QuantizationMetadata"
 MAX_KERNEL = 32
 #: Gate names of stacked recurrent weights, by gate count (PyTorch's order).
 RNN_GATES = {4: ("i", "f", "g", "o"), 3: ("r", "z", "n")}
-_GATES_OF_TYPE = {"LSTM": 4, "LSTMCell": 4, "GRU": 3, "GRUCell": 3, "RNN": 1, "RNNCell": 1,
-                  "SimpleRNN": 1}
+_GATES_OF_TYPE = {
+    "LSTM": 4,
+    "LSTMCell": 4,
+    "GRU": 3,
+    "GRUCell": 3,
+    "RNN": 1,
+    "RNNCell": 1,
+    "SimpleRNN": 1,
+}
 _RECURRENT = re.compile(r"(?:^|\.)weight_(ih|hh|hr)(_l\d+)?(?:_reverse)?$")
 _FUSED_ATTENTION = re.compile(r"(?:^|\.)in_proj_weight$")
 #: A module's own parameter names: such a tensor is described by its module's name.
-_LAYER_PARAM = re.compile(r"^(weight|bias|in_proj_weight|in_proj_bias|[qkv]_proj_weight|"
-                          r"(weight|bias)_(ih|hh|hr)(_l\d+)?(_reverse)?|weight_[gv]|weight_orig)$")
+_LAYER_PARAM = re.compile(
+    r"^(weight|bias|in_proj_weight|in_proj_bias|[qkv]_proj_weight|"
+    r"(weight|bias)_(ih|hh|hr)(_l\d+)?(_reverse)?|weight_[gv]|weight_orig)$"
+)
 #: Wrapper modules that add a name component but are not the layer (TimeDistributed,
 #: AllenNLP's encoder wrappers, DataParallel).
 _WRAPPERS = {"_module", "module"}
 _MODULE_KINDS = {
     **dict.fromkeys(("Linear", "LazyLinear", "Conv1D"), "linear"),  # Conv1D: GPT-2's Linear
     **dict.fromkeys(("Embedding", "EmbeddingBag"), "embedding"),
-    **dict.fromkeys([f"{lazy}Conv{t}{d}d" for lazy in ("", "Lazy") for t in ("", "Transpose")
-                     for d in (1, 2, 3)], "conv"),
+    **dict.fromkeys(
+        [
+            f"{lazy}Conv{t}{d}d"
+            for lazy in ("", "Lazy")
+            for t in ("", "Transpose")
+            for d in (1, 2, 3)
+        ],
+        "conv",
+    ),
     **dict.fromkeys(_GATES_OF_TYPE, "recurrent"),
     "MultiheadAttention": "attention",
     "Bilinear": "tensor",
     # Keras (Conv1D above is GPT-2's 2-D Linear; Keras's 3-D Conv1D kernel: see _by_module)
     **dict.fromkeys(("Dense", "EinsumDense"), "linear"),
-    **dict.fromkeys([f"Conv{d}D{t}" for d in (1, 2, 3) for t in ("", "Transpose")
-                     if (d, t) != (1, "")], "conv"),
+    **dict.fromkeys(
+        [f"Conv{d}D{t}" for d in (1, 2, 3) for t in ("", "Transpose") if (d, t) != (1, "")], "conv"
+    ),
 }
 #: Module types (ONNX's elementwise and normalization ops) that take a [1, n] or [n, 1] weight
 #: as a vector, broadcast over the rows or columns, not as a matrix.
-VECTOR_OPS = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
-                        "PRelu", "LayerNormalization", "BatchNormalization",
-                        "InstanceNormalization", "GroupNormalization",
-                        "SimplifiedLayerNormalization", "RMSNormalization"))
-_EMBEDDING_HEADS = {"embedding", "embeddings", "embed", "embeds", "embedder", "emb", "embs",
-                    "wte", "wpe"}
+VECTOR_OPS = frozenset(
+    (
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Max",
+        "Min",
+        "Sum",
+        "Mean",
+        "Where",
+        "PRelu",
+        "LayerNormalization",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+        "SimplifiedLayerNormalization",
+        "RMSNormalization",
+    )
+)
+_EMBEDDING_HEADS = {
+    "embedding",
+    "embeddings",
+    "embed",
+    "embeds",
+    "embedder",
+    "emb",
+    "embs",
+    "wte",
+    "wpe",
+}
 #: The last word of a module that is a Linear layer (``lm_head``, ``q_proj``, ``out_proj``,
 #: ``classifier``, ``output``, ``fc1``, ``dense``, ``score``): names of layers, never of tables.
-_LAYER_WORDS = {"head", "proj", "projection", "projector", "classifier", "output", "outputs",
-                "out", "fc", "dense", "linear", "score", "decoder"}
+_LAYER_WORDS = {
+    "head",
+    "proj",
+    "projection",
+    "projector",
+    "classifier",
+    "output",
+    "outputs",
+    "out",
+    "fc",
+    "dense",
+    "linear",
+    "score",
+    "decoder",
+}
 #: Parameter names of a layer's (possibly re-parametrized) weight, whose bias is ``<layer>.bias``.
-_WEIGHT_PARAM = re.compile(r"(?:^|\.)(?:weight|weight_v|weight_orig|"
-                           r"parametrizations\.weight\.original1?)$")
+_WEIGHT_PARAM = re.compile(
+    r"(?:^|\.)(?:weight|weight_v|weight_orig|"
+    r"parametrizations\.weight\.original1?)$"
+)
 _PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original\d?$")
 _CONV_WORDS = {"conv", "convs", "convolution", "convolutions", "conv1d", "conv2d", "conv3d"}
 
@@ -132,8 +191,9 @@ class Kind:
     detail: Optional[str] = None
 
 
-def classify(tensors: Sequence[TensorInfo],
-             configured: Optional[Mapping[str, Tuple]] = None) -> Dict[str, Kind]:
+def classify(
+    tensors: Sequence[TensorInfo], configured: Optional[Mapping[str, Tuple]] = None
+) -> Dict[str, Kind]:
     """The kind of every tensor, by name. ``configured`` maps names to ``(kind, parts[,
     module type])`` as the checkpoint's config gives them
     (:func:`~allennlp_analyze.checkpoint_config.config_kinds`)."""
@@ -174,6 +234,7 @@ def value_kind(array: np.ndarray) -> Optional[str]:
 
 # -- the evidence, in order ------------------------------------------------------------------
 
+
 def _classify(t: TensorInfo, configured, shapes, gates) -> Kind:
     if t.module_type == QUANT_METADATA:
         return Kind("quant_metadata", "module", module_type=t.module_type)
@@ -195,8 +256,9 @@ def _classify(t: TensorInfo, configured, shapes, gates) -> Kind:
     if kind == "recurrent" and not parts:
         parts = _equal_parts(t, gate_count)
     named = configured[2] if kind_from == "config" and len(configured) > 2 else None
-    return Kind(kind, kind_from, parts, t.module_type or named or _module_type(t, kind, gate_count),
-                detail)
+    return Kind(
+        kind, kind_from, parts, t.module_type or named or _module_type(t, kind, gate_count), detail
+    )
 
 
 def _by_module(t: TensorInfo):
@@ -211,7 +273,8 @@ def _by_module(t: TensorInfo):
     if kind == "attention":
         return kind, "module", t.parts or _thirds(t, param == "in_proj_weight"), None
     if kind == "recurrent":
-        return kind, "module", t.parts or _equal_parts(t, _GATES_OF_TYPE[t.module_type or ""]), None
+        parts = t.parts or _equal_parts(t, _GATES_OF_TYPE[t.module_type or ""])
+        return kind, "module", parts, None
     if kind == "linear" and t.parts:  # a Linear whose module computes q, k, v with it at once
         return "attention", "module", t.parts, None
     return kind, "module", t.parts, t.module_type if kind == "tensor" else None
@@ -264,6 +327,7 @@ def _by_name(t: TensorInfo):
 
 # -- helpers ---------------------------------------------------------------------------------
 
+
 def _words(component: str) -> Tuple[str, ...]:
     """The lower-case words of one name component: split at ``_``, non-alphanumerics and
     camelCase, trailing digits dropped (``conv1`` -> ``conv``, ``LayerNorm`` -> layer, norm)."""
@@ -289,10 +353,12 @@ def _names_embedding(component: str, words: Tuple[str, ...], name: str) -> bool:
     if not words:
         return False
     own_weight = name.rpartition(".")[2] == "weight"
-    return (words[-1] in _EMBEDDING_HEADS
-            or (words[0] == "embed" and words[-1] in ("tokens", "positions"))
-            or (own_weight and words[:2] == ("token", "embedder"))  # AllenNLP's token_embedder_*
-            or (own_weight and words[-1] in ("bias", "biases")))     # a 2-D table of biases
+    return (
+        words[-1] in _EMBEDDING_HEADS
+        or (words[0] == "embed" and words[-1] in ("tokens", "positions"))
+        or (own_weight and words[:2] == ("token", "embedder"))  # AllenNLP's token_embedder_*
+        or (own_weight and words[-1] in ("bias", "biases"))
+    )  # a 2-D table of biases
 
 
 def _bias_size(t: TensorInfo, shapes) -> Optional[int]:
@@ -301,7 +367,7 @@ def _bias_size(t: TensorInfo, shapes) -> Optional[int]:
     m = _WEIGHT_PARAM.search(t.name)
     if m is None:
         return None
-    prefix = t.name[:m.start()]
+    prefix = t.name[: m.start()]
     shape = shapes.get(f"{prefix}.bias" if prefix else "bias")
     return shape[0] if shape is not None and len(shape) == 1 else None
 
@@ -320,7 +386,7 @@ def _equal_parts(t: TensorInfo, gates: Optional[int]) -> Tuple[Tuple[str, int], 
 
 def _recurrent_layer(name: str) -> Optional[str]:
     m = _RECURRENT.search(name)
-    return None if m is None else name[:m.start()]
+    return None if m is None else name[: m.start()]
 
 
 def _gates_by_layer(tensors: Sequence[TensorInfo]) -> Dict[str, int]:
@@ -330,7 +396,7 @@ def _gates_by_layer(tensors: Sequence[TensorInfo]) -> Dict[str, int]:
     for t in tensors:
         m = _RECURRENT.search(t.name)
         if m and m.group(1) == "hh" and len(t.shape) == 2 and t.shape[1]:
-            counts[t.name[:m.start()]] = t.shape[0] // t.shape[1]
+            counts[t.name[: m.start()]] = t.shape[0] // t.shape[1]
     return counts
 
 
@@ -347,5 +413,6 @@ def _module_type(t: TensorInfo, kind: str, gates: Optional[int]) -> Optional[str
         return "MultiheadAttention"
     m = _RECURRENT.search(t.name)
     if kind == "recurrent" and m and m.group(2):  # a layer (weight_ih_l0), not a cell
-        return {4: "LSTM", 3: "GRU"}.get(gates, "RNN")
+        layers: Dict[Optional[int], str] = {4: "LSTM", 3: "GRU"}
+        return layers.get(gates, "RNN")
     return None

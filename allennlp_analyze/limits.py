@@ -25,20 +25,29 @@ build a model, JSON nested at most ``MAX_JSON_DEPTH`` levels, ``MAX_TEXT_FILE`` 
 ``--sources-from`` list. Only regular files are opened (:func:`open_regular`): a FIFO would
 block forever, a device (``/dev/zero``) never ends.
 """
+
 import json
 import math
 import os
 import re
 import stat
+from types import ModuleType
 from typing import Callable, Optional, Tuple, TypeVar
 
 from .errors import AnalyzeError
 from .spectrum import working_memory
 
-try:
-    import resource
-except ImportError:  # pragma: no cover - not on Windows
-    resource = None
+
+def _resource_module() -> Optional[ModuleType]:
+    """The ``resource`` module (rlimits), None where the platform lacks it (Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    return resource
+
+
+resource = _resource_module()
 
 ENV_CONNECT_TIMEOUT = "ALLENNLP_ANALYZE_CONNECT_TIMEOUT"
 ENV_READ_TIMEOUT = "ALLENNLP_ANALYZE_READ_TIMEOUT"
@@ -62,10 +71,11 @@ T = TypeVar("T")
 _SUFFIX = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def _setting(name: str, default: T, parse: Callable[[str], T], what: str) -> T:
+def _setting(name: str, default: T, parse: Callable[[str], Optional[T]], what: str) -> T:
     text = os.environ.get(name, "").strip()
     if not text:
         return default
+    value: Optional[T]
     try:
         value = parse(text)
     except ValueError:
@@ -121,6 +131,7 @@ def format_bytes(n: float) -> str:
 
 # -- memory -----------------------------------------------------------------------------------
 
+
 def analysis_memory(N: int, M: int) -> int:
     """Bytes of float64 working memory the analysis of one N x M matrix needs at its peak
     (:func:`allennlp_analyze.spectrum.working_memory`: for a matrix of one row block, its
@@ -165,7 +176,10 @@ def _cgroup_room() -> Optional[int]:
         if parts[0] == "0" and parts[1] == "":
             base, files = "/sys/fs/cgroup", ("memory.max", "memory.current")
         elif "memory" in parts[1].split(","):
-            base, files = "/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            base, files = (
+                "/sys/fs/cgroup/memory",
+                ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+            )
         else:
             continue
         for folder in (base + parts[2], base):
@@ -197,13 +211,15 @@ def available_memory() -> Tuple[Optional[int], str]:
     room = _cgroup_room()
     if room is not None:
         found.append((room, "the memory cgroup's limit"))
-    rlimits = () if resource is None else ((resource.RLIMIT_AS, "VmSize", "ulimit -v"),
-                                           (resource.RLIMIT_DATA, "VmData", "ulimit -d"))
-    for limit_name, field, what in rlimits:
-        soft = resource.getrlimit(limit_name)[0]
-        if soft != resource.RLIM_INFINITY:
-            used = _proc_status_kb(field) or 0
-            found.append((max(0, soft - used), f"the process limit ({what})"))
+    if resource is not None:
+        for limit_name, field, what in (
+            (resource.RLIMIT_AS, "VmSize", "ulimit -v"),
+            (resource.RLIMIT_DATA, "VmData", "ulimit -d"),
+        ):
+            soft = resource.getrlimit(limit_name)[0]
+            if soft != resource.RLIM_INFINITY:
+                used = _proc_status_kb(field) or 0
+                found.append((max(0, soft - used), f"the process limit ({what})"))
     if not found:
         return None, ""
     return min(found)
@@ -214,16 +230,22 @@ def check_memory(need: int, what: str) -> None:
     leaves; ``what`` names the matrix (or file) for the message."""
     available, source = available_memory()
     if available is not None and need > available:
-        raise AnalyzeError(f"{what} needs {format_bytes(need)} of memory, more than the "
-                           f"{format_bytes(available)} that {source} leaves "
-                           f"(leave it out with --exclude, or set {ENV_MAX_MEMORY})")
+        raise AnalyzeError(
+            f"{what} needs {format_bytes(need)} of memory, more than the "
+            f"{format_bytes(available)} that {source} leaves "
+            f"(leave it out with --exclude, or set {ENV_MAX_MEMORY})"
+        )
 
 
 # -- files ------------------------------------------------------------------------------------
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _not_regular(path, mode: int) -> AnalyzeError:
@@ -265,10 +287,12 @@ def read_regular(path, max_bytes: Optional[int] = None) -> bytes:
 
 # -- JSON -------------------------------------------------------------------------------------
 
+
 def parse_json(raw, max_depth: int = MAX_JSON_DEPTH):
     """``json.loads(raw)``, refusing (ValueError) a document nested more than ``max_depth``
     levels deep, before any recursive code sees it, and numbers such as ``NaN``/``Infinity``
     that JSON does not have."""
+
     def no_constant(name: str):
         raise ValueError(f"{name} is not a JSON number")
 
@@ -279,10 +303,13 @@ def parse_json(raw, max_depth: int = MAX_JSON_DEPTH):
         raise deep from None
     level, depth = [value] if type(value) in (dict, list) else [], 1
     while level:  # breadth first, one nesting level at a time
-        level = [child for item in level for child in (item.values() if type(item) is dict else item)
-                 if type(child) in (dict, list)]
+        level = [
+            child
+            for item in level
+            for child in (item.values() if type(item) is dict else item)
+            if type(child) in (dict, list)
+        ]
         depth += bool(level)
         if depth > max_depth:
             raise deep
     return value
-

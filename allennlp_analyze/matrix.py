@@ -2,73 +2,107 @@
 power-law fit (:func:`analyze_matrix`); :func:`analyze_many` does matrices of one oriented shape
 in stacked spectral calls, with the same results as one by one.
 """
+
 from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .fits import FITTED_ONLY, Estimate, TruncatedEstimate, columns, estimate_all, run_warning
-from .noise_floor import StorageNoise
 from .options import AnalysisOptions
 from .records import WIDE_DTYPES, MatrixRecord, criterion_for, roundoff_criterion
-from .spectral_metrics import (effective_rank, esd_distance, log_alpha_norm, matrix_entropy,
-                               mp_bulk_fit, permuted)
+from .spectral_metrics import (
+    effective_rank,
+    esd_distance,
+    log_alpha_norm,
+    matrix_entropy,
+    mp_bulk_fit,
+    permuted,
+)
 from .spectrum import Parallel, Spectrum, singular_values_many
 from .quantized import QuantizedView, readable
 from .tensors import DTYPE_EPS, storage_eps
 
 
-def analyze_matrix(W: np.ndarray, options: AnalysisOptions = AnalysisOptions(), *,
-                   name: str = "W", dtype: Optional[str] = None, model: str = "",
-                   module_type: Optional[str] = None, part: Optional[str] = None
-                   ) -> MatrixRecord:
+def analyze_matrix(
+    W: np.ndarray,
+    options: AnalysisOptions = AnalysisOptions(),
+    *,
+    name: str = "W",
+    dtype: Optional[str] = None,
+    model: str = "",
+    module_type: Optional[str] = None,
+    part: Optional[str] = None,
+) -> MatrixRecord:
     """Analyze one 2-D matrix ``W``. ``dtype`` is its storage dtype name (default: W's own),
     whose machine epsilon sets the numpy / Numerical-Recipes rank tolerances and whose ulp the
     noise floor (W's values are taken as stored in it)."""
     return _analyze(W, options, name, dtype, model, module_type, part)[0]
 
 
-def _analyze(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
-             model: str, module_type: Optional[str], part: Optional[str]
-             ) -> Tuple[MatrixRecord, np.ndarray, np.ndarray]:
+def _analyze(
+    W: np.ndarray,
+    options: AnalysisOptions,
+    name: str,
+    dtype: Optional[str],
+    model: str,
+    module_type: Optional[str],
+    part: Optional[str],
+) -> Tuple[MatrixRecord, np.ndarray, np.ndarray]:
     """The record of W, its singular values and those of its permuted self (empty where none
     were computed)."""
     return analyze_many([(W, name, dtype, model, module_type, part)], options)[0]
 
 
-def analyze_many(items: List[Tuple[np.ndarray, str, Optional[str], str, Optional[str],
-                                    Optional[str]]], options: AnalysisOptions,
-                  parallel: Optional[Parallel] = None
-                  ) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
+def analyze_many(
+    items: List[Tuple[np.ndarray, str, Optional[str], str, Optional[str], Optional[str]]],
+    options: AnalysisOptions,
+    parallel: Optional[Parallel] = None,
+) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
     """:func:`_analyze` of matrices (``(W, name, dtype, model, module_type, part)``) of one
     oriented shape, their spectra computed by stacked calls (same results as one by one).
     The storage rounding is accumulated from the row blocks the spectrum reads (no pass of its
     own); ``parallel`` runs a matrix's independent Gram panels (``spectrum.Parallel``)."""
-    prepared = [_prepare(W, options, *rest) for W, *rest in items]
-    specs = singular_values_many([W for _, W in prepared],
-                                 [storage_eps(rec.dtype) for rec, _ in prepared],
-                                 loose_tol=options.loose_tol, method=options.method,
-                                 device=options.device, parallel=parallel,
-                                 noise_dtypes=[rec.dtype for rec, _ in prepared])
+    prepared = [
+        _prepare(W, options, name, dtype, model, module_type, part)
+        for W, name, dtype, model, module_type, part in items
+    ]
+    specs = singular_values_many(
+        [W for _, W in prepared],
+        [storage_eps(rec.dtype) for rec, _ in prepared],
+        loose_tol=options.loose_tol,
+        method=options.method,
+        device=options.device,
+        parallel=parallel,
+        noise_dtypes=[rec.dtype for rec, _ in prepared],
+    )
     results = []
-    for (rec, _), spec in zip(prepared, specs):
+    done: List[Tuple[int, Spectrum]] = []
+    for i, ((rec, _), spec) in enumerate(zip(prepared, specs)):
         if spec is None:
             rec.status = "nonfinite"
             results.append((rec, np.zeros(0)))
         else:
-            results.append(_finish(rec, spec, spec.noise, options))
-    todo = [i for i, spec in enumerate(specs) if spec is not None]
+            results.append(_finish(rec, spec, options))
+            done.append((i, spec))
     rand = [np.zeros(0)] * len(results)
     if options.randomize:
-        for i, sv in zip(todo, _randomize([prepared[i] for i in todo],
-                                          [specs[i] for i in todo], options)):
+        for (i, _), sv in zip(
+            done, _randomize([prepared[i] for i, _ in done], [spec for _, spec in done], options)
+        ):
             rand[i] = sv
     return [(rec, sv, r) for (rec, sv), r in zip(results, rand)]
 
 
-def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional[str],
-             model: str, module_type: Optional[str], part: Optional[str]
-             ) -> Tuple[MatrixRecord, np.ndarray]:
+def _prepare(
+    W: np.ndarray,
+    options: AnalysisOptions,
+    name: str,
+    dtype: Optional[str],
+    model: str,
+    module_type: Optional[str],
+    part: Optional[str],
+) -> Tuple[MatrixRecord, np.ndarray]:
     """The record's identity fields, and W (any array-like that slices; it is read in
     blocks, and NaN/Inf is found there)."""
     W = readable(W)  # a quantized matrix: row blocks decoded with each element's step
@@ -82,13 +116,23 @@ def _prepare(W: np.ndarray, options: AnalysisOptions, name: str, dtype: Optional
     if dtype not in DTYPE_EPS and not isinstance(W, QuantizedView):
         raise ValueError(f"{name}: unsupported dtype {dtype}")
     N, M = max(W.shape), min(W.shape)
-    rec = MatrixRecord(model=model, name=name, module_type=module_type, shape=tuple(W.shape),
-                       dtype=dtype, N=N, M=M, Q=N / M if M else float("inf"), slice=part)
+    rec = MatrixRecord(
+        model=model,
+        name=name,
+        module_type=module_type,
+        shape=tuple(W.shape),
+        dtype=dtype,
+        N=N,
+        M=M,
+        Q=N / M if M else float("inf"),
+        slice=part,
+    )
     return rec, W
 
 
-def _eps_ranks(rec: MatrixRecord, spec: Spectrum, bound: Optional[float]
-               ) -> Tuple[Optional[int], Optional[int], Optional[str]]:
+def _eps_ranks(
+    rec: MatrixRecord, spec: Spectrum, bound: Optional[float]
+) -> Tuple[Optional[int], Optional[int], Optional[str]]:
     """numpy's and Numerical Recipes' ranks, each None where it says nothing about W, and why.
 
     Their tolerances scale with nu_max: at or above it (max(N, M) * eps >= 1 for numpy,
@@ -104,23 +148,36 @@ def _eps_ranks(rec: MatrixRecord, spec: Spectrum, bound: Optional[float]
     certain = None if rec.dtype in WIDE_DTYPES or bound is None else spec.rank(bound)
     ranks: Dict[str, Optional[int]] = {c: spec.rank(getattr(tol, c)) for c in ("numpy", "nr")}
     at_max = [c for c in ranks if sv[0] > 0.0 and getattr(tol, c) >= sv[0]]
-    reasons = [f"{' and '.join(at_max)} tolerance >= sv_max for {rec.dtype} "
-               f"(eps {DTYPE_EPS[rec.dtype]:.3g}) at {rec.N} x {rec.M}"] if at_max else []
+    reasons = (
+        [
+            f"{' and '.join(at_max)} tolerance >= sv_max for {rec.dtype} "
+            f"(eps {DTYPE_EPS[rec.dtype]:.3g}) at {rec.N} x {rec.M}"
+        ]
+        if at_max
+        else []
+    )
     for c in ranks:
         if c in at_max:
             ranks[c] = None
-        elif certain is not None and ranks[c] < certain:
-            reasons.append(f"{c} tolerance ({getattr(tol, c) / sv[0]:.2g} of sv_max) calls "
-                           f"{certain - ranks[c]} values above the {rec.dtype} rounding-error "
-                           f"bound ({bound / sv[0]:.2g} of sv_max) noise")
+        elif certain is not None and (rank := ranks[c]) is not None and rank < certain:
+            reasons.append(
+                f"{c} tolerance ({getattr(tol, c) / sv[0]:.2g} of sv_max) calls "
+                f"{certain - rank} values above the {rec.dtype} rounding-error "
+                f"bound ({bound / sv[0]:.2g} of sv_max) noise"
+            )
             ranks[c] = None
     note = "; ".join(reasons) + ": no rank" if reasons else None
     return ranks["numpy"], ranks["nr"], note
 
 
-def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: AnalysisOptions
-            ) -> Tuple[MatrixRecord, np.ndarray]:
-    """Fill the record from the spectrum and the noise floor: ranks, norms, the power-law fit."""
+def _finish(
+    rec: MatrixRecord, spec: Spectrum, options: AnalysisOptions
+) -> Tuple[MatrixRecord, np.ndarray]:
+    """Fill the record from the spectrum and its noise floor (``spec.noise``: the spectrum is
+    computed with its storage dtype): ranks, norms, the power-law fit."""
+    noise = spec.noise
+    if noise is None:
+        raise ValueError("the spectrum was computed without its storage noise (noise_dtypes)")
     M = rec.M
     sv, tol = spec.sv, spec.tolerances
     rec.method = spec.method
@@ -133,15 +190,16 @@ def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: Ana
     rec.noise_floor, rec.noise_bound = tol.noise, noise.bound
     rec.rank_numpy, rec.rank_nr, rec.rank_note = _eps_ranks(rec, spec, noise.bound)
     if noise.bound_reason:
-        rec.rank_note = "; ".join(filter(None, (rec.rank_note,
-                                                f"no noise_bound: {noise.bound_reason}")))
+        rec.rank_note = "; ".join(
+            filter(None, (rec.rank_note, f"no noise_bound: {noise.bound_reason}"))
+        )
     rec.rank_criterion = criterion_for(options.rank_criterion, rec.dtype)
     rank = rec.rank(rec.rank_criterion)
     rec.rank_loss = None if rank is None else M - rank
     if sv[0] == 0.0:
         rec.status = "all_zero"
         return rec, sv
-    evals = unit ** 2
+    evals = unit**2
     lam_max, lam_sum = float(evals[0]), float(evals.sum())
     rec.stable_rank = lam_sum / lam_max
     rec.log_norm = float(np.log10(lam_sum)) + shift
@@ -156,25 +214,27 @@ def _finish(rec: MatrixRecord, spec: Spectrum, noise: StorageNoise, options: Ana
         rec.status = "single_row"
         return rec, sv
     bulk = mp_bulk_fit(unit, rec.N, M)
-    rec.mp_sigma2, rec.lambda_plus = (_eigenvalue_units(x, spec.exponent)
-                                      for x in (bulk.sigma2, bulk.lambda_plus))
+    rec.mp_sigma2, rec.lambda_plus = (
+        _eigenvalue_units(x, spec.exponent) for x in (bulk.sigma2, bulk.lambda_plus)
+    )
     rec.num_spikes, rec.mp_softrank = bulk.num_spikes, bulk.softrank
-    rec.entropy = matrix_entropy(unit, rec.rank(roundoff))
+    rec.entropy = matrix_entropy(unit, spec.rank(getattr(tol, roundoff)))
     # every estimator on this one spectrum: the CSN-type ones on the fitted eigenvalues as the
     # values were computed (scale-free; their xmin converted below), the others on every
     # eigenvalue in the weights' units (their thresholds are absolute)
     with np.errstate(over="ignore", under="ignore"):
         weight_units = sv[::-1] ** 2
-    estimates = {name: _in_weight_units(name, est, spec.exponent) for name, est in
-                 estimate_all(weight_units, options.fit, fitted=fitted).items()}
+    estimates = {
+        name: _in_weight_units(name, est, spec.exponent)
+        for name, est in estimate_all(weight_units, options.fit, fitted=fitted).items()
+    }
     for name, est in estimates.items():
         for key, value in columns(name, est).items():
             setattr(rec, key, value)
     rec.fit = options.fit[0]
     fit = estimates[rec.fit]
     if fit.alpha is None:
-        rec.status = ("too_few_eigenvalues" if fit.status in ("too_few", "all_equal")
-                      else "no_fit")
+        rec.status = "too_few_eigenvalues" if fit.status in ("too_few", "all_equal") else "no_fit"
         return rec, sv
     rec.alpha, rec.D, rec.xmin, rec.num_tail = fit.alpha, fit.D, fit.xmin, fit.num_tail
     if rec.fit == "csn-xmax":
@@ -206,24 +266,33 @@ def _eigenvalue_units(x: Optional[float], exponent: int) -> Optional[float]:
     return value if 0.0 < value < float("inf") else None
 
 
-def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spectrum],
-               options: AnalysisOptions) -> List[np.ndarray]:
+def _randomize(
+    prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spectrum], options: AnalysisOptions
+) -> List[np.ndarray]:
     """Fill the ``rand_*`` and ``num_traps`` fields of the records that have a bulk fit from
     their matrices with the elements permuted (of one oriented shape, with their spectra
     ``specs``); return the permuted matrices' singular values (empty where none)."""
     keep = [j for j, (rec, _) in enumerate(prepared) if rec.lambda_plus is not None]
-    mats = [permuted(np.asarray(prepared[j][1]), options.seed, prepared[j][0].name)
-            for j in keep]
+    mats = [permuted(np.asarray(prepared[j][1]), options.seed, prepared[j][0].name) for j in keep]
     dtypes = [prepared[j][0].dtype for j in keep]
     # a quantized matrix's permuted values are plain floats: its own noise estimate serves
-    estimates = [getattr(specs[j].noise, "estimate", 0.0) if d not in DTYPE_EPS else 0.0
-                 for j, d in zip(keep, dtypes)]
+    estimates = [
+        getattr(specs[j].noise, "estimate", 0.0) if d not in DTYPE_EPS else 0.0
+        for j, d in zip(keep, dtypes)
+    ]
     rand_specs = singular_values_many(
-        mats, [storage_eps(d) for d in dtypes], loose_tol=options.loose_tol,
-        method=options.method, device=options.device, noise_estimates=estimates,
-        noise_dtypes=[d if d in DTYPE_EPS else None for d in dtypes])
+        mats,
+        [storage_eps(d) for d in dtypes],
+        loose_tol=options.loose_tol,
+        method=options.method,
+        device=options.device,
+        noise_estimates=estimates,
+        noise_dtypes=[d if d in DTYPE_EPS else None for d in dtypes],
+    )
     out = [np.zeros(0)] * len(prepared)
     for j, rand in zip(keep, rand_specs):
+        if rand is None:  # a permutation of finite values is finite
+            raise ValueError(f"{prepared[j][0].name}: the permuted matrix is not finite")
         rec = prepared[j][0]
         fit = mp_bulk_fit(rand.unit_sv, rec.N, rec.M)
         rec.rand_sv_max = float(rand.sv[0])
@@ -231,8 +300,11 @@ def _randomize(prepared: List[Tuple[MatrixRecord, np.ndarray]], specs: List[Spec
         rec.num_traps = fit.num_spikes
         roundoff = roundoff_criterion(rec.dtype)
         rec.rand_distance = esd_distance(
-            specs[j].unit_sv, _unit_value(getattr(specs[j].tolerances, roundoff), specs[j]),
-            rand.unit_sv, _unit_value(getattr(rand.tolerances, roundoff), rand))
+            specs[j].unit_sv,
+            _unit_value(getattr(specs[j].tolerances, roundoff), specs[j]),
+            rand.unit_sv,
+            _unit_value(getattr(rand.tolerances, roundoff), rand),
+        )
         out[j] = rand.sv
     return out
 

@@ -35,6 +35,7 @@ Sharded parameters (FSDP, DeepSpeed ZeRO-3, DTensors) are refused with an
 takes every process, while only the main one analyzes. Analyze a consolidated checkpoint
 instead.
 """
+
 import json
 import logging
 from collections import Counter
@@ -120,12 +121,16 @@ def sharded_reason(model) -> Optional[str]:
     for name, t in model.named_parameters():  # not state_dict(): its hooks may gather
         if hasattr(t, "ds_shape") or hasattr(t, "ds_numel"):
             shape = tuple(getattr(t, "ds_shape", ()) or ())
-            return (f"parameter {name!r} is a DeepSpeed ZeRO-3 partition (here {tuple(t.shape)}, "
-                    f"whole {shape})")
+            return (
+                f"parameter {name!r} is a DeepSpeed ZeRO-3 partition (here {tuple(t.shape)}, "
+                f"whole {shape})"
+            )
         kinds = {c.__name__ for c in type(t).__mro__}
         if "DTensor" in kinds:
-            return (f"parameter {name!r} is a DTensor (placements "
-                    f"{tuple(getattr(t, 'placements', ()))}), of which this process holds a part")
+            return (
+                f"parameter {name!r} is a DTensor (placements "
+                f"{tuple(getattr(t, 'placements', ()))}), of which this process holds a part"
+            )
         if "FlatParameter" in kinds or getattr(t, "_is_flat_param", False):
             return f"parameter {name!r} is an FSDP flat parameter (many matrices, sharded)"
     return None
@@ -136,9 +141,11 @@ def refuse_sharded(model, name: str = "weight_analysis") -> None:
     (:func:`sharded_reason`)."""
     reason = sharded_reason(model)
     if reason:
-        raise AnalyzeError(f"{name}: cannot analyze a sharded model: {reason}; analyze a "
-                           "consolidated checkpoint instead (e.g. allennlp-analyze on the "
-                           "saved model)")
+        raise AnalyzeError(
+            f"{name}: cannot analyze a sharded model: {reason}; analyze a "
+            "consolidated checkpoint instead (e.g. allennlp-analyze on the "
+            "saved model)"
+        )
 
 
 def snapshot(model, options: AnalysisOptions, label: str = "", copy: bool = True) -> Snapshot:
@@ -181,11 +188,20 @@ class WeightMonitor:
     the thread; ``logger``: where warnings go (default this module's). The analysis options
     are an :class:`AnalysisOptions` or its fields as keywords."""
 
-    def __init__(self, path: Optional[str] = None, *, every: int = 1, per: str = "epoch",
-                 stop_on_collapse: bool = False, background: bool = False,
-                 options: Optional[AnalysisOptions] = None, name: str = "weight_analysis",
-                 logger: Optional[logging.Logger] = None, base: Optional[str] = None,
-                 **option_kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        *,
+        every: int = 1,
+        per: str = "epoch",
+        stop_on_collapse: bool = False,
+        background: bool = False,
+        options: Optional[AnalysisOptions] = None,
+        name: str = "weight_analysis",
+        logger: Optional[logging.Logger] = None,
+        base: Optional[str] = None,
+        **option_kwargs: Any,
+    ) -> None:
         if base not in BASES:
             raise ValueError(f"{name}: base must be None or 'init' (got {base!r})")
         if every < 1:
@@ -229,9 +245,16 @@ class WeightMonitor:
         records, spectra, skipped = analyze_source(snap, self.options, False)
         if self._init is not None:
             o = self.options
-            records = compare_records(records, spectra, self._init.records, self._init.spectra,
-                                      matrix_loader(snap, o), self._init.load, o.loose_tol,
-                                      o.method).records
+            records = compare_records(
+                records,
+                spectra,
+                self._init.records,
+                self._init.spectra,
+                matrix_loader(snap, o),
+                self._init.load,
+                o.loose_tol,
+                o.method,
+            ).records
         return records, spectra, skipped
 
     @property
@@ -260,9 +283,15 @@ class WeightMonitor:
             reports += self.analyze(model, epoch, step=step)
         return reports
 
-    def final(self, model, epoch: int, step: Optional[int] = None, *,
-              weights_changed: bool = False, weights_epoch: Optional[int] = -1
-              ) -> List[MonitorReport]:
+    def final(
+        self,
+        model,
+        epoch: int,
+        step: Optional[int] = None,
+        *,
+        weights_changed: bool = False,
+        weights_epoch: Optional[int] = -1,
+    ) -> List[MonitorReport]:
         """At the end of training: analyze the final weights unless those of ``step`` (when
         given, else of ``epoch``) were the last analyzed and not changed since
         (``weights_changed``: a trainer reloaded its best epoch or assigned a moving average;
@@ -272,11 +301,23 @@ class WeightMonitor:
         same = last is not None and (last[0] == epoch if step is None else last[1] == step)
         if same and not weights_changed:
             return []
-        return self.analyze(model, epoch, step=step, final=True,
-                            weights_epoch=epoch if weights_epoch == -1 else weights_epoch)
+        return self.analyze(
+            model,
+            epoch,
+            step=step,
+            final=True,
+            weights_epoch=epoch if weights_epoch == -1 else weights_epoch,
+        )
 
-    def analyze(self, model, epoch: int, *, step: Optional[int] = None, final: bool = False,
-                weights_epoch: Optional[int] = -1) -> List[MonitorReport]:
+    def analyze(
+        self,
+        model,
+        epoch: int,
+        *,
+        step: Optional[int] = None,
+        final: bool = False,
+        weights_epoch: Optional[int] = -1,
+    ) -> List[MonitorReport]:
         """Analyze ``model``'s weights now (in the background where configured, except for a
         ``final`` analysis). The reports finished by the time it returns."""
         in_background = self.background and not final
@@ -293,8 +334,9 @@ class WeightMonitor:
                 future.set_result(self._analyze(snap))
             except Exception as e:
                 future.set_exception(e)
-        self._pending.append(_Pending(future, epoch, step, final,
-                                      epoch if weights_epoch == -1 else weights_epoch))
+        self._pending.append(
+            _Pending(future, epoch, step, final, epoch if weights_epoch == -1 else weights_epoch)
+        )
         return [] if in_background else self.wait()
 
     def poll(self) -> List[MonitorReport]:
@@ -323,8 +365,13 @@ class WeightMonitor:
             try:
                 records, _, _ = p.future.result()
             except Exception as e:
-                self.logger.error("%s: %s: the analysis failed: %s: %s", self.name,
-                                  self._when(p.epoch, p.step), type(e).__name__, e)
+                self.logger.error(
+                    "%s: %s: the analysis failed: %s: %s",
+                    self.name,
+                    self._when(p.epoch, p.step),
+                    type(e).__name__,
+                    e,
+                )
                 continue
             reports.append(self._report(records, p))
         return reports
@@ -355,19 +402,38 @@ class WeightMonitor:
         when = self._when(p.epoch, p.step)
         collapsed = [r for r in records if r.collapsed(criterion)]
         for r in collapsed:
-            self.logger.warning("%s: %s: %s (%s, %d x %d) lost rank: %d of %d singular values "
-                                "above the %s tolerance, nu_min %.3g", self.name, when, r.name,
-                                r.module_type or "?", r.N, r.M, r.rank(criterion), r.M,
-                                r.rank_criterion or criterion, r.sv_min)
+            self.logger.warning(
+                "%s: %s: %s (%s, %d x %d) lost rank: %d of %d singular values "
+                "above the %s tolerance, nu_min %.3g",
+                self.name,
+                when,
+                r.name,
+                r.module_type or "?",
+                r.N,
+                r.M,
+                r.rank(criterion),
+                r.M,
+                r.rank_criterion or criterion,
+                r.sv_min,
+            )
         stop = None
         if collapsed and self.stop_on_collapse:
             names = ", ".join(r.name for r in collapsed[:5])
             more = f" and {len(collapsed) - 5} more" if len(collapsed) > 5 else ""
-            stop = (f"{self.name}: rank collapse at {when} in {names}{more} (rank < M under "
-                    f"the {criterion} criterion; smallest nu_min {summary.sv_min:.3g})")
-        report = MonitorReport(epoch=p.epoch, final=p.final, weights_epoch=p.weights_epoch,
-                               records=records, metrics=metrics, collapsed=collapsed,
-                               step=p.step, stop=stop)
+            stop = (
+                f"{self.name}: rank collapse at {when} in {names}{more} (rank < M under "
+                f"the {criterion} criterion; smallest nu_min {summary.sv_min:.3g})"
+            )
+        report = MonitorReport(
+            epoch=p.epoch,
+            final=p.final,
+            weights_epoch=p.weights_epoch,
+            records=records,
+            metrics=metrics,
+            collapsed=collapsed,
+            step=p.step,
+            stop=stop,
+        )
         self.history.append(report)
         return report
 

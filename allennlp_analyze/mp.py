@@ -20,6 +20,7 @@ Scaling used throughout this package (and printed on the figures):
 
 Pure numpy.
 """
+
 from typing import Tuple
 
 import numpy as np

@@ -67,6 +67,7 @@ of W (:class:`NoiseAccumulator`: ``update(block)`` per block, then ``result()``)
 float64, in units of the largest binade seen (powers of two: exact rescaling), so that neither
 tiny nor huge float64 weights underflow or overflow.
 """
+
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -91,22 +92,27 @@ class StorageFormat:
 
 
 #: The storage formats we read, by dtype name (numpy's / torch's names).
-FORMATS: Dict[str, StorageFormat] = {f.name: f for f in (
-    StorageFormat("float64", 2.0**-52, -1022),
-    StorageFormat("float32", 2.0**-23, -126),
-    StorageFormat("float16", 2.0**-10, -14),
-    StorageFormat("bfloat16", 2.0**-7, -126),
-    StorageFormat("float8_e4m3fn", 2.0**-3, -6),      # safetensors F8_E4M3; max 448, no inf
-    StorageFormat("float8_e5m2", 2.0**-2, -14),       # safetensors F8_E5M2; IEEE-like
-    StorageFormat("float8_e4m3fnuz", 2.0**-3, -7),    # torch only: bias 8, no -0, no inf
-    StorageFormat("float8_e5m2fnuz", 2.0**-2, -15),   # torch only: bias 16
-)}
+FORMATS: Dict[str, StorageFormat] = {
+    f.name: f
+    for f in (
+        StorageFormat("float64", 2.0**-52, -1022),
+        StorageFormat("float32", 2.0**-23, -126),
+        StorageFormat("float16", 2.0**-10, -14),
+        StorageFormat("bfloat16", 2.0**-7, -126),
+        StorageFormat("float8_e4m3fn", 2.0**-3, -6),  # safetensors F8_E4M3; max 448, no inf
+        StorageFormat("float8_e5m2", 2.0**-2, -14),  # safetensors F8_E5M2; IEEE-like
+        StorageFormat("float8_e4m3fnuz", 2.0**-3, -7),  # torch only: bias 8, no -0, no inf
+        StorageFormat("float8_e5m2fnuz", 2.0**-2, -15),  # torch only: bias 16
+    )
+}
 
 #: Exponent-field masks of the arrays we may hold stored values in (the values of every narrower
 #: format are normal numbers of float32, which holds them exactly).
-_EXPONENT_MASK = {np.dtype(np.float64): np.uint64(0x7FF0000000000000),
-                  np.dtype(np.float32): np.uint32(0x7F800000),
-                  np.dtype(np.float16): np.uint16(0x7C00)}
+_EXPONENT_MASK: Dict[np.dtype, np.unsignedinteger] = {
+    np.dtype(np.float64): np.uint64(0x7FF0000000000000),
+    np.dtype(np.float32): np.uint32(0x7F800000),
+    np.dtype(np.float16): np.uint16(0x7C00),
+}
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,7 @@ def binade(values: np.ndarray, fmt: StorageFormat) -> np.ndarray:
     # the exponent field alone is the power of two of the binade (0 for zeros and subnormals
     # of the array's dtype, which the max with 2**emin then covers)
     power = (values.view(mask.dtype) & mask).view(values.dtype).astype(np.float64)
-    return np.fmax(power, 2.0 ** fmt.emin, out=power)
+    return np.fmax(power, 2.0**fmt.emin, out=power)
 
 
 def ulp(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -152,11 +158,11 @@ class NoiseAccumulator:
 
     def __init__(self, dtype: str, ncols: int):
         self._fmt = FORMATS[dtype]
-        self._scale = 0.0                 # power of two: the unit of the sums below
-        self._col_sq = np.zeros(ncols)    # sum_i binade_ij**2 / scale**2, per column
-        self._col_abs = np.zeros(ncols)   # sum_i binade_ij / scale, per column
-        self._row_sq = 0.0                # max_i sum_j binade_ij**2 / scale**2
-        self._row_abs = 0.0               # max_i sum_j binade_ij / scale
+        self._scale = 0.0  # power of two: the unit of the sums below
+        self._col_sq = np.zeros(ncols)  # sum_i binade_ij**2 / scale**2, per column
+        self._col_abs = np.zeros(ncols)  # sum_i binade_ij / scale, per column
+        self._row_sq = 0.0  # max_i sum_j binade_ij**2 / scale**2
+        self._row_abs = 0.0  # max_i sum_j binade_ij / scale
         self.rows = 0
 
     def update(self, block: np.ndarray) -> None:
@@ -209,10 +215,10 @@ class QuantizationNoiseAccumulator:
     Values of quantized formats lie in float32's range, so the sums need no rescaling."""
 
     def __init__(self, ncols: int, bound_reason: Optional[str] = None):
-        self._col_sq = np.zeros(ncols)    # sum_i step_ij**2, per column
-        self._col_abs = np.zeros(ncols)   # sum_i worst_ij, per column
-        self._row_sq = 0.0                # max_i sum_j step_ij**2
-        self._row_abs = 0.0               # max_i sum_j worst_ij
+        self._col_sq = np.zeros(ncols)  # sum_i step_ij**2, per column
+        self._col_abs = np.zeros(ncols)  # sum_i worst_ij, per column
+        self._row_sq = 0.0  # max_i sum_j step_ij**2
+        self._row_abs = 0.0  # max_i sum_j worst_ij
         self._reason = bound_reason
         self._buffer: Optional[np.ndarray] = None  # step**2 of a block, reused
         self.rows = 0
@@ -230,7 +236,7 @@ class QuantizationNoiseAccumulator:
             step = step.T  # M x k: its rows are this block's columns
         if self._buffer is None or self._buffer.size < step.size:
             self._buffer = np.empty(step.size)
-        sq = np.multiply(step, step, out=self._buffer[:step.size].reshape(step.shape))
+        sq = np.multiply(step, step, out=self._buffer[: step.size].reshape(step.shape))
         col_sq, row_sq = self._sums(sq, flipped)
         self._col_sq += col_sq
         self._row_sq = max(self._row_sq, row_sq)
@@ -273,7 +279,7 @@ def storage_noise(W: np.ndarray, dtype: str) -> StorageNoise:
     acc = NoiseAccumulator(dtype, W.shape[1])
     step = max(1, BLOCK_ELEMENTS // max(1, W.shape[1]))
     for start in range(0, W.shape[0], step):
-        acc.update(W[start:start + step])
+        acc.update(W[start : start + step])
     return acc.result()
 
 

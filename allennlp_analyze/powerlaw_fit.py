@@ -23,8 +23,9 @@ Cost: alphas for all candidates come from one reverse cumulative sum of logs; D 
 from broadcasting on a grid of tail points, which bounds every D_k from below; candidates whose
 bound exceeds an exactly evaluated D are dropped, and the grid is refined for the rest.
 """
+
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -55,8 +56,11 @@ class PowerLawFit:
     num_candidates: int
 
 
-def fit_power_law(values: np.ndarray, xmax: Optional[float] = None,
-                  xmin_range: Optional[Tuple[float, float]] = None) -> Optional[PowerLawFit]:
+def fit_power_law(
+    values: np.ndarray,
+    xmax: Optional[float] = None,
+    xmin_range: Optional[Tuple[float, float]] = None,
+) -> Optional[PowerLawFit]:
     """Fit a continuous power law to positive, finite ``values`` (any order, 1-D).
 
     ``xmax``: optional upper bound (e.g. the largest value); values above it are left out of the
@@ -86,7 +90,7 @@ def fit_power_law(values: np.ndarray, xmax: Optional[float] = None,
     # every log difference below then carries an error small against the tail's own spread.
     y = _log_ratio(x, x[-1])
     alphas = _candidate_alphas(y, cand_first)
-    exact = {}
+    exact: Dict[int, float] = {}
     rows = None
     if xmax is not None:
         # powerlaw 1.5 fits bounded tails by Nelder-Mead from the closed form, which leaves it
@@ -107,7 +111,7 @@ def fit_power_law(values: np.ndarray, xmax: Optional[float] = None,
     log_xmax = None if xmax is None else float(_log_ratio(np.array([xmax]), x[-1])[0])
     best = _argmin_ks(lu, first, n, alphas, log_xmax, rows)
     xmin = float(u[best])
-    tail = x[cand_first[best]:]
+    tail = x[cand_first[best] :]
     # The winner's alpha and D once more, directly (no cumulative sums), in powerlaw's own
     # arithmetic (logs and powers of ratios to xmin), so that they agree with it to round-off
     # even where a tail spans only a few ulps and that arithmetic is itself inexact.
@@ -115,8 +119,14 @@ def fit_power_law(values: np.ndarray, xmax: Optional[float] = None,
     if alpha is None:
         alpha = 1.0 + tail.size / np.sum(np.log(tail / xmin))
     D = _ks_direct(u[best:], first[best:], n, alpha, xmax)
-    return PowerLawFit(alpha=float(alpha), xmin=xmin, xmax=xmax, D=D,
-                       num_tail=int(tail.size + n_above), num_candidates=int(num_candidates))
+    return PowerLawFit(
+        alpha=float(alpha),
+        xmin=xmin,
+        xmax=xmax,
+        D=D,
+        num_tail=int(tail.size + n_above),
+        num_candidates=int(num_candidates),
+    )
 
 
 def fit_at_xmin(values: np.ndarray, xmin: float) -> Optional[PowerLawFit]:
@@ -126,16 +136,27 @@ def fit_at_xmin(values: np.ndarray, xmin: float) -> Optional[PowerLawFit]:
     x = np.sort(np.asarray(values, dtype=np.float64).ravel())
     if x.size and not (np.isfinite(x).all() and x[0] > 0):
         raise ValueError("power-law fit needs positive, finite values")
-    tail = x[int(np.searchsorted(x, xmin, side="left")):]
+    tail = x[int(np.searchsorted(x, xmin, side="left")) :]
     if tail.size < 2 or tail[0] == tail[-1]:
         return None
     first = np.flatnonzero(np.r_[True, tail[1:] != tail[:-1]])
     alpha = 1.0 + tail.size / np.sum(_tail_logs(tail, xmin))
     # the empirical CDF restarts at xmin: points below it are not part of the tail's sample
-    D = _ks_direct(np.r_[float(xmin), tail[first]] if tail[0] != xmin else tail[first],
-                   np.r_[0, first] if tail[0] != xmin else first, tail.size, alpha, None)
-    return PowerLawFit(alpha=float(alpha), xmin=float(xmin), xmax=None, D=D,
-                       num_tail=int(tail.size), num_candidates=1)
+    D = _ks_direct(
+        np.r_[float(xmin), tail[first]] if tail[0] != xmin else tail[first],
+        np.r_[0, first] if tail[0] != xmin else first,
+        tail.size,
+        alpha,
+        None,
+    )
+    return PowerLawFit(
+        alpha=float(alpha),
+        xmin=float(xmin),
+        xmax=None,
+        D=D,
+        num_tail=int(tail.size),
+        num_candidates=1,
+    )
 
 
 def _tail_logs(tail: np.ndarray, xmin: float) -> np.ndarray:
@@ -178,8 +199,15 @@ def _candidate_alphas(y: np.ndarray, cand_first: np.ndarray) -> np.ndarray:
     return 1.0 + n_tail / log_ratio_sums
 
 
-def _deviations(lu: np.ndarray, first: np.ndarray, n: int, alphas: np.ndarray,
-                rows: np.ndarray, cols: np.ndarray, log_xmax: Optional[float]):
+def _deviations(
+    lu: np.ndarray,
+    first: np.ndarray,
+    n: int,
+    alphas: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    log_xmax: Optional[float],
+):
     """Fitted CDF ``T`` and empirical CDF ``E`` of the tails of candidates ``rows`` (indices into
     the distinct values, whose logs are ``lu``) at the distinct values ``cols`` (2-D, one row per
     candidate, or 1-D shared); both (len(rows), columns). One formula serves the bounds and the
@@ -194,16 +222,19 @@ def _deviations(lu: np.ndarray, first: np.ndarray, n: int, alphas: np.ndarray,
     return theory, empirical
 
 
-def _ks_exact(lu: np.ndarray, first: np.ndarray, n: int, alpha: float, row: int,
-              log_xmax: Optional[float]) -> float:
+def _ks_exact(
+    lu: np.ndarray, first: np.ndarray, n: int, alpha: float, row: int, log_xmax: Optional[float]
+) -> float:
     """KS distance of one candidate's tail: the largest deviation over every point of it."""
-    theory, empirical = _deviations(lu, first, n, np.array([alpha]), np.array([row]),
-                                    np.arange(row, lu.size), log_xmax)
+    theory, empirical = _deviations(
+        lu, first, n, np.array([alpha]), np.array([row]), np.arange(row, lu.size), log_xmax
+    )
     return float(np.abs(theory - empirical).max())
 
 
-def _ks_direct(u: np.ndarray, first: np.ndarray, n: int, alpha: float,
-               xmax: Optional[float]) -> float:
+def _ks_direct(
+    u: np.ndarray, first: np.ndarray, n: int, alpha: float, xmax: Optional[float]
+) -> float:
     """KS distance of the tail whose distinct values are ``u`` (``u[0]`` = xmin; ``first``: points
     below each), with the fitted CDF written as ``powerlaw`` 1.5 evaluates it."""
     with np.errstate(over="ignore", under="ignore"):  # (huge ratio) ** (negative) -> 0
@@ -215,8 +246,14 @@ def _ks_direct(u: np.ndarray, first: np.ndarray, n: int, alpha: float,
     return float(np.abs(theory - empirical).max())
 
 
-def _argmin_ks(lu: np.ndarray, first: np.ndarray, n: int, alphas: np.ndarray,
-               log_xmax: Optional[float], rows: Optional[np.ndarray] = None) -> int:
+def _argmin_ks(
+    lu: np.ndarray,
+    first: np.ndarray,
+    n: int,
+    alphas: np.ndarray,
+    log_xmax: Optional[float],
+    rows: Optional[np.ndarray] = None,
+) -> int:
     """Index of the candidate with the smallest KS distance (first on ties), exactly.
 
     A candidate's largest deviation on a grid of its tail points is a lower bound on its D.
@@ -240,8 +277,15 @@ def _argmin_ks(lu: np.ndarray, first: np.ndarray, n: int, alphas: np.ndarray,
         points *= 8
 
 
-def _grid_lower_bounds(lu: np.ndarray, first: np.ndarray, n: int, alphas: np.ndarray,
-                       rows: np.ndarray, points: int, log_xmax: Optional[float]) -> np.ndarray:
+def _grid_lower_bounds(
+    lu: np.ndarray,
+    first: np.ndarray,
+    n: int,
+    alphas: np.ndarray,
+    rows: np.ndarray,
+    points: int,
+    log_xmax: Optional[float],
+) -> np.ndarray:
     """Largest deviation |T - E| of each candidate in ``rows`` on ``points`` + 1 grid points
     spread evenly over its tail: a lower bound on its KS distance, equal to it where the tail
     has at most ``points`` + 1 distinct values (the grid then holds all of them)."""
@@ -252,10 +296,10 @@ def _grid_lower_bounds(lu: np.ndarray, first: np.ndarray, n: int, alphas: np.nda
     lower = np.empty(rows.size)
     step = max(1, _BLOCK // (points + 1))
     for s in range(0, rows.size, step):
-        r = rows[s:s + step]
-        grid = r[:, None] + (steps * span[s:s + step, None]) // points
-        theory, empirical = _deviations(lu, first, n, alphas[s:s + step], r, grid, log_xmax)
-        lower[s:s + step] = np.abs(theory - empirical).max(axis=1)
+        r = rows[s : s + step]
+        grid = r[:, None] + (steps * span[s : s + step, None]) // points
+        theory, empirical = _deviations(lu, first, n, alphas[s : s + step], r, grid, log_xmax)
+        lower[s : s + step] = np.abs(theory - empirical).max(axis=1)
     return lower
 
 
@@ -283,5 +327,11 @@ def fit_points(values: np.ndarray, candidates: "npt.ArrayLike") -> Optional[Powe
     xmin = float(x[best])
     alpha = 1.0 + tail.size / np.sum(_tail_logs(tail, xmin))
     D = _ks_direct(tail, np.arange(tail.size), tail.size, alpha, None)
-    return PowerLawFit(alpha=float(alpha), xmin=xmin, xmax=None, D=D, num_tail=int(tail.size),
-                       num_candidates=int(rows.size))
+    return PowerLawFit(
+        alpha=float(alpha),
+        xmin=xmin,
+        xmax=None,
+        D=D,
+        num_tail=int(tail.size),
+        num_candidates=int(rows.size),
+    )

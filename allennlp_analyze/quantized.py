@@ -8,6 +8,7 @@ Decoders (GGUF block types, GPTQ, AWQ, compressed-tensors, bitsandbytes, ONNX QD
 :class:`QuantizedMatrix`; each is a pure function of the stored arrays, read row block by row
 block so that peak memory does not grow with the matrix's height.
 """
+
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Tuple
 
@@ -66,8 +67,14 @@ class QuantizedView:
     dtype = np.dtype(np.float32)
     ndim = 2
 
-    def __init__(self, matrix: QuantizedMatrix, transposed: bool = False,
-                 start: int = 0, stop: Optional[int] = None, chunk_elements: int = 1 << 20):
+    def __init__(
+        self,
+        matrix: QuantizedMatrix,
+        transposed: bool = False,
+        start: int = 0,
+        stop: Optional[int] = None,
+        chunk_elements: int = 1 << 20,
+    ):
         self.matrix, self._transposed = matrix, transposed
         n = matrix.shape[1] if transposed else matrix.shape[0]
         self._start, self._stop = start, n if stop is None else stop
@@ -93,8 +100,9 @@ class QuantizedView:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("a quantized matrix is read by contiguous row slices")
         a, b, _ = key.indices(self.shape[0])
-        return QuantizedView(self.matrix, self._transposed, self._start + a,
-                             self._start + max(a, b), self._chunk)
+        return QuantizedView(
+            self.matrix, self._transposed, self._start + a, self._start + max(a, b), self._chunk
+        )
 
     def decode(self) -> DecodedRows:
         """The part's values, steps and worst cases, oriented as the view."""
@@ -105,8 +113,7 @@ class QuantizedView:
             part = columns(self._start, self._stop)
         else:
             part = self._columns_from_rows()
-        return DecodedRows(part.values.T, part.step.T,
-                           None if part.worst is None else part.worst.T)
+        return DecodedRows(part.values.T, part.step.T, None if part.worst is None else part.worst.T)
 
     def _columns_from_rows(self) -> DecodedRows:
         """Columns start:stop of the matrix from its rows, decoded chunk by chunk and cut at
@@ -124,8 +131,11 @@ class QuantizedView:
                 bounded = False
             else:
                 worst.append(rows.worst[:, cut].copy())
-        return DecodedRows(np.concatenate(values), np.concatenate(steps),
-                           np.concatenate(worst) if bounded else None)
+        return DecodedRows(
+            np.concatenate(values),
+            np.concatenate(steps),
+            np.concatenate(worst) if bounded else None,
+        )
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         values = np.asarray(self.decode().values, dtype=np.float64)

@@ -5,11 +5,12 @@ Units: singular values (``sv_*``) and noise levels (``noise_floor``, ``noise_bou
 weights' own units; eigenvalues (``xmin``, ``xmax``) of X = W^T W in those units squared; logs are
 base 10.
 """
+
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from statistics import mean, median
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .spectrum import relative_tolerances
 from .tensors import DTYPE_EPS
@@ -218,11 +219,12 @@ class MatrixRecord:
         """The record as JSON-ready data (tuples as lists; non-finite floats as ``None``)."""
         d = asdict(self)
         d["shape"] = list(self.shape)
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in d.items()}
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()
+        }
 
     @classmethod
-    def from_dict(cls, d: Dict[str, object]) -> "MatrixRecord":
+    def from_dict(cls, d: Mapping[str, Any]) -> "MatrixRecord":
         """The record that :meth:`to_dict` wrote: ``shape`` a tuple again, and the non-finite
         values it can hold restored from their nulls (``log10_sv_min`` = -inf where
         ``sv_min`` is 0, ``Q`` = inf where ``M`` is 0)."""
@@ -311,11 +313,20 @@ class Summary:
         return d
 
 
-def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
-              errors: List[str], notes: Sequence[str] = ()) -> Summary:
+def summarize(
+    records: List[MatrixRecord],
+    skipped: Counter,
+    models: List[str],
+    errors: List[str],
+    notes: Sequence[str] = (),
+) -> Summary:
     """Aggregate ``records`` (any number of models) into a :class:`Summary`."""
     with_sv = [r for r in records if r.sv_min is not None]
-    smallest = min(with_sv, key=lambda r: r.sv_min, default=None)
+    smallest = min(
+        ((r.sv_min, r) for r in records if r.sv_min is not None),
+        key=lambda pair: pair[0],
+        default=None,
+    )
     alphas = [r.alpha for r in records if r.alpha is not None]
     label = (lambda r: f"{r.model}:{r.name}") if len(models) > 1 else (lambda r: r.name)
     names = {c: [label(r) for r in records if r.collapsed(c)] for c in CRITERION_CHOICES}
@@ -326,15 +337,16 @@ def summarize(records: List[MatrixRecord], skipped: Counter, models: List[str],
         status=dict(Counter(r.status for r in records)),
         collapsed={c: len(v) for c, v in names.items()},
         collapsed_names=names,
-        sv_min=None if smallest is None else smallest.sv_min,
-        sv_min_name=None if smallest is None else label(smallest),
+        sv_min=None if smallest is None else smallest[0],
+        sv_min_name=None if smallest is None else label(smallest[1]),
         alpha_mean=mean(alphas) if alphas else None,
         alpha_median=median(alphas) if alphas else None,
         fitted=len(alphas),
         errors=list(errors),
         notes=list(notes),
-        rank_undefined={c: n for c in RANK_CRITERIA
-                        if (n := sum(r.rank(c) is None for r in with_sv))},
+        rank_undefined={
+            c: n for c in RANK_CRITERIA if (n := sum(r.rank(c) is None for r in with_sv))
+        },
         tolerance_ratio=_tolerance_ratios(with_sv),
     )
 

@@ -1,4 +1,5 @@
 """Writers: an aligned table with a summary for people, JSON and CSV for programs."""
+
 import csv
 import json
 import math
@@ -39,8 +40,11 @@ def write_json(analysis: Analysis, out: IO[str]) -> None:
     own escapes (``\\n``, ``\\u001b``) carry control characters."""
     summary = analysis.summary.to_dict()
     summary["aggregate"] = run_aggregate(analysis).to_dict()
-    doc = {"records": analysis.to_dicts(), "summary": _finite(summary),
-           "options": _finite(vars(analysis.options))}
+    doc = {
+        "records": analysis.to_dicts(),
+        "summary": _finite(summary),
+        "options": _finite(vars(analysis.options)),
+    }
     json.dump(doc, out, indent=1, allow_nan=False, default=list)
     out.write("\n")
 
@@ -61,10 +65,12 @@ def write_csv(analysis: Analysis, out: IO[str]) -> None:
     ``NxM``, missing values empty, names escaped as in the table (:func:`~.errors.escape`)."""
     writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")
     writer.writeheader()
-    for d in analysis.to_dicts():
-        d["shape"] = "x".join(map(str, d["shape"]))
-        writer.writerow({k: ("" if v is None else escape(v) if isinstance(v, str) else v)
-                         for k, v in d.items()})
+    for rec in analysis.records:
+        d = rec.to_dict()
+        d["shape"] = "x".join(map(str, rec.shape))
+        writer.writerow(
+            {k: ("" if v is None else escape(v) if isinstance(v, str) else v) for k, v in d.items()}
+        )
 
 
 def write_table(analysis: Analysis, out: IO[str], wide: bool = False) -> None:
@@ -76,18 +82,39 @@ def write_table(analysis: Analysis, out: IO[str], wide: bool = False) -> None:
     extra = (WIDE_COLUMNS + (RAND_COLUMNS if rand else ())) if wide else ()
     based = analysis.summary.base is not None
     header = (["model"] if multi else []) + [
-        "name", "type", "N x M", "Q", "sv_max", "sv_min", "log10 sv_min",
-        "rank loose/numpy/nr/noise", "alpha", "D", "xmin", "tail", *extra,
-        *(BASE_COLUMNS if based else ()), "status"]
-    rows = [[escape(c) for c in ([r.model] if multi else []) + _table_row(r, wide, rand)[:-1]
-             + (_base_cells(r) if based else []) + [r.status]]
-            for r in analysis.records]
+        "name",
+        "type",
+        "N x M",
+        "Q",
+        "sv_max",
+        "sv_min",
+        "log10 sv_min",
+        "rank loose/numpy/nr/noise",
+        "alpha",
+        "D",
+        "xmin",
+        "tail",
+        *extra,
+        *(BASE_COLUMNS if based else ()),
+        "status",
+    ]
+    rows = [
+        [
+            escape(c)
+            for c in ([r.model] if multi else [])
+            + _table_row(r, wide, rand)[:-1]
+            + (_base_cells(r) if based else [])
+            + [r.status]
+        ]
+        for r in analysis.records
+    ]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     left = {"model", "name", "type", "status"}
 
     def line(cells: List[str]) -> str:
-        return "  ".join(c.ljust(w) if h in left else c.rjust(w)
-                         for c, w, h in zip(cells, widths, header)).rstrip()
+        return "  ".join(
+            c.ljust(w) if h in left else c.rjust(w) for c, w, h in zip(cells, widths, header)
+        ).rstrip()
 
     if rows:
         out.write(line(header) + "\n")
@@ -95,13 +122,24 @@ def write_table(analysis: Analysis, out: IO[str], wide: bool = False) -> None:
         for row in rows:
             out.write(line(row) + "\n")
         out.write("\n")
-    out.write(summary_text(analysis.summary, analysis.options.rank_criterion,
-                           analysis.options.loose_tol, aggregate=run_aggregate(analysis),
-                           wide=wide))
+    out.write(
+        summary_text(
+            analysis.summary,
+            analysis.options.rank_criterion,
+            analysis.options.loose_tol,
+            aggregate=run_aggregate(analysis),
+            wide=wide,
+        )
+    )
 
 
-def summary_text(s: Summary, criterion: str, loose_tol: float,
-                 aggregate: Optional[Aggregate] = None, wide: bool = False) -> str:
+def summary_text(
+    s: Summary,
+    criterion: str,
+    loose_tol: float,
+    aggregate: Optional[Aggregate] = None,
+    wide: bool = False,
+) -> str:
     """The run's summary as a few lines of text; with ``aggregate``, a table per model (when
     the run has several models) or one line (one model) of the fraction of matrices with
     log10 nu_min under the threshold and the alpha quartiles (``wide``: and the spectral
@@ -109,13 +147,16 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
     lines = []
     models = f"{len(s.models)} model{'s' if len(s.models) != 1 else ''}"
     skipped = sum(s.skipped.values())
-    lines.append(f"Summary: {s.analyzed} matrices analyzed in {models}; "
-                 f"{skipped} parameters or parts skipped")
+    lines.append(
+        f"Summary: {s.analyzed} matrices analyzed in {models}; "
+        f"{skipped} parameters or parts skipped"
+    )
     for reason, n in s.skipped.items():
         lines.append(f"  {n:6d}  skipped: {reason}")
     for status, n in s.status.items():
         if status != "ok":
             lines.append(f"  {n:6d}  {STATUS_TEXT[status]}")
+
     def count(c: str) -> str:
         notes = []
         if s.tolerance_ratio.get(c, 0.0) >= 0.01:  # for float32 weights it is ~1e-4
@@ -124,13 +165,18 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
             notes.append(f"no rank for {s.rank_undefined[c]}: see rank_note")
         return f"{s.collapsed[c]}" + (f" ({'; '.join(notes)})" if notes else "")
 
-    chosen = f"{criterion}: loose for float32/float64, noise for narrower and quantized dtypes" \
-        if criterion == "auto" else criterion
-    lines.append(f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {count('loose')}"
-                 f", numpy tolerance: {count('numpy')}"
-                 f", Numerical Recipes tolerance: {count('nr')}"
-                 f", noise floor: {count('noise')}"
-                 f"  [--rank-criterion {chosen}]")
+    chosen = (
+        f"{criterion}: loose for float32/float64, noise for narrower and quantized dtypes"
+        if criterion == "auto"
+        else criterion
+    )
+    lines.append(
+        f"  rank collapse (rank < M): loose (sv <= {loose_tol:g}): {count('loose')}"
+        f", numpy tolerance: {count('numpy')}"
+        f", Numerical Recipes tolerance: {count('nr')}"
+        f", noise floor: {count('noise')}"
+        f"  [--rank-criterion {chosen}]"
+    )
     for name in s.collapsed_names[criterion][:10]:
         lines.append(f"          collapsed: {name}")
     if len(s.collapsed_names[criterion]) > 10:
@@ -138,25 +184,35 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
     if s.sv_min is not None:
         lines.append(f"  smallest sv_min: {_num(s.sv_min)} ({s.sv_min_name})")
     if s.fitted:
-        lines.append(f"  alpha: mean {s.alpha_mean:.3f}, median {s.alpha_median:.3f} "
-                     f"({s.fitted} fitted)")
+        lines.append(
+            f"  alpha: mean {s.alpha_mean:.3f}, median {s.alpha_median:.3f} ({s.fitted} fitted)"
+        )
     if aggregate is not None and aggregate.total.matrices:
         t = aggregate.total
         if len(aggregate.models) > 1:
             lines.extend(aggregate_text(aggregate, wide).rstrip("\n").split("\n"))
         else:
-            quartiles = "" if t.alpha_q1 is None else \
-                f"; alpha quartiles {t.alpha_q1:.3f} / {t.alpha_median:.3f} / {t.alpha_q3:.3f}"
-            lines.append(f"  log10 sv_min < {aggregate.log10_threshold:g}: {t.below_threshold} "
-                         f"of {t.with_spectrum} matrices{quartiles}")
+            quartiles = (
+                ""
+                if t.alpha_q1 is None
+                else f"; alpha quartiles {t.alpha_q1:.3f} / {t.alpha_median:.3f} / {t.alpha_q3:.3f}"
+            )
+            lines.append(
+                f"  log10 sv_min < {aggregate.log10_threshold:g}: {t.below_threshold} "
+                f"of {t.with_spectrum} matrices{quartiles}"
+            )
             if wide and t.num_spikes is not None:
-                lines.append(f"  MP bulk: {t.num_spikes} spikes in all; means: mp_softrank "
-                             f"{_num(t.mp_softrank_mean, True)}, entropy "
-                             f"{_num(t.entropy_mean, True)}, effective rank "
-                             f"{_num(t.effective_rank_mean)}")
+                lines.append(
+                    f"  MP bulk: {t.num_spikes} spikes in all; means: mp_softrank "
+                    f"{_num(t.mp_softrank_mean, True)}, entropy "
+                    f"{_num(t.entropy_mean, True)}, effective rank "
+                    f"{_num(t.effective_rank_mean)}"
+                )
         if t.with_traps is not None:
-            lines.append(f"  correlation traps (--randomize): {t.with_traps} of {t.randomized} "
-                         f"randomized matrices, {t.num_traps} traps in all")
+            lines.append(
+                f"  correlation traps (--randomize): {t.with_traps} of {t.randomized} "
+                f"randomized matrices, {t.num_traps} traps in all"
+            )
     if s.base is not None:
         lines.extend(base_summary_lines(s.base))
     for note in s.notes:
@@ -171,8 +227,10 @@ def summary_text(s: Summary, criterion: str, loose_tol: float,
 def base_summary_lines(b: BaseSummary, top: int = 10) -> List[str]:
     """The comparison with the base as summary lines: what paired, the ``top`` layers that
     moved most (relative change ||W - W_base||_F / ||W_base||_F), what did not pair."""
-    lines = [f"  base {b.label}: {b.paired} matrices paired, {len(b.unmatched)} unmatched, "
-             f"{len(b.unmatched_base)} of the base unmatched, {len(b.ambiguous)} ambiguous"]
+    lines = [
+        f"  base {b.label}: {b.paired} matrices paired, {len(b.unmatched)} unmatched, "
+        f"{len(b.unmatched_base)} of the base unmatched, {len(b.ambiguous)} ambiguous"
+    ]
     for name, rel in b.moved[:top]:
         lines.append(f"          moved {rel:.3g}: {name}")
     if len(b.moved) > top:
@@ -194,19 +252,43 @@ RAND_COLUMNS = ("rand sv_max", "traps", "rand dist")
 
 def rank_cell(r: MatrixRecord) -> str:
     """``loose/numpy/nr/noise`` ranks, "-" for a rank that is null (or no spectrum)."""
-    return "-" if r.rank_loose is None else "/".join(
-        _int(k) for k in (r.rank_loose, r.rank_numpy, r.rank_nr, r.rank_noise))
+    return (
+        "-"
+        if r.rank_loose is None
+        else "/".join(_int(k) for k in (r.rank_loose, r.rank_numpy, r.rank_nr, r.rank_noise))
+    )
 
 
 def _table_row(r: MatrixRecord, wide: bool = False, rand: bool = False) -> List[str]:
     ranks = rank_cell(r)
-    extra = [_int(r.num_spikes), _num(r.mp_softrank, fixed=True), _num(r.entropy, fixed=True),
-             _num(r.effective_rank)] if wide else []
+    extra = (
+        [
+            _int(r.num_spikes),
+            _num(r.mp_softrank, fixed=True),
+            _num(r.entropy, fixed=True),
+            _num(r.effective_rank),
+        ]
+        if wide
+        else []
+    )
     if wide and rand:
         extra += [_num(r.rand_sv_max), _int(r.num_traps), _num(r.rand_distance, fixed=True)]
-    return [r.name, r.module_type or "-", f"{r.N} x {r.M}", f"{r.Q:.2f}", _num(r.sv_max),
-            _num(r.sv_min), _num(r.log10_sv_min, fixed=True), ranks, _num(r.alpha, fixed=True),
-            _num(r.D, fixed=True), _num(r.xmin), _int(r.num_tail), *extra, r.status]
+    return [
+        r.name,
+        r.module_type or "-",
+        f"{r.N} x {r.M}",
+        f"{r.Q:.2f}",
+        _num(r.sv_max),
+        _num(r.sv_min),
+        _num(r.log10_sv_min, fixed=True),
+        ranks,
+        _num(r.alpha, fixed=True),
+        _num(r.D, fixed=True),
+        _num(r.xmin),
+        _int(r.num_tail),
+        *extra,
+        r.status,
+    ]
 
 
 #: Columns of a run with ``--base``: relative change, ||dW||_2, rank of dW above the operands'
@@ -215,8 +297,12 @@ BASE_COLUMNS = ("d rel", "|dW|_2", "d rank", "d alpha")
 
 
 def _base_cells(r: MatrixRecord) -> List[str]:
-    return [_num(r.delta_rel), _num(r.delta_sv_max), _int(r.delta_rank),
-            _num(r.d_alpha, fixed=True)]
+    return [
+        _num(r.delta_rel),
+        _num(r.delta_sv_max),
+        _int(r.delta_rank),
+        _num(r.d_alpha, fixed=True),
+    ]
 
 
 def _int(v: Optional[int]) -> str:

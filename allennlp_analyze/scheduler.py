@@ -6,6 +6,7 @@ count (:func:`blas_threads`) and the progress bar on stderr (:func:`progress_bar
 Nothing here changes a result: the panels are fixed by a matrix's shape and BLAS runs at one
 thread per matrix, whatever the worker count or the order.
 """
+
 import contextlib
 import os
 import sys
@@ -50,9 +51,10 @@ class Cores:
 
     def lend(self, tasks: List[Callable[[], None]]) -> None:
         """Run independent ``tasks``, on as many free cores as there are (this thread too)."""
+        pool = self._pool
         with self._lock:
             busy = self.running if self.drained else self.workers
-            n = max(0, min(self.cores - busy - self.lent, len(tasks) - 1)) if self._pool else 0
+            n = max(0, min(self.cores - busy - self.lent, len(tasks) - 1)) if pool else 0
             self.lent += n
         pending = iter(tasks)
         lock = threading.Lock()
@@ -65,7 +67,7 @@ class Cores:
                     return
                 task()
 
-        helpers = [self._pool.submit(drain) for _ in range(n)]
+        helpers = [pool.submit(drain) for _ in range(n)] if pool is not None else []
         try:
             drain()
         finally:
@@ -73,7 +75,6 @@ class Cores:
                 h.result()
             with self._lock:
                 self.lent -= n
-
 
 
 def cpu_count() -> int:
@@ -117,8 +118,9 @@ def blas_threads(limit: Optional[int]):
     return threadpool_limits(limits=limit, user_api="blas")
 
 
-def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
-                 cores: Optional[Cores] = None) -> Iterator[R]:
+def bounded_map(
+    fn: Callable[[T], R], items: Iterable[T], workers: int, cores: Optional[Cores] = None
+) -> Iterator[R]:
     """``fn`` of each of ``items``, yielded as they complete, ``workers`` at a time, holding at
     most ``workers`` items (the next is taken as soon as any finishes: a large matrix never
     holds a worker idle behind it); ``cores`` learns how many run and when the last one was

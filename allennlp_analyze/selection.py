@@ -7,6 +7,7 @@ loaded tensor. What each tensor is comes from :mod:`allennlp_analyze.kinds`: Lin
 recurrent weights and unidentified 2-D weights are analyzed, embedding tables and convolution
 kernels on request (``include``), nothing else.
 """
+
 import math
 import re
 from collections import Counter
@@ -22,19 +23,25 @@ from .tensors import TensorInfo
 
 #: Kinds analyzed without being asked for, and those that ``include`` adds.
 ANALYZED_KINDS = ("linear", "attention", "recurrent", "matrix")
-OPT_IN_KINDS = {"embedding": ("embeddings", "embedding table (add --include embeddings)"),
-                "conv": ("conv", "convolution kernel (add --include conv)")}
+OPT_IN_KINDS = {
+    "embedding": ("embeddings", "embedding table (add --include embeddings)"),
+    "conv": ("conv", "convolution kernel (add --include conv)"),
+}
 #: Why a tensor of each other kind is never analyzed (see also :func:`_skip_reason`), and why
 #: one whose values turn out not to be a weight's (:func:`~allennlp_analyze.kinds.value_kind`).
-NOT_WEIGHTS = {"buffer": "not a weight: a buffer of its module",
-               "mask": "not a weight: a mask (by its name)",
-               "quant_metadata": "quantization metadata (scales, zero points, g_idx, absmax...)"}
+NOT_WEIGHTS = {
+    "buffer": "not a weight: a buffer of its module",
+    "mask": "not a weight: a mask (by its name)",
+    "quant_metadata": "quantization metadata (scales, zero points, g_idx, absmax...)",
+}
 #: Convolution kernels with more spatial positions than this are recognised (kind ``conv``) but
 #: not sliced: each position would be one matrix and one record (a 64 x 64 x 64 3-D kernel:
 #: 262144). Real kernels have a few to a few hundred (wav2vec2's positional one: 128).
 MAX_CONV_POSITIONS = 4096
-NOT_WEIGHT_VALUES = {"mask": "not a weight: a mask (all values 0 or 1)",
-                     "constant": "not a weight: all values equal (and not 0)"}
+NOT_WEIGHT_VALUES = {
+    "mask": "not a weight: a mask (all values 0 or 1)",
+    "constant": "not a weight: all values equal (and not 0)",
+}
 
 
 @dataclass(frozen=True)
@@ -74,9 +81,12 @@ class Selection:
     decisions: List[Decision] = field(default_factory=list)
 
 
-def plan(tensors: Sequence[TensorInfo], options: AnalysisOptions,
-         config: Optional[Mapping] = None,
-         context: Optional[Sequence[TensorInfo]] = None) -> Selection:
+def plan(
+    tensors: Sequence[TensorInfo],
+    options: AnalysisOptions,
+    config: Optional[Mapping] = None,
+    context: Optional[Sequence[TensorInfo]] = None,
+) -> Selection:
     """The matrices to analyze among ``tensors`` (whose checkpoint's ``config.json``, if any, is
     ``config``), with every left-out parameter (or part of one) counted by reason.
     ``context``: every tensor of the checkpoint ``tensors`` belong to, where they are one shard
@@ -110,7 +120,7 @@ def extract(p: MatrixPlan, array: np.ndarray) -> np.ndarray:
     if p.position is not None:
         return array[(slice(None), slice(None)) + p.position]
     if p.rows is not None:
-        return array[p.rows[0]:p.rows[1]]
+        return array[p.rows[0] : p.rows[1]]
     return array
 
 
@@ -143,8 +153,11 @@ def _skip_reason(t: TensorInfo, kind: Kind) -> str:
     if k == "vector":
         if len(t.shape) < 2:
             return "not a matrix (0-D/1-D: biases, norms, scalars)"
-        return "not a matrix (a vector: one dimension above 1)" \
-            if sum(d > 1 for d in t.shape) <= 1 else "not a matrix (a bias)"
+        return (
+            "not a matrix (a vector: one dimension above 1)"
+            if sum(d > 1 for d in t.shape) <= 1
+            else "not a matrix (a bias)"
+        )
     if k == "tensor":
         detail = f", {kind.detail or kind.module_type}" if kind.detail or kind.module_type else ""
         return f"not a matrix or convolution kernel ({len(t.shape)}-D{detail})"
@@ -166,24 +179,49 @@ def _matrices_of(t: TensorInfo, kind: Kind, o: AnalysisOptions) -> List[MatrixPl
     if kind.kind == "conv":
         return _conv_slices(t, kind)
     rows, cols = t.shape
-    base = MatrixPlan(name=t.name, param=t.name, module_type=kind.module_type, dtype=t.dtype,
-                      shape=(rows, cols), kind=kind.kind, kind_from=kind.kind_from)
+    base = MatrixPlan(
+        name=t.name,
+        param=t.name,
+        module_type=kind.module_type,
+        dtype=t.dtype,
+        shape=(rows, cols),
+        kind=kind.kind,
+        kind_from=kind.kind_from,
+    )
     if not (o.split_fused and kind.parts):
         return [base]
     plans, start = [], 0
     for part, n in kind.parts:
-        plans.append(MatrixPlan(name=f"{t.name}[{part}]", param=t.name,
-                                module_type=kind.module_type, dtype=t.dtype, shape=(n, cols),
-                                rows=(start, start + n), part=part, kind=kind.kind,
-                                kind_from=kind.kind_from))
+        plans.append(
+            MatrixPlan(
+                name=f"{t.name}[{part}]",
+                param=t.name,
+                module_type=kind.module_type,
+                dtype=t.dtype,
+                shape=(n, cols),
+                rows=(start, start + n),
+                part=part,
+                kind=kind.kind,
+                kind_from=kind.kind_from,
+            )
+        )
         start += n
     return plans
 
 
 def _conv_slices(t: TensorInfo, kind: Kind) -> List[MatrixPlan]:
     out_ch, in_ch, *kernel = t.shape
-    return [MatrixPlan(name=f"{t.name}[{','.join(map(str, pos))}]", param=t.name,
-                       module_type=kind.module_type, dtype=t.dtype, shape=(out_ch, in_ch),
-                       position=pos, part=",".join(map(str, pos)), kind=kind.kind,
-                       kind_from=kind.kind_from)
-            for pos in np.ndindex(*kernel)]
+    return [
+        MatrixPlan(
+            name=f"{t.name}[{','.join(map(str, pos))}]",
+            param=t.name,
+            module_type=kind.module_type,
+            dtype=t.dtype,
+            shape=(out_ch, in_ch),
+            position=pos,
+            part=",".join(map(str, pos)),
+            kind=kind.kind,
+            kind_from=kind.kind_from,
+        )
+        for pos in np.ndindex(*kernel)
+    ]

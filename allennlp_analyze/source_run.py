@@ -3,10 +3,11 @@ matrix read once and analyzed, largest first, on the scheduler's workers
 (:func:`analyze_source`), and a source's share of a run (:class:`SourceResult`,
 :func:`one_source`).
 """
+
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Collection, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Collection, Dict, Generator, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -17,19 +18,30 @@ from .matrix import analyze_many
 from .options import AnalysisOptions
 from .quantized import QuantizedView, readable
 from .records import MatrixRecord, SourceInfo
-from .scheduler import (Cores, blas_threads, bounded_map, cpu_count, has_threadpoolctl,
-                        progress_bar, resolve_workers)
+from .scheduler import (
+    Cores,
+    blas_threads,
+    bounded_map,
+    cpu_count,
+    has_threadpoolctl,
+    progress_bar,
+    resolve_workers,
+)
 from .selection import NOT_WEIGHT_VALUES, MatrixPlan, Selection, extract, plan
 from .sources.lora import adapter_of, adapter_records
 from .spectrum import batch_size, release_scratch
 from .tensors import WeightSource
 
 
-def analyze_source(source: WeightSource, options: AnalysisOptions,
-                   progress: Optional[bool] = None, label: Optional[str] = None,
-                   rand_spectra: Optional[List[np.ndarray]] = None,
-                   names: Optional[Collection[str]] = None, parallel: bool = True
-                   ) -> Tuple[List[MatrixRecord], List[np.ndarray], Counter]:
+def analyze_source(
+    source: WeightSource,
+    options: AnalysisOptions,
+    progress: Optional[bool] = None,
+    label: Optional[str] = None,
+    rand_spectra: Optional[List[np.ndarray]] = None,
+    names: Optional[Collection[str]] = None,
+    parallel: bool = True,
+) -> Tuple[List[MatrixRecord], List[np.ndarray], Counter]:
     """Records of every selected matrix of one source, their singular values, and the skip
     counts.
 
@@ -51,8 +63,9 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     largest = max(plans, key=lambda p: limits.analysis_memory(*p.shape), default=None)
     if largest is not None:  # before any weight is read, let alone widened to float64
         N, M = max(largest.shape), min(largest.shape)
-        limits.check_memory(limits.analysis_memory(*largest.shape),
-                            f"{label}: {largest.name} ({N} x {M})")
+        limits.check_memory(
+            limits.analysis_memory(*largest.shape), f"{label}: {largest.name} ({N} x {M})"
+        )
 
     # a source may offer a copy-free read-only view for transient use (safetensors: mapped)
     load = getattr(source, "load_mapped", source.load)
@@ -65,7 +78,7 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
         loaded_name, loaded, not_weight = None, None, None
         for i in _largest_first(plans):
             p = plans[i]
-            if p.param != loaded_name:
+            if loaded is None or p.param != loaded_name:
                 loaded_name, loaded = p.param, readable(load(p.param))
                 not_weight = None if isinstance(loaded, QuantizedView) else value_kind(loaded)
             if not_weight:
@@ -97,8 +110,11 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     cores = Cores(cpu_count() if limited and parallel else 1, workers)
 
     def one(batch: List[Item]) -> List[Tuple[int, Tuple[MatrixRecord, np.ndarray, np.ndarray]]]:
-        results = analyze_many([(W, p.name, p.dtype, label, p.module_type, p.part)
-                                 for _, p, W in batch], options, cores.lend)
+        results = analyze_many(
+            [(W, p.name, p.dtype, label, p.module_type, p.part) for _, p, W in batch],
+            options,
+            cores.lend,
+        )
         for (_, p, _), (rec, _, _) in zip(batch, results):
             rec.kind, rec.kind_from = p.kind, p.kind_from
             rec.stored_name = stored.get(p.param)
@@ -108,8 +124,11 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     # BLAS at one thread throughout (idle cores join through cores.lend): LAPACK's
     # tridiagonalization rounds differently on more threads, and results must not depend on
     # the worker count or on timing
-    with progress_bar(len(plans), label, progress) as bar, \
-            blas_threads(1 if limited else None), cores:
+    with (
+        progress_bar(len(plans), label, progress) as bar,
+        blas_threads(1 if limited else None),
+        cores,
+    ):
         for results in bounded_map(one, batches(), workers, cores):
             for i, result in results:
                 done[i] = result
@@ -117,10 +136,10 @@ def analyze_source(source: WeightSource, options: AnalysisOptions,
     if workers == 1:
         release_scratch()
     records, spectra = [], []
-    for result in done:
-        if result is None:  # left out by its values
+    for entry in done:
+        if entry is None:  # left out by its values
             continue
-        rec, sv, rand_sv = result
+        rec, sv, rand_sv = entry
         records.append(rec)
         spectra.append(sv)
         if rand_spectra is not None:
@@ -145,18 +164,19 @@ def _largest_first(plans: List[MatrixPlan]) -> List[int]:
     return [i for g in ordered for i in g]
 
 
-def plan_source(source: WeightSource, options: AnalysisOptions,
-                label: Optional[str] = None) -> Selection:
+def plan_source(
+    source: WeightSource, options: AnalysisOptions, label: Optional[str] = None
+) -> Selection:
     """The plan of one source, from its tensor list (and its config, where it has one); a
     ``--match`` that selects none of its parameters is an :class:`AnalyzeError`."""
     tensors = source.tensors()
-    selection = plan(tensors, options, getattr(source, "config", None),
-                     getattr(source, "context", None))
+    selection = plan(
+        tensors, options, getattr(source, "config", None), getattr(source, "context", None)
+    )
     if options.match and selection.skipped.get("not matched by --match") == len(tensors):
         patterns = " ".join(repr(p) for p in options.match)
         raise AnalyzeError(f"no parameter of {label or source.label} matches --match {patterns}")
     return selection
-
 
 
 @dataclass
@@ -172,23 +192,35 @@ class SourceResult:
 
 #: What running the sources gives, source by source: (index of the source, its result or why
 #: it failed), in the order they finish.
-Outcomes = Iterator[Tuple[int, Union[SourceResult, Exception]]]
+Outcomes = Generator[Tuple[int, Union[SourceResult, Exception]], None, None]
 
 
-def one_source(source: WeightSource, options: AnalysisOptions, progress: Optional[bool] = False,
-               names: Optional[Collection[str]] = None, parallel: bool = True) -> SourceResult:
+def one_source(
+    source: WeightSource,
+    options: AnalysisOptions,
+    progress: Optional[bool] = False,
+    names: Optional[Collection[str]] = None,
+    parallel: bool = True,
+) -> SourceResult:
     """:func:`analyze_source` of one opened source as its share of a run (records labelled
     with the source's own label)."""
     rand_spectra: List[np.ndarray] = []
-    recs, svs, skips = analyze_source(source, options, progress=progress,
-                                      rand_spectra=rand_spectra, names=names, parallel=parallel)
+    recs, svs, skips = analyze_source(
+        source,
+        options,
+        progress=progress,
+        rand_spectra=rand_spectra,
+        names=names,
+        parallel=parallel,
+    )
     adapter = adapter_of(source)
     if adapter is not None and names is None:  # a LoRA adapter's modules, after its tensors
         lora_recs, lora_svs = adapter_records(adapter, options)
         recs, svs = recs + lora_recs, svs + lora_svs
         rand_spectra.extend(np.zeros(0) for _ in lora_recs)
-    info = SourceInfo(None, source.label, source.label, len(recs), dict(skips),
-                      getattr(source, "note", None))
+    info = SourceInfo(
+        None, source.label, source.label, len(recs), dict(skips), getattr(source, "note", None)
+    )
     return SourceResult(info, recs, svs, rand_spectra)
 
 

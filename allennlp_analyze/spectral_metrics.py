@@ -49,6 +49,7 @@ threshold (:func:`mp_bulk_fit` of the randomized spectrum) is a trap: a few unus
 elements, which survive any permutation.
 :func:`esd_distance` is the Jensen–Shannon distance between W's and the permuted matrix's ESDs.
 """
+
 import hashlib
 import math
 from dataclasses import dataclass
@@ -95,15 +96,19 @@ def mp_bulk_fit(sv: np.ndarray, N: int, M: int) -> BulkFit:
     if asc.size != M or M < 1:
         raise ValueError(f"expected {M} singular values, got {asc.size}")
     # for k = 0 .. M-1 spikes removed: sigma^2_k and the number of eigenvalues above tau_k
-    bulk_sums = np.cumsum(asc)[::-1]                       # sum of the M - k smallest
+    bulk_sums = np.cumsum(asc)[::-1]  # sum of the M - k smallest
     sigma2_k = bulk_sums / (N * (M - np.arange(M)))
     above = M - np.searchsorted(asc, sigma2_k * spike_threshold(N, M), side="right")
-    k = int(np.flatnonzero(above <= np.arange(M))[0])     # s(M-1) <= M-1 always
+    k = int(np.flatnonzero(above <= np.arange(M))[0])  # s(M-1) <= M-1 always
     sigma2 = estimate_sigma2(sv[k:], N, M - k)
     lambda_plus = mp_support(N / M, sigma2, scale=N)[1]
-    return BulkFit(sigma2=sigma2, lambda_plus=lambda_plus,
-                   threshold=sigma2 * spike_threshold(N, M), num_spikes=k,
-                   softrank=lambda_plus / float(lam[0]))
+    return BulkFit(
+        sigma2=sigma2,
+        lambda_plus=lambda_plus,
+        threshold=sigma2 * spike_threshold(N, M),
+        num_spikes=k,
+        softrank=lambda_plus / float(lam[0]),
+    )
 
 
 def _shannon(p: np.ndarray) -> float:

@@ -38,30 +38,29 @@ Paths to the values (``Spectrum.method``):
   trusted, so the matrix was recomputed by the SVD path.
 
 ``"auto"`` (the default) keeps a Gram value only where its bound guarantees both a relative
-error <= ``GRAM_RTOL`` (1e-8), i.e. ``lambda >= dlam / (2 GRAM_RTOL)``, and an absolute one
-<= ``ACCURACY_C * (N + M) * eps64 * nu_max``, i.e. ``nu >= nu_max / (2 ACCURACY_C)``; if all
-M qualify (``nu_min / nu_max >= max(sqrt((N + M) eps64 / (2 GRAM_RTOL)), 1 / 128)``: 7.8e-3
-where N + M < 5500, 0.019 for 32000 x 2048) the result is ``"gram"``. Otherwise the j0 values below that limit, plus a margin
-(k in [j0, j0 + max(4, j0/4)], at the largest gap lambda_{k+1} - lambda_k, k <= M/4) take
-the Ritz step.
+error <= ``GRAM_RTOL`` (1e-8), i.e. ``lambda >= dlam / (2 GRAM_RTOL)``, and an absolute one <=
+``ACCURACY_C * (N + M) * eps64 * nu_max``, i.e. ``nu >= nu_max / (2 ACCURACY_C)``; if all M
+qualify (``nu_min / nu_max >= max(sqrt((N + M) eps64 / (2 GRAM_RTOL)), 1 / 128)``: 7.8e-3 where
+N + M < 5500, 0.019 for 32000 x 2048) the result is ``"gram"``. Otherwise the j0 values below
+that limit, plus a margin (k in [j0, j0 + max(4, j0/4)], at the largest gap lambda_{k+1} -
+lambda_k, k <= M/4) take the Ritz step.
 
-**The Ritz bound** (a-posteriori; derived in the README, "Near-square matrices"). With X and P
-orthonormal, ``R1 = W X - P S`` (round-off of forming Y and its SVD: ``||R1|| <= e1``) and the
-residual ``R2 = W^T P - X S`` (computed), W is orthogonally equivalent to
-``[[S, R2^T X_perp], [0, W22]]`` up to a perturbation of norm ``||R1||``. Its Gram matrix has
-the off-diagonal block ``S R2^T X_perp`` of norm ``h <= ||R2 S||_F + e2 s_max`` (``e2``: the
+**The Ritz bound** (a-posteriori; derived in docs/numerics.md, "Near-square and tall matrices").
+With X and P orthonormal, ``R1 = W X - P S`` (round-off of forming Y and its SVD: ``||R1|| <=
+e1``) and the residual ``R2 = W^T P - X S`` (computed), W is orthogonally equivalent to ``[[S,
+R2^T X_perp], [0, W22]]`` up to a perturbation of norm ``||R1||``. Its Gram matrix has the
+off-diagonal block ``S R2^T X_perp`` of norm ``h <= ||R2 S||_F + e2 s_max`` (``e2``: the
 round-off of computing R2). The eigenvalues of the bottom-right block are at least
-``lambda_{k+1}(W^T W) - h`` (Weyl) and ``lambda_{k+1} >= (sqrt(lambda^gram_{k+1} - dlam) - e1)^2``,
-so the gap is ``eta = (sqrt(lambda^gram_{k+1} - dlam) - e1)^2 - h - s_max^2``; by the quadratic
-residual bound for Hermitian block matrices (Li & Li, LAA 395, 2005: |lambda_i - theta_i| <=
-h^2 / eta), the i-th smallest singular value of W lies in
-``[sqrt(max(s_i^2 - beta, 0)) - e1, sqrt(s_i^2 + beta) + e1]``, ``beta = h^2 / eta``.
-With ``e1 = e2 = (N + M) eps64 nu_max`` (the normwise round-off model of the Gram bound above;
-numpy's SVD is within the same ``(N + M) eps64 nu_max`` of the exact values), the Ritz values
-are kept when ``eta > 0`` and every interval's half-width plus that SVD error is at most
-``ACCURACY_C * (N + M) * eps64 * nu_max``: then every reported value is within that of
-``numpy.linalg.svd``. Measured errors are ~1 eps64 nu_max (tests); the bound is typically
-1e-3 of the limit.
+``lambda_{k+1}(W^T W) - h`` (Weyl) and ``lambda_{k+1} >= (sqrt(lambda^gram_{k+1} - dlam) -
+e1)^2``, so the gap is ``eta = (sqrt(lambda^gram_{k+1} - dlam) - e1)^2 - h - s_max^2``; by the
+quadratic residual bound for Hermitian block matrices (Li & Li, LAA 395, 2005: |lambda_i -
+theta_i| <= h^2 / eta), the i-th smallest singular value of W lies in ``[sqrt(max(s_i^2 - beta,
+0)) - e1, sqrt(s_i^2 + beta) + e1]``, ``beta = h^2 / eta``. With ``e1 = e2 = (N + M) eps64
+nu_max`` (the normwise round-off model of the Gram bound above; numpy's SVD is within the same
+``(N + M) eps64 nu_max`` of the exact values), the Ritz values are kept when ``eta > 0`` and
+every interval's half-width plus that SVD error is at most ``ACCURACY_C * (N + M) * eps64 *
+nu_max``: then every reported value is within that of ``numpy.linalg.svd``. Measured errors are
+~1 eps64 nu_max (tests); the bound is typically 1e-3 of the limit.
 
 Ranks: where any value lies within its error bound (Gram values: ``2 GRAM_RTOL`` relative;
 Ritz values: the interval above plus the SVD's error) of any rank tolerance, the matrix takes
@@ -91,16 +90,22 @@ where ``eps`` is the machine epsilon of the dtype the weights were *stored* in (
 1.19e-7), not float64's: round-off in stored float32 weights lifts zero singular values to about
 1e-7 nu_max, and a float64 eps would count them as rank.
 """
+
 import threading
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
 from . import _lapack
-from .noise_floor import (BLOCK_ELEMENTS, NoiseAccumulator, QuantizationNoiseAccumulator,
-                          StorageNoise, noise_floor)
+from .noise_floor import (
+    BLOCK_ELEMENTS,
+    NoiseAccumulator,
+    QuantizationNoiseAccumulator,
+    StorageNoise,
+    noise_floor,
+)
 from .quantized import DecodedRows
 
 #: Guaranteed relative accuracy of every singular value that the Gram path is allowed to report.
@@ -270,10 +275,11 @@ class _Rows:
         self._noise: Union[NoiseAccumulator, QuantizationNoiseAccumulator, None] = None
         if hasattr(self.src, "decode"):
             self._noise = QuantizationNoiseAccumulator(
-                self.M, getattr(getattr(W, "matrix", None), "bound_reason", None))
+                self.M, getattr(getattr(W, "matrix", None), "bound_reason", None)
+            )
         elif noise_dtype is not None:
             self._noise = NoiseAccumulator(noise_dtype, self.M)
-        self._fed = set()
+        self._fed: Set[int] = set()
         if len(self.bounds) <= 1:
             self.whole = self._widened(0, self.N, "w", scale=False, feed=not self.checked)
         if not self.checked:
@@ -286,7 +292,7 @@ class _Rows:
             raise NonFiniteError("the matrix holds NaN or Inf")
         if self.whole is not None:
             self._feed(0, self.whole)  # the stored values, before any scaling
-        if big > 0 and not 2.0 ** -SAFE_EXPONENT <= big <= 2.0 ** SAFE_EXPONENT:
+        if big > 0 and not 2.0**-SAFE_EXPONENT <= big <= 2.0**SAFE_EXPONENT:
             self.exponent = int(np.frexp(big)[1])
             if self.whole is not None:
                 self.whole = self._widened(0, self.N, "w", scale=True, feed=False)
@@ -296,8 +302,12 @@ class _Rows:
         own array where it already is that, else a copy (never written through); their stored
         values go to the noise accumulator where ``feed``."""
         part = self.src[a:b]
-        if not (scale and self.exponent) and isinstance(part, np.ndarray) \
-                and part.dtype == np.float64 and part.flags.c_contiguous:
+        if (
+            not (scale and self.exponent)
+            and isinstance(part, np.ndarray)
+            and part.dtype == np.float64
+            and part.flags.c_contiguous
+        ):
             if feed:
                 self._feed(a, part)
             return part
@@ -332,7 +342,7 @@ class _Rows:
             return
         step = max(1, BLOCK_ELEMENTS // max(1, self.M))
         for a in range(0, values.shape[0], step):
-            self._noise.update(values[a:a + step])
+            self._noise.update(values[a : a + step])
 
     @property
     def noise(self) -> Optional[StorageNoise]:
@@ -405,20 +415,27 @@ def relative_tolerances(N: int, M: int, eps: float) -> Tuple[float, float]:
     return max(N, M) * eps, float(np.sqrt(N + M + 1.0)) * eps / 2.0
 
 
-def rank_tolerances(sv_max: float, N: int, M: int, eps: float, loose_tol: float,
-                    noise: float = 0.0) -> RankTolerances:
+def rank_tolerances(
+    sv_max: float, N: int, M: int, eps: float, loose_tol: float, noise: float = 0.0
+) -> RankTolerances:
     """The criteria's thresholds for a matrix with largest singular value ``sv_max`` and noise
     floor ``noise``."""
     rel_numpy, rel_nr = relative_tolerances(N, M, eps)
-    return RankTolerances(loose=float(loose_tol), numpy=float(sv_max * rel_numpy),
-                          nr=float(sv_max * rel_nr), noise=float(noise))
+    return RankTolerances(
+        loose=float(loose_tol),
+        numpy=float(sv_max * rel_numpy),
+        nr=float(sv_max * rel_nr),
+        noise=float(noise),
+    )
 
 
-def _tolerances(sv: np.ndarray, N: int, M: int, eps: float, loose_tol: float,
-                noise_estimate: float) -> RankTolerances:
+def _tolerances(
+    sv: np.ndarray, N: int, M: int, eps: float, loose_tol: float, noise_estimate: float
+) -> RankTolerances:
     """Every criterion's threshold for the (true-unit) singular values ``sv``."""
-    return rank_tolerances(sv[0] if sv.size else 0.0, N, M, eps, loose_tol,
-                           noise_floor(noise_estimate, sv, N, M, eps))
+    return rank_tolerances(
+        sv[0] if sv.size else 0.0, N, M, eps, loose_tol, noise_floor(noise_estimate, sv, N, M, eps)
+    )
 
 
 def _tolerance_values(tol: RankTolerances, exponent: int) -> List[float]:
@@ -426,10 +443,16 @@ def _tolerance_values(tol: RankTolerances, exponent: int) -> List[float]:
     return [float(_ldexp(v, -exponent)) for v in tol.values()]
 
 
-def singular_values(W, eps: float, loose_tol: float = 1e-3, method: str = "auto",
-                    device: Optional[str] = None, noise_estimate: float = 0.0,
-                    parallel: Optional[Parallel] = None, noise_dtype: Optional[str] = None
-                    ) -> Spectrum:
+def singular_values(
+    W,
+    eps: float,
+    loose_tol: float = 1e-3,
+    method: str = "auto",
+    device: Optional[str] = None,
+    noise_estimate: float = 0.0,
+    parallel: Optional[Parallel] = None,
+    noise_dtype: Optional[str] = None,
+) -> Spectrum:
     """Spectrum of a finite 2-D matrix ``W`` (any orientation, any float dtype; any array-like
     that slices, such as a memory map: it is read in row blocks).
 
@@ -452,8 +475,12 @@ def singular_values(W, eps: float, loose_tol: float = 1e-3, method: str = "auto"
     else:
         lapack = _lapack.backend()
         parallel = parallel or _in_sequence
-        two_stage = lapack is not None and lapack.two_stage and \
-            rows.M >= TWO_STAGE_MIN_M and rows.N >= TWO_STAGE_MIN_Q * rows.M
+        two_stage = (
+            lapack is not None
+            and lapack.two_stage
+            and rows.M >= TWO_STAGE_MIN_M
+            and rows.N >= TWO_STAGE_MIN_Q * rows.M
+        )
         G, lam, trd = _gram_eigenvalues(rows, lapack, parallel, two_stage)
         sv = _sqrt_desc(lam)
         if method == "auto" and two_stage and _below_gram_limit(sv, rows.N, rows.M):
@@ -461,13 +488,21 @@ def singular_values(W, eps: float, loose_tol: float = 1e-3, method: str = "auto"
             G, lam, trd = _gram_eigenvalues(rows, lapack, parallel, False)
             sv = _sqrt_desc(lam)
         if method == "auto":
-            sv, method = _settle(rows, sv, lam, G, trd, lapack,
-                                 _scaled_tolerances(rows, sv, eps, loose_tol, noise_estimate))
+            sv, method = _settle(
+                rows,
+                sv,
+                lam,
+                G,
+                trd,
+                lapack,
+                _scaled_tolerances(rows, sv, eps, loose_tol, noise_estimate),
+            )
     return _spectrum(sv, rows, method, eps, loose_tol, noise_estimate)
 
 
-def _gram_eigenvalues(rows: "_Rows", lapack, parallel: Parallel, two_stage: bool
-                      ) -> Tuple[np.ndarray, np.ndarray, Optional[tuple]]:
+def _gram_eigenvalues(
+    rows: "_Rows", lapack, parallel: Parallel, two_stage: bool
+) -> Tuple[np.ndarray, np.ndarray, Optional[tuple]]:
     """G (overwritten by the reduction where LAPACK is used), its eigenvalues ascending, and
     the tridiagonal form with its reflectors ``(d, e, tau)`` where ``dsytrd`` made it."""
     G = _gram(rows, lapack, parallel)
@@ -481,22 +516,35 @@ def _gram_eigenvalues(rows: "_Rows", lapack, parallel: Parallel, two_stage: bool
     return G, lapack.sterf(d, e), (d, e, tau)
 
 
-def _spectrum(sv: np.ndarray, rows: "_Rows", method: str, eps: float, loose_tol: float,
-              noise_estimate: float) -> Spectrum:
+def _spectrum(
+    sv: np.ndarray, rows: "_Rows", method: str, eps: float, loose_tol: float, noise_estimate: float
+) -> Spectrum:
     e = rows.exponent
     true = _ldexp(sv, e) if e else sv
-    tolerances = _tolerances(true, rows.N, rows.M, eps, loose_tol,
-                             rows.noise_estimate(noise_estimate))
-    return Spectrum(sv=true, N=rows.N, M=rows.M, method=method, tolerances=tolerances,
-                    exponent=e, scaled=sv if e else None, noise=rows.noise)
+    tolerances = _tolerances(
+        true, rows.N, rows.M, eps, loose_tol, rows.noise_estimate(noise_estimate)
+    )
+    return Spectrum(
+        sv=true,
+        N=rows.N,
+        M=rows.M,
+        method=method,
+        tolerances=tolerances,
+        exponent=e,
+        scaled=sv if e else None,
+        noise=rows.noise,
+    )
 
 
-def _scaled_tolerances(rows: "_Rows", sv: np.ndarray, eps: float, loose_tol: float,
-                       noise_estimate: float) -> List[float]:
+def _scaled_tolerances(
+    rows: "_Rows", sv: np.ndarray, eps: float, loose_tol: float, noise_estimate: float
+) -> List[float]:
     """Every rank tolerance for the scaled values ``sv``, in their units."""
     true = _ldexp(sv, rows.exponent) if rows.exponent else sv
-    return _tolerance_values(_tolerances(true, rows.N, rows.M, eps, loose_tol,
-                                         rows.noise_estimate(noise_estimate)), rows.exponent)
+    return _tolerance_values(
+        _tolerances(true, rows.N, rows.M, eps, loose_tol, rows.noise_estimate(noise_estimate)),
+        rows.exponent,
+    )
 
 
 def _in_sequence(tasks: List[Callable[[], None]]) -> None:
@@ -539,9 +587,12 @@ def _exact(rows: _Rows) -> np.ndarray:
     """The SVD path: values of the (scaled) W, through a blocked QR for several blocks."""
     if rows.whole is not None:
         return np.linalg.svd(rows.whole, compute_uv=False)
-    R = None
+    R: Optional[np.ndarray] = None
     for _, _, blk in rows.blocks():
-        R = np.linalg.qr(blk if R is None else np.vstack([R, blk]), mode="r")
+        # numpy's stubs type qr() as QRResult whatever the mode; mode="r" returns R alone
+        R = np.linalg.qr(blk if R is None else np.vstack([R, blk]), mode="r")  # type: ignore[assignment]
+    if R is None:
+        raise ValueError("a matrix without rows has no SVD")
     return np.linalg.svd(R, compute_uv=False)
 
 
@@ -549,7 +600,7 @@ def _gram_limit(N: int, M: int, lam_max: float) -> float:
     """Smallest eigenvalue whose Gram value is kept: relative error <= GRAM_RTOL and absolute
     (in nu) <= ACCURACY_C (N + M) eps64 nu_max."""
     dlam = (N + M) * _EPS64 * lam_max
-    return max(dlam / (2.0 * GRAM_RTOL), lam_max / (4.0 * ACCURACY_C ** 2))
+    return max(dlam / (2.0 * GRAM_RTOL), lam_max / (4.0 * ACCURACY_C**2))
 
 
 def _below_gram_limit(sv: np.ndarray, N: int, M: int) -> bool:
@@ -575,8 +626,9 @@ def _near(sv: np.ndarray, tolerances: Sequence[float], band) -> bool:
     return bool(np.any(np.abs(sv[None, :] - t) <= band))
 
 
-def _settle(rows: _Rows, sv: np.ndarray, lam: np.ndarray, G: np.ndarray, trd, lapack,
-            tols: List[float]) -> Tuple[np.ndarray, str]:
+def _settle(
+    rows: _Rows, sv: np.ndarray, lam: np.ndarray, G: np.ndarray, trd, lapack, tols: List[float]
+) -> Tuple[np.ndarray, str]:
     """The "auto" decision after the Gram eigenvalues: keep them, add the Ritz step, or fall
     back to the SVD (module docstring); ``tols``: every rank tolerance, in sv's units."""
     N, M = rows.N, rows.M
@@ -593,8 +645,11 @@ def _settle(rows: _Rows, sv: np.ndarray, lam: np.ndarray, G: np.ndarray, trd, la
         ref = (N + M) * _EPS64 * sv[0]  # numpy's SVD's own error, in the same model
         limit = ACCURACY_C * (N + M) * _EPS64 * sv[0]
         kept = sv[: M - k]
-        if (err.max() + ref <= limit and not _near(s, tols, err[None, :] + ref)
-                and not _near(kept, tols, 2.0 * GRAM_RTOL * np.asarray(tols)[:, None])):
+        if (
+            err.max() + ref <= limit
+            and not _near(s, tols, err[None, :] + ref)
+            and not _near(kept, tols, 2.0 * GRAM_RTOL * np.asarray(tols)[:, None])
+        ):
             return np.concatenate([kept, s]), "gram+ritz"
     return _exact(rows), "gram+ritz>svd"
 
@@ -613,8 +668,9 @@ def _cluster(lam: np.ndarray, N: int, M: int) -> Optional[int]:
     return int(ks[np.argmax(lam[ks] - lam[ks - 1])])
 
 
-def _ritz(rows: _Rows, G: np.ndarray, trd, lam: np.ndarray, k: int, lapack
-          ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def _ritz(
+    rows: _Rows, G: np.ndarray, trd, lam: np.ndarray, k: int, lapack
+) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """Rayleigh–Ritz for the k smallest eigenvalues: the Ritz values (descending) and each
     one's error bound (module docstring), or None where the bound cannot be formed."""
     N, M = rows.N, rows.M
@@ -652,12 +708,16 @@ def batch_size(M: int, device: Optional[str] = None) -> int:
     return -(-GIL_FREE_OUTPUT // M)
 
 
-def singular_values_many(Ws: Sequence, eps: Sequence[float], loose_tol: float = 1e-3,
-                         method: str = "auto", device: Optional[str] = None,
-                         noise_estimates: Optional[Sequence[float]] = None,
-                         parallel: Optional[Parallel] = None,
-                         noise_dtypes: Optional[Sequence[Optional[str]]] = None
-                         ) -> List[Optional[Spectrum]]:
+def singular_values_many(
+    Ws: Sequence,
+    eps: Sequence[float],
+    loose_tol: float = 1e-3,
+    method: str = "auto",
+    device: Optional[str] = None,
+    noise_estimates: Optional[Sequence[float]] = None,
+    parallel: Optional[Parallel] = None,
+    noise_dtypes: Optional[Sequence[Optional[str]]] = None,
+) -> List[Optional[Spectrum]]:
     """:func:`singular_values` of several matrices of one oriented shape (N x M), each with its
     storage ``eps`` (and noise estimate, default 0, or storage dtype whose rounding is
     accumulated from its blocks); None for a matrix with NaN/Inf. Without the LAPACK backend
@@ -669,12 +729,16 @@ def singular_values_many(Ws: Sequence, eps: Sequence[float], loose_tol: float = 
     estimates = [0.0] * len(Ws) if noise_estimates is None else list(noise_estimates)
     dtypes = [None] * len(Ws) if noise_dtypes is None else list(noise_dtypes)
     if len(Ws) <= 1 or device is not None or _lapack.backend() is not None:
-        return [_or_none(singular_values, W, e, loose_tol, method, device, f, parallel, d)
-                for W, e, f, d in zip(Ws, eps, estimates, dtypes)]
+        return [
+            _or_none(singular_values, W, e, loose_tol, method, device, f, parallel, d)
+            for W, e, f, d in zip(Ws, eps, estimates, dtypes)
+        ]
     rows = [_or_none(_Rows, W, True, d) for W, d in zip(Ws, dtypes)]
     if any(r is None or r.whole is None for r in rows):
-        return [None if r is None else singular_values(W, e, loose_tol, method, None, f, None, d)
-                for W, e, f, d, r in zip(Ws, eps, estimates, dtypes, rows)]
+        return [
+            None if r is None else singular_values(W, e, loose_tol, method, None, f, None, d)
+            for W, e, f, d, r in zip(Ws, eps, estimates, dtypes, rows)
+        ]
     N, M = rows[0].N, rows[0].M
     if any((r.N, r.M) != (N, M) for r in rows):
         raise ValueError("singular_values_many needs matrices of one shape")
@@ -689,14 +753,21 @@ def singular_values_many(Ws: Sequence, eps: Sequence[float], loose_tol: float = 
         svs = [_sqrt_desc(row) for row in np.linalg.eigvalsh(grams)]
         methods = ["gram"] * len(svs)
         if method == "auto":
-            redo = [i for i, (sv, r) in enumerate(zip(svs, rows)) if not _gram_trustworthy(
-                sv, N, M, _scaled_tolerances(r, sv, eps[i], loose_tol, estimates[i]))]
+            redo = [
+                i
+                for i, (sv, r) in enumerate(zip(svs, rows))
+                if not _gram_trustworthy(
+                    sv, N, M, _scaled_tolerances(r, sv, eps[i], loose_tol, estimates[i])
+                )
+            ]
             if redo:
                 exact = np.linalg.svd(np.stack([stacked[i] for i in redo]), compute_uv=False)
                 for i, sv in zip(redo, exact):
                     svs[i], methods[i] = sv, "gram>svd"
-    return [_spectrum(sv, r, m, e, loose_tol, f)
-            for sv, m, e, f, r in zip(svs, methods, eps, estimates, rows)]
+    return [
+        _spectrum(sv, r, m, e, loose_tol, f)
+        for sv, m, e, f, r in zip(svs, methods, eps, estimates, rows)
+    ]
 
 
 def _or_none(fn, *args):
@@ -706,8 +777,9 @@ def _or_none(fn, *args):
         return None
 
 
-def _torch_values(rows: _Rows, eps: float, loose_tol: float, method: str, device: str,
-                  noise_estimate: float) -> Tuple[np.ndarray, str]:
+def _torch_values(
+    rows: _Rows, eps: float, loose_tol: float, method: str, device: str, noise_estimate: float
+) -> Tuple[np.ndarray, str]:
     """The Gram / SVD paths through torch on ``device`` (float64, the whole scaled matrix)."""
     import torch
 
@@ -717,8 +789,9 @@ def _torch_values(rows: _Rows, eps: float, loose_tol: float, method: str, device
         sv = _sqrt_desc(lam)
         if method == "gram":
             return sv, "gram"
-        if _gram_trustworthy(sv, rows.N, rows.M,
-                             _scaled_tolerances(rows, sv, eps, loose_tol, noise_estimate)):
+        if _gram_trustworthy(
+            sv, rows.N, rows.M, _scaled_tolerances(rows, sv, eps, loose_tol, noise_estimate)
+        ):
             return sv, "gram"
         method = "gram>svd"
     return torch.linalg.svdvals(t).cpu().numpy(), method

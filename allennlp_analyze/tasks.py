@@ -35,6 +35,7 @@ A thread pool as the executor shares one BLAS setting between its tasks: run it 
 thread set in the environment. A task that fails fails its source, reported as locally; the
 other sources go on.
 """
+
 import os
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from collections import Counter
@@ -99,17 +100,22 @@ def reads_one_by_one(source: WeightSource) -> bool:
     return hasattr(source, "load_mapped")
 
 
-def source_task(spec: str, options: AnalysisOptions, open_kwargs: dict,
-                opener: Callable[..., WeightSource], keep_spectra: bool
-                ) -> Union[SourceResult, _Parts, AnalyzeError]:
+def source_task(
+    spec: str,
+    options: AnalysisOptions,
+    open_kwargs: dict,
+    opener: Callable[..., WeightSource],
+    keep_spectra: bool,
+) -> Union[SourceResult, _Parts, AnalyzeError]:
     """On a worker: open and plan one source; analyze it whole, or say how to split it."""
     try:
         source = opener(spec, progress=False, **open_kwargs)
         selection = plan_source(source, options)
         parts = split(selection.plans, reads_one_by_one(source))
         if len(parts) > 1:
-            return _Parts(source.label, parts, dict(selection.skipped),
-                          getattr(source, "note", None))
+            return _Parts(
+                source.label, parts, dict(selection.skipped), getattr(source, "note", None)
+            )
         with blas_threads(1):
             result = one_source(source, options, parallel=False)
     except AnalyzeError as e:
@@ -117,9 +123,14 @@ def source_task(spec: str, options: AnalysisOptions, open_kwargs: dict,
     return result if keep_spectra else replace(result, spectra=[], rand_spectra=[])
 
 
-def part_task(spec: str, names: List[str], options: AnalysisOptions, open_kwargs: dict,
-              opener: Callable[..., WeightSource], keep_spectra: bool
-              ) -> Union[SourceResult, AnalyzeError]:
+def part_task(
+    spec: str,
+    names: List[str],
+    options: AnalysisOptions,
+    open_kwargs: dict,
+    opener: Callable[..., WeightSource],
+    keep_spectra: bool,
+) -> Union[SourceResult, AnalyzeError]:
     """On a worker: the share of the matrices ``names`` of one source (its skip counts: the
     plan's and those found in these parameters' values)."""
     try:
@@ -131,10 +142,18 @@ def part_task(spec: str, names: List[str], options: AnalysisOptions, open_kwargs
     return result if keep_spectra else replace(result, spectra=[], rand_spectra=[])
 
 
-def run_tasks(executor: Executor, sources: Sequence, todo: List[int], options: AnalysisOptions,
-              *, opener: Callable[..., WeightSource], cache_dir: Optional[str],
-              progress: Optional[bool], checkpoint_key: Optional[str], keep_spectra: bool
-              ) -> Outcomes:
+def run_tasks(
+    executor: Executor,
+    sources: Sequence,
+    todo: List[int],
+    options: AnalysisOptions,
+    *,
+    opener: Callable[..., WeightSource],
+    cache_dir: Optional[str],
+    progress: Optional[bool],
+    checkpoint_key: Optional[str],
+    keep_spectra: bool,
+) -> Outcomes:
     """The sources ``todo`` (indexes into ``sources``: paths or URLs) run on ``executor``;
     yields each source's result or error as soon as all its tasks are done. Tasks still
     pending when the caller stops are cancelled."""
@@ -164,8 +183,16 @@ def run_tasks(executor: Executor, sources: Sequence, todo: List[int], options: A
                     elif isinstance(out, _Parts):
                         split_as[i], parts[i] = out, [None] * len(out.parts)
                         for k, names in enumerate(out.parts):
-                            submit(part_task, specs[i], names, options, open_kwargs, opener,
-                                   keep_spectra, key=(i, k))
+                            submit(
+                                part_task,
+                                specs[i],
+                                names,
+                                options,
+                                open_kwargs,
+                                opener,
+                                keep_spectra,
+                                key=(i, k),
+                            )
                         bar.total += len(out.parts)
                         bar.refresh()
                     else:
@@ -175,20 +202,22 @@ def run_tasks(executor: Executor, sources: Sequence, todo: List[int], options: A
             future.cancel()
 
 
-def _result(future: Future, spec) -> object:
+def _result(future: Future, spec) -> "Union[SourceResult, _Parts, AnalyzeError]":
     """A task's answer; a task that raised (a worker lost for good, a package missing on a
     worker) is its source's :class:`AnalyzeError`, its cause chained."""
     try:
         return future.result()
     except Exception as e:
-        error = AnalyzeError(f"{spec}: a task failed on the executor "
-                             f"({type(e).__name__}: {one_line(e)})")
+        error = AnalyzeError(
+            f"{spec}: a task failed on the executor ({type(e).__name__}: {one_line(e)})"
+        )
         error.__cause__ = e
         return error
 
 
-def _joined(how: _Parts, answers: List[Union[SourceResult, AnalyzeError]]
-            ) -> Union[SourceResult, AnalyzeError]:
+def _joined(
+    how: _Parts, answers: List[Union[SourceResult, AnalyzeError]]
+) -> Union[SourceResult, AnalyzeError]:
     """A split source's result from its parts' answers (in part order); its first failing
     part's error (in plan order, as locally) if any failed. The skip counts are the plan's,
     then those that the parts found in their parameters' values, in part order (as locally,
@@ -196,21 +225,28 @@ def _joined(how: _Parts, answers: List[Union[SourceResult, AnalyzeError]]
     for answer in answers:
         if isinstance(answer, AnalyzeError):
             return answer
+    done = [a for a in answers if isinstance(a, SourceResult)]
     skipped = Counter(how.skipped)
-    for answer in answers:
+    for answer in done:
         for reason, n in answer.info.skipped.items():
             if n > how.skipped.get(reason, 0):
                 skipped[reason] += n - how.skipped.get(reason, 0)
-    records = [r for a in answers for r in a.records]
+    records = [r for a in done for r in a.records]
     info = SourceInfo(None, how.label, how.label, len(records), dict(skipped), how.note)
-    return SourceResult(info, records, [sv for a in answers for sv in a.spectra],
-                        [sv for a in answers for sv in a.rand_spectra])
+    return SourceResult(
+        info,
+        records,
+        [sv for a in done for sv in a.spectra],
+        [sv for a in done for sv in a.rand_spectra],
+    )
 
 
 def _task_spec(spec) -> str:
     """A source as a task names it: a path or URL string, local relative paths made absolute."""
     text = source_name(spec)
     if text is None:
-        raise TypeError(f"a run on an executor takes paths or URLs, which each worker opens "
-                        f"itself, not a {type(spec).__name__}")
+        raise TypeError(
+            f"a run on an executor takes paths or URLs, which each worker opens "
+            f"itself, not a {type(spec).__name__}"
+        )
     return text if "://" in text or os.path.isabs(text) else os.path.abspath(text)

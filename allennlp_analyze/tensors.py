@@ -4,6 +4,7 @@ Sources (``allennlp_analyze.sources``) list their tensors as :class:`TensorInfo`
 any data, so that selection can decide up front what to analyze, and then load each selected
 tensor exactly once through :meth:`WeightSource.load`.
 """
+
 import mmap
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence, Tuple
@@ -79,8 +80,12 @@ class Mapped:
     the OS page cache). A tall matrix is thus read and widened block by block, and its pages do
     not pile up in the process's resident memory."""
 
-    def __init__(self, raw: np.ndarray, widen: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-                 mapping=None):
+    def __init__(
+        self,
+        raw: np.ndarray,
+        widen: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        mapping=None,
+    ):
         self._raw, self._widen, self._mapping = raw, widen, mapping
 
     shape = property(lambda self: self._raw.shape)

@@ -10,6 +10,7 @@ Each estimator is a function of the eigenvalues (any order, float64, the weights
 returning an :class:`~.estimate.Estimate` whose ``status`` says why it has no numbers, if so.
 Formulas, sources and differences: ``docs/estimators.md``.
 """
+
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -53,8 +54,9 @@ def parse_fits(text: str) -> Tuple[str, ...]:
     for part in text.split(","):
         name = ALIASES.get(part.strip(), part.strip())
         if name not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {part.strip()!r} in --fit "
-                             f"(choose from {', '.join(ESTIMATORS)})")
+            raise ValueError(
+                f"unknown estimator {part.strip()!r} in --fit (choose from {', '.join(ESTIMATORS)})"
+            )
         if name not in names:
             names.append(name)
     if not names:
@@ -62,8 +64,9 @@ def parse_fits(text: str) -> Tuple[str, ...]:
     return tuple(names)
 
 
-def estimate_all(evals: np.ndarray, names: Sequence[str],
-                 fitted: Optional[np.ndarray] = None) -> Dict[str, Estimate]:
+def estimate_all(
+    evals: np.ndarray, names: Sequence[str], fitted: Optional[np.ndarray] = None
+) -> Dict[str, Estimate]:
     """Every named estimator on one spectrum: ``evals`` (every eigenvalue), and for those in
     :data:`FITTED_ONLY` ``fitted`` (the ones above round-off; default: ``evals``)."""
     x = np.asarray(evals, dtype=np.float64).ravel()
@@ -77,9 +80,11 @@ def run_warning(estimates: Dict[str, Estimate], first: str) -> str:
     labels = [warning(estimates[first])] if first != "clip-xmax" else []
     clip = estimates.get("clip-xmax")
     if clip is not None:
-        labels.append(warning(clip) if first == "clip-xmax" else
-                      ("fingers" if isinstance(clip, ClippedEstimate) and clip.num_fingers
-                       else ""))
+        labels.append(
+            warning(clip)
+            if first == "clip-xmax"
+            else ("fingers" if isinstance(clip, ClippedEstimate) and clip.num_fingers else "")
+        )
     return ",".join(filter(None, labels))
 
 
@@ -88,10 +93,14 @@ def columns(name: str, est: Estimate) -> Dict[str, object]:
     ``D_<name>`` with dashes as underscores; ``tpl_*``, ``detx_*``, ``clip_xmax_fingers``)."""
     key = name.replace("-", "_")
     if isinstance(est, TruncatedEstimate):
-        return {"tpl_alpha": est.alpha, "tpl_lambda": est.Lambda, "tpl_xmin": est.xmin,
-                "tpl_R": est.R, "tpl_p": est.p}
-    out: Dict[str, object] = {f"alpha_{key}": est.alpha, f"xmin_{key}": est.xmin,
-                              f"D_{key}": est.D}
+        return {
+            "tpl_alpha": est.alpha,
+            "tpl_lambda": est.Lambda,
+            "tpl_xmin": est.xmin,
+            "tpl_R": est.R,
+            "tpl_p": est.p,
+        }
+    out: Dict[str, object] = {f"alpha_{key}": est.alpha, f"xmin_{key}": est.xmin, f"D_{key}": est.D}
     if isinstance(est, ClippedEstimate):
         out["clip_xmax_fingers"] = est.num_fingers
     if isinstance(est, DetXEstimate):
@@ -99,7 +108,26 @@ def columns(name: str, est: Estimate) -> Dict[str, object]:
     return out
 
 
-__all__ = ["ALIASES", "ESTIMATORS", "FITTED_ONLY", "STATUS_TEXT", "ClippedEstimate",
-           "DetXEstimate", "Estimate", "TruncatedEstimate", "clip_xmax", "columns", "csn",
-           "csn_xmax", "detx", "estimate_all", "hill_mid", "hill_peak", "parse_fits",
-           "run_warning", "tpl", "warning", "xmin_peak"]
+__all__ = [
+    "ALIASES",
+    "ESTIMATORS",
+    "FITTED_ONLY",
+    "STATUS_TEXT",
+    "ClippedEstimate",
+    "DetXEstimate",
+    "Estimate",
+    "TruncatedEstimate",
+    "clip_xmax",
+    "columns",
+    "csn",
+    "csn_xmax",
+    "detx",
+    "estimate_all",
+    "hill_mid",
+    "hill_peak",
+    "parse_fits",
+    "run_warning",
+    "tpl",
+    "warning",
+    "xmin_peak",
+]

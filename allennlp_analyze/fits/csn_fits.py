@@ -1,5 +1,6 @@
 """``csn`` and ``csn-xmax``: the Clauset–Shalizi–Newman fit of ``powerlaw`` 1.5 (the tool's
 default alpha), untruncated or bounded at the largest eigenvalue (:mod:`..powerlaw_fit`)."""
+
 from typing import Optional
 
 import numpy as np

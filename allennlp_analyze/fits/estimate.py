@@ -4,6 +4,7 @@ and WeightWatcher's warning labels.
 Units: ``xmin`` (and every eigenvalue field) in the units of the eigenvalues given, i.e. the
 weights' units squared; ``alpha`` is the exponent of the density p(lambda) ~ lambda**-alpha.
 """
+
 from dataclasses import dataclass
 from typing import Optional, Type, TypeVar
 

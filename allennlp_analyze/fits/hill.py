@@ -15,6 +15,7 @@ not m, in the numerator), and ``D = max_j |1 - (lambda_{i+j} / lambda_i)**(1 - a
 They run on every positive eigenvalue (their default ``filter_zeros=False``; zeros, which their
 ``log`` would turn into -inf, are left out here).
 """
+
 import numpy as np
 
 from ..powerlaw_fit import fit_points

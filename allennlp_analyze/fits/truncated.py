@@ -19,6 +19,7 @@ Gauss–Legendre quadrature on intervals of t on which the integrand falls by a 
 sample mean of y is at least the power law's mean), it is returned exactly, with R = 0 and p = 1;
 ``powerlaw``'s optimizer stops at some small positive Lambda with a lower likelihood there.
 """
+
 import math
 from typing import Tuple
 
@@ -58,9 +59,17 @@ def tpl(evals: np.ndarray) -> TruncatedEstimate:
         return failed("all_equal", TruncatedEstimate)
     alpha, lam, loglik, loglik_pl = truncated_mle(tail, fit.xmin)
     R = loglik_pl - loglik
-    return TruncatedEstimate(status="ok", alpha=alpha, xmin=fit.xmin, D=None,
-                             num_tail=int(tail.size), Lambda=lam, loglik=loglik, R=R,
-                             p=math.erfc(math.sqrt(abs(R))))
+    return TruncatedEstimate(
+        status="ok",
+        alpha=alpha,
+        xmin=fit.xmin,
+        D=None,
+        num_tail=int(tail.size),
+        Lambda=lam,
+        loglik=loglik,
+        R=R,
+        p=math.erfc(math.sqrt(abs(R))),
+    )
 
 
 def truncated_mle(tail: np.ndarray, xmin: float) -> Tuple[float, float, float, float]:
@@ -156,8 +165,14 @@ def _moments(beta: float, c: float):
     y = np.exp(t)
     mt, my = float(g @ t) / z, float(g @ y) / z
     dt, dy = t - mt, y - my
-    return (math.log(z) - c, mt, my, float(g @ (dt * dt)) / z, float(g @ (dt * dy)) / z,
-            float(g @ (dy * dy)) / z)
+    return (
+        math.log(z) - c,
+        mt,
+        my,
+        float(g @ (dt * dt)) / z,
+        float(g @ (dt * dy)) / z,
+        float(g @ (dy * dy)) / z,
+    )
 
 
 def _breakpoints(beta: float, c: float, levels: np.ndarray) -> np.ndarray:

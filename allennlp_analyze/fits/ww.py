@@ -8,6 +8,7 @@ normalized (``combined_eigenvalues``: ``evals = sv * sv``; its ``normalize`` bra
 out), so these functions take lambda = sv**2 in the weights' units squared. Its fits see only
 ``evals > EVALS_THRESH`` (1e-5, absolute); ``detx`` sees every eigenvalue.
 """
+
 import numpy as np
 
 from ..powerlaw_fit import fit_at_xmin, fit_power_law
@@ -73,8 +74,15 @@ def clip_xmax(evals: np.ndarray) -> ClippedEstimate:
             break
         if alpha <= MIN_ALPHA:
             break
-    return ClippedEstimate(status="ok", alpha=best.alpha, xmin=best.xmin, D=best.D,
-                           num_tail=best.num_tail, num_fingers=fingers, raw_alpha=first.alpha)
+    return ClippedEstimate(
+        status="ok",
+        alpha=best.alpha,
+        xmin=best.xmin,
+        D=best.D,
+        num_tail=best.num_tail,
+        num_fingers=fingers,
+        raw_alpha=first.alpha,
+    )
 
 
 def detx(evals: np.ndarray) -> DetXEstimate:
@@ -98,8 +106,15 @@ def detx(evals: np.ndarray) -> DetXEstimate:
     val = float((scaled / (wscale * wscale))[idx])
     fit = fit_at_xmin(x[x > 0], float(x[idx])) if x[idx] > 0 else None
     est = from_fit(fit)
-    return DetXEstimate(status="ok", alpha=est.alpha, xmin=est.xmin, D=est.D,
-                        num_tail=est.num_tail, detx_num=num, detx_val=val)
+    return DetXEstimate(
+        status="ok",
+        alpha=est.alpha,
+        xmin=est.xmin,
+        D=est.D,
+        num_tail=est.num_tail,
+        detx_num=num,
+        detx_val=val,
+    )
 
 
 def _first_product_below_one(scaled: np.ndarray):

@@ -6,6 +6,7 @@ A cluster: ``dask scheduler`` on one machine, ``dask worker tcp://HOST:8786 --nt
 and the weights' paths (or the URLs) in reach. How a run is cut into tasks:
 :mod:`allennlp_analyze.tasks`.
 """
+
 import contextlib
 import socket
 from concurrent.futures import Executor
@@ -26,17 +27,20 @@ def scheduler_executor(address: str) -> Iterator[Executor]:
         from distributed import Client
         from distributed.comm import parse_address, parse_host_port
     except ImportError:
-        raise AnalyzeError("--scheduler needs Dask distributed, which is not installed: "
-                           "pip install 'allennlp-analyze[dask]'") from None
+        raise AnalyzeError(
+            "--scheduler needs Dask distributed, which is not installed: "
+            "pip install 'allennlp-analyze[dask]'"
+        ) from None
     try:
         scheme, location = parse_address(address)
         if scheme in ("tcp", "tls"):  # fail fast, and before Dask retries until its timeout
             socket.create_connection(parse_host_port(location), CONNECT_TIMEOUT).close()
         client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
     except (OSError, ValueError, TypeError) as e:
-        raise AnalyzeError(f"cannot reach the Dask scheduler at {address}: "
-                           f"{e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)}"
-                           ) from None
+        raise AnalyzeError(
+            f"cannot reach the Dask scheduler at {address}: "
+            f"{e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)}"
+        ) from None
     try:
         yield client.get_executor(pure=False)
     finally:

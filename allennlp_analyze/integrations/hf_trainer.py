@@ -27,6 +27,7 @@ figures not logged by then go to ``state.log_history``. Sharded models (FSDP, De
 are refused when training begins. Analysis options: :class:`AnalysisOptions`' fields as keywords
 (``min_q=1.0``...) or ``options=``.
 """
+
 import logging
 import math
 import os
@@ -51,19 +52,32 @@ def _epoch(value: Optional[float]) -> int:
 class WeightAnalysisCallback(TrainerCallback):
     """See the module docstring."""
 
-    def __init__(self, every: int = 1, per: str = "epoch", stop_on_collapse: bool = False,
-                 background: bool = False, output_file: Optional[str] = None,
-                 options: Optional[AnalysisOptions] = None, base: Optional[str] = None,
-                 **option_kwargs: Any) -> None:
+    def __init__(
+        self,
+        every: int = 1,
+        per: str = "epoch",
+        stop_on_collapse: bool = False,
+        background: bool = False,
+        output_file: Optional[str] = None,
+        options: Optional[AnalysisOptions] = None,
+        base: Optional[str] = None,
+        **option_kwargs: Any,
+    ) -> None:
         if per not in PER:
-            raise ValueError(f"weight_analysis: per must be one of {', '.join(PER)} "
-                             f"(got {per!r})")
+            raise ValueError(f"weight_analysis: per must be one of {', '.join(PER)} (got {per!r})")
         self.per = per
         self.output_file = output_file
-        self.monitor = WeightMonitor(None, every=every, per="step" if per == "step" else "epoch",
-                                     stop_on_collapse=stop_on_collapse, background=background,
-                                     options=options, logger=logger, base=base,
-                                     **option_kwargs)
+        self.monitor = WeightMonitor(
+            None,
+            every=every,
+            per="step" if per == "step" else "epoch",
+            stop_on_collapse=stop_on_collapse,
+            background=background,
+            options=options,
+            logger=logger,
+            base=base,
+            **option_kwargs,
+        )
         self._unlogged: Dict[str, Any] = {}
         self._saves = 0
         self._stopped = False
@@ -126,12 +140,19 @@ class WeightAnalysisCallback(TrainerCallback):
         try:
             self._take(self.monitor.wait())
             reloaded, best_epoch = _reloaded_best(args, state)
-            self._take(self.monitor.final(model, _epoch(state.epoch), state.global_step,
-                                          weights_changed=reloaded, weights_epoch=best_epoch
-                                          if reloaded else _epoch(state.epoch)))
+            self._take(
+                self.monitor.final(
+                    model,
+                    _epoch(state.epoch),
+                    state.global_step,
+                    weights_changed=reloaded,
+                    weights_epoch=best_epoch if reloaded else _epoch(state.epoch),
+                )
+            )
             if self._unlogged:
-                state.log_history.append({**self._unlogged, "epoch": state.epoch,
-                                          "step": state.global_step})
+                state.log_history.append(
+                    {**self._unlogged, "epoch": state.epoch, "step": state.global_step}
+                )
                 self._unlogged = {}
         finally:
             self.monitor.close()

@@ -26,6 +26,7 @@ weights are analyzed when the last ones analyzed were not them. Sharded models (
 ZeRO-3) are refused when training starts. Analysis options: :class:`AnalysisOptions`' fields
 as keywords (``min_q=1.0``...) or ``options=``.
 """
+
 import logging
 import os
 from typing import Any, List, Optional
@@ -43,15 +44,29 @@ FILE_NAME = "weight_analysis.jsonl"
 class WeightAnalysisCallback(Callback):
     """See the module docstring."""
 
-    def __init__(self, every: int = 1, per: str = "epoch", stop_on_collapse: bool = False,
-                 background: bool = False, output_file: Optional[str] = None,
-                 options: Optional[AnalysisOptions] = None, base: Optional[str] = None,
-                 **option_kwargs: Any) -> None:
+    def __init__(
+        self,
+        every: int = 1,
+        per: str = "epoch",
+        stop_on_collapse: bool = False,
+        background: bool = False,
+        output_file: Optional[str] = None,
+        options: Optional[AnalysisOptions] = None,
+        base: Optional[str] = None,
+        **option_kwargs: Any,
+    ) -> None:
         self.output_file = output_file
-        self.monitor = WeightMonitor(None, every=every, per=per,
-                                     stop_on_collapse=stop_on_collapse, background=background,
-                                     options=options, logger=logger, base=base,
-                                     **option_kwargs)
+        self.monitor = WeightMonitor(
+            None,
+            every=every,
+            per=per,
+            stop_on_collapse=stop_on_collapse,
+            background=background,
+            options=options,
+            logger=logger,
+            base=base,
+            **option_kwargs,
+        )
         self._finished: List[MonitorReport] = []
         self._stopped = False
         self._epoch = 0  # of the last training batch
@@ -76,8 +91,7 @@ class WeightAnalysisCallback(Callback):
         if trainer.is_global_zero:
             self._finished += self.monitor.step_end(pl_module, trainer.global_step, self._epoch)
         if self.monitor.per == "step":
-            self._publish(trainer, pl_module,
-                          due=trainer.global_step % self.monitor.every == 0)
+            self._publish(trainer, pl_module, due=trainer.global_step % self.monitor.every == 0)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch

@@ -9,6 +9,7 @@ AllenNLP imports it as a plugin when it is listed in ``.allennlp_plugins`` (the 
 directory) or in ``~/.allennlp/plugins`` (``python -m allennlp_analyze.plugin.register`` adds
 it there), or with ``--include-package allennlp_analyze.plugin``.
 """
+
 from .callback import RankCollapseError, WeightAnalysisCallback
 from .subcommand import Analyze, analyze_archives
 

@@ -40,6 +40,7 @@ epoch, so ``fail_on_collapse`` may stop training one epoch later). An analysis t
 logged as an error and does not stop training. Only the primary process analyzes in
 distributed training.
 """
+
 import inspect
 import json
 import logging
@@ -68,13 +69,27 @@ class WeightAnalysisCallback(TrainerCallback):
     :class:`~allennlp_analyze.monitor.WeightMonitor`'s; this adapter feeds it AllenNLP's events
     and hands its figures to AllenNLP's metrics and log writers."""
 
-    def __init__(self, serialization_dir: str, every: int = 1, fail_on_collapse: bool = False,
-                 file_name: str = "weight_analysis.jsonl", background: bool = False,
-                 base: Optional[str] = None, **options: Any) -> None:
+    def __init__(
+        self,
+        serialization_dir: str,
+        every: int = 1,
+        fail_on_collapse: bool = False,
+        file_name: str = "weight_analysis.jsonl",
+        background: bool = False,
+        base: Optional[str] = None,
+        **options: Any,
+    ) -> None:
         super().__init__(serialization_dir)
         path = os.path.join(serialization_dir, file_name) if serialization_dir else None
-        self.monitor = WeightMonitor(path, every=every, stop_on_collapse=fail_on_collapse,
-                                     background=background, logger=logger, base=base, **options)
+        self.monitor = WeightMonitor(
+            path,
+            every=every,
+            stop_on_collapse=fail_on_collapse,
+            background=background,
+            logger=logger,
+            base=base,
+            **options,
+        )
         self._metrics: Optional[Dict[str, Any]] = None
 
     every = property(lambda self: self.monitor.every)
@@ -95,13 +110,24 @@ class WeightAnalysisCallback(TrainerCallback):
         if is_primary:
             self.monitor.begin(trainer.model)  # base="init": the weights before training
 
-    def on_batch(self, trainer, batch_inputs, batch_outputs, batch_metrics, epoch: int,
-                 batch_number: int, is_training: bool, is_primary: bool = True,
-                 **kwargs) -> None:
+    def on_batch(
+        self,
+        trainer,
+        batch_inputs,
+        batch_outputs,
+        batch_metrics,
+        epoch: int,
+        batch_number: int,
+        is_training: bool,
+        is_primary: bool = True,
+        batch_grad_norm: Optional[float] = None,
+        **kwargs,
+    ) -> None:
         self._handle(self.monitor.poll())
 
-    def on_epoch(self, trainer, metrics: Dict[str, Any], epoch: int, is_primary: bool = True,
-                 **kwargs) -> None:
+    def on_epoch(
+        self, trainer, metrics: Dict[str, Any], epoch: int, is_primary: bool = True, **kwargs
+    ) -> None:
         if not is_primary:
             return
         self._metrics = metrics
@@ -110,8 +136,14 @@ class WeightAnalysisCallback(TrainerCallback):
         self._handle(self.monitor.wait())
         self._handle(self.monitor.epoch_end(trainer.model, epoch))
 
-    def on_end(self, trainer, metrics: Optional[Dict[str, Any]] = None,
-               epoch: Optional[int] = None, is_primary: bool = True, **kwargs) -> None:
+    def on_end(
+        self,
+        trainer,
+        metrics: Optional[Dict[str, Any]] = None,
+        epoch: Optional[int] = None,
+        is_primary: bool = True,
+        **kwargs,
+    ) -> None:
         if not is_primary:
             return
         try:
@@ -119,9 +151,14 @@ class WeightAnalysisCallback(TrainerCallback):
                 return
             self._metrics = metrics
             self._handle(self.monitor.wait())
-            self._handle(self.monitor.final(
-                trainer.model, epoch, weights_changed=_final_weights_changed(trainer),
-                weights_epoch=_final_weights_epoch(trainer, epoch)))
+            self._handle(
+                self.monitor.final(
+                    trainer.model,
+                    epoch,
+                    weights_changed=_final_weights_changed(trainer),
+                    weights_epoch=_final_weights_epoch(trainer, epoch),
+                )
+            )
         finally:
             self.monitor.close()
 
@@ -159,8 +196,11 @@ class WeightAnalysisCallback(TrainerCallback):
         """Hand the figures to the configured TensorBoard / W&B callbacks."""
         from allennlp.training.callbacks.log_writer import LogWriterCallback
 
-        scalars = {k[len(METRIC_PREFIX):]: v for k, v in figures.items()
-                   if isinstance(v, (int, float)) and k != METRIC_PREFIX + "epoch"}
+        scalars = {
+            k[len(METRIC_PREFIX) :]: v
+            for k, v in figures.items()
+            if isinstance(v, (int, float)) and k != METRIC_PREFIX + "epoch"
+        }
         trainer = self.trainer
         for callback in getattr(trainer, "_callbacks", None) or []:
             if isinstance(callback, LogWriterCallback):
@@ -193,20 +233,32 @@ def _final_weights_epoch(trainer, epoch: int) -> Optional[int]:
 def _constructor_signature() -> inspect.Signature:
     """``__init__``'s signature as AllenNLP's ``from_params`` sees it: the callback's own
     arguments, then AnalysisOptions' fields with their defaults (tuples as lists)."""
-    own = [p for p in inspect.signature(WeightAnalysisCallback.__init__).parameters.values()
-           if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    own = [
+        p
+        for p in inspect.signature(WeightAnalysisCallback.__init__).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
     as_list = {"match", "exclude", "include", "fit"}
     extra = []
     for f in fields(AnalysisOptions):
-        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.default is not MISSING:
+            default = f.default
+        elif callable(f.default_factory):
+            default = f.default_factory()
+        else:
+            raise TypeError(f"AnalysisOptions.{f.name} has no default")
         annotation = List[str] if f.name in as_list else f.type
         if f.name in as_list:
             default = list(default)
-        extra.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                       default=default, annotation=annotation))
+        extra.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+            )
+        )
     return inspect.Signature(own + extra)
 
 
 WeightAnalysisCallback.__init__.__signature__ = (  # type: ignore[attr-defined]
-    _constructor_signature())
+    _constructor_signature()
+)
 TrainerCallback.register("weight_analysis")(WeightAnalysisCallback)

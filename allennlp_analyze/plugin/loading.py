@@ -31,6 +31,7 @@ Safety, for archives from the internet:
   which may download tokenizers, are not. Only regular files are opened (a FIFO in a
   serialization directory's vocabulary would block AllenNLP forever).
 """
+
 import contextlib
 import os
 import re
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 from .. import limits
 from ..errors import AnalyzeError, escape, one_line
@@ -64,11 +65,17 @@ def stderr_notice(message: str) -> None:
     print(f"allennlp analyze: note: {escape(message)}", file=sys.stderr, flush=True)
 
 
-def open_model_source(spec: str, *, weights_file: Optional[str] = None, overrides: Any = "",
-                      cuda_device: int = -1, cache_dir: Optional[str] = None,
-                      progress: Optional[bool] = None,
-                      notice: Callable[[str], None] = stderr_notice,
-                      checkpoint_key: Optional[str] = None) -> WeightSource:
+def open_model_source(
+    spec: str,
+    *,
+    weights_file: Optional[str] = None,
+    overrides: Any = "",
+    cuda_device: int = -1,
+    cache_dir: Optional[str] = None,
+    progress: Optional[bool] = None,
+    notice: Callable[[str], None] = stderr_notice,
+    checkpoint_key: Optional[str] = None,
+) -> WeightSource:
     """A weight source for ``spec`` (an archive path, a serialization directory or an http(s)
     URL): the built model (:class:`ModuleSource`, module types filled in) when it can be built,
     else its raw weights, with a one-line ``notice`` saying why. Other files (state dicts,
@@ -78,17 +85,26 @@ def open_model_source(spec: str, *, weights_file: Optional[str] = None, override
     local, label, url = resolve(spec, cache_dir, progress)
 
     def open_local(path: Path) -> WeightSource:
-        buildable = _looks_like_archive(path) or (path.is_dir() and (path / "config.json").is_file())
+        buildable = _looks_like_archive(path) or (
+            path.is_dir() and (path / "config.json").is_file()
+        )
         if not buildable:
             return open_path(weights_file or path, label=label, checkpoint_key=checkpoint_key)
-        notes = []
+        notes: List[str] = []
         try:
-            model = build_model(path, weights_file=weights_file, overrides=overrides,
-                                cuda_device=cuda_device, checkpoint_key=checkpoint_key,
-                                weights_note=notes.append)
+            model = build_model(
+                path,
+                weights_file=weights_file,
+                overrides=overrides,
+                cuda_device=cuda_device,
+                checkpoint_key=checkpoint_key,
+                weights_note=notes.append,
+            )
         except NotBuilt as e:
             source = open_path(weights_file or path, label=label, checkpoint_key=checkpoint_key)
-            notice(f"{label}: analyzing the raw weights; the model was not built ({_short(str(e))})")
+            notice(
+                f"{label}: analyzing the raw weights; the model was not built ({_short(str(e))})"
+            )
             return source
         source = ModuleSource(model, label=label)
         source.note = notes[0] if notes else None
@@ -103,28 +119,33 @@ def _short(reason: str, limit: int = 200) -> str:
         end = reason.find(". ", 30)
         if 0 < end < limit:
             return reason[:end]
-        return reason[:limit - 3] + "..."
+        return reason[: limit - 3] + "..."
     return reason
 
 
-def resolve(spec: str, cache_dir: Optional[str] = None,
-            progress: Optional[bool] = None) -> Tuple[Path, str, Optional[str]]:
+def resolve(
+    spec: str, cache_dir: Optional[str] = None, progress: Optional[bool] = None
+) -> Tuple[Path, str, Optional[str]]:
     """``(local path, label, url or None)``; the label is the one ``allennlp-analyze`` gives."""
     text = os.fsdecode(os.fspath(spec))
     match = _URL.match(text)
     if match:
         scheme = match.group(1).lower()
         if scheme in ("http", "https"):
-            return (remote.fetch(text, cache_directory(cache_dir), progress),
-                    remote.url_basename(text), text)
+            return (
+                remote.fetch(text, cache_directory(cache_dir), progress),
+                remote.url_basename(text),
+                text,
+            )
         if scheme == "file":
             import urllib.parse
             import urllib.request
 
             text = urllib.request.url2pathname(urllib.parse.urlsplit(text).path)
         else:
-            raise AnalyzeError(f"{text}: unsupported URL scheme {scheme!r} "
-                               "(use http, https or a local path)")
+            raise AnalyzeError(
+                f"{text}: unsupported URL scheme {scheme!r} (use http, https or a local path)"
+            )
     if is_hub_id(text):  # ORG/NAME[@REVISION] with no such local path: its cached snapshot
         return resolve_hub(text, progress), text, None
     path = Path(text)
@@ -150,30 +171,35 @@ def _looks_like_archive(path: Path) -> bool:
     """Whether ``path`` is a file whose content is an archive's (the registry's sniffer)."""
     if not path.is_file():
         return False
-    archive = registry.get("archive")
+    sniff = registry.get("archive").sniff
+    if sniff is None:
+        return False
     try:
-        return archive.sniff(path, registry.read_head(path))
+        return sniff(path, registry.read_head(path))
     except (OSError, AnalyzeError):
         return False
 
 
 # -- building the model ---------------------------------------------------------------------
 
-def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: Any = "",
-                cuda_device: int = -1, checkpoint_key: Optional[str] = None,
-                weights_note: Callable[[str], None] = lambda note: None):
+
+def build_model(
+    local: Path,
+    *,
+    weights_file: Optional[str] = None,
+    overrides: Any = "",
+    cuda_device: int = -1,
+    checkpoint_key: Optional[str] = None,
+    weights_note: Callable[[str], None] = lambda note: None,
+):
     """The AllenNLP model of an archive or serialization directory, with its trained weights
     (read as :func:`plain_weights` says; its note, if any, goes to ``weights_note``), in eval
     mode. Raises :class:`NotBuilt` where it cannot be built (and :class:`AnalyzeError` for a
     bad ``--overrides`` / ``--cuda-device``)."""
-    _check_cuda_device(cuda_device)
+    check_cuda_device(cuda_device)
     if weights_file:
-        try:
-            limits.require_regular(weights_file)
-        except OSError as e:
-            raise AnalyzeError(f"--weights-file {weights_file}: {e.strerror or one_line(e)}") from None
-        except AnalyzeError as e:
-            raise AnalyzeError(f"--weights-file: {e}") from None
+        check_weights_file(weights_file)
+    weights: Union[str, Path, None]
     with tempfile.TemporaryDirectory(prefix="allennlp-analyze-") as tmp:
         if local.is_dir():
             serialization_dir = local
@@ -183,6 +209,8 @@ def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: A
             contents = scan_archive(local, extract_to=Path(tmp))
             if contents.unsafe:
                 raise NotBuilt(f"unsafe archive member, not extracted: {contents.unsafe}")
+            if contents.folder is None or contents.weights is None:
+                raise NotBuilt("no weights.th / best.th")
             serialization_dir = contents.folder
             weights = weights_file or serialization_dir / member_parts(contents.weights)[-1]
         if weights is None:
@@ -191,16 +219,21 @@ def build_model(local: Path, *, weights_file: Optional[str] = None, overrides: A
         reason = unsafe_config_reason(config)
         if reason:
             raise NotBuilt(f"config.json {reason}, which is not run for an analysis")
-        weights = plain_weights(Path(weights), Path(tmp) / "analyzed-weights.th", checkpoint_key,
-                                weights_note)
+        weights = plain_weights(
+            Path(weights), Path(tmp) / "analyzed-weights.th", checkpoint_key, weights_note
+        )
         from allennlp.common.params import Params
         from allennlp.models.model import Model
 
         try:
             with weights_only_torch_load(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = Model.load(Params(config), serialization_dir=str(serialization_dir),
-                                   weights_file=str(weights), cuda_device=cuda_device)
+                model = Model.load(
+                    Params(config),
+                    serialization_dir=str(serialization_dir),
+                    weights_file=str(weights),
+                    cuda_device=cuda_device,
+                )
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:
@@ -222,8 +255,9 @@ def _check_vocabulary(folder: Path) -> None:
         raise NotBuilt(f"cannot read vocabulary/: {e.strerror or one_line(e)}") from None
 
 
-def plain_weights(weights: Path, dest: Path, checkpoint_key: Optional[str],
-                  note: Callable[[str], None]) -> Path:
+def plain_weights(
+    weights: Path, dest: Path, checkpoint_key: Optional[str], note: Callable[[str], None]
+) -> Path:
     """``weights`` read as ``allennlp-analyze`` reads a weights file (no code run; nested
     checkpoints by the same rule) and written to ``dest`` as a plain state dict of tensors,
     the file AllenNLP is given. Unreadable weights raise :class:`NotBuilt` (the raw-weights
@@ -233,8 +267,7 @@ def plain_weights(weights: Path, dest: Path, checkpoint_key: Optional[str],
 
     try:
         source = TorchFileSource(weights, checkpoint_key=checkpoint_key)
-        state = {i.name: torch.from_numpy(np.array(source.load(i.name)))
-                 for i in source.tensors()}
+        state = {i.name: torch.from_numpy(np.array(source.load(i.name))) for i in source.tensors()}
     except AnalyzeError as e:
         raise NotBuilt(str(e)) from None
     torch.save(state, dest)
@@ -243,15 +276,49 @@ def plain_weights(weights: Path, dest: Path, checkpoint_key: Optional[str],
     return dest
 
 
-def _check_cuda_device(cuda_device: int) -> None:
+def check_weights_file(weights_file: str) -> None:
+    """``--weights-file``: a regular file."""
+    try:
+        limits.require_regular(weights_file)
+    except OSError as e:
+        raise AnalyzeError(f"--weights-file {weights_file}: {e.strerror or one_line(e)}") from None
+    except AnalyzeError as e:
+        raise AnalyzeError(f"--weights-file: {e}") from None
+
+
+def check_cuda_device(cuda_device: int) -> None:
+    """``--cuda-device``: -1 (the CPU) or the index of a CUDA device present."""
+    if cuda_device is not None and cuda_device < -1:
+        raise AnalyzeError(
+            f"--cuda-device must be -1 (the CPU) or a GPU's index (got {cuda_device})"
+        )
     if cuda_device is None or cuda_device < 0:
         return
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if cuda_device >= count:
-        raise AnalyzeError(f"--cuda-device {cuda_device}: this machine has "
-                           f"{count or 'no'} CUDA device{'s' if count != 1 else ''}")
+        raise AnalyzeError(
+            f"--cuda-device {cuda_device}: this machine has "
+            f"{count or 'no'} CUDA device{'s' if count != 1 else ''}"
+        )
+
+
+def overrides_dict(overrides: Any) -> dict:
+    """``--overrides`` (a JSON / Jsonnet string, or a dict) as a dict; anything else is an
+    :class:`AnalyzeError`."""
+    if isinstance(overrides, str):
+        from allennlp.common.params import parse_overrides
+
+        try:
+            overrides = parse_overrides(overrides)
+        except Exception as e:
+            raise AnalyzeError(
+                f"--overrides is not valid JSON or Jsonnet: {one_line(e)[:200]}"
+            ) from None
+    if not isinstance(overrides, dict):
+        raise AnalyzeError("--overrides must be a JSON object")
+    return overrides
 
 
 def read_config(path: Path, overrides: Any = "") -> dict:
@@ -268,18 +335,10 @@ def read_config(path: Path, overrides: Any = "") -> dict:
     if not isinstance(config, dict) or "model" not in config:
         raise NotBuilt("config.json has no 'model' section")
     if overrides:
-        from allennlp.common.params import parse_overrides, with_overrides
+        from allennlp.common.params import with_overrides
 
-        if isinstance(overrides, str):
-            try:
-                overrides = parse_overrides(overrides)
-            except Exception as e:
-                raise AnalyzeError(f"--overrides is not valid JSON or Jsonnet: "
-                                   f"{one_line(e)[:200]}") from None
-        if not isinstance(overrides, dict):
-            raise AnalyzeError("--overrides must be a JSON object")
         try:
-            config = with_overrides(config, overrides)
+            config = with_overrides(config, overrides_dict(overrides))
         except ValueError as e:
             raise AnalyzeError(f"--overrides: {one_line(e)}") from None
     return config
@@ -301,8 +360,12 @@ def unsafe_config_reason(config: Any) -> Optional[str]:
                 here = f"{where}.{key}" if where else str(key)
                 if key in UNSAFE_KEYS:
                     return f"sets {here}"
-                if key == "type" and isinstance(value, str) and "." in value \
-                        and value not in registered:
+                if (
+                    key == "type"
+                    and isinstance(value, str)
+                    and "." in value
+                    and value not in registered
+                ):
                     return f"names the class {value!r} by import path ({here})"
                 found = walk(value, here)
                 if found:

@@ -7,6 +7,7 @@ the working directory.
 
 Idempotent; other plugins listed in the file are kept.
 """
+
 import argparse
 import os
 import sys
@@ -60,10 +61,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m allennlp_analyze.plugin.register",
         description="Make `allennlp analyze` and the `weight_analysis` trainer callback "
-                    "available in every directory (adds the plugin to ~/.allennlp/plugins).")
+        "available in every directory (adds the plugin to ~/.allennlp/plugins).",
+    )
     parser.add_argument("--remove", action="store_true", help="unregister instead")
-    parser.add_argument("--plugins-file", type=Path, default=None,
-                        help="the plugins file to edit (default %s)" % global_plugins_file())
+    parser.add_argument(
+        "--plugins-file",
+        type=Path,
+        default=None,
+        help="the plugins file to edit (default %s)" % global_plugins_file(),
+    )
     args = parser.parse_args(argv)
     path = args.plugins_file or global_plugins_file()
     try:
@@ -71,8 +77,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:
         print(f"{parser.prog}: error: cannot update {path}: {e.strerror or e}", file=sys.stderr)
         return 2
-    verb = ("removed from" if changed else "was not in") if args.remove else \
-        ("added to" if changed else "already in")
+    verb = (
+        ("removed from" if changed else "was not in")
+        if args.remove
+        else ("added to" if changed else "already in")
+    )
     print(f"{PLUGIN} {verb} {path}")
     return 0
 

@@ -6,6 +6,7 @@ recognized, its reader); torch is imported only for live modules: safetensors, p
 files (read by this package's own reader, :mod:`.torch_format`) and numpy files need numpy
 alone.
 """
+
 import os
 import re
 import sys
@@ -24,9 +25,19 @@ from .safetensors_file import SafetensorsSource, ShardedSafetensorsSource
 from .torch_file import ShardedTorchSource, TorchFileSource
 
 __all__ = [
-    "open_source", "open_path", "ArchiveSource", "SerializationDirSource", "SafetensorsSource",
-    "ShardedSafetensorsSource", "TorchFileSource", "ShardedTorchSource", "ModuleSource",
-    "TensorDictSource", "NpySource", "NpzSource", "torch_to_numpy",
+    "open_source",
+    "open_path",
+    "ArchiveSource",
+    "SerializationDirSource",
+    "SafetensorsSource",
+    "ShardedSafetensorsSource",
+    "TorchFileSource",
+    "ShardedTorchSource",
+    "ModuleSource",
+    "TensorDictSource",
+    "NpySource",
+    "NpzSource",
+    "torch_to_numpy",
 ]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -40,8 +51,9 @@ def is_hub_id(text: str) -> bool:
     return parse_hub_id(text) is not None and not os.path.lexists(text)
 
 
-def open_source(spec, *, cache_dir=None, progress: Optional[bool] = None,
-                checkpoint_key: Optional[str] = None) -> WeightSource:
+def open_source(
+    spec, *, cache_dir=None, progress: Optional[bool] = None, checkpoint_key: Optional[str] = None
+) -> WeightSource:
     """A :class:`WeightSource` for ``spec``:
 
     * a ``torch.nn.Module`` (module types from the owning submodules);
@@ -67,15 +79,20 @@ def open_source(spec, *, cache_dir=None, progress: Optional[bool] = None,
             if scheme in ("http", "https"):
                 from .remote import open_url
 
-                return open_url(text, cache_dir=cache_dir, progress=progress,
-                                checkpoint_key=checkpoint_key)
+                return open_url(
+                    text, cache_dir=cache_dir, progress=progress, checkpoint_key=checkpoint_key
+                )
             if scheme == "file":
                 import urllib.parse
                 import urllib.request
 
-                return open_path(urllib.request.url2pathname(urllib.parse.urlsplit(text).path),
-                                 checkpoint_key=checkpoint_key)
-            raise AnalyzeError(f"{text}: unsupported URL scheme {scheme!r} (use http, https or a local path)")
+                return open_path(
+                    urllib.request.url2pathname(urllib.parse.urlsplit(text).path),
+                    checkpoint_key=checkpoint_key,
+                )
+            raise AnalyzeError(
+                f"{text}: unsupported URL scheme {scheme!r} (use http, https or a local path)"
+            )
         if is_hub_id(text):
             from .hub import open_hub
 

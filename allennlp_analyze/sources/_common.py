@@ -3,6 +3,7 @@
 Nothing here imports torch at module level: a value is a torch tensor only if torch is
 already imported (``sys.modules``), so safetensors-only runs never pay for it.
 """
+
 import mmap
 import os
 import re
@@ -22,7 +23,9 @@ from ..tensors import TensorInfo
 
 def natural_key(name: str):
     """Sort key that orders ``layer.2`` before ``layer.10``."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+    return [
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)
+    ]
 
 
 def is_torch_tensor(value: Any) -> bool:
@@ -73,9 +76,14 @@ class TensorDictSource:
     part of a nested checkpoint the state is (see :mod:`.checkpoint`), or ``None``.
     """
 
-    def __init__(self, label: str, state: Mapping, origin: Optional[str] = None,
-                 module_types: Optional[Dict[str, Optional[str]]] = None,
-                 note: Optional[str] = None):
+    def __init__(
+        self,
+        label: str,
+        state: Mapping,
+        origin: Optional[str] = None,
+        module_types: Optional[Dict[str, Optional[str]]] = None,
+        note: Optional[str] = None,
+    ):
         self.label = label
         self.note = note
         self._origin = origin or label
@@ -101,9 +109,15 @@ class TensorDictSource:
         except KeyError:
             raise AnalyzeError(f"{self._origin} has no tensor named {name!r}") from None
         try:
-            array = torch_to_numpy(value) if is_torch_tensor(value) else numpy_to_numpy(np.asarray(value))
+            array = (
+                torch_to_numpy(value)
+                if is_torch_tensor(value)
+                else numpy_to_numpy(np.asarray(value))
+            )
         except Exception as e:  # e.g. a meta tensor, which has no data
-            raise AnalyzeError(f"cannot read tensor {name!r} of {self._origin}: {one_line(e)}") from None
+            raise AnalyzeError(
+                f"cannot read tensor {name!r} of {self._origin}: {one_line(e)}"
+            ) from None
         array = array.view()
         array.flags.writeable = False
         return array
@@ -117,8 +131,14 @@ class MappedSource:
     each name to where its data are, ``infos`` lists them; subclasses read one with
     :meth:`_read`. ``note``: what was left out or chosen, or ``None``."""
 
-    def __init__(self, label: str, origin: str, entries: Mapping, infos: List[TensorInfo],
-                 note: Optional[str] = None):
+    def __init__(
+        self,
+        label: str,
+        origin: str,
+        entries: Mapping,
+        infos: List[TensorInfo],
+        note: Optional[str] = None,
+    ):
         self.label, self._origin, self._entries, self._infos = label, origin, entries, infos
         self.note = note
 
@@ -156,7 +176,9 @@ def read_index(path: Path) -> Dict[str, str]:
         raise AnalyzeError(f"{path} is not a valid checkpoint index (no 'weight_map')")
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard or not safe_relative(shard):
-            raise AnalyzeError(f"{path} is not a valid checkpoint index (bad shard file {shard!r} for {name!r})")
+            raise AnalyzeError(
+                f"{path} is not a valid checkpoint index (bad shard file {shard!r} for {name!r})"
+            )
     return weight_map
 
 
@@ -189,16 +211,18 @@ def zip_member_data(buffer, info: zipfile.ZipInfo):
     it would expand more than :func:`~allennlp_analyze.limits.expanded_limit` allows (deflate
     reaches ~1000x on runs of zeros: a small file could otherwise claim gigabytes)."""
     view = memoryview(buffer)
-    head = bytes(view[info.header_offset:info.header_offset + 30])
+    head = bytes(view[info.header_offset : info.header_offset + 30])
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
         raise ValueError(f"zip member {info.filename} has a bad local header")
     name_len, extra_len = struct.unpack_from("<HH", head, 26)
     start = info.header_offset + 30 + name_len + extra_len
     if info.compress_type != zipfile.ZIP_STORED:
         if info.file_size > limits.expanded_limit(info.compress_size):
-            raise ValueError(f"zip member {info.filename} would expand {info.file_size} bytes "
-                             f"from {info.compress_size}, over {limits.max_expansion():g}x: "
-                             f"refused ({limits.ENV_MAX_EXPANSION} allows more)")
+            raise ValueError(
+                f"zip member {info.filename} would expand {info.file_size} bytes "
+                f"from {info.compress_size}, over {limits.max_expansion():g}x: "
+                f"refused ({limits.ENV_MAX_EXPANSION} allows more)"
+            )
         return None, start
     if start + info.file_size > len(view):
         raise ValueError(f"zip member {info.filename} is truncated")

@@ -11,6 +11,7 @@ when which weights are meant is ambiguous: two members of one name (``tar`` woul
 win), two ``weights.th`` (or two ``best.th``) in different folders, or weights that are a link
 or any other non-regular member.
 """
+
 import gzip
 import os
 import re
@@ -19,7 +20,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import IO, Dict, List, Optional, Union
 
 from .. import limits
 from ..checkpoint_config import MAX_CONFIG_BYTES, parse_config
@@ -34,10 +35,14 @@ ARCHIVE_WEIGHTS = ("weights.th", "best.th")
 #: model folder); :func:`scan_archive` extracts only these.
 MODEL_FILES = ("config.json", "meta.json", "vocabulary")
 GZIP_MAGIC = b"\x1f\x8b"
-_MEMBER_KINDS = ((tarfile.TarInfo.issym, "a symbolic link"), (tarfile.TarInfo.islnk, "a hard link"),
-                 (tarfile.TarInfo.isdir, "a folder"), (tarfile.TarInfo.isfifo, "a FIFO"),
-                 (tarfile.TarInfo.ischr, "a character device"),
-                 (tarfile.TarInfo.isblk, "a block device"))
+_MEMBER_KINDS = (
+    (tarfile.TarInfo.issym, "a symbolic link"),
+    (tarfile.TarInfo.islnk, "a hard link"),
+    (tarfile.TarInfo.isdir, "a folder"),
+    (tarfile.TarInfo.isfifo, "a FIFO"),
+    (tarfile.TarInfo.ischr, "a character device"),
+    (tarfile.TarInfo.isblk, "a block device"),
+)
 
 
 def member_parts(name: str) -> List[str]:
@@ -59,6 +64,14 @@ def _unsafe_reason(member: tarfile.TarInfo, parts: List[str]) -> Optional[str]:
     if not (member.isfile() or member.isdir()):
         return f"{member.name!r} is {_kind(member)}"
     return None
+
+
+def _member_file(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """The data of a regular-file member (``extractfile`` gives None for other kinds)."""
+    data = tar.extractfile(member)
+    if data is None:
+        raise AnalyzeError(f"{member.name} is {_kind(member)}, not a regular file")
+    return data
 
 
 def _is_model_file(parts: List[str]) -> bool:
@@ -86,7 +99,8 @@ class _Bounded:
                 f"{self.origin} decompresses to more than {limits.format_bytes(self.limit)} "
                 f"from {limits.format_bytes(self.compressed)} (a gzip bomb?); refused "
                 f"(set {limits.ENV_MAX_EXPANSION} to allow more than "
-                f"{limits.max_expansion():g} times)")
+                f"{limits.max_expansion():g} times)"
+            )
 
 
 @dataclass
@@ -120,7 +134,8 @@ def scan_archive(path: Path, extract_to: Optional[Path] = None) -> ArchiveConten
             with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
                 stream = _Bounded(gz, limits.expanded_limit(compressed), origin, compressed)
                 found = _Scan(origin, stream, extract_to)
-                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                # typeshed's fileobj protocol asks for write() and close() even to read a stream
+                with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
                     for member in tar:
                         found.member(tar, member)
                 # Read to the end of the gzip stream, so that its CRC and length are checked.
@@ -165,9 +180,13 @@ class _Scan:
     def member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         self.count += 1
         if self.count > limits.MAX_ARCHIVE_MEMBERS:
-            raise AnalyzeError(f"{self.origin} holds more than {limits.MAX_ARCHIVE_MEMBERS} "
-                               "members (not a model archive?)")
-        tar.members.clear()  # a stream needs no index: keep memory flat however many members
+            raise AnalyzeError(
+                f"{self.origin} holds more than {limits.MAX_ARCHIVE_MEMBERS} "
+                "members (not a model archive?)"
+            )
+        # a stream needs no index: keep memory flat however many members (``members``: the
+        # list TarFile appends every member to; typeshed does not declare it)
+        tar.members.clear()  # type: ignore[attr-defined]
         parts = member_parts(member.name)
         name = "/".join(parts)
         if self.unsafe is None:
@@ -176,28 +195,37 @@ class _Scan:
             return
         self.stream.expect(member.size)  # a bomb is refused before its member is read
         if name in self.names:
-            raise AnalyzeError(f"{self.origin} holds two members named {name!r} "
-                               "(ambiguous: which one is meant?)")
+            raise AnalyzeError(
+                f"{self.origin} holds two members named {name!r} (ambiguous: which one is meant?)"
+            )
         self.names.add(name)
         is_weights = bool(parts) and len(parts) <= 2 and parts[-1] in ARCHIVE_WEIGHTS
         if is_weights:
             if not member.isfile():
-                raise AnalyzeError(f"{self.origin}: its {name} is {_kind(member)}, not a regular "
-                                   "file (links are not followed)")
+                raise AnalyzeError(
+                    f"{self.origin}: its {name} is {_kind(member)}, not a regular "
+                    "file (links are not followed)"
+                )
             other = self.weights.get(parts[-1])
             if other is not None:
-                raise AnalyzeError(f"{self.origin} holds two {parts[-1]} ({other}, {name}): "
-                                   "which one is meant is ambiguous")
+                raise AnalyzeError(
+                    f"{self.origin} holds two {parts[-1]} ({other}, {name}): "
+                    "which one is meant is ambiguous"
+                )
             self.weights[parts[-1]] = name
         if self.extract_to is not None:
             if self.unsafe is None and member.isfile() and (is_weights or _is_model_file(parts)):
-                self._extract(tar, member, parts)
+                self._extract(tar, member, parts, self.extract_to)
         elif is_weights and self._preferred(name):
             limits.check_memory(2 * member.size, f"reading {name} of {self.origin}")
-            self.data, self.data_member = tar.extractfile(member).read(), name
-        elif 0 < len(parts) <= 2 and parts[-1] == "config.json" and member.isfile() \
-                and member.size <= MAX_CONFIG_BYTES:
-            self.configs["/".join(parts[:-1])] = tar.extractfile(member).read()
+            self.data, self.data_member = _member_file(tar, member).read(), name
+        elif (
+            0 < len(parts) <= 2
+            and parts[-1] == "config.json"
+            and member.isfile()
+            and member.size <= MAX_CONFIG_BYTES
+        ):
+            self.configs["/".join(parts[:-1])] = _member_file(tar, member).read()
 
     def _preferred(self, name: str) -> bool:
         """Whether ``name`` beats the weights read so far (``weights.th`` over ``best.th``)."""
@@ -206,37 +234,53 @@ class _Scan:
         rank = ARCHIVE_WEIGHTS.index
         return rank(member_parts(name)[-1]) < rank(member_parts(self.data_member)[-1])
 
-    def _extract(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parts: List[str]) -> None:
+    def _extract(
+        self, tar: tarfile.TarFile, member: tarfile.TarInfo, parts: List[str], extract_to: Path
+    ) -> None:
         self.extracted += 1
         if self.extracted > limits.MAX_EXTRACTED_FILES:
             self.unsafe = f"more than {limits.MAX_EXTRACTED_FILES} model files"
             return
-        target = self.extract_to.joinpath(*parts)
+        target = extract_to.joinpath(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tar.extractfile(member) as src, open(target, "xb") as out:
+        with _member_file(tar, member) as src, open(target, "xb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
 
     def result(self) -> ArchiveContents:
         if not self.weights:
-            raise AnalyzeError(f"{self.origin} holds no weights.th (not an AllenNLP model archive?)")
+            raise AnalyzeError(
+                f"{self.origin} holds no weights.th (not an AllenNLP model archive?)"
+            )
         chosen = next(self.weights[w] for w in ARCHIVE_WEIGHTS if w in self.weights)
         folder = member_parts(chosen)[:-1]
         if self.extract_to is not None:
-            return ArchiveContents(weights=chosen, unsafe=self.unsafe, folder=None if self.unsafe
-                                   else self.extract_to.joinpath(*folder))
-        return ArchiveContents(weights=chosen, data=self.data,
-                               config=self.configs.get("/".join(folder)))
+            return ArchiveContents(
+                weights=chosen,
+                unsafe=self.unsafe,
+                folder=None if self.unsafe else self.extract_to.joinpath(*folder),
+            )
+        return ArchiveContents(
+            weights=chosen, data=self.data, config=self.configs.get("/".join(folder))
+        )
 
 
 class ArchiveSource(PickledSource):
     """An AllenNLP ``model.tar.gz``; its weights member is read when opened."""
 
-    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None,
-                 checkpoint_key: Optional[str] = None):
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        label: Optional[str] = None,
+        checkpoint_key: Optional[str] = None,
+    ):
         self.path = Path(path)
         contents = scan_archive(self.path)
-        super().__init__(label or self.path.name, contents.data,
-                         f"{self.path} (member {contents.weights})", checkpoint_key)
+        super().__init__(
+            label or self.path.name,
+            contents.data,
+            f"{self.path} (member {contents.weights})",
+            checkpoint_key,
+        )
         self.config = parse_config(contents.config) if contents.config is not None else None
 
 
@@ -252,7 +296,9 @@ def find_serialization_weights(folder: Path) -> Optional[Path]:
     for name in ("best.th", "weights.th"):
         if (folder / name).is_file():
             return folder / name
-    checkpoints = sorted((p for p in folder.glob("model_state_*.th") if p.is_file()), key=_checkpoint_key)
+    checkpoints = sorted(
+        (p for p in folder.glob("model_state_*.th") if p.is_file()), key=_checkpoint_key
+    )
     return checkpoints[-1] if checkpoints else None
 
 
@@ -263,13 +309,18 @@ def is_serialization_dir(folder: Path) -> bool:
 class SerializationDirSource(TorchFileSource):
     """An AllenNLP serialization directory (``config.json`` plus ``best.th`` or checkpoints)."""
 
-    def __init__(self, folder: Union[str, os.PathLike], label: Optional[str] = None,
-                 checkpoint_key: Optional[str] = None):
+    def __init__(
+        self,
+        folder: Union[str, os.PathLike],
+        label: Optional[str] = None,
+        checkpoint_key: Optional[str] = None,
+    ):
         folder = Path(folder)
         weights = find_serialization_weights(folder)
         if weights is None:
             raise AnalyzeError(f"{folder} holds no best.th, weights.th or model_state_*.th")
         self.folder = folder
         self.weights_path = weights
-        super().__init__(weights, label=label or folder.resolve().name,
-                         checkpoint_key=checkpoint_key)
+        super().__init__(
+            weights, label=label or folder.resolve().name, checkpoint_key=checkpoint_key
+        )

@@ -17,6 +17,7 @@ one (``{"state_dict": ..., "epoch": 3}``, ``{"model": ..., "optimizer": ...}``, 
 Non-tensor values (numbers, strings, hyper-parameters) are ignored. The note says which part
 was analyzed and what was left out, whenever that is not the whole of a flat state dict.
 """
+
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -27,9 +28,21 @@ from ..errors import AnalyzeError
 from .unpickle import Inert
 
 #: Keys under which training checkpoints keep the model's weights, in order of preference.
-USUAL_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net",
-              "network", "weights", "params", "ema", "model_ema", "ema_state_dict",
-              "state_dict_ema")
+USUAL_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model_state",
+    "model",
+    "module",
+    "net",
+    "network",
+    "weights",
+    "params",
+    "ema",
+    "model_ema",
+    "ema_state_dict",
+    "state_dict_ema",
+)
 #: Containers left out unless chosen with ``key``: optimizer and learning-rate scheduler state.
 IGNORED = re.compile(r"^(optim|lr_sched|sched)", re.IGNORECASE)
 #: Deeper nesting is refused (no checkpoint nests this deep; a crafted one could).
@@ -72,15 +85,20 @@ def _children(node: Any) -> Iterator[Tuple[str, Any]]:
     elif isinstance(node, Inert):
         state = node.state
         if isinstance(state, tuple) and len(state) == 2:  # (__dict__, slots)
-            state = {**(state[0] if isinstance(state[0], dict) else {}),
-                     **(state[1] if isinstance(state[1], dict) else {})}
+            state = {
+                **(state[0] if isinstance(state[0], dict) else {}),
+                **(state[1] if isinstance(state[1], dict) else {}),
+            }
         if _is_module(node):
             for part in ("_parameters", "_buffers", "_modules"):
                 yield from _children(state.get(part))
             return
         if state is not None:
-            yield from (_children(state) if isinstance(state, (Mapping, list, tuple))
-                        else [("state", state)])
+            yield from (
+                _children(state)
+                if isinstance(state, (Mapping, list, tuple))
+                else [("state", state)]
+            )
         for key, value in node.entries:
             yield _segment(key), value
         for i, value in enumerate(node.items):
@@ -102,8 +120,9 @@ def _module_type(node: Inert) -> Optional[str]:
     return name if module.startswith("torch.nn.") else None
 
 
-def collect(root: Any, is_tensor: Callable[[Any], bool], origin: str
-            ) -> List[Tuple[Path, Any, Optional[str]]]:
+def collect(
+    root: Any, is_tensor: Callable[[Any], bool], origin: str
+) -> List[Tuple[Path, Any, Optional[str]]]:
     """Every tensor under ``root`` with its path and owning module type, in order. Each
     container is visited once (pickles may share or cycle)."""
     found: List[Tuple[Path, Any, Optional[str]]] = []
@@ -119,7 +138,7 @@ def collect(root: Any, is_tensor: Callable[[Any], bool], origin: str
         seen.add(id(node))
         if len(path) >= MAX_DEPTH:
             raise AnalyzeError(f"{origin} is nested more than {MAX_DEPTH} levels deep")
-        here = _module_type(node) if _is_module(node) else None
+        here = _module_type(node) if isinstance(node, Inert) and _is_module(node) else None
         kids = [(path + (seg,), child, here) for seg, child in _children(node)]
         stack.extend(reversed(kids))
     return found
@@ -149,8 +168,11 @@ def _resolve(root: Any, key: str, origin: str) -> Any:
 
 
 def _is_flat(node: Any, is_tensor: Callable[[Any], bool]) -> bool:
-    return isinstance(node, Mapping) and len(node) > 0 and all(
-        isinstance(k, str) and is_tensor(v) for k, v in node.items())
+    return (
+        isinstance(node, Mapping)
+        and len(node) > 0
+        and all(isinstance(k, str) and is_tensor(v) for k, v in node.items())
+    )
 
 
 def _ignored_at(rel: Path) -> Optional[int]:
@@ -158,8 +180,13 @@ def _ignored_at(rel: Path) -> Optional[int]:
     return next((i for i, seg in enumerate(rel[:-1]) if IGNORED.match(seg)), None)
 
 
-def find_weights(root: Any, origin: str, is_tensor: Callable[[Any], bool],
-                 key: Optional[str] = None, inert: Iterable[str] = ()) -> Weights:
+def find_weights(
+    root: Any,
+    origin: str,
+    is_tensor: Callable[[Any], bool],
+    key: Optional[str] = None,
+    inert: Iterable[str] = (),
+) -> Weights:
     """The weights of a checkpoint by the module's rule, or an :class:`AnalyzeError` where
     there are none. ``inert``: names of the globals the pickle named but that were not built
     (mentioned in the note or the error)."""
@@ -177,36 +204,44 @@ def find_weights(root: Any, origin: str, is_tensor: Callable[[Any], bool],
         if inert:
             raise AnalyzeError(
                 f"{origin} is not a plain tensor state dict (refused to unpickle arbitrary "
-                f"objects: {_names(inert)}; none was built or run) and holds no tensors")
-        raise AnalyzeError(f"{origin} is not a plain tensor state dict: it holds no tensors "
-                           f"({describe(root)})")
+                f"objects: {_names(inert)}; none was built or run) and holds no tensors"
+            )
+        raise AnalyzeError(
+            f"{origin} is not a plain tensor state dict: it holds no tensors ({describe(root)})"
+        )
     path: Path = ()
     node = root
     while isinstance(node, Mapping) and not _is_flat(node, is_tensor):
-        under = [e for e in entries if e[0][:len(path)] == path]
-        holding = [k for k in USUAL_KEYS if k in node
-                   and any(len(e[0]) > len(path) and e[0][len(path)] == k for e in under)]
+        under = [e for e in entries if e[0][: len(path)] == path]
+        holding = [
+            k
+            for k in USUAL_KEYS
+            if k in node and any(len(e[0]) > len(path) and e[0][len(path)] == k for e in under)
+        ]
         if not holding:
             break
         inside = sum(1 for e in under if e[0][len(path)] == holding[0])
-        if path and inside < sum(1 for e in under if _ignored_at(e[0][len(path):]) is None):
+        if path and inside < sum(1 for e in under if _ignored_at(e[0][len(path) :]) is None):
             break  # below the top, descend only into a part that holds all its tensors
         path += (holding[0],)
         node = node[holding[0]]
-    chosen, left = [], Counter()
+    chosen: List[Tuple[Path, Any, Optional[str]]] = []
+    left: Counter = Counter()
     for p, tensor, owner in entries:
-        rel = p[len(path):]
-        cut = _ignored_at(rel) if p[:len(path)] == path else None
-        if p[:len(path)] != path:
+        rel = p[len(path) :]
+        cut = _ignored_at(rel) if p[: len(path)] == path else None
+        if p[: len(path)] != path:
             left[p[0]] += 1
         elif cut is not None:
-            left[".".join(p[:len(path) + cut + 1])] += 1
+            left[".".join(p[: len(path) + cut + 1])] += 1
         else:
             chosen.append((rel, tensor, owner))
     if not chosen:
         parts = ", ".join(repr(part) for part in left)
-        raise AnalyzeError(f"{origin} holds tensors only under {parts}, optimizer or scheduler "
-                           "state, left out by default (--checkpoint-key chooses a part)")
+        raise AnalyzeError(
+            f"{origin} holds tensors only under {parts}, optimizer or scheduler "
+            "state, left out by default (--checkpoint-key chooses a part)"
+        )
     note = None
     if path or left:
         note = f"analyzed {'.'.join(path)!r}" if path else "analyzed all the tensors"
@@ -219,15 +254,18 @@ def find_weights(root: Any, origin: str, is_tensor: Callable[[Any], bool],
 
 
 def _names(names: List[str], limit: int = 5) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return ", ".join(names[:limit]) + (
+        f" and {len(names) - limit} more" if len(names) > limit else ""
+    )
 
 
 def _not_built(inert: List[str]) -> Optional[str]:
     return f"objects not built (their code never ran): {_names(inert)}" if inert else None
 
 
-def _weights(entries: List[Tuple[Path, Any, Optional[str]]], origin: str,
-             note: Optional[str]) -> Weights:
+def _weights(
+    entries: List[Tuple[Path, Any, Optional[str]]], origin: str, note: Optional[str]
+) -> Weights:
     tensors: Dict[str, Any] = {}
     types: Dict[str, str] = {}
     for path, tensor, owner in entries:
@@ -243,6 +281,7 @@ def _weights(entries: List[Tuple[Path, Any, Optional[str]]], origin: str,
 def describe(obj: Any, limit: int = 4) -> str:
     """A short description of a value without tensors: ``a dict of 2 entries: 'a' (int),
     'b' (str)``, ``a list of 5000000 entries (float)``."""
+
     def kind(value: Any) -> str:
         return value.global_name if isinstance(value, Inert) else type(value).__name__
 
@@ -252,6 +291,7 @@ def describe(obj: Any, limit: int = 4) -> str:
         return f"a dict of {len(obj)} entries{': ' if obj else ''}{shown}{more}"
     if isinstance(obj, (list, tuple)):
         kinds = sorted({kind(v) for v in obj[:1000]})
-        return (f"a {type(obj).__name__} of {len(obj)} entries"
-                + (f" ({', '.join(kinds[:limit])})" if kinds else ""))
+        return f"a {type(obj).__name__} of {len(obj)} entries" + (
+            f" ({', '.join(kinds[:limit])})" if kinds else ""
+        )
     return kind(obj)

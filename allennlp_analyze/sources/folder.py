@@ -9,6 +9,7 @@ file picked by a format's folder globs, formats in the registry's order
 ``*.tar.gz``, one ``*.npz`` or one ``*.npy``...).
 Several candidates of the same format are refused rather than guessed between.
 """
+
 from pathlib import Path
 from typing import Optional
 
@@ -27,8 +28,9 @@ HF_NAMES = (
 )
 
 
-def open_folder(folder: Path, label: Optional[str] = None,
-                checkpoint_key: Optional[str] = None) -> WeightSource:
+def open_folder(
+    folder: Path, label: Optional[str] = None, checkpoint_key: Optional[str] = None
+) -> WeightSource:
     folder = Path(folder)
     label = label or folder.resolve().name
     if is_adapter_folder(folder):
@@ -39,13 +41,15 @@ def open_folder(folder: Path, label: Optional[str] = None,
         if (folder / name).is_file():
             return registry.get(format_name).opener(folder / name, label, checkpoint_key)
     for fmt in registry.FORMATS:
-        found = sorted({p for pattern in fmt.folder_globs for p in folder.glob(pattern)
-                        if p.is_file()})
+        found = sorted(
+            {p for pattern in fmt.folder_globs for p in folder.glob(pattern) if p.is_file()}
+        )
         if len(found) == 1:
             return fmt.opener(found[0], label, checkpoint_key)
         if len(found) > 1:
             names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
-            raise AnalyzeError(f"{folder} holds several weight files ({names}); "
-                               "name the one to analyze")
+            raise AnalyzeError(
+                f"{folder} holds several weight files ({names}); name the one to analyze"
+            )
     looked = ", ".join(["best.th", "weights.th", "model_state_*.th"] + registry.folder_globs())
     raise AnalyzeError(f"{folder} holds no model weights (looked for {looked})")

@@ -26,6 +26,7 @@ file's head counts), so that a record's matrix equals the source checkpoint's el
 
 Needs the optional ``gguf`` package (``pip install allennlp-analyze[gguf]``).
 """
+
 import functools
 import mmap
 import os
@@ -51,19 +52,47 @@ MAX_STRING = 16 * 2**20
 MAX_ARRAY_DEPTH = 4
 #: Architectures whose attn_q / attn_k rows llama.cpp's ``convert_hf_to_gguf.py`` permutes with
 #: ``LlamaModel.permute`` (heads' halves interleaved for its rotary embedding).
-PERMUTED_ARCHITECTURES = frozenset({"llama", "deci", "granite", "granitemoe", "minicpm", "arctic",
-                                    "olmo", "chameleon", "deepseek", "bailingmoe"})
+PERMUTED_ARCHITECTURES = frozenset(
+    {
+        "llama",
+        "deci",
+        "granite",
+        "granitemoe",
+        "minicpm",
+        "arctic",
+        "olmo",
+        "chameleon",
+        "deepseek",
+        "bailingmoe",
+    }
+)
 #: Byte size of GGUF's fixed-size metadata value types (by type number).
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-           11: "<q", 12: "<d"}
+_SCALAR = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 #: GGML types read as plain arrays: type number -> (numpy storage, dtype name); integer
 #: tensors are listed (and left out as not floating-point).
 _FLOATS: Dict[int, Tuple[np.dtype, str]] = {
-    0: (np.dtype("<f4"), "float32"), 1: (np.dtype("<f2"), "float16"),
-    28: (np.dtype("<f8"), "float64"), 30: (np.dtype("<u2"), "bfloat16"),
-    24: (np.dtype("i1"), "int8"), 25: (np.dtype("<i2"), "int16"),
-    26: (np.dtype("<i4"), "int32"), 27: (np.dtype("<i8"), "int64")}
+    0: (np.dtype("<f4"), "float32"),
+    1: (np.dtype("<f2"), "float16"),
+    28: (np.dtype("<f8"), "float64"),
+    30: (np.dtype("<u2"), "bfloat16"),
+    24: (np.dtype("i1"), "int8"),
+    25: (np.dtype("<i2"), "int16"),
+    26: (np.dtype("<i4"), "int32"),
+    27: (np.dtype("<i8"), "int64"),
+}
 
 
 @dataclass(frozen=True)
@@ -113,8 +142,9 @@ class _Cursor:
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise self.fail(f"{what} at byte {self.pos} runs past the end of the file "
-                            f"({self.size} bytes)")
+            raise self.fail(
+                f"{what} at byte {self.pos} runs past the end of the file ({self.size} bytes)"
+            )
 
     def unpack(self, fmt: str, what: str):
         n = struct.calcsize(fmt)
@@ -128,7 +158,7 @@ class _Cursor:
         if n > MAX_STRING:
             raise self.fail(f"{what} claims {n} bytes (more than {MAX_STRING})")
         self.need(n, what)
-        raw = bytes(self.buf[self.pos:self.pos + n]) if keep else b""
+        raw = bytes(self.buf[self.pos : self.pos + n]) if keep else b""
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
@@ -141,8 +171,15 @@ class _Cursor:
             raise self.fail(f"{what} has value type {vtype}, unknown or nested too deep")
         itype = self.unpack("<I", f"item type of {what}")
         count = self.unpack("<Q", f"length of {what}")
-        least = struct.calcsize(_SCALAR[itype]) if itype in _SCALAR else \
-            8 if itype == _STRING else 12 if itype == _ARRAY else None
+        least = (
+            struct.calcsize(_SCALAR[itype])
+            if itype in _SCALAR
+            else 8
+            if itype == _STRING
+            else 12
+            if itype == _ARRAY
+            else None
+        )
         if least is None:
             raise self.fail(f"{what} holds items of unknown type {itype}")
         self.need(count * least, f"{what} ({count} items)")
@@ -178,8 +215,11 @@ def _scan(c: _Cursor) -> Header:
     version = c.unpack("<I", "version")
     if version not in (2, 3):
         swapped = struct.unpack("<I", struct.pack(">I", version))[0]
-        raise c.fail("big-endian files are not supported" if swapped in (2, 3)
-                     else f"version {version} (2 and 3 are read)")
+        raise c.fail(
+            "big-endian files are not supported"
+            if swapped in (2, 3)
+            else f"version {version} (2 and 3 are read)"
+        )
     n_tensors = c.unpack("<Q", "tensor count")
     n_kv = c.unpack("<Q", "key-value count")
     # every pair takes >= 13 bytes, every tensor info >= 32: refuse absurd counts up front
@@ -192,8 +232,12 @@ def _scan(c: _Cursor) -> Header:
             raise c.fail(f"metadata key {key!r} appears twice")
         metadata[key] = c.value(vtype, repr(key))
     alignment = metadata.get("general.alignment", 32)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1) \
-            or alignment > 2**20:
+    if (
+        not isinstance(alignment, int)
+        or alignment <= 0
+        or alignment & (alignment - 1)
+        or alignment > 2**20
+    ):
         raise c.fail(f"general.alignment {alignment!r} is not a power of two up to 2**20")
     infos = []
     for _ in range(n_tensors):
@@ -209,8 +253,9 @@ def _scan(c: _Cursor) -> Header:
     return Header(version, metadata, [_entry(c, data_start, *i) for i in infos], c.size)
 
 
-def _entry(c: _Cursor, data_start: int, name: str, ne: Tuple[int, ...], qtype: int,
-           offset: int) -> TensorEntry:
+def _entry(
+    c: _Cursor, data_start: int, name: str, ne: Tuple[int, ...], qtype: int, offset: int
+) -> TensorEntry:
     """A tensor info checked against the file: a shape whose size fits the file, whole blocks
     per row, data inside the file."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -228,12 +273,16 @@ def _entry(c: _Cursor, data_start: int, name: str, ne: Tuple[int, ...], qtype: i
     except (ValueError, KeyError):
         return TensorEntry(name, ne, qtype, start, None)
     if ne[0] % block:
-        raise c.fail(f"tensor {name!r}: row length {ne[0]} is not a multiple of its "
-                     f"{GGMLQuantizationType(qtype).name} block size {block}")
+        raise c.fail(
+            f"tensor {name!r}: row length {ne[0]} is not a multiple of its "
+            f"{GGMLQuantizationType(qtype).name} block size {block}"
+        )
     nbytes = count // block * type_size
     if start + nbytes > c.size:
-        raise c.fail(f"tensor {name!r} ({nbytes} bytes at byte {start}) runs past the end of "
-                     f"the file ({c.size} bytes): truncated")
+        raise c.fail(
+            f"tensor {name!r} ({nbytes} bytes at byte {start}) runs past the end of "
+            f"the file ({c.size} bytes): truncated"
+        )
     return TensorEntry(name, ne, qtype, start, nbytes)
 
 
@@ -291,8 +340,14 @@ class GGUFMatrix:
     QuantizedMatrix`): ``raw`` the stored rows (out x bytes per row, a view of the mapped
     file), ``order`` the stored row of each row of the matrix (None: the same)."""
 
-    def __init__(self, raw: np.ndarray, qtype: int, cols: int, order: Optional[np.ndarray],
-                 bound_reason: Optional[str]):
+    def __init__(
+        self,
+        raw: np.ndarray,
+        qtype: int,
+        cols: int,
+        order: Optional[np.ndarray],
+        bound_reason: Optional[str],
+    ):
         from .quant.gguf_blocks import block_type
 
         t = block_type(qtype)
@@ -329,17 +384,24 @@ class GGUFMatrix:
         chunk = max(1, (1 << 22) // max(1, (b1 - b0) * self._block))
         for a in range(0, self.shape[0], chunk):
             raw = self._stored(a, min(a + chunk, self.shape[0]))
-            d = decode(self.qtype, raw[:, b0 * self._type_size:b1 * self._type_size],
-                       self.bound_reason is None)
-            parts.append(DecodedRows(d.values[:, cut], d.step[:, cut],
-                                     None if d.worst is None else d.worst[:, cut]))
+            d = decode(
+                self.qtype,
+                raw[:, b0 * self._type_size : b1 * self._type_size],
+                self.bound_reason is None,
+            )
+            parts.append(
+                DecodedRows(
+                    d.values[:, cut], d.step[:, cut], None if d.worst is None else d.worst[:, cut]
+                )
+            )
         if len(parts) == 1:
             return parts[0]
-        worst = [p.worst for p in parts]
-        return DecodedRows(np.concatenate([p.values for p in parts]),
-                           np.concatenate([p.step for p in parts]),
-                           None if any(w is None for w in worst)
-                           else np.concatenate(worst))  # type: ignore[arg-type]
+        worst = [p.worst for p in parts if p.worst is not None]
+        return DecodedRows(
+            np.concatenate([p.values for p in parts]),
+            np.concatenate([p.step for p in parts]),
+            np.concatenate(worst) if len(worst) == len(parts) else None,
+        )
 
 
 _EXPERTS = re.compile(r"_exps\.(weight|bias)$")
@@ -356,17 +418,22 @@ class GGUFSource:
         try:
             import gguf  # noqa: F401
         except ImportError:
-            raise AnalyzeError(f"{self.path}: reading GGUF files needs the gguf package "
-                               "(pip install 'allennlp-analyze[gguf]')") from None
+            raise AnalyzeError(
+                f"{self.path}: reading GGUF files needs the gguf package "
+                "(pip install 'allennlp-analyze[gguf]')"
+            ) from None
         header = scan(self.path)
         meta = header.metadata
         self.metadata = meta
         arch = str(meta.get("general.architecture", ""))
         blocks = meta.get(f"{arch}.block_count", 0)
-        names = hf_names(arch, blocks if isinstance(blocks, int) else 0,
-                         [t.name for t in header.tensors])
-        self._heads = (meta.get(f"{arch}.attention.head_count"),
-                       meta.get(f"{arch}.attention.head_count_kv"))
+        names = hf_names(
+            arch, blocks if isinstance(blocks, int) else 0, [t.name for t in header.tensors]
+        )
+        self._heads = (
+            meta.get(f"{arch}.attention.head_count"),
+            meta.get(f"{arch}.attention.head_count_kv"),
+        )
         self._permuted = arch in PERMUTED_ARCHITECTURES
         self._imatrix = any(k.startswith("quantize.imatrix") for k in meta)
         self._infos: List[TensorInfo] = []
@@ -388,18 +455,43 @@ class GGUFSource:
         module = "Embedding" if stem in _EMBEDDING else "Linear" if len(shape) >= 2 else None
         if len(shape) == 3 and _EXPERTS.search(t.name):
             for e in range(shape[0]):
-                expert = name.replace("experts.", f"experts.{e}.", 1) if "experts." in name \
+                expert = (
+                    name.replace("experts.", f"experts.{e}.", 1)
+                    if "experts." in name
                     else f"{name}[{e}]"
-                self._put(TensorInfo(expert, shape[1:], dtype, module, quantized=quantized,
-                                     stored_name=f"{t.name}[{e}]"), t, e)
+                )
+                self._put(
+                    TensorInfo(
+                        expert,
+                        shape[1:],
+                        dtype,
+                        module,
+                        quantized=quantized,
+                        stored_name=f"{t.name}[{e}]",
+                    ),
+                    t,
+                    e,
+                )
             return
-        self._put(TensorInfo(name, shape, dtype, module, quantized=quantized,
-                             stored_name=t.name if name != t.name else None), t, None)
+        self._put(
+            TensorInfo(
+                name,
+                shape,
+                dtype,
+                module,
+                quantized=quantized,
+                stored_name=t.name if name != t.name else None,
+            ),
+            t,
+            None,
+        )
 
     def _put(self, info: TensorInfo, t: TensorEntry, expert: Optional[int]) -> None:
         if info.name in self._where:
-            raise AnalyzeError(f"{self.path}: two tensors named {info.name!r}"
-                               f" (stored as {info.stored_name or info.name!r})")
+            raise AnalyzeError(
+                f"{self.path}: two tensors named {info.name!r}"
+                f" (stored as {info.stored_name or info.name!r})"
+            )
         self._infos.append(info)
         self._where[info.name] = (t, expert)
 
@@ -411,8 +503,9 @@ class GGUFSource:
             try:
                 self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
             except OSError as e:
-                raise AnalyzeError(f"cannot read {self.path}: {e.strerror or one_line(e)}") \
-                    from None
+                raise AnalyzeError(
+                    f"cannot read {self.path}: {e.strerror or one_line(e)}"
+                ) from None
         return self._data
 
     def load(self, name: str):
@@ -423,7 +516,7 @@ class GGUFSource:
             raise AnalyzeError(f"{self.path} has no tensor named {name!r}")
         t, expert = found
         nbytes = t.nbytes or 0  # listed tensors all have a size
-        raw = self._map()[t.start:t.start + nbytes]
+        raw = self._map()[t.start : t.start + nbytes]
         shape = tuple(reversed(t.ne))
         order = self._row_order(t, shape)
         if t.qtype in _FLOATS:
@@ -435,27 +528,35 @@ class GGUFSource:
             if t.qtype == 30:
                 from gguf import GGMLQuantizationType, quants
 
-                array = quants.dequantize(np.asarray(array).view(np.uint8),
-                                          GGMLQuantizationType.BF16)
+                array = quants.dequantize(
+                    np.asarray(array).view(np.uint8), GGMLQuantizationType.BF16
+                )
             return np.array(array)
         rows = raw.reshape(-1, nbytes // max(1, t.count // t.ne[0]))  # stored rows x bytes
         if expert is not None:
-            rows = rows[expert * shape[1]:(expert + 1) * shape[1]]
+            rows = rows[expert * shape[1] : (expert + 1) * shape[1]]
         from .quant.gguf_blocks import IMATRIX_REASON
 
-        return GGUFMatrix(rows, t.qtype, shape[-1], order,
-                          IMATRIX_REASON if self._imatrix else None)
+        return GGUFMatrix(
+            rows, t.qtype, shape[-1], order, IMATRIX_REASON if self._imatrix else None
+        )
 
     def _row_order(self, t: TensorEntry, shape: Tuple[int, ...]) -> Optional[np.ndarray]:
         """Inverse of llama.cpp's head permutation for attn_q / attn_k (module docstring)."""
         stem = t.name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
-        if not self._permuted or stem not in ("attn_q", "attn_k") or len(shape) != 2 \
-                or not t.name.endswith(".weight"):
+        if (
+            not self._permuted
+            or stem not in ("attn_q", "attn_k")
+            or len(shape) != 2
+            or not t.name.endswith(".weight")
+        ):
             return None
         heads = self._heads[1] if stem == "attn_k" and self._heads[1] else self._heads[0]
         if not isinstance(heads, int) or heads <= 0 or shape[0] % (2 * heads):
-            raise AnalyzeError(f"{self.path}: {t.name} has {shape[0]} rows, not a whole "
-                               f"number of head pairs for {heads!r} heads")
+            raise AnalyzeError(
+                f"{self.path}: {t.name} has {shape[0]} rows, not a whole "
+                f"number of head pairs for {heads!r} heads"
+            )
         return np.argsort(head_permutation(shape[0], heads))
 
     def __repr__(self) -> str:

@@ -19,6 +19,7 @@ Resolution, for a name that is not an existing local path (a local path always w
 The environment is read when a source is opened (not when ``huggingface_hub`` was imported).
 An id that is neither cached nor reachable is one :class:`AnalyzeError` line.
 """
+
 import contextlib
 import fnmatch
 import os
@@ -47,9 +48,14 @@ def parse_hub_id(text: str) -> Optional[Tuple[str, Optional[str]]]:
         return None
     repo = m.group("repo")
     org, name = repo.split("/")
-    if ("--" in repo or ".." in repo or len(name) > 96 or repo.endswith(".git")
-            or repo.lower().endswith((".json",) + registry.suffixes())  # a file: a path
-            or any(part[i] in ".-" for part in (org, name) for i in (0, -1))):
+    if (
+        "--" in repo
+        or ".." in repo
+        or len(name) > 96
+        or repo.endswith(".git")
+        or repo.lower().endswith((".json",) + registry.suffixes())  # a file: a path
+        or any(part[i] in ".-" for part in (org, name) for i in (0, -1))
+    ):
         return None
     return repo, m.group("revision")
 
@@ -72,8 +78,7 @@ def hub_cache_dir() -> Path:
 def offline(hub) -> bool:
     """Whether downloads are forbidden: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set now
     or when ``huggingface_hub`` was imported (it then refuses every request)."""
-    return _env_flag("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") or bool(
-        hub.constants.HF_HUB_OFFLINE)
+    return _env_flag("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") or bool(hub.constants.HF_HUB_OFFLINE)
 
 
 def _timeout() -> float:
@@ -90,13 +95,16 @@ def _import_hub(text: str):
         import huggingface_hub.constants  # noqa: F401  (lazily loaded attributes otherwise)
         import huggingface_hub.utils  # noqa: F401
     except ImportError:
-        raise AnalyzeError(f"{text} is not a local path; reading it as a Hugging Face hub id "
-                           "needs huggingface_hub: pip install 'allennlp-analyze[hub]'") from None
+        raise AnalyzeError(
+            f"{text} is not a local path; reading it as a Hugging Face hub id "
+            "needs huggingface_hub: pip install 'allennlp-analyze[hub]'"
+        ) from None
     return huggingface_hub
 
 
-def open_hub(text: str, progress: Optional[bool] = None,
-             checkpoint_key: Optional[str] = None) -> WeightSource:
+def open_hub(
+    text: str, progress: Optional[bool] = None, checkpoint_key: Optional[str] = None
+) -> WeightSource:
     """The weights of hub id ``text`` (``ORG/NAME[@REVISION]``), labelled ``text``: its
     snapshot folder opened as any local folder (:func:`~allennlp_analyze.sources.open_path`)."""
     return open_path(resolve_hub(text, progress), label=text, checkpoint_key=checkpoint_key)
@@ -107,8 +115,9 @@ def resolve_hub(text: str, progress: Optional[bool] = None) -> Path:
     it is not cached (and downloads are allowed). Raises :class:`AnalyzeError`."""
     parsed = parse_hub_id(text)
     if parsed is None:
-        raise AnalyzeError(f"{text} is neither a local path nor a Hugging Face hub id "
-                           "(ORG/NAME[@REVISION])")
+        raise AnalyzeError(
+            f"{text} is neither a local path nor a Hugging Face hub id (ORG/NAME[@REVISION])"
+        )
     repo, revision = parsed
     hub = _import_hub(text)
     cache = hub_cache_dir()
@@ -116,20 +125,26 @@ def resolve_hub(text: str, progress: Optional[bool] = None) -> Path:
     if folder is not None and why is None:
         return folder
     if offline(hub):
-        where = f"its cached snapshot {folder} is unusable: {why}" if folder else \
-            f"it is not in the Hugging Face cache {cache}"
-        raise AnalyzeError(f"{text} is not a local path, and {where}; HF_HUB_OFFLINE forbids "
-                           "downloading it")
+        where = (
+            f"its cached snapshot {folder} is unusable: {why}"
+            if folder
+            else f"it is not in the Hugging Face cache {cache}"
+        )
+        raise AnalyzeError(
+            f"{text} is not a local path, and {where}; HF_HUB_OFFLINE forbids downloading it"
+        )
     return _download(hub, text, repo, revision, cache, progress)
 
 
-def _cached(hub, repo: str, revision: Optional[str], cache: Path
-            ) -> Tuple[Optional[Path], Optional[str]]:
+def _cached(
+    hub, repo: str, revision: Optional[str], cache: Path
+) -> Tuple[Optional[Path], Optional[str]]:
     """``(snapshot folder, None)`` when the cache holds usable weights of ``repo`` at
     ``revision``; ``(folder, why not)`` for a snapshot without them; ``(None, None)`` if none."""
     try:
-        folder = hub.snapshot_download(repo, revision=revision, cache_dir=str(cache),
-                                       local_files_only=True)
+        folder = hub.snapshot_download(
+            repo, revision=revision, cache_dir=str(cache), local_files_only=True
+        )
     except (hub.utils.LocalEntryNotFoundError, FileNotFoundError):
         return None, None
     except (hub.utils.HFValidationError, ValueError) as e:
@@ -169,12 +184,20 @@ def refused_listing(names: List[str]) -> Optional[Unsupported]:
     """The format that is recognised but not read (no reader registered) of a repository listing
     whose top-level files match its folder globs (a repository of ``.gguf`` files), if any."""
     top = [n for n in names if "/" not in n]
-    return next((u for u in UNSUPPORTED if not registry.get(u.key).readable and any(
-        fnmatch.fnmatch(n, g) for n in top for g in u.folder_globs)), None)
+    return next(
+        (
+            u
+            for u in UNSUPPORTED
+            if not registry.get(u.key).readable
+            and any(fnmatch.fnmatch(n, g) for n in top for g in u.folder_globs)
+        ),
+        None,
+    )
 
 
-def _download(hub, text: str, repo: str, revision: Optional[str], cache: Path,
-              progress: Optional[bool]) -> Path:
+def _download(
+    hub, text: str, repo: str, revision: Optional[str], cache: Path, progress: Optional[bool]
+) -> Path:
     """Fetch ``config.json`` and the weight files of ``repo`` at ``revision`` into ``cache``."""
     endpoint = os.environ.get("HF_ENDPOINT") or None
     timeout = _timeout()
@@ -186,25 +209,40 @@ def _download(hub, text: str, repo: str, revision: Optional[str], cache: Path,
             refused = refused_listing(names)
             if refused is not None:  # only a format that is not read: named, nothing fetched
                 raise AnalyzeError(refused.message(f"{text}: the repository's weights file"))
-            raise AnalyzeError(f"{text}: the Hugging Face repository holds no weight files "
-                               "(looked for *.safetensors, pytorch_model.bin, *.th/*.pt/*.bin, "
-                               "*.tar.gz)")
+            raise AnalyzeError(
+                f"{text}: the Hugging Face repository holds no weight files "
+                "(looked for *.safetensors, pytorch_model.bin, *.th/*.pt/*.bin, "
+                "*.tar.gz)"
+            )
         with _progress(hub, progress):
             for index in (f for f in files if f.endswith(".index.json")):
-                path = hub.hf_hub_download(repo, index, revision=info.sha, cache_dir=str(cache),
-                                           endpoint=endpoint, etag_timeout=timeout)
-                files += [s for s in dict.fromkeys(read_index(Path(path)).values())
-                          if s not in files]
-            folder = hub.snapshot_download(repo, revision=revision, cache_dir=str(cache),
-                                           allow_patterns=files, endpoint=endpoint,
-                                           etag_timeout=timeout)
+                path = hub.hf_hub_download(
+                    repo,
+                    index,
+                    revision=info.sha,
+                    cache_dir=str(cache),
+                    endpoint=endpoint,
+                    etag_timeout=timeout,
+                )
+                files += [
+                    s for s in dict.fromkeys(read_index(Path(path)).values()) if s not in files
+                ]
+            folder = hub.snapshot_download(
+                repo,
+                revision=revision,
+                cache_dir=str(cache),
+                allow_patterns=files,
+                endpoint=endpoint,
+                etag_timeout=timeout,
+            )
     except AnalyzeError:
         raise
     except KeyboardInterrupt:
         raise
     except Exception as e:
-        raise AnalyzeError(f"{text} is not a local path, and not cached; {_reason(hub, e)}"
-                           ) from None
+        raise AnalyzeError(
+            f"{text} is not a local path, and not cached; {_reason(hub, e)}"
+        ) from None
     return Path(folder)
 
 
@@ -216,16 +254,23 @@ def _reason(hub, error: BaseException) -> str:
     if isinstance(error, errors.GatedRepoError):
         return "the model is gated on the Hugging Face hub: accept its terms and log in"
     if isinstance(error, errors.RepositoryNotFoundError):
-        return ("the Hugging Face hub has no such model (or it is private: log in with "
-                "`huggingface-cli login`)")
+        return (
+            "the Hugging Face hub has no such model (or it is private: log in with "
+            "`huggingface-cli login`)"
+        )
     text = one_line(error)
     cause = error.__cause__ or error.__context__
     if cause is not None:
         text += " " + one_line(cause)
-    for pattern, reason in ((r"[Tt]imed? ?out|timeout", "timed out"),
-                            (r"Connection refused", "connection refused"),
-                            (r"Name or service not known|nodename nor servname|"
-                             r"Temporary failure in name resolution|getaddrinfo", "unknown host")):
+    for pattern, reason in (
+        (r"[Tt]imed? ?out|timeout", "timed out"),
+        (r"Connection refused", "connection refused"),
+        (
+            r"Name or service not known|nodename nor servname|"
+            r"Temporary failure in name resolution|getaddrinfo",
+            "unknown host",
+        ),
+    ):
         if re.search(pattern, text) or re.search(pattern, type(error).__name__):
             return f"cannot reach the Hugging Face hub: {reason}"
     status = getattr(getattr(error, "response", None), "status_code", None)

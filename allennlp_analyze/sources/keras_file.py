@@ -32,6 +32,7 @@ data are read through h5py after a memory check. Whatever h5py raises on a corru
 files: a global-heap object of a legacy ``model_config``); only a separate process with a
 deadline would bound that.
 """
+
 import io
 import mmap
 import os
@@ -51,8 +52,16 @@ from ..checkpoint_config import MAX_CONFIG_BYTES, load_config
 from ..errors import AnalyzeError, one_line
 from ..tensors import TensorInfo
 from ._common import MappedSource, map_file, natural_key, safe_relative, zip_member_data
-from .keras_layers import (Layer, Placement, class_of_key, contradiction, layer_configs,
-                           layer_keys, place, variable_names)
+from .keras_layers import (
+    Layer,
+    Placement,
+    class_of_key,
+    contradiction,
+    layer_configs,
+    layer_keys,
+    place,
+    variable_names,
+)
 from .safetensors_file import widen
 
 SUFFIXES = (".keras", ".weights.h5", ".h5", ".hdf5")
@@ -70,8 +79,10 @@ _HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeE
 #: Keras's opaque HDF5 types (named by the dataset's ``dtype`` attribute): the numpy dtype of
 #: their bits and the safetensors code that widens them to float32, exactly.
 _OPAQUE: Dict[str, Tuple[np.dtype, str]] = {
-    "bfloat16": (np.dtype("<u2"), "BF16"), "float8_e4m3fn": (np.dtype("u1"), "F8_E4M3"),
-    "float8_e5m2": (np.dtype("u1"), "F8_E5M2")}
+    "bfloat16": (np.dtype("<u2"), "BF16"),
+    "float8_e4m3fn": (np.dtype("u1"), "F8_E4M3"),
+    "float8_e5m2": (np.dtype("u1"), "F8_E5M2"),
+}
 
 
 @dataclass
@@ -125,8 +136,9 @@ def _h5py():
     try:
         import h5py
     except ImportError:
-        raise AnalyzeError("reading Keras files needs h5py "
-                           "(pip install 'allennlp-analyze[keras]')") from None
+        raise AnalyzeError(
+            "reading Keras files needs h5py (pip install 'allennlp-analyze[keras]')"
+        ) from None
     return h5py
 
 
@@ -160,7 +172,7 @@ class _Window(io.RawIOBase):
 
     def readinto(self, b) -> int:
         n = max(0, min(len(b), self._size - self._pos))
-        b[:n] = self._view[self._start + self._pos:self._start + self._pos + n]
+        b[:n] = self._view[self._start + self._pos : self._start + self._pos + n]
         self._pos += n
         return n
 
@@ -187,16 +199,24 @@ class KerasSource(MappedSource):
         try:
             self._h5 = h5py.File(_Window(buffer, start, size), "r")
         except _HDF5_ERRORS as e:
-            raise AnalyzeError(f"{where} is not a readable HDF5 file "
-                               f"({one_line(e)[:300]})") from None
+            raise AnalyzeError(
+                f"{where} is not a readable HDF5 file ({one_line(e)[:300]})"
+            ) from None
         self._buffer, self._start, self._size, self._where = buffer, start, size, where
         try:  # HDF5's own checks of a corrupt file surface as any of these, anywhere
             walk = self._walk(config, zipped)
         except _HDF5_ERRORS as e:
             raise AnalyzeError(f"{where} is corrupt HDF5 ({one_line(e)[:300]})") from None
-        infos = [TensorInfo(name, v.placement.shape(v.shape), _dtype_name(v),
-                            v.placement.module_type, parts=v.placement.parts)
-                 for name, v in walk.variables.items()]
+        infos = [
+            TensorInfo(
+                name,
+                v.placement.shape(v.shape),
+                _dtype_name(v),
+                v.placement.module_type,
+                parts=v.placement.parts,
+            )
+            for name, v in walk.variables.items()
+        ]
         super().__init__(label or self.path.name, origin, walk.variables, infos)
 
     def _walk(self, config: Optional[Mapping], zipped: bool) -> "_Walk":
@@ -204,8 +224,10 @@ class KerasSource(MappedSource):
         beside an HDF5 file) in ``self.config``."""
         layout = _layout(self._h5)
         if layout is None:
-            raise AnalyzeError(f"{self._where} is an HDF5 file but not Keras weights (no "
-                               "'layers', 'vars' or 'layer_names')")
+            raise AnalyzeError(
+                f"{self._where} is an HDF5 file but not Keras weights (no "
+                "'layers', 'vars' or 'layer_names')"
+            )
         if layout == "legacy":
             config = _legacy_config(self._h5, self._where)
         if config is None and not zipped:
@@ -231,11 +253,15 @@ class KerasSource(MappedSource):
         members: Dict[str, zipfile.ZipInfo] = {}
         for info in infos:
             if not safe_relative(info.filename):
-                raise AnalyzeError(f"{origin} holds a member {info.filename!r} that leaves the "
-                                   "archive's folder: refused")
+                raise AnalyzeError(
+                    f"{origin} holds a member {info.filename!r} that leaves the "
+                    "archive's folder: refused"
+                )
             if info.filename in members:
-                raise AnalyzeError(f"{origin} holds two members named {info.filename!r} "
-                                   "(ambiguous: which one is meant?)")
+                raise AnalyzeError(
+                    f"{origin} holds two members named {info.filename!r} "
+                    "(ambiguous: which one is meant?)"
+                )
             members[info.filename] = info
         weights, cfg = members.get(WEIGHTS_MEMBER), members.get("config.json")
         if weights is None:
@@ -243,8 +269,10 @@ class KerasSource(MappedSource):
         config = None
         if cfg is not None:
             if cfg.file_size > MAX_CONFIG_BYTES:
-                raise AnalyzeError(f"{origin}: its config.json declares {cfg.file_size} bytes, "
-                                   f"more than {MAX_CONFIG_BYTES}: refused")
+                raise AnalyzeError(
+                    f"{origin}: its config.json declares {cfg.file_size} bytes, "
+                    f"more than {MAX_CONFIG_BYTES}: refused"
+                )
             config = _parse_config(self._read_member(zf, buffer, cfg, origin), origin)
         try:
             data, start = zip_member_data(buffer, weights)
@@ -263,8 +291,9 @@ class KerasSource(MappedSource):
             with zf.open(info) as f:
                 return f.read(MAX_CONFIG_BYTES + 1)
         except (ValueError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
-            raise AnalyzeError(f"{origin}: member {info.filename} is unreadable "
-                               f"({one_line(e)})") from None
+            raise AnalyzeError(
+                f"{origin}: member {info.filename} is unreadable ({one_line(e)})"
+            ) from None
 
     @staticmethod
     def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, origin: str):
@@ -279,22 +308,26 @@ class KerasSource(MappedSource):
                 raise AnalyzeError(f"{origin}: its {WEIGHTS_MEMBER} is empty")
         except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
             temp.close()
-            raise AnalyzeError(f"{origin}: member {WEIGHTS_MEMBER} is unreadable "
-                               f"({one_line(e)})") from None
+            raise AnalyzeError(
+                f"{origin}: member {WEIGHTS_MEMBER} is unreadable ({one_line(e)})"
+            ) from None
         return temp
 
     def _read(self, name: str, v: _Variable) -> np.ndarray:
         try:
             if v.offset is None:
-                limits.check_memory(prod(v.shape) * v.dtype.itemsize,
-                                    f"reading {name} of {self._origin}")
+                limits.check_memory(
+                    prod(v.shape) * v.dtype.itemsize, f"reading {name} of {self._origin}"
+                )
                 raw = np.asarray(self._h5[v.path][()]).view(v.dtype)
             else:
-                raw = np.frombuffer(self._buffer, dtype=v.dtype, count=prod(v.shape),
-                                    offset=self._start + v.offset).reshape(v.shape)
+                raw = np.frombuffer(
+                    self._buffer, dtype=v.dtype, count=prod(v.shape), offset=self._start + v.offset
+                ).reshape(v.shape)
         except _HDF5_ERRORS as e:
-            raise AnalyzeError(f"cannot read {name!r} of {self._where}: "
-                               f"{one_line(e)[:300]}") from None
+            raise AnalyzeError(
+                f"cannot read {name!r} of {self._where}: {one_line(e)[:300]}"
+            ) from None
         if not raw.dtype.isnative:
             raw = raw.astype(raw.dtype.newbyteorder("="))
         elif not raw.flags.aligned:
@@ -308,14 +341,18 @@ def _parse_config(data: bytes, where: str):
     except (UnicodeDecodeError, ValueError) as e:
         raise AnalyzeError(f"{where}: its config is not valid JSON ({one_line(e)})") from None
     if not _is_keras_config(config):
-        raise AnalyzeError(f"{where}: its config is not a Keras model config "
-                           "(no 'class_name' and 'config')")
+        raise AnalyzeError(
+            f"{where}: its config is not a Keras model config (no 'class_name' and 'config')"
+        )
     return config
 
 
 def _is_keras_config(config) -> bool:
-    return isinstance(config, dict) and isinstance(config.get("class_name"), str) \
+    return (
+        isinstance(config, dict)
+        and isinstance(config.get("class_name"), str)
         and isinstance(config.get("config"), (dict, list))
+    )
 
 
 def _legacy_config(h5, where: str):
@@ -327,8 +364,10 @@ def _legacy_config(h5, where: str):
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogateescape")
     if not isinstance(raw, bytes) or len(raw) > MAX_CONFIG_BYTES:
-        raise AnalyzeError(f"{where}: its model_config attribute is not a JSON text of at most "
-                           f"{MAX_CONFIG_BYTES} bytes")
+        raise AnalyzeError(
+            f"{where}: its model_config attribute is not a JSON text of at most "
+            f"{MAX_CONFIG_BYTES} bytes"
+        )
     return _parse_config(raw, where)
 
 
@@ -361,18 +400,24 @@ class _Walk:
     def _children(self, group, path: str, depth: int):
         """``(key, object)`` of a group's members, hard links only, bounded."""
         if depth > MAX_DEPTH:
-            raise AnalyzeError(f"{self.where}: groups nested more than {MAX_DEPTH} levels deep "
-                               f"(at {path[:200]!r}): refused")
+            raise AnalyzeError(
+                f"{self.where}: groups nested more than {MAX_DEPTH} levels deep "
+                f"(at {path[:200]!r}): refused"
+            )
         out = []
         for key in group:
             self.count += 1
             if self.count > limits.MAX_ARCHIVE_MEMBERS:
-                raise AnalyzeError(f"{self.where} holds more than {limits.MAX_ARCHIVE_MEMBERS} "
-                                   "HDF5 objects (not a Keras weights file?)")
+                raise AnalyzeError(
+                    f"{self.where} holds more than {limits.MAX_ARCHIVE_MEMBERS} "
+                    "HDF5 objects (not a Keras weights file?)"
+                )
             link = group.get(key, getlink=True)
             if not isinstance(link, self.h5py.HardLink):
-                raise AnalyzeError(f"{self.where}: {path}/{key} is a link "
-                                   f"({type(link).__name__}), which is not followed")
+                raise AnalyzeError(
+                    f"{self.where}: {path}/{key} is a link "
+                    f"({type(link).__name__}), which is not followed"
+                )
             out.append((key, group[key]))
         return out
 
@@ -383,8 +428,9 @@ class _Walk:
             if not isinstance(node, self.h5py.Group) or part not in node:
                 return None
             if not isinstance(node.get(part, getlink=True), self.h5py.HardLink):
-                raise AnalyzeError(f"{self.where}: {name} is reached through a link, which is "
-                                   "not followed")
+                raise AnalyzeError(
+                    f"{self.where}: {name} is reached through a link, which is not followed"
+                )
             node = node[part]
         return node
 
@@ -392,8 +438,9 @@ class _Walk:
 
     def keras3(self, root) -> None:
         model = self.model_config
-        stack: List[Tuple[Any, str, Tuple[str, ...], Layer, int, Optional[dict]]] = \
-            [(root, "", (), Layer(None, "", model), 0, {})]
+        stack: List[Tuple[Any, str, Tuple[str, ...], Layer, int, Optional[dict]]] = [
+            (root, "", (), Layer(None, "", model), 0, {})
+        ]
         found: List[Tuple[tuple, str, list]] = []
         while stack:
             group, path, names, owner, depth, keyed = stack.pop()
@@ -414,15 +461,18 @@ class _Walk:
                     layer = self._layer(key, named, owner, child_path, keyed)
                     stack.append((obj, child_path, names + (layer.name,), layer, depth + 1, None))
                 else:  # a container (a model's ``layers``)
-                    stack.append((obj, child_path, names, owner, depth + 1,
-                                  layer_keys(owner.config)))
-        found.sort(key=lambda f: [(self.order.get(n, len(self.order)), natural_key(n))
-                                  for n in f[0]])
+                    stack.append(
+                        (obj, child_path, names, owner, depth + 1, layer_keys(owner.config))
+                    )
+        found.sort(
+            key=lambda f: [(self.order.get(n, len(self.order)), natural_key(n)) for n in f[0]]
+        )
         for names, path, ((owner, vars_group),) in found:
             self._variables(names, path, owner, vars_group)
 
-    def _layer(self, key: str, named: Optional[str], parent: Layer, path: str,
-               keyed: Optional[dict]) -> Layer:
+    def _layer(
+        self, key: str, named: Optional[str], parent: Layer, path: str, keyed: Optional[dict]
+    ) -> Layer:
         """The object stored under ``key`` inside ``parent``, named ``named`` (its ``vars``
         attribute; files of Keras versions that wrote none: the config's layer that Keras
         keys so, from its model's layer list, else the key). A model's layer (``keyed``: the
@@ -435,9 +485,11 @@ class _Walk:
         name = named or (configured[1].get("name") if configured else None) or key
         by_key = class_of_key(key, name, parent.class_name)
         if configured is not None and by_key is not None and configured[0] != by_key:
-            raise AnalyzeError(f"{self.where}: the config says layer {name!r} is a "
-                               f"{configured[0]}, but the weights store it as a {by_key} "
-                               f"({path}): the config contradicts the weights")
+            raise AnalyzeError(
+                f"{self.where}: the config says layer {name!r} is a "
+                f"{configured[0]}, but the weights store it as a {by_key} "
+                f"({path}): the config contradicts the weights"
+            )
         if configured is not None:
             return Layer(configured[0], name, configured[1], parent.class_name)
         # a sublayer the config does not list: its own class, the enclosing layer's config
@@ -445,10 +497,13 @@ class _Walk:
 
     def _variables(self, names: tuple, path: str, owner: Layer, group) -> None:
         datasets = [(k, v) for k, v in self._children(group, f"{path}/vars", 0)]
-        if any(not isinstance(v, self.h5py.Dataset) for _, v in datasets) or \
-                sorted(k for k, _ in datasets) != sorted(str(i) for i in range(len(datasets))):
-            raise AnalyzeError(f"{self.where}: {path}/vars holds something other than "
-                               "datasets 0, 1, ... (not Keras 3 weights)")
+        if any(not isinstance(v, self.h5py.Dataset) for _, v in datasets) or sorted(
+            k for k, _ in datasets
+        ) != sorted(str(i) for i in range(len(datasets))):
+            raise AnalyzeError(
+                f"{self.where}: {path}/vars holds something other than "
+                "datasets 0, 1, ... (not Keras 3 weights)"
+            )
         params = variable_names(owner, len(datasets))
         for i, param in enumerate(params):
             self._add(".".join(names + (param,)), group[str(i)], owner, param)
@@ -461,20 +516,25 @@ class _Walk:
         for layer_name in self._names(weights.attrs.get("layer_names"), "layer_names"):
             group = self._lookup(weights, layer_name)
             if not isinstance(group, self.h5py.Group):
-                raise AnalyzeError(f"{self.where}: layer_names lists {layer_name!r}, which is "
-                                   "not a group of the file")
+                raise AnalyzeError(
+                    f"{self.where}: layer_names lists {layer_name!r}, which is "
+                    "not a group of the file"
+                )
             # without a config, a name Keras made up says the class (``dense_1``: Dense)
             cls, cfg = self.configs.get(layer_name, (class_of_key(layer_name, "", None), {}))
             layer = Layer(cls, layer_name, cfg)
-            for weight_name in self._names(group.attrs.get("weight_names"), "weight_names",
-                                           optional=True):
+            for weight_name in self._names(
+                group.attrs.get("weight_names"), "weight_names", optional=True
+            ):
                 dataset = self._lookup(group, weight_name)
                 if not isinstance(dataset, self.h5py.Dataset):
-                    raise AnalyzeError(f"{self.where}: layer {layer_name!r} lists weight "
-                                       f"{weight_name!r}, which is not a dataset of the file")
+                    raise AnalyzeError(
+                        f"{self.where}: layer {layer_name!r} lists weight "
+                        f"{weight_name!r}, which is not a dataset of the file"
+                    )
                 parts = re.sub(r":\d+$", "", weight_name).split("/")
                 if layer_name in parts:  # Keras 3 writes a Sequential's name first
-                    parts = parts[parts.index(layer_name):]
+                    parts = parts[parts.index(layer_name) :]
                 owner = self._legacy_owner(layer, parts)
                 self._add(".".join(parts), dataset, owner, parts[-1])
 
@@ -539,25 +599,32 @@ class _Walk:
         if layout == h5d.CONTIGUOUS:
             offset = dataset.id.get_offset()
             if offset is None:
-                raise AnalyzeError(f"{where} has no data (its {_shape(shape)} values were never "
-                                   "written)")
+                raise AnalyzeError(
+                    f"{where} has no data (its {_shape(shape)} values were never written)"
+                )
             if offset + nbytes > size:
-                raise AnalyzeError(f"{where} is truncated or lies about its size (its "
-                                   f"{_shape(shape)} {dtype.name} values need {nbytes} bytes at "
-                                   f"{offset}, the file has {size})")
+                raise AnalyzeError(
+                    f"{where} is truncated or lies about its size (its "
+                    f"{_shape(shape)} {dtype.name} values need {nbytes} bytes at "
+                    f"{offset}, the file has {size})"
+                )
             return offset
         if layout == h5d.CHUNKED:
             stored = dataset.id.get_storage_size()
             if stored > size:
-                raise AnalyzeError(f"{where} is truncated ({stored} bytes of chunks, the file "
-                                   f"has {size})")
+                raise AnalyzeError(
+                    f"{where} is truncated ({stored} bytes of chunks, the file has {size})"
+                )
             if dcpl.get_nfilters() == 0 and stored < nbytes:
-                raise AnalyzeError(f"{where} has chunks missing ({stored} of its {nbytes} bytes "
-                                   "are stored)")
+                raise AnalyzeError(
+                    f"{where} has chunks missing ({stored} of its {nbytes} bytes are stored)"
+                )
             if nbytes > limits.expanded_limit(stored):
-                raise AnalyzeError(f"{where} would expand to {nbytes} bytes from {stored}, over "
-                                   f"{limits.max_expansion():g}x: refused "
-                                   f"({limits.ENV_MAX_EXPANSION} allows more)")
+                raise AnalyzeError(
+                    f"{where} would expand to {nbytes} bytes from {stored}, over "
+                    f"{limits.max_expansion():g}x: refused "
+                    f"({limits.ENV_MAX_EXPANSION} allows more)"
+                )
         return None
 
 

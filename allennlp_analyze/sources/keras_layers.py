@@ -22,6 +22,7 @@ A layer's config (``config.json`` of a ``.keras`` file, ``model_config`` of a le
 checked against the shapes it implies (units, filters, kernel size, heads): a config that
 contradicts the weights is an :class:`~allennlp_analyze.errors.AnalyzeError`.
 """
+
 import re
 from dataclasses import dataclass
 from math import prod
@@ -30,13 +31,24 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 #: Keras layer classes by the snake-case key Keras 3 files store them under (``dense``,
 #: ``dense_1``: the class name, numbered within its container).
 CLASS_OF_KEY = {
-    "dense": "Dense", "einsum_dense": "EinsumDense", "embedding": "Embedding",
-    "conv1d": "Conv1D", "conv2d": "Conv2D", "conv3d": "Conv3D",
-    "conv1d_transpose": "Conv1DTranspose", "conv2d_transpose": "Conv2DTranspose",
+    "dense": "Dense",
+    "einsum_dense": "EinsumDense",
+    "embedding": "Embedding",
+    "conv1d": "Conv1D",
+    "conv2d": "Conv2D",
+    "conv3d": "Conv3D",
+    "conv1d_transpose": "Conv1DTranspose",
+    "conv2d_transpose": "Conv2DTranspose",
     "conv3d_transpose": "Conv3DTranspose",
-    "lstm": "LSTM", "gru": "GRU", "simple_rnn": "SimpleRNN", "lstm_cell": "LSTMCell",
-    "gru_cell": "GRUCell", "simple_rnn_cell": "SimpleRNNCell", "bidirectional": "Bidirectional",
-    "multi_head_attention": "MultiHeadAttention", "layer_normalization": "LayerNormalization",
+    "lstm": "LSTM",
+    "gru": "GRU",
+    "simple_rnn": "SimpleRNN",
+    "lstm_cell": "LSTMCell",
+    "gru_cell": "GRUCell",
+    "simple_rnn_cell": "SimpleRNNCell",
+    "bidirectional": "Bidirectional",
+    "multi_head_attention": "MultiHeadAttention",
+    "layer_normalization": "LayerNormalization",
     "batch_normalization": "BatchNormalization",
 }
 #: Recurrent layers and their cells: gate names, in Keras's order of the kernel's columns.
@@ -47,8 +59,10 @@ _ATTENTION_KEYS = ("query_dense", "key_dense", "value_dense", "output_dense")
 _ATTENTION_OUTPUT = "attention_output"  # the output projection's name
 #: Variable names in the order Keras creates them (trailing ones optional: no bias).
 _VARIABLES = {
-    **dict.fromkeys(("Dense", "EinsumDense", *(f"Conv{d}D{t}" for d in (1, 2, 3)
-                                                for t in ("", "Transpose"))), ("kernel", "bias")),
+    **dict.fromkeys(
+        ("Dense", "EinsumDense", *(f"Conv{d}D{t}" for d in (1, 2, 3) for t in ("", "Transpose"))),
+        ("kernel", "bias"),
+    ),
     "Embedding": ("embeddings",),
     **dict.fromkeys((*GATES, *_CELLS), ("kernel", "recurrent_kernel", "bias")),
 }
@@ -84,7 +98,7 @@ class Placement:
         shape = tuple(stored[i] for i in self.perm) if self.perm else tuple(stored)
         if self.fold is None:
             return shape
-        return prod(shape[self.fold:]), prod(shape[:self.fold])
+        return prod(shape[self.fold :]), prod(shape[: self.fold])
 
     def apply(self, array):
         """``array`` (as stored) as the analysis sees it: a view where numpy can make one."""
@@ -92,7 +106,7 @@ class Placement:
             array = array.transpose(self.perm)
         if self.fold is None:
             return array
-        return array.reshape(prod(array.shape[:self.fold]), -1).T
+        return array.reshape(prod(array.shape[: self.fold]), -1).T
 
 
 def class_of_key(key: str, name: str, parent: Optional[str]) -> Optional[str]:
@@ -116,8 +130,9 @@ def variable_names(layer: Layer, count: int) -> Tuple[str, ...]:
         return known[:count]
     cfg = layer.config or {}
     if layer.class_name in ("LayerNormalization", "BatchNormalization"):
-        names = tuple(n for n, flag in (("gamma", "scale"), ("beta", "center"))
-                      if cfg.get(flag, True))
+        names = tuple(
+            n for n, flag in (("gamma", "scale"), ("beta", "center")) if cfg.get(flag, True)
+        )
         if layer.class_name == "BatchNormalization":
             names += ("moving_mean", "moving_variance")
         if len(names) == count:
@@ -191,8 +206,11 @@ def place(layer: Layer, param: str, stored: Tuple[int, ...]) -> Placement:
     if recurrent and param in ("kernel", "recurrent_kernel") and n == 2:
         gates = GATES[recurrent]
         rows = stored[1]
-        parts = tuple((g, rows // len(gates)) for g in gates) if gates and rows % len(gates) == 0 \
+        parts = (
+            tuple((g, rows // len(gates)) for g in gates)
+            if gates and rows % len(gates) == 0
             else ()
+        )
         return Placement(recurrent, fold=1, parts=parts)
     if param == "embeddings" and cls == "Embedding":
         return Placement("Embedding")
@@ -210,8 +228,9 @@ def _einsum(layer: Layer, n: int) -> Placement:
         outputs = [i for i in range(n) if i not in inputs]
         if inputs and outputs:
             perm = tuple(inputs + outputs)
-            return Placement("EinsumDense", perm=None if perm == tuple(range(n)) else perm,
-                             fold=len(inputs))
+            return Placement(
+                "EinsumDense", perm=None if perm == tuple(range(n)) else perm, fold=len(inputs)
+            )
     return Placement("EinsumDense", fold=1)
 
 
@@ -222,8 +241,10 @@ def contradiction(layer: Layer, param: str, stored: Tuple[int, ...]) -> Optional
     size = "x".join(map(str, stored)) or "a scalar"
     for axis, (key, value) in expected.items():
         if not -len(stored) <= axis < len(stored) or stored[axis] != value:
-            return f"layer {layer.name!r} ({layer.class_name}) has a {param} of shape {size}, " \
-                   f"but its config says {key} = {value}"
+            return (
+                f"layer {layer.name!r} ({layer.class_name}) has a {param} of shape {size}, "
+                f"but its config says {key} = {value}"
+            )
     return None
 
 
@@ -240,8 +261,13 @@ def _expected(layer: Layer, param: str) -> Dict[int, Tuple[str, int]]:
     if cls == "Dense" and param in ("kernel", "bias") and units:
         out[-1] = ("units", units)
     elif cls == "Embedding" and param == "embeddings":
-        out.update({axis: (key, cfg[key]) for axis, key in ((0, "input_dim"), (1, "output_dim"))
-                    if _int(cfg.get(key))})
+        out.update(
+            {
+                axis: (key, cfg[key])
+                for axis, key in ((0, "input_dim"), (1, "output_dim"))
+                if _int(cfg.get(key))
+            }
+        )
     elif _CONV.match(cls) and param == "kernel":
         if _int(cfg.get("filters")):
             out[-2 if cls.endswith("Transpose") else -1] = ("filters", cfg["filters"])
@@ -259,6 +285,10 @@ def _expected(layer: Layer, param: str) -> Dict[int, Tuple[str, int]]:
         dim = value_dim if layer.name in ("value", _ATTENTION_OUTPUT) else key_dim
         first = 0 if layer.name == _ATTENTION_OUTPUT else 1
         if heads and dim:
-            out.update({first: ("num_heads", heads), first + 1: ("key_dim" if dim == key_dim
-                                                                  else "value_dim", dim)})
+            out.update(
+                {
+                    first: ("num_heads", heads),
+                    first + 1: ("key_dim" if dim == key_dim else "value_dim", dim),
+                }
+            )
     return out

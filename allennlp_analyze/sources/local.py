@@ -1,6 +1,7 @@
 """A local file or folder to its :class:`~allennlp_analyze.tensors.WeightSource`: the format
 from the file's name, else from its content (:mod:`.registry`), a folder by
 :func:`.folder.open_folder`; the ``config.json`` beside it becomes the source's config."""
+
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -15,8 +16,9 @@ from .folder import open_folder
 from .safetensors_file import SafetensorsSource, shard_context
 
 
-def open_path(path: Union[str, os.PathLike], label: Optional[str] = None,
-              checkpoint_key: Optional[str] = None) -> WeightSource:
+def open_path(
+    path: Union[str, os.PathLike], label: Optional[str] = None, checkpoint_key: Optional[str] = None
+) -> WeightSource:
     """Open a local file or folder, choosing the source by name (and by content where the name
     says nothing). ``checkpoint_key`` picks the part of a pickled checkpoint to analyze
     (:mod:`.checkpoint`); other kinds of file ignore it. The ``config.json`` of an archive, or
@@ -25,7 +27,8 @@ def open_path(path: Union[str, os.PathLike], label: Optional[str] = None,
     source = _open_path(Path(path), label, checkpoint_key)
     if getattr(source, "config", None) is None and not isinstance(source, ArchiveSource):
         p = Path(path)
-        source.config = load_config((p if p.is_dir() else p.parent) / "config.json")
+        config = load_config((p if p.is_dir() else p.parent) / "config.json")
+        setattr(source, "config", config)  # noqa: B010 - optional evidence, not in WeightSource
     if isinstance(source, SafetensorsSource):  # one shard of a checkpoint: kinds of the whole
         source.context = shard_context(source.path)
     return source

@@ -27,6 +27,7 @@ Ranks by the analysis's criteria are left out (None; ``rank_note`` says why).
 With ``--base`` the adapter is merged into the base (:class:`MergedSource`): each adapted
 weight W_base + ΔW (DoRA applied) is analyzed in full and compared with the base.
 """
+
 import math
 import re
 from dataclasses import dataclass
@@ -46,9 +47,14 @@ WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
 #: Prefix of the adapter records' names.
 RECORD_PREFIX = "lora:"
-_PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A",
-          ".lora_embedding_B": "B", ".lora_magnitude_vector": "m",
-          ".lora_magnitude_vector.weight": "m"}
+_PARTS = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_embedding_A": "A",
+    ".lora_embedding_B": "B",
+    ".lora_magnitude_vector": "m",
+    ".lora_magnitude_vector.weight": "m",
+}
 
 
 def is_adapter_folder(path: Path) -> bool:
@@ -85,8 +91,9 @@ def _config(folder: Path) -> dict:
     r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
     if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
         raise AnalyzeError(f"{path}: r must be a positive integer (got {r!r})")
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-            and math.isfinite(alpha)):
+    if not (
+        isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
+    ):
         raise AnalyzeError(f"{path}: lora_alpha must be a finite number (got {alpha!r})")
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}
@@ -103,8 +110,10 @@ def rank_and_alpha(config: dict, module: str) -> Tuple[int, float]:
     """r and lora_alpha of ``module`` (its name in the base model) as PEFT 0.13 picks them."""
     keys = chain(config["rank_pattern"], config["alpha_pattern"])
     key = next((k for k in keys if re.match(rf".*\.{k}$", module)), module)
-    return (config["rank_pattern"].get(key, config["r"]),
-            config["alpha_pattern"].get(key, config.get("lora_alpha", config["r"])))
+    return (
+        config["rank_pattern"].get(key, config["r"]),
+        config["alpha_pattern"].get(key, config.get("lora_alpha", config["r"])),
+    )
 
 
 def _open_weights(folder: Path) -> WeightSource:
@@ -132,33 +141,41 @@ class LoraAdapter:
         self._plain: Dict[str, TensorInfo] = {}
         self._keys: Dict[str, str] = {}
         for key, info in infos.items():
-            stripped = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-            found = next(((stripped[:-len(s)], p) for s, p in _PARTS.items()
-                          if stripped.endswith(s)), None)
+            stripped = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+            found = next(
+                ((stripped[: -len(s)], p) for s, p in _PARTS.items() if stripped.endswith(s)), None
+            )
             if found is not None:
                 parts.setdefault(found[0], {})[found[1]] = key
             elif ".lora_" not in stripped:  # lora_B.bias and the like are not weights
-                self._plain[stripped] = TensorInfo(stripped, info.shape, info.dtype,
-                                                   info.module_type)
+                self._plain[stripped] = TensorInfo(
+                    stripped, info.shape, info.dtype, info.module_type
+                )
                 self._keys[stripped] = key
         self.modules = [self._module(m, p, infos) for m, p in sorted(parts.items())]
         self.dora = any(m.magnitude for m in self.modules)
 
-    def _module(self, module: str, parts: Dict[str, str], infos: Dict[str, TensorInfo]
-                ) -> LoraModule:
+    def _module(
+        self, module: str, parts: Dict[str, str], infos: Dict[str, TensorInfo]
+    ) -> LoraModule:
         where = self.folder / CONFIG_NAME
         if "A" not in parts or "B" not in parts:
-            raise AnalyzeError(f"{self.folder}: module {module} lacks its "
-                               f"lora_{'A' if 'A' not in parts else 'B'} tensor")
+            raise AnalyzeError(
+                f"{self.folder}: module {module} lacks its "
+                f"lora_{'A' if 'A' not in parts else 'B'} tensor"
+            )
         a, b = infos[parts["A"]], infos[parts["B"]]
         if len(a.shape) != 2 or len(b.shape) != 2:
-            raise AnalyzeError(f"{self.folder}: {module}: lora_A / lora_B are not matrices "
-                               f"({a.shape}, {b.shape})")
+            raise AnalyzeError(
+                f"{self.folder}: {module}: lora_A / lora_B are not matrices ({a.shape}, {b.shape})"
+            )
         r, alpha = rank_and_alpha(self.config, module)
         if a.shape[0] != r or b.shape[1] != r:
-            raise AnalyzeError(f"{where} gives {module} rank r = {r}, but its lora_A is "
-                               f"{a.shape[0]} x {a.shape[1]} and its lora_B {b.shape[0]} x "
-                               f"{b.shape[1]}")
+            raise AnalyzeError(
+                f"{where} gives {module} rank r = {r}, but its lora_A is "
+                f"{a.shape[0]} x {a.shape[1]} and its lora_B {b.shape[0]} x "
+                f"{b.shape[1]}"
+            )
         if a.dtype not in DTYPE_EPS or b.dtype not in DTYPE_EPS:
             raise AnalyzeError(f"{self.folder}: {module}: lora tensors of dtype {a.dtype}")
         embedding = parts["A"].endswith("lora_embedding_A")
@@ -167,11 +184,22 @@ class LoraAdapter:
         shape = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
         m = parts.get("m")
         if m is not None and infos[m].shape != (shape[1] if transposed else shape[0],):
-            raise AnalyzeError(f"{self.folder}: {module}: lora_magnitude_vector of shape "
-                               f"{infos[m].shape} for a {shape[0]} x {shape[1]} weight")
+            raise AnalyzeError(
+                f"{self.folder}: {module}: lora_magnitude_vector of shape "
+                f"{infos[m].shape} for a {shape[0]} x {shape[1]} weight"
+            )
         dtype = a.dtype if DTYPE_EPS[a.dtype] >= DTYPE_EPS[b.dtype] else b.dtype
-        return LoraModule(module if embedding else f"{module}.weight", parts["A"], parts["B"],
-                          m, r, scale, transposed, shape, dtype)
+        return LoraModule(
+            module if embedding else f"{module}.weight",
+            parts["A"],
+            parts["B"],
+            m,
+            r,
+            scale,
+            transposed,
+            shape,
+            dtype,
+        )
 
     # -- WeightSource: the modules_to_save copies ------------------------------------------
     def tensors(self) -> Sequence[TensorInfo]:
@@ -185,8 +213,10 @@ class LoraAdapter:
     # -- the adapted modules ---------------------------------------------------------------
     def factors(self, m: LoraModule) -> Tuple[np.ndarray, np.ndarray]:
         """(B, A) of ``m`` in float64, as stored (out x r, r x in)."""
-        return (np.asarray(self._weights.load(m.b), dtype=np.float64),
-                np.asarray(self._weights.load(m.a), dtype=np.float64))
+        return (
+            np.asarray(self._weights.load(m.b), dtype=np.float64),
+            np.asarray(self._weights.load(m.a), dtype=np.float64),
+        )
 
     def delta(self, m: LoraModule) -> np.ndarray:
         """ΔW = s · B · A of ``m`` as the base stores the weight (float64, dense)."""
@@ -238,18 +268,24 @@ class MergedSource:
         for m in adapter.modules:
             info = infos.get(m.name) or infos.get(_suffix_match(m.name, infos) or "")
             if info is None:
-                raise AnalyzeError(f"{adapter.folder}: adapted module {m.name} is not in the "
-                                   f"base model {base.label}")
+                raise AnalyzeError(
+                    f"{adapter.folder}: adapted module {m.name} is not in the "
+                    f"base model {base.label}"
+                )
             if tuple(info.shape) != m.shape:
-                raise AnalyzeError(f"{adapter.folder}: {m.name} changes a {m.shape[0]} x "
-                                   f"{m.shape[1]} weight, but the base's {info.name} is "
-                                   f"{' x '.join(map(str, info.shape))}")
+                raise AnalyzeError(
+                    f"{adapter.folder}: {m.name} changes a {m.shape[0]} x "
+                    f"{m.shape[1]} weight, but the base's {info.name} is "
+                    f"{' x '.join(map(str, info.shape))}"
+                )
             self._modules[info.name] = m
         self._saved = {t.name: t for t in adapter.tensors()}
         for name, t in self._saved.items():
             if name in infos and tuple(infos[name].shape) != tuple(t.shape):
-                raise AnalyzeError(f"{adapter.folder}: modules_to_save {name} has shape "
-                                   f"{t.shape}, the base's {infos[name].shape}")
+                raise AnalyzeError(
+                    f"{adapter.folder}: modules_to_save {name} has shape "
+                    f"{t.shape}, the base's {infos[name].shape}"
+                )
         self._infos = [self._saved.get(t.name, t) for t in base.tensors()]
         self.config = getattr(base, "config", None)
         self.context = getattr(base, "context", None)
@@ -283,12 +319,23 @@ def adapter_records(adapter: LoraAdapter, options) -> Tuple[list, List[np.ndarra
         B, A = adapter.factors(m)
         sv = lora_singular_values(B, A, m.scale)
         N, M = max(m.shape), min(m.shape)
-        rec = MatrixRecord(model=adapter.label, name=RECORD_PREFIX + m.name, module_type="LoRA",
-                           shape=m.shape, dtype=m.dtype, N=N, M=M, Q=N / M, kind="lora",
-                           kind_from="adapter", lora_r=m.r, lora_scale=m.scale,
-                           method="lora-qr",
-                           rank_note=f"LoRA adapter: Delta W = s B A has rank <= r = {m.r}; "
-                                     "its r singular values only (see lora_used_rank)")
+        rec = MatrixRecord(
+            model=adapter.label,
+            name=RECORD_PREFIX + m.name,
+            module_type="LoRA",
+            shape=m.shape,
+            dtype=m.dtype,
+            N=N,
+            M=M,
+            Q=N / M,
+            kind="lora",
+            kind_from="adapter",
+            lora_r=m.r,
+            lora_scale=m.scale,
+            method="lora-qr",
+            rank_note=f"LoRA adapter: Delta W = s B A has rank <= r = {m.r}; "
+            "its r singular values only (see lora_used_rank)",
+        )
         if not np.all(np.isfinite(sv)):
             rec.status = "nonfinite"
             records.append(rec)
@@ -301,11 +348,13 @@ def adapter_records(adapter: LoraAdapter, options) -> Tuple[list, List[np.ndarra
         if sv[0] == 0.0:
             rec.status = "all_zero"
         else:
-            lam = sv ** 2
+            lam = sv**2
             rec.stable_rank = float(np.sum(lam / lam[0]))
             rec.effective_rank = effective_rank(sv)
-            rec.log_norm, rec.log_spectral_norm = (float(np.log10(np.sum(lam))),
-                                                   float(np.log10(lam[0])))
+            rec.log_norm, rec.log_spectral_norm = (
+                float(np.log10(np.sum(lam))),
+                float(np.log10(lam[0])),
+            )
             used = lam[sv > tol]
             rec.num_evals = int(used.size)
             fit = fit_power_law(used, xmax=lam[0] if options.fit_xmax == "max" else None)

@@ -8,12 +8,13 @@ memory-mapped where the file stores them uncompressed.
 A ``.npy`` file's array is named after the file (``gru.npy`` -> ``gru``), a ``.npz`` file's
 after its members (``np.savez(f, w=...)`` -> ``w``), in the file's order.
 """
+
 import io
 import os
 import zipfile
 from math import prod
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Literal, Optional, Tuple, Union
 
 import numpy as np
 
@@ -52,29 +53,36 @@ def read_header(f, origin: str) -> Tuple[Tuple[int, ...], np.dtype, bool]:
     except (ValueError, EOFError, SyntaxError, TypeError) as e:
         raise AnalyzeError(f"{origin} is not a valid .npy array ({one_line(e)[:200]})") from None
     if dtype.hasobject:
-        raise AnalyzeError(f"{origin} holds Python objects, which are not read "
-                           "(numpy would need allow_pickle=True)")
+        raise AnalyzeError(
+            f"{origin} holds Python objects, which are not read "
+            "(numpy would need allow_pickle=True)"
+        )
     return tuple(int(d) for d in shape), dtype, bool(fortran)
 
 
 def _check_size(array: _Array, available: int, origin: str) -> None:
     if array.nbytes > available:
-        raise AnalyzeError(f"{origin} is truncated (its {'x'.join(map(str, array.shape))} "
-                           f"{array.dtype.name} array needs {array.nbytes} bytes, "
-                           f"{available} are there)")
+        raise AnalyzeError(
+            f"{origin} is truncated (its {'x'.join(map(str, array.shape))} "
+            f"{array.dtype.name} array needs {array.nbytes} bytes, "
+            f"{available} are there)"
+        )
 
 
 def _read(array: _Array, zf: Optional[zipfile.ZipFile]) -> np.ndarray:
     """The array in native byte order; a read-only view of the file where it is aligned."""
-    order = "F" if array.fortran else "C"
+    order: Literal["C", "F"] = "F" if array.fortran else "C"
     if array.buffer is None:
+        if zf is None:
+            raise ValueError(f"{array.member}: a zip member is read through its zip file")
         with zf.open(array.member) as f:
             f.seek(array.start)
             data = f.read(array.nbytes)
         values = np.frombuffer(data, dtype=array.dtype)
     else:
-        values = np.frombuffer(array.buffer, dtype=array.dtype, count=prod(array.shape),
-                               offset=array.start)
+        values = np.frombuffer(
+            array.buffer, dtype=array.dtype, count=prod(array.shape), offset=array.start
+        )
     values = values.reshape(array.shape, order=order)
     if not array.dtype.isnative:
         return values.astype(array.dtype.newbyteorder("="))
@@ -84,8 +92,13 @@ def _read(array: _Array, zf: Optional[zipfile.ZipFile]) -> np.ndarray:
 class _NumpySource(MappedSource):
     """Arrays by name, listed without reading their data."""
 
-    def __init__(self, label: str, origin: str, arrays: Dict[str, _Array],
-                 zf: Optional[zipfile.ZipFile] = None):
+    def __init__(
+        self,
+        label: str,
+        origin: str,
+        arrays: Dict[str, _Array],
+        zf: Optional[zipfile.ZipFile] = None,
+    ):
         infos = [TensorInfo(name, a.shape, a.dtype.name) for name, a in arrays.items()]
         super().__init__(label, origin, arrays, infos)
         self._zip = zf
@@ -137,8 +150,11 @@ class NpzSource(_NumpySource):
                     offset = f.tell()
             except (ValueError, zipfile.BadZipFile, OSError, EOFError) as e:
                 raise AnalyzeError(f"{where} is unreadable ({one_line(e)})") from None
-            array = (_Array(shape, dtype, fortran, None, offset, info) if data is None
-                     else _Array(shape, dtype, fortran, data, start + offset))
+            array = (
+                _Array(shape, dtype, fortran, None, offset, info)
+                if data is None
+                else _Array(shape, dtype, fortran, data, start + offset)
+            )
             _check_size(array, info.file_size - offset, where)
             arrays[info.filename[:-4]] = array
         if not arrays:

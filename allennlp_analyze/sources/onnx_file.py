@@ -18,6 +18,7 @@ than memory allows (:func:`~allennlp_analyze.limits.check_memory`), are refused 
 read; every tensor's declared size is checked against the bytes it holds; external data are
 read only from files inside the model's folder, within their size.
 """
+
 import math
 import os
 from dataclasses import dataclass
@@ -42,9 +43,16 @@ MAX_DEPTH = 16
 PARSE_FACTOR = 2
 
 #: ONNX element types read as weights -> the dtype name records report (numpy's / torch's).
-FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16",
-               17: "float8_e4m3fn", 18: "float8_e4m3fnuz", 19: "float8_e5m2",
-               20: "float8_e5m2fnuz"}
+FLOAT_TYPES = {
+    1: "float32",
+    10: "float16",
+    11: "float64",
+    16: "bfloat16",
+    17: "float8_e4m3fn",
+    18: "float8_e4m3fnuz",
+    19: "float8_e5m2",
+    20: "float8_e5m2fnuz",
+}
 
 
 #: Integer element types a ``DequantizeLinear`` reads as codes: uint8, int8, uint16, int16,
@@ -56,8 +64,9 @@ def _onnx():
     try:
         import onnx
     except ImportError:
-        raise AnalyzeError("reading .onnx files needs the onnx package: "
-                           "pip install 'allennlp-analyze[onnx]'") from None
+        raise AnalyzeError(
+            "reading .onnx files needs the onnx package: pip install 'allennlp-analyze[onnx]'"
+        ) from None
     return onnx
 
 
@@ -90,9 +99,11 @@ def read_model(path: Path):
         with limits.open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_PROTOBUF:
-                raise AnalyzeError(f"{path} is {limits.format_bytes(size)}, above protobuf's "
-                                   f"2 GiB limit: not a valid ONNX file (large models keep "
-                                   f"their weights as external data)")
+                raise AnalyzeError(
+                    f"{path} is {limits.format_bytes(size)}, above protobuf's "
+                    f"2 GiB limit: not a valid ONNX file (large models keep "
+                    f"their weights as external data)"
+                )
             limits.check_memory(PARSE_FACTOR * size, f"{path} (parsed whole)")
             raw = f.read()
     except OSError as e:
@@ -101,8 +112,10 @@ def read_model(path: Path):
     try:
         model.ParseFromString(raw)
     except Exception as e:  # protobuf's DecodeError, or a recursion limit
-        raise AnalyzeError(f"{path} is not a valid ONNX model (truncated or corrupt: "
-                           f"{one_line(e) or type(e).__name__})") from None
+        raise AnalyzeError(
+            f"{path} is not a valid ONNX model (truncated or corrupt: "
+            f"{one_line(e) or type(e).__name__})"
+        ) from None
     if not model.HasField("graph"):
         raise AnalyzeError(f"{path} is not a valid ONNX model (no graph)")
     return model
@@ -119,8 +132,12 @@ class OnnxSource:
         self._entries: Dict[str, _Entry] = {}
         self._infos: List[TensorInfo] = []
         self._infos_by_name: Dict[str, TensorInfo] = {}
-        stored, uses = graph_uses(model.graph, MAX_DEPTH, str(self.path),
-                                  lambda t: t.data_type in FLOAT_TYPES or t.data_type in CODES)
+        stored, uses = graph_uses(
+            model.graph,
+            MAX_DEPTH,
+            str(self.path),
+            lambda t: t.data_type in FLOAT_TYPES or t.data_type in CODES,
+        )
         self._stored: Dict[str, Any] = {}
         for key, proto in stored:
             self._stored.setdefault(key, proto)
@@ -142,23 +159,46 @@ class OnnxSource:
         dq = None
         if use is not None and use.dequantize is not None:
             node = use.dequantize
-            dq = Dequantize(node.input[1], node.input[2] if len(node.input) > 2 and node.input[2]
-                            else None, node_attr(node, "axis", 1), node_attr(node, "block_size", 0))
+            dq = Dequantize(
+                node.input[1],
+                node.input[2] if len(node.input) > 2 and node.input[2] else None,
+                node_attr(node, "axis", 1),
+                node_attr(node, "block_size", 0),
+            )
             dtype = f"qdq-{dtype}"
         if use is not None and len(shape) == {"recurrent": 3, "recurrent_bias": 2}.get(role or ""):
             # directions x (gates * H) [x in]: one tensor per direction, as torch keeps them
             for d in range(shape[0]):
                 suffix = "_reverse" if d == 1 else ("" if d == 0 else f"_d{d}")
-                self._list(f"{name}{suffix}", _Entry(proto, d, False, dq), shape[1:], dtype,
-                           module_type, use.parts(shape[1]) if len(shape) == 3 else ())
+                self._list(
+                    f"{name}{suffix}",
+                    _Entry(proto, d, False, dq),
+                    shape[1:],
+                    dtype,
+                    module_type,
+                    use.parts(shape[1]) if len(shape) == 3 else (),
+                )
             return
         transpose = bool(use is not None and use.transpose and len(shape) == 2)
         parts = use.parts(shape[0]) if use is not None and len(shape) == 2 else ()
-        self._list(name, _Entry(proto, None, transpose, dq), shape[::-1] if transpose else shape,
-                   dtype, module_type, parts)
+        self._list(
+            name,
+            _Entry(proto, None, transpose, dq),
+            shape[::-1] if transpose else shape,
+            dtype,
+            module_type,
+            parts,
+        )
 
-    def _list(self, name: str, entry: _Entry, shape: Tuple[int, ...], dtype: str,
-              module_type: Optional[str], parts) -> None:
+    def _list(
+        self,
+        name: str,
+        entry: _Entry,
+        shape: Tuple[int, ...],
+        dtype: str,
+        module_type: Optional[str],
+        parts,
+    ) -> None:
         unique, k = name, 1
         while unique in self._entries:
             k += 1
@@ -166,8 +206,9 @@ class OnnxSource:
         self._entries[unique] = entry
         # a QDQ matrix is read as quantized; a QDQ kernel of more dimensions is not read
         quantized = entry.dequantize is not None and len(shape) == 2
-        self._infos.append(TensorInfo(unique, tuple(shape), dtype, module_type, parts=parts,
-                                      quantized=quantized))
+        self._infos.append(
+            TensorInfo(unique, tuple(shape), dtype, module_type, parts=parts, quantized=quantized)
+        )
         self._infos_by_name[unique] = self._infos[-1]
 
     def tensors(self) -> Sequence[TensorInfo]:
@@ -184,8 +225,10 @@ class OnnxSource:
             return _oriented(self._array(entry.proto, name), entry)
         values, step = self._dequantized(entry, name)
         if values.ndim != 2:
-            raise AnalyzeError(f"{self.path}: quantized tensor {name!r} is not a matrix "
-                               f"(shape {values.shape}): not read")
+            raise AnalyzeError(
+                f"{self.path}: quantized tensor {name!r} is not a matrix "
+                f"(shape {values.shape}): not read"
+            )
         return QdqMatrix(values, step, self._infos_by_name[name].dtype)
 
     def _entry(self, name: str) -> _Entry:
@@ -204,8 +247,10 @@ class OnnxSource:
             if value is None:
                 params.append(None)
             elif value not in self._stored:
-                raise AnalyzeError(f"{what}: its scale or zero point {value!r} is not stored "
-                                   f"in the file (computed by the graph): not read")
+                raise AnalyzeError(
+                    f"{what}: its scale or zero point {value!r} is not stored "
+                    f"in the file (computed by the graph): not read"
+                )
             else:
                 params.append(self._array(self._stored[value], value))
         scale, zero_point = params
@@ -219,8 +264,9 @@ class OnnxSource:
         try:
             np_dtype = self._onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)
         except (KeyError, ValueError, TypeError):
-            raise AnalyzeError(f"{self.path}: tensor {name!r} has an unsupported element type "
-                               f"{proto.data_type}") from None
+            raise AnalyzeError(
+                f"{self.path}: tensor {name!r} has an unsupported element type {proto.data_type}"
+            ) from None
         if np_dtype.kind in "OSU":
             raise AnalyzeError(f"{self.path}: tensor {name!r} holds strings, not numbers")
         count = math.prod(int(d) for d in proto.dims)
@@ -239,20 +285,26 @@ class OnnxSource:
                     f.seek(offset)
                     raw = f.read(nbytes)
             except OSError as e:
-                raise AnalyzeError(f"cannot read {target} (external data of {self.path}): "
-                                   f"{e.strerror or one_line(e)}") from None
+                raise AnalyzeError(
+                    f"cannot read {target} (external data of {self.path}): "
+                    f"{e.strerror or one_line(e)}"
+                ) from None
             if len(raw) != nbytes:
                 raise AnalyzeError(f"{target} is truncated (tensor {name!r})")
             proto = onnx.TensorProto(dims=proto.dims, data_type=proto.data_type, raw_data=raw)
         elif proto.HasField("raw_data"):
             if len(proto.raw_data) != nbytes:
-                raise AnalyzeError(f"{self.path}: tensor {name!r} of shape {shape} needs "
-                                   f"{nbytes} bytes, its data hold {len(proto.raw_data)}")
+                raise AnalyzeError(
+                    f"{self.path}: tensor {name!r} of shape {shape} needs "
+                    f"{nbytes} bytes, its data hold {len(proto.raw_data)}"
+                )
         else:
             held = _typed_count(proto)
             if held != _typed_needed(np_dtype, count):
-                raise AnalyzeError(f"{self.path}: tensor {name!r} of shape {shape} holds "
-                                   f"{held} values, not {count}")
+                raise AnalyzeError(
+                    f"{self.path}: tensor {name!r} of shape {shape} holds "
+                    f"{held} values, not {count}"
+                )
         try:
             array = onnx.numpy_helper.to_array(proto)
         except Exception as e:
@@ -276,28 +328,39 @@ class OnnxSource:
         target = folder / location
         inside = os.path.realpath(target)
         base = os.path.realpath(folder)
-        if (not location or not safe_relative(location)
-                or os.path.commonpath([inside, base]) != base):
-            raise AnalyzeError(f"{self.path}: tensor {name!r} has its data at {location!r}, "
-                               f"outside the model's folder: refused")
+        if (
+            not location
+            or not safe_relative(location)
+            or os.path.commonpath([inside, base]) != base
+        ):
+            raise AnalyzeError(
+                f"{self.path}: tensor {name!r} has its data at {location!r}, "
+                f"outside the model's folder: refused"
+            )
         try:
             offset = int(info.get("offset", "0"))
             length = int(info["length"]) if "length" in info else None
         except ValueError:
-            raise AnalyzeError(f"{self.path}: tensor {name!r} has a bad external-data offset "
-                               f"or length") from None
+            raise AnalyzeError(
+                f"{self.path}: tensor {name!r} has a bad external-data offset or length"
+            ) from None
         if offset < 0 or (length is not None and length != nbytes):
-            raise AnalyzeError(f"{self.path}: tensor {name!r} has external data of offset "
-                               f"{offset} and length {length}, its shape needs {nbytes} bytes")
+            raise AnalyzeError(
+                f"{self.path}: tensor {name!r} has external data of offset "
+                f"{offset} and length {length}, its shape needs {nbytes} bytes"
+            )
         try:
             with limits.open_regular(target) as f:
                 size = os.fstat(f.fileno()).st_size
         except OSError as e:
-            raise AnalyzeError(f"cannot read {target} (external data of {self.path}): "
-                               f"{e.strerror or one_line(e)}") from None
+            raise AnalyzeError(
+                f"cannot read {target} (external data of {self.path}): {e.strerror or one_line(e)}"
+            ) from None
         if offset + nbytes > size:
-            raise AnalyzeError(f"{target} is truncated (tensor {name!r} ends at byte "
-                               f"{offset + nbytes}, the file holds {size})")
+            raise AnalyzeError(
+                f"{target} is truncated (tensor {name!r} ends at byte "
+                f"{offset + nbytes}, the file holds {size})"
+            )
         return target, offset
 
     def __repr__(self) -> str:
@@ -325,8 +388,13 @@ def _stored_bytes(np_dtype: np.dtype, count: int) -> int:
 
 def _typed_count(proto) -> int:
     """Values a tensor holds in its typed fields."""
-    return max(len(proto.float_data), len(proto.int32_data), len(proto.int64_data),
-               len(proto.double_data), len(proto.uint64_data))
+    return max(
+        len(proto.float_data),
+        len(proto.int32_data),
+        len(proto.int64_data),
+        len(proto.double_data),
+        len(proto.uint64_data),
+    )
 
 
 def _typed_needed(np_dtype: np.dtype, count: int) -> int:
@@ -341,5 +409,9 @@ def _typed_needed(np_dtype: np.dtype, count: int) -> int:
 def looks_like_onnx(head: bytes) -> bool:
     """Sniff: a ``ModelProto`` starts with its ``ir_version`` (field 1, a small varint) and
     then the tag of another of its fields."""
-    return (len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 32
-            and head[2] in (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72))
+    return (
+        len(head) >= 3
+        and head[0] == 0x08
+        and 1 <= head[1] <= 32
+        and head[2] in (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72)
+    )

@@ -4,6 +4,7 @@ and name that :class:`~allennlp_analyze.sources.onnx_file.OnnxSource` lists it w
 
 Works on the ``onnx`` package's protobuf messages; imports nothing itself.
 """
+
 import re
 from collections import deque
 from dataclasses import dataclass, replace
@@ -14,8 +15,18 @@ from ..kinds import VECTOR_OPS
 
 #: Ops that move a weight without saying what it is: the op they feed decides. ``Transpose``
 #: of a matrix swaps its orientation; the others keep it.
-PASS_THROUGH = {"Cast", "CastLike", "Identity", "Transpose", "Reshape", "Slice", "Concat",
-                "Squeeze", "Unsqueeze", "Flatten"}
+PASS_THROUGH = {
+    "Cast",
+    "CastLike",
+    "Identity",
+    "Transpose",
+    "Reshape",
+    "Slice",
+    "Concat",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+}
 #: Ops that change a weight's rows (so the gates of a recurrent weight are not in the order its
 #: op reads them).
 _REARRANGING = {"Reshape", "Slice", "Concat", "Flatten"}
@@ -53,8 +64,9 @@ class Use:
 Consumers = Dict[str, List[Tuple[Any, int]]]
 
 
-def graph_uses(graph, max_depth: int, origin: str, is_weight: Callable[[Any], bool]
-               ) -> Tuple[List[Tuple[str, Any]], Consumers]:
+def graph_uses(
+    graph, max_depth: int, origin: str, is_weight: Callable[[Any], bool]
+) -> Tuple[List[Tuple[str, Any]], Consumers]:
     """The stored tensors of ``graph`` and its subgraphs (initializers, and the values of
     ``Constant`` nodes that ``is_weight`` takes: not the integers of shape arithmetic; graph by
     graph, as ``(name, TensorProto)``) and every value's consumers.
@@ -72,8 +84,13 @@ def graph_uses(graph, max_depth: int, origin: str, is_weight: Callable[[Any], bo
                 if value:
                     consumers.setdefault(value, []).append((node, i))
             for attr in node.attribute:
-                if node.op_type == "Constant" and attr.name == "value" and attr.HasField("t") \
-                        and node.output and is_weight(attr.t):
+                if (
+                    node.op_type == "Constant"
+                    and attr.name == "value"
+                    and attr.HasField("t")
+                    and node.output
+                    and is_weight(attr.t)
+                ):
                     stored.append((node.output[0], attr.t))
                 if attr.HasField("g"):
                     pending.append((attr.g, depth + 1))
@@ -84,8 +101,9 @@ def graph_uses(graph, max_depth: int, origin: str, is_weight: Callable[[Any], bo
 def readable_name(name: str) -> bool:
     """Whether a value's name is a parameter name a user can read (not ``onnx::MatMul_123``,
     ``/layer/Constant_output_0`` or ``123``)."""
-    return bool(name) and not ("::" in name or name.startswith("/") or name.isdigit()
-                               or "_output_" in name)
+    return bool(name) and not (
+        "::" in name or name.startswith("/") or name.isdigit() or "_output_" in name
+    )
 
 
 def find_use(name: str, consumers: Consumers, ndim: int) -> Optional[Use]:
@@ -100,8 +118,14 @@ def find_use(name: str, consumers: Consumers, ndim: int) -> Optional[Use]:
         value, flipped, direct, dequantize = pending.popleft()
         for node, i in consumers.get(value, ()):
             op = node.op_type
-            if op == "DequantizeLinear" and i == 0 and dequantize is None and node.output \
-                    and value == name and node.output[0] not in seen:
+            if (
+                op == "DequantizeLinear"
+                and i == 0
+                and dequantize is None
+                and node.output
+                and value == name
+                and node.output[0] not in seen
+            ):
                 seen.add(node.output[0])
                 pending.append((node.output[0], flipped, direct, node))
                 continue
@@ -114,8 +138,7 @@ def find_use(name: str, consumers: Consumers, ndim: int) -> Optional[Use]:
                 out = node.output[0] if node.output else ""
                 if out and out not in seen:
                     seen.add(out)
-                    pending.append((out, flipped, direct and op not in _REARRANGING,
-                                    dequantize))
+                    pending.append((out, flipped, direct and op not in _REARRANGING, dequantize))
                 continue
             return replace(_role(node, i, ndim, flipped, direct), dequantize=dequantize)
     return None
@@ -133,8 +156,14 @@ def _role(node, i: int, ndim: int, flipped: bool, direct: bool) -> Use:
         return _use(node, i, "conv", f"{op}{max(ndim - 2, 1)}d")
     if op in RECURRENT_GATES and i in (1, 2):
         # a weight whose rows were rearranged on the way has its gates in another order
-        return _use(node, i, "recurrent", op if direct else None, False,
-                    RECURRENT_GATES[op] if direct else ())
+        return _use(
+            node,
+            i,
+            "recurrent",
+            op if direct else None,
+            False,
+            RECURRENT_GATES[op] if direct else (),
+        )
     if op in RECURRENT_GATES and i == 3:
         return _use(node, i, "recurrent_bias", None)
     if op in ("Gemm", "Conv", "ConvTranspose") and i == 2:
@@ -146,8 +175,14 @@ def _role(node, i: int, ndim: int, flipped: bool, direct: bool) -> Use:
     return _use(node, i, "other", None)
 
 
-def _use(node, i: int, role: str, module_type: Optional[str], transpose: bool = False,
-         gates: Tuple[str, ...] = ()) -> Use:
+def _use(
+    node,
+    i: int,
+    role: str,
+    module_type: Optional[str],
+    transpose: bool = False,
+    gates: Tuple[str, ...] = (),
+) -> Use:
     return Use(role, module_type, _node_param_name(node, i, role), transpose, gates)
 
 
@@ -158,9 +193,14 @@ def _node_param_name(node, i: int, role: str) -> str:
     m = _TORCH_SCOPE.match(node.name)
     scope = (m.group("scope") or "").replace("/", ".") if m else node.name
     layer = int(m.group("k") or 0) if m else 0
-    param = {"linear": "weight", "conv": "weight", "embedding": "weight", "bias": "bias",
-             "recurrent_bias": f"bias_l{layer}",
-             "recurrent": f"weight_{'ih' if i == 1 else 'hh'}_l{layer}"}.get(role)
+    param = {
+        "linear": "weight",
+        "conv": "weight",
+        "embedding": "weight",
+        "bias": "bias",
+        "recurrent_bias": f"bias_l{layer}",
+        "recurrent": f"weight_{'ih' if i == 1 else 'hh'}_l{layer}",
+    }.get(role)
     if param is None:  # an op that is no layer: its own name and the input's position
         op = node.name.rpartition("/")[2] if m else ""
         param = f"{op}.input{i}" if op else f"input{i}"

@@ -9,6 +9,7 @@ quantization step is ``|scale|``; ONNX's ``QuantizeLinear`` rounds to nearest (t
 an element within the code range is at most half a step from the weight it was quantized from
 (one clipped at the range's ends may be further: the format cannot say).
 """
+
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -29,8 +30,9 @@ class Dequantize:
     block_size: int
 
 
-def broadcast(param: np.ndarray, shape: Tuple[int, ...], axis: int, block_size: int,
-              what: str) -> np.ndarray:
+def broadcast(
+    param: np.ndarray, shape: Tuple[int, ...], axis: int, block_size: int, what: str
+) -> np.ndarray:
     """A scale or zero point of a tensor of ``shape`` broadcast to its shape (a view where it
     can be), or :class:`AnalyzeError` (``what`` names it) where its shape does not fit."""
     ndim = len(shape)
@@ -40,23 +42,27 @@ def broadcast(param: np.ndarray, shape: Tuple[int, ...], axis: int, block_size: 
     if not 0 <= axis < ndim:
         raise AnalyzeError(f"{what}: axis {axis} is outside a {ndim}-D tensor")
     if block_size == 0 and param.ndim == 1 and param.shape[0] == shape[axis]:
-        return np.broadcast_to(param.reshape([-1 if d == axis else 1 for d in range(ndim)]),
-                               shape)
+        return np.broadcast_to(param.reshape([-1 if d == axis else 1 for d in range(ndim)]), shape)
     blocks = -(-shape[axis] // block_size) if block_size > 0 else None
-    if blocks is not None and param.shape == tuple(blocks if d == axis else n
-                                                  for d, n in enumerate(shape)):
+    if blocks is not None and param.shape == tuple(
+        blocks if d == axis else n for d, n in enumerate(shape)
+    ):
         return np.repeat(param, block_size, axis=axis).take(range(shape[axis]), axis=axis)
-    raise AnalyzeError(f"{what}: a scale or zero point of shape {param.shape} does not fit a "
-                       f"tensor of shape {shape} (axis {axis}, block size {block_size})")
+    raise AnalyzeError(
+        f"{what}: a scale or zero point of shape {param.shape} does not fit a "
+        f"tensor of shape {shape} (axis {axis}, block size {block_size})"
+    )
 
 
-def dequantize(x: np.ndarray, scale: np.ndarray, zero_point: Optional[np.ndarray],
-               q: Dequantize, what: str) -> Tuple[np.ndarray, np.ndarray]:
+def dequantize(
+    x: np.ndarray, scale: np.ndarray, zero_point: Optional[np.ndarray], q: Dequantize, what: str
+) -> Tuple[np.ndarray, np.ndarray]:
     """``(values, step)``, float64 arrays of ``x``'s shape: the dequantized weights and each
     element's quantization step."""
     if x.dtype.kind not in "iu":
-        raise AnalyzeError(f"{what}: DequantizeLinear of {x.dtype} values is not read "
-                           f"(integer codes only)")
+        raise AnalyzeError(
+            f"{what}: DequantizeLinear of {x.dtype} values is not read (integer codes only)"
+        )
     step = np.abs(broadcast(scale.astype(np.float64), x.shape, q.axis, q.block_size, what))
     values = x.astype(np.float64)
     if zero_point is not None:
@@ -75,8 +81,9 @@ class QdqMatrix:
 
     def __init__(self, values: np.ndarray, step: np.ndarray, scheme: str):
         if values.ndim != 2 or values.shape != step.shape:
-            raise ValueError(f"expected a 2-D matrix and its steps, got {values.shape}, "
-                             f"{step.shape}")
+            raise ValueError(
+                f"expected a 2-D matrix and its steps, got {values.shape}, {step.shape}"
+            )
         self._values, self._step = values, step
         self.shape = (int(values.shape[0]), int(values.shape[1]))
         self.scheme = scheme

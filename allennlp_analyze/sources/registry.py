@@ -12,6 +12,7 @@ one entry here (CONTRIBUTING.md). Formats that are recognised but not read (TFLi
 Core ML; ONNX, Keras, GGUF until their readers are registered) come last, from
 :mod:`.unsupported`: their openers name the format and what to convert it to.
 """
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -64,8 +65,9 @@ class SourceFormat:
 
     def claims_name(self, path: Path) -> bool:
         """Whether ``path``'s name says it is of this format."""
-        return (path.name.lower().endswith(self.suffixes)
-                and (self.name_check is None or self.name_check(path)))
+        return path.name.lower().endswith(self.suffixes) and (
+            self.name_check is None or self.name_check(path)
+        )
 
 
 def _safetensors_shards(path: Path) -> bool:
@@ -86,43 +88,98 @@ def _plain(cls) -> Opener:
 _ZIP = b"PK\x03\x04"
 
 FORMATS: List[SourceFormat] = [
-    SourceFormat("sharded-safetensors", (".index.json",), packed_opener(ShardedSafetensorsSource),
-                 name_check=_safetensors_shards, folder_globs=("*.safetensors.index.json",)),
-    SourceFormat("safetensors", (".safetensors",), packed_opener(SafetensorsSource),
-                 sniff=lambda path, head: looks_like_safetensors(path),
-                 folder_globs=("*.safetensors",), expected="a .safetensors file or index"),
-    SourceFormat("sharded-torch", (".index.json",), _plain(ShardedTorchSource),
-                 folder_globs=("*.bin.index.json", "*.pt.index.json", "*.pth.index.json")),
-    SourceFormat("torch", (".th", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"),
-                 _checkpoint(TorchFileSource),
-                 sniff=lambda path, head: head[:4] == _ZIP or head[:1] == b"\x80",
-                 sniff_last=True, folder_globs=("*.th", "*.pt", "*.pth", "*.bin", "*.ckpt"),
-                 expected="a PyTorch state dict or checkpoint (.th/.pt/.pth/.bin/.ckpt)"),
-    SourceFormat("archive", (".tar.gz", ".tgz"), _checkpoint(ArchiveSource),
-                 sniff=lambda path, head: head[:2] == b"\x1f\x8b",
-                 folder_globs=("*.tar.gz", "*.tgz"), expected="a .tar.gz model archive"),
-    SourceFormat("npz", (".npz",), _plain(NpzSource),
-                 sniff=lambda path, head: head[:4] == _ZIP and looks_like_npz(path),
-                 folder_globs=("*.npz",), expected="a numpy .npy/.npz file"),
-    SourceFormat("npy", (".npy",), _plain(NpySource),
-                 sniff=lambda path, head: head[:4] == b"\x93NUM", folder_globs=("*.npy",)),
-    SourceFormat("keras", (".keras", ".h5", ".hdf5"), _plain(KerasSource), sniff=looks_like_keras,
-                 name_check=claims_name, folder_globs=("*.keras", "*.h5"),
-                 expected="a Keras .keras/.weights.h5/.h5 file"),
-    SourceFormat("gguf", (".gguf",), _plain(GGUFSource),
-                 sniff=lambda path, head: head[:4] == b"GGUF", folder_globs=("*.gguf",),
-                 expected="a .gguf file"),
-    SourceFormat("onnx", (".onnx",), _plain(OnnxSource),
-                 sniff=lambda path, head: looks_like_onnx(head), folder_globs=("*.onnx",),
-                 expected="an ONNX model (.onnx)"),
+    SourceFormat(
+        "sharded-safetensors",
+        (".index.json",),
+        packed_opener(ShardedSafetensorsSource),
+        name_check=_safetensors_shards,
+        folder_globs=("*.safetensors.index.json",),
+    ),
+    SourceFormat(
+        "safetensors",
+        (".safetensors",),
+        packed_opener(SafetensorsSource),
+        sniff=lambda path, head: looks_like_safetensors(path),
+        folder_globs=("*.safetensors",),
+        expected="a .safetensors file or index",
+    ),
+    SourceFormat(
+        "sharded-torch",
+        (".index.json",),
+        _plain(ShardedTorchSource),
+        folder_globs=("*.bin.index.json", "*.pt.index.json", "*.pth.index.json"),
+    ),
+    SourceFormat(
+        "torch",
+        (".th", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"),
+        _checkpoint(TorchFileSource),
+        sniff=lambda path, head: head[:4] == _ZIP or head[:1] == b"\x80",
+        sniff_last=True,
+        folder_globs=("*.th", "*.pt", "*.pth", "*.bin", "*.ckpt"),
+        expected="a PyTorch state dict or checkpoint (.th/.pt/.pth/.bin/.ckpt)",
+    ),
+    SourceFormat(
+        "archive",
+        (".tar.gz", ".tgz"),
+        _checkpoint(ArchiveSource),
+        sniff=lambda path, head: head[:2] == b"\x1f\x8b",
+        folder_globs=("*.tar.gz", "*.tgz"),
+        expected="a .tar.gz model archive",
+    ),
+    SourceFormat(
+        "npz",
+        (".npz",),
+        _plain(NpzSource),
+        sniff=lambda path, head: head[:4] == _ZIP and looks_like_npz(path),
+        folder_globs=("*.npz",),
+        expected="a numpy .npy/.npz file",
+    ),
+    SourceFormat(
+        "npy",
+        (".npy",),
+        _plain(NpySource),
+        sniff=lambda path, head: head[:4] == b"\x93NUM",
+        folder_globs=("*.npy",),
+    ),
+    SourceFormat(
+        "keras",
+        (".keras", ".h5", ".hdf5"),
+        _plain(KerasSource),
+        sniff=looks_like_keras,
+        name_check=claims_name,
+        folder_globs=("*.keras", "*.h5"),
+        expected="a Keras .keras/.weights.h5/.h5 file",
+    ),
+    SourceFormat(
+        "gguf",
+        (".gguf",),
+        _plain(GGUFSource),
+        sniff=lambda path, head: head[:4] == b"GGUF",
+        folder_globs=("*.gguf",),
+        expected="a .gguf file",
+    ),
+    SourceFormat(
+        "onnx",
+        (".onnx",),
+        _plain(OnnxSource),
+        sniff=lambda path, head: looks_like_onnx(head),
+        folder_globs=("*.onnx",),
+        expected="an ONNX model (.onnx)",
+    ),
 ]
 
 
 def _refused(entry: Unsupported) -> SourceFormat:
     """The entry of a format that is recognised but not read: its opener raises the one line."""
     sniff = (lambda path, head: entry.matches_head(head)) if entry.magic else None
-    return SourceFormat(entry.key, entry.suffixes, lambda path, label, key: refuse(entry, path),
-                        sniff=sniff, folder_globs=entry.folder_globs, readable=False)
+    return SourceFormat(
+        entry.key,
+        entry.suffixes,
+        lambda path, label, key: refuse(entry, path),
+        sniff=sniff,
+        folder_globs=entry.folder_globs,
+        readable=False,
+    )
 
 
 #: Formats recognised but not read, after every readable one (a folder with weights that can be
@@ -149,8 +206,10 @@ def read_head(path: Path) -> bytes:
 def by_content(path: Path, head: bytes) -> Optional[SourceFormat]:
     """The first format whose sniffer claims ``path`` (``head``: its first bytes), the
     ``sniff_last`` ones last; None where none does."""
-    ordered = sorted((f for f in FORMATS if f.sniff is not None), key=lambda f: f.sniff_last)
-    return next((f for f in ordered if f.sniff(path, head)), None)
+    ordered = sorted(
+        ((f, f.sniff) for f in FORMATS if f.sniff is not None), key=lambda pair: pair[0].sniff_last
+    )
+    return next((f for f, sniff in ordered if sniff(path, head)), None)
 
 
 def expected() -> str:

@@ -19,6 +19,7 @@ stalled connection); at most 10 redirects; a size cap and the cache disk's free 
 ``Content-Encoding: gzip``/``deflate`` decoded (bounded like an archive), other encodings
 refused.
 """
+
 import functools
 import hashlib
 import http.client
@@ -95,12 +96,20 @@ def _progress_bar(enabled: Optional[bool], total: Optional[int], desc: str):
         except ImportError:
             enabled = False
         else:
-            return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                        desc=escape(desc), file=sys.stderr, leave=False)
+            return tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=escape(desc),
+                file=sys.stderr,
+                leave=False,
+            )
     return None
 
 
 # -- the connection ---------------------------------------------------------------------------
+
 
 class _Stalled(Exception):
     """The watchdog closed the connection: no progress within the read timeout."""
@@ -155,6 +164,7 @@ class _Watchdog:
 def _watched(base: type) -> type:
     """``base`` (HTTPConnection / HTTPSConnection) whose connected socket gets the read
     timeout and is handed to the download's watchdog."""
+
     class Watched(base):
         def __init__(self, *args, watchdog: _Watchdog, **kwargs):
             super().__init__(*args, **kwargs)
@@ -188,23 +198,30 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         self.watchdog = watchdog
 
     def https_open(self, req):
-        return self.do_open(functools.partial(_WatchedHTTPS, watchdog=self.watchdog), req,
-                            context=self._context)
+        return self.do_open(
+            functools.partial(_WatchedHTTPS, watchdog=self.watchdog), req, context=self._context
+        )
 
 
 def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
     """http(s) only (a redirect elsewhere, ftp or file, is refused), proxies from the
     environment, at most 10 redirects (urllib's rule)."""
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
-                    _HTTPHandler(watchdog), _HTTPSHandler(watchdog),
-                    urllib.request.HTTPDefaultErrorHandler(),
-                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor()):
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),
+        _HTTPHandler(watchdog),
+        _HTTPSHandler(watchdog),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPRedirectHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
         opener.add_handler(handler)
     return opener
 
 
 # -- one download -----------------------------------------------------------------------------
+
 
 def _size_cap(folder: Path) -> int:
     """Most bytes a download into ``folder`` may take: the size cap, and the disk's free space
@@ -215,8 +232,10 @@ def _size_cap(folder: Path) -> int:
 
 
 def _too_large(url: str, cap: int) -> AnalyzeError:
-    return AnalyzeError(f"download of {url} is larger than {limits.format_bytes(cap)} (the size "
-                        f"cap, {limits.ENV_MAX_DOWNLOAD}, or the cache disk's free space)")
+    return AnalyzeError(
+        f"download of {url} is larger than {limits.format_bytes(cap)} (the size "
+        f"cap, {limits.ENV_MAX_DOWNLOAD}, or the cache disk's free space)"
+    )
 
 
 def _receive(url: str, dest: Path, progress: Optional[bool]) -> Optional[str]:
@@ -225,8 +244,9 @@ def _receive(url: str, dest: Path, progress: Optional[bool]) -> Optional[str]:
     global download_count
     window = limits.read_timeout()
     watchdog = _Watchdog(window, int(limits.MIN_RATE * window))
-    request = urllib.request.Request(url, headers={"User-Agent": "allennlp-analyze",
-                                                   "Accept-Encoding": "identity"})
+    request = urllib.request.Request(
+        url, headers={"User-Agent": "allennlp-analyze", "Accept-Encoding": "identity"}
+    )
     download_count += 1
     try:
         try:
@@ -234,8 +254,10 @@ def _receive(url: str, dest: Path, progress: Optional[bool]) -> Optional[str]:
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             timeout = (socket.timeout, TimeoutError)
             if isinstance(e, urllib.error.URLError) and isinstance(e.reason, timeout):
-                why = (f"timed out connecting ({limits.connect_timeout():g} s, "
-                       f"{limits.ENV_CONNECT_TIMEOUT})")
+                why = (
+                    f"timed out connecting ({limits.connect_timeout():g} s, "
+                    f"{limits.ENV_CONNECT_TIMEOUT})"
+                )
             elif watchdog.expired or isinstance(e, timeout):  # no headers in time
                 why = f"no response within {window:g} s ({limits.ENV_READ_TIMEOUT})"
             else:
@@ -248,8 +270,9 @@ def _receive(url: str, dest: Path, progress: Optional[bool]) -> Optional[str]:
         watchdog.stop()
 
 
-def _save_body(url: str, response, dest: Path, progress: Optional[bool],
-               watchdog: _Watchdog) -> Optional[str]:
+def _save_body(
+    url: str, response, dest: Path, progress: Optional[bool], watchdog: _Watchdog
+) -> Optional[str]:
     encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
     if encoding not in ("identity", "gzip", "x-gzip", "deflate"):
         raise AnalyzeError(f"cannot download {url}: unsupported Content-Encoding {encoding!r}")
@@ -277,8 +300,10 @@ def _save_body(url: str, response, dest: Path, progress: Optional[bool],
         if watchdog.expired or isinstance(e, (socket.timeout, TimeoutError)):
             raise _stalled(url, watchdog, got) from None
         if isinstance(e, http.client.IncompleteRead):
-            raise AnalyzeError(f"download of {url} is truncated (received {got + len(e.partial)} "
-                               f"bytes, {e.expected} more expected)") from None
+            raise AnalyzeError(
+                f"download of {url} is truncated (received {got + len(e.partial)} "
+                f"bytes, {e.expected} more expected)"
+            ) from None
         raise AnalyzeError(f"download of {url} failed: {_reason(e)}") from None
     finally:
         if bar is not None:
@@ -293,9 +318,11 @@ def _save_body(url: str, response, dest: Path, progress: Optional[bool],
 
 
 def _stalled(url: str, watchdog: _Watchdog, got: int) -> AnalyzeError:
-    return AnalyzeError(f"download of {url} stalled: less than "
-                        f"{limits.format_bytes(limits.MIN_RATE)}/s for {watchdog.window:g} s "
-                        f"({got} bytes received; {limits.ENV_READ_TIMEOUT} sets the time)")
+    return AnalyzeError(
+        f"download of {url} stalled: less than "
+        f"{limits.format_bytes(limits.MIN_RATE)}/s for {watchdog.window:g} s "
+        f"({got} bytes received; {limits.ENV_READ_TIMEOUT} sets the time)"
+    )
 
 
 def _decode(url: str, path: Path, encoding: str, cap: int) -> None:
@@ -319,14 +346,18 @@ def _decode(url: str, path: Path, encoding: str, cap: int) -> None:
                     data = inflater.decompress(block, CHUNK)
                     size += len(data)
                     if size > limit:
-                        raise AnalyzeError(f"download of {url} decodes ({encoding}) to more than "
-                                           f"{limits.format_bytes(limit)}; refused")
+                        raise AnalyzeError(
+                            f"download of {url} decodes ({encoding}) to more than "
+                            f"{limits.format_bytes(limit)}; refused"
+                        )
                     out.write(data)
                     block = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
                     if not block and (inflater.eof or len(data) < CHUNK):
                         break
         if not inflater.eof:
-            raise AnalyzeError(f"download of {url} is truncated (its {encoding} encoding ends early)")
+            raise AnalyzeError(
+                f"download of {url} is truncated (its {encoding} encoding ends early)"
+            )
     except zlib.error as e:
         raise AnalyzeError(f"download of {url} is not valid {encoding} ({one_line(e)})") from None
     with open(decoded, "rb") as f:
@@ -337,8 +368,12 @@ def _decode(url: str, path: Path, encoding: str, cap: int) -> None:
         os.replace(decoded, path)
 
 
-def download(url: str, dest: Path, progress: Optional[bool] = None,
-             validate: Optional[Callable[[Path], object]] = None) -> Path:
+def download(
+    url: str,
+    dest: Path,
+    progress: Optional[bool] = None,
+    validate: Optional[Callable[[Path], object]] = None,
+) -> Path:
     """Fetch ``url`` to ``dest``, atomically, and only if ``validate(path)`` (which raises an
     :class:`AnalyzeError` for an unusable file) accepts it. Every failure is an
     :class:`AnalyzeError`, and leaves nothing behind."""
@@ -346,7 +381,9 @@ def download(url: str, dest: Path, progress: Optional[bool] = None,
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".download-"))
     except OSError as e:
-        raise AnalyzeError(f"cannot create the download cache {dest.parent}: {_reason(e)}") from None
+        raise AnalyzeError(
+            f"cannot create the download cache {dest.parent}: {_reason(e)}"
+        ) from None
     done = False
     try:
         tmp = tmpdir / dest.name
@@ -357,10 +394,15 @@ def download(url: str, dest: Path, progress: Optional[bool] = None,
             except AnalyzeError as e:
                 detail = str(e).replace(str(tmp), "it")  # the temporary name means nothing
                 if content_type and content_type.split(";")[0].strip().lower() in (
-                        "text/html", "application/xhtml+xml"):
-                    detail = f"the server sent a web page (Content-Type {content_type}), not weights"
-                raise AnalyzeError(f"the download of {url} is not usable: {detail}; "
-                                   "it was not cached") from None
+                    "text/html",
+                    "application/xhtml+xml",
+                ):
+                    detail = (
+                        f"the server sent a web page (Content-Type {content_type}), not weights"
+                    )
+                raise AnalyzeError(
+                    f"the download of {url} is not usable: {detail}; it was not cached"
+                ) from None
         try:
             os.replace(tmp, dest)
         except OSError as e:
@@ -390,8 +432,12 @@ def fetch(url: str, cache_dir=None, progress: Optional[bool] = None) -> Path:
                 raise AnalyzeError(f"{url} names a shard outside its folder: {shard!r}")
             shard_path = path.parent / shard
             if not shard_path.is_file():
-                download(urllib.parse.urljoin(url, urllib.parse.quote(shard)), shard_path,
-                         progress, validate=open_path)
+                download(
+                    urllib.parse.urljoin(url, urllib.parse.quote(shard)),
+                    shard_path,
+                    progress,
+                    validate=open_path,
+                )
     return path
 
 
@@ -414,8 +460,10 @@ def open_cached(url: str, path: Path, open_fn: Optional[Callable] = None):
             raise  # the file is fine: the problem lies elsewhere (an option, the model)
         evict(path)
         detail = str(e).replace(str(path), "it")
-        raise AnalyzeError(f"the cached download of {url} is not usable: {detail}; it was "
-                           "removed from the cache (the next run downloads it again)") from None
+        raise AnalyzeError(
+            f"the cached download of {url} is not usable: {detail}; it was "
+            "removed from the cache (the next run downloads it again)"
+        ) from None
 
 
 def _opens(path: Path) -> bool:
@@ -426,10 +474,12 @@ def _opens(path: Path) -> bool:
     return True
 
 
-def open_url(url: str, cache_dir=None, progress: Optional[bool] = None,
-             checkpoint_key: Optional[str] = None):
+def open_url(
+    url: str, cache_dir=None, progress: Optional[bool] = None, checkpoint_key: Optional[str] = None
+):
     def open_fn(path: Path):
         return open_path(path, label=url_basename(url), checkpoint_key=checkpoint_key)
 
-    return open_cached(url, fetch(url, cache_dir, progress),
-                       open_fn if checkpoint_key is not None else None)
+    return open_cached(
+        url, fetch(url, cache_dir, progress), open_fn if checkpoint_key is not None else None
+    )

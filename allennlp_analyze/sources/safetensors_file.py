@@ -6,6 +6,7 @@ data, offsets relative to its start. Each :meth:`load` reads one tensor's bytes 
 safetensors keeps no model order, so names are listed in natural order (``layer.2`` before
 ``layer.10``).
 """
+
 import math
 import mmap
 import os
@@ -24,8 +25,9 @@ from ._common import natural_key, one_line, read_index
 MAX_HEADER = 100_000_000
 
 
-def _float8_table(exp_bits: int, man_bits: int, bias: int, ieee: bool,
-                  fnuz: bool = False) -> np.ndarray:
+def _float8_table(
+    exp_bits: int, man_bits: int, bias: int, ieee: bool, fnuz: bool = False
+) -> np.ndarray:
     """float32 value of each of the 256 float8 bit patterns (E4M3FN: no infinities,
     S.1111.111 is NaN; E5M2: IEEE-like; ``fnuz`` (torch's E4M3FNUZ / E5M2FNUZ): no infinities,
     no negative zero, 1.0000.000 alone is NaN)."""
@@ -48,7 +50,7 @@ def _float8_table(exp_bits: int, man_bits: int, bias: int, ieee: bool,
 
 
 # safetensors dtype -> (numpy storage dtype, reported dtype name)
-_DTYPES = {
+_DTYPES: Dict[str, Tuple[np.dtype, str]] = {
     "F64": (np.dtype("<f8"), "float64"),
     "F32": (np.dtype("<f4"), "float32"),
     "F16": (np.dtype("<f2"), "float16"),
@@ -67,9 +69,13 @@ _DTYPES = {
 }
 #: The float8 codes that :func:`widen` decodes -> ``_float8_table`` arguments; the FNUZ ones
 #: are torch's (no safetensors dtype), for torch files.
-_FLOAT8_FORMATS = {"F8_E4M3": (4, 3, 7, False), "F8_E5M2": (5, 2, 15, True),
-                   "F8_E4M3FNUZ": (4, 3, 8, False, True), "F8_E5M2FNUZ": (5, 2, 16, False, True)}
-_FLOAT8 = {}
+_FLOAT8_FORMATS: Dict[str, Tuple[int, int, int, bool, bool]] = {
+    "F8_E4M3": (4, 3, 7, False, False),
+    "F8_E5M2": (5, 2, 15, True, False),
+    "F8_E4M3FNUZ": (4, 3, 8, False, True),
+    "F8_E5M2FNUZ": (5, 2, 16, False, True),
+}
+_FLOAT8: Dict[str, np.ndarray] = {}
 
 
 def widen(raw: np.ndarray, st_dtype: str) -> np.ndarray:
@@ -94,6 +100,7 @@ class _Entry:
 
 def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
     """Parse and validate the header: ``(data start offset, {name: entry})``."""
+
     def corrupt(why: str) -> AnalyzeError:
         return AnalyzeError(f"{path} has a corrupt safetensors header ({why})")
 
@@ -107,8 +114,10 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
             if n > MAX_HEADER:
                 raise corrupt(f"header length {n} is implausible")
             if 8 + n > size:
-                raise AnalyzeError(f"{path} is truncated or has a corrupt safetensors header "
-                                   f"(header length {n} exceeds the file size {size})")
+                raise AnalyzeError(
+                    f"{path} is truncated or has a corrupt safetensors header "
+                    f"(header length {n} exceeds the file size {size})"
+                )
             raw = f.read(n)
     except OSError as e:
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
@@ -128,20 +137,33 @@ def read_header(path: Path) -> Tuple[int, Dict[str, _Entry]]:
         st_dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
         if not isinstance(st_dtype, str) or st_dtype not in _DTYPES:
             raise corrupt(f"tensor {name!r} has unknown dtype {st_dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
             raise corrupt(f"tensor {name!r} has a bad shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
             raise corrupt(f"tensor {name!r} has bad data offsets {offsets!r}")
         storage, dtype_name = _DTYPES[st_dtype]
         begin, end = offsets
         if end - begin != math.prod(shape) * storage.itemsize:  # exact: no int64 overflow
-            raise corrupt(f"tensor {name!r}: data offsets {offsets} do not match shape {shape} and dtype {st_dtype}")
+            raise corrupt(
+                f"tensor {name!r}: data offsets {offsets} do not match shape {shape} and "
+                f"dtype {st_dtype}"
+            )
         if end > data_size:
-            raise AnalyzeError(f"{path} is truncated (tensor {name!r} ends at data byte {end}, "
-                               f"the file holds {data_size})")
-        entries[name] = _Entry(TensorInfo(name, tuple(shape), dtype_name, None), st_dtype, 8 + n + begin, 8 + n + end)
+            raise AnalyzeError(
+                f"{path} is truncated (tensor {name!r} ends at data byte {end}, "
+                f"the file holds {data_size})"
+            )
+        entries[name] = _Entry(
+            TensorInfo(name, tuple(shape), dtype_name, None), st_dtype, 8 + n + begin, 8 + n + end
+        )
     return 8 + n, entries
 
 
@@ -159,12 +181,12 @@ def read_tensor(path: Path, entry: _Entry):
         with limits.open_regular(path) as f:
             if os.fstat(f.fileno()).st_size < entry.end:
                 raise AnalyzeError(f"{path} is truncated (tensor {entry.info.name!r})")
-            mapped = mmap.mmap(f.fileno(), entry.end - start, access=mmap.ACCESS_READ,
-                               offset=start)
+            mapped = mmap.mmap(f.fileno(), entry.end - start, access=mmap.ACCESS_READ, offset=start)
     except OSError as e:
         raise AnalyzeError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
-    raw = np.frombuffer(mapped, dtype=storage, count=nbytes // storage.itemsize,
-                        offset=entry.begin - start).reshape(entry.info.shape)
+    raw = np.frombuffer(
+        mapped, dtype=storage, count=nbytes // storage.itemsize, offset=entry.begin - start
+    ).reshape(entry.info.shape)
     decode = None
     if entry.st_dtype == "BF16" or entry.st_dtype in _FLOAT8_FORMATS:
         decode = lambda bits, st_dtype=entry.st_dtype: widen(bits, st_dtype)  # noqa: E731
@@ -224,11 +246,16 @@ class ShardedSafetensorsSource:
             if shard not in headers:
                 path = self.index_path.parent / shard
                 if not path.is_file():
-                    raise AnalyzeError(f"{path} (a shard named in {self.index_path}) does not exist")
+                    raise AnalyzeError(
+                        f"{path} (a shard named in {self.index_path}) does not exist"
+                    )
                 headers[shard] = read_header(path)[1]
             entry = headers[shard].get(name)
             if entry is None:
-                raise AnalyzeError(f"{self.index_path.parent / shard} lacks {name!r}, which {self.index_path} places there")
+                raise AnalyzeError(
+                    f"{self.index_path.parent / shard} lacks {name!r}, which {self.index_path} "
+                    "places there"
+                )
             self._where[name] = (self.index_path.parent / shard, entry)
 
     def tensors(self) -> Sequence[TensorInfo]:

@@ -8,6 +8,7 @@ global but torch's tensor rebuilders inert); the weights are found by
 modules); each tensor is checked against its storage and the storage against the file before
 anything is listed, and its data are read from the file only when it is loaded.
 """
+
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -59,7 +60,8 @@ def _left_note(left: Dict[str, str]) -> Optional[str]:
         return None
     shown = ", ".join(f"{n!r} ({why})" for n, why in list(left.items())[:3])
     more = f" and {len(left) - 3} more" if len(left) > 3 else ""
-    return f"left out {len(left)} tensor{'s' if len(left) > 1 else ''} that are not read: {shown}{more}"
+    plural = "s" if len(left) > 1 else ""
+    return f"left out {len(left)} tensor{plural} that are not read: {shown}{more}"
 
 
 class PickledSource(MappedSource):
@@ -69,9 +71,16 @@ class PickledSource(MappedSource):
     def __init__(self, label: str, buffer, origin: str, checkpoint_key: Optional[str] = None):
         weights, left = read_weights(buffer, origin, checkpoint_key)
         buffers = weights.buffers
-        infos = [TensorInfo(name, t.shape, t.dtype, weights.module_types.get(name),
-                            None if buffers is None else name in buffers)
-                 for name, t in weights.tensors.items()]
+        infos = [
+            TensorInfo(
+                name,
+                t.shape,
+                t.dtype,
+                weights.module_types.get(name),
+                None if buffers is None else name in buffers,
+            )
+            for name, t in weights.tensors.items()
+        ]
         note = "; ".join(n for n in (weights.note, _left_note(left)) if n) or None
         super().__init__(label, origin, weights.tensors, infos, note)
 
@@ -79,17 +88,24 @@ class PickledSource(MappedSource):
         try:
             return tensor.read()
         except Corrupt as e:
-            raise AnalyzeError(f"{self._origin} is not a valid PyTorch file (tensor {name!r}: {e})") from None
+            raise AnalyzeError(
+                f"{self._origin} is not a valid PyTorch file (tensor {name!r}: {e})"
+            ) from None
 
 
 class TorchFileSource(PickledSource):
     """A pickled torch file on disk (memory-mapped: only the tensors loaded are read)."""
 
-    def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None,
-                 checkpoint_key: Optional[str] = None):
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        label: Optional[str] = None,
+        checkpoint_key: Optional[str] = None,
+    ):
         self.path = Path(path)
-        super().__init__(label or self.path.name, map_file(self.path), str(self.path),
-                         checkpoint_key)
+        super().__init__(
+            label or self.path.name, map_file(self.path), str(self.path), checkpoint_key
+        )
 
 
 class ShardedTorchSource:
@@ -105,14 +121,17 @@ class ShardedTorchSource:
         self._current_source: Optional[TorchFileSource] = None
         for shard in shard_order(self._weight_map):
             if not (self.index_path.parent / shard).is_file():
-                raise AnalyzeError(f"{self.index_path.parent / shard} (a shard named in {self.index_path}) does not exist")
+                raise AnalyzeError(
+                    f"{self.index_path.parent / shard} (a shard named in {self.index_path}) "
+                    "does not exist"
+                )
 
     def _shard(self, shard: str) -> TorchFileSource:
-        if self._current != shard:
-            path = self.index_path.parent / shard
-            self._current_source = TorchFileSource(path)
-            self._current = shard
-        return self._current_source
+        source = self._current_source
+        if source is None or self._current != shard:
+            source = TorchFileSource(self.index_path.parent / shard)
+            self._current_source, self._current = source, shard
+        return source
 
     def tensors(self) -> Sequence[TensorInfo]:
         if self._infos is None:
@@ -123,7 +142,8 @@ class ShardedTorchSource:
                 missing = wanted - {i.name for i in found}
                 if missing:
                     raise AnalyzeError(
-                        f"{self.index_path.parent / shard} lacks {sorted(missing)[0]!r}, which {self.index_path} places there"
+                        f"{self.index_path.parent / shard} lacks {sorted(missing)[0]!r}, "
+                        f"which {self.index_path} places there"
                     )
                 infos.extend(found)
             self._infos = infos

@@ -19,6 +19,7 @@ must lie inside it, with the element count the pickle claims) and every tensor a
 storage, before any tensor data is touched; the data stay in the file (memory-mapped) until
 :meth:`PickledTensor.read`.
 """
+
 import io
 import re
 import struct
@@ -38,26 +39,57 @@ from .unpickle import MAX_PICKLE_BYTES, PickleTooLarge, Window, load
 
 #: torch dtype name -> (numpy dtype of its stored bits, safetensors code where numpy widens it).
 NUMPY_DTYPES: Dict[str, Tuple[str, Optional[str]]] = {
-    "float64": ("<f8", None), "float32": ("<f4", None), "float16": ("<f2", None),
-    "bfloat16": ("<u2", "BF16"), "float8_e4m3fn": ("u1", "F8_E4M3"),
-    "float8_e5m2": ("u1", "F8_E5M2"), "float8_e4m3fnuz": ("u1", "F8_E4M3FNUZ"),
-    "float8_e5m2fnuz": ("u1", "F8_E5M2FNUZ"), "int64": ("<i8", None), "int32": ("<i4", None),
-    "int16": ("<i2", None), "int8": ("i1", None), "uint8": ("u1", None),
-    "uint16": ("<u2", None), "uint32": ("<u4", None), "uint64": ("<u8", None),
-    "bool": ("?", None), "complex64": ("<c8", None), "complex128": ("<c16", None),
+    "float64": ("<f8", None),
+    "float32": ("<f4", None),
+    "float16": ("<f2", None),
+    "bfloat16": ("<u2", "BF16"),
+    "float8_e4m3fn": ("u1", "F8_E4M3"),
+    "float8_e5m2": ("u1", "F8_E5M2"),
+    "float8_e4m3fnuz": ("u1", "F8_E4M3FNUZ"),
+    "float8_e5m2fnuz": ("u1", "F8_E5M2FNUZ"),
+    "int64": ("<i8", None),
+    "int32": ("<i4", None),
+    "int16": ("<i2", None),
+    "int8": ("i1", None),
+    "uint8": ("u1", None),
+    "uint16": ("<u2", None),
+    "uint32": ("<u4", None),
+    "uint64": ("<u8", None),
+    "bool": ("?", None),
+    "complex64": ("<c8", None),
+    "complex128": ("<c16", None),
 }
 #: Bytes per element of the dtypes that are recognised but not read (quantized, exotic).
-OTHER_ITEMSIZES = {"qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,
-                   "float8_e8m0fnu": 1,
-                   "complex32": 4, "bits8": 1, "bits16": 2}
+OTHER_ITEMSIZES = {
+    "qint8": 1,
+    "quint8": 1,
+    "qint32": 4,
+    "quint4x2": 1,
+    "quint2x4": 1,
+    "float8_e8m0fnu": 1,
+    "complex32": 4,
+    "bits8": 1,
+    "bits16": 2,
+}
 #: Legacy storage classes (``torch.FloatStorage``) -> dtype.
 STORAGE_DTYPES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
-    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
-    "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
-    "BFloat16Storage": "bfloat16", "ComplexDoubleStorage": "complex128",
-    "ComplexFloatStorage": "complex64", "QInt8Storage": "qint8", "QInt32Storage": "qint32",
-    "QUInt8Storage": "quint8", "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4",
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "BFloat16Storage": "bfloat16",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+    "QInt8Storage": "qint8",
+    "QInt32Storage": "qint32",
+    "QUInt8Storage": "quint8",
+    "QUInt4x2Storage": "quint4x2",
+    "QUInt2x4Storage": "quint2x4",
     "UntypedStorage": "uint8",
 }
 #: Tensors not stored densely (views that repeat stored values, e.g. ``expand``; sparse
@@ -109,8 +141,11 @@ class PickledTensor:
 
 
 def _ints(value: Any, what: str) -> Tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or len(value) > 64 or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) > 64
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
         raise Corrupt(f"a tensor has a bad {what} {one_line(repr(value))[:80]}")
     return tuple(value)
 
@@ -119,8 +154,9 @@ class StridedTensor(PickledTensor):
     """An ordinary (strided) tensor: ``shape``, ``stride`` and ``offset`` in elements of
     ``dtype`` into ``storage``; ``negative`` where torch's lazy negation bit is set."""
 
-    def __init__(self, storage: Any, offset: Any, shape: Any, stride: Any, dtype: str,
-                 negative: bool = False):
+    def __init__(
+        self, storage: Any, offset: Any, shape: Any, stride: Any, dtype: str, negative: bool = False
+    ):
         if not isinstance(storage, Storage):
             raise Corrupt("a tensor without a storage")
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
@@ -128,7 +164,9 @@ class StridedTensor(PickledTensor):
         self.storage, self.offset, self.dtype = storage, offset, dtype
         self.shape, self.stride = _ints(shape, "shape"), _ints(stride, "stride")
         if len(self.stride) != len(self.shape):
-            raise Corrupt(f"a tensor's shape {self.shape} and stride {self.stride} differ in length")
+            raise Corrupt(
+                f"a tensor's shape {self.shape} and stride {self.stride} differ in length"
+            )
         self.negative = negative
 
     @property
@@ -147,15 +185,19 @@ class StridedTensor(PickledTensor):
         s = self.storage
         capacity = s.numel * itemsize(s.dtype) // itemsize(self.dtype)
         if self.numel and self.offset + self.span() > capacity:
-            raise Corrupt(f"a {'x'.join(map(str, self.shape))} tensor reaches past the end of "
-                          f"its storage ({capacity} elements)")
+            raise Corrupt(
+                f"a {'x'.join(map(str, self.shape))} tensor reaches past the end of "
+                f"its storage ({capacity} elements)"
+            )
 
     def problem(self) -> Optional[str]:
         if self.dtype not in NUMPY_DTYPES:
             return f"dtype {self.dtype} is not read"
         if self.numel > self.span() and self.numel > MAX_DENSE_ELEMENTS:
-            return (f"an expanded view of {self.span()} stored values as "
-                    f"{self.numel} elements, over {MAX_DENSE_ELEMENTS}")
+            return (
+                f"an expanded view of {self.span()} stored values as "
+                f"{self.numel} elements, over {MAX_DENSE_ELEMENTS}"
+            )
         return None
 
     def read(self) -> np.ndarray:
@@ -170,7 +212,8 @@ class StridedTensor(PickledTensor):
         else:
             base = np.frombuffer(self.storage.buffer, dtype=dt, count=self.span(), offset=start)
             array = np.lib.stride_tricks.as_strided(
-                base, shape=self.shape, strides=[s * size for s in self.stride], writeable=False)
+                base, shape=self.shape, strides=[s * size for s in self.stride], writeable=False
+            )
         if not dt.isnative:
             array = array.astype(dt.newbyteorder("="))
         elif not array.flags.aligned:  # legacy files: BLAS takes another path, other round-off
@@ -191,11 +234,17 @@ class SparseTensor(PickledTensor):
         self.indices, self.values = indices, values
         self.shape, self.dtype = _ints(shape, "shape"), values.dtype
         ndim = len(indices.shape) == 2 and indices.shape[0]
-        if (indices.dtype != "int64" or not ndim or values.shape[:1] != indices.shape[1:]
-                or ndim + len(values.shape) - 1 != len(self.shape)
-                or values.shape[1:] != self.shape[ndim:]):
-            raise Corrupt(f"a sparse tensor's indices {indices.shape} and values "
-                          f"{values.shape} do not fit its shape {self.shape}")
+        if (
+            indices.dtype != "int64"
+            or not ndim
+            or values.shape[:1] != indices.shape[1:]
+            or ndim + len(values.shape) - 1 != len(self.shape)
+            or values.shape[1:] != self.shape[ndim:]
+        ):
+            raise Corrupt(
+                f"a sparse tensor's indices {indices.shape} and values "
+                f"{values.shape} do not fit its shape {self.shape}"
+            )
 
     def check(self) -> None:
         self.indices.check()
@@ -203,15 +252,17 @@ class SparseTensor(PickledTensor):
 
     def problem(self) -> Optional[str]:
         if prod(self.shape) > MAX_DENSE_ELEMENTS:
-            return (f"a sparse tensor of {prod(self.shape)} elements in dense form, "
-                    f"over {MAX_DENSE_ELEMENTS}")
+            return (
+                f"a sparse tensor of {prod(self.shape)} elements in dense form, "
+                f"over {MAX_DENSE_ELEMENTS}"
+            )
         return self.values.problem() or self.indices.problem()
 
     def read(self) -> np.ndarray:
         """The dense tensor; duplicate indices add up, as in torch's ``to_dense``."""
         index = self.indices.read()
         values = self.values.read()
-        bounds = np.array(self.shape[:index.shape[0]]).reshape(-1, 1)
+        bounds = np.array(self.shape[: index.shape[0]]).reshape(-1, 1)
         if index.size and ((index < 0).any() or (index >= bounds).any()):
             raise Corrupt("a sparse tensor has indices outside its shape")
         dense = np.zeros(self.shape, dtype=values.dtype)
@@ -237,6 +288,7 @@ class OpaqueTensor(PickledTensor):
 
 # -- what the pickles may call -----------------------------------------------------------------
 
+
 class _DType(str):
     """A torch dtype named by the pickle (``torch.float32``)."""
 
@@ -258,14 +310,15 @@ def _rebuild_tensor(storage, offset, size, stride):
     return StridedTensor(storage, offset, size, stride, getattr(storage, "dtype", "?"))
 
 
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None,
-                       metadata=None):
-    return StridedTensor(storage, offset, size, stride, getattr(storage, "dtype", "?"),
-                         _metadata_negative(metadata))
+def _rebuild_tensor_v2(
+    storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None
+):
+    return StridedTensor(
+        storage, offset, size, stride, getattr(storage, "dtype", "?"), _metadata_negative(metadata)
+    )
 
 
-def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype,
-                       metadata=None):
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     if not isinstance(dtype, _DType):
         return OpaqueTensor(f"{getattr(dtype, 'global_name', dtype)}", size)
     return StridedTensor(storage, offset, size, stride, str(dtype), _metadata_negative(metadata))
@@ -300,6 +353,7 @@ def _rebuild_meta(dtype, size, stride, requires_grad=False):
 def _rebuild_opaque(what: str):
     def rebuild(*args, **kwargs):
         return OpaqueTensor(what)
+
     return rebuild
 
 
@@ -329,7 +383,8 @@ class _OrderedDict(dict):
 
     def __init__(self, items=()):
         if not isinstance(items, (list, tuple)) or not all(
-                isinstance(i, (list, tuple)) and len(i) == 2 for i in items):
+            isinstance(i, (list, tuple)) and len(i) == 2 for i in items
+        ):
             raise Corrupt("an OrderedDict with bad arguments")
         super().__init__(items)
 
@@ -399,8 +454,10 @@ class NumpyArray(PickledTensor):
         self.dtype = self._np.name if self._np is not None else "object"
         self._order = order
         if self._np is not None:
-            if not isinstance(data, (bytes, bytearray)) or \
-                    len(data) != prod(self.shape) * self._np.itemsize:
+            if (
+                not isinstance(data, (bytes, bytearray))
+                or len(data) != prod(self.shape) * self._np.itemsize
+            ):
                 raise Corrupt(f"a numpy array's data do not match its shape {self.shape}")
             self._data = bytes(data)
 
@@ -444,8 +501,7 @@ def _known(nested: bool) -> Dict[str, Any]:
     known: Dict[str, Any] = dict(_REBUILDERS)
     for name in list(NUMPY_DTYPES) + list(OTHER_ITEMSIZES):
         known[f"torch.{name}"] = _DType(name)
-    for layout in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr",
-                   "sparse_bsc"):
+    for layout in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc"):
         known[f"torch.{layout}"] = layout
     for cls, dtype in STORAGE_DTYPES.items():
         known[f"torch.{cls}"] = known[f"torch.cuda.{cls}"] = _StorageType(dtype)
@@ -497,6 +553,7 @@ def _zip_persistent_load(storages: Dict[str, Storage]):
         if not (isinstance(pid, tuple) and len(pid) == 5 and _pid_text(pid[0]) == "storage"):
             raise Corrupt(f"an unknown persistent id {one_line(repr(pid))[:80]}")
         return _storage_ref(storages, pid[1], pid[2], pid[4])
+
     return persistent_load
 
 
@@ -511,23 +568,30 @@ def _legacy_persistent_load(storages: Dict[str, Storage], views: Dict[str, Tuple
         if pid[5] is None:
             return root
         view = pid[5]
-        if not (isinstance(view, tuple) and len(view) == 3 and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in view[1:])):
+        if not (
+            isinstance(view, tuple)
+            and len(view) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in view[1:])
+        ):
             raise Corrupt("a bad storage view")
         key = str(_pid_text(view[0]))
         if key not in views:
             views[key] = (root, view[1], Storage(key, root.dtype, view[2]))
         return views[key][2]
+
     return persistent_load
 
 
 def _check_stored(storage: Storage, end: int, size: int) -> None:
     if end > size:
-        raise Corrupt(f"storage {storage.key} ends at byte {end}, past the end of the file "
-                      f"({size} bytes): truncated?")
+        raise Corrupt(
+            f"storage {storage.key} ends at byte {end}, past the end of the file "
+            f"({size} bytes): truncated?"
+        )
 
 
 # -- the formats -----------------------------------------------------------------------------
+
 
 def _read_stream(buffer, nested: bool = False) -> Tuple[Any, Set[str]]:
     """A legacy torch stream, or a plain pickle (whose first object is not the magic number)."""
@@ -574,15 +638,14 @@ def _read_zip(buffer, zf: zipfile.ZipFile) -> Tuple[Any, Set[str]]:
     pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
         raise Corrupt("a zip file without exactly one <folder>/data.pkl: not a torch.save file")
-    prefix = pickles[0][:-len("data.pkl")]
+    prefix = pickles[0][: -len("data.pkl")]
     pickle_info = infos[pickles[0]]
     if pickle_info.file_size > MAX_PICKLE_BYTES:
         raise PickleTooLarge()
     order = infos.get(prefix + "byteorder")
     big = order is not None and order.file_size < 16 and zf.read(order).strip() == b"big"
     storages: Dict[str, Storage] = {}
-    root, inert = load(Window(zf.read(pickle_info)), _known(False),
-                       _zip_persistent_load(storages))
+    root, inert = load(Window(zf.read(pickle_info)), _known(False), _zip_persistent_load(storages))
     for key, storage in storages.items():
         info = infos.get(f"{prefix}data/{key}")
         if info is None:
@@ -615,7 +678,7 @@ def _code(zf: zipfile.ZipFile, folder: str) -> Dict[str, str]:
         total += info.file_size
         if total > MAX_CODE_BYTES:
             break
-        texts[name[len(folder):]] = zf.read(info).decode("utf-8", errors="replace")
+        texts[name[len(folder) :]] = zf.read(info).decode("utf-8", errors="replace")
     return texts
 
 
@@ -629,10 +692,13 @@ def read_torch(buffer, origin: str) -> Tuple[Any, Set[str]]:
     try:
         if head == b"PK\x03\x04":
             try:
-                zf = zipfile.ZipFile(io.BytesIO(buffer) if isinstance(buffer, bytes)
-                                     else _MapFile(buffer))
+                zf = zipfile.ZipFile(
+                    io.BytesIO(buffer) if isinstance(buffer, bytes) else _MapFile(buffer)
+                )
             except zipfile.BadZipFile:
-                raise AnalyzeError(f"{origin} is truncated (its zip directory is missing)") from None
+                raise AnalyzeError(
+                    f"{origin} is truncated (its zip directory is missing)"
+                ) from None
             with zf:
                 root, inert = _read_zip(buffer, zf)
         elif bytes(memoryview(buffer)[257:262]) == b"ustar":
@@ -642,15 +708,21 @@ def read_torch(buffer, origin: str) -> Tuple[Any, Set[str]]:
     except AnalyzeError:
         raise
     except PickleTooLarge:
-        raise AnalyzeError(f"{origin}: its pickled objects exceed "
-                           f"{MAX_PICKLE_BYTES >> 20} MiB (not a weights file?)") from None
+        raise AnalyzeError(
+            f"{origin}: its pickled objects exceed "
+            f"{MAX_PICKLE_BYTES >> 20} MiB (not a weights file?)"
+        ) from None
     except Corrupt as e:
         raise AnalyzeError(f"{origin} is not a valid PyTorch file ({e})") from None
     except MemoryError:  # the C unpickler allocates what a length field claims, then reads
-        raise AnalyzeError(f"{origin} is not a valid PyTorch file (a length in its pickle "
-                           "claims more memory than there is)") from None
+        raise AnalyzeError(
+            f"{origin} is not a valid PyTorch file (a length in its pickle "
+            "claims more memory than there is)"
+        ) from None
     except (EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise AnalyzeError(f"{origin} is truncated or corrupt ({one_line(e) or 'ran out of data'})") from None
+        raise AnalyzeError(
+            f"{origin} is truncated or corrupt ({one_line(e) or 'ran out of data'})"
+        ) from None
     except Exception as e:  # UnpicklingError, ValueError, TypeError ... of a malformed pickle
         message = one_line(e)
         if "truncated" in message or "ran out of input" in message.lower():
@@ -666,7 +738,9 @@ def check(tensors: Mapping, origin: str) -> None:
         try:
             tensor.check()
         except Corrupt as e:
-            raise AnalyzeError(f"{origin} is not a valid PyTorch file (tensor {name!r}: {e})") from None
+            raise AnalyzeError(
+                f"{origin} is not a valid PyTorch file (tensor {name!r}: {e})"
+            ) from None
 
 
 class _MapFile(io.RawIOBase):
@@ -691,7 +765,7 @@ class _MapFile(io.RawIOBase):
         return self._pos
 
     def readinto(self, target) -> int:
-        data = self._buf[self._pos:self._pos + len(target)]
-        target[:len(data)] = data
+        data = self._buf[self._pos : self._pos + len(target)]
+        target[: len(data)] = data
         self._pos += len(data)
         return len(data)

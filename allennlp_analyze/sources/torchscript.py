@@ -19,6 +19,7 @@ The module type of a tensor is its owner's class name (``Linear``; a user's clas
 name: TorchScript does not keep the base classes, so a subclass of ``nn.Linear`` is known by
 its own name only and the other evidence decides its kind).
 """
+
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -31,8 +32,7 @@ from .unpickle import Inert
 #: in all (real archives: kilobytes to a few MiB); beyond, the rest are not read.
 MAX_CODE_BYTES = 64 << 20
 _ROOT = "__torch__"
-_CLASS = re.compile(r"^class (\w+)\(Module\):\n((?:[ \t]+__\w+__ = \[[^\]\n]*\]\n)+)",
-                    re.MULTILINE)
+_CLASS = re.compile(r"^class (\w+)\(Module\):\n((?:[ \t]+__\w+__ = \[[^\]\n]*\]\n)+)", re.MULTILINE)
 _DECLARED = re.compile(r"^[ \t]+__(parameters|buffers)__ = \[([^\]\n]*)\]$", re.MULTILINE)
 _NAME = re.compile(r'"([^"\\]*)"')
 
@@ -55,19 +55,25 @@ def declarations(sources: Dict[str, str]) -> Dict[str, Tuple[Tuple[str, ...], Tu
     read."""
     found = {}
     for path, text in sources.items():
-        module = path[:-len(".py")].replace("/", ".")
+        module = path[: -len(".py")].replace("/", ".")
         for m in _CLASS.finditer(text):
-            lists = {kind: tuple(_NAME.findall(names)) for kind, names in
-                     _DECLARED.findall(m.group(2))}
-            found[f"{module}.{m.group(1)}"] = (lists.get("parameters", ()),
-                                               lists.get("buffers", ()))
+            lists = {
+                kind: tuple(_NAME.findall(names)) for kind, names in _DECLARED.findall(m.group(2))
+            }
+            found[f"{module}.{m.group(1)}"] = (
+                lists.get("parameters", ()),
+                lists.get("buffers", ()),
+            )
     return found
 
 
 def is_script_module(node: Any) -> bool:
     """An object of a TorchScript class (``__torch__.*``) with a dict of attributes."""
-    return isinstance(node, Inert) and isinstance(node.state, dict) and \
-        (node.global_name == _ROOT or node.global_name.startswith(_ROOT + "."))
+    return (
+        isinstance(node, Inert)
+        and isinstance(node.state, dict)
+        and (node.global_name == _ROOT or node.global_name.startswith(_ROOT + "."))
+    )
 
 
 def class_name(global_name: str) -> str:
@@ -75,8 +81,9 @@ def class_name(global_name: str) -> str:
     return global_name.rpartition(".")[2]
 
 
-def script_weights(archive: ScriptArchive, origin: str, is_tensor: Callable[[Any], bool],
-                   key: Optional[str] = None) -> Weights:
+def script_weights(
+    archive: ScriptArchive, origin: str, is_tensor: Callable[[Any], bool], key: Optional[str] = None
+) -> Weights:
     """The archive's parameters and buffers, named as the module's ``state_dict()`` names them
     (``key``: only those under that submodule, named relative to it), their owners' class
     names, and which are buffers."""
@@ -111,25 +118,35 @@ def script_weights(archive: ScriptArchive, origin: str, is_tensor: Callable[[Any
             types[name] = class_name(node.global_name)
             if is_buffer:
                 buffers.add(name)
-        children = [(f"{prefix}{attr}.", child, depth + 1) for attr, child in state.items()
-                    if isinstance(attr, str) and is_script_module(child)]
+        children = [
+            (f"{prefix}{attr}.", child, depth + 1)
+            for attr, child in state.items()
+            if isinstance(attr, str) and is_script_module(child)
+        ]
         stack.extend(reversed(children))
     if key is not None:
         start = key + "."
-        tensors = {n[len(start):]: t for n, t in tensors.items() if n.startswith(start)}
+        tensors = {n[len(start) :]: t for n, t in tensors.items() if n.startswith(start)}
         if not tensors:
-            raise AnalyzeError(f"{origin}: the TorchScript module has no submodule {key!r} "
-                               "holding tensors")
-        types = {n[len(start):]: t for n, t in types.items() if n.startswith(start)}
-        buffers = {n[len(start):] for n in buffers if n.startswith(start)}
+            raise AnalyzeError(
+                f"{origin}: the TorchScript module has no submodule {key!r} holding tensors"
+            )
+        types = {n[len(start) :]: t for n, t in types.items() if n.startswith(start)}
+        buffers = {n[len(start) :] for n in buffers if n.startswith(start)}
     if not tensors:
-        frozen = (f": its {archive.constants} constant tensors (torch.jit.freeze puts the "
-                  "weights there) have no names; save the module before freezing it"
-                  if archive.constants else "")
-        raise AnalyzeError(f"{origin} is a TorchScript archive without parameters or "
-                           f"buffers{frozen}")
-    note = "a TorchScript archive: parameters and buffers read from its pickle (its code was " \
-           "neither compiled nor run)"
+        frozen = (
+            f": its {archive.constants} constant tensors (torch.jit.freeze puts the "
+            "weights there) have no names; save the module before freezing it"
+            if archive.constants
+            else ""
+        )
+        raise AnalyzeError(
+            f"{origin} is a TorchScript archive without parameters or buffers{frozen}"
+        )
+    note = (
+        "a TorchScript archive: parameters and buffers read from its pickle (its code was "
+        "neither compiled nor run)"
+    )
     if undeclared:
         note += f"; classes without declarations in code/: {', '.join(sorted(undeclared)[:3])}"
     return Weights(tensors, types, note, None if undeclared else buffers)

@@ -15,6 +15,7 @@ caller's own. The unpickling itself is CPython's C implementation (fast); the in
 through a bounded window (:class:`Window`), and the pickled structure is limited to
 :data:`MAX_PICKLE_BYTES`.
 """
+
 import _compat_pickle
 import pickle
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -37,12 +38,17 @@ class Inert:
 
     __slots__ = ("args", "kwargs", "state", "items", "entries")
     global_name = "?"
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    state: Any
+    items: List[Any]
+    entries: List[Tuple[Any, Any]]
 
     def __new__(cls, *args, **kwargs):
         self = object.__new__(cls)
         self.args, self.kwargs, self.state = args, kwargs, None
-        self.items: List[Any] = []
-        self.entries: List[Tuple[Any, Any]] = []
+        self.items = []
+        self.entries = []
         return self
 
     def __call__(self, *args, **kwargs):
@@ -68,8 +74,7 @@ class Inert:
 
 
 def _inert_class(name: str) -> type:
-    return type("Inert", (Inert,), {"__slots__": (), "global_name": name,
-                                    "__module__": __name__})
+    return type("Inert", (Inert,), {"__slots__": (), "global_name": name, "__module__": __name__})
 
 
 def global_name(module: str, name: str) -> str:
@@ -100,7 +105,7 @@ class Window:
         stop = min(stop, len(self._buf))
         if stop - self._start > self._limit:
             raise PickleTooLarge()
-        data = self._buf[self.pos:stop].tobytes()
+        data = self._buf[self.pos : stop].tobytes()
         self.pos = stop
         return data
 
@@ -109,7 +114,7 @@ class Window:
 
     def readinto(self, target) -> int:
         data = self.read(len(target))
-        target[:len(data)] = data
+        target[: len(data)] = data
         return len(data)
 
     def readline(self) -> bytes:
@@ -117,18 +122,23 @@ class Window:
         return self._take(len(self._buf) if end < 0 else end + 1)
 
     def peek(self, n: int = 0) -> bytes:
-        return self._buf[self.pos:self.pos + max(n, 1)].tobytes()
+        return self._buf[self.pos : self.pos + max(n, 1)].tobytes()
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, window: Window, known: Dict[str, Any],
-                 persistent_load: Optional[Callable[[Any], Any]]):
+    def __init__(
+        self, window: Window, known: Dict[str, Any], persistent_load: Optional[Callable[[Any], Any]]
+    ):
         super().__init__(window)
         self._known = known
         self._classes: Dict[str, type] = {}
         self.inert: Set[str] = set()
-        if persistent_load is not None:
-            self.persistent_load = persistent_load
+        self._persistent_load = persistent_load
+
+    def persistent_load(self, pid):
+        if self._persistent_load is None:  # as pickle.Unpickler without one
+            raise pickle.UnpicklingError("a persistent id, but no persistent_load function")
+        return self._persistent_load(pid)
 
     def find_class(self, module, name):
         if not (isinstance(module, str) and isinstance(name, str)):
@@ -145,8 +155,11 @@ class _Unpickler(pickle.Unpickler):
         return cls
 
 
-def load(window: Window, known: Optional[Dict[str, Any]] = None,
-         persistent_load: Optional[Callable[[Any], Any]] = None) -> Tuple[Any, Set[str]]:
+def load(
+    window: Window,
+    known: Optional[Dict[str, Any]] = None,
+    persistent_load: Optional[Callable[[Any], Any]] = None,
+) -> Tuple[Any, Set[str]]:
     """Unpickle one object from ``window`` (left just after it): ``(object, names of the
     globals that became inert)``. ``known`` maps ``module.name`` to the caller's own objects.
     Raises :class:`pickle.UnpicklingError`, :class:`PickleTooLarge`, ``EOFError`` and the

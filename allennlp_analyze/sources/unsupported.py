@@ -7,6 +7,7 @@ magic bytes of its files. :mod:`.registry` turns each into a format entry whose 
 the file (:func:`refuse`), after every readable format, and only for the keys that no reader
 has registered: a reader's entry of the same name (``onnx``, ``keras``, ``gguf``) replaces it.
 """
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Optional, Tuple
@@ -35,7 +36,7 @@ class Unsupported:
         if self.magic is None:
             return False
         at, magic = self.magic
-        return head[at:at + len(magic)] == magic
+        return head[at : at + len(magic)] == magic
 
     def message(self, subject: str) -> str:
         """The one line for ``subject`` (a path, a hub id)."""
@@ -43,30 +44,57 @@ class Unsupported:
 
 
 UNSUPPORTED: Tuple[Unsupported, ...] = (
-    Unsupported("tflite", "a TensorFlow Lite model",
-                "save its weight tensors as .npz (numpy: tf.lite.Interpreter(...).get_tensor "
-                f"of each) or {_TO_CHECKPOINT}", (".tflite",), ("*.tflite",), (4, b"TFL3")),
-    Unsupported("saved_model", "a TensorFlow SavedModel",
-                "save its variables as .npz (numpy: tf.train.load_checkpoint of "
-                "DIR/variables/variables reads them without running the graph) or convert it "
-                "to ONNX (python -m tf2onnx.convert --saved-model DIR)",
-                ("saved_model.pb", "saved_model.pbtxt"), ("saved_model.pb", "saved_model.pbtxt")),
-    Unsupported("coreml", "a Core ML model",
-                "save its weights as .npz with coremltools (numpy arrays of the spec's "
-                f"layers) or {_TO_CHECKPOINT}", (".mlmodel", ".mlpackage"),
-                ("*.mlmodel", "Data/com.apple.CoreML/*.mlmodel")),
-    Unsupported("gguf", "a GGUF file",
-                "convert it back with transformers (from_pretrained(..., gguf_file=...), then "
-                f"save_pretrained: safetensors) or {_TO_CHECKPOINT}", (".gguf",), ("*.gguf",),
-                (0, b"GGUF")),
-    Unsupported("onnx", "an ONNX model",
-                "save its initializers as .npz (onnx.numpy_helper.to_array of each) or "
-                f"{_TO_CHECKPOINT}", (".onnx",), ("*.onnx",)),
-    Unsupported("keras", "a Keras / HDF5 weights file",
-                "save its weight datasets as .npz (numpy: read each with h5py; a .keras file is "
-                "a zip holding model.weights.h5) or convert it to ONNX (tf2onnx)",
-                (".keras", ".h5", ".hdf5"), ("*.keras", "*.h5", "*.hdf5"),
-                (0, b"\x89HDF\r\n\x1a\n")),
+    Unsupported(
+        "tflite",
+        "a TensorFlow Lite model",
+        "save its weight tensors as .npz (numpy: tf.lite.Interpreter(...).get_tensor "
+        f"of each) or {_TO_CHECKPOINT}",
+        (".tflite",),
+        ("*.tflite",),
+        (4, b"TFL3"),
+    ),
+    Unsupported(
+        "saved_model",
+        "a TensorFlow SavedModel",
+        "save its variables as .npz (numpy: tf.train.load_checkpoint of "
+        "DIR/variables/variables reads them without running the graph) or convert it "
+        "to ONNX (python -m tf2onnx.convert --saved-model DIR)",
+        ("saved_model.pb", "saved_model.pbtxt"),
+        ("saved_model.pb", "saved_model.pbtxt"),
+    ),
+    Unsupported(
+        "coreml",
+        "a Core ML model",
+        "save its weights as .npz with coremltools (numpy arrays of the spec's "
+        f"layers) or {_TO_CHECKPOINT}",
+        (".mlmodel", ".mlpackage"),
+        ("*.mlmodel", "Data/com.apple.CoreML/*.mlmodel"),
+    ),
+    Unsupported(
+        "gguf",
+        "a GGUF file",
+        "convert it back with transformers (from_pretrained(..., gguf_file=...), then "
+        f"save_pretrained: safetensors) or {_TO_CHECKPOINT}",
+        (".gguf",),
+        ("*.gguf",),
+        (0, b"GGUF"),
+    ),
+    Unsupported(
+        "onnx",
+        "an ONNX model",
+        f"save its initializers as .npz (onnx.numpy_helper.to_array of each) or {_TO_CHECKPOINT}",
+        (".onnx",),
+        ("*.onnx",),
+    ),
+    Unsupported(
+        "keras",
+        "a Keras / HDF5 weights file",
+        "save its weight datasets as .npz (numpy: read each with h5py; a .keras file is "
+        "a zip holding model.weights.h5) or convert it to ONNX (tf2onnx)",
+        (".keras", ".h5", ".hdf5"),
+        ("*.keras", "*.h5", "*.hdf5"),
+        (0, b"\x89HDF\r\n\x1a\n"),
+    ),
 )
 
 

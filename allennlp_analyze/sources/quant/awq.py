@@ -9,6 +9,7 @@ Element ``W[o, i] = s[g, o] * (q - z)`` with ``g = i // group_size``, zeros stor
 
 AWQ stores ``W diag(s)`` for activation-aware column scales ``s`` (``1 / s`` folded into the
 previous layer) and searches a clipping range: no per-element bound against the trained W."""
+
 from typing import Optional, Tuple
 
 import numpy as np
@@ -21,17 +22,22 @@ from .intgrid import WholeArray, check_shape, group_index, grouped_rows, unpack_
 ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])
 #: Column c of eight sits in nibble REVERSE[c].
 REVERSE = np.argsort(ORDER)
-AWQ_NOTE = ("AWQ column scaling: the stored matrix is W diag(s) (1/s folded into the previous "
-            "layer), rounded after a clipping search; the step is that of the stored matrix")
-AWQ_NO_BOUND = ("AWQ stores column-scaled weights and clips their range: no per-element bound "
-                "relative to the trained weights")
+AWQ_NOTE = (
+    "AWQ column scaling: the stored matrix is W diag(s) (1/s folded into the previous "
+    "layer), rounded after a clipping search; the step is that of the stored matrix"
+)
+AWQ_NO_BOUND = (
+    "AWQ stores column-scaled weights and clips their range: no per-element bound "
+    "relative to the trained weights"
+)
 
 
 def _check_groups(name: str, columns: int, group_size: Optional[int]) -> int:
     size = columns if group_size in (None, -1) else group_size
     if size <= 0 or columns % size:
-        raise AnalyzeError(f"{escape(name)}: {columns} input columns are not whole groups of "
-                           f"{size}")
+        raise AnalyzeError(
+            f"{escape(name)}: {columns} input columns are not whole groups of {size}"
+        )
     return size
 
 
@@ -43,13 +49,23 @@ class AWQMatrix(WholeArray):
     shape: Tuple[int, int]
     scheme: str
 
-    def __init__(self, name: str, qweight, qzeros, scales, bits: int, group_size: Optional[int],
-                 version: str = "gemm"):
+    def __init__(
+        self,
+        name: str,
+        qweight,
+        qzeros,
+        scales,
+        bits: int,
+        group_size: Optional[int],
+        version: str = "gemm",
+    ):
         if bits != 4:
             raise AnalyzeError(f"{escape(name)}: {bits}-bit AWQ is not supported (4 bits is)")
         if version not in ("gemm", "gemv"):
-            raise AnalyzeError(f"{escape(name)}: the AWQ layout {escape(version)!s} is re-tiled "
-                               "for a kernel and not supported (gemm and gemv are)")
+            raise AnalyzeError(
+                f"{escape(name)}: the AWQ layout {escape(version)!s} is re-tiled "
+                "for a kernel and not supported (gemm and gemv are)"
+            )
         if len(qweight.shape) != 2 or len(scales.shape) != 2 or len(qzeros.shape) != 2:
             raise AnalyzeError(f"{escape(name)}: qweight, qzeros and scales must be matrices")
         self._gemm = version == "gemm"
@@ -69,8 +85,10 @@ class AWQMatrix(WholeArray):
             groups = columns // size
             width = qzeros.shape[1]
             if qzeros.shape[0] != out or width * 8 < groups:
-                raise AnalyzeError(f"{escape(name)}.qzeros has shape {tuple(qzeros.shape)}, "
-                                   f"expected ({out}, >= {-(-groups // 8)})")
+                raise AnalyzeError(
+                    f"{escape(name)}.qzeros has shape {tuple(qzeros.shape)}, "
+                    f"expected ({out}, >= {-(-groups // 8)})"
+                )
             check_shape(f"{name}.scales", scales.shape, (out, width * 8), "padded GEMV scales")
             self._zeros = unpack_last(words(qzeros), 4)[:, :groups]  # (out, G)
         self._group = group_index(None, columns, size, groups, name)
@@ -84,9 +102,9 @@ class AWQMatrix(WholeArray):
             lo, hi = start // 8, -(-stop // 8)
             packed = words(self._qweight[:, lo:hi])  # (in, w)
             codes = unpack_last(packed, 4).reshape(packed.shape[0], -1, 8)[:, :, REVERSE]
-            codes = codes.reshape(packed.shape[0], -1)[:, start - 8 * lo:stop - 8 * lo].T
+            codes = codes.reshape(packed.shape[0], -1)[:, start - 8 * lo : stop - 8 * lo].T
             scales = np.asarray(self._scales[:, start:stop]).T
         else:
             codes = unpack_last(words(self._qweight[start:stop]), 4)
-            scales = np.asarray(self._scales[start:stop, :self._groups])
+            scales = np.asarray(self._scales[start:stop, : self._groups])
         return grouped_rows(codes, zeros, scales, self._group, None)

@@ -17,6 +17,7 @@ LLM.int8: ``P.weight`` int8 ``(out, in)`` and ``P.SCB`` float32 ``(out,)`` (each
 Both quantizers round to nearest (bitsandbytes' reference ``quantize_4bit`` buckets the scaled
 value by the midpoints of the sorted code table; int8 rounds ``127 w / absmax``), in float32.
 """
+
 import json
 import math
 from typing import Optional, Tuple
@@ -66,8 +67,9 @@ def read_state(name: str, raw: np.ndarray) -> dict:
 def _positive_int(state: dict, key: str, name: str) -> int:
     value = state.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise AnalyzeError(f"{escape(name)}: quant state {key} {escape(value)} is not a positive "
-                           "integer")
+        raise AnalyzeError(
+            f"{escape(name)}: quant state {key} {escape(value)} is not a positive integer"
+        )
     return value
 
 
@@ -82,24 +84,32 @@ class FourBitMatrix(WholeArray):
     shape: Tuple[int, int]
     scheme: str
 
-    def __init__(self, name: str, weight, absmax, quant_map, state: dict,
-                 nested_absmax=None, nested_map=None):
+    def __init__(
+        self, name: str, weight, absmax, quant_map, state: dict, nested_absmax=None, nested_map=None
+    ):
         self.quant_type = state.get("quant_type")
         if self.quant_type not in ("nf4", "fp4"):
-            raise AnalyzeError(f"{escape(name)}: quant type {escape(self.quant_type)} is not nf4 "
-                               "or fp4")
+            raise AnalyzeError(
+                f"{escape(name)}: quant type {escape(self.quant_type)} is not nf4 or fp4"
+            )
         shape = state.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2
-                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
-            raise AnalyzeError(f"{escape(name)}: quant state shape {escape(shape)} is not a "
-                               "matrix shape")
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+        ):
+            raise AnalyzeError(
+                f"{escape(name)}: quant state shape {escape(shape)} is not a matrix shape"
+            )
         out, columns = shape
         n = out * columns
         self.blocksize = _positive_int(state, "blocksize", name)
         if np.dtype(weight.dtype) != np.uint8 or math.prod(weight.shape) != -(-n // 2):
-            raise AnalyzeError(f"{escape(name)} holds {math.prod(weight.shape)} {weight.dtype} "
-                               f"values; a {out} x {columns} 4-bit matrix packs into "
-                               f"{-(-n // 2)} bytes")
+            raise AnalyzeError(
+                f"{escape(name)} holds {math.prod(weight.shape)} {weight.dtype} "
+                f"values; a {out} x {columns} 4-bit matrix packs into "
+                f"{-(-n // 2)} bytes"
+            )
         blocks = -(-n // self.blocksize)
         check_shape(f"{name}.absmax", absmax.shape, (blocks,), f"one per {self.blocksize} codes")
         table = np.asarray(quant_map, dtype=np.float32).reshape(-1)
@@ -112,18 +122,27 @@ class FourBitMatrix(WholeArray):
             nb = _positive_int(state, "nested_blocksize", name)
             if np.dtype(absmax.dtype) != np.uint8:
                 raise AnalyzeError(f"{escape(name)}.absmax must be uint8 codes when nested")
-            check_shape(f"{name}.nested_absmax", nested_absmax.shape, (-(-blocks // nb),),
-                        f"one per {nb} blocks")
+            check_shape(
+                f"{name}.nested_absmax",
+                nested_absmax.shape,
+                (-(-blocks // nb),),
+                f"one per {nb} blocks",
+            )
             nested_table = np.asarray(nested_map, dtype=np.float32).reshape(-1)
             if nested_table.size != 256 or np.abs(nested_table).max() > 1:
-                raise AnalyzeError(f"{escape(name)}.nested_quant_map is not 256 values in "
-                                   "[-1, 1]")
+                raise AnalyzeError(f"{escape(name)}.nested_quant_map is not 256 values in [-1, 1]")
             offset = state.get("nested_offset")
             if isinstance(offset, bool) or not isinstance(offset, (int, float)):
-                raise AnalyzeError(f"{escape(name)}: nested_offset {escape(offset)} is not a "
-                                   "number")
-            self._nested_parts = (nb, np.asarray(nested_absmax, dtype=np.float32), nested_table,
-                                  code_cells(nested_table)[1], np.float32(offset))
+                raise AnalyzeError(
+                    f"{escape(name)}: nested_offset {escape(offset)} is not a number"
+                )
+            self._nested_parts = (
+                nb,
+                np.asarray(nested_absmax, dtype=np.float32),
+                nested_table,
+                code_cells(nested_table)[1],
+                np.float32(offset),
+            )
         self._weight, self._absmax = weight, absmax
         self.shape = (out, columns)
         self.scheme = f"{self.quant_type}-b{self.blocksize}"
@@ -137,28 +156,33 @@ class FourBitMatrix(WholeArray):
         nb, nested_absmax, table, far, offset = self._nested_parts
         scale = nested_absmax[np.arange(first, last) // nb]
         decoded = (table[raw] * scale).astype(np.float32) + offset  # float32, as the library
-        error = (far[raw] * np.abs(scale).astype(np.float64)
-                 + 4 * F32_U * (np.abs(decoded).astype(np.float64) + abs(float(offset))))
+        error = far[raw] * np.abs(scale).astype(np.float64) + 4 * F32_U * (
+            np.abs(decoded).astype(np.float64) + abs(float(offset))
+        )
         return decoded.astype(np.float64), error
 
     def rows(self, start: int, stop: int) -> DecodedRows:
         columns = self.shape[1]
         k0, k1 = start * columns, stop * columns
-        flat = np.asarray(self._weight).reshape(-1)[k0 // 2:-(-k1 // 2)]
+        flat = np.asarray(self._weight).reshape(-1)[k0 // 2 : -(-k1 // 2)]
         pairs = np.empty((flat.size, 2), np.uint8)
         pairs[:, 0], pairs[:, 1] = flat >> 4, flat & 0xF
-        codes = pairs.reshape(-1)[k0 % 2:k0 % 2 + (k1 - k0)]
+        codes = pairs.reshape(-1)[k0 % 2 : k0 % 2 + (k1 - k0)]
         first, last = k0 // self.blocksize, -(-k1 // self.blocksize)
         absmax, error = self._scales(first, last)
         block = np.arange(k0, k1) // self.blocksize - first
         a, e = absmax[block], error[block]
         values = self._table[codes] * a
         step = self._width[codes] * np.abs(a)
-        worst = (self._far[codes] * (np.abs(a) + e) + np.abs(self._table[codes]) * e
-                 + 4 * F32_U * np.abs(a))
+        worst = (
+            self._far[codes] * (np.abs(a) + e)
+            + np.abs(self._table[codes]) * e
+            + 4 * F32_U * np.abs(a)
+        )
         r = stop - start
-        return DecodedRows(values.reshape(r, columns), step.reshape(r, columns),
-                           worst.reshape(r, columns))
+        return DecodedRows(
+            values.reshape(r, columns), step.reshape(r, columns), worst.reshape(r, columns)
+        )
 
 
 class Int8RowMatrix(WholeArray):
@@ -173,8 +197,9 @@ class Int8RowMatrix(WholeArray):
     def __init__(self, name: str, weight, scb):
         if np.dtype(weight.dtype) != np.int8 or len(weight.shape) != 2:
             raise AnalyzeError(f"{escape(name)} must be an int8 matrix for LLM.int8")
-        check_shape(f"{name[:-len('weight')]}SCB", scb.shape, (weight.shape[0],),
-                    "one absmax per row")
+        check_shape(
+            f"{name[: -len('weight')]}SCB", scb.shape, (weight.shape[0],), "one absmax per row"
+        )
         self._weight, self._scb = weight, scb
         self.shape = tuple(weight.shape)
 
@@ -188,7 +213,12 @@ def four_bit_from_tensors(name: str, get, state: dict) -> FourBitMatrix:
     """Build from the tensors ``name`` (the weight), ``name.absmax`` ... fetched by ``get``
     (returns None for an absent name)."""
     nested = get(f"{name}.nested_absmax")
-    return FourBitMatrix(name, get(name), get(f"{name}.absmax"), get(f"{name}.quant_map"),
-                         state, nested, get(f"{name}.nested_quant_map") if nested is not None
-                         else None)
-
+    return FourBitMatrix(
+        name,
+        get(name),
+        get(f"{name}.absmax"),
+        get(f"{name}.quant_map"),
+        state,
+        nested,
+        get(f"{name}.nested_quant_map") if nested is not None else None,
+    )

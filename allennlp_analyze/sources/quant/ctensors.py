@@ -13,14 +13,22 @@
 Both: ``P.weight_scale`` ``(out, G)`` (group), ``(out, 1)`` (channel) or one value (tensor),
 ``P.weight_g_idx`` ``(in,)`` with activation ordering; ``W = (q - z) * s``.
 """
+
 from typing import Callable, Optional, Tuple
 
 import numpy as np
 
 from ...errors import AnalyzeError, escape
 from ...quantized import DecodedRows
-from .intgrid import (WholeArray, check_shape, group_index, grouped_rows, unpack_dense,
-                      unpack_last, words)
+from .intgrid import (
+    WholeArray,
+    check_shape,
+    group_index,
+    grouped_rows,
+    unpack_dense,
+    unpack_last,
+    words,
+)
 
 #: Read the codes of rows ``start:stop`` as signed integers, shape (r, in).
 CodeReader = Callable[[int, int], np.ndarray]
@@ -40,21 +48,26 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int, dense: bool) -> np.n
     return codes.astype(np.int16) - (1 << (bits - 1))
 
 
-def packing_of(name: str, words_per_row: int, columns: int, bits: int,
-               dense_hint: Optional[bool]) -> bool:
+def packing_of(
+    name: str, words_per_row: int, columns: int, bits: int, dense_hint: Optional[bool]
+) -> bool:
     """True for dense packing, False for word-aligned, from the packed width (the data), the
     library version (``dense_hint``) deciding where both widths agree and the layouts differ."""
     dense, aligned = packed_words(columns, bits, True), packed_words(columns, bits, False)
     fits = [d for d, n in ((True, dense), (False, aligned)) if n == words_per_row]
     if not fits:
-        raise AnalyzeError(f"{escape(name)} holds {words_per_row} words per row; {columns} "
-                           f"{bits}-bit codes need {dense} (dense) or {aligned} (word-aligned): "
-                           "the bit width or the shape is wrong")
+        raise AnalyzeError(
+            f"{escape(name)} holds {words_per_row} words per row; {columns} "
+            f"{bits}-bit codes need {dense} (dense) or {aligned} (word-aligned): "
+            "the bit width or the shape is wrong"
+        )
     if len(fits) == 1 or 32 % bits == 0 or columns <= 32 // bits:
         return fits[0]
     if dense_hint is None:
-        raise AnalyzeError(f"{escape(name)}: cannot tell dense from word-aligned {bits}-bit "
-                           "packing (no compressed-tensors version in the config)")
+        raise AnalyzeError(
+            f"{escape(name)}: cannot tell dense from word-aligned {bits}-bit "
+            "packing (no compressed-tensors version in the config)"
+        )
     return dense_hint
 
 
@@ -62,18 +75,22 @@ def packed_reader(name: str, packed, shape, bits: int, dense_hint: Optional[bool
     """A :data:`CodeReader` over ``weight_packed`` (validated against ``shape``)."""
     out, columns = shape
     if len(packed.shape) != 2 or packed.shape[0] != out:
-        raise AnalyzeError(f"{escape(name)} has shape {tuple(packed.shape)} for a {out} x "
-                           f"{columns} weight")
+        raise AnalyzeError(
+            f"{escape(name)} has shape {tuple(packed.shape)} for a {out} x {columns} weight"
+        )
     dense = packing_of(name, packed.shape[1], columns, bits, dense_hint)
     return lambda start, stop: unpack_codes(words(packed[start:stop]), bits, columns, dense)
 
 
-def packed_zero_points(name: str, packed, out: int, groups: int, bits: int,
-                       dense_hint: Optional[bool]) -> np.ndarray:
+def packed_zero_points(
+    name: str, packed, out: int, groups: int, bits: int, dense_hint: Optional[bool]
+) -> np.ndarray:
     """``weight_zero_point`` packed along the output axis -> signed (out, G)."""
     if len(packed.shape) != 2 or packed.shape[1] != groups:
-        raise AnalyzeError(f"{escape(name)} has shape {tuple(packed.shape)}, expected "
-                           f"(packed {out} rows, {groups})")
+        raise AnalyzeError(
+            f"{escape(name)} has shape {tuple(packed.shape)}, expected "
+            f"(packed {out} rows, {groups})"
+        )
     dense = packing_of(name, packed.shape[0], out, bits, dense_hint)
     return unpack_codes(np.ascontiguousarray(words(packed).T), bits, out, dense).T
 
@@ -89,6 +106,7 @@ def naive_reader(name: str, weight, bits: int) -> CodeReader:
         if codes.size and (codes.min() < low or codes.max() > high):
             raise AnalyzeError(f"{escape(name)} holds codes outside the {bits}-bit range")
         return codes
+
     return read
 
 
@@ -102,15 +120,28 @@ class CTMatrix(WholeArray):
     shape: Tuple[int, int]
     scheme: str
 
-    def __init__(self, name: str, shape, codes: CodeReader, scale, zero_point: Optional[np.ndarray],
-                 g_idx, group_size: Optional[int], bits: int, roundoff: Optional[float],
-                 bound_reason: Optional[str], fp8: bool = False):
+    def __init__(
+        self,
+        name: str,
+        shape,
+        codes: CodeReader,
+        scale,
+        zero_point: Optional[np.ndarray],
+        g_idx,
+        group_size: Optional[int],
+        bits: int,
+        roundoff: Optional[float],
+        bound_reason: Optional[str],
+        fp8: bool = False,
+    ):
         out, columns = shape
         scale_shape = tuple(scale.shape)
         if len(scale_shape) <= 1 or scale_shape == (1, 1):
             if int(np.prod(scale_shape)) != 1:
-                raise AnalyzeError(f"{escape(name)}.weight_scale has shape {scale_shape} for a "
-                                   f"{out} x {columns} weight")
+                raise AnalyzeError(
+                    f"{escape(name)}.weight_scale has shape {scale_shape} for a "
+                    f"{out} x {columns} weight"
+                )
             self._tensor, groups = True, 1
         else:
             self._tensor, groups = False, scale_shape[1]
@@ -118,19 +149,28 @@ class CTMatrix(WholeArray):
         if groups > 1 and g_idx is None:
             size = group_size if group_size else -(-columns // groups)
             if size <= 0 or -(-columns // size) != groups:
-                raise AnalyzeError(f"{escape(name)}: {groups} scale groups for {columns} input "
-                                   f"columns in groups of {size}")
+                raise AnalyzeError(
+                    f"{escape(name)}: {groups} scale groups for {columns} input "
+                    f"columns in groups of {size}"
+                )
         else:
             size = group_size or columns
-        self._group = group_index(None if g_idx is None else np.asarray(g_idx), columns,
-                                  max(size, 1), groups, f"{name}.weight_g_idx")
+        self._group = group_index(
+            None if g_idx is None else np.asarray(g_idx),
+            columns,
+            max(size, 1),
+            groups,
+            f"{name}.weight_g_idx",
+        )
         if zero_point is not None:
             zero_point = np.asarray(zero_point).astype(np.int16)
             if zero_point.size == 1:
                 zero_point = zero_point.reshape(1, 1)
             elif zero_point.shape != (out, groups):
-                raise AnalyzeError(f"{escape(name)}.weight_zero_point has shape "
-                                   f"{zero_point.shape}, expected {(out, groups)}")
+                raise AnalyzeError(
+                    f"{escape(name)}.weight_zero_point has shape "
+                    f"{zero_point.shape}, expected {(out, groups)}"
+                )
         self._codes, self._scale, self._zeros = codes, scale, zero_point
         self._roundoff, self.bound_reason, self._fp8 = roundoff, bound_reason, fp8
         self.shape = (out, columns)
@@ -165,8 +205,9 @@ def e4m3_spacing(values: np.ndarray) -> np.ndarray:
     return np.exp2(exponent - 3)
 
 
-def fp8_rows(values8: np.ndarray, scales: np.ndarray, group: np.ndarray,
-             roundoff: Optional[float]) -> DecodedRows:
+def fp8_rows(
+    values8: np.ndarray, scales: np.ndarray, group: np.ndarray, roundoff: Optional[float]
+) -> DecodedRows:
     """``f * s`` for float8 values ``f``: the step is the E4M3 spacing at ``f`` times ``|s|``;
     ``worst`` (round to nearest of ``x / s`` to E4M3, the quotient in precision ``roundoff``)
     ``|s| (spacing / 2 + u (|f| + spacing))``."""
@@ -174,6 +215,7 @@ def fp8_rows(values8: np.ndarray, scales: np.ndarray, group: np.ndarray,
     f = values8.astype(np.float64)
     spacing = e4m3_spacing(f)
     step = spacing * np.abs(s)
-    worst = None if roundoff is None else \
-        np.abs(s) * (spacing / 2 + roundoff * (np.abs(f) + spacing))
+    worst = (
+        None if roundoff is None else np.abs(s) * (spacing / 2 + roundoff * (np.abs(f) + spacing))
+    )
     return DecodedRows(f * s, step, worst)

@@ -45,6 +45,7 @@ No per-element guarantee (``worst`` is None, with the reason):
 
 Decoding is vectorized over all blocks of the rows asked for (no Python loop per block).
 """
+
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -54,7 +55,7 @@ from ...noise_floor import ulp
 from ...quantized import DecodedRows
 
 #: float32 slack of quantizer and decoder arithmetic (module docstring), relative.
-_F32_SLACK = 2.0 ** -20
+_F32_SLACK = 2.0**-20
 
 
 def _gguf():
@@ -79,22 +80,29 @@ def block_type(qtype: int) -> BlockType:
     gguf = _gguf()
     t = gguf.GGMLQuantizationType(qtype)
     block, size = gguf.GGML_QUANT_SIZES[t]
-    return BlockType(t.name, block, size, _BOUND_REASON.get(t.name, _codebook_reason(t.name))
-                     if t.name not in _LINEAR else None)
+    return BlockType(
+        t.name,
+        block,
+        size,
+        _BOUND_REASON.get(t.name, _codebook_reason(t.name)) if t.name not in _LINEAR else None,
+    )
 
 
 def _codebook_reason(name: str) -> str:
-    return (f"{name} encodes by a search over a non-uniform codebook: no per-element error "
-            "bound")
+    return f"{name} encodes by a search over a non-uniform codebook: no per-element error bound"
 
 
-_KQUANT_REASON = ("{} quantizer searches each sub-block's scale and min and clamps codes to "
-                  "the range: an element at the end of the code range has no per-element "
-                  "error bound")
+_KQUANT_REASON = (
+    "{} quantizer searches each sub-block's scale and min and clamps codes to "
+    "the range: an element at the end of the code range has no per-element "
+    "error bound"
+)
 _BOUND_REASON = {k: _KQUANT_REASON.format(k) for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
 #: Reason for files whose legacy types were quantized with an importance matrix.
-IMATRIX_REASON = ("quantized with an importance matrix (quantize.imatrix.*): llama.cpp's scale "
-                  "search may clamp elements, no per-element error bound")
+IMATRIX_REASON = (
+    "quantized with an importance matrix (quantize.imatrix.*): llama.cpp's scale "
+    "search may clamp elements, no per-element error bound"
+)
 
 
 def decode(qtype: int, raw: np.ndarray, with_worst: bool = True) -> DecodedRows:
@@ -118,8 +126,10 @@ def decode(qtype: int, raw: np.ndarray, with_worst: bool = True) -> DecodedRows:
             sub = scale(blocks)
             step = np.repeat(sub, block // sub.shape[1], axis=1)
         else:
-            step = np.broadcast_to(_codebook_step(values.reshape(blocks.shape[0], block),
-                                                  8 * size // block), (blocks.shape[0], block))
+            step = np.broadcast_to(
+                _codebook_step(values.reshape(blocks.shape[0], block), 8 * size // block),
+                (blocks.shape[0], block),
+            )
         worst = None
     step = step.reshape(values.shape)
     return DecodedRows(values, step, None if worst is None else worst.reshape(values.shape))
@@ -147,11 +157,12 @@ _LINEAR: Dict[str, _Linear] = {
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
     """The fp16 stored at byte ``at`` of every block, as float64 (n_blocks x 1)."""
-    return np.ascontiguousarray(blocks[:, at:at + 2]).view(np.float16).astype(np.float64)
+    return np.ascontiguousarray(blocks[:, at : at + 2]).view(np.float16).astype(np.float64)
 
 
-def _linear(blocks: np.ndarray, values: np.ndarray, kind: _Linear, with_worst: bool
-            ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def _linear(
+    blocks: np.ndarray, values: np.ndarray, kind: _Linear, with_worst: bool
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Step and worst case (module docstring) of the blocks of a legacy type; ``values``
     (n_blocks x block) are their dequantized elements. The worst case is ``base + |q| coef``
     with per-block ``base = (|d| + u/2) / 2 (+ u_m / 2) + 2**-20 (|d| + |m|)`` and
@@ -218,7 +229,10 @@ def _kquant_q2(blocks: np.ndarray) -> np.ndarray:
 
 
 _SUB_SCALES: Dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "Q2_K": _kquant_q2, "Q3_K": _kquant_q3, "Q4_K": _kquant_4_5, "Q5_K": _kquant_4_5,
+    "Q2_K": _kquant_q2,
+    "Q3_K": _kquant_q3,
+    "Q4_K": _kquant_4_5,
+    "Q5_K": _kquant_4_5,
     "Q6_K": _kquant_q6,
 }
 

@@ -2,6 +2,7 @@
 of a scale's storage dtype, validation of side arrays, and ``(q - z) * s`` by column group.
 
 All functions are vectorized numpy over whole row blocks (no Python loop over groups)."""
+
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -11,8 +12,7 @@ from ...quantized import DecodedRows
 
 #: Unit roundoff (half the spacing at 1) of the dtypes a scale is stored in: a stored scale is
 #: within this relative distance of the value the quantizer computed.
-UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11,
-                 "bfloat16": 2.0**-8}
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 def unit_roundoff(dtype: str, what: str) -> float:
@@ -20,8 +20,9 @@ def unit_roundoff(dtype: str, what: str) -> float:
     try:
         return UNIT_ROUNDOFF[dtype]
     except KeyError:
-        raise AnalyzeError(f"{escape(what)} is stored as {escape(dtype)}, not as a floating-point "
-                           "scale") from None
+        raise AnalyzeError(
+            f"{escape(what)} is stored as {escape(dtype)}, not as a floating-point scale"
+        ) from None
 
 
 def words(array) -> np.ndarray:
@@ -37,7 +38,7 @@ def unpack_last(packed: np.ndarray, bits: int) -> np.ndarray:
     the last axis: shape ``(..., n)`` -> ``(..., n * (32 // bits))`` uint8 (the word-aligned
     packing of GPTQ, AWQ and compressed-tensors before 0.18)."""
     per = 32 // bits
-    shifts = (np.arange(per, dtype=np.uint32) * bits)
+    shifts = np.arange(per, dtype=np.uint32) * bits
     codes = (packed[..., None] >> shifts) & np.uint32((1 << bits) - 1)
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per).astype(np.uint8)
 
@@ -61,8 +62,9 @@ def check_shape(name: str, shape: Sequence[int], expected: Tuple[int, ...], why:
         raise AnalyzeError(f"{escape(name)} has shape {tuple(shape)}, expected {expected} ({why})")
 
 
-def group_index(g_idx: Optional[np.ndarray], columns: int, group_size: int, groups: int,
-                name: str) -> np.ndarray:
+def group_index(
+    g_idx: Optional[np.ndarray], columns: int, group_size: int, groups: int, name: str
+) -> np.ndarray:
     """The group of each input column: ``g_idx`` as stored (act-order: any permutation) after
     checking its length and range, else ``column // group_size``."""
     if g_idx is None:
@@ -70,16 +72,24 @@ def group_index(g_idx: Optional[np.ndarray], columns: int, group_size: int, grou
     else:
         index = np.asarray(g_idx).astype(np.int64).reshape(-1)
         if index.size != columns:
-            raise AnalyzeError(f"{escape(name)} has {index.size} entries for {columns} input "
-                               "columns")
+            raise AnalyzeError(
+                f"{escape(name)} has {index.size} entries for {columns} input columns"
+            )
     if index.size and (index.min() < 0 or index.max() >= groups):
-        raise AnalyzeError(f"{escape(name)} names groups {int(index.min())}..{int(index.max())}, "
-                           f"the scales hold {groups}")
+        raise AnalyzeError(
+            f"{escape(name)} names groups {int(index.min())}..{int(index.max())}, "
+            f"the scales hold {groups}"
+        )
     return index
 
 
-def grouped_rows(codes: np.ndarray, zeros: Optional[np.ndarray], scales: np.ndarray,
-                 group: np.ndarray, roundoff: Optional[float]) -> DecodedRows:
+def grouped_rows(
+    codes: np.ndarray,
+    zeros: Optional[np.ndarray],
+    scales: np.ndarray,
+    group: np.ndarray,
+    roundoff: Optional[float],
+) -> DecodedRows:
     """``(codes - zeros[:, group]) * scales[:, group]`` in float64 for a row block: ``codes``
     (r, M) integers, ``zeros`` (r, G) or None, ``scales`` (r, G) float, ``group`` (M,). The step
     is ``|scale|``. ``roundoff``: None where the quantizer does not round to nearest (no bound),
@@ -103,8 +113,10 @@ def grouped_rows(codes: np.ndarray, zeros: Optional[np.ndarray], scales: np.ndar
 def int_bits(value, what: str, allowed: Sequence[int]) -> int:
     """A bit width from a config, checked against what the decoder supports."""
     if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-        raise AnalyzeError(f"{escape(what)}: {escape(value)} bits is not supported "
-                           f"(supported: {', '.join(map(str, allowed))})")
+        raise AnalyzeError(
+            f"{escape(what)}: {escape(value)} bits is not supported "
+            f"(supported: {', '.join(map(str, allowed))})"
+        )
     return value
 
 

@@ -12,6 +12,7 @@ Families (suffixes of a layer prefix ``P``): GPTQ / AWQ ``P.qweight`` (+ ``qzero
 ``P.weight.quant_state.bitsandbytes__nf4|fp4``; LLM.int8 ``P.weight`` with ``P.SCB``.
 Kernel re-tiled layouts (Marlin, bitblas, ExLlama v2's EXL2) are refused in one line.
 """
+
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -28,32 +29,67 @@ from ...quantized import QuantizedMatrix
 from ...tensors import TensorInfo
 from .awq import AWQMatrix
 from .bnb import FourBitMatrix, Int8RowMatrix, read_state
-from .ctensors import (CTMatrix, fp8_reader, naive_reader, packed_reader, packed_words,
-                       packed_zero_points)
+from .ctensors import (
+    CTMatrix,
+    fp8_reader,
+    naive_reader,
+    packed_reader,
+    packed_words,
+    packed_zero_points,
+)
 from .gptq import GPTQMatrix
 from .intgrid import config_int, int_bits, unit_roundoff
 
 #: Side tensors of each family, by suffix after the layer prefix.
 GPTQ_SIDE = (".qzeros", ".scales", ".g_idx")
-CT_SIDE = (".weight_scale", ".weight_zero_point", ".weight_g_idx", ".weight_shape",
-           ".weight_global_scale", ".input_scale", ".input_zero_point", ".input_global_scale",
-           ".output_scale", ".output_zero_point")
-BNB_SIDE = (".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
-            ".weight.nested_quant_map", ".SCB", ".weight_format")
+CT_SIDE = (
+    ".weight_scale",
+    ".weight_zero_point",
+    ".weight_g_idx",
+    ".weight_shape",
+    ".weight_global_scale",
+    ".input_scale",
+    ".input_zero_point",
+    ".input_global_scale",
+    ".output_scale",
+    ".output_zero_point",
+)
+BNB_SIDE = (
+    ".weight.absmax",
+    ".weight.quant_map",
+    ".weight.nested_absmax",
+    ".weight.nested_quant_map",
+    ".SCB",
+    ".weight_format",
+)
 BNB_STATE = re.compile(r"\.weight\.quant_state\.bitsandbytes__(\w+)$")
 #: Tensor names of layouts re-tiled for a kernel -> the layout's name.
-RETILED = ((re.compile(r"\.(?:q_scale_max|q_groups|q_invperm)$"), "ExLlama v2 (EXL2)"),
-           (re.compile(r"\.(?:B|s)$"), "Marlin"))
+RETILED = (
+    (re.compile(r"\.(?:q_scale_max|q_groups|q_invperm)$"), "ExLlama v2 (EXL2)"),
+    (re.compile(r"\.(?:B|s)$"), "Marlin"),
+)
 #: llm-compressor modifiers whose weights are not the trained ones rounded to nearest.
-NOT_RTN = ("GPTQModifier", "AWQModifier", "SmoothQuantModifier", "SpinQuantModifier",
-           "QuIPModifier", "SparseGPTModifier")
+NOT_RTN = (
+    "GPTQModifier",
+    "AWQModifier",
+    "SmoothQuantModifier",
+    "SpinQuantModifier",
+    "QuIPModifier",
+    "SparseGPTModifier",
+)
 #: Observers that take the scale from the plain min/max (no clipping search).
 MINMAX_OBSERVERS = (None, "minmax", "memoryless_minmax", "static_minmax", "memoryless")
 #: The ``quant_method`` values of the families decoded here.
 METHODS = ("gptq", "awq", "compressed-tensors", "compressed_tensors", "bitsandbytes")
 #: compressed-tensors formats read here (``dense``: plain float weights).
-CT_FORMATS = {"pack-quantized", "naive-quantized", "int-quantized", "float-quantized", "dense",
-              "mixed-precision"}
+CT_FORMATS = {
+    "pack-quantized",
+    "naive-quantized",
+    "int-quantized",
+    "float-quantized",
+    "dense",
+    "mixed-precision",
+}
 #: Largest recipe.yaml read.
 MAX_RECIPE = 1 << 20
 
@@ -70,22 +106,27 @@ def quantization_config(config: Optional[Mapping]) -> Optional[dict]:
 
 def _refuse_retiled(qconfig: Optional[dict], names: Set[str]) -> None:
     if qconfig:
-        said = {str(qconfig.get(k) or "").lower() for k in ("checkpoint_format", "format",
-                                                              "version")}
+        said = {
+            str(qconfig.get(k) or "").lower() for k in ("checkpoint_format", "format", "version")
+        }
         if qconfig.get("is_marlin_format"):
             said.add("marlin")
         for layout, shown in (("marlin", "Marlin"), ("bitblas", "BitBLAS")):
             if any(layout in value for value in said):
-                raise AnalyzeError(f"the {shown} layout is re-tiled for its GPU kernel and "
-                                   "cannot be read as a matrix (convert the checkpoint back to "
-                                   "plain GPTQ/AWQ)")
+                raise AnalyzeError(
+                    f"the {shown} layout is re-tiled for its GPU kernel and "
+                    "cannot be read as a matrix (convert the checkpoint back to "
+                    "plain GPTQ/AWQ)"
+                )
     for pattern, layout in RETILED:
         hits = [n for n in names if pattern.search(n)]
         if layout == "Marlin":
             hits = [n for n in hits if n.endswith(".B") and n[:-2] + ".s" in names]
         if hits:
-            raise AnalyzeError(f"{escape(hits[0])}: the {layout} layout is re-tiled for its GPU "
-                               "kernel and cannot be read as a matrix")
+            raise AnalyzeError(
+                f"{escape(hits[0])}: the {layout} layout is re-tiled for its GPU "
+                "kernel and cannot be read as a matrix"
+            )
 
 
 def _rtn_reason(weights: Mapping, recipe: Optional[str], has_g_idx: bool) -> Optional[str]:
@@ -94,11 +135,15 @@ def _rtn_reason(weights: Mapping, recipe: Optional[str], has_g_idx: bool) -> Opt
     if has_g_idx:
         return "activation-ordered groups come from GPTQ (error feedback): no per-element bound"
     if weights.get("observer") not in MINMAX_OBSERVERS:
-        return (f"observer {escape(weights.get('observer'))} searches a clipping range: no "
-                "per-element bound")
+        return (
+            f"observer {escape(weights.get('observer'))} searches a clipping range: no "
+            "per-element bound"
+        )
     if recipe is None:
-        return ("no recipe.yaml says the weights were rounded to nearest (llm-compressor's "
-                "GPTQModifier writes the same layout): no per-element bound")
+        return (
+            "no recipe.yaml says the weights were rounded to nearest (llm-compressor's "
+            "GPTQModifier writes the same layout): no per-element bound"
+        )
     found = [m for m in NOT_RTN if m in recipe]
     if found:
         return f"recipe.yaml applies {found[0]}: the stored matrix is not the trained one rounded"
@@ -134,18 +179,25 @@ def _matches(target: str, layer: str) -> bool:
 
 def _ct_bits(name: str, declared, packed_shape: Tuple[int, ...], columns: int) -> int:
     """The bit width: the config's, checked against the packed width; else the width's."""
-    widths = [b for b in range(1, 9) if packed_shape[-1] in
-              (packed_words(columns, b, True), packed_words(columns, b, False))]
+    widths = [
+        b
+        for b in range(1, 9)
+        if packed_shape[-1] in (packed_words(columns, b, True), packed_words(columns, b, False))
+    ]
     if declared is not None:
         bits = int_bits(declared, f"{name} num_bits", range(1, 9))
         if bits not in widths:
-            raise AnalyzeError(f"{escape(name)}: the config says {bits} bits, but "
-                               f"{packed_shape[-1]} words per row hold {columns} codes of "
-                               f"{'/'.join(map(str, widths)) or 'no whole'} bits")
+            raise AnalyzeError(
+                f"{escape(name)}: the config says {bits} bits, but "
+                f"{packed_shape[-1]} words per row hold {columns} codes of "
+                f"{'/'.join(map(str, widths)) or 'no whole'} bits"
+            )
         return bits
     if len(widths) != 1:
-        raise AnalyzeError(f"{escape(name)}: no config, and {packed_shape[-1]} words per row fit "
-                           f"{columns} codes of {len(widths) or 'no'} bit widths")
+        raise AnalyzeError(
+            f"{escape(name)}: no config, and {packed_shape[-1]} words per row fit "
+            f"{columns} codes of {len(widths) or 'no'} bit widths"
+        )
     return widths[0]
 
 
@@ -161,8 +213,13 @@ class PackedLayers:
     ``stored`` (layer name -> the stored tensor that holds its codes), ``metadata`` (names of
     the side tensors) and ``method`` (the family)."""
 
-    def __init__(self, infos: Sequence[TensorInfo], get: Getter, config: Optional[Mapping],
-                 recipe: Optional[str] = None):
+    def __init__(
+        self,
+        infos: Sequence[TensorInfo],
+        get: Getter,
+        config: Optional[Mapping],
+        recipe: Optional[str] = None,
+    ):
         self._info = {t.name: t for t in infos}
         self._get = get
         self.qconfig = quantization_config(config)
@@ -175,16 +232,19 @@ class PackedLayers:
         self.metadata: Set[str] = set()
         for name in sorted(names):
             if name.endswith(".qweight"):
-                self._qweight(name[:-len(".qweight")])
+                self._qweight(name[: -len(".qweight")])
             elif name.endswith(".weight_packed"):
-                self._ct(name[:-len(".weight_packed")], packed=True)
+                self._ct(name[: -len(".weight_packed")], packed=True)
             elif name.endswith(".weight") and f"{name}.absmax" in names:
                 self._four_bit(name)
-            elif name.endswith(".weight") and name[:-len("weight")] + "SCB" in names:
+            elif name.endswith(".weight") and name[: -len("weight")] + "SCB" in names:
                 self._int8(name)
-            elif name.endswith(".weight") and f"{name}_scale" in names and \
-                    self._info[name].dtype in ("int8", "float8_e4m3fn"):
-                self._ct(name[:-len(".weight")], packed=False)
+            elif (
+                name.endswith(".weight")
+                and f"{name}_scale" in names
+                and self._info[name].dtype in ("int8", "float8_e4m3fn")
+            ):
+                self._ct(name[: -len(".weight")], packed=False)
 
     # -- helpers
     def _opt(self, name: str):
@@ -206,15 +266,26 @@ class PackedLayers:
         q = self.qconfig or {}
         method = self.method if self.method in ("gptq", "awq") else None
         if method is None:  # the tensors decide: GPTQ packs the input axis, AWQ GEMM the output
-            method = "awq" if (scales.shape[-1] == 8 * qweight.shape[-1]
-                               and f"{prefix}.g_idx" not in self._info) else "gptq"
+            method = (
+                "awq"
+                if (
+                    scales.shape[-1] == 8 * qweight.shape[-1]
+                    and f"{prefix}.g_idx" not in self._info
+                )
+                else "gptq"
+            )
         side = [prefix + s for s in GPTQ_SIDE]
         matrix: QuantizedMatrix
         if method == "awq":
             gemm = scales.shape[-1] == 8 * qweight.shape[-1]
             gemv = scales.shape[0] == qweight.shape[0]
-            layout = "gemm" if gemm and not gemv else "gemv" if gemv and not gemm else \
-                str(q.get("version") or "gemm").lower()  # the data decide where they can
+            layout = (
+                "gemm"
+                if gemm and not gemv
+                else "gemv"
+                if gemv and not gemm
+                else str(q.get("version") or "gemm").lower()
+            )  # the data decide where they can
             version = "gemv" if layout == "gemv" else "gemm"  # exllama loads GEMM checkpoints
             bits = int_bits(q.get("bits", q.get("w_bit", 4)), f"{prefix} AWQ bits", (4,))
             size = config_int(q.get("group_size", q.get("q_group_size")), f"{prefix} group_size")
@@ -222,19 +293,30 @@ class PackedLayers:
         else:
             out = qweight.shape[-1]
             if len(qzeros.shape) != 2 or not out or (qzeros.shape[1] * 32) % out:
-                raise AnalyzeError(f"{escape(prefix)}.qzeros has shape {tuple(qzeros.shape)} "
-                                   f"for {out} output features")
+                raise AnalyzeError(
+                    f"{escape(prefix)}.qzeros has shape {tuple(qzeros.shape)} "
+                    f"for {out} output features"
+                )
             data_bits = qzeros.shape[1] * 32 // out
             declared = q.get("bits")
             if declared is not None and declared != data_bits:
-                raise AnalyzeError(f"{escape(prefix)}: the config says {escape(declared)} bits, "
-                                   f"but {prefix}.qzeros holds {data_bits}-bit zero points")
+                raise AnalyzeError(
+                    f"{escape(prefix)}: the config says {escape(declared)} bits, "
+                    f"but {prefix}.qzeros holds {data_bits}-bit zero points"
+                )
             g_idx = self._opt(f"{prefix}.g_idx")
             label = q.get("checkpoint_format") or q.get("format")
-            matrix = GPTQMatrix(prefix, qweight, qzeros, scales,
-                                None if g_idx is None else np.asarray(g_idx), data_bits,
-                                config_int(q.get("group_size"), f"{prefix} group_size"), label,
-                                q.get("sym"))
+            matrix = GPTQMatrix(
+                prefix,
+                qweight,
+                qzeros,
+                scales,
+                None if g_idx is None else np.asarray(g_idx),
+                data_bits,
+                config_int(q.get("group_size"), f"{prefix} group_size"),
+                label,
+                q.get("sym"),
+            )
         self._add(f"{prefix}.weight", f"{prefix}.qweight", matrix, side)
 
     def _ct(self, prefix: str, packed: bool) -> None:
@@ -250,17 +332,22 @@ class PackedLayers:
             stored = f"{prefix}.weight_packed"
             words_array = self._need(stored)
             shape_values = np.asarray(self._need(f"{prefix}.weight_shape")).reshape(-1)
-            if shape_values.size != 2 or np.any(shape_values <= 0) or \
-                    np.any(shape_values > 2**31):
-                raise AnalyzeError(f"{escape(prefix)}.weight_shape {shape_values.tolist()} is "
-                                   "not a matrix shape")
+            if shape_values.size != 2 or np.any(shape_values <= 0) or np.any(shape_values > 2**31):
+                raise AnalyzeError(
+                    f"{escape(prefix)}.weight_shape {shape_values.tolist()} is not a matrix shape"
+                )
             shape = (int(shape_values[0]), int(shape_values[1]))
             bits = _ct_bits(stored, weights.get("num_bits"), tuple(words_array.shape), shape[1])
             codes = packed_reader(stored, words_array, shape, bits, dense)
-            if zero is not None and len(scale.shape) == 2 and scale.shape[1:] == zero.shape[1:] \
-                    and zero.shape[0] != shape[0]:
-                zero = packed_zero_points(f"{prefix}.weight_zero_point", zero, shape[0],
-                                          scale.shape[1], bits, dense)
+            if (
+                zero is not None
+                and len(scale.shape) == 2
+                and scale.shape[1:] == zero.shape[1:]
+                and zero.shape[0] != shape[0]
+            ):
+                zero = packed_zero_points(
+                    f"{prefix}.weight_zero_point", zero, shape[0], scale.shape[1], bits, dense
+                )
         else:
             stored = f"{prefix}.weight"
             weight = self._need(stored)
@@ -274,25 +361,44 @@ class PackedLayers:
             zero = None  # a symmetric scheme may store its zeros
         reason = _rtn_reason(weights, self.recipe, g_idx is not None)
         size = config_int(weights.get("group_size"), f"{prefix} group_size")
-        matrix = CTMatrix(prefix, shape, codes, scale, zero, g_idx, size, bits,
-                          None if reason else u, reason, fp8=not packed and fp8)
+        matrix = CTMatrix(
+            prefix,
+            shape,
+            codes,
+            scale,
+            zero,
+            g_idx,
+            size,
+            bits,
+            None if reason else u,
+            reason,
+            fp8=not packed and fp8,
+        )
         self._add(f"{prefix}.weight", stored, matrix, [prefix + s for s in CT_SIDE])
 
     def _four_bit(self, name: str) -> None:
         states = [n for n in self._info if n.startswith(f"{name}.quant_state.")]
         if len(states) != 1 or not BNB_STATE.search(states[0]):
-            raise AnalyzeError(f"{escape(name)}: expected one quant_state.bitsandbytes__nf4/fp4 "
-                               f"tensor, found {len(states)}")
+            raise AnalyzeError(
+                f"{escape(name)}: expected one quant_state.bitsandbytes__nf4/fp4 "
+                f"tensor, found {len(states)}"
+            )
         state = read_state(states[0], self._get(states[0]))
         nested = self._opt(f"{name}.nested_absmax")
-        matrix = FourBitMatrix(name, self._get(name), self._get(f"{name}.absmax"),
-                               self._need(f"{name}.quant_map"), state, nested,
-                               None if nested is None else self._need(f"{name}.nested_quant_map"))
-        prefix = name[:-len(".weight")]
+        matrix = FourBitMatrix(
+            name,
+            self._get(name),
+            self._get(f"{name}.absmax"),
+            self._need(f"{name}.quant_map"),
+            state,
+            nested,
+            None if nested is None else self._need(f"{name}.nested_quant_map"),
+        )
+        prefix = name[: -len(".weight")]
         self._add(name, name, matrix, [prefix + s for s in BNB_SIDE] + states)
 
     def _int8(self, name: str) -> None:
-        prefix = name[:-len(".weight")]
+        prefix = name[: -len(".weight")]
         matrix = Int8RowMatrix(name, self._get(name), self._get(f"{prefix}.SCB"))
         self._add(name, name, matrix, [prefix + s for s in BNB_SIDE])
 
@@ -314,17 +420,25 @@ class PackedSource:
         infos = inner.tensors()
         self._layers = PackedLayers(infos, inner.load_mapped, config, recipe)
         self.metadata = frozenset(self._layers.metadata)
-        self.metadata_bytes = sum(int(np.prod(t.shape)) * _itemsize(t.dtype) for t in infos
-                                  if t.name in self.metadata)
+        self.metadata_bytes = sum(
+            int(np.prod(t.shape)) * _itemsize(t.dtype) for t in infos if t.name in self.metadata
+        )
         by_stored = {s: layer for layer, s in self._layers.stored.items()}
         listing = []
         for info in infos:
             if info.name in by_stored:
                 layer = by_stored[info.name]
                 matrix = self._layers.matrices[layer]
-                listing.append(TensorInfo(layer, tuple(matrix.shape), matrix.scheme, "Linear",
-                                          quantized=True,
-                                          stored_name=info.name if info.name != layer else None))
+                listing.append(
+                    TensorInfo(
+                        layer,
+                        tuple(matrix.shape),
+                        matrix.scheme,
+                        "Linear",
+                        quantized=True,
+                        stored_name=info.name if info.name != layer else None,
+                    )
+                )
             elif info.name in self.metadata:
                 listing.append(replace(info, module_type=QUANT_METADATA))
             elif info.name not in self._layers.matrices:
@@ -341,10 +455,12 @@ class PackedSource:
         for matrix in self._layers.matrices.values():
             schemes[matrix.scheme] = schemes.get(matrix.scheme, 0) + 1
         listed = ", ".join(f"{n} {s}" for s, n in sorted(schemes.items()))
-        return (f"quantization {self.method or 'detected from the tensors'}: "
-                f"{len(self._layers.matrices)} packed layers ({listed}); "
-                f"{len(self.metadata)} side tensors ({format_bytes(self.metadata_bytes)}) of "
-                "quantization metadata")
+        return (
+            f"quantization {self.method or 'detected from the tensors'}: "
+            f"{len(self._layers.matrices)} packed layers ({listed}); "
+            f"{len(self.metadata)} side tensors ({format_bytes(self.metadata_bytes)}) of "
+            "quantization metadata"
+        )
 
     def tensors(self) -> Sequence[TensorInfo]:
         return list(self._listing)
@@ -385,8 +501,12 @@ def read_recipe(folder: Path) -> Optional[str]:
 def has_packed_layers(infos: Sequence[TensorInfo]) -> bool:
     """Whether a tensor listing holds any packed layer (cheap: names only)."""
     names = {t.name for t in infos}
-    return any(n.endswith((".qweight", ".weight_packed", ".SCB")) or f"{n}.absmax" in names
-               or (n.endswith(".weight") and f"{n}_scale" in names) for n in names)
+    return any(
+        n.endswith((".qweight", ".weight_packed", ".SCB"))
+        or f"{n}.absmax" in names
+        or (n.endswith(".weight") and f"{n}_scale" in names)
+        for n in names
+    )
 
 
 def packed_opener(cls):
@@ -408,13 +528,19 @@ def open_packed(source, folder: Path):
     groups = (qconfig or {}).get("config_groups")
     formats = {str((qconfig or {}).get("format") or "pack-quantized")} | (
         {str(g.get("format")) for g in groups.values() if isinstance(g, dict) and g.get("format")}
-        if isinstance(groups, dict) else set())
+        if isinstance(groups, dict)
+        else set()
+    )
     if method.startswith("compressed") and not formats <= CT_FORMATS:
-        raise AnalyzeError(f"{escape(folder / 'config.json')}: compressed-tensors format "
-                           f"{escape(sorted(formats - CT_FORMATS)[0])} is not supported "
-                           f"({', '.join(sorted(CT_FORMATS))} are)")
+        raise AnalyzeError(
+            f"{escape(folder / 'config.json')}: compressed-tensors format "
+            f"{escape(sorted(formats - CT_FORMATS)[0])} is not supported "
+            f"({', '.join(sorted(CT_FORMATS))} are)"
+        )
     if method and method not in METHODS:
-        raise AnalyzeError(f"{escape(folder / 'config.json')}: quantization method "
-                           f"{escape(method)!s} is not supported (gptq, awq, compressed-tensors "
-                           "and bitsandbytes are)")
+        raise AnalyzeError(
+            f"{escape(folder / 'config.json')}: quantization method "
+            f"{escape(method)!s} is not supported (gptq, awq, compressed-tensors "
+            "and bitsandbytes are)"
+        )
     return PackedSource(source, config, read_recipe(folder))
