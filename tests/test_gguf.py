@@ -249,6 +249,19 @@ def test_known_rank_survives_q8_0_and_what_4_bits_do(tmp_path):
         assert sv[3] > 20 * rec.noise_floor and 0.5 < sv[4] / rec.noise_floor < 0.9, qtype
 
 
+def test_a_gguf_saved_as_bin_is_read_as_gguf(tmp_path):
+    """A GGUF file named like a PyTorch file (``ggml-model.bin``) is read by its signature: the
+    same records as under its own suffix, not the PyTorch reader's refusal."""
+    W = np.random.default_rng(6).standard_normal((96, 64)).astype(np.float32)
+    path = write_gguf(tmp_path / "m.gguf", {"w.weight": (W, "Q8_0")})
+    renamed = tmp_path / "ggml-model.bin"
+    renamed.write_bytes(path.read_bytes())
+    got, want = analyze(str(renamed)).records, analyze(str(path)).records
+    assert [r.dtype for r in got] == ["Q8_0"]
+    assert [r.sv_min for r in got] == [r.sv_min for r in want]
+    assert [r.alpha for r in got] == [r.alpha for r in want]
+
+
 # -- row blocks: tall and wide matrices stream ----------------------------------------------
 
 class _RowsOnly:

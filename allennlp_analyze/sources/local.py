@@ -48,12 +48,17 @@ def _open_path(p: Path, label: Optional[str], checkpoint_key: Optional[str]) -> 
     except OSError as e:
         raise AnalyzeError(f"cannot read {p}: {e.strerror or e}") from None
     fmt = registry.by_name(p)
-    if fmt is None:  # no telling name (e.g. a cached download): look at the content
+    if fmt is None or fmt.sniff_last:
+        # No telling name (e.g. a cached download), or one a broad family claims (`.bin`: any
+        # pickle): the content decides where a format's own signature claims it (a GGUF or
+        # safetensors file saved as model.bin is read as what it is).
         try:
             head = registry.read_head(p)
         except OSError as e:
             raise AnalyzeError(f"cannot read {p}: {e.strerror or e}") from None
-        fmt = registry.by_content(p, head)
+        found = registry.by_content(p, head)
+        if fmt is None or (found is not None and not found.sniff_last):
+            fmt = found
     if fmt is None:
         raise AnalyzeError(f"{p} is not a recognised weights file (expected {registry.expected()})")
     return fmt.opener(p, label, checkpoint_key)
