@@ -21,6 +21,7 @@ from .matrix import analyze_matrix
 from .source_run import SourceResult, one_source, plan_source
 from .compare import MatrixLoader, compare_records, ranked_by_change
 from .options import AnalysisOptions
+from .quantized import readable
 from .records import BaseSummary, MatrixRecord, criterion_for
 from .selection import extract
 from .sources.lora import LoraAdapter, MergedSource
@@ -40,7 +41,7 @@ def matrix_loader(source: WeightSource, options: AnalysisOptions) -> MatrixLoade
         p = plans[rec.name]
         if p.param not in last:
             last.clear()
-            last[p.param] = source.load(p.param)
+            last[p.param] = readable(source.load(p.param))  # quantized: decoded by rows
         return np.asarray(extract(p, last[p.param]))
 
     return load

@@ -424,6 +424,30 @@ def _quantize(W, scale, zero_point, lo, hi):
     return np.clip(np.rint(W / scale) + (0 if zero_point is None else zero_point), lo, hi)
 
 
+def test_qdq_weights_against_their_float_base(tmp_path):
+    """``--base`` the float weights a QDQ int8 model was quantized from: the measured error is
+    numpy's ||W_q - W||_2 on onnx's own codes and scales (the quantized matrix is decoded by
+    rows for the comparison, as for GGUF and the packed formats)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(8)
+    W = rng.standard_normal((64, 32)).astype(np.float32)  # in x out, as MatMul's B
+    scale = (np.abs(W).max(axis=0) / 127).astype(np.float32)
+    codes = _quantize(W, scale, None, -128, 127).astype(np.int8)
+    onnx.save_model(_qdq_model(W, codes, scale, None, 1), tmp_path / "qdq.onnx")
+    save_file({"proj.weight_quantized": np.ascontiguousarray(W.T)}, tmp_path / "base.safetensors")
+    rec = analyze(str(tmp_path / "qdq.onnx"), base=str(tmp_path / "base.safetensors"),
+                  min_q=1).records[0]
+    stored = {t.name: numpy_helper.to_array(t)
+              for t in onnx.load(str(tmp_path / "qdq.onnx")).graph.initializer}
+    Wq = stored["proj.weight_quantized"].astype(np.float64) * stored["proj.weight_scale"]
+    E = Wq.T - W.T.astype(np.float64)
+    assert rec.dtype == "qdq-int8"
+    assert rec.delta_sv_max == pytest.approx(np.linalg.norm(E, 2), rel=1e-12)
+    assert rec.delta_rel == pytest.approx(
+        np.linalg.norm(E) / np.linalg.norm(W.astype(np.float64)), rel=1e-12)
+
+
 @pytest.mark.parametrize("scheme", ["int8-per-channel", "uint8-per-tensor", "int4-blocked"])
 def test_qdq_weights_dequantized_with_their_steps(tmp_path, scheme):
     rng = np.random.default_rng(6)
