@@ -22,6 +22,8 @@ from .source_run import SourceResult, one_source, plan_source
 from .compare import MatrixLoader, compare_records, ranked_by_change
 from .options import AnalysisOptions
 from .quantized import readable
+from .scheduler import blas_threads, bounded_map, has_threadpoolctl, resolve_workers
+from .spectrum import release_scratch
 from .records import BaseSummary, MatrixRecord, criterion_for
 from .selection import extract
 from .sources.lora import LoraAdapter, MergedSource
@@ -36,12 +38,15 @@ def matrix_loader(source: WeightSource, options: AnalysisOptions) -> MatrixLoade
     parameter read is kept, so the parts of a fused one are read once)."""
     plans = {p.name: p for p in plan_source(source, options).plans}
     last: Dict[str, np.ndarray] = {}
+    # as the analysis: a copy-free read-only view where the source offers one (safetensors),
+    # valid while the source is open and its file unchanged
+    read = getattr(source, "load_mapped", source.load)
 
     def load(rec: MatrixRecord) -> np.ndarray:
         p = plans[rec.name]
         if p.param not in last:
             last.clear()
-            last[p.param] = readable(source.load(p.param))  # quantized: decoded by rows
+            last[p.param] = readable(read(p.param))  # quantized: decoded by rows
         return np.asarray(extract(p, last[p.param]))
 
     return load
@@ -76,17 +81,22 @@ class BaseRun:
         o = self.options
         # a LoRA adapter's own records (its r singular values) are no weights to pair
         own = [i for i, r in enumerate(result.records) if r.lora_r is None]
-        cmp = compare_records(
-            [result.records[i] for i in own],
-            [result.spectra[i] for i in own],
-            self.records,
-            self.spectra,
-            matrix_loader(source, o),
-            self.load,
-            o.loose_tol,
-            o.method,
-            keep_deltas=self.delta,
-        )
+        workers = resolve_workers(o)
+        limited = o.device is None and has_threadpoolctl()
+        with blas_threads(1 if limited else None):  # as the analysis: results not by thread count
+            cmp = compare_records(
+                [result.records[i] for i in own],
+                [result.spectra[i] for i in own],
+                self.records,
+                self.spectra,
+                matrix_loader(source, o),
+                self.load,
+                o.method,
+                delta=self._delta_record if self.delta else None,
+                pair_map=lambda fn, items: bounded_map(fn, items, workers),
+            )
+        if workers == 1:
+            release_scratch()
         label = result.info.label
         self.paired += len(cmp.pairing.pairs)
         self.unmatched.extend(f"{label}:{k}" for k in cmp.pairing.unmatched)
@@ -96,16 +106,19 @@ class BaseRun:
         for k, i in enumerate(own):
             records[i] = cmp.records[k]
         rand = list(result.rand_spectra)
-        for k, (D, sv) in cmp.deltas.items():
-            records.append(delta_record(D, cmp.records[k], self._base_of(cmp.records[k]), o))
+        for k in sorted(cmp.deltas):  # in the model's order, whatever order the pairs finished
+            rec, sv = cmp.deltas[k]
+            records.append(rec)
             spectra.append(sv)
             if rand:
                 rand.append(np.zeros(0))
         info = replace(result.info, records=len(records))
         return SourceResult(info, records, spectra, rand)
 
-    def _base_of(self, rec: MatrixRecord) -> MatrixRecord:
-        return next(b for b in self.records if b.name == rec.base_name)
+    def _delta_record(
+        self, D: np.ndarray, sv: np.ndarray, rec: MatrixRecord, base: MatrixRecord
+    ) -> MatrixRecord:
+        return delta_record(D, rec, base, self.options)
 
     def summary(self, records: List[MatrixRecord]) -> BaseSummary:
         """The comparison's summary over the run's (final) ``records``."""

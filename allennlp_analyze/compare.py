@@ -42,16 +42,30 @@ subtraction exact for float32 and narrower operands):
   a denominator below 1e-6, which is kept. ‖WᵀW‖_F = sqrt(Σ σ⁴) is taken from the records'
   spectra; the cross term costs one product of W and W_base (O(N M min(N, M))).
 
-The comparison costs, per pair, the spectrum of ΔW and the cross product of CKA on top of the
-two models' own analyses (see ``benchmarks/lora_cost.py`` for a measured ratio).
+The comparison costs, per pair, the spectrum of ΔW (its Gram, N M², and an M x M eigenvalue
+problem) and the cross product of CKA (2 N M²) on top of the two models' own analyses
+(``benchmarks/lora_cost.py`` measures the ratio and that floor side by side).
 """
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+)
 
 import numpy as np
 
+from . import limits
 from .records import MatrixRecord
 from .spectral_metrics import effective_rank
 from .spectrum import singular_values
@@ -201,17 +215,39 @@ def _sum_fourth(sv: np.ndarray) -> float:
     return float(sv[0] ** 2 * math.sqrt(np.sum((sv / sv[0]) ** 4)))
 
 
+#: Rows (or columns) of the two operands widened to float64 at a time by :func:`cross_norm`.
+CROSS_BLOCK_ELEMENTS = 2**22
+
+
+def cross_norm(W1: np.ndarray, W2: np.ndarray) -> float:
+    """‖W1ᵀ W2‖_F in float64 for two N x M matrices of any float dtype, widened a block at a
+    time (about :data:`CROSS_BLOCK_ELEMENTS` entries of each): for N >= M the M x M product
+    summed over row blocks, else ‖W1ᵀW2‖_F² = <W1 W1ᵀ, W2 W2ᵀ>_F with the N x N products
+    summed over column blocks: O(N M min(N, M)) either way."""
+    N, M = W1.shape
+    if N >= M:
+        step = max(1, CROSS_BLOCK_ELEMENTS // max(1, M))
+        C = np.zeros((M, M))
+        for a in range(0, N, step):
+            b1 = np.asarray(W1[a : a + step], dtype=np.float64)
+            C += b1.T @ np.asarray(W2[a : a + step], dtype=np.float64)
+        return float(np.linalg.norm(C))
+    step = max(1, CROSS_BLOCK_ELEMENTS // max(1, N))
+    G1, G2 = np.zeros((N, N)), np.zeros((N, N))
+    for a in range(0, M, step):
+        c1 = np.asarray(W1[:, a : a + step], dtype=np.float64)
+        c2 = np.asarray(W2[:, a : a + step], dtype=np.float64)
+        G1 += c1 @ c1.T
+        G2 += c2 @ c2.T
+    return math.sqrt(max(0.0, float(np.vdot(G1, G2))))
+
+
 def ww_cka(W: np.ndarray, W_base: np.ndarray, sv: np.ndarray, sv_base: np.ndarray) -> float:
     """WeightWatcher's ``matrix_distance(W1, W2, "cka")``: ‖W1ᵀW2‖_F / (‖W1ᵀW1‖_F ‖W2ᵀW2‖_F),
     1e-6 added to a denominator below 1e-6 (module docstring); ``sv``, ``sv_base``: the two
-    matrices' singular values. The cross term ‖W1ᵀW2‖_F² = <W1 W1ᵀ, W2 W2ᵀ>_F is formed on the
-    smaller side."""
-    if W.shape[0] >= W.shape[1]:
-        cross = float(np.linalg.norm(W.T @ W_base))
-    else:
-        cross = math.sqrt(max(0.0, float(np.vdot(W @ W.T, W_base @ W_base.T))))
+    matrices' singular values; the cross term from :func:`cross_norm`."""
     norm = _sum_fourth(sv) * _sum_fourth(sv_base)
-    return cross / (norm + 1e-6 if norm < 1e-6 else norm)
+    return cross_norm(W, W_base) / (norm + 1e-6 if norm < 1e-6 else norm)
 
 
 def delta_singular_values(D: np.ndarray, floor: float, method: str = "auto") -> np.ndarray:
@@ -242,15 +278,17 @@ def delta_fields(
     base: MatrixRecord,
     sv: np.ndarray,
     sv_base: np.ndarray,
-    loose_tol: float = 1e-3,
     method: str = "auto",
 ) -> Tuple[Dict[str, Any], np.ndarray, np.ndarray]:
     """The base fields (:data:`BASE_FIELDS`, module docstring) of one pair, W_base already in
     W's orientation; ``sv`` / ``sv_base``: the two records' singular values (descending). Also
-    returns ΔW (float64) and its singular values."""
-    D = np.asarray(W, dtype=np.float64) - np.asarray(W_base, dtype=np.float64)
+    returns ΔW (float64) and its singular values. ΔW is the one N x M float64 array formed
+    (the difference of the operands widened, in one pass); the rest reads the operands as they
+    are, a block at a time."""
+    D = np.subtract(W, W_base, dtype=np.float64)
     fro_d = float(np.linalg.norm(D))
-    fro_b = float(np.linalg.norm(np.asarray(W_base, dtype=np.float64)))
+    fro_b = _frobenius(W_base)
+    cka = ww_cka(W, W_base, sv, sv_base)
     operands = (rec.noise_floor or 0.0) + (base.noise_floor or 0.0)
     d_sv = delta_singular_values(D, operands, method)
     top = float(d_sv[0]) if d_sv.size else 0.0
@@ -269,22 +307,28 @@ def delta_fields(
         "base_sv_below_delta": int(np.count_nonzero(sv_base < top)) if sv_base.size else None,
         "distance_raw": fro_d,
         "distance_euclidean": fro_d,
-        "distance_cka": ww_cka(
-            np.asarray(W, dtype=np.float64), np.asarray(W_base, dtype=np.float64), sv, sv_base
-        ),
+        "distance_cka": cka,
     }
     return fields, D, d_sv
+
+
+#: What ``--delta`` makes of a pair: (ΔW, its singular values, the model's record with its base
+#: fields, the base's record) -> ΔW's own record.
+DeltaAnalysis = Callable[[np.ndarray, np.ndarray, MatrixRecord, MatrixRecord], MatrixRecord]
+#: How the pairs are run: ``map``, or a bounded parallel map with the same signature (results
+#: in any order).
+PairMap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 
 @dataclass
 class Comparison:
     """A model's records with their base fields filled (unpaired ones as they were), the
-    pairing, and, when asked for, each pair's ΔW (float64, stored orientation) with its singular
-    values, by record index."""
+    pairing, and, when asked for, each pair's ΔW record with ΔW's singular values, by record
+    index."""
 
     records: List[MatrixRecord]
     pairing: Pairing
-    deltas: Dict[int, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    deltas: Dict[int, Tuple[MatrixRecord, np.ndarray]] = field(default_factory=dict)
 
 
 def compare_records(
@@ -294,36 +338,64 @@ def compare_records(
     base_spectra: Sequence[np.ndarray],
     load: MatrixLoader,
     load_base: MatrixLoader,
-    loose_tol: float = 1e-3,
     method: str = "auto",
-    keep_deltas: bool = False,
+    delta: Optional[DeltaAnalysis] = None,
+    pair_map: PairMap = map,
 ) -> Comparison:
     """Pair ``records`` with the ``base`` records (:func:`pair_records`) and fill each pair's
-    base fields from the two matrices (``load`` / ``load_base``: record -> matrix as stored)
-    and the two records' singular values (``spectra``, ``base_spectra``, aligned with them).
-    One pair's matrices are in memory at a time (both, widened to float64, and ΔW)."""
+    base fields from the two matrices (``load`` / ``load_base``: record -> matrix as stored,
+    called in this thread, pair after pair) and the two records' singular values (``spectra``,
+    ``base_spectra``, aligned with them); ``delta``: also analyze each pair's ΔW (while it is
+    in memory). ``pair_map`` runs the pairs' arithmetic: with a bounded parallel map of ``k``
+    workers, at most about ``k + 1`` pairs' matrices are in memory at a time (both as stored,
+    both widened to float64, ΔW)."""
     pairing = pair_records(records, base)
-    out = list(records)
-    deltas: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
-    for i, j, transposed in pairing.pairs:
-        rec, brec = records[i], base[j]
-        if rec.sv_max is None or brec.sv_max is None:  # nonfinite: nothing to compare
-            continue
-        W_base = np.asarray(load_base(brec))
-        values, D, d_sv = delta_fields(
-            load(rec),
-            W_base.T if transposed else W_base,
-            rec,
-            brec,
-            spectra[i],
-            base_spectra[j],
-            loose_tol,
-            method,
+    todo = [
+        (i, j, t)
+        for i, j, t in pairing.pairs
+        if records[i].sv_max is not None and base[j].sv_max is not None  # else nonfinite
+    ]
+    if todo:  # before any pair is read
+        big = max((records[i] for i, _, _ in todo), key=lambda r: _size(r.shape))
+        N, M = max(big.shape), min(big.shape)
+        limits.check_memory(
+            limits.comparison_memory(N, M), f"comparing {big.name} ({N} x {M}) with its base"
         )
-        out[i] = replace(rec, **values)
-        if keep_deltas:
-            deltas[i] = (D, d_sv)
+
+    def loaded() -> Iterator[Tuple[int, int, np.ndarray, np.ndarray]]:
+        for i, j, transposed in todo:
+            W_base = np.asarray(load_base(base[j]))
+            yield i, j, load(records[i]), W_base.T if transposed else W_base
+
+    def one(item: Tuple[int, int, np.ndarray, np.ndarray]):
+        i, j, W, W_base = item
+        values, D, d_sv = delta_fields(
+            W, W_base, records[i], base[j], spectra[i], base_spectra[j], method
+        )
+        rec = replace(records[i], **values)
+        extra = None if delta is None else (delta(D, d_sv, rec, base[j]), d_sv)
+        return i, rec, extra
+
+    out = list(records)
+    deltas: Dict[int, Tuple[MatrixRecord, np.ndarray]] = {}
+    for i, rec, extra in pair_map(one, loaded()):
+        out[i] = rec
+        if extra is not None:
+            deltas[i] = extra
     return Comparison(out, pairing, deltas)
+
+
+def _frobenius(W: np.ndarray) -> float:
+    """‖W‖_F in float64, a row block at a time."""
+    step = max(1, CROSS_BLOCK_ELEMENTS // max(1, W.shape[1]))
+    total = 0.0
+    for a in range(0, W.shape[0], step):
+        total += float(np.linalg.norm(np.asarray(W[a : a + step], dtype=np.float64))) ** 2
+    return math.sqrt(total)
+
+
+def _size(shape: Tuple[int, ...]) -> int:
+    return math.prod(int(n) for n in shape)
 
 
 def ranked_by_change(records: Sequence[MatrixRecord]) -> List[Tuple[str, float]]:

@@ -142,6 +142,15 @@ def analysis_memory(N: int, M: int) -> int:
     return working_memory(N, M)
 
 
+def comparison_memory(N: int, M: int) -> int:
+    """Bytes of float64 working memory one ``--base`` pair of N x M matrices needs at its peak
+    (:func:`allennlp_analyze.compare.delta_fields`): ΔW in float64, ``8 N M``, plus ΔW's
+    spectrum (:func:`analysis_memory`; the operands' blocks that the cross product widens are
+    smaller than its Gram matrix). The two matrices as stored are not counted, as in
+    :func:`analysis_memory`."""
+    return 8 * N * M + analysis_memory(N, M)
+
+
 def _read_int(path: str) -> Optional[int]:
     try:
         with open(path) as f:

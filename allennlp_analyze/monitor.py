@@ -252,7 +252,6 @@ class WeightMonitor:
                 self._init.spectra,
                 matrix_loader(snap, o),
                 self._init.load,
-                o.loose_tol,
                 o.method,
             ).records
         return records, spectra, skipped

@@ -74,6 +74,8 @@ Gram path cannot settle takes ``"gram>svd"``. Tall matrices with large Grams (M 
 ``dsytrd_2stage`` instead of ``dsytrd`` (backward stable too: the same error model, its
 eigenvalues within ~1e-14 lambda_max of ``eigvalsh``'s); it keeps no reflectors, so a matrix
 that needs the Ritz step is reduced again by ``dsytrd`` (the Gram formed anew from W's blocks).
+With ``method="gram"`` (no Ritz step, no SVD) every Gram of M >= ``TWO_STAGE_MIN_M`` takes it,
+whatever N / M.
 
 Numerical ranks (all count ``nu > tol``, as ``numpy.linalg.matrix_rank`` does):
 
@@ -479,7 +481,7 @@ def singular_values(
             lapack is not None
             and lapack.two_stage
             and rows.M >= TWO_STAGE_MIN_M
-            and rows.N >= TWO_STAGE_MIN_Q * rows.M
+            and (method == "gram" or rows.N >= TWO_STAGE_MIN_Q * rows.M)
         )
         G, lam, trd = _gram_eigenvalues(rows, lapack, parallel, two_stage)
         sv = _sqrt_desc(lam)

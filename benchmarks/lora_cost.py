@@ -9,7 +9,8 @@
    modules (128 square, 96 rectangular), as stated in the output.
 2. ``--base`` on the TinyLlama-shaped checkpoint (``benchmarks/make_llama.py``, 2 layers,
    bfloat16, ``--min-q 1``: 15 matrices) against a copy moved by a rank-4 change of every
-   matrix, against analyzing that one model alone.
+   matrix, against analyzing that one model alone; and the floor of any exact comparison on
+   these shapes: two analyses plus the kernels it cannot skip (:func:`kernel_floor`).
 
     python benchmarks/lora_cost.py WORK_DIR [--threads 1] [--dense 1]
 
@@ -149,6 +150,45 @@ def base_half(args, out: dict) -> None:
     out["base_over_one"] = round(t_base / t_one, 2)
     out["paired"] = both.summary.base.paired
     out["matrices"] = len(one.records)
+    floor = kernel_floor(base, moved, [r.name for r in one.records], args.threads)
+    out.update(floor)
+    out["floor_over_one"] = round((2 * t_one + floor["kernel_seconds"]) / t_one, 2)
+
+
+def kernel_floor(base: Path, moved: Path, names, threads: int) -> dict:
+    """What no exact ``--base`` can skip beyond the two models' own analyses, timed pair by
+    pair on the same matrices (float64, read outside the timing): the spectrum of ΔW (the
+    tool's Gram path: ``dsyrk`` and the two-stage reduction, ``method="gram"``, no fallback)
+    and CKA's cross product W₁ᵀW₂ (``dgemm``). The floor's ratio is (2 x one model + these)
+    / one model: the base's analysis is taken to cost what the model's did (same shapes)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+    from threadpoolctl import threadpool_limits
+
+    from allennlp_analyze.spectrum import singular_values
+
+    def tensors(folder: Path) -> dict:
+        out = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(str(shard)))
+        return out
+
+    W1s, W2s = tensors(moved), tensors(base)
+    t_spectrum = t_cross = 0.0
+    with threadpool_limits(threads):
+        for name in names:
+            W1 = W1s[name].to(torch.float64).numpy()
+            W2 = W2s[name].to(torch.float64).numpy()
+            D = W1 - W2
+            t, _ = timed(lambda: singular_values(D, float(np.finfo(np.float64).eps), 0.0, "gram"))
+            t_spectrum += t
+            A, B = (W1, W2) if W1.shape[0] >= W1.shape[1] else (W1.T, W2.T)
+            t, _ = timed(lambda: np.linalg.norm(A.T @ B))
+            t_cross += t
+    return {"delta_spectrum_seconds": round(t_spectrum, 2),
+            "cka_cross_seconds": round(t_cross, 2),
+            "kernel_seconds": round(t_spectrum + t_cross, 2)}
 
 
 

@@ -176,3 +176,53 @@ def test_allennlp_subcommand_takes_base(models):
     keys = ("name", "base_name", "delta_rel", "delta_rank", "delta_sv_max")
     assert [{k: r[k] for k in keys} for r in plugin.to_dicts()] == \
         [{k: r[k] for k in keys} for r in here.to_dicts()]
+
+
+@pytest.mark.parametrize("shape", [(50, 7), (7, 50)])
+def test_cross_norm_by_blocks_equals_numpy(monkeypatch, shape):
+    """CKA's cross term ‖W1ᵀW2‖_F read a few rows (or columns) at a time, from float32 and
+    from a transposed view, equals numpy's float64 product formed whole."""
+    from allennlp_analyze import compare
+
+    monkeypatch.setattr(compare, "CROSS_BLOCK_ELEMENTS", 64)  # 9 row blocks / 8 column blocks
+    rng = np.random.default_rng(3)
+    W1 = rng.standard_normal(shape).astype(np.float32)
+    W2 = rng.standard_normal(shape[::-1]).astype(np.float32).T  # a strided view
+    want = np.linalg.norm(W1.astype(np.float64).T @ W2.astype(np.float64))
+    assert compare.cross_norm(W1, W2) == pytest.approx(want, rel=1e-13)
+    assert compare.cross_norm(W1, W1) == pytest.approx(
+        np.linalg.norm(W1.astype(np.float64).T @ W1.astype(np.float64)), rel=1e-13)
+
+
+def test_comparison_does_not_depend_on_the_workers(models, compared):
+    """The pairs run on the analysis's workers with BLAS at one thread: every record (base
+    fields, ΔW records and their order) is the same, to the bit, with one worker or two."""
+    runs = [analyze(str(models["archive"]), base=str(models["base"]), delta=True, min_q=1.0,
+                    workers=w).to_dicts() for w in (1, 2)]
+    assert [r["name"] for r in runs[0]] == [r["name"] for r in runs[1]]
+    assert sum(r["name"].startswith("delta:") for r in runs[0]) == compared.summary.base.paired
+    for a, b in zip(*runs):
+        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_comparison_memory_is_checked_before_any_pair(tmp_path, monkeypatch):
+    """A pair whose ΔW and its spectrum need more memory than the policy allows is one error
+    naming the matrix, raised before any pair is read (the analyses themselves fit)."""
+    from safetensors.numpy import save_file
+
+    from allennlp_analyze import limits
+
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((2048, 256)).astype(np.float32)
+    save_file({"enc.dense.weight": W}, str(tmp_path / "base.safetensors"))
+    save_file({"enc.dense.weight": W + 0.01}, str(tmp_path / "tuned.safetensors"))
+    need = limits.comparison_memory(2048, 256)
+    assert limits.analysis_memory(2048, 256) < need - 1
+    monkeypatch.setenv(limits.ENV_MAX_MEMORY, str(need - 1))
+    with pytest.raises(AnalyzeError, match=r"^comparing enc\.dense\.weight \(2048 x 256\) with "
+                                           r"its base needs 12\.0 MiB of memory"):
+        analyze(str(tmp_path / "tuned.safetensors"), base=str(tmp_path / "base.safetensors"))
+    monkeypatch.setenv(limits.ENV_MAX_MEMORY, str(need))
+    rec = analyze(str(tmp_path / "tuned.safetensors"),
+                  base=str(tmp_path / "base.safetensors")).to_dicts()[0]
+    assert rec["distance_raw"] == pytest.approx(0.01 * math.sqrt(W.size), rel=1e-6)

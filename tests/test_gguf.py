@@ -262,6 +262,26 @@ def test_a_gguf_saved_as_bin_is_read_as_gguf(tmp_path):
     assert [r.alpha for r in got] == [r.alpha for r in want]
 
 
+
+def test_a_gguf_inside_an_archive_is_one_line(tmp_path, capsys):
+    """An AllenNLP archive whose weights.th is a GGUF file (its member is read as a PyTorch
+    pickle, not by content): one line saying what it is, exit 2."""
+    import io
+    import tarfile
+
+    W = np.random.default_rng(7).standard_normal((96, 64)).astype(np.float32)
+    data = write_gguf(tmp_path / "m.gguf", {"w.weight": (W, "Q8_0")}).read_bytes()
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, blob in (("config.json", b'{"model": {"type": "x"}}'), ("weights.th", data)):
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    assert cli.main([str(archive)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "(member weights.th) is a GGUF file, not a PyTorch checkpoint" in err
+
 # -- row blocks: tall and wide matrices stream ----------------------------------------------
 
 class _RowsOnly:

@@ -181,16 +181,11 @@ def weight_files(names: List[str]) -> List[str]:
 
 
 def refused_listing(names: List[str]) -> Optional[Unsupported]:
-    """The format that is recognised but not read (no reader registered) of a repository listing
+    """The format that is recognised but not read of a repository listing
     whose top-level files match its folder globs (a repository of ``.gguf`` files), if any."""
     top = [n for n in names if "/" not in n]
     return next(
-        (
-            u
-            for u in UNSUPPORTED
-            if not registry.get(u.key).readable
-            and any(fnmatch.fnmatch(n, g) for n in top for g in u.folder_globs)
-        ),
+        (u for u in UNSUPPORTED if any(fnmatch.fnmatch(n, g) for n in top for g in u.folder_globs)),
         None,
     )
 

@@ -9,8 +9,8 @@ entry whose ``sniff`` claims its content (entries with ``sniff_last``, whose sni
 broad family such as any zip or any pickle, after all the others); a folder by the first entry
 with exactly one file matching its ``folder_globs``. Adding a format is one reader module and
 one entry here (CONTRIBUTING.md). Formats that are recognised but not read (TFLite, SavedModel,
-Core ML; ONNX, Keras, GGUF until their readers are registered) come last, from
-:mod:`.unsupported`: their openers name the format and what to convert it to.
+Core ML) come last, from :mod:`.unsupported`: their openers name the format and what to convert
+it to.
 """
 
 from dataclasses import dataclass
@@ -183,8 +183,8 @@ def _refused(entry: Unsupported) -> SourceFormat:
 
 
 #: Formats recognised but not read, after every readable one (a folder with weights that can be
-#: read is read); a reader registered above under the same name replaces its entry.
-FORMATS += [_refused(u) for u in UNSUPPORTED if u.key not in {f.name for f in FORMATS}]
+#: read is read).
+FORMATS += [_refused(u) for u in UNSUPPORTED]
 
 
 def get(name: str) -> SourceFormat:

@@ -37,9 +37,14 @@ def read_weights(buffer, origin: str, checkpoint_key: Optional[str] = None):
     quantized and meta tensors)."""
     if len(buffer) == 0:
         raise AnalyzeError(f"{origin} is empty")
-    refused = by_magic(bytes(memoryview(buffer)[:16]))  # a GGUF or TFLite file named .bin
+    head = bytes(memoryview(buffer)[:16])
+    refused = by_magic(head)  # a TFLite file named .bin
     if refused is not None:
         raise AnalyzeError(refused.message(origin))
+    if head[:4] == b"GGUF":  # a path is read by content (registry); an archive's member is not
+        raise AnalyzeError(
+            f"{origin} is a GGUF file, not a PyTorch checkpoint: analyze the GGUF file by itself"
+        )
     root, inert = read_torch(buffer, origin)
     if isinstance(root, ScriptArchive):
         weights = script_weights(root, origin, _is_pickled_tensor, checkpoint_key)

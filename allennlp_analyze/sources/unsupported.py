@@ -4,8 +4,8 @@ to (never "not a recognised weights file").
 One :class:`Unsupported` entry per format: its file suffixes, the files that make a folder one
 of it (``saved_model.pb``; a Core ML package's ``Data/com.apple.CoreML/*.mlmodel``) and the
 magic bytes of its files. :mod:`.registry` turns each into a format entry whose opener refuses
-the file (:func:`refuse`), after every readable format, and only for the keys that no reader
-has registered: a reader's entry of the same name (``onnx``, ``keras``, ``gguf``) replaces it.
+the file (:func:`refuse`), after every readable format. A format that gains a reader leaves this
+list (GGUF, ONNX and Keras did): its reader's entry is the registry's only one of that name.
 """
 
 from dataclasses import dataclass
@@ -19,10 +19,10 @@ _TO_CHECKPOINT = "analyze the checkpoint it was made from (safetensors, PyTorch)
 
 @dataclass(frozen=True)
 class Unsupported:
-    """A format that is not read: ``key`` (the name of the reader's entry that replaces it),
-    ``what`` it is, the ``advice`` (what to convert it to), file ``suffixes`` (lower case),
-    ``folder_globs`` (files that make a folder one of it) and ``magic``: ``(offset, bytes)``
-    that a file's first bytes hold."""
+    """A format that is not read: ``key`` (its registry entry's name), ``what`` it is, the
+    ``advice`` (what to convert it to), file ``suffixes`` (lower case), ``folder_globs`` (files
+    that make a folder one of it) and ``magic``: ``(offset, bytes)`` that a file's first bytes
+    hold."""
 
     key: str
     what: str
@@ -70,31 +70,6 @@ UNSUPPORTED: Tuple[Unsupported, ...] = (
         (".mlmodel", ".mlpackage"),
         ("*.mlmodel", "Data/com.apple.CoreML/*.mlmodel"),
     ),
-    Unsupported(
-        "gguf",
-        "a GGUF file",
-        "convert it back with transformers (from_pretrained(..., gguf_file=...), then "
-        f"save_pretrained: safetensors) or {_TO_CHECKPOINT}",
-        (".gguf",),
-        ("*.gguf",),
-        (0, b"GGUF"),
-    ),
-    Unsupported(
-        "onnx",
-        "an ONNX model",
-        f"save its initializers as .npz (onnx.numpy_helper.to_array of each) or {_TO_CHECKPOINT}",
-        (".onnx",),
-        ("*.onnx",),
-    ),
-    Unsupported(
-        "keras",
-        "a Keras / HDF5 weights file",
-        "save its weight datasets as .npz (numpy: read each with h5py; a .keras file is "
-        "a zip holding model.weights.h5) or convert it to ONNX (tf2onnx)",
-        (".keras", ".h5", ".hdf5"),
-        ("*.keras", "*.h5", "*.hdf5"),
-        (0, b"\x89HDF\r\n\x1a\n"),
-    ),
 )
 
 
@@ -113,5 +88,5 @@ def refuse(entry: Unsupported, path: Path) -> NoReturn:
 
 def by_magic(head: bytes) -> Optional[Unsupported]:
     """The unsupported format whose magic number ``head`` (a file's first bytes) carries: a
-    GGUF or TFLite file saved as ``model.bin`` is no pickle."""
+    TFLite file saved as ``model.bin`` is no pickle."""
     return next((e for e in UNSUPPORTED if e.matches_head(head)), None)
