@@ -13,7 +13,7 @@ which can include values below the operands' noise (``rank_noise`` counts those 
 """
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from .compare import (
     Comparison,
     DeltaAnalysis,
     MatrixLoader,
+    Side,
     compare_records,
     pair_records,
     ranked_by_change,
@@ -60,14 +61,7 @@ def matrix_loader(source: WeightSource, options: AnalysisOptions) -> MatrixLoade
 
 
 def compare_in_parallel(
-    records: Sequence[MatrixRecord],
-    spectra: Sequence[np.ndarray],
-    base: Sequence[MatrixRecord],
-    base_spectra: Sequence[np.ndarray],
-    load: MatrixLoader,
-    load_base: MatrixLoader,
-    options: AnalysisOptions,
-    delta: Optional[DeltaAnalysis] = None,
+    model: Side, base: Side, options: AnalysisOptions, delta: Optional[DeltaAnalysis] = None
 ) -> Comparison:
     """:func:`~allennlp_analyze.compare.compare_records` with the pairs on the analysis's
     workers and BLAS at one thread, as the analysis runs: the values do not depend on the
@@ -76,12 +70,8 @@ def compare_in_parallel(
     limited = options.device is None and has_threadpoolctl()
     with blas_threads(1 if limited else None):
         cmp = compare_records(
-            records,
-            spectra,
+            model,
             base,
-            base_spectra,
-            load,
-            load_base,
             options.method,
             delta=delta,
             pair_map=lambda fn, items: bounded_map(fn, items, workers),
@@ -117,12 +107,12 @@ class BaseRun:
         # a LoRA adapter's own records (its r singular values) are no weights to pair
         own = [i for i, r in enumerate(result.records) if r.lora_r is None]
         cmp = compare_in_parallel(
-            [result.records[i] for i in own],
-            [result.spectra[i] for i in own],
-            self.records,
-            self.spectra,
-            matrix_loader(source, o),
-            self.load,
+            Side(
+                [result.records[i] for i in own],
+                [result.spectra[i] for i in own],
+                matrix_loader(source, o),
+            ),
+            Side(self.records, self.spectra, self.load),
             o,
             delta=self._delta_record if self.delta else None,
         )
