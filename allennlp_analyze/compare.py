@@ -242,12 +242,12 @@ def cross_norm(W1: np.ndarray, W2: np.ndarray) -> float:
     return math.sqrt(max(0.0, float(np.vdot(G1, G2))))
 
 
-def ww_cka(W: np.ndarray, W_base: np.ndarray, sv: np.ndarray, sv_base: np.ndarray) -> float:
+def ww_cka(cross: float, sv: np.ndarray, sv_base: np.ndarray) -> float:
     """WeightWatcher's ``matrix_distance(W1, W2, "cka")``: ‖W1ᵀW2‖_F / (‖W1ᵀW1‖_F ‖W2ᵀW2‖_F),
-    1e-6 added to a denominator below 1e-6 (module docstring); ``sv``, ``sv_base``: the two
-    matrices' singular values; the cross term from :func:`cross_norm`."""
+    1e-6 added to a denominator below 1e-6 (module docstring); ``cross``: ‖W1ᵀW2‖_F
+    (:func:`cross_norm`); ``sv``, ``sv_base``: the two matrices' singular values."""
     norm = _sum_fourth(sv) * _sum_fourth(sv_base)
-    return cross_norm(W, W_base) / (norm + 1e-6 if norm < 1e-6 else norm)
+    return cross / (norm + 1e-6 if norm < 1e-6 else norm)
 
 
 def delta_singular_values(D: np.ndarray, floor: float, method: str = "auto") -> np.ndarray:
@@ -284,13 +284,19 @@ def delta_fields(
     W's orientation; ``sv`` / ``sv_base``: the two records' singular values (descending). Also
     returns ΔW (float64) and its singular values. ΔW is the one N x M float64 array formed
     (the difference of the operands widened, in one pass); the rest reads the operands as they
-    are, a block at a time."""
-    D = np.subtract(W, W_base, dtype=np.float64)
-    fro_d = float(np.linalg.norm(D))
-    fro_b = _frobenius(W_base)
-    cka = ww_cka(W, W_base, sv, sv_base)
+    are, a block at a time. A matrix equal to its base (a frozen layer) costs one comparison of
+    the two: ΔW and its values are 0 and CKA's cross term is ‖WᵀW‖_F = sqrt(Σ σ⁴) from ``sv``,
+    with no product formed."""
     operands = (rec.noise_floor or 0.0) + (base.noise_floor or 0.0)
-    d_sv = delta_singular_values(D, operands, method)
+    if np.array_equal(W, W_base):
+        D = np.zeros(np.shape(W))
+        fro_d, cross, d_sv = 0.0, _sum_fourth(sv), np.zeros(min(D.shape))
+    else:
+        D = np.subtract(W, W_base, dtype=np.float64)
+        fro_d, cross = float(np.linalg.norm(D)), cross_norm(W, W_base)
+        d_sv = delta_singular_values(D, operands, method)
+    fro_b = _frobenius(W_base)
+    cka = ww_cka(cross, sv, sv_base)
     top = float(d_sv[0]) if d_sv.size else 0.0
     floor = max(operands, top * max(D.shape) * DTYPE_EPS["float64"])
     fields = {
