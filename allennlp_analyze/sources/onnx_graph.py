@@ -67,9 +67,10 @@ Consumers = Dict[str, List[Tuple[Any, int]]]
 def graph_uses(
     graph, max_depth: int, origin: str, is_weight: Callable[[Any], bool]
 ) -> Tuple[List[Tuple[str, Any]], Consumers]:
-    """The stored tensors of ``graph`` and its subgraphs (initializers, and the values of
-    ``Constant`` nodes that ``is_weight`` takes: not the integers of shape arithmetic; graph by
-    graph, as ``(name, TensorProto)``) and every value's consumers.
+    """The stored tensors of ``graph`` and its subgraphs (initializers, sparse initializers,
+    and the values of ``Constant`` nodes that ``is_weight`` takes: not the integers of shape
+    arithmetic; graph by graph, as ``(name, TensorProto)`` or ``(name, SparseTensorProto)``: a
+    sparse tensor's is its values') and every value's consumers.
     Subgraphs nested deeper than ``max_depth`` are an :class:`AnalyzeError`."""
     stored: List[Tuple[str, Any]] = []
     consumers: Consumers = {}
@@ -79,6 +80,7 @@ def graph_uses(
         if depth > max_depth:
             raise AnalyzeError(f"{origin} nests subgraphs more than {max_depth} levels deep")
         stored.extend((t.name, t) for t in g.initializer)
+        stored.extend((t.values.name, t) for t in g.sparse_initializer)
         for node in g.node:
             for i, value in enumerate(node.input):
                 if value:
@@ -92,6 +94,14 @@ def graph_uses(
                     and is_weight(attr.t)
                 ):
                     stored.append((node.output[0], attr.t))
+                if (
+                    node.op_type == "Constant"
+                    and attr.name == "sparse_value"
+                    and attr.HasField("sparse_tensor")
+                    and node.output
+                    and is_weight(attr.sparse_tensor.values)
+                ):
+                    stored.append((node.output[0], attr.sparse_tensor))
                 if attr.HasField("g"):
                     pending.append((attr.g, depth + 1))
                 pending.extend((sub, depth + 1) for sub in attr.graphs)
