@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import AnalyzeError
-from ..kinds import VECTOR_OPS
+from ..kinds import QUANT_METADATA, VECTOR_OPS
 
 #: Ops that move a weight without saying what it is: the op they feed decides. ``Transpose``
 #: of a matrix swaps its orientation; the others keep it.
@@ -41,7 +41,8 @@ _TORCH_SCOPE = re.compile(r"^/(?:(?P<scope>.+)/)?(?P<op>[A-Za-z]+)(?:_(?P<k>\d+)
 class Use:
     """The op that uses a weight: ``role`` (``linear``, ``conv``, ``recurrent``,
     ``recurrent_bias``, ``embedding``, ``bias``, ``vector``, ``other``), the ``module_type``
-    implied (None where the op says nothing certain), the ``name`` made from the node's,
+    implied (None where the op says nothing certain; a ``DequantizeLinear``'s scale or zero
+    point: :data:`~allennlp_analyze.kinds.QUANT_METADATA`), the ``name`` made from the node's,
     whether the record is the stored matrix's ``transpose`` (a ``MatMul`` / ``Gemm`` weight as
     out x in), and the ``gates`` of a recurrent weight as stored (torch's names, ONNX's order)."""
 
@@ -178,6 +179,9 @@ def _role(node, i: int, ndim: int, flipped: bool, direct: bool) -> Use:
         return _use(node, i, "recurrent_bias", None)
     if op in ("Gemm", "Conv", "ConvTranspose") and i == 2:
         return _use(node, i, "bias", None)
+    if op in ("DequantizeLinear", "QuantizeLinear") and i in (1, 2):
+        # a scale or zero point (a blocked one has the weight's rank: no kernel, no matrix)
+        return _use(node, i, "other", QUANT_METADATA)
     if op == "Gather" and i == 0:
         return _use(node, i, "embedding", "Embedding")
     if op in VECTOR_OPS:
