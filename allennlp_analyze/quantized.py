@@ -6,7 +6,8 @@ guarantees one (round to nearest with a known step), else no bound and a reason.
 
 Decoders (GGUF block types, GPTQ, AWQ, compressed-tensors, bitsandbytes, ONNX QDQ) implement
 :class:`QuantizedMatrix`; each is a pure function of the stored arrays, read row block by row
-block so that peak memory does not grow with the matrix's height.
+block so that peak memory does not grow with the matrix's height. A quantized convolution
+kernel is a :class:`QuantizedKernel`, sliced per position into such matrices.
 """
 
 from dataclasses import dataclass

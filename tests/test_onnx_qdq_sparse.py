@@ -327,3 +327,47 @@ def test_absurd_dense_shape_refused_before_allocating(tmp_path):
     with pytest.raises(AnalyzeError, match=r"sparse tensor 'a' \(dense 10000000 x 10000000\) "
                                            r"needs 363.8 TiB of memory"):
         source.load("a")
+
+
+def test_qdq_conv_against_its_float_base(tmp_path):
+    """``--base`` the float kernel a QDQ one was quantized from: each position's measured error
+    is numpy's ||W_q - W||_2 of that slice (the quantized slice decoded for the comparison)."""
+    from safetensors.numpy import save_file
+
+    from allennlp_analyze import analyze
+
+    W = np.random.default_rng(14).standard_normal((OUT, IN, KH, KW)).astype(np.float32)
+    codes, t, scale, zp, axis, block, full, zfull = _scheme("int8-per-channel", W)
+    onnx.save_model(_qdq_conv(W, codes, t, scale, zp, axis, block), tmp_path / "qdq.onnx")
+    save_file({"conv.weight_quantized": W}, tmp_path / "base.safetensors")
+    found = {r.name: r for r in analyze(str(tmp_path / "qdq.onnx"),
+                                        base=str(tmp_path / "base.safetensors"),
+                                        **OPTS).records}
+    assert len(found) == KH * KW
+    for (i, j), _ in np.ndenumerate(np.empty((KH, KW))):
+        E = (codes - zfull)[:, :, i, j] * full[:, :, i, j].astype(np.float64) - W[:, :, i, j]
+        rec = found[f"conv.weight_quantized[{i},{j}]"]
+        assert rec.delta_sv_max == pytest.approx(np.linalg.norm(E, 2), rel=1e-12)
+
+
+def test_qdq_rows_decoded_alone():
+    """A row block of a QDQ matrix dequantizes that block only: peak memory (tracemalloc, which
+    numpy reports to) far below the whole matrix in float64, blocked scales included."""
+    import tracemalloc
+
+    from allennlp_analyze.sources.onnx_qdq import Dequantize, QdqCodes, QdqMatrix
+
+    rng = np.random.default_rng(15)
+    codes = rng.integers(-8, 8, (1024, 1024)).astype(np.int8)
+    scale = rng.random((1024, 32)).astype(np.float32)  # blocks of 32 along axis 1
+    q = QdqCodes(codes, scale, None, Dequantize("s", None, 1, 32), "w")
+    for row_axis in (0, 1):  # as stored, and transposed (a MatMul's B)
+        m = QdqMatrix(q, "qdq-int4", (None, None), row_axis)
+        tracemalloc.start()
+        part = m.rows(100, 108)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        stored = codes if row_axis == 0 else codes.T
+        blocks = np.repeat(scale, 32, axis=1) if row_axis == 0 else np.repeat(scale, 32, axis=1).T
+        assert np.array_equal(part.values, stored[100:108] * blocks[100:108].astype(np.float64))
+        assert peak < 8 * 1024 * 1024 / 16  # the whole matrix in float64 / 16

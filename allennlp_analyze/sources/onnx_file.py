@@ -1,8 +1,9 @@
 """ONNX models (``.onnx``), read with the ``onnx`` package's protobuf classes (an optional extra,
 imported when a file is opened); nothing in the model is executed.
 
-Weights are the graph's initializers and the tensors of its ``Constant`` nodes, in the main
-graph and in every subgraph (``If`` branches, ``Loop`` / ``Scan`` bodies). Each is followed
+Weights are the graph's initializers (sparse ones densified: :mod:`.onnx_sparse`) and the
+tensors of its ``Constant`` nodes, in the main graph and in every subgraph (``If`` branches,
+``Loop`` / ``Scan`` bodies). Each is followed
 through the ops that only move it (:data:`PASS_THROUGH`: ``Cast``, ``Transpose``, ``Reshape``,
 ``Slice``, ``Concat``...) to the op that uses it, and that op says what it is
 (:mod:`.onnx_graph`): the module type (``Linear``, ``Conv2d``, ``LSTM``, ``Embedding``...) that
@@ -11,12 +12,15 @@ through the ops that only move it (:data:`PASS_THROUGH`: ``Cast``, ``Transpose``
 recurrent weight. Names: the tensor's own where it is a parameter name, else one made from the
 consuming node's (``/encoder/layer.0/query/MatMul`` -> ``encoder.layer.0.query.weight``).
 Floating-point weights keep their storage dtype (its noise floor); QDQ weights (integer codes
-that a ``DequantizeLinear`` turns into the weight) are quantized matrices (:mod:`.onnx_qdq`).
+that a ``DequantizeLinear`` turns into the weight) are quantized matrices, and a QDQ
+``Conv`` / ``ConvTranspose`` kernel a quantized kernel sliced per position as a float one is
+(:mod:`.onnx_qdq`).
 
 Resources: a protobuf file is parsed whole, so files above protobuf's 2 GiB limit, or larger
 than memory allows (:func:`~allennlp_analyze.limits.check_memory`), are refused before they are
-read; every tensor's declared size is checked against the bytes it holds; external data are
-read only from files inside the model's folder, within their size.
+read; every tensor's declared size is checked against the bytes it holds, and a sparse one's
+dense size against memory before it is built; external data are read only from files inside
+the model's folder, within their size.
 """
 
 import math

@@ -70,7 +70,7 @@ def _param_part(
     """A scale or zero point (fitting ``shape`` along ``axis``, :func:`_fit`) broadcast to the
     part ``index`` of the tensor: a view of the part alone, or for blocks the part's own
     values (memory: the part's size)."""
-    part_shape = np.empty(shape, dtype=np.bool_)[index].shape  # a view: allocates nothing
+    part_shape = np.broadcast_to(np.bool_(0), shape)[index].shape  # allocates nothing
     if axis is None:
         return np.broadcast_to(param.reshape(()), part_shape)
     if block_size == 0:
