@@ -371,3 +371,32 @@ def test_qdq_rows_decoded_alone():
         blocks = np.repeat(scale, 32, axis=1) if row_axis == 0 else np.repeat(scale, 32, axis=1).T
         assert np.array_equal(part.values, stored[100:108] * blocks[100:108].astype(np.float64))
         assert peak < 8 * 1024 * 1024 / 16  # the whole matrix in float64 / 16
+
+
+def test_qdq_recurrent_weight_per_direction(tmp_path):
+    """A bidirectional LSTM's W (2, 4H, in) quantized per row (axis 1): each direction's matrix
+    as the reference evaluator dequantizes it, rows and columns read alone."""
+    H_, I_ = 4, 5
+    rng = np.random.default_rng(16)
+    W = rng.standard_normal((2, 4 * H_, I_)).astype(np.float32)
+    scale = (np.abs(W).max(axis=(0, 2)) / 127).astype(np.float32)
+    codes = _quantize(W, scale[None, :, None].astype(np.float64), None, -128, 127)
+    R = numpy_helper.from_array(rng.standard_normal((2, 4 * H_, H_)).astype(np.float32), "r")
+    nodes = [helper.make_node("DequantizeLinear", ["lstm.w_quantized", "lstm.w_scale"], ["w"],
+                              axis=1),
+             helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="/lstm/LSTM",
+                              hidden_size=H_, direction="bidirectional")]
+    model = _model(nodes, [_float("x", [3, 1, I_])], [_float("y", [3, 2, 1, H_])],
+                   [numpy_helper.from_array(codes.astype(np.int8), "lstm.w_quantized"),
+                    numpy_helper.from_array(scale, "lstm.w_scale"), R], opset=21)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, tmp_path / "lstm.onnx")
+    (by_onnx,) = ReferenceEvaluator(model).run(["w"], {"x": np.zeros((3, 1, I_), np.float32)})
+    source = OnnxSource(tmp_path / "lstm.onnx")
+    for d, name in enumerate(("lstm.w_quantized", "lstm.w_quantized_reverse")):
+        q = source.load(name)
+        assert q.shape == (4 * H_, I_) and q.scheme == "qdq-int8"
+        exact = codes[d] * scale[:, None].astype(np.float64)
+        assert np.array_equal(q.rows(0, 4 * H_).values, exact)
+        assert np.array_equal(q.columns(1, 3).values, exact[:, 1:3])
+        assert np.allclose(q.rows(2, 7).values, by_onnx[d, 2:7], rtol=2.0**-23, atol=0)
