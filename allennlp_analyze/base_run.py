@@ -13,13 +13,19 @@ which can include values below the operands' noise (``rank_noise`` counts those 
 """
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .matrix import analyze_matrix
 from .source_run import SourceResult, one_source, plan_source
-from .compare import MatrixLoader, compare_records, ranked_by_change
+from .compare import (
+    Comparison,
+    DeltaAnalysis,
+    MatrixLoader,
+    compare_records,
+    ranked_by_change,
+)
 from .options import AnalysisOptions
 from .quantized import readable
 from .scheduler import blas_threads, bounded_map, has_threadpoolctl, resolve_workers
@@ -52,6 +58,38 @@ def matrix_loader(source: WeightSource, options: AnalysisOptions) -> MatrixLoade
     return load
 
 
+def compare_in_parallel(
+    records: Sequence[MatrixRecord],
+    spectra: Sequence[np.ndarray],
+    base: Sequence[MatrixRecord],
+    base_spectra: Sequence[np.ndarray],
+    load: MatrixLoader,
+    load_base: MatrixLoader,
+    options: AnalysisOptions,
+    delta: Optional[DeltaAnalysis] = None,
+) -> Comparison:
+    """:func:`~allennlp_analyze.compare.compare_records` with the pairs on the analysis's
+    workers and BLAS at one thread, as the analysis runs: the values do not depend on the
+    worker count or the machine's cores."""
+    workers = resolve_workers(options)
+    limited = options.device is None and has_threadpoolctl()
+    with blas_threads(1 if limited else None):
+        cmp = compare_records(
+            records,
+            spectra,
+            base,
+            base_spectra,
+            load,
+            load_base,
+            options.method,
+            delta=delta,
+            pair_map=lambda fn, items: bounded_map(fn, items, workers),
+        )
+    if workers == 1:
+        release_scratch()
+    return cmp
+
+
 @dataclass
 class BaseRun:
     """The base model, analyzed: its label, records, their singular values, a loader of its
@@ -81,22 +119,16 @@ class BaseRun:
         o = self.options
         # a LoRA adapter's own records (its r singular values) are no weights to pair
         own = [i for i, r in enumerate(result.records) if r.lora_r is None]
-        workers = resolve_workers(o)
-        limited = o.device is None and has_threadpoolctl()
-        with blas_threads(1 if limited else None):  # as the analysis: results not by thread count
-            cmp = compare_records(
-                [result.records[i] for i in own],
-                [result.spectra[i] for i in own],
-                self.records,
-                self.spectra,
-                matrix_loader(source, o),
-                self.load,
-                o.method,
-                delta=self._delta_record if self.delta else None,
-                pair_map=lambda fn, items: bounded_map(fn, items, workers),
-            )
-        if workers == 1:
-            release_scratch()
+        cmp = compare_in_parallel(
+            [result.records[i] for i in own],
+            [result.spectra[i] for i in own],
+            self.records,
+            self.spectra,
+            matrix_loader(source, o),
+            self.load,
+            o,
+            delta=self._delta_record if self.delta else None,
+        )
         label = result.info.label
         self.paired += len(cmp.pairing.pairs)
         self.unmatched.extend(f"{label}:{k}" for k in cmp.pairing.unmatched)

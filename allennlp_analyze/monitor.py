@@ -45,8 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base_run import matrix_loader
-from .compare import compare_records
+from .base_run import compare_in_parallel, matrix_loader
 from .errors import AnalyzeError
 from .options import AnalysisOptions
 from .records import MatrixRecord, summarize
@@ -244,15 +243,14 @@ class WeightMonitor:
         where kept."""
         records, spectra, skipped = analyze_source(snap, self.options, False)
         if self._init is not None:
-            o = self.options
-            records = compare_records(
+            records = compare_in_parallel(
                 records,
                 spectra,
                 self._init.records,
                 self._init.spectra,
-                matrix_loader(snap, o),
+                matrix_loader(snap, self.options),
                 self._init.load,
-                o.method,
+                self.options,
             ).records
         return records, spectra, skipped
 
