@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .base_run import compare_in_parallel, matrix_loader
+from .compare import Side
 from .errors import AnalyzeError
 from .options import AnalysisOptions
 from .records import MatrixRecord, summarize
@@ -244,12 +245,8 @@ class WeightMonitor:
         records, spectra, skipped = analyze_source(snap, self.options, False)
         if self._init is not None:
             records = compare_in_parallel(
-                records,
-                spectra,
-                self._init.records,
-                self._init.spectra,
-                matrix_loader(snap, self.options),
-                self._init.load,
+                Side(records, spectra, matrix_loader(snap, self.options)),
+                Side(self._init.records, self._init.spectra, self._init.load),
                 self.options,
             ).records
         return records, spectra, skipped

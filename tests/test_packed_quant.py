@@ -489,6 +489,14 @@ def test_a_shard_alone_is_its_part_of_the_whole(tmp_path):
         metadata = result.summary.skipped.get("quantization metadata (scales, zero points, "
                                               "g_idx, absmax...)", 0)
         assert metadata == (0 if want == [layer0] else 6), result.summary.skipped
+    # a shard holding a tensor that the index places elsewhere is not read as its part
+    extra = {**first, "model.layers.1.self_attn.q_proj.bias": np.ones(64, np.float16)}
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in extra.items()},
+              str(tmp_path / "model-00001-of-00002.safetensors"))
+    with pytest.raises(AnalyzeError, match=r"model-00001-of-00002\.safetensors holds "
+                                           r"model\.layers\.1\.self_attn\.q_proj\.bias, which "
+                                           r".*model\.safetensors\.index\.json places elsewhere"):
+        analyze(str(tmp_path / "model-00001-of-00002.safetensors"))
 
 def test_awq_and_gptq_told_apart_without_config(tmp_path):
     tensors, reference = _gptq_tensors(actorder=False)

@@ -27,6 +27,7 @@ from ...errors import AnalyzeError, escape
 from ...kinds import QUANT_METADATA
 from ...quantized import QuantizedMatrix
 from ...tensors import TensorInfo
+from .._common import read_index
 from ..safetensors_file import SafetensorsSource, ShardedSafetensorsSource, shard_index
 from .awq import AWQMatrix
 from .bnb import FourBitMatrix, Int8RowMatrix, read_state
@@ -555,7 +556,16 @@ def packed_opener(cls):
         packed = open_packed(whole, folder)
         if not isinstance(packed, PackedSource):
             return open_packed(source, folder)
-        return packed.part({t.name for t in source.tensors()}, source.label)
+        own = {t.name for t in source.tensors()}
+        placed = {n for n, shard in read_index(index).items() if shard == Path(path).name}
+        if own != placed:  # the part would be read from elsewhere, or lose tensors
+            name = sorted(own ^ placed)[0]
+            where = "holds" if name in own else "lacks"
+            raise AnalyzeError(
+                f"{escape(path)} {where} {escape(name)!s}, which {escape(index)!s} places "
+                + ("elsewhere" if name in own else "there")
+            )
+        return packed.part(own, source.label)
 
     return opener
 
