@@ -6,11 +6,12 @@ guarantees one (round to nearest with a known step), else no bound and a reason.
 
 Decoders (GGUF block types, GPTQ, AWQ, compressed-tensors, bitsandbytes, ONNX QDQ) implement
 :class:`QuantizedMatrix`; each is a pure function of the stored arrays, read row block by row
-block so that peak memory does not grow with the matrix's height.
+block so that peak memory does not grow with the matrix's height. A quantized convolution
+kernel is a :class:`QuantizedKernel`, sliced per position into such matrices.
 """
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Tuple
+from typing import Any, Callable, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -140,6 +141,45 @@ class QuantizedView:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         values = np.asarray(self.decode().values, dtype=np.float64)
         return values if dtype is None else values.astype(dtype, copy=False)
+
+
+class QuantizedKernel:
+    """A convolution kernel (out, in, *k) stored in a quantization scheme, sliced as a float
+    kernel is (:func:`allennlp_analyze.selection.extract`): ``kernel[:, :, i, j]`` is the
+    out x in :class:`QuantizedMatrix` at spatial position (i, j), made by ``position`` and
+    decoded only as the analysis reads it, in a :class:`QuantizedView`."""
+
+    def __init__(
+        self,
+        shape: Tuple[int, ...],
+        scheme: str,
+        position: Callable[[Tuple[int, ...]], QuantizedMatrix],
+    ):
+        self.shape, self.scheme, self._position = tuple(shape), scheme, position
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, key) -> QuantizedView:
+        if not (
+            isinstance(key, tuple)
+            and len(key) == len(self.shape) > 2
+            and key[:2] == (slice(None), slice(None))
+            and all(isinstance(k, (int, np.integer)) for k in key[2:])
+        ):
+            raise TypeError("a quantized kernel is read by spatial position: kernel[:, :, i, j]")
+        position = tuple(int(k) for k in key[2:])
+        if not all(0 <= k < n for k, n in zip(position, self.shape[2:])):
+            raise IndexError(f"position {position} is outside a kernel of shape {self.shape}")
+        return QuantizedView(self._position(position))
+
+
+def decoded_as_read(array: Any) -> bool:
+    """Whether a readable tensor (:func:`readable`) is quantized: a :class:`QuantizedView` or a
+    :class:`QuantizedKernel`, decoded part by part as the analysis reads it (not scanned
+    up front)."""
+    return isinstance(array, (QuantizedView, QuantizedKernel))
 
 
 def readable(array: Any) -> Any:

@@ -16,7 +16,7 @@ from .errors import AnalyzeError
 from .kinds import value_kind
 from .matrix import analyze_many
 from .options import AnalysisOptions
-from .quantized import QuantizedView, readable
+from .quantized import decoded_as_read, readable
 from .records import MatrixRecord, SourceInfo
 from .scheduler import (
     Cores,
@@ -80,7 +80,7 @@ def analyze_source(
             p = plans[i]
             if loaded is None or p.param != loaded_name:
                 loaded_name, loaded = p.param, readable(load(p.param))
-                not_weight = None if isinstance(loaded, QuantizedView) else value_kind(loaded)
+                not_weight = None if decoded_as_read(loaded) else value_kind(loaded)
             if not_weight:
                 selection.skipped[NOT_WEIGHT_VALUES[not_weight]] += 1
                 continue

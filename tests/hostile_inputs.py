@@ -403,6 +403,43 @@ def fifo(path: Path) -> Path:
     return path
 
 
+def onnx_sparse(path: Path, dims, indices, values) -> Path:
+    """An ONNX file whose one weight ``w`` (``x @ w``) is a sparse initializer of dense shape
+    ``dims``, its ``values`` (float32) at ``indices`` (int64, linear or per axis), as given."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.asarray(values, np.float32), "w"),
+        numpy_helper.from_array(np.asarray(indices, np.int64), "w_indices"), dims)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/mm/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, dims[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, dims[1]])],
+        sparse_initializer=[sparse])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def onnx_qdq_conv(path: Path, shape, scale_length: int, axis: int = 0) -> Path:
+    """An ONNX file whose ``Conv`` weight is ``DequantizeLinear(codes, scale, axis=axis)``: int8
+    codes of ``shape`` (out, in, *k) and a per-axis scale of ``scale_length`` values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    codes = np.random.default_rng(0).integers(-128, 128, shape).astype(np.int8)
+    nodes = [helper.make_node("DequantizeLinear", ["conv.weight_quantized", "conv.weight_scale"],
+                              ["w"], axis=axis),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="/conv/Conv")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, shape[1], 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        [numpy_helper.from_array(codes, "conv.weight_quantized"),
+         numpy_helper.from_array(np.full(scale_length, 0.01, np.float32), "conv.weight_scale")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 def onnx_nested_ifs(path: Path, depth: int) -> Path:
     """An ONNX file of ``depth`` ``If`` nodes, each in the previous one's ``then`` branch."""
     from onnx import TensorProto, helper

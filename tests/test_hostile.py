@@ -130,6 +130,12 @@ def inputs(tmp_path_factory):
     f["onnx_absurd"] = H.onnx_absurd_dims(d / "absurd.onnx")
     f["onnx_deep"] = H.onnx_nested_ifs(d / "deep.onnx", 20)
     f["onnx_deeper"] = H.onnx_nested_ifs(d / "deeper.onnx", 32)
+    # ONNX sparse initializers and QDQ convolution kernels that break ONNX's rules or our memory
+    f["onnx_sparse_range"] = H.onnx_sparse(d / "sparse_range.onnx", [4, 3], [2, 12], [1, 2])
+    f["onnx_sparse_count"] = H.onnx_sparse(d / "sparse_count.onnx", [4, 3], [2, 5], [1, 2, 3])
+    f["onnx_sparse_absurd"] = H.onnx_sparse(d / "sparse_absurd.onnx", [10**7, 10**7],
+                                            [[0, 1], [9999999, 9999999]], [1, 2])
+    f["onnx_qdq_scale"] = H.onnx_qdq_conv(d / "qdq_scale.onnx", (8, 6, 3, 3), 6)
     f["onnx_ok"] = d / "ok.onnx"
     f["onnx_ok"].write_bytes(onnx_good)
     f["ts_missing"] = H.torchscript_archive(d / "ts_missing.pt", drop="data/1")
@@ -213,7 +219,10 @@ def _cases(f, base, backlog, work):
         **{f"header:{n}": ([str(f[n])], {}) for n in (
             "deep_header", "deep_index", "shape_float", "shape_huge", "shape_overflow")},
         **{f"onnx:{n}": ([str(f[f"onnx_{n}"]), "--min-q", "1"], {}) for n in (
-            "truncated", "past_end", "escape", "symlink", "absurd", "deep", "deeper")},
+            "truncated", "past_end", "escape", "symlink", "absurd", "deep", "deeper",
+            "sparse_range", "sparse_count", "sparse_absurd")},
+        "onnx:qdq_scale": ([str(f["onnx_qdq_scale"]), "--include", "conv", "--conv-min-dim", "1",
+                            "--min-q", "1"], {}),
         "onnx:ok": ([str(f["onnx_ok"]), "--format", "json"], {}),
         **{f"packed:{n}": ([str(f[f"packed_{n}"])], {}) for n in (
             "bits", "scales", "g_idx", "width", "marlin", "3bit")},
@@ -450,10 +459,18 @@ def test_impossible_shapes_are_refused(batches, case, fragment):
     ("absurd", ["w (1000000000000 x 1000000000000) needs", "of memory"]),
     ("deep", ["deep.onnx nests subgraphs more than 16 levels deep"]),
     ("deeper", ["deeper.onnx is not a valid ONNX model", "MaxDepth"]),
+    ("sparse_range", ["sparse_range.onnx: sparse tensor 'w': index 12 of value 1 is outside its "
+                      "12 elements"]),
+    ("sparse_count", ["sparse_count.onnx: sparse tensor 'w': indices of shape [2] for 3 values "
+                      "of a 2-D tensor (ONNX: [3] or [3, 2])"]),
+    ("sparse_absurd", ["w (10000000 x 10000000) needs", "of memory"]),
+    ("qdq_scale", ["qdq_scale.onnx: quantized tensor 'conv.weight_quantized': a scale or zero "
+                   "point of shape (6,) does not fit a tensor of shape (8, 6, 3, 3) (axis 0, "
+                   "block size 0)"]),
 ])
 def test_hostile_onnx_files(batches, case, fragments):
     found = _both_errors(batches, f"onnx:{case}", *fragments)
-    if case != "absurd":  # there the fronts' memory limits differ
+    if case not in ("absurd", "sparse_absurd"):  # there the fronts' memory limits differ
         assert found["standalone"] == found["plugin"]
     for front in FRONTS:
         assert batches[front][f"onnx:{case}"]["seconds"] < 30

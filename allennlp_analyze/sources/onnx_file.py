@@ -1,8 +1,9 @@
 """ONNX models (``.onnx``), read with the ``onnx`` package's protobuf classes (an optional extra,
 imported when a file is opened); nothing in the model is executed.
 
-Weights are the graph's initializers and the tensors of its ``Constant`` nodes, in the main
-graph and in every subgraph (``If`` branches, ``Loop`` / ``Scan`` bodies). Each is followed
+Weights are the graph's initializers (sparse ones densified: :mod:`.onnx_sparse`) and the
+tensors of its ``Constant`` nodes, in the main graph and in every subgraph (``If`` branches,
+``Loop`` / ``Scan`` bodies). Each is followed
 through the ops that only move it (:data:`PASS_THROUGH`: ``Cast``, ``Transpose``, ``Reshape``,
 ``Slice``, ``Concat``...) to the op that uses it, and that op says what it is
 (:mod:`.onnx_graph`): the module type (``Linear``, ``Conv2d``, ``LSTM``, ``Embedding``...) that
@@ -11,12 +12,15 @@ through the ops that only move it (:data:`PASS_THROUGH`: ``Cast``, ``Transpose``
 recurrent weight. Names: the tensor's own where it is a parameter name, else one made from the
 consuming node's (``/encoder/layer.0/query/MatMul`` -> ``encoder.layer.0.query.weight``).
 Floating-point weights keep their storage dtype (its noise floor); QDQ weights (integer codes
-that a ``DequantizeLinear`` turns into the weight) are quantized matrices (:mod:`.onnx_qdq`).
+that a ``DequantizeLinear`` turns into the weight) are quantized matrices, and a QDQ
+``Conv`` / ``ConvTranspose`` kernel a quantized kernel sliced per position as a float one is
+(:mod:`.onnx_qdq`).
 
 Resources: a protobuf file is parsed whole, so files above protobuf's 2 GiB limit, or larger
 than memory allows (:func:`~allennlp_analyze.limits.check_memory`), are refused before they are
-read; every tensor's declared size is checked against the bytes it holds; external data are
-read only from files inside the model's folder, within their size.
+read; every tensor's declared size is checked against the bytes it holds, and a sparse one's
+dense size against memory before it is built; external data are read only from files inside
+the model's folder, within their size.
 """
 
 import math
@@ -29,10 +33,12 @@ import numpy as np
 
 from .. import limits
 from ..errors import AnalyzeError, one_line
+from ..quantized import QuantizedKernel
 from ..tensors import TensorInfo
 from ._common import safe_relative
 from .onnx_graph import Use, find_use, graph_uses, node_attr, readable_name
-from .onnx_qdq import Dequantize, QdqMatrix, dequantize
+from .onnx_qdq import Dequantize, QdqCodes, QdqMatrix, qdq_kernel
+from .onnx_sparse import densify, sparse_shape
 
 #: protobuf's own limit on a message: larger models keep their weights as external data.
 MAX_PROTOBUF = 2**31 - 1
@@ -142,9 +148,24 @@ class OnnxSource:
         for key, proto in stored:
             self._stored.setdefault(key, proto)
         for key, proto in stored:
-            if proto.data_location == self._onnx.TensorProto.EXTERNAL:
-                self._external_span(proto, key, self._layout(proto, key)[2])
+            for piece, label in self._pieces(key, proto):
+                if piece.data_location == self._onnx.TensorProto.EXTERNAL:
+                    self._external_span(piece, label, self._layout(piece, label)[2])
             self._add(key, proto, find_use(key, uses, len(proto.dims)))
+
+    def _sparse(self, proto) -> bool:
+        return isinstance(proto, self._onnx.SparseTensorProto)
+
+    def _pieces(self, key: str, proto) -> List[Tuple[Any, str]]:
+        """The stored tensors that hold ``proto``'s data, with the names messages give them:
+        itself, or a sparse tensor's values and indices (its declarations checked)."""
+        if not self._sparse(proto):
+            return [(proto, key)]
+        sparse_shape(proto, f"{self.path}: sparse tensor {key!r}")
+        pieces = [(proto.values, f"{key} (values)")]
+        if proto.HasField("indices"):
+            pieces.append((proto.indices, f"{key} (indices)"))
+        return pieces
 
     # -- listing ------------------------------------------------------------------------------
 
@@ -152,7 +173,9 @@ class OnnxSource:
         shape = tuple(int(d) for d in proto.dims)
         if any(d < 0 for d in shape):
             raise AnalyzeError(f"{self.path}: tensor {key!r} has a negative dimension {shape}")
-        dtype = dtype_name(self._onnx, proto.data_type)
+        dtype = dtype_name(
+            self._onnx, proto.values.data_type if self._sparse(proto) else proto.data_type
+        )
         role = use.role if use is not None else None
         module_type = use.module_type if use is not None else None
         name = key if readable_name(key) or use is None else use.name
@@ -177,6 +200,7 @@ class OnnxSource:
                     dtype,
                     module_type,
                     use.parts(shape[1]) if len(shape) == 3 else (),
+                    dq is not None,
                 )
             return
         transpose = bool(use is not None and use.transpose and len(shape) == 2)
@@ -188,6 +212,8 @@ class OnnxSource:
             dtype,
             module_type,
             parts,
+            # QDQ: a matrix, or a convolution kernel read per position; no other tensor
+            dq is not None and (len(shape) == 2 or (role == "conv" and len(shape) > 2)),
         )
 
     def _list(
@@ -198,14 +224,13 @@ class OnnxSource:
         dtype: str,
         module_type: Optional[str],
         parts,
+        quantized: bool,
     ) -> None:
         unique, k = name, 1
         while unique in self._entries:
             k += 1
             unique = f"{name}#{k}"
         self._entries[unique] = entry
-        # a QDQ matrix is read as quantized; a QDQ kernel of more dimensions is not read
-        quantized = entry.dequantize is not None and len(shape) == 2
         self._infos.append(
             TensorInfo(unique, tuple(shape), dtype, module_type, parts=parts, quantized=quantized)
         )
@@ -216,20 +241,27 @@ class OnnxSource:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def load(self, name: str) -> Union[np.ndarray, QdqMatrix]:
-        """The tensor as the model uses it; a QDQ matrix (``quantized`` in its
-        :class:`TensorInfo`) as a :class:`~allennlp_analyze.quantized.QuantizedMatrix`: its
-        values dequantized in float64 and each element's step."""
+    def load(self, name: str) -> Union[np.ndarray, QdqMatrix, QuantizedKernel]:
+        """The tensor as the model uses it (a sparse one densified); a QDQ weight
+        (``quantized`` in its :class:`TensorInfo`) as a
+        :class:`~allennlp_analyze.quantized.QuantizedMatrix` (a convolution kernel: a
+        :class:`~allennlp_analyze.quantized.QuantizedKernel` of them, one per position), its
+        values dequantized in float64 with each element's step as they are read."""
         entry = self._entry(name)
         if entry.dequantize is None:
             return _oriented(self._array(entry.proto, name), entry)
-        values, step = self._dequantized(entry, name)
-        if values.ndim != 2:
+        info = self._infos_by_name[name]
+        if not info.quantized:
             raise AnalyzeError(
-                f"{self.path}: quantized tensor {name!r} is not a matrix "
-                f"(shape {values.shape}): not read"
+                f"{self.path}: quantized tensor {name!r} of shape {info.shape} is neither a "
+                f"matrix nor a convolution kernel: not read"
             )
-        return QdqMatrix(values, step, self._infos_by_name[name].dtype)
+        codes = self._codes(entry, name)
+        if len(info.shape) > 2:
+            return qdq_kernel(codes, info.dtype)
+        if entry.index is not None:  # one direction of a recurrent weight
+            return QdqMatrix(codes, info.dtype, (entry.index, None, None), 1)
+        return QdqMatrix(codes, info.dtype, (None, None), 1 if entry.transpose else 0)
 
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)
@@ -237,8 +269,8 @@ class OnnxSource:
             raise AnalyzeError(f"{self.path} has no tensor named {name!r}")
         return entry
 
-    def _dequantized(self, entry: _Entry, name: str) -> Tuple[np.ndarray, np.ndarray]:
-        """A QDQ weight's values and steps, oriented as listed."""
+    def _codes(self, entry: _Entry, name: str) -> QdqCodes:
+        """A QDQ weight's codes, scale and zero point as stored (checked to fit)."""
         q = entry.dequantize
         assert q is not None
         what = f"{self.path}: quantized tensor {name!r}"
@@ -256,8 +288,7 @@ class OnnxSource:
         scale, zero_point = params
         if scale is None:
             raise AnalyzeError(f"{what}: its DequantizeLinear has no scale")
-        values, step = dequantize(self._array(entry.proto, name), scale, zero_point, q, what)
-        return _oriented(values, entry), _oriented(step, entry)
+        return QdqCodes(self._array(entry.proto, name), scale, zero_point, q, what)
 
     def _layout(self, proto, name: str) -> Tuple[np.dtype, int, int]:
         """``(numpy dtype, element count, stored bytes)`` of a numeric stored tensor."""
@@ -274,8 +305,18 @@ class OnnxSource:
 
     def _array(self, proto, name: str) -> np.ndarray:
         """The stored tensor as numpy in its stored precision (bfloat16 / float8 widened to
-        float32 and 4-bit integers to int8, exactly)."""
+        float32 and 4-bit integers to int8, exactly); a sparse one densified."""
         onnx = self._onnx
+        if self._sparse(proto):
+            what = f"{self.path}: sparse tensor {name!r}"
+            shape = sparse_shape(proto, what)
+            values = self._array(proto.values, f"{name} (values)")
+            indices = (
+                self._array(proto.indices, f"{name} (indices)")
+                if proto.HasField("indices")
+                else None
+            )
+            return densify(values, indices, shape, what)
         np_dtype, count, nbytes = self._layout(proto, name)
         shape = tuple(proto.dims)
         if proto.data_location == onnx.TensorProto.EXTERNAL:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import AnalyzeError
-from ..kinds import VECTOR_OPS
+from ..kinds import QUANT_METADATA, VECTOR_OPS
 
 #: Ops that move a weight without saying what it is: the op they feed decides. ``Transpose``
 #: of a matrix swaps its orientation; the others keep it.
@@ -41,7 +41,8 @@ _TORCH_SCOPE = re.compile(r"^/(?:(?P<scope>.+)/)?(?P<op>[A-Za-z]+)(?:_(?P<k>\d+)
 class Use:
     """The op that uses a weight: ``role`` (``linear``, ``conv``, ``recurrent``,
     ``recurrent_bias``, ``embedding``, ``bias``, ``vector``, ``other``), the ``module_type``
-    implied (None where the op says nothing certain), the ``name`` made from the node's,
+    implied (None where the op says nothing certain; a ``DequantizeLinear``'s scale or zero
+    point: :data:`~allennlp_analyze.kinds.QUANT_METADATA`), the ``name`` made from the node's,
     whether the record is the stored matrix's ``transpose`` (a ``MatMul`` / ``Gemm`` weight as
     out x in), and the ``gates`` of a recurrent weight as stored (torch's names, ONNX's order)."""
 
@@ -67,9 +68,10 @@ Consumers = Dict[str, List[Tuple[Any, int]]]
 def graph_uses(
     graph, max_depth: int, origin: str, is_weight: Callable[[Any], bool]
 ) -> Tuple[List[Tuple[str, Any]], Consumers]:
-    """The stored tensors of ``graph`` and its subgraphs (initializers, and the values of
-    ``Constant`` nodes that ``is_weight`` takes: not the integers of shape arithmetic; graph by
-    graph, as ``(name, TensorProto)``) and every value's consumers.
+    """The stored tensors of ``graph`` and its subgraphs (initializers, sparse initializers,
+    and the values of ``Constant`` nodes that ``is_weight`` takes: not the integers of shape
+    arithmetic; graph by graph, as ``(name, TensorProto)`` or ``(name, SparseTensorProto)``: a
+    sparse tensor's is its values') and every value's consumers.
     Subgraphs nested deeper than ``max_depth`` are an :class:`AnalyzeError`."""
     stored: List[Tuple[str, Any]] = []
     consumers: Consumers = {}
@@ -79,6 +81,7 @@ def graph_uses(
         if depth > max_depth:
             raise AnalyzeError(f"{origin} nests subgraphs more than {max_depth} levels deep")
         stored.extend((t.name, t) for t in g.initializer)
+        stored.extend((t.values.name, t) for t in g.sparse_initializer)
         for node in g.node:
             for i, value in enumerate(node.input):
                 if value:
@@ -92,6 +95,14 @@ def graph_uses(
                     and is_weight(attr.t)
                 ):
                     stored.append((node.output[0], attr.t))
+                if (
+                    node.op_type == "Constant"
+                    and attr.name == "sparse_value"
+                    and attr.HasField("sparse_tensor")
+                    and node.output
+                    and is_weight(attr.sparse_tensor.values)
+                ):
+                    stored.append((node.output[0], attr.sparse_tensor))
                 if attr.HasField("g"):
                     pending.append((attr.g, depth + 1))
                 pending.extend((sub, depth + 1) for sub in attr.graphs)
@@ -168,6 +179,9 @@ def _role(node, i: int, ndim: int, flipped: bool, direct: bool) -> Use:
         return _use(node, i, "recurrent_bias", None)
     if op in ("Gemm", "Conv", "ConvTranspose") and i == 2:
         return _use(node, i, "bias", None)
+    if op in ("DequantizeLinear", "QuantizeLinear") and i in (1, 2):
+        # a scale or zero point (a blocked one has the weight's rank: no kernel, no matrix)
+        return _use(node, i, "other", QUANT_METADATA)
     if op == "Gather" and i == 0:
         return _use(node, i, "embedding", "Embedding")
     if op in VECTOR_OPS:
