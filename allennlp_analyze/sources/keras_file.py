@@ -75,7 +75,7 @@ MAX_DEPTH = 32
 #: Longest object or variable name taken from a file (longer ones: the HDF5 key instead).
 MAX_NAME = 1000
 #: Root groups of a Keras 3 file that are not the model's weights.
-_NOT_MODEL = ("optimizer", "metrics", "compile_metrics", "compile_loss")
+NOT_MODEL = ("optimizer", "metrics", "compile_metrics", "compile_loss")
 #: What h5py raises on a corrupt file (the HDF5 library's checks, surfacing as any of these).
 _HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeError)
 #: Keras's opaque HDF5 types (named by the dataset's ``dtype`` attribute): the numpy dtype of
@@ -499,7 +499,7 @@ class KerasWalk:
             while stack:
                 group, node, depth = stack.pop()
                 for key, obj in self._children(group, node.path or "/", depth, part.where):
-                    if not isinstance(obj, self.h5py.Group) or (depth == 0 and key in _NOT_MODEL):
+                    if not isinstance(obj, self.h5py.Group) or (depth == 0 and key in NOT_MODEL):
                         continue
                     if key == "vars":
                         self._gather_vars(node, obj, index)
