@@ -16,8 +16,10 @@ Checked when opened, before anything is listed: the index is JSON of at most
 ``MAX_CONFIG_BYTES`` naming at most ``limits.MAX_EXTRACTED_FILES`` shards, each a file inside
 the index's folder (no absolute path, ``..`` or symbolic link leading out) that exists; every
 shard is checked as a single file is (:mod:`.keras_file`); no variable is stored in two shards;
-the index places each vars group exactly in the shards that hold its variables. The Keras
-``config.json`` beside the index is used where there is one. The optimizer's groups are not read.
+the index places each vars group exactly in the shards that hold its variables. The index is
+authoritative: a file beside it that it does not name is not read (as Keras reads none: a stale
+shard of an earlier, larger save stays where it was). The Keras ``config.json`` beside the index
+is used where there is one. The optimizer's groups are not read.
 """
 
 import os
@@ -129,5 +131,5 @@ class ShardedKerasSource(KerasWeights):
             if stray:
                 raise AnalyzeError(
                     f"{self.path.parent / stray[0]} holds variables of {group}, which "
-                    f"{self.path.name} does not place there"
+                    f"{self.path} does not place there"
                 )
