@@ -563,6 +563,9 @@ def keras_sharded_hostile(d: Path) -> Dict[str, Path]:
     case("shard_absolute", {"/layers/dense/vars": [shards[0], str(d / "outside.weights.h5")]})
     folder = case("shard_symlink", {"/layers/dense/vars": [shards[0], "link.weights.h5"]})
     (folder / "link.weights.h5").symlink_to(d / "outside.weights.h5")
+    folder = case("shard_fifo", both)
+    (folder / shards[1]).unlink()
+    fifo(folder / shards[1])
     case("absent_variable", {**both, "/layers/ghost/vars": shards[:1]})
     case("unplaced_variable", both,
          [split[0], {dense: {"1": bias}, "/layers/extra/vars": {"0": bias}}])

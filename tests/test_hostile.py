@@ -665,6 +665,8 @@ KERAS_SHARDED_CASES = [
     ("shard_dotdot", "names a shard '../outside.weights.h5' outside its folder: refused"),
     ("shard_absolute", "outside.weights.h5' outside its folder: refused"),
     ("shard_symlink", "names a shard 'link.weights.h5' outside its folder: refused"),
+    ("shard_fifo", "m_00001.weights.h5 is not a regular file (it is a FIFO (named pipe)) (a "
+                   "shard named in"),
     ("absent_variable", "places /layers/ghost/vars in m_00000.weights.h5, which holds no "
                         "variable of it"),
     ("unplaced_variable", "m_00001.weights.h5 holds variables of /layers/extra/vars, which"),

@@ -9,12 +9,13 @@ files]}}``, a vars group being the HDF5 path of an object's variables (``/layers
 beside it are ordinary Keras 3 weights files, each holding the groups of the variables it was
 given, in the order Keras saves them, a new shard started where the next variable would
 overflow ``max_shard_size``. An object whose variables straddle two shards has its vars group in
-both (``0`` in one, ``1`` and ``2`` in the next; its ``name`` attribute in the first only), and
-the index lists both. Each shard alone is read by :class:`.keras_file.KerasSource`.
+both (``0`` in one, ``1`` and ``2`` in the next), and the index lists both; its ``name``
+attribute is in the first, which may hold none of its variables (then the index lists only the
+next). Each shard alone is read by :class:`.keras_file.KerasSource`.
 
 Checked when opened, before anything is listed: the index is JSON of at most
 ``MAX_CONFIG_BYTES`` naming at most ``limits.MAX_EXTRACTED_FILES`` shards, each a file inside
-the index's folder (no absolute path, ``..`` or symbolic link leading out) that exists; every
+the index's folder (no absolute path, ``..`` or symbolic link leading out), a regular file; every
 shard is checked as a single file is (:mod:`.keras_file`); no variable is stored in two shards;
 the index places each vars group exactly in the shards that hold its variables. The index is
 authoritative: a file beside it that it does not name is not read (as Keras reads none: a stale
@@ -92,9 +93,12 @@ class ShardedKerasSource(KerasWeights):
         parts = []
         for name in shards:
             shard = self.path.parent / name
-            if not shard.is_file():
+            if not os.path.lexists(shard):
                 raise AnalyzeError(f"{shard} (a shard named in {origin}) does not exist")
-            buffer = map_file(shard)
+            try:  # a folder, FIFO or device is refused before it is read
+                buffer = map_file(shard)
+            except AnalyzeError as e:
+                raise AnalyzeError(f"{e} (a shard named in {origin})") from None
             if not is_hdf5(bytes(memoryview(buffer)[:8])):
                 raise AnalyzeError(f"{shard} (a shard named in {origin}) is not an HDF5 file")
             parts.append(open_hdf5(buffer, 0, len(buffer), str(shard)))
