@@ -86,8 +86,9 @@ def analyze(
     complete in it are taken from it instead of being analyzed again.
     ``base``: a base model (any source) that each source is compared with, matrix by matrix
     (:mod:`allennlp_analyze.compare`: the records' base fields, ``summary.base``); ``delta``
-    also analyzes each pair's W - W_base as a matrix (records ``delta:<name>``). Locally only,
-    without a journal.
+    also analyzes each pair's W - W_base as a matrix (records ``delta:<name>``). Locally only
+    (no executor); with a journal the base must be named by a path or URL, which the journal's
+    header keeps, so that a run is resumed only against the same base.
     """
     open_fn = opener if opener is not None else _default_opener()
     options = options_from(options, option_kwargs)
@@ -99,11 +100,16 @@ def analyze(
         raise ValueError("resume=True needs journal= and keeps no spectra (keep_spectra=False)")
     if delta and base is None:
         raise ValueError("delta=True needs base=")
-    if base is not None and (executor is not None or scheduler is not None or journal):
-        raise AnalyzeError("--base runs locally and without a JSON-lines journal")
+    if base is not None and (executor is not None or scheduler is not None):
+        raise AnalyzeError("--base runs locally (not with --scheduler or an executor)")
     names = [source_name(spec) for spec in sources]
     if journal is not None and None in names:
         raise ValueError("a journal needs every source named by a path or URL")
+    compared: Optional[Dict[str, object]] = None
+    if base is not None and journal is not None:
+        if source_name(base) is None:
+            raise ValueError("a journal needs the base named by a path or URL")
+        compared = {"base": source_name(base), "delta": delta}
     results: List[Optional[SourceResult]] = [None] * len(sources)
     errors: Dict[int, str] = {}
     with contextlib.ExitStack() as stack:
@@ -114,7 +120,7 @@ def analyze(
         log = (
             None
             if journal is None
-            else stack.enter_context(Journal(journal, options, resume, checkpoint_key))
+            else stack.enter_context(Journal(journal, options, resume, checkpoint_key, compared))
         )
         todo = []
         for i, name in enumerate(names):

@@ -12,14 +12,22 @@ float64's eps, and the power-law fit takes the eigenvalues above float64's numpy
 which can include values below the operands' noise (``rank_noise`` counts those above it).
 """
 
-from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 
 from .matrix import analyze_matrix
 from .source_run import SourceResult, one_source, plan_source
-from .compare import MatrixLoader, compare_records, ranked_by_change
+from .compare import (
+    Comparison,
+    DeltaAnalysis,
+    MatrixLoader,
+    Side,
+    compare_records,
+    pair_records,
+    ranked_by_change,
+)
 from .options import AnalysisOptions
 from .quantized import readable
 from .scheduler import blas_threads, bounded_map, has_threadpoolctl, resolve_workers
@@ -52,10 +60,31 @@ def matrix_loader(source: WeightSource, options: AnalysisOptions) -> MatrixLoade
     return load
 
 
+def compare_in_parallel(
+    model: Side, base: Side, options: AnalysisOptions, delta: Optional[DeltaAnalysis] = None
+) -> Comparison:
+    """:func:`~allennlp_analyze.compare.compare_records` with the pairs on the analysis's
+    workers and BLAS at one thread, as the analysis runs: the values do not depend on the
+    worker count or the machine's cores."""
+    workers = resolve_workers(options)
+    limited = options.device is None and has_threadpoolctl()
+    with blas_threads(1 if limited else None):
+        cmp = compare_records(
+            model,
+            base,
+            options.method,
+            delta=delta,
+            pair_map=lambda fn, items: bounded_map(fn, items, workers),
+        )
+    if workers == 1:
+        release_scratch()
+    return cmp
+
+
 @dataclass
 class BaseRun:
     """The base model, analyzed: its label, records, their singular values, a loader of its
-    matrices, and what the comparisons so far left unpaired."""
+    matrices, and the source (kept open)."""
 
     label: str
     records: List[MatrixRecord]
@@ -64,10 +93,6 @@ class BaseRun:
     options: AnalysisOptions
     source: WeightSource
     delta: bool = False
-    paired: int = 0
-    unmatched: List[str] = field(default_factory=list)
-    claimed: set = field(default_factory=set)
-    ambiguous: Dict[str, List[str]] = field(default_factory=dict)
 
     def prepare(self, source: WeightSource) -> WeightSource:
         """The source to analyze: a LoRA adapter merged into the base, any other as it is."""
@@ -81,27 +106,16 @@ class BaseRun:
         o = self.options
         # a LoRA adapter's own records (its r singular values) are no weights to pair
         own = [i for i, r in enumerate(result.records) if r.lora_r is None]
-        workers = resolve_workers(o)
-        limited = o.device is None and has_threadpoolctl()
-        with blas_threads(1 if limited else None):  # as the analysis: results not by thread count
-            cmp = compare_records(
+        cmp = compare_in_parallel(
+            Side(
                 [result.records[i] for i in own],
                 [result.spectra[i] for i in own],
-                self.records,
-                self.spectra,
                 matrix_loader(source, o),
-                self.load,
-                o.method,
-                delta=self._delta_record if self.delta else None,
-                pair_map=lambda fn, items: bounded_map(fn, items, workers),
-            )
-        if workers == 1:
-            release_scratch()
-        label = result.info.label
-        self.paired += len(cmp.pairing.pairs)
-        self.unmatched.extend(f"{label}:{k}" for k in cmp.pairing.unmatched)
-        self.claimed.update(j for _, j, _ in cmp.pairing.pairs)
-        self.ambiguous.update({f"{label}:{k}": v for k, v in cmp.pairing.ambiguous.items()})
+            ),
+            Side(self.records, self.spectra, self.load),
+            o,
+            delta=self._delta_record if self.delta else None,
+        )
         records, spectra = list(result.records), list(result.spectra)
         for k, i in enumerate(own):
             records[i] = cmp.records[k]
@@ -121,13 +135,29 @@ class BaseRun:
         return delta_record(D, rec, base, self.options)
 
     def summary(self, records: List[MatrixRecord]) -> BaseSummary:
-        """The comparison's summary over the run's (final) ``records``."""
+        """The comparison's summary over the run's final ``records``, model by model, from
+        the records alone (names, shapes, slices: the pairing is that of :meth:`compare`), so
+        that sources taken from a journal count as those analyzed now."""
+        own: Dict[str, List[MatrixRecord]] = {}
+        for r in records:
+            if not r.name.startswith(DELTA_PREFIX) and r.lora_r is None:
+                own.setdefault(r.model, []).append(r)
+        paired = 0
+        unmatched: List[str] = []
+        claimed: Set[int] = set()
+        ambiguous: Dict[str, List[str]] = {}
+        for model, recs in own.items():
+            pairing = pair_records(recs, self.records)
+            paired += len(pairing.pairs)
+            unmatched += [f"{model}:{k}" for k in pairing.unmatched]
+            claimed.update(j for _, j, _ in pairing.pairs)
+            ambiguous.update({f"{model}:{k}": v for k, v in pairing.ambiguous.items()})
         return BaseSummary(
             label=self.label,
-            paired=self.paired,
-            unmatched=list(self.unmatched),
-            unmatched_base=[b.name for j, b in enumerate(self.records) if j not in self.claimed],
-            ambiguous=dict(self.ambiguous),
+            paired=paired,
+            unmatched=unmatched,
+            unmatched_base=[b.name for j, b in enumerate(self.records) if j not in claimed],
+            ambiguous=ambiguous,
             moved=ranked_by_change([r for r in records if not r.name.startswith(DELTA_PREFIX)]),
         )
 

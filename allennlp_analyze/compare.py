@@ -331,24 +331,30 @@ class Comparison:
     deltas: Dict[int, Tuple[MatrixRecord, np.ndarray]] = field(default_factory=dict)
 
 
+class Side(NamedTuple):
+    """One side of a comparison: its records, their singular values (aligned with them) and a
+    loader of its matrices (record -> matrix as stored)."""
+
+    records: Sequence[MatrixRecord]
+    spectra: Sequence[np.ndarray]
+    load: MatrixLoader
+
+
 def compare_records(
-    records: Sequence[MatrixRecord],
-    spectra: Sequence[np.ndarray],
-    base: Sequence[MatrixRecord],
-    base_spectra: Sequence[np.ndarray],
-    load: MatrixLoader,
-    load_base: MatrixLoader,
+    model: Side,
+    base_side: Side,
     method: str = "auto",
     delta: Optional[DeltaAnalysis] = None,
     pair_map: PairMap = map,
 ) -> Comparison:
-    """Pair ``records`` with the ``base`` records (:func:`pair_records`) and fill each pair's
-    base fields from the two matrices (``load`` / ``load_base``: record -> matrix as stored,
-    called in this thread, pair after pair) and the two records' singular values (``spectra``,
-    ``base_spectra``, aligned with them); ``delta``: also analyze each pair's ΔW (while it is
-    in memory). ``pair_map`` runs the pairs' arithmetic: with a bounded parallel map of ``k``
-    workers, at most about ``k + 1`` pairs' matrices are in memory at a time (both as stored,
-    both widened to float64, ΔW)."""
+    """Pair the ``model``'s records with the ``base_side``'s (:func:`pair_records`) and fill
+    each pair's base fields from the two matrices (the loaders called in this thread, pair
+    after pair) and the two records' singular values; ``delta``: also analyze each pair's ΔW
+    (while it is in memory). ``pair_map`` runs the pairs' arithmetic: with a bounded parallel
+    map of ``k`` workers, at most about ``k + 1`` pairs' matrices are in memory at a time (both
+    as stored, ΔW in float64)."""
+    records, spectra, load = model
+    base, base_spectra, load_base = base_side
     pairing = pair_records(records, base)
     todo = [
         (i, j, t)

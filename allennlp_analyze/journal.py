@@ -5,7 +5,8 @@ One JSON object per line::
 
     {"allennlp_analyze_sweep": 1, "options": {...}}                 header: the analysis options
                                                                      (but --workers: speed only;
-                                                                     with --checkpoint-key too)
+                                                                     with --checkpoint-key, and
+                                                                     --base / --delta, too)
     {"model": "a", "name": "fc1.weight", ...}                       one line per record, as in
     ...                                                              --format json's "records"
     {"source_complete": {"source": "runs/a", "label": "a", "model": "a", "records": 12,
@@ -48,9 +49,16 @@ _SPEED_OPTIONS = ("workers",)
 Block = Tuple[SourceInfo, List[MatrixRecord]]
 
 
-def header_line(options: AnalysisOptions, checkpoint_key: Optional[str] = None) -> str:
+#: What else makes a run's records, beside its options: ``{"base": the --base source as named,
+#: "delta": --delta}`` for a comparison with a base model, None otherwise.
+Compared = Optional[Dict[str, object]]
+
+
+def header_line(
+    options: AnalysisOptions, checkpoint_key: Optional[str] = None, compared: Compared = None
+) -> str:
     """The first line: the format's version and the options that make the records."""
-    return _line({HEADER_KEY: VERSION, "options": _options_dict(options, checkpoint_key)})
+    return _line({HEADER_KEY: VERSION, "options": _options_dict(options, checkpoint_key, compared)})
 
 
 def block_text(info: SourceInfo, records: Sequence[MatrixRecord]) -> str:
@@ -64,10 +72,11 @@ def write_jsonl(
     records: Sequence[MatrixRecord],
     out: IO[str],
     checkpoint_key: Optional[str] = None,
+    compared: Compared = None,
 ) -> None:
     """The header, then the block of each source (its ``info.records`` records, taken from
     ``records`` in order)."""
-    out.write(header_line(options, checkpoint_key))
+    out.write(header_line(options, checkpoint_key, compared))
     start = 0
     for info in sources:
         out.write(block_text(info, records[start : start + info.records]))
@@ -87,14 +96,17 @@ class Journal:
         options: AnalysisOptions,
         resume: bool,
         checkpoint_key: Optional[str] = None,
+        compared: Compared = None,
     ):
         self.path = Path(path)
-        self.checkpoint_key = checkpoint_key
+        self.checkpoint_key, self.compared = checkpoint_key, compared
         self._blocks: List[Tuple[Block, str]] = []
         self._taken: List[bool] = []
         valid_end = 0
         if resume and self.path.exists():
-            valid_end, self._blocks = _read(self.path, _options_dict(options, checkpoint_key))
+            valid_end, self._blocks = _read(
+                self.path, _options_dict(options, checkpoint_key, compared)
+            )
             self._taken = [False] * len(self._blocks)
         try:
             if valid_end:
@@ -103,7 +115,7 @@ class Journal:
                 self._file.seek(valid_end)
             else:
                 self._file = open(self.path, "w", encoding="utf-8", newline="")
-                self._write(header_line(options, checkpoint_key))
+                self._write(header_line(options, checkpoint_key, compared))
                 _fsync_dir(self.path.parent)
         except OSError as e:
             raise AnalyzeError(f"cannot write {self.path}: {e.strerror or e}") from None
@@ -145,7 +157,7 @@ class Journal:
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                write_jsonl(options, sources, records, f, self.checkpoint_key)
+                write_jsonl(options, sources, records, f, self.checkpoint_key, self.compared)
                 for (_, text), taken in zip(self._blocks, self._taken):
                     if not taken:
                         f.write(text)
@@ -251,10 +263,10 @@ def _damaged(path: Path, i: int, why: str) -> AnalyzeError:
 
 
 def _options_dict(
-    options: AnalysisOptions, checkpoint_key: Optional[str] = None
+    options: AnalysisOptions, checkpoint_key: Optional[str] = None, compared: Compared = None
 ) -> Dict[str, object]:
-    """The options that make the records, as JSON values (tuples as lists), and the
-    ``checkpoint_key`` where one is given."""
+    """The options that make the records, as JSON values (tuples as lists), the
+    ``checkpoint_key`` where one is given, and ``compared``'s keys where given."""
     d = {
         k: v
         for k, v in json.loads(json.dumps(vars(options), default=list)).items()
@@ -262,6 +274,7 @@ def _options_dict(
     }
     if checkpoint_key is not None:
         d["checkpoint_key"] = checkpoint_key
+    d.update(compared or {})
     return d
 
 

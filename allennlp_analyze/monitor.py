@@ -45,8 +45,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base_run import matrix_loader
-from .compare import compare_records
+from .base_run import compare_in_parallel, matrix_loader
+from .compare import Side
 from .errors import AnalyzeError
 from .options import AnalysisOptions
 from .records import MatrixRecord, summarize
@@ -244,15 +244,10 @@ class WeightMonitor:
         where kept."""
         records, spectra, skipped = analyze_source(snap, self.options, False)
         if self._init is not None:
-            o = self.options
-            records = compare_records(
-                records,
-                spectra,
-                self._init.records,
-                self._init.spectra,
-                matrix_loader(snap, o),
-                self._init.load,
-                o.method,
+            records = compare_in_parallel(
+                Side(records, spectra, matrix_loader(snap, self.options)),
+                Side(self._init.records, self._init.spectra, self._init.load),
+                self.options,
             ).records
         return records, spectra, skipped
 

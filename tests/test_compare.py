@@ -163,8 +163,39 @@ def test_cli_describe_and_errors(models, tmp_path, capsys):
     assert "unmatched" in text
     assert cli.main([str(models["archive"]), "--delta"]) == 2
     assert capsys.readouterr().err.strip() == "allennlp-analyze: error: --delta needs --base SOURCE"
-    with pytest.raises(AnalyzeError):
-        analyze(str(models["archive"]), base=str(models["base"]), journal=str(tmp_path / "j.jsonl"))
+    with pytest.raises(AnalyzeError, match="--base runs locally"):
+        analyze(str(models["archive"]), base=str(models["base"]), scheduler="tcp://nowhere:1")
+
+
+def test_a_comparison_is_journaled_and_resumed(models, tmp_path, capsys):
+    """``--base`` with a sweep file: a resumed run takes the sources already complete from it
+    and gives the records and the base summary of an uninterrupted run; the header keeps the
+    base (and --delta), so a run against another base is not resumed from it."""
+    from allennlp_analyze.journal import HEADER_KEY
+
+    archive, base = str(models["archive"]), str(models["base"])
+    journal = tmp_path / "sweep.jsonl"
+    fresh = analyze(archive, base, base=base, delta=True, min_q=1.0)
+    analyze(archive, base=base, delta=True, min_q=1.0, journal=str(journal))
+    resumed = analyze(archive, base, base=base, delta=True, min_q=1.0, journal=str(journal),
+                      resume=True)
+    assert resumed.to_dicts() == fresh.to_dicts()
+    assert resumed.summary.base == fresh.summary.base
+    # every matrix of the base pairs once with the archive's encoder and once with itself
+    assert fresh.summary.base.paired == 2 * len(analyze(base, min_q=1.0).records)
+    header = json.loads(journal.read_text().splitlines()[0])
+    assert header[HEADER_KEY] == 1 and header["options"]["base"] == base
+    assert header["options"]["delta"] is True
+    with pytest.raises(AnalyzeError, match="written with other options .*delta True there"):
+        analyze(archive, base=base, min_q=1.0, journal=str(journal), resume=True)
+    with pytest.raises(AnalyzeError, match="written with other options .*base"):
+        analyze(archive, base=archive, delta=True, min_q=1.0, journal=str(journal), resume=True)
+    out = tmp_path / "cli.jsonl"
+    assert cli.main([archive, "--base", base, "--format", "jsonl", "-o", str(out),
+                     "--no-progress"]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines[0]["options"]["base"] == base
+    assert sum(1 for x in lines if x.get("base_name")) == 4
 
 
 def test_allennlp_subcommand_takes_base(models):

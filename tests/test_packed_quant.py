@@ -450,6 +450,46 @@ def test_gptq_folder_lists_layers_once_under_their_names(tmp_path):
                            "3 side tensors (1.1 KiB) of quantization metadata")
 
 
+def test_a_shard_alone_is_its_part_of_the_whole(tmp_path):
+    """A two-shard GPTQ checkpoint whose layer 0 keeps its codes in shard 1 and its scales,
+    zeros and g_idx in shard 2: each shard read alone gives the layers whose codes it holds
+    (their side tensors read from the other shard), the same records as the folder gives them,
+    and counts its side tensors of the other shard's layer as metadata (never matrices)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from allennlp_analyze import analyze
+    from allennlp_analyze.sources import open_source
+
+    t0, ref0 = _gptq_tensors("model.layers.0.self_attn.q_proj")
+    t1, _ = _gptq_tensors("model.layers.1.self_attn.q_proj")
+    first = {k: v for k, v in t0.items() if k.endswith((".qweight", ".bias"))}
+    second = {**{k: v for k, v in t0.items() if k not in first}, **t1}
+    shards = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
+    for name, tensors in shards.items():
+        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()},
+                  str(tmp_path / name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, t in shards.items() for k in t}}))
+    (tmp_path / "config.json").write_text(json.dumps(GPTQ_CONFIG))
+    whole = {r.name: r for r in analyze(str(tmp_path), min_q=1.0).records}
+    layer0, layer1 = (f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1))
+    assert set(whole) == {layer0, layer1}
+    part = open_source(tmp_path / "model-00001-of-00002.safetensors")
+    assert torch.equal(_rounded(part.quantized(layer0).rows(0, 64).values, torch.float16), ref0)
+    for name, want in (("model-00001-of-00002.safetensors", [layer0]),
+                       ("model-00002-of-00002.safetensors", [layer1])):
+        result = analyze(str(tmp_path / name), min_q=1.0)
+        assert [r.name for r in result.records] == want
+        for r in result.records:
+            assert (r.sv_max, r.sv_min, r.alpha, r.noise_bound) == (
+                whole[r.name].sv_max, whole[r.name].sv_min, whole[r.name].alpha,
+                whole[r.name].noise_bound)
+        metadata = result.summary.skipped.get("quantization metadata (scales, zero points, "
+                                              "g_idx, absmax...)", 0)
+        assert metadata == (0 if want == [layer0] else 6), result.summary.skipped
+
 def test_awq_and_gptq_told_apart_without_config(tmp_path):
     tensors, reference = _gptq_tensors(actorder=False)
     rng = np.random.default_rng(8)

@@ -278,17 +278,29 @@ class ShardedSafetensorsSource:
         return f"<ShardedSafetensorsSource {self.label!r}>"
 
 
+def shard_index(path: Path) -> Optional[Path]:
+    """The ``*.safetensors.index.json`` beside ``path`` that names it as a shard; None where
+    none does (or none can be read)."""
+    for index in sorted(path.parent.glob("*.safetensors.index.json")):
+        try:
+            if path.name in read_index(index).values():
+                return index
+        except AnalyzeError:
+            return None
+    return None
+
+
 def shard_context(path: Path) -> Optional[Sequence[TensorInfo]]:
     """Every tensor (headers only) of the sharded checkpoint whose ``*.safetensors.index.json``
     beside ``path`` names it as a shard; None where none does, or where the checkpoint cannot be
     listed (the shard is then read on its own)."""
-    for index in sorted(path.parent.glob("*.safetensors.index.json")):
-        try:
-            if path.name in read_index(index).values():
-                return ShardedSafetensorsSource(index).tensors()
-        except AnalyzeError:
-            return None
-    return None
+    index = shard_index(path)
+    if index is None:
+        return None
+    try:
+        return ShardedSafetensorsSource(index).tensors()
+    except AnalyzeError:
+        return None
 
 
 def looks_like_safetensors(path: Path) -> bool:

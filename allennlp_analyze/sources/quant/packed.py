@@ -27,6 +27,7 @@ from ...errors import AnalyzeError, escape
 from ...kinds import QUANT_METADATA
 from ...quantized import QuantizedMatrix
 from ...tensors import TensorInfo
+from ..safetensors_file import SafetensorsSource, ShardedSafetensorsSource, shard_index
 from .awq import AWQMatrix
 from .bnb import FourBitMatrix, Int8RowMatrix, read_state
 from .ctensors import (
@@ -414,16 +415,31 @@ class PackedSource:
     :data:`~allennlp_analyze.kinds.QUANT_METADATA`: the selection counts them as quantization
     metadata, never as matrices."""
 
-    def __init__(self, inner, config: Optional[Mapping], recipe: Optional[str] = None):
+    #: Where this source is one shard of a packed checkpoint: the whole's listing (the kinds
+    #: are decided on it, as for a plain shard).
+    context: Optional[Sequence[TensorInfo]] = None
+
+    def __init__(
+        self,
+        inner,
+        config: Optional[Mapping],
+        recipe: Optional[str] = None,
+        layers: Optional["PackedLayers"] = None,
+        own: Optional[Set[str]] = None,
+    ):
         self._inner = inner
+        self._config, self._recipe = config, recipe
         self.label = inner.label
         infos = inner.tensors()
-        self._layers = PackedLayers(infos, inner.load_mapped, config, recipe)
-        self.metadata = frozenset(self._layers.metadata)
+        self._layers = layers or PackedLayers(infos, inner.load_mapped, config, recipe)
+        if own is not None:  # one shard's part (:meth:`part`): its stored tensors only
+            infos = [t for t in infos if t.name in own]
+        self.metadata = frozenset(n for n in self._layers.metadata if own is None or n in own)
         self.metadata_bytes = sum(
             int(np.prod(t.shape)) * _itemsize(t.dtype) for t in infos if t.name in self.metadata
         )
         by_stored = {s: layer for layer, s in self._layers.stored.items()}
+        self._own_layers = {by_stored[t.name] for t in infos if t.name in by_stored}
         listing = []
         for info in infos:
             if info.name in by_stored:
@@ -447,18 +463,27 @@ class PackedSource:
 
     method = property(lambda self: self._layers.method)
 
+    def part(self, own: Set[str], label: str) -> "PackedSource":
+        """The part of this (whole) checkpoint stored in one shard: the tensors named ``own``
+        (stored names), labelled ``label``, with this checkpoint's listing as its ``context``."""
+        part = PackedSource(self._inner, self._config, self._recipe, self._layers, own)
+        part.label, part.context = label, self.tensors()
+        return part
+
     @property
     def note(self) -> str:
         """The run's note on this source: the family, the schemes of its packed layers, and the
         side tensors counted as quantization metadata."""
         schemes: Dict[str, int] = {}
-        for matrix in self._layers.matrices.values():
-            schemes[matrix.scheme] = schemes.get(matrix.scheme, 0) + 1
+        for layer in self._own_layers:
+            scheme = self._layers.matrices[layer].scheme
+            schemes[scheme] = schemes.get(scheme, 0) + 1
         listed = ", ".join(f"{n} {s}" for s, n in sorted(schemes.items()))
         return (
             f"quantization {self.method or 'detected from the tensors'}: "
-            f"{len(self._layers.matrices)} packed layers ({listed}); "
-            f"{len(self.metadata)} side tensors ({format_bytes(self.metadata_bytes)}) of "
+            f"{len(self._own_layers)} packed layers"
+            + (f" ({listed}); " if listed else "; ")
+            + f"{len(self.metadata)} side tensors ({format_bytes(self.metadata_bytes)}) of "
             "quantization metadata"
         )
 
@@ -511,8 +536,28 @@ def has_packed_layers(infos: Sequence[TensorInfo]) -> bool:
 
 def packed_opener(cls):
     """A registry opener of a safetensors kind (``cls(path, label)``) that reads packed layers
-    as matrices (:func:`open_packed`, with the ``config.json`` beside the file)."""
-    return lambda path, label, checkpoint_key: open_packed(cls(path, label), Path(path).parent)
+    as matrices (:func:`open_packed`, with the ``config.json`` beside the file). One shard of a
+    packed checkpoint (a file that a ``*.safetensors.index.json`` beside it names) is read as
+    its part of the whole: the layers whose codes it holds, their side tensors taken from
+    whichever shard holds them, and its side tensors of other shards' layers counted as
+    metadata."""
+
+    def opener(path, label, checkpoint_key):
+        source = cls(path, label)
+        folder = Path(path).parent
+        index = shard_index(Path(path)) if isinstance(source, SafetensorsSource) else None
+        if index is None:
+            return open_packed(source, folder)
+        try:
+            whole = ShardedSafetensorsSource(index)
+        except AnalyzeError:  # the rest of the checkpoint cannot be read: the shard alone
+            return open_packed(source, folder)
+        packed = open_packed(whole, folder)
+        if not isinstance(packed, PackedSource):
+            return open_packed(source, folder)
+        return packed.part({t.name for t in source.tensors()}, source.label)
+
+    return opener
 
 
 def open_packed(source, folder: Path):
