@@ -550,3 +550,65 @@ def keras_hostile(d: Path) -> Dict[str, Path]:
          .encode()), ("model.weights.h5", data)])
     f["good"] = good
     return f
+
+
+def keras_shard(path: Path, groups: Dict[str, Dict[str, np.ndarray]]) -> Path:
+    """One shard of Keras 3 sharded weights, written with h5py as Keras writes it: ``groups``
+    maps a vars group (``/layers/dense/vars``) to its datasets (``{"0": kernel}``)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for group, datasets in groups.items():
+            g = f.require_group(group)
+            g.attrs["name"] = group.split("/")[-2] or "sequential"
+            for key, value in datasets.items():
+                g[key] = value
+    return path
+
+
+def keras_shard_index(path: Path, weight_map: Dict[str, object]) -> Path:
+    """A Keras 3 sharded index (``*.weights.json``) of ``weight_map``."""
+    path.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return path
+
+
+def keras_sharded_hostile(d: Path) -> Dict[str, Path]:
+    """Hostile Keras sharded weights (an index and its shards), by case name; ``good``: one
+    Dense layer whose kernel (6 x 4) is in the first shard, its bias in the second, as Keras
+    splits a layer (see ``test_keras_shards`` / ``test_hostile``)."""
+    rng = np.random.default_rng(0)
+    kernel, bias = rng.standard_normal((6, 4)).astype("f4"), np.zeros(4, "f4")
+    shards = ["m_00000.weights.h5", "m_00001.weights.h5"]
+    both = {"/layers/dense/vars": shards}
+    f: Dict[str, Path] = {}
+
+    dense = "/layers/dense/vars"
+    split = [{dense: {"0": kernel}}, {dense: {"1": bias}}]
+
+    def case(name: str, weight_map, contents=split) -> Path:
+        folder = d / name
+        folder.mkdir(parents=True)
+        for shard, groups in zip(shards, contents):
+            keras_shard(folder / shard, groups)
+        f[name] = keras_shard_index(folder / "m.weights.json", weight_map)
+        return folder
+
+    case("good", both)
+    case("missing_shard", {"/layers/dense/vars": [shards[0], "m_00002.weights.h5"]})
+    keras_shard(d / "outside.weights.h5", {"/layers/dense/vars": {"1": bias}})
+    case("shard_dotdot", {"/layers/dense/vars": [shards[0], "../outside.weights.h5"]})
+    case("shard_absolute", {"/layers/dense/vars": [shards[0], str(d / "outside.weights.h5")]})
+    folder = case("shard_symlink", {"/layers/dense/vars": [shards[0], "link.weights.h5"]})
+    (folder / "link.weights.h5").symlink_to(d / "outside.weights.h5")
+    folder = case("shard_fifo", both)
+    (folder / shards[1]).unlink()
+    fifo(folder / shards[1])
+    case("absent_variable", {**both, "/layers/ghost/vars": shards[:1]})
+    case("unplaced_variable", both,
+         [split[0], {dense: {"1": bias}, "/layers/extra/vars": {"0": bias}}])
+    case("duplicate_variable", both, [{dense: {"0": kernel, "1": bias}}, split[1]])
+    case("many_shards", {f"/layers/d{i}/vars": f"m_{i:05}.weights.h5" for i in range(1001)})
+    folder = case("truncated_index", both)
+    text = (folder / "m.weights.json").read_text()
+    (folder / "m.weights.json").write_text(text[: len(text) // 2])
+    return f

@@ -188,6 +188,15 @@ def safe_relative(name: str) -> bool:
     return not (name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts)
 
 
+def inside_folder(folder: Path, name: str) -> bool:
+    """Whether the file ``name``, relative to ``folder``, lies inside it: no absolute path, no
+    ``..``, no symbolic link leading out (links are resolved)."""
+    if not name or not safe_relative(name):
+        return False
+    base = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(folder / name), base]) == base
+
+
 def shard_order(weight_map: Dict[str, str]) -> List[str]:
     """Shard files in order of first appearance in the index."""
     return list(dict.fromkeys(weight_map.values()))

@@ -18,8 +18,10 @@ Tensors are named by their Keras path (``dense_1.kernel``, ``mha.query.kernel``,
 oriented as PyTorch lays out the same layer (:mod:`.keras_layers`), module types from the layer
 classes. A trained model's optimizer state (a root ``optimizer`` group) is not read. bfloat16
 and float8 variables (opaque HDF5 types named by a ``dtype`` attribute) are widened exactly.
-Not read: Keras 3's sharded weights (``*.weights.json`` and its shards; each shard alone is an
-ordinary ``.weights.h5``).
+Keras 3's sharded weights (a ``*.weights.json`` index and its ``.weights.h5`` shards) are read
+as one source by :mod:`.keras_shards`, with the machinery here: :class:`KerasWalk` merges the
+groups of several HDF5 files (:class:`Hdf5Part`) before naming anything, and
+:class:`KerasWeights` reads each variable from the file holding it.
 
 Bounds (:mod:`allennlp_analyze.limits`): groups nested at most ``MAX_DEPTH`` deep and at most
 ``limits.MAX_ARCHIVE_MEMBERS`` objects; only hard links are followed; a dataset whose data lie
@@ -40,10 +42,10 @@ import re
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -73,7 +75,7 @@ MAX_DEPTH = 32
 #: Longest object or variable name taken from a file (longer ones: the HDF5 key instead).
 MAX_NAME = 1000
 #: Root groups of a Keras 3 file that are not the model's weights.
-_NOT_MODEL = ("optimizer", "metrics", "compile_metrics", "compile_loss")
+NOT_MODEL = ("optimizer", "metrics", "compile_metrics", "compile_loss")
 #: What h5py raises on a corrupt file (the HDF5 library's checks, surfacing as any of these).
 _HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeError)
 #: Keras's opaque HDF5 types (named by the dataset's ``dtype`` attribute): the numpy dtype of
@@ -89,8 +91,8 @@ _OPAQUE: Dict[str, Tuple[np.dtype, str]] = {
 class _Variable:
     """One stored variable: the dataset's HDF5 path, its shape and dtype as stored (for
     bfloat16 / float8: of its bits, ``code`` saying how they widen), where its raw bytes are
-    (``offset`` into the mapped HDF5 data, None: read through h5py), and how it is read
-    (``placement``)."""
+    (``offset`` into the mapped HDF5 data, None: read through h5py), how it is read
+    (``placement``), and which of the source's HDF5 files holds it (``part``)."""
 
     path: str
     shape: Tuple[int, ...]
@@ -98,6 +100,33 @@ class _Variable:
     offset: Optional[int]
     placement: Placement
     code: Optional[str] = None
+    part: int = 0
+
+
+@dataclass
+class Hdf5Part:
+    """One open HDF5 file of Keras weights: h5py's handle (``h5``) on the bytes
+    ``buffer[start : start + size]``, and how messages name it (``where``)."""
+
+    h5: Any
+    buffer: Any
+    start: int
+    size: int
+    where: str
+
+
+@dataclass
+class _Node:
+    """A group of Keras 3 weights, merged over the files holding parts of it: its HDF5 path
+    (``""``: the root), its subgroups by key, whether it is an object (it has a ``vars``
+    group), the object's name (that group's ``name`` attribute, in whichever file has one) and
+    its variables by key (``"0"``, ``"1"``...: the part holding it and its dataset)."""
+
+    path: str
+    children: Dict[str, "_Node"] = field(default_factory=dict)
+    is_object: bool = False
+    name: Optional[str] = None
+    datasets: Dict[str, Tuple[int, Any]] = field(default_factory=dict)
 
 
 def is_hdf5(head: bytes) -> bool:
@@ -115,7 +144,7 @@ def looks_like_keras(path: Path, head: bytes) -> bool:
         if not is_hdf5(head):
             return False
         with _h5py().File(path, "r") as h5:
-            return _layout(h5) is not None
+            return hdf5_layout(h5) is not None
     except (OSError, AnalyzeError, ValueError, RuntimeError, KeyError, zipfile.BadZipFile):
         return False
 
@@ -142,7 +171,7 @@ def _h5py():
     return h5py
 
 
-def _layout(h5) -> Optional[str]:
+def hdf5_layout(h5) -> Optional[str]:
     """``"legacy"``, ``"keras3"`` or None (not a Keras weights file)."""
     if "layer_names" in h5.attrs or "model_config" in h5.attrs:
         return "legacy"
@@ -177,13 +206,70 @@ class _Window(io.RawIOBase):
         return n
 
 
-class KerasSource(MappedSource):
+def open_hdf5(buffer, start: int, size: int, where: str) -> Hdf5Part:
+    """The HDF5 file in ``buffer[start : start + size]`` opened by h5py (``where``: how
+    messages name it)."""
+    try:
+        h5 = _h5py().File(_Window(buffer, start, size), "r")
+    except _HDF5_ERRORS as e:
+        raise AnalyzeError(f"{where} is not a readable HDF5 file ({one_line(e)[:300]})") from None
+    return Hdf5Part(h5, buffer, start, size, where)
+
+
+def config_beside(path: Path) -> Optional[Mapping]:
+    """The Keras model config in a ``config.json`` beside ``path``; None where there is none,
+    or it is not a Keras config."""
+    beside = load_config(path.parent / "config.json")
+    return beside if _is_keras_config(beside) else None
+
+
+class KerasWeights(MappedSource):
+    """Keras weights held by one or more open HDF5 files (``parts``), their variables named
+    by a :class:`KerasWalk` over them; each variable is read from the file holding it."""
+
+    def __init__(self, label: str, origin: str, parts: Sequence[Hdf5Part], walk: "KerasWalk"):
+        infos = [
+            TensorInfo(
+                name,
+                v.placement.shape(v.shape),
+                _dtype_name(v),
+                v.placement.module_type,
+                parts=v.placement.parts,
+            )
+            for name, v in walk.variables.items()
+        ]
+        super().__init__(label, origin, walk.variables, infos)
+        self._parts = list(parts)
+
+    def _read(self, name: str, v: _Variable) -> np.ndarray:
+        part = self._parts[v.part]
+        try:
+            if v.offset is None:
+                limits.check_memory(
+                    prod(v.shape) * v.dtype.itemsize, f"reading {name} of {self._origin}"
+                )
+                raw = np.asarray(part.h5[v.path][()]).view(v.dtype)
+            else:
+                raw = np.frombuffer(
+                    part.buffer, dtype=v.dtype, count=prod(v.shape), offset=part.start + v.offset
+                ).reshape(v.shape)
+        except _HDF5_ERRORS as e:
+            raise AnalyzeError(
+                f"cannot read {name!r} of {part.where}: {one_line(e)[:300]}"
+            ) from None
+        if not raw.dtype.isnative:
+            raw = raw.astype(raw.dtype.newbyteorder("="))
+        elif not raw.flags.aligned:
+            raw = raw.copy()
+        return v.placement.apply(raw if v.code is None else widen(raw, v.code))
+
+
+class KerasSource(KerasWeights):
     """A Keras ``.keras``, ``.weights.h5`` or legacy ``.h5`` file (told apart by content)."""
 
     def __init__(self, path: Union[str, os.PathLike], label: Optional[str] = None):
         self.path = Path(path)
         origin = str(self.path)
-        h5py = _h5py()
         buffer = map_file(self.path)
         head = bytes(memoryview(buffer)[:8])
         config = None
@@ -196,49 +282,33 @@ class KerasSource(MappedSource):
             start, size, where = 0, len(buffer), origin
         else:
             raise AnalyzeError(f"{origin} is not a Keras file (neither a .keras zip nor HDF5)")
-        try:
-            self._h5 = h5py.File(_Window(buffer, start, size), "r")
-        except _HDF5_ERRORS as e:
-            raise AnalyzeError(
-                f"{where} is not a readable HDF5 file ({one_line(e)[:300]})"
-            ) from None
-        self._buffer, self._start, self._size, self._where = buffer, start, size, where
+        part = open_hdf5(buffer, start, size, where)
         try:  # HDF5's own checks of a corrupt file surface as any of these, anywhere
-            walk = self._walk(config, zipped)
+            walk = self._walk(part, config, zipped)
         except _HDF5_ERRORS as e:
             raise AnalyzeError(f"{where} is corrupt HDF5 ({one_line(e)[:300]})") from None
-        infos = [
-            TensorInfo(
-                name,
-                v.placement.shape(v.shape),
-                _dtype_name(v),
-                v.placement.module_type,
-                parts=v.placement.parts,
-            )
-            for name, v in walk.variables.items()
-        ]
-        super().__init__(label or self.path.name, origin, walk.variables, infos)
+        super().__init__(label or self.path.name, origin, [part], walk)
 
-    def _walk(self, config: Optional[Mapping], zipped: bool) -> "_Walk":
+    def _walk(self, part: Hdf5Part, config: Optional[Mapping], zipped: bool) -> "KerasWalk":
         """The file's variables, with its config (its own, else a Keras ``config.json``
         beside an HDF5 file) in ``self.config``."""
-        layout = _layout(self._h5)
-        if layout is None:
+        kind = hdf5_layout(part.h5)
+        if kind is None:
             raise AnalyzeError(
-                f"{self._where} is an HDF5 file but not Keras weights (no "
+                f"{part.where} is an HDF5 file but not Keras weights (no "
                 "'layers', 'vars' or 'layer_names')"
             )
-        if layout == "legacy":
-            config = _legacy_config(self._h5, self._where)
+        if kind == "legacy":
+            config = _legacy_config(part.h5, part.where)
         if config is None and not zipped:
-            beside = load_config(self.path.parent / "config.json")
-            config = beside if _is_keras_config(beside) else None
+            config = config_beside(self.path)
         self.config: Mapping = config or {}
-        walk = _Walk(self.config, self._size, self._where)
-        if layout == "legacy":
-            walk.legacy(self._h5)
+        walk = KerasWalk(self.config, [part], part.where)
+        if kind == "legacy":
+            walk.legacy()
         else:
-            walk.keras3(self._h5)
+            walk.gather(0)
+            walk.keras3()
         return walk
 
     def _open_zip(self, buffer, origin: str):
@@ -313,27 +383,6 @@ class KerasSource(MappedSource):
             ) from None
         return temp
 
-    def _read(self, name: str, v: _Variable) -> np.ndarray:
-        try:
-            if v.offset is None:
-                limits.check_memory(
-                    prod(v.shape) * v.dtype.itemsize, f"reading {name} of {self._origin}"
-                )
-                raw = np.asarray(self._h5[v.path][()]).view(v.dtype)
-            else:
-                raw = np.frombuffer(
-                    self._buffer, dtype=v.dtype, count=prod(v.shape), offset=self._start + v.offset
-                ).reshape(v.shape)
-        except _HDF5_ERRORS as e:
-            raise AnalyzeError(
-                f"cannot read {name!r} of {self._where}: {one_line(e)[:300]}"
-            ) from None
-        if not raw.dtype.isnative:
-            raw = raw.astype(raw.dtype.newbyteorder("="))
-        elif not raw.flags.aligned:
-            raw = raw.copy()
-        return v.placement.apply(raw if v.code is None else widen(raw, v.code))
-
 
 def _parse_config(data: bytes, where: str):
     try:
@@ -380,28 +429,33 @@ def _text(value) -> Optional[str]:
     return value if isinstance(value, str) and 0 < len(value) <= MAX_NAME else None
 
 
-class _Walk:
-    """The variables of one HDF5 weights file, checked and named (``variables``, in order)."""
+class KerasWalk:
+    """The variables of Keras weights held by one or more HDF5 files (``parts``), checked and
+    named (``variables``, in order). A Keras 3 file's groups are first merged over the files
+    (:meth:`gather`, once per file: a sharded file's object may have variables in two), then
+    named (:meth:`keras3`); a legacy file is read whole (:meth:`legacy`)."""
 
-    def __init__(self, config: Mapping, size: int, where: str):
-        """``config``: the model's Keras config (``{}`` where there is none); ``size``: bytes
-        of the HDF5 data; ``where``: the file, for messages."""
+    def __init__(self, config: Mapping, parts: Sequence[Hdf5Part], where: str):
+        """``config``: the model's Keras config (``{}`` where there is none); ``where``: the
+        weights as a whole, for messages."""
         self.h5py = _h5py()
         self.configs = layer_configs(config) if config else {}
-        self.size, self.where = size, where
+        self.parts, self.where = list(parts), where
         self.order = {name: i for i, name in enumerate(self.configs)}
         self.variables: Dict[str, _Variable] = {}
         self.count = 0
+        self.tree = _Node("")
         inner = config.get("config")
         self.model_config = inner if isinstance(inner, dict) else {"layers": inner}
 
     # -- structure --------------------------------------------------------------------------
 
-    def _children(self, group, path: str, depth: int):
-        """``(key, object)`` of a group's members, hard links only, bounded."""
+    def _children(self, group, path: str, depth: int, where: str):
+        """``(key, object)`` of a group's members, hard links only, bounded (over all the
+        parts together)."""
         if depth > MAX_DEPTH:
             raise AnalyzeError(
-                f"{self.where}: groups nested more than {MAX_DEPTH} levels deep "
+                f"{where}: groups nested more than {MAX_DEPTH} levels deep "
                 f"(at {path[:200]!r}): refused"
             )
         out = []
@@ -409,13 +463,13 @@ class _Walk:
             self.count += 1
             if self.count > limits.MAX_ARCHIVE_MEMBERS:
                 raise AnalyzeError(
-                    f"{self.where} holds more than {limits.MAX_ARCHIVE_MEMBERS} "
+                    f"{where} holds more than {limits.MAX_ARCHIVE_MEMBERS} "
                     "HDF5 objects (not a Keras weights file?)"
                 )
             link = group.get(key, getlink=True)
             if not isinstance(link, self.h5py.HardLink):
                 raise AnalyzeError(
-                    f"{self.where}: {path}/{key} is a link "
+                    f"{where}: {path}/{key} is a link "
                     f"({type(link).__name__}), which is not followed"
                 )
             out.append((key, group[key]))
@@ -436,39 +490,82 @@ class _Walk:
 
     # -- Keras 3 ----------------------------------------------------------------------------
 
-    def keras3(self, root) -> None:
-        model = self.model_config
-        stack: List[Tuple[Any, str, Tuple[str, ...], Layer, int, Optional[dict]]] = [
-            (root, "", (), Layer(None, "", model), 0, {})
-        ]
-        found: List[Tuple[tuple, str, list]] = []
+    def gather(self, index: int) -> None:
+        """Merge the groups of the Keras 3 file ``parts[index]`` into the tree (a variable
+        that another file holds too is refused: which one is meant?)."""
+        part = self.parts[index]
+        try:  # HDF5's own checks of a corrupt file surface as any of these, anywhere
+            stack = [(part.h5, self.tree, 0)]
+            while stack:
+                group, node, depth = stack.pop()
+                for key, obj in self._children(group, node.path or "/", depth, part.where):
+                    if not isinstance(obj, self.h5py.Group) or (depth == 0 and key in NOT_MODEL):
+                        continue
+                    if key == "vars":
+                        self._gather_vars(node, obj, index)
+                    else:
+                        child = node.children.setdefault(key, _Node(f"{node.path}/{key}"))
+                        stack.append((obj, child, depth + 1))
+        except _HDF5_ERRORS as e:
+            raise AnalyzeError(f"{part.where} is corrupt HDF5 ({one_line(e)[:300]})") from None
+
+    def _gather_vars(self, node: _Node, group, index: int) -> None:
+        where = self.parts[index].where
+        node.is_object = True
+        name = _text(group.attrs.get("name"))
+        if name is not None and node.name not in (None, name):
+            raise AnalyzeError(
+                f"{where}: {group.name} names its object {name!r}, another file "
+                f"{node.name!r}: the files contradict each other"
+            )
+        node.name = node.name or name
+        for key, dataset in self._children(group, group.name, 0, where):
+            if not isinstance(dataset, self.h5py.Dataset):
+                raise AnalyzeError(
+                    f"{where}: {group.name} holds something other than datasets 0, 1, ... "
+                    "(not Keras 3 weights)"
+                )
+            if key in node.datasets:
+                other = self.parts[node.datasets[key][0]].where
+                raise AnalyzeError(
+                    f"{self.where}: {group.name}/{key} is stored both in {other} and in "
+                    f"{where} (ambiguous: which one is meant?)"
+                )
+            node.datasets[key] = (index, dataset)
+
+    def holders(self) -> Dict[str, Set[int]]:
+        """``{HDF5 path of a vars group: the parts holding its variables}`` of the gathered
+        tree (the ``weight_map`` a Keras sharded index should have)."""
+        found: Dict[str, Set[int]] = {}
+        stack = [self.tree]
         while stack:
-            group, path, names, owner, depth, keyed = stack.pop()
-            children = self._children(group, path or "/", depth)
-            objects = []
-            for key, obj in children:
-                if not isinstance(obj, self.h5py.Group) or key == "vars":
-                    continue
-                if depth == 0 and key in _NOT_MODEL:
-                    continue
-                objects.append((key, obj))
-            if "vars" in group and isinstance(group["vars"], self.h5py.Group):
-                found.append((names, path, [(owner, group["vars"])]))
-            for key, obj in objects:
-                child_path = f"{path}/{key}"
-                if "vars" in obj:  # an object (layer, cell, sublayer)
-                    named = _text(obj["vars"].attrs.get("name"))
-                    layer = self._layer(key, named, owner, child_path, keyed)
-                    stack.append((obj, child_path, names + (layer.name,), layer, depth + 1, None))
+            node = stack.pop()
+            if node.datasets:
+                found[f"{node.path}/vars"] = {part for part, _ in node.datasets.values()}
+            stack.extend(node.children.values())
+        return found
+
+    def keras3(self) -> None:
+        """Name the gathered variables: by their objects' names, in the config's order."""
+        stack: List[Tuple[_Node, Tuple[str, ...], Layer, Optional[dict]]] = [
+            (self.tree, (), Layer(None, "", self.model_config), {})
+        ]
+        found: List[Tuple[tuple, _Node, Layer]] = []
+        while stack:
+            node, names, owner, keyed = stack.pop()
+            if node.is_object:
+                found.append((names, node, owner))
+            for key, child in sorted(node.children.items()):  # HDF5's order: by name
+                if child.is_object:  # an object (layer, cell, sublayer)
+                    layer = self._layer(key, child.name, owner, child.path, keyed)
+                    stack.append((child, names + (layer.name,), layer, None))
                 else:  # a container (a model's ``layers``)
-                    stack.append(
-                        (obj, child_path, names, owner, depth + 1, layer_keys(owner.config))
-                    )
+                    stack.append((child, names, owner, layer_keys(owner.config)))
         found.sort(
             key=lambda f: [(self.order.get(n, len(self.order)), natural_key(n)) for n in f[0]]
         )
-        for names, path, ((owner, vars_group),) in found:
-            self._variables(names, path, owner, vars_group)
+        for names, node, owner in found:
+            self._variables(names, node, owner)
 
     def _layer(
         self, key: str, named: Optional[str], parent: Layer, path: str, keyed: Optional[dict]
@@ -495,22 +592,22 @@ class _Walk:
         # a sublayer the config does not list: its own class, the enclosing layer's config
         return Layer(by_key, name, parent.config or {}, parent.class_name)
 
-    def _variables(self, names: tuple, path: str, owner: Layer, group) -> None:
-        datasets = [(k, v) for k, v in self._children(group, f"{path}/vars", 0)]
-        if any(not isinstance(v, self.h5py.Dataset) for _, v in datasets) or sorted(
-            k for k, _ in datasets
-        ) != sorted(str(i) for i in range(len(datasets))):
+    def _variables(self, names: tuple, node: _Node, owner: Layer) -> None:
+        keys = sorted(node.datasets)
+        if keys != sorted(str(i) for i in range(len(keys))):
             raise AnalyzeError(
-                f"{self.where}: {path}/vars holds something other than "
+                f"{self.where}: {node.path}/vars holds something other than "
                 "datasets 0, 1, ... (not Keras 3 weights)"
             )
-        params = variable_names(owner, len(datasets))
-        for i, param in enumerate(params):
-            self._add(".".join(names + (param,)), group[str(i)], owner, param)
+        for i, param in enumerate(variable_names(owner, len(keys))):
+            index, dataset = node.datasets[str(i)]
+            self._add(".".join(names + (param,)), index, dataset, owner, param)
 
     # -- legacy -----------------------------------------------------------------------------
 
-    def legacy(self, root) -> None:
+    def legacy(self) -> None:
+        """Read the legacy file ``parts[0]`` (its ``layer_names`` and ``weight_names``)."""
+        root = self.parts[0].h5
         full = "model_config" in root.attrs and "model_weights" in root
         weights = root["model_weights"] if full else root
         for layer_name in self._names(weights.attrs.get("layer_names"), "layer_names"):
@@ -536,7 +633,7 @@ class _Walk:
                 if layer_name in parts:  # Keras 3 writes a Sequential's name first
                     parts = parts[parts.index(layer_name) :]
                 owner = self._legacy_owner(layer, parts)
-                self._add(".".join(parts), dataset, owner, parts[-1])
+                self._add(".".join(parts), 0, dataset, owner, parts[-1])
 
     def _names(self, value, what: str, optional: bool = False) -> List[str]:
         if value is None and optional:
@@ -565,9 +662,18 @@ class _Walk:
 
     # -- one variable -----------------------------------------------------------------------
 
-    def _add(self, name: str, dataset, owner: Layer, param: str) -> None:
+    def _add(self, name: str, index: int, dataset, owner: Layer, param: str) -> None:
+        """Add the variable ``param`` of ``owner``, ``dataset`` of ``parts[index]``."""
+        part = self.parts[index]
+        try:  # HDF5's own checks of a corrupt file surface as any of these, anywhere
+            self._add_checked(name, index, dataset, owner, param)
+        except _HDF5_ERRORS as e:
+            raise AnalyzeError(f"{part.where} is corrupt HDF5 ({one_line(e)[:300]})") from None
+
+    def _add_checked(self, name: str, index: int, dataset, owner: Layer, param: str) -> None:
+        part = self.parts[index]
         shape = tuple(int(d) for d in dataset.shape) if dataset.shape is not None else ()
-        where = f"{self.where}: {dataset.name}"
+        where = f"{part.where}: {dataset.name}"
         dtype, code = np.dtype(dataset.dtype), None
         if dtype.kind == "V":
             tag = _text(dataset.attrs.get("dtype"))
@@ -576,15 +682,18 @@ class _Walk:
         problem = contradiction(owner, param, shape)
         if problem:
             raise AnalyzeError(f"{self.where}: {problem}: the config contradicts the weights")
-        offset = self._check(dataset, shape, dtype, where) if dtype.kind == "f" or code else None
+        floating = dtype.kind == "f" or code
+        offset = self._check(dataset, shape, dtype, where, part.size) if floating else None
         placement = place(owner, param, shape)
         if name in self.variables or not name:
             name = dataset.name.strip("/").replace("/", ".")
-        self.variables[name] = _Variable(dataset.name, shape, dtype, offset, placement, code)
+        self.variables[name] = _Variable(dataset.name, shape, dtype, offset, placement, code, index)
 
-    def _check(self, dataset, shape: Tuple[int, ...], dtype: np.dtype, where: str) -> Optional[int]:
-        """Where a float dataset's raw bytes are (None: chunked or compact, read through h5py),
-        refusing data that are not there or not in this file."""
+    def _check(
+        self, dataset, shape: Tuple[int, ...], dtype: np.dtype, where: str, size: int
+    ) -> Optional[int]:
+        """Where a float dataset's raw bytes are (None: chunked or compact, read through h5py)
+        in its file of ``size`` bytes, refusing data that are not there or not in the file."""
         h5d = self.h5py.h5d
         nbytes = prod(shape) * dtype.itemsize
         dcpl = dataset.id.get_create_plist()
@@ -595,7 +704,6 @@ class _Walk:
             raise AnalyzeError(f"{where} keeps its data in an external file: not read")
         if nbytes == 0:
             return None
-        size = self.size
         if layout == h5d.CONTIGUOUS:
             offset = dataset.id.get_offset()
             if offset is None:

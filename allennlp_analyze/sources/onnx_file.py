@@ -35,7 +35,7 @@ from .. import limits
 from ..errors import AnalyzeError, one_line
 from ..quantized import QuantizedKernel
 from ..tensors import TensorInfo
-from ._common import safe_relative
+from ._common import inside_folder
 from .onnx_graph import Use, find_use, graph_uses, node_attr, readable_name
 from .onnx_qdq import Dequantize, QdqCodes, QdqMatrix, qdq_kernel
 from .onnx_sparse import densify, sparse_shape
@@ -367,13 +367,7 @@ class OnnxSource:
         location = info.get("location", "")
         folder = self.path.parent
         target = folder / location
-        inside = os.path.realpath(target)
-        base = os.path.realpath(folder)
-        if (
-            not location
-            or not safe_relative(location)
-            or os.path.commonpath([inside, base]) != base
-        ):
+        if not inside_folder(folder, location):
             raise AnalyzeError(
                 f"{self.path}: tensor {name!r} has its data at {location!r}, "
                 f"outside the model's folder: refused"

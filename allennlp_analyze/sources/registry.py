@@ -23,6 +23,7 @@ from ._common import read_index
 from .archive import ArchiveSource
 from .gguf_file import GGUFSource
 from .keras_file import KerasSource, claims_name, looks_like_keras
+from .keras_shards import ShardedKerasSource
 from .numpy_file import NpySource, NpzSource, looks_like_npz
 from .onnx_file import OnnxSource, looks_like_onnx
 from .quant.packed import packed_opener
@@ -142,13 +143,19 @@ FORMATS: List[SourceFormat] = [
         folder_globs=("*.npy",),
     ),
     SourceFormat(
+        "sharded-keras",
+        (".weights.json",),
+        _plain(ShardedKerasSource),
+        folder_globs=("*.weights.json",),
+    ),
+    SourceFormat(
         "keras",
         (".keras", ".h5", ".hdf5"),
         _plain(KerasSource),
         sniff=looks_like_keras,
         name_check=claims_name,
         folder_globs=("*.keras", "*.h5"),
-        expected="a Keras .keras/.weights.h5/.h5 file",
+        expected="a Keras .keras/.weights.h5/.h5 file or sharded .weights.json index",
     ),
     SourceFormat(
         "gguf",
