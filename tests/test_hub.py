@@ -282,6 +282,11 @@ def fake_hub(minilm_path, tmp_path_factory):
                         "pytorch_model.bin.index.json": junk,
                         "pytorch_model-00001-of-00002.bin": junk},
     }
+    from hostile_inputs import keras_sharded_hostile
+
+    keras = keras_sharded_hostile(tmp / "keras")["good"].parent
+    repos["org/keras"] = {f.name: f.read_bytes() for f in sorted(keras.iterdir())}
+    repos["org/keras"]["README.md"] = junk
     with serving(tmp, type("Hub", (_Hub,), {"repos": repos})) as (base, log):
         yield base, repos, log, tmp
 
@@ -344,6 +349,16 @@ def test_standalone_command_downloads_the_sharded_index_and_its_shards(fake_hub,
     assert _without_model(result) == _without_model(expected)
     assert {r["model"] for r in result} == {"org/sharded"}
 
+
+def test_keras_sharded_weights_from_the_hub(online_env, fake_hub):
+    """A repository of Keras sharded weights: the ``*.weights.json`` index and the shards it
+    names are fetched (nothing else), and read as the local folder."""
+    _, repos, log, tmp = fake_hub
+    result = analyze("org/keras", min_q=1)
+    assert sorted(log) == ["org/keras/m.weights.json", "org/keras/m_00000.weights.h5",
+                           "org/keras/m_00001.weights.h5"]
+    expected = analyze(str(tmp / "keras" / "good" / "m.weights.json"), min_q=1).to_dicts()
+    assert _without_model(result.to_dicts()) == _without_model(expected) and expected
 
 def test_unknown_model_and_revision_on_the_hub(online_env):
     with pytest.raises(AnalyzeError, match=r"^org/absent is not a local path, and not cached; "

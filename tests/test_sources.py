@@ -585,6 +585,24 @@ def test_url_archive_and_sharded_index(src_http, src_st_file, tmp_path):
     assert source.label == "bidaf.tar.gz" and len(source.tensors()) == 24
 
 
+def test_url_keras_sharded_index_fetches_its_shards(src_http, tmp_path):
+    """A URL to Keras's sharded ``*.weights.json`` fetches the shards it names from beside it
+    (once), and reads as the local folder does."""
+    from hostile_inputs import keras_sharded_hostile
+
+    base, root, log = src_http
+    good = keras_sharded_hostile(tmp_path / "k")["good"]
+    for f in good.parent.iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    source = open_source(f"{base}/m.weights.json", cache_dir=tmp_path / "c")
+    local = open_source(good)
+    assert source.tensors() == local.tensors() and len(local.tensors()) == 2
+    for info in local.tensors():
+        assert same(source.load(info.name), local.load(info.name))
+    assert sorted(log) == ["/m.weights.json", "/m_00000.weights.h5", "/m_00001.weights.h5"]
+    open_source(f"{base}/m.weights.json", cache_dir=tmp_path / "c")
+    assert len(log) == 3
+
 def test_url_errors(src_http, tmp_path):
     base, root, log = src_http
     cache = tmp_path / "cache"
@@ -821,3 +839,26 @@ def test_malicious_pickles_never_run(tmp_path):
         message = check_error(e, path, "is not a plain tensor state dict (refused to unpickle arbitrary objects")
         assert "open" in message  # names the refused global
         assert not marker.exists(), path
+
+
+def test_inside_folder_allows_hub_blobs_only_in_a_hub_snapshot(tmp_path):
+    """A link in a Hugging Face cache snapshot may lead into its repository's ``blobs/`` (the
+    hub's cache keeps every file there); anywhere else, and to anywhere else, a link leading
+    out of the folder is refused."""
+    from allennlp_analyze.sources._common import inside_folder
+
+    repo = tmp_path / "hub" / "models--org--name"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    (blobs / "f00d").write_bytes(b"x")
+    (tmp_path / "secret").write_bytes(b"x")
+    (snap / "shard.h5").symlink_to(blobs / "f00d")
+    (snap / "out.h5").symlink_to(tmp_path / "secret")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "shard.h5").symlink_to(blobs / "f00d")
+    assert inside_folder(snap, "shard.h5")
+    assert not inside_folder(snap, "out.h5")
+    assert not inside_folder(snap, "../../blobs/f00d")  # a ".." name, whatever it reaches
+    assert not inside_folder(plain, "shard.h5")

@@ -190,11 +190,24 @@ def safe_relative(name: str) -> bool:
 
 def inside_folder(folder: Path, name: str) -> bool:
     """Whether the file ``name``, relative to ``folder``, lies inside it: no absolute path, no
-    ``..``, no symbolic link leading out (links are resolved)."""
+    ``..``, no symbolic link leading out (links are resolved), except that in a Hugging Face
+    cache snapshot (``.../models--ORG--NAME/snapshots/REV/``) a link may lead into the
+    repository's own ``blobs/``, where the hub's cache keeps every file's content."""
     if not name or not safe_relative(name):
         return False
-    base = os.path.realpath(folder)
-    return os.path.commonpath([os.path.realpath(folder / name), base]) == base
+    target = os.path.realpath(folder / name)
+    bases = [os.path.realpath(folder)] + [b for b in [hub_blobs(folder)] if b is not None]
+    return any(os.path.commonpath([target, base]) == base for base in bases)
+
+
+def hub_blobs(folder: Path) -> Optional[str]:
+    """The ``blobs`` folder (resolved) of the Hugging Face cache repository whose snapshot
+    ``folder`` is or lies in; None where ``folder`` is no such snapshot."""
+    parts = Path(os.path.abspath(folder)).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(("models--", "datasets--")):
+            return os.path.realpath(os.path.join(*parts[:i], "blobs"))
+    return None
 
 
 def shard_order(weight_map: Dict[str, str]) -> List[str]:

@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 
 from ..errors import AnalyzeError
 from ..tensors import WeightSource
-from ._common import one_line, read_index
+from ._common import one_line
 from . import registry
 from .folder import HF_NAMES, open_folder
 from .local import open_path
@@ -210,7 +210,7 @@ def _download(
                 "*.tar.gz)"
             )
         with _progress(hub, progress):
-            for index in (f for f in files if f.endswith(".index.json")):
+            for index in (f for f in files if registry.names_shards(Path(f))):
                 path = hub.hf_hub_download(
                     repo,
                     index,
@@ -219,9 +219,7 @@ def _download(
                     endpoint=endpoint,
                     etag_timeout=timeout,
                 )
-                files += [
-                    s for s in dict.fromkeys(read_index(Path(path)).values()) if s not in files
-                ]
+                files += [s for s in registry.shard_files(Path(path)) if s not in files]
             folder = hub.snapshot_download(
                 repo,
                 revision=revision,

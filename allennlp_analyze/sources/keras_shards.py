@@ -33,6 +33,7 @@ from ..errors import AnalyzeError, one_line
 from ._common import inside_folder, map_file
 from .keras_file import (
     NOT_MODEL,
+    Hdf5Part,
     KerasWalk,
     KerasWeights,
     config_beside,
@@ -83,6 +84,29 @@ def read_shard_index(path: Path) -> Tuple[List[str], Dict[str, List[str]]]:
     return list(shards), claims
 
 
+def open_shard(shard: Path, origin: str) -> Hdf5Part:
+    """One shard named by the index ``origin``: a regular HDF5 file in Keras 3's layout, open
+    (its variables are checked against the index by :class:`ShardedKerasSource`)."""
+    if not os.path.lexists(shard):
+        raise AnalyzeError(f"{shard} (a shard named in {origin}) does not exist")
+    try:  # a folder, FIFO or device is refused before it is read
+        buffer = map_file(shard)
+    except AnalyzeError as e:
+        raise AnalyzeError(f"{e} (a shard named in {origin})") from None
+    if not is_hdf5(bytes(memoryview(buffer)[:8])):
+        raise AnalyzeError(f"{shard} (a shard named in {origin}) is not an HDF5 file")
+    part = open_hdf5(buffer, 0, len(buffer), str(shard))
+    if hdf5_layout(part.h5) != "keras3":
+        part.h5.close()
+        raise AnalyzeError(f"{shard} (a shard named in {origin}) is not Keras 3 weights")
+    return part
+
+
+def check_shard(shard: Path) -> None:
+    """A shard downloaded beside its index (before it is cached): as :func:`open_shard`."""
+    open_shard(shard, "its index").h5.close()
+
+
 class ShardedKerasSource(KerasWeights):
     """A Keras 3 ``*.weights.json`` index and its ``.weights.h5`` shards, as one source."""
 
@@ -90,25 +114,10 @@ class ShardedKerasSource(KerasWeights):
         self.path = Path(path)
         origin = str(self.path)
         shards, claims = read_shard_index(self.path)
-        parts = []
-        for name in shards:
-            shard = self.path.parent / name
-            if not os.path.lexists(shard):
-                raise AnalyzeError(f"{shard} (a shard named in {origin}) does not exist")
-            try:  # a folder, FIFO or device is refused before it is read
-                buffer = map_file(shard)
-            except AnalyzeError as e:
-                raise AnalyzeError(f"{e} (a shard named in {origin})") from None
-            if not is_hdf5(bytes(memoryview(buffer)[:8])):
-                raise AnalyzeError(f"{shard} (a shard named in {origin}) is not an HDF5 file")
-            parts.append(open_hdf5(buffer, 0, len(buffer), str(shard)))
+        parts = [open_shard(self.path.parent / name, origin) for name in shards]
         self.config = config_beside(self.path) or {}
         walk = KerasWalk(self.config, parts, origin)
-        for i, part in enumerate(parts):
-            if hdf5_layout(part.h5) != "keras3":
-                raise AnalyzeError(
-                    f"{part.where} (a shard named in {origin}) is not Keras 3 weights"
-                )
+        for i in range(len(parts)):
             walk.gather(i)
         self._check_claims(walk, shards, claims)
         walk.keras3()

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from .. import limits
+from ..errors import AnalyzeError
 from ..tensors import WeightSource
-from ._common import read_index
+from ._common import read_index, shard_order
 from .archive import ArchiveSource
 from .gguf_file import GGUFSource
 from .keras_file import KerasSource, claims_name, looks_like_keras
-from .keras_shards import ShardedKerasSource
+from .keras_shards import ShardedKerasSource, check_shard, read_shard_index
 from .numpy_file import NpySource, NpzSource, looks_like_npz
 from .onnx_file import OnnxSource, looks_like_onnx
 from .quant.packed import packed_opener
@@ -63,6 +64,13 @@ class SourceFormat:
     #: False for a format that is recognised but not read (:mod:`.unsupported`): its opener
     #: refuses the file in one line; hub downloads never fetch it.
     readable: bool = True
+    #: For the index of a sharded format: the shard files it names (relative to its folder,
+    #: in order), read from the index (raises AnalyzeError for an invalid one); URLs and hub
+    #: downloads fetch them beside it.
+    shards: Optional[Callable[[Path], List[str]]] = None
+    #: How a shard downloaded beside such an index is checked before it is cached (raises
+    #: AnalyzeError); None: it is opened as a source of its own.
+    shard_check: Optional[Callable[[Path], object]] = None
 
     def claims_name(self, path: Path) -> bool:
         """Whether ``path``'s name says it is of this format."""
@@ -74,6 +82,11 @@ class SourceFormat:
 def _safetensors_shards(path: Path) -> bool:
     """Whether every shard of the checkpoint index ``path`` is a safetensors file."""
     return all(s.endswith(".safetensors") for s in read_index(path).values())
+
+
+def _index_shards(path: Path) -> List[str]:
+    """The shards a ``*.index.json`` (``weight_map``) names, in order of first mention."""
+    return shard_order(read_index(path))
 
 
 def _checkpoint(cls) -> Opener:
@@ -95,6 +108,7 @@ FORMATS: List[SourceFormat] = [
         packed_opener(ShardedSafetensorsSource),
         name_check=_safetensors_shards,
         folder_globs=("*.safetensors.index.json",),
+        shards=_index_shards,
     ),
     SourceFormat(
         "safetensors",
@@ -109,6 +123,7 @@ FORMATS: List[SourceFormat] = [
         (".index.json",),
         _plain(ShardedTorchSource),
         folder_globs=("*.bin.index.json", "*.pt.index.json", "*.pth.index.json"),
+        shards=_index_shards,
     ),
     SourceFormat(
         "torch",
@@ -147,6 +162,8 @@ FORMATS: List[SourceFormat] = [
         (".weights.json",),
         _plain(ShardedKerasSource),
         folder_globs=("*.weights.json",),
+        shards=lambda path: read_shard_index(path)[0],
+        shard_check=check_shard,  # a shard alone may hold the later half of a layer
     ),
     SourceFormat(
         "keras",
@@ -192,6 +209,30 @@ def _refused(entry: Unsupported) -> SourceFormat:
 #: Formats recognised but not read, after every readable one (a folder with weights that can be
 #: read is read).
 FORMATS += [_refused(u) for u in UNSUPPORTED]
+
+
+def names_shards(path: Path) -> bool:
+    """Whether ``path``'s name is that of a sharded format's index (a file not fetched yet may
+    be asked: only the suffix counts)."""
+    return any(f.shards is not None and path.name.lower().endswith(f.suffixes) for f in FORMATS)
+
+
+def shard_files(path: Path) -> List[str]:
+    """The shard files that the index ``path`` (a file named as :func:`names_shards` says)
+    names, in order."""
+    return _index_format(path).shards(path)  # type: ignore[misc]
+
+
+def shard_check(path: Path) -> Optional[Callable[[Path], object]]:
+    """How the shards of the index ``path`` are checked when downloaded (``shard_check``)."""
+    return _index_format(path).shard_check
+
+
+def _index_format(path: Path) -> SourceFormat:
+    for fmt in FORMATS:
+        if fmt.shards is not None and fmt.claims_name(path):
+            return fmt
+    raise AnalyzeError(f"{path} is not the index of a sharded checkpoint")
 
 
 def get(name: str) -> SourceFormat:

@@ -10,8 +10,8 @@ safetensors sizes, zip directory, ...) and usable (it opens as a weights source,
 :func:`~allennlp_analyze.sources.open_path`; an index as a checkpoint index), and only then is
 renamed into place; every failure (an HTML page, a truncated body, a timeout, Ctrl-C) removes
 the temporary folder. A cached file that no longer opens is removed when found (files cached by
-older versions), so the next run fetches it again. A URL to a sharded checkpoint's
-``*.index.json`` also fetches the shards it names, from beside it.
+older versions), so the next run fetches it again. A URL to a sharded checkpoint's index
+(``*.index.json``, Keras's ``*.weights.json``) also fetches the shards it names, from beside it.
 
 Limits (:mod:`allennlp_analyze.limits`): connect timeout; the response headers within the read
 timeout, then at least ``MIN_RATE`` bytes/s over each read-timeout window (a watchdog closes a
@@ -39,7 +39,8 @@ from typing import Callable, Optional
 
 from .. import limits
 from ..errors import AnalyzeError, escape
-from ._common import one_line, read_index, safe_relative, shard_order
+from . import registry
+from ._common import one_line, safe_relative
 from .local import open_path
 
 ENV_CACHE = "ALLENNLP_ANALYZE_CACHE"
@@ -422,13 +423,13 @@ def fetch(url: str, cache_dir=None, progress: Optional[bool] = None) -> Path:
     """The local copy of ``url``, downloading it only if it is not cached yet; for a sharded
     checkpoint index, the shards too (into the same cache folder)."""
     path = cache_path(url, cache_dir)
-    is_index = path.name.endswith(".index.json")
+    is_index = registry.names_shards(path)
     if not path.is_file():
-        download(url, path, progress, validate=read_index if is_index else open_path)
+        download(url, path, progress, validate=registry.shard_files if is_index else open_path)
     if is_index:
-        weight_map = read_index(path)
-        for shard in shard_order(weight_map):
-            if not safe_relative(shard):  # pragma: no cover - read_index already refuses these
+        check = registry.shard_check(path) or open_path
+        for shard in registry.shard_files(path):
+            if not safe_relative(shard):  # pragma: no cover - the index readers refuse these
                 raise AnalyzeError(f"{url} names a shard outside its folder: {shard!r}")
             shard_path = path.parent / shard
             if not shard_path.is_file():
@@ -436,7 +437,7 @@ def fetch(url: str, cache_dir=None, progress: Optional[bool] = None) -> Path:
                     urllib.parse.urljoin(url, urllib.parse.quote(shard)),
                     shard_path,
                     progress,
-                    validate=open_path,
+                    validate=check,
                 )
     return path
 
