@@ -302,10 +302,6 @@ def find_serialization_weights(folder: Path) -> Optional[Path]:
     return checkpoints[-1] if checkpoints else None
 
 
-def is_serialization_dir(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and find_serialization_weights(folder) is not None
-
-
 class SerializationDirSource(TorchFileSource):
     """An AllenNLP serialization directory (``config.json`` plus ``best.th`` or checkpoints)."""
 

@@ -286,15 +286,6 @@ def _entry(
     return TensorEntry(name, ne, qtype, start, nbytes)
 
 
-def looks_like_gguf(path: Path) -> bool:
-    """Sniff: the GGUF magic."""
-    try:
-        with limits.open_regular(path) as f:
-            return f.read(4) == MAGIC
-    except (OSError, AnalyzeError):
-        return False
-
-
 def hf_names(arch: str, n_blocks: int, stored: Sequence[str]) -> Dict[str, str]:
     """Hugging Face names of the stored tensor names (``blk.0.attn_q.weight`` ->
     ``model.layers.0.self_attn.q_proj.weight``) through ``gguf.TensorNameMap`` of ``arch``,

@@ -112,10 +112,6 @@ def _progress_bar(enabled: Optional[bool], total: Optional[int], desc: str):
 # -- the connection ---------------------------------------------------------------------------
 
 
-class _Stalled(Exception):
-    """The watchdog closed the connection: no progress within the read timeout."""
-
-
 class _Watchdog:
     """Closes the connection when a download stops progressing: the response headers must
     arrive within ``window`` seconds of the request, then every ``window`` seconds must bring

@@ -207,18 +207,3 @@ class Int8RowMatrix(WholeArray):
         codes = np.asarray(self._weight[start:stop])
         scale = np.asarray(self._scb[start:stop], dtype=np.float64)[:, None] / 127
         return grouped_rows(codes, None, scale, np.zeros(self.shape[1], np.int64), F32_U)
-
-
-def four_bit_from_tensors(name: str, get, state: dict) -> FourBitMatrix:
-    """Build from the tensors ``name`` (the weight), ``name.absmax`` ... fetched by ``get``
-    (returns None for an absent name)."""
-    nested = get(f"{name}.nested_absmax")
-    return FourBitMatrix(
-        name,
-        get(name),
-        get(f"{name}.absmax"),
-        get(f"{name}.quant_map"),
-        state,
-        nested,
-        get(f"{name}.nested_quant_map") if nested is not None else None,
-    )
