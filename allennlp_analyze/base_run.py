@@ -68,17 +68,18 @@ def compare_in_parallel(
     worker count or the machine's cores."""
     workers = resolve_workers(options)
     limited = options.device is None and has_threadpoolctl()
-    with blas_threads(1 if limited else None):
-        cmp = compare_records(
-            model,
-            base,
-            options.method,
-            delta=delta,
-            pair_map=lambda fn, items: bounded_map(fn, items, workers),
-        )
-    if workers == 1:
-        release_scratch()
-    return cmp
+    try:
+        with blas_threads(1 if limited else None):
+            return compare_records(
+                model,
+                base,
+                options.method,
+                delta=delta,
+                pair_map=lambda fn, items: bounded_map(fn, items, workers),
+            )
+    finally:
+        if workers == 1:  # this thread's working buffers (worker threads drop their own)
+            release_scratch()
 
 
 @dataclass

@@ -287,6 +287,8 @@ def fake_hub(minilm_path, tmp_path_factory):
     keras = keras_sharded_hostile(tmp / "keras")["good"].parent
     repos["org/keras"] = {f.name: f.read_bytes() for f in sorted(keras.iterdir())}
     repos["org/keras"]["README.md"] = junk
+    repos["org/globby"] = {"m.weights.json": json.dumps(
+        {"weight_map": {"/layers/dense/vars": "*"}}).encode(), "big.dat": junk}
     with serving(tmp, type("Hub", (_Hub,), {"repos": repos})) as (base, log):
         yield base, repos, log, tmp
 
@@ -359,6 +361,14 @@ def test_keras_sharded_weights_from_the_hub(online_env, fake_hub):
                            "org/keras/m_00001.weights.h5"]
     expected = analyze(str(tmp / "keras" / "good" / "m.weights.json"), min_q=1).to_dicts()
     assert _without_model(result.to_dicts()) == _without_model(expected) and expected
+
+def test_shard_names_are_no_globs(online_env, fake_hub):
+    """An index naming its shard ``*`` fetches a file named ``*`` (there is none: one error
+    line), never the whole repository: names are matched literally."""
+    _, repos, log, tmp = fake_hub
+    with pytest.raises(AnalyzeError, match=r"does not exist"):
+        analyze("org/globby")
+    assert log == ["org/globby/m.weights.json"]
 
 def test_unknown_model_and_revision_on_the_hub(online_env):
     with pytest.raises(AnalyzeError, match=r"^org/absent is not a local path, and not cached; "

@@ -476,6 +476,8 @@ def test_a_shard_alone_is_its_part_of_the_whole(tmp_path):
     whole = {r.name: r for r in analyze(str(tmp_path), min_q=1.0).records}
     layer0, layer1 = (f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1))
     assert set(whole) == {layer0, layer1}
+    # a broken index that sorts before the checkpoint's own is passed over
+    (tmp_path / "adapter.safetensors.index.json").write_text("{not json")
     part = open_source(tmp_path / "model-00001-of-00002.safetensors")
     assert torch.equal(_rounded(part.quantized(layer0).rows(0, 64).values, torch.float16), ref0)
     for name, want in (("model-00001-of-00002.safetensors", [layer0]),

@@ -862,3 +862,10 @@ def test_inside_folder_allows_hub_blobs_only_in_a_hub_snapshot(tmp_path):
     assert not inside_folder(snap, "out.h5")
     assert not inside_folder(snap, "../../blobs/f00d")  # a ".." name, whatever it reaches
     assert not inside_folder(plain, "shard.h5")
+    assert not inside_folder(snap, "a\x00b.h5")  # a NUL: refused, not a ValueError
+    # a snapshot whose blobs/ is itself a link (to / here) allows nothing beyond the folder
+    evil = tmp_path / "evil" / "models--org--evil"
+    (evil / "snapshots" / "r").mkdir(parents=True)
+    (evil / "blobs").symlink_to("/")
+    (evil / "snapshots" / "r" / "w.dat").symlink_to(tmp_path / "secret")
+    assert not inside_folder(evil / "snapshots" / "r", "w.dat")

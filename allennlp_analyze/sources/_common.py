@@ -193,7 +193,7 @@ def inside_folder(folder: Path, name: str) -> bool:
     ``..``, no symbolic link leading out (links are resolved), except that in a Hugging Face
     cache snapshot (``.../models--ORG--NAME/snapshots/REV/``) a link may lead into the
     repository's own ``blobs/``, where the hub's cache keeps every file's content."""
-    if not name or not safe_relative(name):
+    if not name or "\x00" in name or not safe_relative(name):
         return False
     target = os.path.realpath(folder / name)
     bases = [os.path.realpath(folder)] + [b for b in [hub_blobs(folder)] if b is not None]
@@ -201,12 +201,18 @@ def inside_folder(folder: Path, name: str) -> bool:
 
 
 def hub_blobs(folder: Path) -> Optional[str]:
-    """The ``blobs`` folder (resolved) of the Hugging Face cache repository whose snapshot
-    ``folder`` is or lies in; None where ``folder`` is no such snapshot."""
-    parts = Path(os.path.abspath(folder)).parts
+    """The ``blobs`` folder of the Hugging Face cache repository whose snapshot ``folder`` is
+    or lies in; None where ``folder`` is no such snapshot, or where the repository folder or
+    its ``blobs`` is itself a link (then ``blobs`` could stand for any folder: only the real
+    ``REPO/blobs`` of a real ``REPO`` is allowed)."""
+    parts = Path(os.path.realpath(folder)).parts
     for i in range(len(parts) - 2, 0, -1):
         if parts[i] == "snapshots" and parts[i - 1].startswith(("models--", "datasets--")):
-            return os.path.realpath(os.path.join(*parts[:i], "blobs"))
+            repo = os.path.join(*parts[:i])
+            blobs = os.path.join(repo, "blobs")
+            if os.path.islink(blobs) or not os.path.isdir(blobs):
+                return None
+            return blobs
     return None
 
 

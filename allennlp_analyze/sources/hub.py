@@ -180,6 +180,12 @@ def weight_files(names: List[str]) -> List[str]:
     return (["config.json"] if "config.json" in top else []) + chosen
 
 
+def _literal(name: str) -> str:
+    """``name`` as an ``fnmatch`` pattern that matches it alone (``allow_patterns`` are globs:
+    a shard named ``*`` in an index must not fetch the whole repository)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def refused_listing(names: List[str]) -> Optional[Unsupported]:
     """The format that is recognised but not read of a repository listing
     whose top-level files match its folder globs (a repository of ``.gguf`` files), if any."""
@@ -210,7 +216,7 @@ def _download(
                 "*.tar.gz)"
             )
         with _progress(hub, progress):
-            for index in (f for f in files if registry.names_shards(Path(f))):
+            for index in [f for f in files if registry.names_shards(Path(f))]:
                 path = hub.hf_hub_download(
                     repo,
                     index,
@@ -224,7 +230,7 @@ def _download(
                 repo,
                 revision=revision,
                 cache_dir=str(cache),
-                allow_patterns=files,
+                allow_patterns=[_literal(f) for f in files],
                 endpoint=endpoint,
                 etag_timeout=timeout,
             )

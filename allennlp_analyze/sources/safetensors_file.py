@@ -279,14 +279,14 @@ class ShardedSafetensorsSource:
 
 
 def shard_index(path: Path) -> Optional[Path]:
-    """The ``*.safetensors.index.json`` beside ``path`` that names it as a shard; None where
-    none does (or none can be read)."""
+    """The ``*.safetensors.index.json`` beside ``path`` that names it as a shard (indexes that
+    cannot be read are passed over); None where none does."""
     for index in sorted(path.parent.glob("*.safetensors.index.json")):
         try:
             if path.name in read_index(index).values():
                 return index
-        except AnalyzeError:
-            return None
+        except AnalyzeError:  # a broken or unrelated index beside it: look at the others
+            continue
     return None
 
 
