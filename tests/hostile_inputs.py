@@ -572,6 +572,23 @@ def keras_shard_index(path: Path, weight_map: Dict[str, object]) -> Path:
     return path
 
 
+#: Keras sharded weights (:func:`keras_sharded_hostile`) and what their one line says.
+KERAS_SHARDED_CASES = [
+    ("missing_shard", "m_00002.weights.h5 (a shard named in"),
+    ("shard_dotdot", "names a shard '../outside.weights.h5' outside its folder: refused"),
+    ("shard_absolute", "outside.weights.h5' outside its folder: refused"),
+    ("shard_symlink", "names a shard 'link.weights.h5' outside its folder: refused"),
+    ("shard_fifo", "m_00001.weights.h5 is not a regular file (it is a FIFO (named pipe)) (a "
+                   "shard named in"),
+    ("absent_variable", "places /layers/ghost/vars in m_00000.weights.h5, which holds no "
+                        "variable of it"),
+    ("unplaced_variable", "m_00001.weights.h5 holds variables of /layers/extra/vars, which"),
+    ("duplicate_variable", "/layers/dense/vars/1 is stored both in"),
+    ("many_shards", "names more than 1000 shard files: refused"),
+    ("truncated_index", "is not a valid Keras sharded weights index (Unterminated string"),
+]
+
+
 def keras_sharded_hostile(d: Path) -> Dict[str, Path]:
     """Hostile Keras sharded weights (an index and its shards), by case name; ``good``: one
     Dense layer whose kernel (6 x 4) is in the first shard, its bias in the second, as Keras

@@ -277,7 +277,7 @@ def _cases(f, base, backlog, work):
         **{f"keras:{n}": ([str(f[f"keras:{n}"])], {}) for n, _ in KERAS_CASES},
         "keras:good": ([str(f["keras:good"]), "--min-q", "1", "--format", "json"], {}),
         **{f"keras_sharded:{n}": ([str(f[f"keras_sharded:{n}"])], {})
-           for n, _ in KERAS_SHARDED_CASES},
+           for n, _ in H.KERAS_SHARDED_CASES},
         "keras_sharded:good": ([str(f["keras_sharded:good"].parent), "--min-q", "1",
                                 "--format", "json"], {}),
         "net:ok_again": ([f"{base}/file/model.tar.gz", *c, "--format", "json"], FAST_NET),
@@ -666,71 +666,36 @@ KERAS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case, fragment", KERAS_CASES)
-def test_hostile_keras_files(batches, inputs, case, fragment):
-    """Both front-ends refuse each with the same one line, under the memory limit, quickly."""
-    found = _both_errors(batches, f"keras:{case}", str(inputs[f"keras:{case}"]), fragment)
+
+
+@pytest.mark.parametrize(
+    "key, fragment",
+    [(f"keras:{c}", f) for c, f in KERAS_CASES]
+    + [(f"keras_sharded:{c}", f) for c, f in H.KERAS_SHARDED_CASES],
+)
+def test_hostile_keras_files(batches, inputs, key, fragment):
+    """Both front-ends refuse each Keras file (and sharded index) with the same one line,
+    exit 2, nothing on stdout, under the memory limit, quickly."""
+    found = _both_errors(batches, key, str(inputs[key]), fragment)
     assert found["standalone"] == found["plugin"]
     for front in FRONTS:
-        r = batches[front][f"keras:{case}"]
-        assert r["out"] == "" and r["seconds"] < 30, r
-
-
-#: Keras sharded weights (``hostile_inputs.keras_sharded_hostile``) and what their one line says.
-KERAS_SHARDED_CASES = [
-    ("missing_shard", "m_00002.weights.h5 (a shard named in"),
-    ("shard_dotdot", "names a shard '../outside.weights.h5' outside its folder: refused"),
-    ("shard_absolute", "outside.weights.h5' outside its folder: refused"),
-    ("shard_symlink", "names a shard 'link.weights.h5' outside its folder: refused"),
-    ("shard_fifo", "m_00001.weights.h5 is not a regular file (it is a FIFO (named pipe)) (a "
-                   "shard named in"),
-    ("absent_variable", "places /layers/ghost/vars in m_00000.weights.h5, which holds no "
-                        "variable of it"),
-    ("unplaced_variable", "m_00001.weights.h5 holds variables of /layers/extra/vars, which"),
-    ("duplicate_variable", "/layers/dense/vars/1 is stored both in"),
-    ("many_shards", "names more than 1000 shard files: refused"),
-    ("truncated_index", "is not a valid Keras sharded weights index (Unterminated string"),
-]
-
-
-@pytest.mark.parametrize("case, fragment", KERAS_SHARDED_CASES)
-def test_hostile_keras_sharded_weights(batches, inputs, case, fragment):
-    """Both front-ends refuse each with the same one line (naming the index), nothing on
-    stdout, quickly."""
-    found = _both_errors(batches, f"keras_sharded:{case}", str(inputs[f"keras_sharded:{case}"]),
-                         fragment)
-    assert found["standalone"] == found["plugin"]
-    for front in FRONTS:
-        r = batches[front][f"keras_sharded:{case}"]
+        r = batches[front][key]
         assert r["rc"] == 2 and r["out"] == "" and r["seconds"] < 30, r
 
 
-def test_keras_sharded_weights_through_both_front_ends(batches, inputs):
-    """The folder the sharded cases are made from (a Dense layer split over two shards): both
-    front-ends read its kernel from the first shard and its bias from the second."""
+@pytest.mark.parametrize("key, shard", [("keras:good", None),
+                                        ("keras_sharded:good", "m_00000.weights.h5")])
+def test_keras_file_through_both_front_ends(batches, inputs, key, shard):
+    """The file (or sharded index: a Dense layer split over two shards) the hostile cases are
+    made from: both front-ends analyze its kernel alike, h5py's own array."""
     import h5py
 
-    folder = inputs["keras_sharded:good"].parent
-    with h5py.File(folder / "m_00000.weights.h5", "r") as f:
+    path = inputs[key] if shard is None else inputs[key].parent / shard
+    with h5py.File(path, "r") as f:
         kernel = f["layers/dense/vars/0"][()]
     sv = np.linalg.svd(kernel.astype(np.float64).T, compute_uv=False)
     for front in FRONTS:
-        r = batches[front]["keras_sharded:good"]
-        assert r["rc"] == 0 and r["err"] == "", r
-        (record,) = json.loads(r["out"])["records"]
-        assert record["name"] == "dense.kernel" and record["shape"] == [4, 6]
-        assert record["sv_max"] == pytest.approx(sv[0], rel=1e-12)
-
-
-def test_keras_file_through_both_front_ends(batches, inputs):
-    """The file the hostile cases are made from: both front-ends analyze it alike."""
-    import h5py
-
-    with h5py.File(inputs["keras:good"], "r") as f:
-        kernel = f["layers/dense/vars/0"][()]
-    sv = np.linalg.svd(kernel.astype(np.float64).T, compute_uv=False)
-    for front in FRONTS:
-        r = batches[front]["keras:good"]
+        r = batches[front][key]
         assert r["rc"] == 0 and r["err"] == "", r
         (record,) = json.loads(r["out"])["records"]
         assert record["name"] == "dense.kernel" and record["shape"] == [4, 6]

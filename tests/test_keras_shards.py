@@ -157,18 +157,7 @@ def hostile(tmp_path_factory):
     return H.keras_sharded_hostile(tmp_path_factory.mktemp("keras_sharded_hostile"))
 
 
-@pytest.mark.parametrize("case, fragment", [
-    ("missing_shard", "m_00002.weights.h5 (a shard named in"),
-    ("shard_dotdot", "names a shard '../outside.weights.h5' outside its folder: refused"),
-    ("shard_absolute", "outside.weights.h5' outside its folder: refused"),
-    ("shard_symlink", "names a shard 'link.weights.h5' outside its folder: refused"),
-    ("shard_fifo", "m_00001.weights.h5 is not a regular file (it is a FIFO"),
-    ("absent_variable", "places /layers/ghost/vars in m_00000.weights.h5, which holds no"),
-    ("unplaced_variable", "m_00001.weights.h5 holds variables of /layers/extra/vars"),
-    ("duplicate_variable", "/layers/dense/vars/1 is stored both in"),
-    ("many_shards", "names more than 1000 shard files: refused"),
-    ("truncated_index", "is not a valid Keras sharded weights index"),
-])
+@pytest.mark.parametrize("case, fragment", H.KERAS_SHARDED_CASES)
 def test_hostile_indexes_are_one_line_errors(hostile, case, fragment):
     with pytest.raises(AnalyzeError) as e:
         ShardedKerasSource(hostile[case])
