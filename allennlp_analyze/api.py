@@ -86,9 +86,11 @@ def analyze(
     complete in it are taken from it instead of being analyzed again.
     ``base``: a base model (any source) that each source is compared with, matrix by matrix
     (:mod:`allennlp_analyze.compare`: the records' base fields, ``summary.base``); ``delta``
-    also analyzes each pair's W - W_base as a matrix (records ``delta:<name>``). Locally only
-    (no executor); with a journal the base must be named by a path or URL, which the journal's
-    header keeps, so that a run is resumed only against the same base.
+    also analyzes each pair's W - W_base as a matrix (records ``delta:<name>``). The base is
+    analyzed here, once; on an executor the comparisons run in the sources' tasks, which open
+    the base themselves, so it must be named by a path or URL there (the result is the local
+    run's, bit for bit). With a journal the base must be named by a path or URL too, which the
+    journal's header keeps, so that a run is resumed only against the same base.
     """
     open_fn = opener if opener is not None else _default_opener()
     options = options_from(options, option_kwargs)
@@ -100,8 +102,12 @@ def analyze(
         raise ValueError("resume=True needs journal= and keeps no spectra (keep_spectra=False)")
     if delta and base is None:
         raise ValueError("delta=True needs base=")
-    if base is not None and (executor is not None or scheduler is not None):
-        raise AnalyzeError("--base runs locally (not with --scheduler or an executor)")
+    remote = executor is not None or scheduler is not None
+    if base is not None and remote and source_name(base) is None:
+        raise ValueError(
+            "a run on an executor needs the base named by a path or URL, which each task "
+            f"opens itself, not a {type(base).__name__}"
+        )
     names = [source_name(spec) for spec in sources]
     if journal is not None and None in names:
         raise ValueError("a journal needs every source named by a path or URL")
@@ -145,6 +151,7 @@ def analyze(
                 options,
                 delta,
                 progress,
+                source_name(base),
             )
         if executor is None:
             outcomes = _run_here(
@@ -170,6 +177,7 @@ def analyze(
                 progress=progress,
                 checkpoint_key=checkpoint_key,
                 keep_spectra=keep_spectra,
+                base=base_run,
             )
         for i, outcome in stack.enter_context(contextlib.closing(outcomes)):
             if isinstance(outcome, SourceResult):

@@ -13,7 +13,7 @@ which can include values below the operands' noise (``rank_noise`` counts those 
 """
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from .compare import (
     Comparison,
     DeltaAnalysis,
     MatrixLoader,
+    Pairing,
     Side,
     compare_records,
     pair_records,
@@ -61,12 +62,18 @@ def matrix_loader(source: WeightSource, options: AnalysisOptions) -> MatrixLoade
 
 
 def compare_in_parallel(
-    model: Side, base: Side, options: AnalysisOptions, delta: Optional[DeltaAnalysis] = None
+    model: Side,
+    base: Side,
+    options: AnalysisOptions,
+    delta: Optional[DeltaAnalysis] = None,
+    pairing: Optional[Pairing] = None,
+    parallel: bool = True,
 ) -> Comparison:
     """:func:`~allennlp_analyze.compare.compare_records` with the pairs on the analysis's
-    workers and BLAS at one thread, as the analysis runs: the values do not depend on the
-    worker count or the machine's cores."""
-    workers = resolve_workers(options)
+    workers (one, in this thread, for ``parallel`` False: a task on an executor) and BLAS at
+    one thread, as the analysis runs: the values do not depend on the worker count or the
+    machine's cores."""
+    workers = resolve_workers(options) if parallel else 1
     limited = options.device is None and has_threadpoolctl()
     try:
         with blas_threads(1 if limited else None):
@@ -76,6 +83,7 @@ def compare_in_parallel(
                 options.method,
                 delta=delta,
                 pair_map=lambda fn, items: bounded_map(fn, items, workers),
+                pairing=pairing,
             )
     finally:
         if workers == 1:  # this thread's working buffers (worker threads drop their own)
@@ -84,39 +92,76 @@ def compare_in_parallel(
 
 @dataclass
 class BaseRun:
-    """The base model, analyzed: its label, records, their singular values, a loader of its
-    matrices, and the source (kept open)."""
+    """The base model, analyzed: its label, records, their singular values, the options, and
+    how it is read: its ``spec`` (path or URL, where it has one), the ``source`` kept open and a
+    loader of its matrices. A run on an executor ships it to its tasks :meth:`shipped` (names,
+    records and spectra: no weights), and each task opens the base again (:meth:`reopened`)."""
 
     label: str
     records: List[MatrixRecord]
     spectra: List[np.ndarray]
-    load: MatrixLoader
     options: AnalysisOptions
-    source: WeightSource
     delta: bool = False
+    spec: Optional[str] = None
+    source: Optional[WeightSource] = None
+    load: Optional[MatrixLoader] = None
+
+    def shipped(self, spec: str) -> "BaseRun":
+        """This base as a task receives it: named ``spec``, neither open nor loadable."""
+        return replace(self, spec=spec, source=None, load=None)
+
+    def reopened(self, source: WeightSource) -> "BaseRun":
+        """This base read from ``source`` (the base opened again, in a task)."""
+        return replace(self, source=source, load=matrix_loader(source, self.options))
+
+    def _opened(self) -> Tuple[WeightSource, MatrixLoader]:
+        if self.source is None or self.load is None:
+            raise ValueError("a shipped base is reopened before it is read")
+        return self.source, self.load
 
     def prepare(self, source: WeightSource) -> WeightSource:
         """The source to analyze: a LoRA adapter merged into the base, any other as it is."""
         if isinstance(source, LoraAdapter):
-            return MergedSource(self.source, source)
+            return MergedSource(self._opened()[0], source)
         return source
 
-    def compare(self, result: SourceResult, source: WeightSource) -> SourceResult:
+    def compare(
+        self, result: SourceResult, source: WeightSource, parallel: bool = True
+    ) -> SourceResult:
         """``result`` (of ``source``, still open) with its records' base fields filled, and
-        with ``delta`` the ΔW records after them."""
-        o = self.options
+        with ``delta`` the ΔW records after them (:meth:`with_comparison`)."""
         # a LoRA adapter's own records (its r singular values) are no weights to pair
         own = [i for i, r in enumerate(result.records) if r.lora_r is None]
-        cmp = compare_in_parallel(
+        cmp = self.compare_share(
             Side(
                 [result.records[i] for i in own],
                 [result.spectra[i] for i in own],
-                matrix_loader(source, o),
+                matrix_loader(source, self.options),
             ),
-            Side(self.records, self.spectra, self.load),
-            o,
-            delta=self._delta_record if self.delta else None,
+            parallel=parallel,
         )
+        return self.with_comparison(result, cmp, own)
+
+    def compare_share(
+        self, model: Side, pairing: Optional[Pairing] = None, parallel: bool = True
+    ) -> Comparison:
+        """The comparison of ``model``'s records with the base's (the pairs of ``pairing``
+        where given: a part of a source, paired as a whole)."""
+        return compare_in_parallel(
+            model,
+            Side(self.records, self.spectra, self._opened()[1]),
+            self.options,
+            delta=self._delta_record if self.delta else None,
+            pairing=pairing,
+            parallel=parallel,
+        )
+
+    def with_comparison(
+        self, result: SourceResult, cmp: Comparison, own: Optional[List[int]] = None
+    ) -> SourceResult:
+        """``result`` with the records ``own`` (indexes; default all) replaced by ``cmp``'s,
+        and its ΔW records after them, in the model's order."""
+        own = list(range(len(result.records))) if own is None else own
         records, spectra = list(result.records), list(result.spectra)
         for k, i in enumerate(own):
             records[i] = cmp.records[k]
@@ -195,15 +240,9 @@ def open_base(
     options: AnalysisOptions,
     delta: bool = False,
     progress: Optional[bool] = False,
+    spec: Optional[str] = None,
 ) -> BaseRun:
-    """Analyze the base model ``source`` (opened: any source the tool reads), kept open."""
+    """Analyze the base model ``source`` (opened: any source the tool reads; named ``spec``
+    where it is a path or URL), kept open."""
     res = one_source(source, options, progress=progress)
-    return BaseRun(
-        res.info.label,
-        res.records,
-        res.spectra,
-        matrix_loader(source, options),
-        options,
-        source,
-        delta,
-    )
+    return BaseRun(res.info.label, res.records, res.spectra, options, delta, spec).reopened(source)

@@ -134,6 +134,11 @@ class Pairing:
     unmatched_base: List[str] = field(default_factory=list)
     ambiguous: Dict[str, List[str]] = field(default_factory=dict)
 
+    def part(self, start: int, stop: int) -> "Pairing":
+        """The pairs of the model's records ``start:stop`` (a part of a source), their model
+        indices counted from ``start``; the lists of names are left out."""
+        return Pairing([(i - start, j, t) for i, j, t in self.pairs if start <= i < stop])
+
 
 def _fits(a: Matrix, b: Matrix) -> Optional[bool]:
     """Whether ``b`` pairs with ``a`` as itself (False) or transposed (True); None if neither."""
@@ -352,16 +357,19 @@ def compare_records(
     method: str = "auto",
     delta: Optional[DeltaAnalysis] = None,
     pair_map: PairMap = map,
+    pairing: Optional[Pairing] = None,
 ) -> Comparison:
     """Pair the ``model``'s records with the ``base_side``'s (:func:`pair_records`) and fill
     each pair's base fields from the two matrices (the loaders called in this thread, pair
     after pair) and the two records' singular values; ``delta``: also analyze each pair's ΔW
     (while it is in memory). ``pair_map`` runs the pairs' arithmetic: with a bounded parallel
     map of ``k`` workers, at most about ``k + 1`` pairs' matrices are in memory at a time (both
-    as stored, ΔW in float64)."""
+    as stored, ΔW in float64). ``pairing``: the pairs to compare where they were decided over
+    more records than ``model``'s (a part of a source, :meth:`Pairing.part`)."""
     records, spectra, load = model
     base, base_spectra, load_base = base_side
-    pairing = pair_records(records, base)
+    if pairing is None:
+        pairing = pair_records(records, base)
     todo = [
         (i, j, t)
         for i, j, t in pairing.pairs

@@ -41,11 +41,15 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from collections import Counter
 from dataclasses import dataclass, replace
 from itertools import groupby
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
+from .base_run import BaseRun, matrix_loader
+from .compare import Comparison, Pairing, Side, pair_records
 from .errors import AnalyzeError, one_line
 from .options import AnalysisOptions
-from .records import SourceInfo
+from .records import MatrixRecord, SourceInfo
 from .scheduler import blas_threads, progress_bar
 from .selection import MatrixPlan
 from .source_run import Outcomes, SourceResult, one_source, plan_source, source_name
@@ -106,10 +110,15 @@ def source_task(
     open_kwargs: dict,
     opener: Callable[..., WeightSource],
     keep_spectra: bool,
+    base: Optional[BaseRun] = None,
 ) -> Union[SourceResult, _Parts, AnalyzeError]:
-    """On a worker: open and plan one source; analyze it whole, or say how to split it."""
+    """On a worker: open and plan one source; analyze it whole (and compare it with ``base``,
+    opened here), or say how to split it."""
     try:
         source = opener(spec, progress=False, **open_kwargs)
+        if base is not None:
+            base = _reopened(base, opener, open_kwargs)
+            source = base.prepare(source)  # a LoRA adapter merged: read whole
         selection = plan_source(source, options)
         parts = split(selection.plans, reads_one_by_one(source))
         if len(parts) > 1:
@@ -118,9 +127,11 @@ def source_task(
             )
         with blas_threads(1):
             result = one_source(source, options, parallel=False)
+            if base is not None:
+                result = base.compare(result, source, parallel=False)
     except AnalyzeError as e:
         return e
-    return result if keep_spectra else replace(result, spectra=[], rand_spectra=[])
+    return _kept(result, keep_spectra)
 
 
 def part_task(
@@ -139,6 +150,36 @@ def part_task(
             result = one_source(source, options, names=set(names), parallel=False)
     except AnalyzeError as e:
         return e
+    return _kept(result, keep_spectra)
+
+
+def compare_task(
+    spec: str,
+    model: SourceResult,
+    pairing: Pairing,
+    base: BaseRun,
+    options: AnalysisOptions,
+    open_kwargs: dict,
+    opener: Callable[..., WeightSource],
+) -> Union[Comparison, AnalyzeError]:
+    """On a worker: a part's records (``model``, with their spectra) compared with ``base``
+    (opened here), the pairs of ``pairing``: the whole source's pairing, restricted to them."""
+    try:
+        source = opener(spec, progress=False, **open_kwargs)
+        side = Side(model.records, model.spectra, matrix_loader(source, options))
+        with blas_threads(1):
+            return _reopened(base, opener, open_kwargs).compare_share(side, pairing, False)
+    except AnalyzeError as e:
+        return e
+
+
+def _reopened(base: BaseRun, opener: Callable[..., WeightSource], open_kwargs: dict) -> BaseRun:
+    """A shipped base, opened on this worker."""
+    return base.reopened(opener(base.spec, progress=False, **open_kwargs))
+
+
+def _kept(result: SourceResult, keep_spectra: bool) -> SourceResult:
+    """``result``, its spectra dropped unless kept."""
     return result if keep_spectra else replace(result, spectra=[], rand_spectra=[])
 
 
@@ -153,33 +194,73 @@ def run_tasks(
     progress: Optional[bool],
     checkpoint_key: Optional[str],
     keep_spectra: bool,
+    base: Optional[BaseRun] = None,
 ) -> Outcomes:
     """The sources ``todo`` (indexes into ``sources``: paths or URLs) run on ``executor``;
     yields each source's result or error as soon as all its tasks are done. Tasks still
-    pending when the caller stops are cancelled."""
+    pending when the caller stops are cancelled. With ``base`` (named by a path or URL) each
+    source is compared with it in its tasks: a source analyzed whole in its source task; a
+    split one, once its parts are analyzed (their spectra returned), paired as a whole here
+    and compared part by part in one more task each."""
     specs = {i: _task_spec(sources[i]) for i in todo}
     open_kwargs = {"cache_dir": cache_dir, "checkpoint_key": checkpoint_key}
+    shipped = None if base is None else base.shipped(_task_spec(base.spec))
     pending: Dict[Future, tuple] = {}
     parts: Dict[int, list] = {}
     split_as: Dict[int, _Parts] = {}
+    compared: Dict[int, Tuple[BaseRun, SourceResult, Pairing, list]] = {}
 
     def submit(fn, *args, key) -> None:
         pending[executor.submit(fn, *args)] = key
 
+    def compare_parts(
+        i: int, whole: SourceResult, analyzed: List[SourceResult], base: BaseRun
+    ) -> None:
+        """A split source's parts compared with ``base``, one task each, paired as a whole
+        (as locally: pairing sees all the source's records)."""
+        pairing = pair_records(whole.records, base.records)
+        compared[i] = base, whole, pairing, [None] * len(analyzed)
+        start = 0
+        for c, answer in enumerate(analyzed):
+            stop = start + len(answer.records)
+            part = pairing.part(start, stop)
+            args = (answer, part, base, options, open_kwargs, opener)
+            submit(compare_task, specs[i], *args, key=(i, None, c))
+            start = stop
+
     for i in todo:
-        submit(source_task, specs[i], options, open_kwargs, opener, keep_spectra, key=(i, None))
+        submit(
+            source_task,
+            specs[i],
+            options,
+            open_kwargs,
+            opener,
+            keep_spectra,
+            shipped,
+            key=(i, None, None),
+        )
     try:
         with progress_bar(len(todo), f"{len(todo)} sources", progress, unit="task") as bar:
             while pending:
                 done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for future in done:
-                    i, k = pending.pop(future)
+                    i, k, c = pending.pop(future)
                     bar.update(1)
                     out = _result(future, sources[i])
-                    if k is not None:
+                    if c is not None:
+                        compared[i][3][c] = out
+                        if all(p is not None for p in compared[i][3]):
+                            yield i, _compared(*compared.pop(i), keep_spectra)
+                    elif k is not None:
                         parts[i][k] = out
                         if all(p is not None for p in parts[i]):
-                            yield i, _joined(split_as[i], parts.pop(i))
+                            joined, analyzed = _joined(split_as[i], parts.pop(i))
+                            if shipped is None or isinstance(joined, AnalyzeError):
+                                yield i, joined
+                            else:
+                                compare_parts(i, joined, analyzed, shipped)
+                                bar.total += len(analyzed)
+                                bar.refresh()
                     elif isinstance(out, _Parts):
                         split_as[i], parts[i] = out, [None] * len(out.parts)
                         for k, names in enumerate(out.parts):
@@ -190,8 +271,8 @@ def run_tasks(
                                 options,
                                 open_kwargs,
                                 opener,
-                                keep_spectra,
-                                key=(i, k),
+                                keep_spectra or shipped is not None,
+                                key=(i, k, None),
                             )
                         bar.total += len(out.parts)
                         bar.refresh()
@@ -200,6 +281,25 @@ def run_tasks(
     finally:
         for future in pending:
             future.cancel()
+
+
+def _compared(
+    base: BaseRun,
+    whole: SourceResult,
+    pairing: Pairing,
+    answers: List[Union[Comparison, AnalyzeError]],
+    keep_spectra: bool,
+) -> Union[SourceResult, AnalyzeError]:
+    """A split source's result (``whole``, its parts' analyses joined) with its parts'
+    comparisons (in part order); the first failing part's error if any failed."""
+    records: List[MatrixRecord] = []
+    deltas: Dict[int, Tuple[MatrixRecord, np.ndarray]] = {}
+    for answer in answers:
+        if isinstance(answer, AnalyzeError):
+            return answer
+        deltas.update({len(records) + k: d for k, d in answer.deltas.items()})
+        records += answer.records
+    return _kept(base.with_comparison(whole, Comparison(records, pairing, deltas)), keep_spectra)
 
 
 def _result(future: Future, spec) -> "Union[SourceResult, _Parts, AnalyzeError]":
@@ -217,15 +317,16 @@ def _result(future: Future, spec) -> "Union[SourceResult, _Parts, AnalyzeError]"
 
 def _joined(
     how: _Parts, answers: List[Union[SourceResult, AnalyzeError]]
-) -> Union[SourceResult, AnalyzeError]:
-    """A split source's result from its parts' answers (in part order); its first failing
-    part's error (in plan order, as locally) if any failed. The skip counts are the plan's,
-    then those that the parts found in their parameters' values, in part order (as locally,
-    where they are counted while the parameters are read in plan order)."""
+) -> Tuple[Union[SourceResult, AnalyzeError], List[SourceResult]]:
+    """A split source's result from its parts' answers (in part order), and the parts'
+    results; its first failing part's error (in plan order, as locally) if any failed. The
+    skip counts are the plan's, then those that the parts found in their parameters' values,
+    in part order (as locally, where they are counted while the parameters are read in plan
+    order)."""
+    done = [a for a in answers if isinstance(a, SourceResult)]
     for answer in answers:
         if isinstance(answer, AnalyzeError):
-            return answer
-    done = [a for a in answers if isinstance(a, SourceResult)]
+            return answer, done
     skipped = Counter(how.skipped)
     for answer in done:
         for reason, n in answer.info.skipped.items():
@@ -233,12 +334,13 @@ def _joined(
                 skipped[reason] += n - how.skipped.get(reason, 0)
     records = [r for a in done for r in a.records]
     info = SourceInfo(None, how.label, how.label, len(records), dict(skipped), how.note)
-    return SourceResult(
+    whole = SourceResult(
         info,
         records,
         [sv for a in done for sv in a.spectra],
         [sv for a in done for sv in a.rand_spectra],
     )
+    return whole, done
 
 
 def _task_spec(spec) -> str:

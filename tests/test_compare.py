@@ -2,7 +2,9 @@
 import io
 import json
 import math
+import multiprocessing
 import tarfile
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -163,8 +165,6 @@ def test_cli_describe_and_errors(models, tmp_path, capsys):
     assert "unmatched" in text
     assert cli.main([str(models["archive"]), "--delta"]) == 2
     assert capsys.readouterr().err.strip() == "allennlp-analyze: error: --delta needs --base SOURCE"
-    with pytest.raises(AnalyzeError, match="--base runs locally"):
-        analyze(str(models["archive"]), base=str(models["base"]), scheduler="tcp://nowhere:1")
 
 
 def test_a_comparison_is_journaled_and_resumed(models, tmp_path, capsys):
@@ -257,3 +257,85 @@ def test_comparison_memory_is_checked_before_any_pair(tmp_path, monkeypatch):
     rec = analyze(str(tmp_path / "tuned.safetensors"),
                   base=str(tmp_path / "base.safetensors")).to_dicts()[0]
     assert rec["distance_raw"] == pytest.approx(0.01 * math.sqrt(W.size), rel=1e-6)
+
+
+class _Recording(ProcessPoolExecutor):
+    """A process pool (forked: the workers see this process's patched ``PART_COST``) that
+    notes the name of each task's function."""
+
+    def __init__(self):
+        super().__init__(2, mp_context=multiprocessing.get_context("fork"))
+        self.calls = []
+
+    def submit(self, fn, *args, **kwargs):
+        self.calls.append(fn.__name__)
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def split_models(tmp_path_factory):
+    """Two safetensors models (split into one task per parameter with ``PART_COST`` = 1): a
+    tuned one whose matrices pair with the base's by name, by suffix and transposed, two
+    (``a.q.w``, ``b.q.w``, in different parts) that both claim the base's ``head.q.w`` (so
+    neither pairs: the pairing is the whole source's, not a part's), and a 0/1 mask that is
+    left out when read (no record, so it takes no part in the pairing, as locally)."""
+    from safetensors.numpy import save_file
+
+    d = tmp_path_factory.mktemp("split")
+    rng = np.random.default_rng(7)
+    base = {"enc.layer.0.fc.weight": rng.standard_normal((96, 48)),
+            "enc.layer.1.fc.weight": rng.standard_normal((96, 48)),
+            "enc.layer.0.proj.weight": rng.standard_normal((48, 120)),
+            "head.q.w": rng.standard_normal((64, 32))}
+    base = {k: v.astype(np.float32) for k, v in base.items()}
+    low = rng.standard_normal((96, 2)) @ rng.standard_normal((2, 48))
+    tuned = {"model.enc.layer.0.fc.weight": base["enc.layer.0.fc.weight"],
+             "enc.layer.1.fc.weight": (base["enc.layer.1.fc.weight"] + 0.01 * low),
+             "enc.layer.0.proj.weight": base["enc.layer.0.proj.weight"].T + 0.001,
+             "a.q.w": rng.standard_normal((64, 32)), "b.q.w": rng.standard_normal((64, 32)),
+             "enc.layer.0.proj.mask": (rng.random((120, 48)) < 0.5)}
+    tuned = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tuned.items()}
+    save_file(base, str(d / "base.safetensors"))
+    save_file(tuned, str(d / "tuned.safetensors"))
+    return {"base": str(d / "base.safetensors"), "tuned": str(d / "tuned.safetensors")}
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_comparison_on_an_executor_equals_local(models, split_models, monkeypatch, delta):
+    """``--base`` on a process pool: an archive (one task), a Hugging Face folder and a
+    safetensors model split into parts (analyzed, paired as a whole, compared part by part
+    in tasks) give the local run's records (base fields, ΔW records and their order) and
+    base summary, to the bit."""
+    from allennlp_analyze import tasks
+
+    monkeypatch.setattr(tasks, "PART_COST", 1)  # every parameter a part of its own
+    for base, sources in ((str(models["base"]), [str(models["archive"]), str(models["base"])]),
+                          (split_models["base"], [split_models["tuned"]])):
+        local = analyze(*sources, base=base, delta=delta, min_q=1.0, keep_spectra=True)
+        with _Recording() as pool:
+            remote = analyze(*sources, base=base, delta=delta, min_q=1.0, keep_spectra=True,
+                             executor=pool)
+        assert "part_task" in pool.calls and "compare_task" in pool.calls
+        assert remote.records == local.records and len(local.records) > 4
+        assert [r.to_dict() for r in remote.records] == local.to_dicts()
+        assert remote.summary == local.summary and remote.summary.base == local.summary.base
+        assert all(np.array_equal(a, b) for a, b in zip(remote.spectra, local.spectra))
+        assert len(remote.spectra) == len(local.spectra)
+    by_name = {r["name"]: r for r in remote.to_dicts()}
+    assert by_name["a.q.w"]["base_name"] is None and by_name["b.q.w"]["base_name"] is None
+    assert set(remote.summary.base.ambiguous) == {f"{remote.summary.models[0]}:{k}"
+                                                  for k in ("a.q.w", "b.q.w")}
+    assert by_name["model.enc.layer.0.fc.weight"]["delta_rel"] == 0.0
+    assert by_name["enc.layer.1.fc.weight"]["delta_rank"] == 2
+    assert by_name["enc.layer.0.proj.weight"]["base_name"] == "enc.layer.0.proj.weight"
+    assert "enc.layer.0.proj.mask" not in by_name
+    assert sum(n.startswith("delta:") for n in by_name) == (3 if delta else 0)
+
+
+def test_executor_needs_the_base_named(models):
+    from allennlp_analyze.sources import open_source
+
+    for how in ({"executor": ThreadPoolExecutor(1)}, {"scheduler": "tcp://nowhere:1"}):
+        with pytest.raises(ValueError, match="^a run on an executor needs the base named by "
+                                             "a path or URL, .* not a "):
+            analyze(str(models["archive"]), base=open_source(str(models["base"])), **how)
