@@ -147,3 +147,22 @@ def test_hub_fetches_an_adapter_config_and_its_weights():
     assert weight_files(listing) == ["adapter_config.json", "adapter_model.safetensors"]
     assert weight_files(["config.json", "model.safetensors"]) == ["config.json",
                                                                  "model.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["qv_r4", "dora"])
+def test_adapter_with_base_on_an_executor_equals_local(built, name):
+    """A task merges the adapter into the base it opens itself, as the local run does: the
+    same records (the adapter's own, the merged weights' with base fields, ΔW's) to the bit."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    b = built[name]
+    args = dict(base=str(b["base"]), delta=True, min_q=1.0)
+    local = analyze(str(b["adapter"]), **args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        remote = analyze(str(b["adapter"]), executor=pool, **args)
+    assert remote.records == local.records
+    assert remote.summary == local.summary
+    assert sum(r.lora_r is not None for r in remote.records) == len(b["deltas"])
+    # merged in the task: the adapted weights moved against the base
+    assert set(b["deltas"]) <= {r.name for r in remote.records if r.delta_sv_max}
