@@ -3,13 +3,15 @@
 The base is opened and analyzed once (:func:`open_base`; kept open, so that its matrices can be
 read again pair by pair); each source's records are then paired with the base's and given their
 base fields (:func:`allennlp_analyze.compare.compare_records`) while that source is open
-(:meth:`BaseRun.compare`). With ``delta`` each pair's ΔW = W - W_base is also analyzed as a
-matrix of its own: a full record named ``delta:<name>`` (spectrum, ranks, fit) whose noise floor
-and bound are the two operands' added (ΔW is exact in float64, its storage noise that of its
-operands), its noise rank and, for narrow operands, its rank criterion ("noise") following from
-them. Its other fields are those of a float64 matrix: numpy's and Numerical Recipes' ranks use
-float64's eps, and the power-law fit takes the eigenvalues above float64's numpy tolerance,
-which can include values below the operands' noise (``rank_noise`` counts those above it).
+(:meth:`BaseRun.compare`). On an executor (:mod:`allennlp_analyze.tasks`) the base is shipped to
+the tasks as its records and spectra and opened again there by its name. With ``delta`` each
+pair's ΔW = W - W_base is also analyzed as a matrix of its own: a full record named
+``delta:<name>`` (spectrum, ranks, fit) whose noise floor and bound are the two operands' added
+(ΔW is exact in float64, its storage noise that of its operands), its noise rank and, for narrow
+operands, its rank criterion ("noise") following from them. Its other fields are those of a
+float64 matrix: numpy's and Numerical Recipes' ranks use float64's eps, and the power-law fit
+takes the eigenvalues above float64's numpy tolerance, which can include values below the
+operands' noise (``rank_noise`` counts those above it).
 """
 
 from dataclasses import dataclass, replace

@@ -31,6 +31,7 @@ to 8 cores. BLAS's thread count changes values at round-off (measured: about 1e-
 MiniLM's 1536 x 384 matrices, 1 against 2 OpenBLAS threads), so a local run that gives a matrix
 more threads (a source of one matrix, with BLAS's default threads; more than 8 cores) agrees
 with a task to round-off only, unless ``OPENBLAS_NUM_THREADS=1``.
+With a base (``--base``) the comparisons run in the tasks too (:func:`run_tasks`).
 A thread pool as the executor shares one BLAS setting between its tasks: run it with one BLAS
 thread set in the environment. A task that fails fails its source, reported as locally; the
 other sources go on.
