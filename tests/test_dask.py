@@ -112,3 +112,21 @@ def test_unreachable_scheduler_is_one_line(zoo, capsys):
     assert rc == 2 and out == ""
     assert err.startswith("allennlp-analyze: error: cannot reach the Dask scheduler at "
                           "tcp://127.0.0.1:1: ") and err.count("\n") == 1, err
+
+
+def test_comparison_on_the_cluster_equals_local(cluster, zoo):
+    """``--base`` on the cluster: small checkpoints (one task each, no partner) and the split
+    one compared with itself as the base (paired as a whole, compared part by part in tasks)
+    give the local run's records, ΔW records included, and base summary, to the bit."""
+    _, client = cluster
+    sources = zoo[0][5:-1]  # the small generated checkpoints and the split one
+    base = zoo[0][-2]
+    local = analyze(*sources, base=base, delta=True)
+    remote = analyze(*sources, base=base, delta=True, executor=client.get_executor())
+    assert remote.records == local.records
+    assert remote.summary == local.summary and remote.summary.base == local.summary.base
+    # the split one's 3 large matrices and its NaN one pair (the latter, nonfinite, gets no ΔW)
+    assert local.summary.base.paired == 4
+    deltas = [r for r in remote.records if r.name.startswith("delta:")]
+    assert [r.base_name for r in deltas] == [f"blocks.{i}.mlp.weight" for i in range(3)]
+    assert all(r.sv_max == 0.0 for r in deltas)
