@@ -339,3 +339,20 @@ def test_executor_needs_the_base_named(models):
         with pytest.raises(ValueError, match="^a run on an executor needs the base named by "
                                              "a path or URL, .* not a "):
             analyze(str(models["archive"]), base=open_source(str(models["base"])), **how)
+
+
+def test_a_comparison_on_an_executor_is_journaled_as_locally(models, tmp_path):
+    """The sweep file of ``--base --delta`` on a process pool is the local run's, byte for
+    byte, and a run resumed from it on the pool ends as the local one."""
+    archive, base = str(models["archive"]), str(models["base"])
+    args = dict(base=base, delta=True, min_q=1.0)
+    analyze(archive, base, journal=tmp_path / "local.jsonl", **args)
+    with _Recording() as pool:
+        analyze(archive, base, journal=tmp_path / "pool.jsonl", executor=pool, **args)
+        assert (tmp_path / "pool.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
+        analyze(archive, journal=tmp_path / "part.jsonl", executor=pool, **args)
+        resumed = analyze(archive, base, journal=tmp_path / "part.jsonl", resume=True,
+                          executor=pool, **args)
+    assert pool.calls.count("source_task") == 4  # the archive's was taken from the sweep file
+    assert (tmp_path / "part.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
+    assert resumed.summary.base == analyze(archive, base, **args).summary.base
