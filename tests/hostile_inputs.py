@@ -490,6 +490,28 @@ def keras_dense_config(units: int = 4, class_name: str = "Dense") -> bytes:
                        "config": {"name": "sequential", "layers": [layer]}}).encode()
 
 
+#: Keras hostile inputs (:func:`keras_hostile`) and what their one line says.
+KERAS_CASES = [
+    ("truncated_h5", "truncated file"),
+    ("corrupt_h5", "is corrupt HDF5 (Unable to get group info (bad symbol table node signature))"),
+    ("unwritten", "has no data (its 1000000x1000000 values were never written)"),
+    ("chunk_bomb", "would expand to 4000000000000 bytes from 0"),
+    ("external_data", "keeps its data in an external file: not read"),
+    ("external_link", "is a link (ExternalLink), which is not followed"),
+    ("deep_groups", "groups nested more than 32 levels deep"),
+    ("not_keras_h5", "is an HDF5 file but not Keras weights"),
+    ("zip_dotdot", "holds a member '../model.weights.h5' that leaves the archive's folder: "
+                   "refused"),
+    ("zip_bomb", "zip member model.weights.h5 would expand"),
+    ("zip_big_config", "its config.json declares 11534336 bytes"),
+    ("truncated_keras", "is not a valid .keras zip"),
+    ("contradicting_config", "has a kernel of shape 6x4, but its config says units = 5: the config "
+                          "contradicts the weights"),
+    ("class_contradiction", "the config says layer 'dense' is a Conv2D"),
+    ("deep_config", "nested more than 64 levels deep"),
+]
+
+
 def keras_hostile(d: Path) -> Dict[str, Path]:
     """Hostile and broken Keras files, by case name (see ``test_keras`` / ``test_hostile``)."""
     import h5py

@@ -274,7 +274,7 @@ def _cases(f, base, backlog, work):
                                 FAST_NET),
         "net:ok": ([f"{base}/file/model.tar.gz", *c, "--format", "json"], FAST_NET),
         # Keras files (h5py only): lying HDF5, zip tricks, configs contradicting the weights
-        **{f"keras:{n}": ([str(f[f"keras:{n}"])], {}) for n, _ in KERAS_CASES},
+        **{f"keras:{n}": ([str(f[f"keras:{n}"])], {}) for n, _ in H.KERAS_CASES},
         "keras:good": ([str(f["keras:good"]), "--min-q", "1", "--format", "json"], {}),
         **{f"keras_sharded:{n}": ([str(f[f"keras_sharded:{n}"])], {})
            for n, _ in H.KERAS_SHARDED_CASES},
@@ -646,31 +646,13 @@ def test_bad_downloads(batches, case, fragments):
         assert batches[front][f"net:{case}"]["seconds"] < 20, batches[front][f"net:{case}"]
 
 
-#: Keras hostile inputs (``hostile_inputs.keras_hostile``) and what their one line says.
-KERAS_CASES = [
-    ("truncated_h5", "truncated file"),
-    ("corrupt_h5", "is corrupt HDF5 (Unable to get group info (bad symbol table node signature))"),
-    ("unwritten", "has no data (its 1000000x1000000 values were never written)"),
-    ("chunk_bomb", "would expand to 4000000000000 bytes from 0"),
-    ("external_data", "keeps its data in an external file: not read"),
-    ("external_link", "is a link (ExternalLink), which is not followed"),
-    ("deep_groups", "groups nested more than 32 levels deep"),
-    ("not_keras_h5", "is an HDF5 file but not Keras weights"),
-    ("zip_dotdot", "that leaves the archive's folder: refused"),
-    ("zip_bomb", "zip member model.weights.h5 would expand"),
-    ("zip_big_config", "its config.json declares 11534336 bytes"),
-    ("truncated_keras", "is not a valid .keras zip"),
-    ("contradicting_config", "but its config says units = 5: the config contradicts the weights"),
-    ("class_contradiction", "the config says layer 'dense' is a Conv2D"),
-    ("deep_config", "nested more than 64 levels deep"),
-]
 
 
 
 
 @pytest.mark.parametrize(
     "key, fragment",
-    [(f"keras:{c}", f) for c, f in KERAS_CASES]
+    [(f"keras:{c}", f) for c, f in H.KERAS_CASES]
     + [(f"keras_sharded:{c}", f) for c, f in H.KERAS_SHARDED_CASES],
 )
 def test_hostile_keras_files(batches, inputs, key, fragment):

@@ -308,23 +308,7 @@ def hostile(tmp_path_factory):
     return H.keras_hostile(tmp_path_factory.mktemp("keras_hostile"))
 
 
-@pytest.mark.parametrize("case, fragment", [
-    ("truncated_h5", "truncated file"),
-    ("corrupt_h5", "is corrupt HDF5 (Unable to get group info (bad symbol table node signature))"),
-    ("unwritten", "has no data (its 1000000x1000000 values were never written)"),
-    ("chunk_bomb", "would expand to 4000000000000 bytes from 0"),
-    ("external_data", "keeps its data in an external file: not read"),
-    ("external_link", "is a link (ExternalLink), which is not followed"),
-    ("deep_groups", "groups nested more than 32 levels deep"),
-    ("not_keras_h5", "is an HDF5 file but not Keras weights"),
-    ("zip_dotdot", "holds a member '../model.weights.h5' that leaves the archive's folder"),
-    ("zip_bomb", "zip member model.weights.h5 would expand"),
-    ("zip_big_config", "its config.json declares 11534336 bytes"),
-    ("truncated_keras", "is not a valid .keras zip"),
-    ("contradicting_config", "has a kernel of shape 6x4, but its config says units = 5"),
-    ("class_contradiction", "the config says layer 'dense' is a Conv2D"),
-    ("deep_config", "nested more than 64 levels deep"),
-])
+@pytest.mark.parametrize("case, fragment", H.KERAS_CASES)
 def test_hostile_keras_files_are_one_line_errors(hostile, case, fragment):
     with pytest.raises(AnalyzeError) as e:
         KerasSource(hostile[case])
