@@ -37,21 +37,7 @@ def analyze_matrix(
     """Analyze one 2-D matrix ``W``. ``dtype`` is its storage dtype name (default: W's own),
     whose machine epsilon sets the numpy / Numerical-Recipes rank tolerances and whose ulp the
     noise floor (W's values are taken as stored in it)."""
-    return _analyze(W, options, name, dtype, model, module_type, part)[0]
-
-
-def _analyze(
-    W: np.ndarray,
-    options: AnalysisOptions,
-    name: str,
-    dtype: Optional[str],
-    model: str,
-    module_type: Optional[str],
-    part: Optional[str],
-) -> Tuple[MatrixRecord, np.ndarray, np.ndarray]:
-    """The record of W, its singular values and those of its permuted self (empty where none
-    were computed)."""
-    return analyze_many([(W, name, dtype, model, module_type, part)], options)[0]
+    return analyze_many([(W, name, dtype, model, module_type, part)], options)[0][0]
 
 
 def analyze_many(
@@ -59,8 +45,10 @@ def analyze_many(
     options: AnalysisOptions,
     parallel: Optional[Parallel] = None,
 ) -> List[Tuple[MatrixRecord, np.ndarray, np.ndarray]]:
-    """:func:`_analyze` of matrices (``(W, name, dtype, model, module_type, part)``) of one
-    oriented shape, their spectra computed by stacked calls (same results as one by one).
+    """Records of matrices (``(W, name, dtype, model, module_type, part)``, as
+    :func:`analyze_matrix` takes them) of one oriented shape, each with its singular values and
+    those of its permuted self (empty where none were computed); the spectra computed by
+    stacked calls (same results as one by one).
     The storage rounding is accumulated from the row blocks the spectrum reads (no pass of its
     own); ``parallel`` runs a matrix's independent Gram panels (``spectrum.Parallel``)."""
     prepared = [

@@ -290,8 +290,8 @@ def test_streamed_and_whole_matrices_give_the_same_records(tmp_path, monkeypatch
         assert a.keys() == set(in_memory)
         for name in a:
             W, dtype = in_memory[name]
-            rec, sv, _ = matrix._analyze(W, options, name, dtype, streamed.records[0].model,
-                                      None, None)
+            ((rec, sv, _),) = matrix.analyze_many(
+                [(W, name, dtype, streamed.records[0].model, None, None)], options)
             rec.kind, rec.kind_from = streamed.records[0].kind, streamed.records[0].kind_from
             assert a[name][0] == rec.to_dict(), name
             np.testing.assert_array_equal(a[name][1], sv)
