@@ -16,7 +16,8 @@ position end in their slice; only equal slices pair):
 Per pair (:func:`delta_fields`; ``W`` and ``W_base`` read as stored, widened to float64, the
 subtraction exact for float32 and narrower operands):
 
-* ``delta_rel`` = ‖ΔW‖_F / ‖W_base‖_F (None where W_base is all zero);
+* ``delta_rel`` = ‖ΔW‖_F / ‖W_base‖_F, the latter sqrt(Σ σ²) of the base record's singular
+  values (None where W_base is all zero);
 * ``delta_sv_max`` = ‖ΔW‖₂, the largest singular value of ΔW from its full spectrum
   (:func:`delta_singular_values`: a Gram eigen-decomposition, or LAPACK's SVD where the Gram
   cannot resolve the values near the noise floor; either way sv_max to about 1e-14 relative,
@@ -213,11 +214,12 @@ def _difference(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None else a - b
 
 
-def _sum_fourth(sv: np.ndarray) -> float:
-    """‖WᵀW‖_F = sqrt(Σ σ⁴) (scaled by σ_max against overflow)."""
+def _root_sum(sv: np.ndarray, p: int) -> float:
+    """sqrt(Σ σᵖ) of singular values ``sv`` (descending), scaled by σ_max against overflow:
+    ‖W‖_F for p = 2, ‖WᵀW‖_F for p = 4."""
     if sv.size == 0 or sv[0] == 0.0:
         return 0.0
-    return float(sv[0] ** 2 * math.sqrt(np.sum((sv / sv[0]) ** 4)))
+    return float(sv[0] ** (p // 2) * math.sqrt(np.sum((sv / sv[0]) ** p)))
 
 
 #: Rows (or columns) of the two operands widened to float64 at a time by :func:`cross_norm`.
@@ -251,7 +253,7 @@ def ww_cka(cross: float, sv: np.ndarray, sv_base: np.ndarray) -> float:
     """WeightWatcher's ``matrix_distance(W1, W2, "cka")``: ‖W1ᵀW2‖_F / (‖W1ᵀW1‖_F ‖W2ᵀW2‖_F),
     1e-6 added to a denominator below 1e-6 (module docstring); ``cross``: ‖W1ᵀW2‖_F
     (:func:`cross_norm`); ``sv``, ``sv_base``: the two matrices' singular values."""
-    norm = _sum_fourth(sv) * _sum_fourth(sv_base)
+    norm = _root_sum(sv, 4) * _root_sum(sv_base, 4)
     return cross / (norm + 1e-6 if norm < 1e-6 else norm)
 
 
@@ -288,19 +290,19 @@ def delta_fields(
     """The base fields (:data:`BASE_FIELDS`, module docstring) of one pair, W_base already in
     W's orientation; ``sv`` / ``sv_base``: the two records' singular values (descending). Also
     returns ΔW (float64) and its singular values. ΔW is the one N x M float64 array formed
-    (the difference of the operands widened, in one pass); the rest reads the operands as they
-    are, a block at a time. A matrix equal to its base (a frozen layer) costs one comparison of
-    the two: ΔW and its values are 0 and CKA's cross term is ‖WᵀW‖_F = sqrt(Σ σ⁴) from ``sv``,
-    with no product formed."""
+    (the difference of the operands widened, in one pass); CKA's product reads the operands as
+    they are, a block at a time, and ‖W_base‖_F comes from ``sv_base``. A matrix equal to its
+    base (a frozen layer) costs one comparison of the two: ΔW and its values are 0 and CKA's
+    cross term is ‖WᵀW‖_F = sqrt(Σ σ⁴) from ``sv``, with no product formed."""
     operands = (rec.noise_floor or 0.0) + (base.noise_floor or 0.0)
     if np.array_equal(W, W_base):
         D = np.zeros(np.shape(W))
-        fro_d, cross, d_sv = 0.0, _sum_fourth(sv), np.zeros(min(D.shape))
+        fro_d, cross, d_sv = 0.0, _root_sum(sv, 4), np.zeros(min(D.shape))
     else:
         D = np.subtract(W, W_base, dtype=np.float64)
         fro_d, cross = float(np.linalg.norm(D)), cross_norm(W, W_base)
         d_sv = delta_singular_values(D, operands, method)
-    fro_b = _frobenius(W_base)
+    fro_b = _root_sum(sv_base, 2)  # ‖W_base‖_F from its spectrum: no pass over it
     cka = ww_cka(cross, sv, sv_base)
     top = float(d_sv[0]) if d_sv.size else 0.0
     floor = max(operands, top * max(D.shape) * DTYPE_EPS["float64"])
@@ -403,15 +405,6 @@ def compare_records(
         if extra is not None:
             deltas[i] = extra
     return Comparison(out, pairing, deltas)
-
-
-def _frobenius(W: np.ndarray) -> float:
-    """‖W‖_F in float64, a row block at a time."""
-    step = max(1, CROSS_BLOCK_ELEMENTS // max(1, W.shape[1]))
-    total = 0.0
-    for a in range(0, W.shape[0], step):
-        total += float(np.linalg.norm(np.asarray(W[a : a + step], dtype=np.float64))) ** 2
-    return math.sqrt(total)
 
 
 def _size(shape: Tuple[int, ...]) -> int:
