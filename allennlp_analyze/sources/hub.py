@@ -225,7 +225,7 @@ def _download(
                     endpoint=endpoint,
                     etag_timeout=timeout,
                 )
-                files += [s for s in registry.shard_files(Path(path)) if s not in files]
+                files += [s for s in registry.index_shards(Path(path))[0] if s not in files]
             folder = hub.snapshot_download(
                 repo,
                 revision=revision,

@@ -217,21 +217,13 @@ def names_shards(path: Path) -> bool:
     return any(f.shards is not None and path.name.lower().endswith(f.suffixes) for f in FORMATS)
 
 
-def shard_files(path: Path) -> List[str]:
+def index_shards(path: Path) -> Tuple[List[str], Optional[Callable[[Path], object]]]:
     """The shard files that the index ``path`` (a file named as :func:`names_shards` says)
-    names, in order."""
-    return _index_format(path).shards(path)  # type: ignore[misc]
-
-
-def shard_check(path: Path) -> Optional[Callable[[Path], object]]:
-    """How the shards of the index ``path`` are checked when downloaded (``shard_check``)."""
-    return _index_format(path).shard_check
-
-
-def _index_format(path: Path) -> SourceFormat:
+    names, in order, and how each is checked when downloaded (its format's ``shard_check``;
+    None: opened as a source of its own)."""
     for fmt in FORMATS:
         if fmt.shards is not None and fmt.claims_name(path):
-            return fmt
+            return fmt.shards(path), fmt.shard_check
     raise AnalyzeError(f"{path} is not the index of a sharded checkpoint")
 
 

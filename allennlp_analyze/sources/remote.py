@@ -421,10 +421,10 @@ def fetch(url: str, cache_dir=None, progress: Optional[bool] = None) -> Path:
     path = cache_path(url, cache_dir)
     is_index = registry.names_shards(path)
     if not path.is_file():
-        download(url, path, progress, validate=registry.shard_files if is_index else open_path)
+        download(url, path, progress, validate=registry.index_shards if is_index else open_path)
     if is_index:
-        check = registry.shard_check(path) or open_path
-        for shard in registry.shard_files(path):
+        shards, check = registry.index_shards(path)
+        for shard in shards:
             if not safe_relative(shard):  # pragma: no cover - the index readers refuse these
                 raise AnalyzeError(f"{url} names a shard outside its folder: {shard!r}")
             shard_path = path.parent / shard
@@ -433,7 +433,7 @@ def fetch(url: str, cache_dir=None, progress: Optional[bool] = None) -> Path:
                     urllib.parse.urljoin(url, urllib.parse.quote(shard)),
                     shard_path,
                     progress,
-                    validate=check,
+                    validate=check or open_path,
                 )
     return path
 
