@@ -13,7 +13,6 @@ from ..tensors import WeightSource
 from . import registry
 from .archive import ArchiveSource
 from .folder import open_folder
-from .safetensors_file import SafetensorsSource, shard_context
 
 
 def open_path(
@@ -29,8 +28,6 @@ def open_path(
         p = Path(path)
         config = load_config((p if p.is_dir() else p.parent) / "config.json")
         setattr(source, "config", config)  # noqa: B010 - optional evidence, not in WeightSource
-    if isinstance(source, SafetensorsSource):  # one shard of a checkpoint: kinds of the whole
-        source.context = shard_context(source.path)
     return source
 
 

@@ -202,8 +202,8 @@ def _owned(array) -> np.ndarray:
 
 class SafetensorsSource:
     """One ``.safetensors`` file. ``context``: where it is one shard of a checkpoint, every
-    tensor of the whole (:func:`shard_context`, set by :func:`~.local.open_path`), of which
-    the kinds are decided."""
+    tensor of the whole (:func:`sharded_whole`, set by the registry's opener,
+    :func:`~.quant.packed.packed_opener`), of which the kinds are decided."""
 
     context: Optional[Sequence[TensorInfo]] = None
 
@@ -290,15 +290,15 @@ def shard_index(path: Path) -> Optional[Path]:
     return None
 
 
-def shard_context(path: Path) -> Optional[Sequence[TensorInfo]]:
-    """Every tensor (headers only) of the sharded checkpoint whose ``*.safetensors.index.json``
-    beside ``path`` names it as a shard; None where none does, or where the checkpoint cannot be
+def sharded_whole(path: Path) -> Optional["ShardedSafetensorsSource"]:
+    """The sharded checkpoint (headers only read) whose ``*.safetensors.index.json`` beside
+    ``path`` names it as a shard; None where none does, or where the checkpoint cannot be
     listed (the shard is then read on its own)."""
     index = shard_index(path)
     if index is None:
         return None
     try:
-        return ShardedSafetensorsSource(index).tensors()
+        return ShardedSafetensorsSource(index)
     except AnalyzeError:
         return None
 

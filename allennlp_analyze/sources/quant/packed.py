@@ -28,7 +28,7 @@ from ...kinds import QUANT_METADATA
 from ...quantized import QuantizedMatrix
 from ...tensors import TensorInfo
 from .._common import read_index
-from ..safetensors_file import SafetensorsSource, ShardedSafetensorsSource, shard_index
+from ..safetensors_file import SafetensorsSource, sharded_whole
 from .awq import AWQMatrix
 from .bnb import FourBitMatrix, Int8RowMatrix, read_state
 from .ctensors import (
@@ -541,21 +541,20 @@ def packed_opener(cls):
     packed checkpoint (a file that a ``*.safetensors.index.json`` beside it names) is read as
     its part of the whole: the layers whose codes it holds, their side tensors taken from
     whichever shard holds them, and its side tensors of other shards' layers counted as
-    metadata."""
+    metadata. Every shard gets the whole's listing as its ``context`` (its kinds are decided on
+    the whole checkpoint)."""
 
     def opener(path, label, checkpoint_key):
         source = cls(path, label)
         folder = Path(path).parent
-        index = shard_index(Path(path)) if isinstance(source, SafetensorsSource) else None
-        if index is None:
+        whole = sharded_whole(Path(path)) if isinstance(source, SafetensorsSource) else None
+        if whole is None:
             return open_packed(source, folder)
-        try:
-            whole = ShardedSafetensorsSource(index)
-        except AnalyzeError:  # the rest of the checkpoint cannot be read: the shard alone
-            return open_packed(source, folder)
+        source.context = whole.tensors()  # one shard of a checkpoint: kinds of the whole
         packed = open_packed(whole, folder)
         if not isinstance(packed, PackedSource):
-            return open_packed(source, folder)
+            return source  # the whole holds no packed layer, nor does its config: neither does this
+        index = whole.index_path
         own = {t.name for t in source.tensors()}
         placed = {n for n, shard in read_index(index).items() if shard == Path(path).name}
         if own != placed:  # the part would be read from elsewhere, or lose tensors
