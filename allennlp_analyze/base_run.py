@@ -15,6 +15,7 @@ operands' noise (``rank_noise`` counts those above it).
 """
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
@@ -153,7 +154,7 @@ class BaseRun:
             model,
             Side(self.records, self.spectra, self._opened()[1]),
             self.options,
-            delta=self._delta_record if self.delta else None,
+            delta=partial(delta_record, options=self.options) if self.delta else None,
             pairing=pairing,
             parallel=parallel,
         )
@@ -176,11 +177,6 @@ class BaseRun:
                 rand.append(np.zeros(0))
         info = replace(result.info, records=len(records))
         return SourceResult(info, records, spectra, rand)
-
-    def _delta_record(
-        self, D: np.ndarray, sv: np.ndarray, rec: MatrixRecord, base: MatrixRecord
-    ) -> MatrixRecord:
-        return delta_record(D, rec, base, self.options)
 
     def summary(self, records: List[MatrixRecord]) -> BaseSummary:
         """The comparison's summary over the run's final ``records``, model by model, from

@@ -325,9 +325,9 @@ def delta_fields(
     return fields, D, d_sv
 
 
-#: What ``--delta`` makes of a pair: (ΔW, its singular values, the model's record with its base
-#: fields, the base's record) -> ΔW's own record.
-DeltaAnalysis = Callable[[np.ndarray, np.ndarray, MatrixRecord, MatrixRecord], MatrixRecord]
+#: What ``--delta`` makes of a pair: (ΔW, the model's record with its base fields, the base's
+#: record) -> ΔW's own record.
+DeltaAnalysis = Callable[[np.ndarray, MatrixRecord, MatrixRecord], MatrixRecord]
 #: How the pairs are run: ``map``, or a bounded parallel map with the same signature (results
 #: in any order).
 PairMap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
@@ -395,7 +395,7 @@ def compare_records(
             W, W_base, records[i], base[j], spectra[i], base_spectra[j], method
         )
         rec = replace(records[i], **values)
-        extra = None if delta is None else (delta(D, d_sv, rec, base[j]), d_sv)
+        extra = None if delta is None else (delta(D, rec, base[j]), d_sv)
         return i, rec, extra
 
     out = list(records)
